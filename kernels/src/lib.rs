@@ -1,0 +1,74 @@
+//! Kernels of Panes: the pane-state layout and the two kernels that work on it.
+//!
+//! - **fold**: a micro-batch of accepted events `(key id, time, values…)` updates the
+//!   partial aggregates of each event's pane, for every hop level of a view;
+//! - **merge**: for a set of keys and a read time `t`, the panes of each feature's
+//!   window are combined into one dense `keys × features` matrix of f64 plus validity.
+//!
+//! Kernels are pure functions over buffers: no I/O, no clocks, no async.
+//!
+//! # Layout
+//! State is structure-of-arrays per view, per hop level and per key shard: for each
+//! partial-aggregate field one flat buffer indexed `slot * ring + pane mod ring`
+//! (see [`level`]). The same layout is meant for GPU storage buffers, so a backend swap
+//! moves buffers, not logic.
+//!
+//! # Backends
+//! [`Backend`] has two implementations here: [`Scalar`], the reference (the oracle of
+//! the test suite), and [`Cpu`] (SIMD-friendly masked window scans, rayon across key
+//! shards). A wgpu backend plugs into the same trait behind the `gpu` feature.
+//!
+//! # Design decision: pane partials, not per-event storage
+//! Windows are answered from per-pane partial aggregates (count, sum, shifted moments,
+//! min, max, last), so memory is `keys × panes × fields` whatever the event rate.
+//! The rejected alternative, keeping raw events per key and recomputing (or
+//! retracting) on read, answers any `t` exactly but costs memory proportional to the
+//! event rate and makes reads O(events). With panes, a read at `t` is exact when the
+//! pane containing `t` holds no event later than `t`, which is always true for reads at
+//! the latest event time and for backfill (which replays in time order); other reads
+//! are reported through [`ReadStatus`] instead of being silently approximated.
+//!
+//! Variance uses moments shifted by the key's first value (`Σ(x−K)`, `Σ(x−K)²`), which
+//! merge by plain addition (like sums, friendly to SIMD and to GPU reductions) and do
+//! not suffer the cancellation of raw `Σx²` when the mean is large against the spread.
+//!
+//! # Example
+//! ```
+//! use panes_kernels::{Agg, Backend, FeatureMerge, FoldBatch, LevelSpec, MergeOutput,
+//!                     PaneState, Scalar, StateSpec};
+//!
+//! // One level: 1 s panes, windows up to 5 panes, one value column with sum + count.
+//! let spec = StateSpec {
+//!     levels: vec![LevelSpec { hop: 1000, ring: 5, columns: vec![Agg::Sum.fields()], lifetime: false }],
+//!     shards: 1,
+//! };
+//! let mut state = PaneState::new(spec).unwrap();
+//! let values = [1.0, 2.0, 4.0];
+//! let batch = FoldBatch { ids: &[0, 0, 1], ts: &[0, 1500, 2000], values: &[&values] };
+//! Scalar.fold(&mut state, &batch).unwrap();
+//!
+//! let sum_3s = FeatureMerge { level: 0, agg: Agg::Sum, column: Some(0), panes: Some(3) };
+//! let mut out = MergeOutput::default();
+//! Scalar.merge(&state, &[sum_3s], &[Some(0), Some(1), None], 2000, &mut out).unwrap();
+//! assert_eq!(out.values, vec![3.0, 4.0, 0.0]);
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod agg;
+pub mod backend;
+pub mod cpu;
+pub mod error;
+pub mod level;
+pub mod scalar;
+pub mod state;
+
+pub use agg::{Agg, ColumnFields};
+pub use backend::{Backend, BackendKind};
+pub use cpu::Cpu;
+pub use error::{ErrorDomain, KernelError};
+pub use level::{EMPTY_PANE, LevelSpec, LevelState};
+pub use scalar::Scalar;
+pub use state::{
+    FeatureMerge, FoldBatch, FoldStats, MergeOutput, PaneState, ReadStatus, StateSpec,
+};

@@ -1,0 +1,271 @@
+//! The pane state of one view: hop levels × key shards, and the batch and read types
+//! the backends work on.
+
+use crate::agg::Agg;
+use crate::error::KernelError;
+use crate::level::{LevelSpec, LevelState};
+
+/// Shape of a view's pane state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StateSpec {
+    /// One entry per distinct hop of the view's features.
+    pub levels: Vec<LevelSpec>,
+    /// Number of key shards, a power of two. Key id `k` lives in shard `k % shards`
+    /// at local slot `k / shards`; shards are what the `Cpu` backend folds in parallel.
+    pub shards: usize,
+}
+
+/// Pane state of a view: `shards` independent copies of every level.
+#[derive(Clone, Debug)]
+pub struct PaneState {
+    spec: StateSpec,
+    shift: u32,
+    pub(crate) shards: Vec<Vec<LevelState>>,
+}
+
+impl PaneState {
+    /// An empty state.
+    ///
+    /// # Errors
+    /// [`KernelError::InvalidSpec`] when `shards` is not a power of two or a level is invalid.
+    pub fn new(spec: StateSpec) -> Result<Self, KernelError> {
+        if !spec.shards.is_power_of_two() {
+            return Err(KernelError::InvalidSpec(format!(
+                "shards must be a power of two, got {}",
+                spec.shards
+            )));
+        }
+        let shards = (0..spec.shards)
+            .map(|_| spec.levels.iter().cloned().map(LevelState::new).collect())
+            .collect::<Result<Vec<Vec<_>>, _>>()?;
+        Ok(PaneState {
+            shift: spec.shards.trailing_zeros(),
+            spec,
+            shards,
+        })
+    }
+
+    /// The spec the state was built from.
+    pub fn spec(&self) -> &StateSpec {
+        &self.spec
+    }
+
+    /// `(shard, local slot)` of key id `id`.
+    #[inline(always)]
+    pub fn locate(&self, id: u32) -> (usize, usize) {
+        let id = id as usize;
+        (id & (self.spec.shards - 1), id >> self.shift)
+    }
+
+    /// The key id of `(shard, local slot)`.
+    pub fn id_of(&self, shard: usize, local: usize) -> u32 {
+        ((local << self.shift) | shard) as u32
+    }
+
+    /// Bytes held by all buffers.
+    pub fn memory_bytes(&self) -> usize {
+        self.shards
+            .iter()
+            .flatten()
+            .map(LevelState::memory_bytes)
+            .sum()
+    }
+
+    /// Checks a batch's shape and grows every shard to hold the ids it names.
+    pub(crate) fn prepare(&mut self, batch: &FoldBatch<'_>) -> Result<(), KernelError> {
+        let n = batch.ids.len();
+        if batch.ts.len() != n {
+            return Err(KernelError::Shape(format!(
+                "{n} key ids but {} timestamps",
+                batch.ts.len()
+            )));
+        }
+        let columns = self.spec.levels.first().map_or(0, |l| l.columns.len());
+        if batch.values.len() != columns {
+            return Err(KernelError::Shape(format!(
+                "state has {columns} value columns, batch has {}",
+                batch.values.len()
+            )));
+        }
+        if let Some(c) = batch.values.iter().position(|v| v.len() != n) {
+            return Err(KernelError::Shape(format!(
+                "value column {c} has {} rows, expected {n}",
+                batch.values[c].len()
+            )));
+        }
+        let mut need = vec![0usize; self.spec.shards];
+        for &id in batch.ids {
+            let (s, l) = self.locate(id);
+            need[s] = need[s].max(l + 1);
+        }
+        for (shard, &need) in self.shards.iter_mut().zip(&need) {
+            if need > 0 {
+                for level in shard.iter_mut() {
+                    level.reserve_slots(need);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A micro-batch of accepted events, in arrival order, ready to fold.
+#[derive(Clone, Copy, Debug)]
+pub struct FoldBatch<'a> {
+    /// Key id of each event (from the engine's key index).
+    pub ids: &'a [u32],
+    /// Event time of each event, epoch milliseconds.
+    pub ts: &'a [i64],
+    /// One slice per value column of the view; NaN marks a null or NaN value (skipped).
+    pub values: &'a [&'a [f64]],
+}
+
+impl FoldBatch<'_> {
+    /// Number of events.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether the batch has no events.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+/// What a fold did with the batch's events.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FoldStats {
+    /// Event × level pairs folded into a ring pane.
+    pub folded: u64,
+    /// Event × level pairs whose pane was older than the key's ring and that only
+    /// reached the lifetime base cell.
+    pub into_base: u64,
+    /// Event × level pairs whose pane was older than the key's ring in a level without
+    /// lifetime features (outside every answerable window).
+    pub expired: u64,
+}
+
+impl FoldStats {
+    pub(crate) fn add(&mut self, o: FoldStats) {
+        self.folded += o.folded;
+        self.into_base += o.into_base;
+        self.expired += o.expired;
+    }
+}
+
+/// One feature to compute in a read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FeatureMerge {
+    /// Index of the level (hop) holding the feature's panes.
+    pub level: usize,
+    /// The aggregation.
+    pub agg: Agg,
+    /// Value column, or `None` for `count` of rows.
+    pub column: Option<usize>,
+    /// Window length in panes of the level, or `None` for `lifetime`.
+    pub panes: Option<u64>,
+}
+
+/// Whether a read could be answered exactly for a key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ReadStatus {
+    /// The values are exact.
+    #[default]
+    Exact,
+    /// The pane containing `at` also holds events later than `at`, so that pane cannot
+    /// be split at `at`.
+    PaneHoldsLaterEvents,
+    /// Panes the window needs were already recycled (the read is too far in the past).
+    NotRetained,
+}
+
+impl ReadStatus {
+    #[inline]
+    pub(crate) fn worst(self, o: ReadStatus) -> ReadStatus {
+        if self == ReadStatus::Exact { o } else { self }
+    }
+}
+
+/// Dense output of a read: `keys × features`, row-major.
+#[derive(Clone, Debug, Default)]
+pub struct MergeOutput {
+    /// Feature values; NaN where `valid` is false.
+    pub values: Vec<f64>,
+    /// Validity of each value.
+    pub valid: Vec<bool>,
+    /// Per key: whether its values are exact.
+    pub status: Vec<ReadStatus>,
+    /// Number of features (the row length).
+    pub features: usize,
+}
+
+impl MergeOutput {
+    pub(crate) fn reset(&mut self, keys: usize, features: usize) {
+        self.values.clear();
+        self.values.resize(keys * features, f64::NAN);
+        self.valid.clear();
+        self.valid.resize(keys * features, false);
+        self.status.clear();
+        self.status.resize(keys, ReadStatus::Exact);
+        self.features = features;
+    }
+
+    /// Writes the empty-window values of every feature in row `k`.
+    pub(crate) fn write_empty(&mut self, k: usize, features: &[FeatureMerge]) {
+        let row = k * self.features;
+        for (f, fm) in features.iter().enumerate() {
+            let zero = fm.agg.zero_when_empty();
+            self.values[row + f] = if zero { 0.0 } else { f64::NAN };
+            self.valid[row + f] = zero;
+        }
+    }
+}
+
+/// Checks a read's feature list against the state.
+pub(crate) fn check_features(
+    state: &PaneState,
+    features: &[FeatureMerge],
+) -> Result<(), KernelError> {
+    for (i, f) in features.iter().enumerate() {
+        let Some(level) = state.spec.levels.get(f.level) else {
+            return Err(KernelError::Shape(format!(
+                "feature {i}: no level {}",
+                f.level
+            )));
+        };
+        match f.column {
+            None if f.agg != Agg::Count => {
+                return Err(KernelError::Shape(format!(
+                    "feature {i}: {} needs a column",
+                    f.agg
+                )));
+            }
+            Some(c) => {
+                let stored = level.columns.get(c).copied().unwrap_or_default();
+                if stored.union(f.agg.fields()) != stored {
+                    return Err(KernelError::Shape(format!(
+                        "feature {i}: level {} does not store the fields of {} for column {c}",
+                        f.level, f.agg
+                    )));
+                }
+            }
+            None => {}
+        }
+        match f.panes {
+            Some(0) => return Err(KernelError::Shape(format!("feature {i}: empty window"))),
+            Some(n) if n as usize > level.ring => {
+                return Err(KernelError::Shape(format!(
+                    "feature {i}: window of {n} panes exceeds the ring of {}",
+                    level.ring
+                )));
+            }
+            None if !level.lifetime => {
+                return Err(KernelError::Shape(format!(
+                    "feature {i}: lifetime feature on a level without a base"
+                )));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
