@@ -1,1 +1,349 @@
-fn main() {}
+//! The `panes` command: `demo`, `backfill`, `check`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use arrow_array::Int64Array;
+use clap::{Parser, Subcommand};
+use panes_engine::error::ErrorDomain;
+use panes_engine::spec::{Window, format_duration};
+use panes_engine::synth::{Synth, SynthConfig};
+use panes_engine::view::CompiledView;
+use panes_engine::{
+    BackendKind, BackfillOptions, DEMO_FEATURES, Engine, EngineOptions, FeatureFile, PanesError,
+    PushReport, RejectReason, Result, io,
+};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "panes",
+    version,
+    about = "Panes: real-time ML features from event streams"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a synthetic card-transaction stream through the engine and show live features.
+    Demo {
+        /// Feature file (default: the built-in card-transaction features).
+        #[arg(long)]
+        features: Option<PathBuf>,
+        /// Events to generate.
+        #[arg(long, default_value_t = 2_000_000)]
+        events: u64,
+        /// Run until interrupted (Ctrl-C) instead of stopping after --events.
+        #[arg(long)]
+        forever: bool,
+        /// Events per pushed batch.
+        #[arg(long, default_value_t = 8192)]
+        batch: usize,
+        /// Distinct cards.
+        #[arg(long, default_value_t = 100_000)]
+        keys: u64,
+        /// Backend: scalar, cpu, gpu or auto (default: $PANES_BACKEND, else auto).
+        #[arg(long)]
+        backend: Option<BackendKind>,
+    },
+    /// Compute point-in-time features for every row of a spine.
+    Backfill {
+        /// Feature file (TOML).
+        #[arg(long)]
+        features: PathBuf,
+        /// Events file (.parquet, .csv, .arrow, .arrows), replayed in file order.
+        #[arg(long)]
+        events: PathBuf,
+        /// Spine file: key column(s) and a time column.
+        #[arg(long)]
+        spine: PathBuf,
+        /// Output file; its extension picks the format.
+        #[arg(long)]
+        out: PathBuf,
+        /// The spine's time column.
+        #[arg(long, default_value = "ts")]
+        at_column: String,
+        /// Backend: scalar, cpu, gpu or auto (default: $PANES_BACKEND, else auto).
+        #[arg(long)]
+        backend: Option<BackendKind>,
+    },
+    /// Validate a feature file and describe the state it needs.
+    Check {
+        /// Feature file (TOML).
+        features: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Demo {
+            features,
+            events,
+            forever,
+            batch,
+            keys,
+            backend,
+        } => demo(features.as_deref(), events, forever, batch, keys, backend),
+        Command::Backfill {
+            features,
+            events,
+            spine,
+            out,
+            at_column,
+            backend,
+        } => run_backfill(&features, &events, &spine, &out, at_column, backend),
+        Command::Check { features } => check(&features),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            match e.domain() {
+                ErrorDomain::User => ExitCode::from(2),
+                _ => ExitCode::from(1),
+            }
+        }
+    }
+}
+
+fn describe(file: &FeatureFile) {
+    for v in &file.views {
+        let c = CompiledView::new(v, 1);
+        println!(
+            "view {:?}: key {:?}, time {:?}, pane {}, allowed lateness {}, {} B of state per key",
+            v.name,
+            v.key,
+            v.time,
+            format_duration(v.pane),
+            format_duration(v.allowed_lateness),
+            c.bytes_per_key()
+        );
+        for f in &v.features {
+            let w = match f.window {
+                Window::Duration(ms) => {
+                    format!("{} (hop {})", format_duration(ms), format_duration(f.hop))
+                }
+                Window::Lifetime => "lifetime".into(),
+            };
+            let col = f.column.as_deref().unwrap_or("*");
+            println!("  {:<28} {}({col}) over {w}", f.name, f.agg);
+        }
+    }
+}
+
+fn check(path: &Path) -> Result<()> {
+    let file = FeatureFile::from_path(path)?;
+    describe(&file);
+    Ok(())
+}
+
+fn run_backfill(
+    features: &Path,
+    events: &Path,
+    spine: &Path,
+    out: &Path,
+    at_column: String,
+    backend: Option<BackendKind>,
+) -> Result<()> {
+    let file = FeatureFile::from_path(features)?;
+    io::Format::of(out)?;
+    let t0 = Instant::now();
+    let (_, event_batches) = io::read_file(events)?;
+    let (spine_schema, spine_batches) = io::read_file(spine)?;
+    let backend = EngineOptions {
+        backend,
+        ..Default::default()
+    }
+    .create_backend()?;
+    let options = BackfillOptions {
+        at_column,
+        ..Default::default()
+    };
+    let (schema, batches, report) = panes_engine::backfill(
+        &file,
+        &event_batches,
+        &spine_schema,
+        &spine_batches,
+        backend.clone(),
+        &options,
+    )?;
+    io::write_file(out, &schema, &batches)?;
+    eprintln!(
+        "backfill: {} spine rows → {} ({} backend, {:.2} s)",
+        report.spine_rows,
+        out.display(),
+        backend.kind(),
+        t0.elapsed().as_secs_f64()
+    );
+    for (view, c, keys) in &report.views {
+        eprintln!(
+            "  view {view:?}: {} events accepted, {} late, {} rejected ({}), {keys} keys",
+            c.accepted,
+            c.late,
+            c.rejected_total(),
+            RejectReason::ALL
+                .iter()
+                .map(|r| format!("{} {}", r.name(), c.rejected(*r)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    for v in &report.skipped_views {
+        eprintln!("  view {v:?}: skipped (the spine has no column for its key)");
+    }
+    if report.spine_rows_without_time > 0 {
+        eprintln!(
+            "  {} spine rows have a null or unparsable time: their features are null",
+            report.spine_rows_without_time
+        );
+    }
+    Ok(())
+}
+
+fn demo(
+    features: Option<&Path>,
+    events: u64,
+    forever: bool,
+    batch: usize,
+    keys: u64,
+    backend: Option<BackendKind>,
+) -> Result<()> {
+    let file = match features {
+        Some(p) => FeatureFile::from_path(p)?,
+        None => FeatureFile::parse(DEMO_FEATURES, "built-in demo features")?,
+    };
+    let view = file
+        .views
+        .first()
+        .ok_or_else(|| PanesError::Invalid("no view".into()))?
+        .name
+        .clone();
+    let engine = Engine::new(
+        &file,
+        EngineOptions {
+            backend,
+            ..Default::default()
+        },
+    )?;
+    println!(
+        "Panes demo: synthetic card transactions ({keys} cards, Zipf 1.1), backend {}",
+        engine.backend().kind()
+    );
+    describe(&file);
+    let mut synth = Synth::new(SynthConfig {
+        keys,
+        ..Default::default()
+    });
+    let hot: Vec<i64> = (1..=3).map(Synth::card).collect();
+    let hot_keys = Int64Array::from(hot.clone());
+    let start = Instant::now();
+    let mut busy = Duration::ZERO;
+    let mut last_print = Instant::now();
+    let mut total = PushReport::default();
+    let mut pushed = 0u64;
+    while forever || pushed < events {
+        let n = if forever {
+            batch
+        } else {
+            batch.min((events - pushed) as usize)
+        };
+        let b = synth.next_batch(n);
+        let t = Instant::now();
+        let report = engine.push(&view, &b)?;
+        busy += t.elapsed();
+        total.absorb(&report);
+        pushed += n as u64;
+        if last_print.elapsed() >= Duration::from_secs(1) || (!forever && pushed >= events) {
+            last_print = Instant::now();
+            let frame = engine.read(&view, &hot_keys, None, None)?;
+            let m = engine.metrics(&view)?;
+            println!(
+                "\n{} events pushed, {:.2} M events/s in the engine; accepted {}, late {}, rejected {}; {} cards, {:.1} MiB of state; event time {}",
+                pushed,
+                pushed as f64 / busy.as_secs_f64().max(1e-9) / 1e6,
+                m.counters.accepted,
+                m.counters.late,
+                m.counters.rejected_total(),
+                m.keys,
+                m.state_bytes as f64 / (1 << 20) as f64,
+                m.max_event_time.map(format_ms).unwrap_or_default(),
+            );
+            print!("  {:<14}", "card");
+            for n in &frame.names {
+                print!(" {:>12}", truncate(n, 12));
+            }
+            println!();
+            for (k, card) in hot.iter().enumerate() {
+                print!("  {card:<14}");
+                for f in 0..frame.names.len() {
+                    if frame.valid[[k, f]] {
+                        print!(" {:>12.2}", frame.values[[k, f]]);
+                    } else {
+                        print!(" {:>12}", "null");
+                    }
+                }
+                println!();
+            }
+        }
+    }
+    engine.flush()?;
+    let m = engine.metrics(&view)?;
+    let wall = start.elapsed().as_secs_f64();
+    println!(
+        "\ndone: {pushed} events in {wall:.2} s wall ({:.2} M events/s in the engine, generator excluded)",
+        pushed as f64 / busy.as_secs_f64().max(1e-9) / 1e6
+    );
+    println!(
+        "accepted {}, late {}, rejected {} ({}); null amounts skipped {}",
+        m.counters.accepted,
+        m.counters.late,
+        m.counters.rejected_total(),
+        m.rejected_by_reason()
+            .iter()
+            .map(|(r, n)| format!("{r} {n}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        m.counters.null_values
+    );
+    for r in total.rejections.iter().take(3) {
+        println!("  e.g. {}", r.message);
+    }
+    Ok(())
+}
+
+fn truncate(s: &str, n: usize) -> &str {
+    match s.char_indices().nth(n) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+fn format_ms(ms: i64) -> String {
+    let s = ms.div_euclid(1000);
+    let (d, rem) = (s.div_euclid(86_400), s.rem_euclid(86_400));
+    let (y, mo, dd) = civil_from_days(d);
+    format!(
+        "{y:04}-{mo:02}-{dd:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}

@@ -1,0 +1,308 @@
+//! Backfill: point-in-time feature values for a spine of `(key, time)` rows, computed
+//! by the same ingest, fold and read code as the online engine.
+//!
+//! For each view whose key column the spine has:
+//! 1. every event batch goes through the online ingest in file order, so lateness is
+//!    decided exactly as online (per event, in arrival order);
+//! 2. the accepted events are stably sorted by time (ties keep arrival order, so
+//!    `last` still picks the event ingested last);
+//! 3. spine rows are visited in time order; before the rows at time `t` are read, every
+//!    accepted event with `ts <= t` is folded, and the read at `t` is then exact.
+//!
+//! Memory is the accepted events (`4 + 8 + 8 × value columns` bytes each, twice while
+//! sorting) plus the pane state plus the output columns.
+
+use std::io::IsTerminal;
+use std::sync::Arc;
+
+use arrow_array::{ArrayRef, Float64Array, Int64Array, RecordBatch};
+use arrow_buffer::NullBuffer;
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use indicatif::{ProgressBar, ProgressStyle};
+use panes_kernels::{Agg, Backend, FoldBatch, MergeOutput, ReadStatus};
+
+use crate::error::{PanesError, Result};
+use crate::ingest::{Decoded, TimeColumn, ViewCounters};
+use crate::keys::KeyColumn;
+use crate::spec::FeatureFile;
+use crate::view::{CompiledView, ViewCore};
+
+/// How a backfill runs.
+#[derive(Clone, Debug)]
+pub struct BackfillOptions {
+    /// The spine's time column.
+    pub at_column: String,
+    /// Key shards of the pane state (a power of two).
+    pub shards: usize,
+    /// Show a progress bar (on stderr).
+    pub progress: bool,
+}
+
+impl Default for BackfillOptions {
+    fn default() -> Self {
+        BackfillOptions {
+            at_column: "ts".into(),
+            shards: 32,
+            progress: std::io::stdout().is_terminal(),
+        }
+    }
+}
+
+/// What a backfill did, per view.
+#[derive(Clone, Debug, Default)]
+pub struct BackfillReport {
+    /// `(view, counters, distinct keys)` for each view computed.
+    pub views: Vec<(String, ViewCounters, usize)>,
+    /// Views skipped because the spine lacks their key column.
+    pub skipped_views: Vec<String>,
+    /// Spine rows.
+    pub spine_rows: usize,
+    /// Spine rows whose time was null or unparsable (their features are null).
+    pub spine_rows_without_time: usize,
+}
+
+/// Computes features for every spine row.
+///
+/// Returns the spine's batches with one column per feature appended (named by the
+/// feature; `count` as Int64, everything else Float64; null where the spine row has no
+/// time, or where the aggregation is null), in spine order.
+///
+/// # Errors
+/// A missing or mistyped column in the events or the spine; a feature name that
+/// collides with a spine column; no view matching the spine.
+pub fn backfill(
+    file: &FeatureFile,
+    events: &[RecordBatch],
+    spine_schema: &SchemaRef,
+    spine: &[RecordBatch],
+    backend: Arc<dyn Backend>,
+    options: &BackfillOptions,
+) -> Result<(SchemaRef, Vec<RecordBatch>, BackfillReport)> {
+    let rows: usize = spine.iter().map(|b| b.num_rows()).sum();
+    let mut report = BackfillReport {
+        spine_rows: rows,
+        ..Default::default()
+    };
+    if spine_schema.field_with_name(&options.at_column).is_err() {
+        return Err(PanesError::Invalid(format!(
+            "the spine has no time column {:?} (set it with --at-column); its columns are [{}]",
+            options.at_column,
+            field_names(spine_schema)
+        )));
+    }
+    let at = spine_times(spine, &options.at_column)?;
+    report.spine_rows_without_time = at.iter().filter(|t| t.is_none()).count();
+    let mut order: Vec<u32> = (0..rows as u32)
+        .filter(|&r| at[r as usize].is_some())
+        .collect();
+    order.sort_by_key(|&r| at[r as usize]);
+
+    let views: Vec<_> = file
+        .views
+        .iter()
+        .filter(|v| {
+            let has = spine_schema.field_with_name(&v.key).is_ok();
+            if !has {
+                report.skipped_views.push(v.name.clone());
+            }
+            has
+        })
+        .collect();
+    if views.is_empty() {
+        return Err(PanesError::Invalid(format!(
+            "the spine has none of the views' key columns ({}); its columns are [{}]",
+            file.views
+                .iter()
+                .map(|v| format!("{:?}", v.key))
+                .collect::<Vec<_>>()
+                .join(", "),
+            field_names(spine_schema)
+        )));
+    }
+
+    let progress = if options.progress {
+        let pb = ProgressBar::new((rows * views.len()) as u64);
+        pb.set_style(
+            ProgressStyle::with_template(
+                "{msg} [{bar:40}] {human_pos}/{human_len} spine rows ({eta})",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        pb
+    } else {
+        ProgressBar::hidden()
+    };
+
+    let mut fields: Vec<Field> = spine_schema
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    let mut columns: Vec<Vec<ArrayRef>> = spine.iter().map(|b| b.columns().to_vec()).collect();
+    for spec in views {
+        progress.set_message(format!("view {}", spec.name));
+        let view = CompiledView::new(spec, options.shards);
+        let mut core = ViewCore::new(&view)?;
+        for b in events {
+            core.ingest(&view, b)?;
+        }
+        let events = std::mem::replace(&mut core.pending, Decoded::new(view.columns.len()));
+        core.pending_since = None;
+        let events = sort_by_time(events);
+
+        let ids = spine_ids(&core, &view, spine)?;
+        let nf = view.merges.len();
+        let mut values = vec![f64::NAN; rows * nf];
+        let mut valid = vec![false; rows * nf];
+        let mut out = MergeOutput::default();
+        let mut group_ids = Vec::new();
+        let mut folded = 0usize;
+        let mut g = 0;
+        while g < order.len() {
+            let t = at[order[g] as usize].unwrap_or_default();
+            let h = g + order[g..].partition_point(|&r| at[r as usize] == Some(t));
+            let end = folded + events.ts[folded..].partition_point(|&ts| ts <= t);
+            if end > folded {
+                let vals: Vec<&[f64]> = events.values.iter().map(|v| &v[folded..end]).collect();
+                let batch = FoldBatch {
+                    ids: &events.ids[folded..end],
+                    ts: &events.ts[folded..end],
+                    values: &vals,
+                };
+                let stats = backend.fold(&mut core.state, &batch)?;
+                core.counters.expired += stats.expired;
+                folded = end;
+            }
+            group_ids.clear();
+            group_ids.extend(order[g..h].iter().map(|&r| ids[r as usize]));
+            backend.merge(&core.state, &view.merges, &group_ids, t, &mut out)?;
+            if let Some(k) = out.status.iter().position(|s| *s != ReadStatus::Exact) {
+                return Err(PanesError::Internal(format!(
+                    "backfill read of spine row {} at {t} was not exact ({:?})",
+                    order[g + k],
+                    out.status[k]
+                )));
+            }
+            for (k, &r) in order[g..h].iter().enumerate() {
+                let r = r as usize;
+                values[r * nf..(r + 1) * nf].copy_from_slice(&out.values[k * nf..(k + 1) * nf]);
+                valid[r * nf..(r + 1) * nf].copy_from_slice(&out.valid[k * nf..(k + 1) * nf]);
+            }
+            progress.inc((h - g) as u64);
+            g = h;
+        }
+        progress.inc(report.spine_rows_without_time as u64);
+
+        for (f, feat) in spine_features(&view).enumerate() {
+            if fields.iter().any(|x| x.name() == &feat.0) {
+                return Err(PanesError::Invalid(format!(
+                    "feature {:?} has the name of a spine column; rename the feature or the column",
+                    feat.0
+                )));
+            }
+            let is_count = feat.1 == Agg::Count;
+            fields.push(Field::new(
+                feat.0.clone(),
+                if is_count {
+                    DataType::Int64
+                } else {
+                    DataType::Float64
+                },
+                true,
+            ));
+            let mut start = 0;
+            for (b, cols) in spine.iter().zip(columns.iter_mut()) {
+                let n = b.num_rows();
+                let range = start..start + n;
+                start += n;
+                let col: ArrayRef = if is_count {
+                    Arc::new(Int64Array::from_iter(
+                        range.map(|r| valid[r * nf + f].then(|| values[r * nf + f] as i64)),
+                    ))
+                } else {
+                    let v: Vec<f64> = range.clone().map(|r| values[r * nf + f]).collect();
+                    let nulls = NullBuffer::from_iter(range.map(|r| valid[r * nf + f]));
+                    Arc::new(Float64Array::new(v.into(), Some(nulls)))
+                };
+                cols.push(col);
+            }
+        }
+        report
+            .views
+            .push((spec.name.clone(), core.counters.clone(), core.keys.len()));
+    }
+    progress.finish_and_clear();
+
+    let schema = Arc::new(Schema::new_with_metadata(
+        fields,
+        spine_schema.metadata().clone(),
+    ));
+    let batches = columns
+        .into_iter()
+        .map(|cols| RecordBatch::try_new(schema.clone(), cols))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok((schema, batches, report))
+}
+
+fn spine_features(view: &CompiledView) -> impl Iterator<Item = (String, Agg)> + '_ {
+    view.spec.features.iter().map(|f| (f.name.clone(), f.agg))
+}
+
+fn field_names(schema: &Schema) -> String {
+    schema
+        .fields()
+        .iter()
+        .map(|f| f.name().as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Spine times (None for null or unparsable).
+fn spine_times(spine: &[RecordBatch], at_column: &str) -> Result<Vec<Option<i64>>> {
+    let mut at = Vec::new();
+    for b in spine {
+        let col = b.column_by_name(at_column).ok_or_else(|| {
+            PanesError::Invalid(format!("a spine batch has no column {at_column:?}"))
+        })?;
+        let t = TimeColumn::new(col.as_ref())
+            .map_err(|m| PanesError::Invalid(format!("spine time column {at_column:?} {m}")))?;
+        at.extend((0..b.num_rows()).map(|i| t.get(i).ok().flatten()));
+    }
+    Ok(at)
+}
+
+/// Key ids of the spine rows for one view (None for null or unknown keys).
+fn spine_ids(
+    core: &ViewCore,
+    view: &CompiledView,
+    spine: &[RecordBatch],
+) -> Result<Vec<Option<u32>>> {
+    let mut ids = Vec::new();
+    for b in spine {
+        let col = b.column_by_name(&view.spec.key).ok_or_else(|| {
+            PanesError::Invalid(format!("a spine batch has no column {:?}", view.spec.key))
+        })?;
+        let keys = KeyColumn::new(col.as_ref()).map_err(|m| {
+            PanesError::Invalid(format!("spine key column {:?} {m}", view.spec.key))
+        })?;
+        ids.extend((0..b.num_rows()).map(|i| keys.lookup(i, &core.keys)));
+    }
+    Ok(ids)
+}
+
+/// Stable sort of events by time (arrival order kept among equal times).
+fn sort_by_time(events: Decoded) -> Decoded {
+    if events.ts.is_sorted() {
+        return events;
+    }
+    let mut perm: Vec<u32> = (0..events.len() as u32).collect();
+    perm.sort_by_key(|&i| events.ts[i as usize]);
+    let take_u32 = |v: &[u32]| perm.iter().map(|&i| v[i as usize]).collect();
+    let take_i64 = |v: &[i64]| perm.iter().map(|&i| v[i as usize]).collect();
+    let take_f64 = |v: &[f64]| perm.iter().map(|&i| v[i as usize]).collect();
+    Decoded {
+        ids: take_u32(&events.ids),
+        ts: take_i64(&events.ts),
+        values: events.values.iter().map(|v| take_f64(v)).collect(),
+    }
+}

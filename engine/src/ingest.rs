@@ -1,0 +1,447 @@
+//! Ingest: validate and decode an Arrow batch for a view, decide lateness per event in
+//! arrival order, and append the accepted events to a columnar buffer.
+//!
+//! A batch with a missing or mistyped column is rejected whole (no row of it can be
+//! aggregated) with a [`PanesError::Schema`]. Otherwise bad rows (null key, null or
+//! unparsable time) are rejected one by one with a reason, and the good rows of the
+//! same batch are accepted. Null and NaN values are not rejections: the event counts
+//! (e.g. for `count` of rows) and the value is skipped by value aggregations.
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::*;
+use arrow_array::{Array, RecordBatch};
+use arrow_schema::{DataType, TimeUnit};
+
+use crate::error::{PanesError, Result};
+use crate::keys::{KeyColumn, KeyIndex};
+use crate::view::CompiledView;
+
+/// Why a row was rejected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RejectReason {
+    /// The key is null.
+    NullKey,
+    /// The time is null.
+    NullTime,
+    /// The time cannot be parsed or is out of range.
+    BadTime,
+    /// The batch lacks a column or has one of the wrong type.
+    Schema,
+}
+
+impl RejectReason {
+    /// Every reason, in counter order.
+    pub const ALL: [RejectReason; 4] = [
+        RejectReason::NullKey,
+        RejectReason::NullTime,
+        RejectReason::BadTime,
+        RejectReason::Schema,
+    ];
+
+    /// The name used in metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            RejectReason::NullKey => "null_key",
+            RejectReason::NullTime => "null_time",
+            RejectReason::BadTime => "bad_time",
+            RejectReason::Schema => "schema",
+        }
+    }
+}
+
+/// Counters of one view.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ViewCounters {
+    /// Events accepted (aggregated).
+    pub accepted: u64,
+    /// Events rejected as late.
+    pub late: u64,
+    /// Rejected rows, by [`RejectReason`] (indexed like `RejectReason::ALL`).
+    pub rejected: [u64; 4],
+    /// Null values met in value columns of accepted events (skipped).
+    pub null_values: u64,
+    /// NaN values met in value columns of accepted events (skipped).
+    pub nan_values: u64,
+    /// Accepted event × level pairs whose pane had already been recycled (see
+    /// `panes_kernels::FoldStats::expired`); zero unless the ring is undersized.
+    pub expired: u64,
+}
+
+impl ViewCounters {
+    /// Rejected rows for one reason.
+    pub fn rejected(&self, reason: RejectReason) -> u64 {
+        self.rejected[reason as usize]
+    }
+
+    /// All rejected rows.
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected.iter().sum()
+    }
+}
+
+/// One rejected row, as reported to the caller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    /// Row index in the pushed batch.
+    pub row: usize,
+    /// Why.
+    pub reason: RejectReason,
+    /// A message naming the column and what was expected.
+    pub message: String,
+}
+
+/// Outcome of one push.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PushReport {
+    /// Rows accepted.
+    pub accepted: usize,
+    /// Rows rejected as late.
+    pub late: usize,
+    /// Rows rejected for a [`RejectReason`].
+    pub rejected: usize,
+    /// The first [`MAX_REPORTED`] rejections, with messages.
+    pub rejections: Vec<Rejection>,
+    /// Row indices of the late rows (for a dead-letter output).
+    pub late_rows: Vec<u32>,
+    /// Row indices of the rejected rows (for a dead-letter output).
+    pub rejected_rows: Vec<u32>,
+}
+
+impl PushReport {
+    /// Adds another report's counts (row indices are not merged).
+    pub fn absorb(&mut self, o: &PushReport) {
+        self.accepted += o.accepted;
+        self.late += o.late;
+        self.rejected += o.rejected;
+        for r in &o.rejections {
+            if self.rejections.len() < MAX_REPORTED {
+                self.rejections.push(r.clone());
+            }
+        }
+    }
+}
+
+/// Rejections reported with messages per push; the rest are counted.
+pub const MAX_REPORTED: usize = 8;
+
+/// Accepted events in arrival order, columnar.
+#[derive(Clone, Debug, Default)]
+pub struct Decoded {
+    /// Key ids.
+    pub ids: Vec<u32>,
+    /// Event times, epoch ms.
+    pub ts: Vec<i64>,
+    /// One column per view value column; NaN for null / NaN.
+    pub values: Vec<Vec<f64>>,
+}
+
+impl Decoded {
+    /// An empty buffer for `columns` value columns.
+    pub fn new(columns: usize) -> Self {
+        Decoded {
+            ids: Vec::new(),
+            ts: Vec::new(),
+            values: vec![Vec::new(); columns],
+        }
+    }
+
+    /// Number of events.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether empty.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Removes every event, keeping the allocations.
+    pub fn clear(&mut self) {
+        self.ids.clear();
+        self.ts.clear();
+        self.values.iter_mut().for_each(Vec::clear);
+    }
+}
+
+const BAD_TIME_HINT: &str = "expected a timestamp such as 2026-01-31T09:26:56Z";
+
+/// What time columns may be.
+pub(crate) const TIME_TYPES: &str = "Timestamp (any unit, any time zone), Date32, Date64, Int64 epoch milliseconds, or RFC 3339 strings";
+
+/// Per-row time of a column, in epoch ms: `Ok(Some(ms))`, `Ok(None)` for null, or
+/// `Err(message)` for an unparsable or out-of-range value.
+pub(crate) enum TimeColumn<'a> {
+    Ms(Vec<i64>, &'a dyn Array, i64, bool),
+    Str(Box<dyn Fn(usize) -> Option<&'a str> + 'a>),
+}
+
+impl<'a> TimeColumn<'a> {
+    /// Views `array` as a time column, or says why it cannot be one.
+    pub(crate) fn new(array: &'a dyn Array) -> std::result::Result<Self, String> {
+        // (values, multiplier or divisor, whether it multiplies)
+        let prim = |v: &[i64], f: i64, mul: bool| TimeColumn::Ms(v.to_vec(), array, f, mul);
+        Ok(match array.data_type() {
+            DataType::Timestamp(unit, _) => {
+                let v = match unit {
+                    TimeUnit::Second => array.as_primitive::<TimestampSecondType>().values(),
+                    TimeUnit::Millisecond => {
+                        array.as_primitive::<TimestampMillisecondType>().values()
+                    }
+                    TimeUnit::Microsecond => {
+                        array.as_primitive::<TimestampMicrosecondType>().values()
+                    }
+                    TimeUnit::Nanosecond => {
+                        array.as_primitive::<TimestampNanosecondType>().values()
+                    }
+                };
+                match unit {
+                    TimeUnit::Second => prim(v, 1000, true),
+                    TimeUnit::Millisecond => prim(v, 1, true),
+                    TimeUnit::Microsecond => prim(v, 1000, false),
+                    TimeUnit::Nanosecond => prim(v, 1_000_000, false),
+                }
+            }
+            DataType::Int64 => prim(array.as_primitive::<Int64Type>().values(), 1, true),
+            DataType::Date64 => prim(array.as_primitive::<Date64Type>().values(), 1, true),
+            DataType::Date32 => {
+                let v: Vec<i64> = array
+                    .as_primitive::<Date32Type>()
+                    .values()
+                    .iter()
+                    .map(|&d| d as i64)
+                    .collect();
+                TimeColumn::Ms(v, array, 86_400_000, true)
+            }
+            DataType::Utf8 => {
+                let a = array.as_string::<i32>();
+                TimeColumn::Str(Box::new(move |i| a.is_valid(i).then(|| a.value(i))))
+            }
+            DataType::LargeUtf8 => {
+                let a = array.as_string::<i64>();
+                TimeColumn::Str(Box::new(move |i| a.is_valid(i).then(|| a.value(i))))
+            }
+            DataType::Utf8View => {
+                let a = array.as_string_view();
+                TimeColumn::Str(Box::new(move |i| a.is_valid(i).then(|| a.value(i))))
+            }
+            other => {
+                return Err(format!(
+                    "has type {other}; a time column must be {TIME_TYPES}"
+                ));
+            }
+        })
+    }
+
+    /// The time of row `i`.
+    #[inline]
+    pub(crate) fn get(&self, i: usize) -> std::result::Result<Option<i64>, String> {
+        match self {
+            TimeColumn::Ms(v, a, f, mul) => {
+                if a.is_null(i) {
+                    return Ok(None);
+                }
+                let x = v[i];
+                if *mul {
+                    x.checked_mul(*f)
+                        .map(Some)
+                        .ok_or_else(|| format!("value {x} is out of range as epoch milliseconds"))
+                } else {
+                    Ok(Some(x.div_euclid(*f)))
+                }
+            }
+            TimeColumn::Str(get) => match get(i) {
+                None => Ok(None),
+                Some(s) => arrow_cast::parse::string_to_timestamp_nanos(s.trim())
+                    .map(|ns| Some(ns.div_euclid(1_000_000)))
+                    .map_err(|_| format!("cannot parse {s:?} as a time; {BAD_TIME_HINT}")),
+            },
+        }
+    }
+}
+
+/// Finds a column of `batch` by name.
+fn column<'b>(
+    view: &CompiledView,
+    batch: &'b RecordBatch,
+    name: &str,
+    role: &str,
+) -> Result<&'b dyn Array> {
+    batch
+        .column_by_name(name)
+        .map(|c| c.as_ref())
+        .ok_or_else(|| {
+            let have: Vec<_> = batch
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| f.name().clone())
+                .collect();
+            PanesError::Schema {
+                view: view.spec.name.clone(),
+                column: name.to_string(),
+                message: format!(
+                    "the {role} column is missing; the batch has columns [{}]",
+                    have.join(", ")
+                ),
+            }
+        })
+}
+
+/// Decodes `batch` for `view`: rejected rows are counted, late rows are counted, and
+/// accepted rows are appended to `out` (their keys inserted into `keys`, the view's
+/// `max_ts` advanced).
+///
+/// # Errors
+/// [`PanesError::Schema`] when a column is missing or has the wrong type; every row of
+/// the batch is then counted as rejected for [`RejectReason::Schema`].
+pub(crate) fn ingest(
+    view: &CompiledView,
+    batch: &RecordBatch,
+    keys: &mut KeyIndex,
+    max_ts: &mut Option<i64>,
+    out: &mut Decoded,
+    counters: &mut ViewCounters,
+) -> Result<PushReport> {
+    let rows = batch.num_rows();
+    let schema_error = |counters: &mut ViewCounters, e: PanesError| {
+        counters.rejected[RejectReason::Schema as usize] += rows as u64;
+        Err(e)
+    };
+    let spec = &view.spec;
+    let key_col = match column(view, batch, &spec.key, "key").and_then(|a| {
+        KeyColumn::new(a).map_err(|m| PanesError::Schema {
+            view: spec.name.clone(),
+            column: spec.key.clone(),
+            message: format!("key column {m}"),
+        })
+    }) {
+        Ok(k) => k,
+        Err(e) => return schema_error(counters, e),
+    };
+    let time_col = match column(view, batch, &spec.time, "time").and_then(|a| {
+        TimeColumn::new(a).map_err(|m| PanesError::Schema {
+            view: spec.name.clone(),
+            column: spec.time.clone(),
+            message: format!("time column {m}"),
+        })
+    }) {
+        Ok(t) => t,
+        Err(e) => return schema_error(counters, e),
+    };
+    let mut value_cols = Vec::with_capacity(view.columns.len());
+    for name in &view.columns {
+        let array = match column(view, batch, name, "value") {
+            Ok(a) => a,
+            Err(e) => return schema_error(counters, e),
+        };
+        if !array.data_type().is_numeric() {
+            let e = PanesError::Schema {
+                view: spec.name.clone(),
+                column: name.clone(),
+                message: format!(
+                    "value column has type {}; expected an integer, float or decimal type",
+                    array.data_type()
+                ),
+            };
+            return schema_error(counters, e);
+        }
+        let f = arrow_cast::cast(array, &DataType::Float64)?;
+        value_cols.push(f);
+    }
+
+    let mut report = PushReport::default();
+    let mut accepted_rows: Vec<u32> = Vec::with_capacity(rows);
+    let mut accepted_ts: Vec<i64> = Vec::with_capacity(rows);
+    let mut reject =
+        |report: &mut PushReport, row: usize, reason: RejectReason, message: String| {
+            counters.rejected[reason as usize] += 1;
+            report.rejected += 1;
+            report.rejected_rows.push(row as u32);
+            if report.rejections.len() < MAX_REPORTED {
+                report.rejections.push(Rejection {
+                    row,
+                    reason,
+                    message,
+                });
+            }
+        };
+    let lateness = spec.allowed_lateness;
+    let mut max = *max_ts;
+    for i in 0..rows {
+        if key_col.is_null(i) {
+            reject(
+                &mut report,
+                i,
+                RejectReason::NullKey,
+                format!("row {i}: key column {:?} is null", spec.key),
+            );
+            continue;
+        }
+        let ts = match time_col.get(i) {
+            Ok(Some(ts)) => ts,
+            Ok(None) => {
+                reject(
+                    &mut report,
+                    i,
+                    RejectReason::NullTime,
+                    format!("row {i}: time column {:?} is null", spec.time),
+                );
+                continue;
+            }
+            Err(m) => {
+                reject(
+                    &mut report,
+                    i,
+                    RejectReason::BadTime,
+                    format!("row {i}: time column {:?}: {m}", spec.time),
+                );
+                continue;
+            }
+        };
+        if let Some(m) = max {
+            if ts < m.saturating_sub(lateness) {
+                report.late += 1;
+                report.late_rows.push(i as u32);
+                continue;
+            }
+        }
+        max = Some(max.map_or(ts, |m| m.max(ts)));
+        accepted_rows.push(i as u32);
+        accepted_ts.push(ts);
+    }
+    *max_ts = max;
+    counters.late += report.late as u64;
+
+    // Keys of accepted rows only: rejected and late rows create no state.
+    out.ids.reserve(accepted_rows.len());
+    for &i in &accepted_rows {
+        out.ids.push(key_col.id_or_insert(i as usize, keys)?);
+    }
+    out.ts.extend_from_slice(&accepted_ts);
+    for (dst, col) in out.values.iter_mut().zip(&value_cols) {
+        let f = col.as_primitive::<Float64Type>();
+        let vals = f.values();
+        dst.reserve(accepted_rows.len());
+        if f.null_count() == 0 {
+            for &i in &accepted_rows {
+                let v = vals[i as usize];
+                counters.nan_values += v.is_nan() as u64;
+                dst.push(v);
+            }
+        } else {
+            for &i in &accepted_rows {
+                if f.is_null(i as usize) {
+                    counters.null_values += 1;
+                    dst.push(f64::NAN);
+                } else {
+                    let v = vals[i as usize];
+                    counters.nan_values += v.is_nan() as u64;
+                    dst.push(v);
+                }
+            }
+        }
+    }
+    report.accepted = accepted_rows.len();
+    counters.accepted += report.accepted as u64;
+    Ok(report)
+}

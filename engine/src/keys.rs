@@ -1,0 +1,373 @@
+//! The key index: entity key values → dense key ids, and decoding of key columns.
+//!
+//! Integer keys of any width and signedness match by value (an Int32 spine key finds
+//! Int64 event keys); string keys match by value whatever their Arrow encoding
+//! (Utf8, LargeUtf8, Utf8View, dictionary). Strings and integers never match each other.
+//!
+//! Ids are spread over the state's key shards by a fixed hash of the key value, so the
+//! shard of a key is the same in every run (checkpoints and scale-out rely on it).
+
+use std::fmt;
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::ArrowDictionaryKeyType;
+use arrow_array::types::*;
+use arrow_array::{Array, DictionaryArray};
+use arrow_buffer::ArrowNativeType;
+use arrow_schema::DataType;
+use hashbrown::HashMap;
+
+use crate::error::{PanesError, Result};
+
+/// An owned key value.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum KeyValue {
+    /// An integer key.
+    Int(i128),
+    /// A string key.
+    Str(String),
+}
+
+impl fmt::Display for KeyValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeyValue::Int(v) => write!(f, "{v}"),
+            KeyValue::Str(s) => write!(f, "{s:?}"),
+        }
+    }
+}
+
+/// Maps key values to ids `local * shards + shard`.
+#[derive(Debug, Clone)]
+pub struct KeyIndex {
+    ints: HashMap<i64, u32>,
+    big: HashMap<u64, u32>,
+    strs: HashMap<Box<str>, u32>,
+    next_local: Vec<u32>,
+    len: usize,
+}
+
+#[inline]
+fn mix64(mut x: u64) -> u64 {
+    // splitmix64 finaliser: a fixed, well-spread hash.
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+#[inline]
+fn str_hash(s: &str) -> u64 {
+    // FNV-1a, then mixed: fixed across runs and platforms.
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for b in s.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    mix64(h)
+}
+
+impl KeyIndex {
+    /// An empty index for a state with `shards` key shards (a power of two).
+    pub fn new(shards: usize) -> Self {
+        KeyIndex {
+            ints: HashMap::new(),
+            big: HashMap::new(),
+            strs: HashMap::new(),
+            next_local: vec![0; shards],
+            len: 0,
+        }
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the index is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn new_id(next_local: &mut [u32], len: &mut usize, hash: u64) -> Result<u32> {
+        let shards = next_local.len();
+        let shard = (hash as usize) & (shards - 1);
+        let local = next_local[shard];
+        let id = (local as u64) * shards as u64 + shard as u64;
+        if id > u32::MAX as u64 {
+            return Err(PanesError::Invalid(format!(
+                "key limit reached: shard {shard} already holds {local} keys"
+            )));
+        }
+        next_local[shard] += 1;
+        *len += 1;
+        Ok(id as u32)
+    }
+
+    #[inline]
+    fn int_id(&mut self, v: i64) -> Result<u32> {
+        if let Some(&id) = self.ints.get(&v) {
+            return Ok(id);
+        }
+        let id = Self::new_id(&mut self.next_local, &mut self.len, mix64(v as u64))?;
+        self.ints.insert(v, id);
+        Ok(id)
+    }
+
+    #[inline]
+    fn big_id(&mut self, v: u64) -> Result<u32> {
+        if let Some(&id) = self.big.get(&v) {
+            return Ok(id);
+        }
+        let id = Self::new_id(&mut self.next_local, &mut self.len, mix64(v))?;
+        self.big.insert(v, id);
+        Ok(id)
+    }
+
+    #[inline]
+    fn str_id(&mut self, v: &str) -> Result<u32> {
+        if let Some(&id) = self.strs.get(v) {
+            return Ok(id);
+        }
+        let id = Self::new_id(&mut self.next_local, &mut self.len, str_hash(v))?;
+        self.strs.insert(v.into(), id);
+        Ok(id)
+    }
+
+    /// The id of a key value, if known.
+    pub fn get(&self, key: &KeyValue) -> Option<u32> {
+        match key {
+            KeyValue::Int(v) => match i64::try_from(*v) {
+                Ok(v) => self.ints.get(&v).copied(),
+                Err(_) => u64::try_from(*v)
+                    .ok()
+                    .and_then(|v| self.big.get(&v).copied()),
+            },
+            KeyValue::Str(s) => self.strs.get(s.as_str()).copied(),
+        }
+    }
+}
+
+/// A key column of a supported type, viewed row by row.
+#[derive(Debug)]
+pub(crate) enum KeyColumn<'a> {
+    /// Any signed or unsigned integer up to 32 bits, and Int64, widened to i64.
+    Signed(Vec<i64>, &'a dyn Array),
+    UInt64(&'a arrow_array::UInt64Array),
+    Utf8(&'a arrow_array::StringArray),
+    LargeUtf8(&'a arrow_array::LargeStringArray),
+    Utf8View(&'a arrow_array::StringViewArray),
+    /// Dictionary: per-row dictionary index (None = null) and the values.
+    Dict(Vec<Option<usize>>, Box<KeyColumn<'a>>),
+}
+
+/// What key columns may be.
+pub(crate) const KEY_TYPES: &str = "Utf8, LargeUtf8, Utf8View, Dictionary(_, Utf8) or an integer type (Int8..Int64, UInt8..UInt64)";
+
+fn dict<'a, K: ArrowDictionaryKeyType>(a: &'a dyn Array) -> (Vec<Option<usize>>, &'a dyn Array) {
+    let d: &'a DictionaryArray<K> = a.as_dictionary::<K>();
+    let keys = d
+        .keys()
+        .iter()
+        .map(|k| k.and_then(|k| k.to_usize()))
+        .collect();
+    (keys, d.values().as_ref())
+}
+
+impl<'a> KeyColumn<'a> {
+    /// Views `array` as a key column, or says why it cannot be one.
+    pub(crate) fn new(array: &'a dyn Array) -> std::result::Result<Self, String> {
+        fn widen<T: ArrowPrimitiveType>(a: &dyn Array) -> Vec<i64>
+        where
+            T::Native: Into<i64>,
+        {
+            a.as_primitive::<T>()
+                .values()
+                .iter()
+                .map(|v| (*v).into())
+                .collect()
+        }
+        Ok(match array.data_type() {
+            DataType::Int8 => KeyColumn::Signed(widen::<Int8Type>(array), array),
+            DataType::Int16 => KeyColumn::Signed(widen::<Int16Type>(array), array),
+            DataType::Int32 => KeyColumn::Signed(widen::<Int32Type>(array), array),
+            DataType::Int64 => KeyColumn::Signed(widen::<Int64Type>(array), array),
+            DataType::UInt8 => KeyColumn::Signed(widen::<UInt8Type>(array), array),
+            DataType::UInt16 => KeyColumn::Signed(widen::<UInt16Type>(array), array),
+            DataType::UInt32 => KeyColumn::Signed(widen::<UInt32Type>(array), array),
+            DataType::UInt64 => KeyColumn::UInt64(array.as_primitive::<UInt64Type>()),
+            DataType::Utf8 => KeyColumn::Utf8(array.as_string::<i32>()),
+            DataType::LargeUtf8 => KeyColumn::LargeUtf8(array.as_string::<i64>()),
+            DataType::Utf8View => KeyColumn::Utf8View(array.as_string_view()),
+            DataType::Dictionary(k, v)
+                if matches!(
+                    v.as_ref(),
+                    DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+                ) =>
+            {
+                let (keys, values) = match k.as_ref() {
+                    DataType::Int8 => dict::<Int8Type>(array),
+                    DataType::Int16 => dict::<Int16Type>(array),
+                    DataType::Int32 => dict::<Int32Type>(array),
+                    DataType::Int64 => dict::<Int64Type>(array),
+                    DataType::UInt8 => dict::<UInt8Type>(array),
+                    DataType::UInt16 => dict::<UInt16Type>(array),
+                    DataType::UInt32 => dict::<UInt32Type>(array),
+                    DataType::UInt64 => dict::<UInt64Type>(array),
+                    other => {
+                        return Err(format!(
+                            "has dictionary keys of type {other}, which are not supported"
+                        ));
+                    }
+                };
+                KeyColumn::Dict(keys, Box::new(KeyColumn::new(values)?))
+            }
+            other => {
+                return Err(format!(
+                    "has type {other}; a key column must be {KEY_TYPES}"
+                ));
+            }
+        })
+    }
+
+    /// Whether row `i` has no key.
+    #[inline]
+    pub(crate) fn is_null(&self, i: usize) -> bool {
+        match self {
+            KeyColumn::Signed(_, a) => a.is_null(i),
+            KeyColumn::UInt64(a) => a.is_null(i),
+            KeyColumn::Utf8(a) => a.is_null(i),
+            KeyColumn::LargeUtf8(a) => a.is_null(i),
+            KeyColumn::Utf8View(a) => a.is_null(i),
+            KeyColumn::Dict(k, inner) => k[i].is_none_or(|k| inner.is_null(k)),
+        }
+    }
+
+    /// The id of row `i`'s key, inserting the key if new. Row `i` must not be null.
+    #[inline]
+    pub(crate) fn id_or_insert(&self, i: usize, index: &mut KeyIndex) -> Result<u32> {
+        match self {
+            KeyColumn::Signed(v, _) => index.int_id(v[i]),
+            KeyColumn::UInt64(a) => {
+                let v = a.value(i);
+                match i64::try_from(v) {
+                    Ok(v) => index.int_id(v),
+                    Err(_) => index.big_id(v),
+                }
+            }
+            KeyColumn::Utf8(a) => index.str_id(a.value(i)),
+            KeyColumn::LargeUtf8(a) => index.str_id(a.value(i)),
+            KeyColumn::Utf8View(a) => index.str_id(a.value(i)),
+            KeyColumn::Dict(k, inner) => inner.id_or_insert(k[i].unwrap_or_default(), index),
+        }
+    }
+
+    /// The id of row `i`'s key if the index knows it (`None` for null or unknown keys).
+    #[inline]
+    pub(crate) fn lookup(&self, i: usize, index: &KeyIndex) -> Option<u32> {
+        if self.is_null(i) {
+            return None;
+        }
+        match self {
+            KeyColumn::Signed(v, _) => index.ints.get(&v[i]).copied(),
+            KeyColumn::UInt64(a) => {
+                let v = a.value(i);
+                match i64::try_from(v) {
+                    Ok(v) => index.ints.get(&v).copied(),
+                    Err(_) => index.big.get(&v).copied(),
+                }
+            }
+            KeyColumn::Utf8(a) => index.strs.get(a.value(i)).copied(),
+            KeyColumn::LargeUtf8(a) => index.strs.get(a.value(i)).copied(),
+            KeyColumn::Utf8View(a) => index.strs.get(a.value(i)).copied(),
+            KeyColumn::Dict(k, inner) => k[i].and_then(|k| inner.lookup(k, index)),
+        }
+    }
+
+    /// Row `i`'s key as an owned value (`None` when null), for messages.
+    pub(crate) fn value(&self, i: usize) -> Option<KeyValue> {
+        if self.is_null(i) {
+            return None;
+        }
+        Some(match self {
+            KeyColumn::Signed(v, _) => KeyValue::Int(v[i] as i128),
+            KeyColumn::UInt64(a) => KeyValue::Int(a.value(i) as i128),
+            KeyColumn::Utf8(a) => KeyValue::Str(a.value(i).to_string()),
+            KeyColumn::LargeUtf8(a) => KeyValue::Str(a.value(i).to_string()),
+            KeyColumn::Utf8View(a) => KeyValue::Str(a.value(i).to_string()),
+            KeyColumn::Dict(k, inner) => return k[i].and_then(|k| inner.value(k)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow_array::ArrayRef;
+    use arrow_array::{Int32Array, Int64Array, StringArray, StringViewArray, UInt64Array};
+    use std::sync::Arc;
+
+    #[test]
+    fn integers_match_by_value_and_strings_by_text() {
+        let mut idx = KeyIndex::new(4);
+        let a = Int64Array::from(vec![Some(7), None, Some(-3), Some(7)]);
+        let col = KeyColumn::new(&a).unwrap();
+        assert!(col.is_null(1));
+        let id7 = col.id_or_insert(0, &mut idx).unwrap();
+        assert_eq!(col.id_or_insert(3, &mut idx).unwrap(), id7);
+        let b = Int32Array::from(vec![7, 8]);
+        let col = KeyColumn::new(&b).unwrap();
+        assert_eq!(col.lookup(0, &idx), Some(id7));
+        assert_eq!(col.lookup(1, &idx), None);
+        let c = UInt64Array::from(vec![7, u64::MAX]);
+        let col = KeyColumn::new(&c).unwrap();
+        assert_eq!(col.lookup(0, &idx), Some(id7));
+        let big = col.id_or_insert(1, &mut idx).unwrap();
+        assert_eq!(idx.get(&KeyValue::Int(u64::MAX as i128)), Some(big));
+
+        let s = StringArray::from(vec!["7", "a"]);
+        let col = KeyColumn::new(&s).unwrap();
+        assert_eq!(col.lookup(0, &idx), None, "strings never match integers");
+        let ida = col.id_or_insert(1, &mut idx).unwrap();
+        let v = StringViewArray::from(vec!["a"]);
+        assert_eq!(KeyColumn::new(&v).unwrap().lookup(0, &idx), Some(ida));
+        let d: arrow_array::DictionaryArray<Int32Type> =
+            vec![Some("b"), None, Some("a")].into_iter().collect();
+        let col = KeyColumn::new(&d).unwrap();
+        assert!(col.is_null(1));
+        assert_eq!(col.lookup(2, &idx), Some(ida));
+        assert_eq!(idx.len(), 4);
+    }
+
+    #[test]
+    fn sliced_columns_respect_offsets() {
+        let mut idx = KeyIndex::new(1);
+        let a: ArrayRef = Arc::new(Int64Array::from(vec![Some(1), None, Some(3)]));
+        let s = a.slice(1, 2);
+        let col = KeyColumn::new(s.as_ref()).unwrap();
+        assert!(col.is_null(0));
+        let id = col.id_or_insert(1, &mut idx).unwrap();
+        assert_eq!(idx.get(&KeyValue::Int(3)), Some(id));
+    }
+
+    #[test]
+    fn unsupported_types_say_what_is_expected() {
+        let f = arrow_array::Float64Array::from(vec![1.0]);
+        let e = KeyColumn::new(&f).unwrap_err();
+        assert!(
+            e.contains("has type Float64; a key column must be Utf8"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn ids_spread_over_shards() {
+        let mut idx = KeyIndex::new(8);
+        let mut per_shard = [0; 8];
+        for k in 0..8000 {
+            per_shard[(idx.int_id(k).unwrap() & 7) as usize] += 1;
+        }
+        assert!(per_shard.iter().all(|&n| n > 800), "{per_shard:?}");
+    }
+}

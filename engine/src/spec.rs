@@ -1,0 +1,597 @@
+//! Feature files: views and their features, parsed from TOML and validated.
+//!
+//! ```toml
+//! [[views]]
+//! name = "flights"
+//! key = "tailnum"
+//! time = "ts"
+//! pane = "1m"
+//! allowed_lateness = "10m"
+//!
+//! [[views.features]]
+//! name = "dep_delay_mean_3h"
+//! agg = "mean"
+//! column = "dep_delay"
+//! window = "3h"
+//! hop = "5m"
+//! ```
+
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use panes_kernels::Agg;
+use serde::Deserialize;
+
+use crate::error::{PanesError, Result, SpecError, SpecIssue};
+
+/// Largest number of panes a window (or the lateness bound) may span at its hop.
+/// Each pane costs `fields × 8` bytes per key, so larger rings are almost always a
+/// mistake (a 30-day window with a 1 s hop); use a coarser hop.
+pub const MAX_PANES: i64 = 100_000;
+
+/// How a view chooses the default time of a read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadTime {
+    /// The latest event time accepted by the view.
+    EventTime,
+    /// The machine's clock.
+    WallClock,
+}
+
+/// A feature's window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Window {
+    /// The last `n` ms, in panes of the feature's hop (see DESIGN §3).
+    Duration(i64),
+    /// Every event up to the read time.
+    Lifetime,
+}
+
+/// One feature of a view.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FeatureSpec {
+    /// Unique name across the file; the output column name.
+    pub name: String,
+    /// The aggregation.
+    pub agg: Agg,
+    /// Value column; `None` only for `count` of rows.
+    pub column: Option<String>,
+    /// The window.
+    pub window: Window,
+    /// Hop in ms (defaults to the view's pane).
+    pub hop: i64,
+}
+
+/// One view: an event stream with one entity key and its features.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ViewSpec {
+    /// Unique view name.
+    pub name: String,
+    /// Entity key column.
+    pub key: String,
+    /// Event time column.
+    pub time: String,
+    /// Default hop of the view's features, ms.
+    pub pane: i64,
+    /// How far behind the latest event time an event may be and still count, ms.
+    pub allowed_lateness: i64,
+    /// Default read time.
+    pub read_time: ReadTime,
+    /// The features.
+    pub features: Vec<FeatureSpec>,
+}
+
+/// A parsed, validated feature file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FeatureFile {
+    /// The views, in file order.
+    pub views: Vec<ViewSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    views: Option<Vec<RawView>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawView {
+    name: Option<String>,
+    key: Option<String>,
+    time: Option<String>,
+    pane: Option<String>,
+    allowed_lateness: Option<String>,
+    read_time: Option<String>,
+    features: Option<Vec<RawFeature>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFeature {
+    name: Option<String>,
+    agg: Option<String>,
+    column: Option<String>,
+    window: Option<String>,
+    hop: Option<String>,
+}
+
+/// Parses a duration: a positive integer and a unit (`ms`, `s`, `m`, `h`, `d`), e.g. `90s`.
+///
+/// # Errors
+/// A message saying what was expected.
+pub fn parse_duration(s: &str) -> std::result::Result<i64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let expected = "expected an integer and a unit (ms, s, m, h, d), e.g. \"5m\"";
+    if num.is_empty() {
+        return Err(format!("bad duration {s:?}: {expected}"));
+    }
+    let factor = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => {
+            return Err(format!(
+                "bad duration {s:?}: unknown unit {unit:?}; {expected}"
+            ));
+        }
+    };
+    num.parse::<i64>()
+        .ok()
+        .and_then(|n| n.checked_mul(factor))
+        .ok_or_else(|| format!("bad duration {s:?}: too large"))
+}
+
+/// Formats milliseconds with the largest unit that divides them (`300000` → `5m`).
+pub fn format_duration(ms: i64) -> String {
+    for (unit, f) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1_000),
+    ] {
+        if ms != 0 && ms % f == 0 {
+            return format!("{}{unit}", ms / f);
+        }
+    }
+    format!("{ms}ms")
+}
+
+struct Collector {
+    issues: Vec<SpecIssue>,
+}
+
+impl Collector {
+    fn push(&mut self, location: &str, field: &str, message: impl Into<String>) {
+        self.issues.push(SpecIssue {
+            location: location.to_string(),
+            field: field.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn required(&mut self, location: &str, field: &str, v: Option<String>) -> String {
+        match v {
+            Some(v) if !v.trim().is_empty() => v,
+            Some(_) => {
+                self.push(location, field, "must not be empty");
+                String::new()
+            }
+            None => {
+                self.push(location, field, "is required");
+                String::new()
+            }
+        }
+    }
+
+    fn duration(
+        &mut self,
+        location: &str,
+        field: &str,
+        v: Option<&str>,
+        default: i64,
+        positive: bool,
+    ) -> i64 {
+        let Some(v) = v else { return default };
+        match parse_duration(v) {
+            Ok(0) if positive => {
+                self.push(location, field, format!("must be positive, got {v:?}"));
+                default
+            }
+            Ok(ms) => ms,
+            Err(e) => {
+                self.push(location, field, e);
+                default
+            }
+        }
+    }
+}
+
+impl FeatureFile {
+    /// Reads and validates a feature file.
+    ///
+    /// # Errors
+    /// [`PanesError::File`] when it cannot be read, [`PanesError::Spec`] listing every
+    /// problem found otherwise.
+    pub fn from_path(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| PanesError::file(path, e))?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates feature definitions; `origin` names them in errors.
+    ///
+    /// # Errors
+    /// [`PanesError::Spec`] listing every problem found.
+    pub fn parse(text: &str, origin: &str) -> Result<Self> {
+        let raw: RawFile = toml::from_str(text).map_err(|e| SpecError {
+            origin: origin.to_string(),
+            issues: vec![SpecIssue {
+                location: String::new(),
+                field: String::new(),
+                message: format!("not a valid feature file: {}", e.to_string().trim_end()),
+            }],
+        })?;
+        let mut c = Collector { issues: Vec::new() };
+        let mut views = Vec::new();
+        let mut view_names = HashSet::new();
+        let mut feature_names = HashSet::new();
+        let raw_views = raw.views.unwrap_or_default();
+        if raw_views.is_empty() {
+            c.push(
+                "",
+                "views",
+                "the file defines no view; add a [[views]] table",
+            );
+        }
+        for (vi, rv) in raw_views.into_iter().enumerate() {
+            let vloc = match &rv.name {
+                Some(n) => format!("view {n:?}"),
+                None => format!("view #{}", vi + 1),
+            };
+            let name = c.required(&vloc, "name", rv.name);
+            if !name.is_empty() && !view_names.insert(name.clone()) {
+                c.push(&vloc, "name", "duplicate view name");
+            }
+            let key = c.required(&vloc, "key", rv.key);
+            let time = c.required(&vloc, "time", rv.time);
+            let pane = c.duration(&vloc, "pane", rv.pane.as_deref(), 1_000, true);
+            let allowed_lateness = c.duration(
+                &vloc,
+                "allowed_lateness",
+                rv.allowed_lateness.as_deref(),
+                0,
+                false,
+            );
+            let read_time = match rv.read_time.as_deref() {
+                None | Some("event_time") => ReadTime::EventTime,
+                Some("wall_clock") => ReadTime::WallClock,
+                Some(o) => {
+                    c.push(
+                        &vloc,
+                        "read_time",
+                        format!(
+                            "unknown read time {o:?}; expected \"event_time\" or \"wall_clock\""
+                        ),
+                    );
+                    ReadTime::EventTime
+                }
+            };
+            if !key.is_empty() && key == time {
+                c.push(
+                    &vloc,
+                    "time",
+                    "the time column must differ from the key column",
+                );
+            }
+            let mut features = Vec::new();
+            let raw_features = rv.features.unwrap_or_default();
+            if raw_features.is_empty() {
+                c.push(
+                    &vloc,
+                    "features",
+                    "the view has no feature; add [[views.features]] tables",
+                );
+            }
+            for (fi, rf) in raw_features.into_iter().enumerate() {
+                let floc = match &rf.name {
+                    Some(n) => format!("{vloc} feature {n:?}"),
+                    None => format!("{vloc} feature #{}", fi + 1),
+                };
+                let fname = c.required(&floc, "name", rf.name);
+                if !fname.is_empty() && !feature_names.insert(fname.clone()) {
+                    c.push(
+                        &floc,
+                        "name",
+                        "duplicate feature name (names are unique across the file)",
+                    );
+                }
+                let agg_s = c.required(&floc, "agg", rf.agg);
+                let agg = match agg_s.parse::<Agg>() {
+                    Ok(a) => Some(a),
+                    Err(e) => {
+                        if !agg_s.is_empty() {
+                            c.push(&floc, "agg", e);
+                        }
+                        None
+                    }
+                };
+                let column = rf.column.filter(|s| !s.trim().is_empty());
+                if let (Some(a), None) = (agg, &column) {
+                    if a.needs_column() {
+                        c.push(&floc, "column", format!("`{a}` needs a value column"));
+                    }
+                }
+                if let Some(col) = &column {
+                    if col == &time {
+                        c.push(&floc, "column", "the time column cannot be aggregated");
+                    }
+                }
+                let hop = c.duration(&floc, "hop", rf.hop.as_deref(), pane, true);
+                let window = match rf.window.as_deref() {
+                    None => {
+                        c.push(
+                            &floc,
+                            "window",
+                            "is required: a duration such as \"5m\", or \"lifetime\"",
+                        );
+                        Window::Lifetime
+                    }
+                    Some("lifetime") => Window::Lifetime,
+                    Some(w) => match parse_duration(w) {
+                        Ok(0) => {
+                            c.push(&floc, "window", "must be positive");
+                            Window::Lifetime
+                        }
+                        Ok(ms) => {
+                            if ms % hop != 0 {
+                                c.push(
+                                    &floc,
+                                    "window",
+                                    format!(
+                                        "window {w} is not a multiple of the hop {}",
+                                        format_duration(hop)
+                                    ),
+                                );
+                            } else if ms / hop > MAX_PANES {
+                                c.push(
+                                    &floc,
+                                    "window",
+                                    format!(
+                                        "window {w} spans {} panes of {}; at most {MAX_PANES} are allowed: use a larger hop",
+                                        ms / hop,
+                                        format_duration(hop)
+                                    ),
+                                );
+                            }
+                            Window::Duration(ms)
+                        }
+                        Err(e) => {
+                            c.push(&floc, "window", format!("{e}, or \"lifetime\""));
+                            Window::Lifetime
+                        }
+                    },
+                };
+                if allowed_lateness / hop > MAX_PANES {
+                    c.push(
+                        &floc,
+                        "hop",
+                        format!(
+                            "the view's allowed_lateness spans more than {MAX_PANES} panes of {}; use a larger hop",
+                            format_duration(hop)
+                        ),
+                    );
+                }
+                if let Some(agg) = agg {
+                    features.push(FeatureSpec {
+                        name: fname,
+                        agg,
+                        column,
+                        window,
+                        hop,
+                    });
+                }
+            }
+            views.push(ViewSpec {
+                name,
+                key,
+                time,
+                pane,
+                allowed_lateness,
+                read_time,
+                features,
+            });
+        }
+        if !c.issues.is_empty() {
+            return Err(SpecError {
+                origin: origin.to_string(),
+                issues: c.issues,
+            }
+            .into());
+        }
+        Ok(FeatureFile { views })
+    }
+
+    /// The file as TOML; parsing it gives back an equal `FeatureFile`.
+    pub fn to_toml(&self) -> String {
+        let mut s = String::new();
+        for v in &self.views {
+            let _ = writeln!(s, "[[views]]");
+            let _ = writeln!(s, "name = {:?}", v.name);
+            let _ = writeln!(s, "key = {:?}", v.key);
+            let _ = writeln!(s, "time = {:?}", v.time);
+            let _ = writeln!(s, "pane = {:?}", format_duration(v.pane));
+            let _ = writeln!(
+                s,
+                "allowed_lateness = {:?}",
+                format_duration(v.allowed_lateness)
+            );
+            let rt = match v.read_time {
+                ReadTime::EventTime => "event_time",
+                ReadTime::WallClock => "wall_clock",
+            };
+            let _ = writeln!(s, "read_time = {rt:?}\n");
+            for f in &v.features {
+                let _ = writeln!(s, "[[views.features]]");
+                let _ = writeln!(s, "name = {:?}", f.name);
+                let _ = writeln!(s, "agg = {:?}", f.agg.name());
+                if let Some(c) = &f.column {
+                    let _ = writeln!(s, "column = {c:?}");
+                }
+                let w = match f.window {
+                    Window::Duration(ms) => format_duration(ms),
+                    Window::Lifetime => "lifetime".into(),
+                };
+                let _ = writeln!(s, "window = {w:?}");
+                let _ = writeln!(s, "hop = {:?}\n", format_duration(f.hop));
+            }
+        }
+        s
+    }
+
+    /// The view named `name`.
+    pub fn view(&self, name: &str) -> Option<&ViewSpec> {
+        self.views.iter().find(|v| v.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[[views]]
+name = "flights"
+key = "tailnum"
+time = "ts"
+pane = "1m"
+allowed_lateness = "10m"
+
+[[views.features]]
+name = "dep_delay_mean_3h"
+agg = "mean"
+column = "dep_delay"
+window = "3h"
+hop = "5m"
+
+[[views.features]]
+name = "flights_total"
+agg = "count"
+window = "lifetime"
+"#;
+
+    fn err(text: &str) -> String {
+        FeatureFile::parse(text, "f.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn parses_and_defaults() {
+        let f = FeatureFile::parse(GOOD, "f.toml").unwrap();
+        let v = &f.views[0];
+        assert_eq!(
+            (v.pane, v.allowed_lateness, v.read_time),
+            (60_000, 600_000, ReadTime::EventTime)
+        );
+        assert_eq!(v.features[0].window, Window::Duration(3 * 3_600_000));
+        assert_eq!(v.features[0].hop, 300_000);
+        assert_eq!(v.features[1].hop, 60_000, "hop defaults to the view's pane");
+        assert_eq!(v.features[1].column, None);
+    }
+
+    #[test]
+    fn round_trips_through_toml() {
+        let f = FeatureFile::parse(GOOD, "f.toml").unwrap();
+        assert_eq!(FeatureFile::parse(&f.to_toml(), "again").unwrap(), f);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(250));
+        assert_eq!(parse_duration("7d"), Ok(7 * 86_400_000));
+        assert!(
+            parse_duration("5 minutes")
+                .unwrap_err()
+                .contains("unknown unit")
+        );
+        assert!(
+            parse_duration("m")
+                .unwrap_err()
+                .contains("expected an integer")
+        );
+        assert!(parse_duration("-5m").is_err());
+        assert!(
+            parse_duration("99999999999999999d")
+                .unwrap_err()
+                .contains("too large")
+        );
+        assert_eq!(format_duration(300_000), "5m");
+        assert_eq!(format_duration(1_500), "1500ms");
+    }
+
+    #[test]
+    fn errors_name_file_view_feature_and_field() {
+        let e = err(&GOOD.replace("agg = \"mean\"", "agg = \"median\""));
+        assert!(e.contains("f.toml: view \"flights\" feature \"dep_delay_mean_3h\", field `agg`: unknown aggregation \"median\""), "{e}");
+
+        let e = err(&GOOD.replace("window = \"3h\"", "window = \"7m\""));
+        assert!(
+            e.contains("field `window`: window 7m is not a multiple of the hop 5m"),
+            "{e}"
+        );
+
+        let e = err(&GOOD.replace("flights_total", "dep_delay_mean_3h"));
+        assert!(e.contains("duplicate feature name"), "{e}");
+
+        let e = err(&GOOD.replace("window = \"3h\"", "window = \"3 hours\""));
+        assert!(
+            e.contains("field `window`: bad duration \"3 hours\""),
+            "{e}"
+        );
+
+        let e = err(&GOOD.replace("column = \"dep_delay\"\n", ""));
+        assert!(
+            e.contains("field `column`: `mean` needs a value column"),
+            "{e}"
+        );
+
+        let e = err(&GOOD.replace("pane = \"1m\"", "pane = \"0s\""));
+        assert!(
+            e.contains("view \"flights\", field `pane`: must be positive"),
+            "{e}"
+        );
+
+        let e = err(&GOOD
+            .replace("read_time", "x")
+            .replace("pane = \"1m\"", "pane = \"1m\"\nread_time = \"now\""));
+        assert!(e.contains("unknown read time \"now\""), "{e}");
+
+        let e = err(&GOOD.replace("window = \"lifetime\"", "window = \"30d\"\nhop = \"1s\""));
+        assert!(e.contains("spans 2592000 panes"), "{e}");
+
+        let e = err(&GOOD.replace("hop = \"5m\"", "hopp = \"5m\""));
+        assert!(e.contains("unknown field `hopp`"), "{e}");
+        assert!(e.starts_with("f.toml: "), "{e}");
+
+        let e = err("");
+        assert!(e.contains("defines no view"), "{e}");
+
+        let e = err(&GOOD.replace("key = \"tailnum\"\n", ""));
+        assert!(
+            e.contains("view \"flights\", field `key`: is required"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn all_problems_are_reported_at_once() {
+        let e = err(&GOOD
+            .replace("agg = \"mean\"", "agg = \"median\"")
+            .replace("pane = \"1m\"", "pane = \"1x\""));
+        assert!(e.contains("2 problems"), "{e}");
+    }
+}
