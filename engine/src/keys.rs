@@ -337,7 +337,7 @@ mod tests {
         let col = KeyColumn::new(&d).unwrap();
         assert!(col.is_null(1));
         assert_eq!(col.lookup(2, &idx), Some(ida));
-        assert_eq!(idx.len(), 4);
+        assert_eq!(idx.len(), 3);
     }
 
     #[test]

@@ -575,7 +575,10 @@ window = "lifetime"
 
         let e = err(&GOOD.replace("hop = \"5m\"", "hopp = \"5m\""));
         assert!(e.contains("unknown field `hopp`"), "{e}");
-        assert!(e.starts_with("f.toml: "), "{e}");
+        assert!(
+            e.starts_with("invalid feature definitions in f.toml: "),
+            "{e}"
+        );
 
         let e = err("");
         assert!(e.contains("defines no view"), "{e}");

@@ -113,7 +113,7 @@ pub struct ColumnFields {
     pub count: bool,
     /// Plain sum (for `sum` and `mean`).
     pub sum: bool,
-    /// Shifted first and second moments (for `var` and `std`).
+    /// Per-cell shift and shifted first and second moments (for `var` and `std`).
     pub moments: bool,
     /// Running minimum.
     pub min: bool,
@@ -145,7 +145,7 @@ impl ColumnFields {
     pub fn bytes_per_pane(self) -> usize {
         8 * (self.count as usize
             + self.sum as usize
-            + 2 * self.moments as usize
+            + 3 * self.moments as usize
             + self.min as usize
             + self.max as usize
             + 2 * self.last as usize)

@@ -28,7 +28,7 @@ use rayon::prelude::*;
 use crate::Agg;
 use crate::backend::{Backend, BackendKind};
 use crate::error::KernelError;
-use crate::level::{Acc, EMPTY_PANE, Folded, LevelState, finalize, floor_div};
+use crate::level::{Acc, EMPTY_PANE, Folded, LevelState, Moments, finalize, floor_div};
 use crate::state::{
     FeatureMerge, FoldBatch, FoldStats, MergeOutput, PaneState, ReadStatus, check_features,
 };
@@ -357,8 +357,14 @@ fn masked_window(
         Agg::Count => {}
         Agg::Sum | Agg::Mean => acc.sum += masked_sum(&col.sum[cells], mask),
         Agg::Var | Agg::Std => {
-            acc.m1 += masked_sum(&col.m1[cells.clone()], mask);
-            acc.m2 += masked_sum(&col.m2[cells], mask);
+            let (n, mean, m2) = masked_moments(
+                &col.count[cells.clone()],
+                &col.shift[cells.clone()],
+                &col.m1[cells.clone()],
+                &col.m2[cells],
+                mask,
+            );
+            acc.moments.merge(Moments { n, mean, m2 });
         }
         Agg::Min => acc.min = acc.min.min(masked_min(&col.min[cells], mask)),
         Agg::Max => acc.max = acc.max.max(masked_max(&col.max[cells], mask)),
@@ -436,6 +442,47 @@ masked_reduce!(
     masked_max, f64::NEG_INFINITY, |a: f64, b: f64| a.max(b)
 );
 
+/// `(n, mean, M2)` of the cells selected by `mask`, each cell given as count `c`,
+/// shift `k`, `Σ(x−k)` and `Σ(x−k)²`.
+///
+/// Two masked passes: the overall mean first, then `M2 = Σ M2ᵢ + cᵢ (meanᵢ − mean)²`,
+/// which is as stable as pairwise merging and vectorises.
+#[inline(never)]
+pub fn masked_moments(
+    c: &[f64],
+    k: &[f64],
+    m1: &[f64],
+    m2: &[f64],
+    mask: &[bool],
+) -> (f64, f64, f64) {
+    let len = c.len();
+    let (c, k, m1, m2, mask) = (&c[..len], &k[..len], &m1[..len], &m2[..len], &mask[..len]);
+    let mut n = [0.0f64; LANES];
+    let mut s = [0.0f64; LANES];
+    for (i, _) in c.iter().enumerate() {
+        let l = i % LANES;
+        let on = mask[i] && c[i] > 0.0;
+        n[l] += if on { c[i] } else { 0.0 };
+        s[l] += if on { c[i] * k[i] + m1[i] } else { 0.0 };
+    }
+    let n: f64 = n.iter().sum();
+    if n == 0.0 {
+        return (0.0, 0.0, 0.0);
+    }
+    let mean = s.iter().sum::<f64>() / n;
+    let mut q = [0.0f64; LANES];
+    for (i, _) in c.iter().enumerate() {
+        let l = i % LANES;
+        let on = mask[i] && c[i] > 0.0;
+        let ci = if on { c[i] } else { 1.0 };
+        let mi = k[i] + m1[i] / ci;
+        let own = (m2[i] - m1[i] * m1[i] / ci).max(0.0);
+        let d = mi - mean;
+        q[l] += if on { own + ci * d * d } else { 0.0 };
+    }
+    (n, mean, q.iter().sum())
+}
+
 /// Index of the greatest `v[i]` where `mask[i]` (the last one on ties), if any.
 #[inline(never)]
 pub fn masked_argmax_i64(v: &[i64], mask: &[bool]) -> Option<usize> {
@@ -468,6 +515,18 @@ mod tests {
             );
             assert_eq!(masked_max(&v, &m), sel.fold(f64::NEG_INFINITY, f64::max));
         }
+    }
+
+    #[test]
+    fn masked_moments_match_two_pass() {
+        // Three cells: {1e9+1, 1e9+3}, {1e9+2}, {5 (masked out)}.
+        let c = [2.0, 1.0, 1.0];
+        let k = [1e9 + 1.0, 1e9 + 2.0, 5.0];
+        let m1 = [2.0, 0.0, 0.0];
+        let m2 = [4.0, 0.0, 0.0];
+        let (n, mean, q) = masked_moments(&c, &k, &m1, &m2, &[true, true, false]);
+        assert_eq!((n, mean), (3.0, 1e9 + 2.0));
+        assert!((q - 2.0).abs() < 1e-6, "{q}");
     }
 
     #[test]

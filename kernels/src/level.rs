@@ -8,7 +8,7 @@
 //!  max_ts │ ..                   │                      │   greatest event time in the cell
 //!  count  │ ..  (per column)     │                      │
 //!  sum    │ ..                   │                      │   one flat Vec per field,
-//!  m1, m2 │ ..                   │                      │   indexed slot * ring + pane mod ring
+//!  k,m1,m2│ ..                   │                      │   indexed slot * ring + pane mod ring
 //!  min    │ ..                   │                      │
 //!  …      │                      │                      │
 //!         └──────────────────────┴──────────────────────┘
@@ -69,8 +69,7 @@ impl LevelSpec {
                 .sum::<usize>();
         let ring = (per_cell + 8) * self.ring;
         let base = if self.lifetime { per_cell } else { 0 };
-        let shifts = 8 * self.columns.iter().filter(|c| c.moments).count();
-        ring + base + shifts
+        ring + base
     }
 }
 
@@ -79,7 +78,11 @@ impl LevelSpec {
 pub(crate) struct ColCells {
     pub count: Vec<f64>,
     pub sum: Vec<f64>,
+    /// Per-cell shift `K` of the moments (the cell's first value).
+    pub shift: Vec<f64>,
+    /// `Σ(x − K)` over the cell.
     pub m1: Vec<f64>,
+    /// `Σ(x − K)²` over the cell.
     pub m2: Vec<f64>,
     pub min: Vec<f64>,
     pub max: Vec<f64>,
@@ -115,6 +118,7 @@ impl Cells {
                 c.sum.resize(len, 0.0);
             }
             if f.moments {
+                c.shift.resize(len, 0.0);
                 c.m1.resize(len, 0.0);
                 c.m2.resize(len, 0.0);
             }
@@ -143,6 +147,7 @@ impl Cells {
                 c.sum[i] = 0.0;
             }
             if !c.m1.is_empty() {
+                c.shift[i] = 0.0;
                 c.m1[i] = 0.0;
                 c.m2[i] = 0.0;
             }
@@ -159,17 +164,9 @@ impl Cells {
         }
     }
 
-    /// Adds event `e` of the batch to cell `i` of key `slot`.
+    /// Adds event `e` of the batch to cell `i`.
     #[inline(always)]
-    fn add(
-        &mut self,
-        i: usize,
-        ts: i64,
-        values: &[&[f64]],
-        e: usize,
-        shifts: &mut [Vec<f64>],
-        slot: usize,
-    ) {
+    fn add(&mut self, i: usize, ts: i64, values: &[&[f64]], e: usize) {
         self.rows[i] += 1.0;
         if ts > self.max_ts[i] {
             self.max_ts[i] = ts;
@@ -182,18 +179,19 @@ impl Cells {
             if x.is_nan() {
                 continue;
             }
+            if !col.m1.is_empty() {
+                // Moments shifted by the cell's first value: additive updates, and no
+                // cancellation as long as the cell's values are near one another.
+                if col.count[i] == 0.0 {
+                    col.shift[i] = if x.is_finite() { x } else { 0.0 };
+                }
+                let d = x - col.shift[i];
+                col.m1[i] += d;
+                col.m2[i] += d * d;
+            }
             col.count[i] += 1.0;
             if !col.sum.is_empty() {
                 col.sum[i] += x;
-            }
-            if !col.m1.is_empty() {
-                let k = &mut shifts[c][slot];
-                if k.is_nan() {
-                    *k = if x.is_finite() { x } else { 0.0 };
-                }
-                let d = x - *k;
-                col.m1[i] += d;
-                col.m2[i] += d * d;
             }
             if !col.min.is_empty() && x < col.min[i] {
                 col.min[i] = x;
@@ -217,13 +215,17 @@ impl Cells {
             if d.count.is_empty() {
                 continue;
             }
+            if !d.m1.is_empty() && s.count[j] > 0.0 {
+                let mut m = Moments::of_cell(d, i);
+                m.merge(Moments::of_cell(s, j));
+                // Store the merged moments centred: K = mean, Σ(x−K) = 0, Σ(x−K)² = M2.
+                d.shift[i] = m.mean;
+                d.m1[i] = 0.0;
+                d.m2[i] = m.m2;
+            }
             d.count[i] += s.count[j];
             if !d.sum.is_empty() {
                 d.sum[i] += s.sum[j];
-            }
-            if !d.m1.is_empty() {
-                d.m1[i] += s.m1[j];
-                d.m2[i] += s.m2[j];
             }
             if !d.min.is_empty() {
                 d.min[i] = d.min[i].min(s.min[j]);
@@ -245,6 +247,7 @@ impl Cells {
             .map(|c| {
                 8 * (c.count.len()
                     + c.sum.len()
+                    + c.shift.len()
                     + c.m1.len()
                     + c.m2.len()
                     + c.min.len()
@@ -281,8 +284,6 @@ pub struct LevelState {
     pub(crate) ring: Cells,
     /// `slots` cells (empty unless `spec.lifetime`).
     pub(crate) base: Cells,
-    /// Per column, per slot: the shift of the shifted moments (NaN until the first value).
-    pub(crate) shifts: Vec<Vec<f64>>,
 }
 
 impl LevelState {
@@ -295,7 +296,6 @@ impl LevelState {
         Ok(LevelState {
             ring: Cells::new(&spec.columns),
             base: Cells::new(&spec.columns),
-            shifts: spec.columns.iter().map(|_| Vec::new()).collect(),
             tag: Vec::new(),
             slots: 0,
             spec,
@@ -324,20 +324,12 @@ impl LevelState {
         if self.spec.lifetime {
             self.base.resize(slots, &self.spec.columns);
         }
-        for (s, f) in self.shifts.iter_mut().zip(&self.spec.columns) {
-            if f.moments {
-                s.resize(slots, f64::NAN);
-            }
-        }
         self.slots = slots;
     }
 
     /// Bytes held by the buffers.
     pub fn memory_bytes(&self) -> usize {
-        8 * self.tag.len()
-            + self.ring.bytes()
-            + self.base.bytes()
-            + 8 * self.shifts.iter().map(Vec::len).sum::<usize>()
+        8 * self.tag.len() + self.ring.bytes() + self.base.bytes()
     }
 
     /// Folds event `e` (time `ts`, pane `pane`, ring position `pos = pane mod ring`)
@@ -362,14 +354,56 @@ impl LevelState {
                 self.ring.reset(idx);
                 self.tag[idx] = pane;
             } else if self.spec.lifetime {
-                self.base.add(slot, ts, values, e, &mut self.shifts, slot);
+                self.base.add(slot, ts, values, e);
                 return Folded::Base;
             } else {
                 return Folded::Expired;
             }
         }
-        self.ring.add(idx, ts, values, e, &mut self.shifts, slot);
+        self.ring.add(idx, ts, values, e);
         Folded::Ring
+    }
+}
+
+/// Count, mean and centred second moment `M2 = Σ(x − mean)²` of some values.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct Moments {
+    pub n: f64,
+    pub mean: f64,
+    pub m2: f64,
+}
+
+impl Moments {
+    /// The moments of cell `i` (shift `K`, `Σ(x−K)`, `Σ(x−K)²`).
+    #[inline]
+    pub(crate) fn of_cell(c: &ColCells, i: usize) -> Moments {
+        let n = c.count[i];
+        if n == 0.0 {
+            return Moments::default();
+        }
+        let m1 = c.m1[i];
+        Moments {
+            n,
+            mean: c.shift[i] + m1 / n,
+            m2: (c.m2[i] - m1 * m1 / n).max(0.0),
+        }
+    }
+
+    /// Chan et al.'s pairwise merge: stable whatever the two means.
+    #[inline]
+    pub(crate) fn merge(&mut self, o: Moments) {
+        if o.n == 0.0 {
+            return;
+        }
+        if self.n == 0.0 {
+            *self = o;
+            return;
+        }
+        let n = self.n + o.n;
+        let delta = o.mean - self.mean;
+        self.mean += delta * (o.n / n);
+        self.m2 += o.m2 + delta * delta * (self.n * o.n / n);
+        self.n = n;
     }
 }
 
@@ -379,8 +413,7 @@ pub(crate) struct Acc {
     pub rows: f64,
     pub count: f64,
     pub sum: f64,
-    pub m1: f64,
-    pub m2: f64,
+    pub moments: Moments,
     pub min: f64,
     pub max: f64,
     pub last: f64,
@@ -392,8 +425,11 @@ impl Acc {
         rows: 0.0,
         count: 0.0,
         sum: 0.0,
-        m1: 0.0,
-        m2: 0.0,
+        moments: Moments {
+            n: 0.0,
+            mean: 0.0,
+            m2: 0.0,
+        },
         min: f64::INFINITY,
         max: f64::NEG_INFINITY,
         last: f64::NAN,
@@ -415,8 +451,7 @@ impl Acc {
             self.sum += col.sum[i];
         }
         if !col.m1.is_empty() {
-            self.m1 += col.m1[i];
-            self.m2 += col.m2[i];
+            self.moments.merge(Moments::of_cell(col, i));
         }
         if !col.min.is_empty() {
             self.min = self.min.min(col.min[i]);
@@ -443,7 +478,7 @@ pub(crate) fn finalize(agg: crate::Agg, column: Option<usize>, a: &Acc) -> Optio
         Min => (n > 0.0).then_some(a.min),
         Max => (n > 0.0).then_some(a.max),
         Var | Std => (n >= 2.0).then(|| {
-            let var = ((a.m2 - a.m1 * a.m1 / n) / (n - 1.0)).max(0.0);
+            let var = a.moments.m2 / (n - 1.0);
             if agg == Std { var.sqrt() } else { var }
         }),
         Last => (n > 0.0).then_some(a.last),

@@ -28,9 +28,13 @@
 //! the latest event time and for backfill (which replays in time order); other reads
 //! are reported through [`ReadStatus`] instead of being silently approximated.
 //!
-//! Variance uses moments shifted by the key's first value (`Σ(x−K)`, `Σ(x−K)²`), which
-//! merge by plain addition (like sums, friendly to SIMD and to GPU reductions) and do
-//! not suffer the cancellation of raw `Σx²` when the mean is large against the spread.
+//! Variance uses, per cell, moments shifted by the cell's first value `K` (`Σ(x−K)`,
+//! `Σ(x−K)²`): the fold updates them by plain addition (no division per event), and
+//! they do not suffer the cancellation of raw `Σx²` when the mean is large against the
+//! spread. Cells are combined with Chan et al.'s pairwise merge of (n, mean, M2).
+//! A single shift per key was rejected: when a key's values drift away from its first
+//! value, `Σ(x−K)²` cancels catastrophically (relative errors of 1e-7 seen in the
+//! differential tests).
 //!
 //! # Example
 //! ```

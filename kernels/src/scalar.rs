@@ -83,32 +83,39 @@ fn window(level: &LevelState, slot: usize, fm: &FeatureMerge, at: i64) -> (Acc, 
     } else {
         head - ring + 1
     };
-    let lo = match fm.panes {
+    match fm.panes {
         Some(n) => {
             let lo = p_t.saturating_sub(n as i64 - 1);
             if head != EMPTY_PANE && lo < first_retained {
                 status = ReadStatus::NotRetained;
             }
-            lo
+            // Pane by pane through the window (at most `n` panes).
+            if head != EMPTY_PANE {
+                for p in lo..=p_t.min(head) {
+                    let pos = p.rem_euclid(ring) as usize;
+                    if tags[pos] == p {
+                        acc.add_cell(&level.ring, base + pos, fm.column);
+                    }
+                }
+            }
         }
         None => {
             if level.base.max_ts[slot] > at {
                 status = ReadStatus::NotRetained;
             }
+            // The base holds every recycled pane; the ring cells hold the rest, some of
+            // them older than `first_retained` when no newer pane has reused them.
             acc.add_cell(&level.base, slot, fm.column);
-            i64::MIN
-        }
-    };
-    if head != EMPTY_PANE {
-        for p in lo.max(first_retained)..=p_t.min(head) {
-            let pos = p.rem_euclid(ring) as usize;
-            if tags[pos] == p {
-                acc.add_cell(&level.ring, base + pos, fm.column);
-                if p == p_t && level.ring.max_ts[base + pos] > at {
-                    status = status.worst(ReadStatus::PaneHoldsLaterEvents);
+            for (pos, &tag) in tags.iter().enumerate() {
+                if tag != EMPTY_PANE && tag <= p_t {
+                    acc.add_cell(&level.ring, base + pos, fm.column);
                 }
             }
         }
+    }
+    let pos_t = p_t.rem_euclid(ring) as usize;
+    if tags[pos_t] == p_t && level.ring.max_ts[base + pos_t] > at {
+        status = status.worst(ReadStatus::PaneHoldsLaterEvents);
     }
     (acc, status)
 }

@@ -1,0 +1,160 @@
+//! A naive oracle: recomputes every feature from the raw events with the formula of
+//! DESIGN §3, with no panes, no key index and no shared code with the engine.
+
+#![allow(dead_code)]
+
+use panes_engine::{Agg, FeatureSpec, ViewSpec, Window};
+
+/// One raw event as pushed (arrival order is the Vec order).
+#[derive(Clone, Debug)]
+pub struct Ev {
+    pub key: Option<i64>,
+    pub ts: Option<i64>,
+    /// Per value column: None = null (NaN allowed).
+    pub vals: Vec<Option<f64>>,
+}
+
+/// The accepted events, per the lateness rule (null key / time rejected first).
+pub fn accepted(view: &ViewSpec, events: &[Ev]) -> Vec<(usize, Ev)> {
+    let mut max: Option<i64> = None;
+    let mut out = Vec::new();
+    for (i, e) in events.iter().enumerate() {
+        let (Some(_), Some(ts)) = (e.key, e.ts) else {
+            continue;
+        };
+        if let Some(m) = max {
+            if ts < m - view.allowed_lateness {
+                continue;
+            }
+        }
+        max = Some(max.map_or(ts, |m| m.max(ts)));
+        out.push((i, e.clone()));
+    }
+    out
+}
+
+/// Expected value of `f` for `key` at `t` (None = null).
+pub fn feature(
+    f: &FeatureSpec,
+    column: Option<usize>,
+    acc: &[(usize, Ev)],
+    key: i64,
+    t: i64,
+) -> Option<f64> {
+    let in_window = |ts: i64| {
+        ts <= t
+            && match f.window {
+                Window::Lifetime => true,
+                Window::Duration(w) => {
+                    let n = w / f.hop;
+                    ts.div_euclid(f.hop) >= t.div_euclid(f.hop) - n + 1
+                }
+            }
+    };
+    let evs: Vec<&(usize, Ev)> = acc
+        .iter()
+        .filter(|(_, e)| e.key == Some(key) && in_window(e.ts.unwrap()))
+        .collect();
+    let Some(c) = column else {
+        assert_eq!(f.agg, Agg::Count);
+        return Some(evs.len() as f64);
+    };
+    let vals: Vec<(usize, i64, f64)> = evs
+        .iter()
+        .filter_map(|(i, e)| {
+            e.vals[c]
+                .filter(|v| !v.is_nan())
+                .map(|v| (*i, e.ts.unwrap(), v))
+        })
+        .collect();
+    let n = vals.len() as f64;
+    let sum: f64 = vals.iter().map(|x| x.2).sum();
+    match f.agg {
+        Agg::Count => Some(n),
+        Agg::Sum => Some(sum),
+        Agg::Mean => (n > 0.0).then(|| sum / n),
+        Agg::Min => vals.iter().map(|x| x.2).reduce(f64::min),
+        Agg::Max => vals.iter().map(|x| x.2).reduce(f64::max),
+        Agg::Var | Agg::Std => (n >= 2.0).then(|| {
+            let mean = sum / n;
+            let var = vals.iter().map(|x| (x.2 - mean).powi(2)).sum::<f64>() / (n - 1.0);
+            if f.agg == Agg::Std { var.sqrt() } else { var }
+        }),
+        // Greatest ts; ties: the one that arrived last.
+        Agg::Last => vals.iter().max_by_key(|x| (x.1, x.0)).map(|x| x.2),
+    }
+}
+
+/// Sum of |x| over the window: the scale of summation error.
+pub fn abs_scale(
+    f: &FeatureSpec,
+    column: Option<usize>,
+    acc: &[(usize, Ev)],
+    key: i64,
+    t: i64,
+) -> f64 {
+    let Some(c) = column else { return 0.0 };
+    let g = FeatureSpec {
+        agg: Agg::Sum,
+        ..f.clone()
+    };
+    let abs: Vec<(usize, Ev)> = acc
+        .iter()
+        .map(|(i, e)| {
+            let mut e = e.clone();
+            e.vals = e.vals.iter().map(|v| v.map(f64::abs)).collect();
+            (*i, e)
+        })
+        .collect();
+    feature(&g, Some(c), &abs, key, t).unwrap_or(0.0)
+}
+
+/// The scale against which summation error is measured for `agg`: `Σ|x|` for sums,
+/// `Σ|x| / n` for means, `(Σ|x| / n)²` for variances.
+pub fn scale(
+    agg: Agg,
+    f: &FeatureSpec,
+    column: Option<usize>,
+    acc: &[(usize, Ev)],
+    key: i64,
+    t: i64,
+) -> f64 {
+    let s = abs_scale(f, column, acc, key, t);
+    let cnt = FeatureSpec {
+        agg: Agg::Count,
+        ..f.clone()
+    };
+    let n = feature(&cnt, column, acc, key, t).unwrap_or(0.0).max(1.0);
+    match agg {
+        Agg::Sum => s,
+        Agg::Mean => s / n,
+        Agg::Var | Agg::Std => (s / n).powi(2),
+        _ => 0.0,
+    }
+}
+
+/// Asserts `got` equals `want` under the contract: count/min/max/last identical,
+/// sum/mean/var/std within 1e-9 relative to the summation scale (see [`scale`]).
+pub fn assert_close(
+    agg: Agg,
+    got: Option<f64>,
+    want: Option<f64>,
+    scale: f64,
+    ctx: &dyn Fn() -> String,
+) {
+    match (got, want) {
+        (None, None) => {}
+        (Some(g), Some(w)) => {
+            let ok = match agg {
+                Agg::Count | Agg::Min | Agg::Max | Agg::Last => {
+                    g == w || (g.is_nan() && w.is_nan())
+                }
+                Agg::Sum | Agg::Mean => (g - w).abs() <= 1e-9 * scale.max(w.abs()),
+                Agg::Var => (g - w).abs() <= 1e-9 * scale.max(w.abs()),
+                Agg::Std => (g * g - w * w).abs() <= 1e-9 * scale.max(w * w),
+            };
+            assert!(ok, "{}: {agg} got {g:?}, want {w:?}", ctx());
+        }
+        _ => panic!("{}: {agg} got {got:?}, want {want:?}", ctx()),
+    }
+}
