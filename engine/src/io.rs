@@ -35,7 +35,7 @@ impl Format {
     /// The format of `path`, by extension.
     ///
     /// # Errors
-    /// [`PanesError::File`] for an unknown extension.
+    /// [`PanesError::Invalid`] for an unknown extension.
     pub fn of(path: &Path) -> Result<Format> {
         let ext = path
             .extension()
@@ -48,12 +48,10 @@ impl Format {
             "arrow" | "ipc" | "feather" => Format::IpcFile,
             "arrows" => Format::IpcStream,
             _ => {
-                return Err(PanesError::file(
-                    path,
-                    format!(
-                        "unknown file extension {ext:?}; expected .parquet, .csv, .arrow (.ipc, .feather) or .arrows"
-                    ),
-                ));
+                return Err(PanesError::Invalid(format!(
+                    "{}: unknown file extension {ext:?}; expected .parquet, .csv, .arrow (.ipc, .feather) or .arrows",
+                    path.display()
+                )));
             }
         })
     }
