@@ -25,31 +25,57 @@ window = "lifetime"
 fn batch(start: i64, rows: i64) -> RecordBatch {
     RecordBatch::try_from_iter([
         ("k", Arc::new(Int64Array::from(vec![1; rows as usize])) as _),
-        ("ts", Arc::new(Int64Array::from_iter_values(start..start + rows)) as _),
-        ("x", Arc::new(Float64Array::from(vec![1.0; rows as usize])) as _),
+        (
+            "ts",
+            Arc::new(Int64Array::from_iter_values(start..start + rows)) as _,
+        ),
+        (
+            "x",
+            Arc::new(Float64Array::from(vec![1.0; rows as usize])) as _,
+        ),
     ])
     .unwrap()
 }
 
 fn engine(batch_rows: usize, batch_age: Duration) -> Engine {
     let file = FeatureFile::parse(FEATURES, "micro_batch").unwrap();
-    Engine::new(&file, EngineOptions { batch_rows, batch_age, ..Default::default() }).unwrap()
+    Engine::new(
+        &file,
+        EngineOptions {
+            batch_rows,
+            batch_age,
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 #[test]
 fn pushes_coalesce_until_rows_or_age() {
     let e = engine(100, Duration::from_secs(3600));
     e.push("v", &batch(0, 60)).unwrap();
-    assert_eq!(e.metrics("v").unwrap().pending, 60, "below the row target: pending");
+    assert_eq!(
+        e.metrics("v").unwrap().pending,
+        60,
+        "below the row target: pending"
+    );
     e.push("v", &batch(60, 60)).unwrap();
-    assert_eq!(e.metrics("v").unwrap().pending, 0, "row target reached: folded");
+    assert_eq!(
+        e.metrics("v").unwrap().pending,
+        0,
+        "row target reached: folded"
+    );
 
     let e = engine(1_000_000, Duration::from_millis(20));
     e.push("v", &batch(0, 10)).unwrap();
     assert_eq!(e.metrics("v").unwrap().pending, 10);
     std::thread::sleep(Duration::from_millis(30));
     e.push("v", &batch(10, 1)).unwrap();
-    assert_eq!(e.metrics("v").unwrap().pending, 0, "oldest pending event older than the age: folded");
+    assert_eq!(
+        e.metrics("v").unwrap().pending,
+        0,
+        "oldest pending event older than the age: folded"
+    );
 
     // A read folds pending events first: it sees every event pushed before it.
     let e = engine(1_000_000, Duration::from_secs(3600));
@@ -79,7 +105,11 @@ fn reads_never_see_part_of_a_micro_batch() {
     while !writer.is_finished() {
         let f = e.read("v", &keys, None, None).unwrap();
         let (n, s) = (f.values[[0, 0]], f.values[[0, 1]]);
-        assert_eq!(n % ROWS as f64, 0.0, "a read saw {n} events: part of a micro-batch");
+        assert_eq!(
+            n % ROWS as f64,
+            0.0,
+            "a read saw {n} events: part of a micro-batch"
+        );
         assert_eq!(n, s, "count and sum come from the same snapshot");
         assert!(n >= seen as f64, "reads move forward");
         seen = n as i64;

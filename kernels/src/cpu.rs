@@ -1,41 +1,37 @@
-//! The `Cpu` backend: rayon across key shards for the fold, SIMD-friendly masked ring
-//! scans for the window merge.
+//! The `Cpu` backend: rayon across key shards for the fold and for large reads.
 //!
 //! # Fold
-//! The fold is a scatter (each event updates the cells of its key), so its speed comes
-//! from cheap per-event work and from parallelism, not from lanes:
+//! The fold is a scatter (each event updates one cell per level of its key), so its
+//! speed comes from cheap per-event work, few cache misses and parallelism, not from
+//! lanes:
 //! - pane ids and ring positions are computed for the whole batch up front, with a
-//!   multiply by the reciprocal of the hop instead of a 64-bit division (a vectorisable
-//!   loop, [`pane_positions`]);
+//!   multiply by the reciprocal of the hop instead of a 64-bit division, in a loop the
+//!   compiler vectorises ([`pane_positions`]);
+//! - a cell's fields sit side by side (see [`crate::level`]), so an event costs one or
+//!   two cache lines per level;
 //! - events are bucketed by key shard with a counting sort, and rayon folds the shards
 //!   in parallel. Each shard owns its buffers, so no locks and no atomics are needed,
 //!   and per-key arrival order is kept.
 //!
 //! # Merge
-//! A key's ring of one field is contiguous (`slot * ring .. slot * ring + ring`), so a
-//! window merge is a masked reduction over that range: a lane mask from the pane tags,
-//! then `LANES` independent accumulators per field ([`masked_sum`] and friends), which
-//! LLVM turns into packed compares, blends and adds. Large reads split keys across rayon.
+//! A read scans the key's ring once per feature, adding the cells whose tag falls in the
+//! window (the scalar backend instead walks the window pane by pane).
+//! Reads of many keys are split across rayon.
 //!
-//! Rejected alternative: sorting each batch by (key, pane) and reducing runs would make
-//! the fold SIMD-friendly too, but with 10⁵ keys most runs have length one and the sort
-//! costs more than the scatter it replaces.
+//! Rejected alternative: sorting each batch by (key, pane) and reducing runs would
+//! turn the fold into vectorisable segmented reductions, but with 10⁵ keys most runs
+//! have length one and the sort costs more than the scatter it replaces.
 
 use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use crate::Agg;
 use crate::backend::{Backend, BackendKind};
 use crate::error::KernelError;
-use crate::level::{Acc, EMPTY_PANE, Folded, LevelState, Moments, finalize, floor_div};
+use crate::level::{Acc, EMPTY_PANE, Folded, LevelState, finalize, floor_div, int};
 use crate::state::{
     FeatureMerge, FoldBatch, FoldStats, MergeOutput, PaneState, ReadStatus, check_features,
 };
-
-/// Vector width (in f64 lanes) the masked reductions are written for: 8 lanes fill one
-/// AVX-512 register or two AVX2 registers, and stay correct (just narrower) on SSE2.
-pub const LANES: usize = 8;
 
 /// Batches smaller than this are folded on the calling thread: below it, rayon's
 /// fork/join costs more than it saves (measured with `cargo bench --bench kernels`).
@@ -86,46 +82,88 @@ impl Cpu {
     }
 }
 
-/// Pane id and ring position of every event for one level.
-///
-/// `panes[i] = floor(ts[i] / hop)` and `pos[i] = panes[i] mod ring`, computed with
-/// multiplications by reciprocals (exact: see [`floor_div`]).
-#[inline(never)]
-pub fn pane_positions(ts: &[i64], hop: i64, ring: usize, panes: &mut [i64], pos: &mut [u32]) {
-    let inv_hop = 1.0 / hop as f64;
-    let r = ring as i64;
-    let inv_ring = 1.0 / ring as f64;
-    for ((t, p), q) in ts.iter().zip(panes.iter_mut()).zip(pos.iter_mut()) {
-        let pane = floor_div(*t, hop, inv_hop);
-        *p = pane;
-        *q = (pane - floor_div(pane, r, inv_ring) * r) as u32;
+/// Pane id and ring position of `ts` for a level of hop `hop` and ring `ring`, with
+/// multiplications by reciprocals (`inv_hop = 1 / hop`, `inv_ring = 1 / ring`)
+/// instead of 64-bit divisions (exact: see [`floor_div`]).
+#[inline(always)]
+pub fn pane_position(ts: i64, hop: i64, inv_hop: f64, ring: i64, inv_ring: f64) -> (i64, usize) {
+    let pane = floor_div(ts, hop, inv_hop);
+    (
+        pane,
+        (pane - floor_div(pane, ring, inv_ring) * ring) as usize,
+    )
+}
+
+/// Events to look ahead when prefetching cells: enough to cover a memory latency with
+/// the work of the events in between (8 and 16 measured alike with the kernel bench).
+const PREFETCH_AHEAD: usize = 8;
+
+/// Asks the CPU to start loading the cache line at `p`.
+#[inline(always)]
+fn prefetch(p: *const f64) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint: it never faults and never reads into the program,
+    // whatever the address (SSE, part of the x86-64 baseline).
+    #[allow(unused_unsafe)]
+    unsafe {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        _mm_prefetch::<_MM_HINT_T0>(p.cast::<i8>());
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
-struct LevelPanes {
-    panes: Vec<i64>,
-    pos: Vec<u32>,
-}
-
-fn fold_events(
-    levels: &mut [LevelState],
-    lp: &[LevelPanes],
-    events: impl Iterator<Item = usize> + Clone,
+/// Folds the events of `batch` whose shard this group owns into the group's shards.
+///
+/// `owned[s]` is the index in `shards` of shard `s`, or `usize::MAX` when another group
+/// owns it. The group scans the whole batch in arrival order (sequential reads, so no
+/// gather pass is needed) level by level (levels are independent), and keeps a small
+/// queue of upcoming owned events whose cells are already being prefetched.
+fn fold_group(
+    shards: &mut [&mut Vec<LevelState>],
+    owned: &[usize],
     batch: &FoldBatch<'_>,
     shift: u32,
 ) -> FoldStats {
+    let mask = owned.len() - 1;
+    let n = batch.len();
     let mut stats = FoldStats::default();
-    for (level, lp) in levels.iter_mut().zip(lp) {
-        for e in events.clone() {
-            let slot = (batch.ids[e] >> shift) as usize;
-            match level.fold_event(
-                slot,
-                lp.panes[e],
-                lp.pos[e] as usize,
-                batch.ts[e],
-                batch.values,
-                e,
-            ) {
+    let levels = shards.first().map_or(0, |s| s.len());
+    for l in 0..levels {
+        let (hop, ring) = (shards[0][l].spec.hop, shards[0][l].spec.ring as i64);
+        let (inv_hop, inv_ring) = (1.0 / hop as f64, 1.0 / ring as f64);
+        // Ring buffer of (event, group shard, slot, pane, pos) whose cells are prefetched.
+        let mut queue = [(0usize, 0usize, 0usize, 0i64, 0usize); PREFETCH_AHEAD];
+        let (mut head, mut tail, mut scan) = (0usize, 0usize, 0usize);
+        loop {
+            while tail - head < PREFETCH_AHEAD && scan < n {
+                let e = scan;
+                scan += 1;
+                let id = batch.ids[e] as usize;
+                let g = owned[id & mask];
+                if g == usize::MAX {
+                    continue;
+                }
+                let slot = id >> shift;
+                let (pane, pos) = pane_position(batch.ts[e], hop, inv_hop, ring, inv_ring);
+                let level = &shards[g][l];
+                let stride = level.layout.stride;
+                let cell = level
+                    .ring
+                    .data
+                    .as_ptr()
+                    .wrapping_add(level.index(slot, pos) * stride);
+                prefetch(cell);
+                prefetch(cell.wrapping_add(stride - 1));
+                queue[tail % PREFETCH_AHEAD] = (e, g, slot, pane, pos);
+                tail += 1;
+            }
+            if head == tail {
+                break;
+            }
+            let (e, g, slot, pane, pos) = queue[head % PREFETCH_AHEAD];
+            head += 1;
+            match shards[g][l].fold_event(slot, pane, pos, batch.ts[e], batch.values, e) {
                 Folded::Ring => stats.folded += 1,
                 Folded::Base => stats.into_base += 1,
                 Folded::Expired => stats.expired += 1,
@@ -142,85 +180,39 @@ impl Backend for Cpu {
 
     fn fold(&self, state: &mut PaneState, batch: &FoldBatch<'_>) -> Result<FoldStats, KernelError> {
         state.prepare(batch)?;
-        let n = batch.len();
-        if n == 0 {
+        if batch.is_empty() {
             return Ok(FoldStats::default());
         }
         let nshards = state.spec().shards;
         let shift = nshards.trailing_zeros();
-        let parallel = n >= PARALLEL_FOLD_MIN && nshards > 1 && self.threads() > 1;
-        let specs: Vec<_> = state
-            .spec()
-            .levels
-            .iter()
-            .map(|l| (l.hop, l.ring))
-            .collect();
-        Ok(self.install(|| {
-            let lp: Vec<LevelPanes> = specs
-                .iter()
-                .map(|&(hop, ring)| {
-                    let mut panes = vec![0i64; n];
-                    let mut pos = vec![0u32; n];
-                    const CHUNK: usize = 64 * 1024;
-                    if parallel {
-                        panes
-                            .par_chunks_mut(CHUNK)
-                            .zip(pos.par_chunks_mut(CHUNK))
-                            .zip(batch.ts.par_chunks(CHUNK))
-                            .for_each(|((p, q), t)| pane_positions(t, hop, ring, p, q));
-                    } else {
-                        pane_positions(batch.ts, hop, ring, &mut panes, &mut pos);
-                    }
-                    LevelPanes { panes, pos }
-                })
-                .collect();
-
-            if !parallel {
-                let mut stats = FoldStats::default();
-                // Per event, all levels of its shard: keeps per-key arrival order.
-                for e in 0..n {
-                    let shard = batch.ids[e] as usize & (nshards - 1);
-                    stats.add(fold_events(
-                        &mut state.shards[shard],
-                        &lp,
-                        e..e + 1,
-                        batch,
-                        shift,
-                    ));
-                }
-                return stats;
-            }
-
-            // Counting sort of event indices by shard (stable: arrival order per shard).
-            let mut offsets = vec![0usize; nshards + 1];
-            for &id in batch.ids {
-                offsets[(id as usize & (nshards - 1)) + 1] += 1;
-            }
-            for s in 0..nshards {
-                offsets[s + 1] += offsets[s];
-            }
-            let mut cursor = offsets.clone();
-            let mut order = vec![0u32; n];
-            for (e, &id) in batch.ids.iter().enumerate() {
-                let s = id as usize & (nshards - 1);
-                order[cursor[s]] = e as u32;
-                cursor[s] += 1;
-            }
-            state
-                .shards
-                .par_iter_mut()
-                .enumerate()
-                .map(|(s, levels)| {
-                    let events = order[offsets[s]..offsets[s + 1]]
-                        .iter()
-                        .map(|&e| e as usize);
-                    fold_events(levels, &lp, events, batch, shift)
-                })
-                .reduce(FoldStats::default, |mut a, b| {
-                    a.add(b);
-                    a
-                })
-        }))
+        let groups = if batch.len() >= PARALLEL_FOLD_MIN {
+            self.threads().min(nshards)
+        } else {
+            1
+        };
+        // Shard s belongs to group s % groups.
+        let mut members: Vec<Vec<&mut Vec<LevelState>>> = (0..groups).map(|_| Vec::new()).collect();
+        let mut owned: Vec<Vec<usize>> = vec![vec![usize::MAX; nshards]; groups];
+        for (s, shard) in state.shards.iter_mut().enumerate() {
+            let g = s % groups;
+            owned[g][s] = members[g].len();
+            members[g].push(shard);
+        }
+        let add = |mut a: FoldStats, b: FoldStats| {
+            a.add(b);
+            a
+        };
+        Ok(if groups == 1 {
+            fold_group(&mut members[0], &owned[0], batch, shift)
+        } else {
+            self.install(|| {
+                members
+                    .par_iter_mut()
+                    .zip(owned.par_iter())
+                    .map(|(m, o)| fold_group(m, o, batch, shift))
+                    .reduce(FoldStats::default, add)
+            })
+        })
     }
 
     fn merge(
@@ -244,17 +236,9 @@ impl Backend for Cpu {
             ..
         } = out;
         let rows = |ids: &[Option<u32>], v: &mut [f64], ok: &mut [bool], st: &mut [ReadStatus]| {
-            let mut mask = Vec::new();
             for (k, id) in ids.iter().enumerate() {
-                st[k] = merge_key(
-                    state,
-                    features,
-                    *id,
-                    at,
-                    &mut v[k * nf..(k + 1) * nf],
-                    &mut ok[k * nf..(k + 1) * nf],
-                    &mut mask,
-                );
+                let row = k * nf..(k + 1) * nf;
+                st[k] = merge_key(state, features, *id, at, &mut v[row.clone()], &mut ok[row]);
             }
         };
         if ids.len() < PARALLEL_MERGE_MIN || self.threads() < 2 {
@@ -280,7 +264,6 @@ fn merge_key(
     at: i64,
     values: &mut [f64],
     valid: &mut [bool],
-    mask: &mut Vec<bool>,
 ) -> ReadStatus {
     let known = id
         .map(|id| state.locate(id))
@@ -296,7 +279,7 @@ fn merge_key(
     let mut status = ReadStatus::Exact;
     for (f, fm) in features.iter().enumerate() {
         let level = &state.shards[shard][fm.level];
-        let (acc, st) = masked_window(level, slot, fm, at, mask);
+        let (acc, st) = scan_window(level, slot, fm, at);
         status = status.worst(st);
         let v = finalize(fm.agg, fm.column, &acc);
         values[f] = v.unwrap_or(f64::NAN);
@@ -305,196 +288,40 @@ fn merge_key(
     status
 }
 
-/// The window of `fm` for `slot` at `at`, as masked reductions over the key's ring.
-fn masked_window(
-    level: &LevelState,
-    slot: usize,
-    fm: &FeatureMerge,
-    at: i64,
-    mask: &mut Vec<bool>,
-) -> (Acc, ReadStatus) {
+/// The windows of `features` for `slot` at `at`, in one pass over the key's ring per
+/// feature: every cell whose tag lies in the window is added.
+fn scan_window(level: &LevelState, slot: usize, fm: &FeatureMerge, at: i64) -> (Acc, ReadStatus) {
+    let layout = &level.layout;
     let r = level.spec.ring;
     let p_t = at.div_euclid(level.spec.hop);
-    let cells = slot * r..slot * r + r;
-    let tags = &level.tag[cells.clone()];
-    let head = max_i64(tags);
     let mut status = ReadStatus::Exact;
     let mut acc = Acc::EMPTY;
+    let mut head = EMPTY_PANE;
     let lo = match fm.panes {
-        Some(n) => {
-            let lo = p_t.saturating_sub(n as i64 - 1);
-            if head != EMPTY_PANE && lo <= head - r as i64 {
-                status = ReadStatus::NotRetained;
-            }
-            lo
-        }
+        Some(n) => p_t.saturating_sub(n as i64 - 1),
         None => {
-            if level.base.max_ts[slot] > at {
+            if level.base_max_ts(slot) > at {
                 status = ReadStatus::NotRetained;
             }
-            acc.add_cell(&level.base, slot, fm.column);
+            acc.add_cell(layout, level.base.cell(layout, slot), fm.column);
             EMPTY_PANE + 1
         }
     };
-    if head == EMPTY_PANE || lo > head {
-        return (acc, status);
-    }
-    let pos_t = p_t.rem_euclid(r as i64) as usize;
-    if tags[pos_t] == p_t && level.ring.max_ts[cells.start + pos_t] > at {
-        status = status.worst(ReadStatus::PaneHoldsLaterEvents);
-    }
-    mask.clear();
-    mask.extend(tags.iter().map(|&t| t >= lo && t <= p_t));
-
-    let ring = &level.ring;
-    let Some(c) = fm.column else {
-        acc.rows += masked_sum(&ring.rows[cells], mask);
-        return (acc, status);
-    };
-    let col = &ring.cols[c];
-    acc.count += masked_sum(&col.count[cells.clone()], mask);
-    match fm.agg {
-        Agg::Count => {}
-        Agg::Sum | Agg::Mean => acc.sum += masked_sum(&col.sum[cells], mask),
-        Agg::Var | Agg::Std => {
-            let (n, mean, m2) = masked_moments(
-                &col.count[cells.clone()],
-                &col.shift[cells.clone()],
-                &col.m1[cells.clone()],
-                &col.m2[cells],
-                mask,
-            );
-            acc.moments.merge(Moments { n, mean, m2 });
-        }
-        Agg::Min => acc.min = acc.min.min(masked_min(&col.min[cells], mask)),
-        Agg::Max => acc.max = acc.max.max(masked_max(&col.max[cells], mask)),
-        Agg::Last => {
-            if let Some(j) = masked_argmax_i64(&col.last_ts[cells.clone()], mask) {
-                let ts = col.last_ts[cells.start + j];
-                if ts >= acc.last_ts && col.count[cells.start + j] > 0.0 {
-                    acc.last_ts = ts;
-                    acc.last = col.last[cells.start + j];
-                }
+    for pos in 0..r {
+        let cell = level.ring.cell(layout, level.index(slot, pos));
+        let tag = int(cell[0]);
+        head = head.max(tag);
+        if tag >= lo && tag <= p_t {
+            acc.add_cell(layout, cell, fm.column);
+            if tag == p_t && int(cell[2]) > at {
+                status = status.worst(ReadStatus::PaneHoldsLaterEvents);
             }
         }
+    }
+    if fm.panes.is_some() && head != EMPTY_PANE && lo <= head - r as i64 {
+        status = status.worst(ReadStatus::NotRetained);
     }
     (acc, status)
-}
-
-/// Largest value of `v` (`EMPTY_PANE` for an empty slice).
-#[inline(never)]
-pub fn max_i64(v: &[i64]) -> i64 {
-    let mut acc = [EMPTY_PANE; LANES];
-    let (chunks, tail) = v.as_chunks::<LANES>();
-    for c in chunks {
-        for l in 0..LANES {
-            acc[l] = acc[l].max(c[l]);
-        }
-    }
-    let mut m = acc.into_iter().max().unwrap_or(EMPTY_PANE);
-    for &x in tail {
-        m = m.max(x);
-    }
-    m
-}
-
-macro_rules! masked_reduce {
-    ($(#[$doc:meta])* $name:ident, $identity:expr, $op:expr) => {
-        $(#[$doc])*
-        #[inline(never)]
-        pub fn $name(v: &[f64], mask: &[bool]) -> f64 {
-            let op = $op;
-            let mut acc = [$identity; LANES];
-            let (vc, vt) = v.as_chunks::<LANES>();
-            let (mc, mt) = mask[..v.len()].as_chunks::<LANES>();
-            for (x, m) in vc.iter().zip(mc) {
-                for l in 0..LANES {
-                    acc[l] = op(acc[l], if m[l] { x[l] } else { $identity });
-                }
-            }
-            // Tree reduction of the lanes.
-            let mut width = LANES;
-            while width > 1 {
-                width /= 2;
-                for l in 0..width {
-                    acc[l] = op(acc[l], acc[l + width]);
-                }
-            }
-            let mut r = acc[0];
-            for (x, m) in vt.iter().zip(mt) {
-                r = op(r, if *m { *x } else { $identity });
-            }
-            r
-        }
-    };
-}
-
-masked_reduce!(
-    /// Sum of `v[i]` where `mask[i]`.
-    masked_sum, 0.0f64, |a: f64, b: f64| a + b
-);
-masked_reduce!(
-    /// Minimum of `v[i]` where `mask[i]` (+∞ when none).
-    masked_min, f64::INFINITY, |a: f64, b: f64| a.min(b)
-);
-masked_reduce!(
-    /// Maximum of `v[i]` where `mask[i]` (−∞ when none).
-    masked_max, f64::NEG_INFINITY, |a: f64, b: f64| a.max(b)
-);
-
-/// `(n, mean, M2)` of the cells selected by `mask`, each cell given as count `c`,
-/// shift `k`, `Σ(x−k)` and `Σ(x−k)²`.
-///
-/// Two masked passes: the overall mean first, then `M2 = Σ M2ᵢ + cᵢ (meanᵢ − mean)²`,
-/// which is as stable as pairwise merging and vectorises.
-#[inline(never)]
-pub fn masked_moments(
-    c: &[f64],
-    k: &[f64],
-    m1: &[f64],
-    m2: &[f64],
-    mask: &[bool],
-) -> (f64, f64, f64) {
-    let len = c.len();
-    let (c, k, m1, m2, mask) = (&c[..len], &k[..len], &m1[..len], &m2[..len], &mask[..len]);
-    let mut n = [0.0f64; LANES];
-    let mut s = [0.0f64; LANES];
-    for (i, _) in c.iter().enumerate() {
-        let l = i % LANES;
-        let on = mask[i] && c[i] > 0.0;
-        n[l] += if on { c[i] } else { 0.0 };
-        s[l] += if on { c[i] * k[i] + m1[i] } else { 0.0 };
-    }
-    let n: f64 = n.iter().sum();
-    if n == 0.0 {
-        return (0.0, 0.0, 0.0);
-    }
-    let mean = s.iter().sum::<f64>() / n;
-    let mut q = [0.0f64; LANES];
-    for (i, _) in c.iter().enumerate() {
-        let l = i % LANES;
-        let on = mask[i] && c[i] > 0.0;
-        let ci = if on { c[i] } else { 1.0 };
-        let mi = k[i] + m1[i] / ci;
-        let own = (m2[i] - m1[i] * m1[i] / ci).max(0.0);
-        let d = mi - mean;
-        q[l] += if on { own + ci * d * d } else { 0.0 };
-    }
-    (n, mean, q.iter().sum())
-}
-
-/// Index of the greatest `v[i]` where `mask[i]` (the last one on ties), if any.
-#[inline(never)]
-pub fn masked_argmax_i64(v: &[i64], mask: &[bool]) -> Option<usize> {
-    let mut best: Option<usize> = None;
-    let mut best_v = i64::MIN;
-    for (i, (&x, &m)) in v.iter().zip(mask).enumerate() {
-        if m && (best.is_none() || x >= best_v) {
-            best = Some(i);
-            best_v = x;
-        }
-    }
-    best
 }
 
 #[cfg(test)]
@@ -502,56 +329,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn masked_reductions_match_naive() {
-        for len in [0usize, 1, 5, 8, 9, 17, 64, 100] {
-            let v: Vec<f64> = (0..len).map(|i| (i as f64 * 7.3) % 11.0 - 5.0).collect();
-            let m: Vec<bool> = (0..len).map(|i| i % 3 != 1).collect();
-            let sel = v.iter().zip(&m).filter(|(_, m)| **m).map(|(x, _)| *x);
-            let sum: f64 = sel.clone().sum();
-            assert!((masked_sum(&v, &m) - sum).abs() < 1e-9);
-            assert_eq!(
-                masked_min(&v, &m),
-                sel.clone().fold(f64::INFINITY, f64::min)
-            );
-            assert_eq!(masked_max(&v, &m), sel.fold(f64::NEG_INFINITY, f64::max));
-        }
-    }
-
-    #[test]
-    fn masked_moments_match_two_pass() {
-        // Three cells: {1e9+1, 1e9+3}, {1e9+2}, {5 (masked out)}.
-        let c = [2.0, 1.0, 1.0];
-        let k = [1e9 + 1.0, 1e9 + 2.0, 5.0];
-        let m1 = [2.0, 0.0, 0.0];
-        let m2 = [4.0, 0.0, 0.0];
-        let (n, mean, q) = masked_moments(&c, &k, &m1, &m2, &[true, true, false]);
-        assert_eq!((n, mean), (3.0, 1e9 + 2.0));
-        assert!((q - 2.0).abs() < 1e-6, "{q}");
-    }
-
-    #[test]
-    fn argmax_prefers_last_on_ties() {
-        assert_eq!(
-            masked_argmax_i64(&[3, 5, 5, 1], &[true, true, true, true]),
-            Some(2)
-        );
-        assert_eq!(
-            masked_argmax_i64(&[3, 5, 5, 1], &[true, false, false, true]),
-            Some(0)
-        );
-        assert_eq!(masked_argmax_i64(&[3, 5], &[false, false]), None);
-    }
-
-    #[test]
     fn pane_positions_match_euclid() {
-        let ts: Vec<i64> = (-50..50).map(|i| i * 37_001 + 1_700_000_000_000).collect();
-        for (hop, ring) in [(1000, 7), (60_000, 1), (1, 3), (3_600_000, 24)] {
-            let mut p = vec![0; ts.len()];
-            let mut q = vec![0; ts.len()];
-            pane_positions(&ts, hop, ring, &mut p, &mut q);
-            for i in 0..ts.len() {
-                assert_eq!(p[i], ts[i].div_euclid(hop));
-                assert_eq!(q[i] as i64, p[i].rem_euclid(ring as i64));
+        let ts: Vec<i64> = (-50..50)
+            .map(|i| i * 37_001 + 1_700_000_000_000)
+            .chain(-50..50)
+            .collect();
+        for (hop, ring) in [(1000i64, 7i64), (60_000, 1), (1, 3), (3_600_000, 24)] {
+            for &t in &ts {
+                let (p, q) = pane_position(t, hop, 1.0 / hop as f64, ring, 1.0 / ring as f64);
+                assert_eq!(p, t.div_euclid(hop));
+                assert_eq!(q as i64, p.rem_euclid(ring));
             }
         }
     }

@@ -8,15 +8,16 @@
 //! Kernels are pure functions over buffers: no I/O, no clocks, no async.
 //!
 //! # Layout
-//! State is structure-of-arrays per view, per hop level and per key shard: for each
-//! partial-aggregate field one flat buffer indexed `slot * ring + pane mod ring`
-//! (see [`level`]). The same layout is meant for GPU storage buffers, so a backend swap
-//! moves buffers, not logic.
+//! State is kept per view, per hop level and per key shard: a ring of cells per key,
+//! each cell the partial-aggregate fields of one pane side by side, every cell of a
+//! level in one flat `Vec<f64>` (see [`level`] for the layout and why it is not one
+//! buffer per field, as first planned). The buffer is plain words, so the same layout
+//! can live in a GPU storage buffer and a backend swap moves buffers, not logic.
 //!
 //! # Backends
 //! [`Backend`] has two implementations here: [`Scalar`], the reference (the oracle of
-//! the test suite), and [`Cpu`] (SIMD-friendly masked window scans, rayon across key
-//! shards). A wgpu backend plugs into the same trait behind the `gpu` feature.
+//! the test suite), and [`Cpu`] (prefetching, division-free pane arithmetic, rayon
+//! across key shards). A wgpu backend plugs into the same trait behind the `gpu` feature.
 //!
 //! # Design decision: pane partials, not per-event storage
 //! Windows are answered from per-pane partial aggregates (count, sum, shifted moments,

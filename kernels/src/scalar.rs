@@ -70,51 +70,50 @@ impl Backend for Scalar {
 
 /// Accumulates the cells of `slot` that the window of `fm` covers at `at`, pane by pane.
 fn window(level: &LevelState, slot: usize, fm: &FeatureMerge, at: i64) -> (Acc, ReadStatus) {
-    let ring = level.spec.ring as i64;
+    let layout = &level.layout;
+    let r = level.spec.ring;
+    let ring = r as i64;
     let p_t = at.div_euclid(level.spec.hop);
-    let base = slot * level.spec.ring;
-    let tags = &level.tag[base..base + level.spec.ring];
-    let head = tags.iter().copied().max().unwrap_or(EMPTY_PANE);
+    let cell = |pos: usize| level.index(slot, pos);
+    let head = (0..r)
+        .map(|pos| level.tag(cell(pos)))
+        .max()
+        .unwrap_or(EMPTY_PANE);
     let mut acc = Acc::EMPTY;
     let mut status = ReadStatus::Exact;
-
-    let first_retained = if head == EMPTY_PANE {
-        i64::MAX
-    } else {
-        head - ring + 1
-    };
     match fm.panes {
         Some(n) => {
             let lo = p_t.saturating_sub(n as i64 - 1);
-            if head != EMPTY_PANE && lo < first_retained {
+            // Panes before head − ring + 1 may have been overwritten by newer ones.
+            if head != EMPTY_PANE && lo <= head - ring {
                 status = ReadStatus::NotRetained;
             }
-            // Pane by pane through the window (at most `n` panes).
             if head != EMPTY_PANE {
                 for p in lo..=p_t.min(head) {
-                    let pos = p.rem_euclid(ring) as usize;
-                    if tags[pos] == p {
-                        acc.add_cell(&level.ring, base + pos, fm.column);
+                    let i = cell(p.rem_euclid(ring) as usize);
+                    if level.tag(i) == p {
+                        acc.add_cell(layout, level.ring.cell(layout, i), fm.column);
                     }
                 }
             }
         }
         None => {
-            if level.base.max_ts[slot] > at {
+            if level.base_max_ts(slot) > at {
                 status = ReadStatus::NotRetained;
             }
-            // The base holds every recycled pane; the ring cells hold the rest, some of
-            // them older than `first_retained` when no newer pane has reused them.
-            acc.add_cell(&level.base, slot, fm.column);
-            for (pos, &tag) in tags.iter().enumerate() {
+            // The base holds every recycled pane; the ring holds the rest, some of it
+            // older than head − ring + 1 when no newer pane has reused the cell.
+            acc.add_cell(layout, level.base.cell(layout, slot), fm.column);
+            for i in (0..r).map(cell) {
+                let tag = level.tag(i);
                 if tag != EMPTY_PANE && tag <= p_t {
-                    acc.add_cell(&level.ring, base + pos, fm.column);
+                    acc.add_cell(layout, level.ring.cell(layout, i), fm.column);
                 }
             }
         }
     }
-    let pos_t = p_t.rem_euclid(ring) as usize;
-    if tags[pos_t] == p_t && level.ring.max_ts[base + pos_t] > at {
+    let i_t = cell(p_t.rem_euclid(ring) as usize);
+    if level.tag(i_t) == p_t && level.max_ts(i_t) > at {
         status = status.worst(ReadStatus::PaneHoldsLaterEvents);
     }
     (acc, status)

@@ -180,9 +180,15 @@ pub enum ReadStatus {
 }
 
 impl ReadStatus {
+    /// The more severe of two statuses: `NotRetained` > `PaneHoldsLaterEvents` > `Exact`.
     #[inline]
     pub(crate) fn worst(self, o: ReadStatus) -> ReadStatus {
-        if self == ReadStatus::Exact { o } else { self }
+        let rank = |s: ReadStatus| match s {
+            ReadStatus::Exact => 0,
+            ReadStatus::PaneHoldsLaterEvents => 1,
+            ReadStatus::NotRetained => 2,
+        };
+        if rank(o) > rank(self) { o } else { self }
     }
 }
 
