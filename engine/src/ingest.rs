@@ -398,12 +398,12 @@ pub(crate) fn ingest(
                 continue;
             }
         };
-        if let Some(m) = max {
-            if ts < m.saturating_sub(lateness) {
-                report.late += 1;
-                report.late_rows.push(i as u32);
-                continue;
-            }
+        if let Some(m) = max
+            && ts < m.saturating_sub(lateness)
+        {
+            report.late += 1;
+            report.late_rows.push(i as u32);
+            continue;
         }
         max = Some(max.map_or(ts, |m| m.max(ts)));
         accepted_rows.push(i as u32);

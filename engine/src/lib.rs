@@ -9,7 +9,7 @@
 //! ```
 //!
 //! # Design decision: one core, two drivers
-//! [`Engine`] (online: push, read) and [`backfill`] (offline: replay a file, answer a
+//! [`Engine`] (online: push, read) and [`backfill()`] (offline: replay a file, answer a
 //! spine) drive the same view core: the same ingest decides lateness per event in
 //! arrival order, the same fold and merge kernels compute values. Backfill only changes
 //! the order in which accepted events are folded (by time) so that each spine row's

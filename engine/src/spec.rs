@@ -322,15 +322,15 @@ impl FeatureFile {
                     }
                 };
                 let column = rf.column.filter(|s| !s.trim().is_empty());
-                if let (Some(a), None) = (agg, &column) {
-                    if a.needs_column() {
-                        c.push(&floc, "column", format!("`{a}` needs a value column"));
-                    }
+                if let (Some(a), None) = (agg, &column)
+                    && a.needs_column()
+                {
+                    c.push(&floc, "column", format!("`{a}` needs a value column"));
                 }
-                if let Some(col) = &column {
-                    if col == &time {
-                        c.push(&floc, "column", "the time column cannot be aggregated");
-                    }
+                if let Some(col) = &column
+                    && col == &time
+                {
+                    c.push(&floc, "column", "the time column cannot be aggregated");
                 }
                 let hop = c.duration(&floc, "hop", rf.hop.as_deref(), pane, true);
                 let window = match rf.window.as_deref() {

@@ -37,10 +37,10 @@ impl CompiledView {
     pub fn new(spec: &ViewSpec, shards: usize) -> Self {
         let mut columns: Vec<String> = Vec::new();
         for f in &spec.features {
-            if let Some(c) = &f.column {
-                if !columns.contains(c) {
-                    columns.push(c.clone());
-                }
+            if let Some(c) = &f.column
+                && !columns.contains(c)
+            {
+                columns.push(c.clone());
             }
         }
         let mut hops: Vec<i64> = Vec::new();

@@ -239,7 +239,7 @@ fn check(
     write(&ev_path, &events_batch(&evs, strings, exts.0 != "csv"));
     write(
         &sp_path,
-        &spine_batch(&spine, strings, !strings && seed % 2 == 0),
+        &spine_batch(&spine, strings, !strings && seed.is_multiple_of(2)),
     );
     std::fs::write(&ft_path, FEATURES).unwrap();
     let out = panes(&[

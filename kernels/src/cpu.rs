@@ -3,20 +3,23 @@
 //! # Fold
 //! The fold is a scatter (each event updates one cell per level of its key), so its
 //! speed comes from cheap per-event work, few cache misses and parallelism, not from
-//! lanes:
-//! - pane ids and ring positions are computed for the whole batch up front, with a
-//!   multiply by the reciprocal of the hop instead of a 64-bit division, in a loop the
-//!   compiler vectorises ([`pane_positions`]);
-//! - a cell's fields sit side by side (see [`crate::level`]), so an event costs one or
-//!   two cache lines per level;
-//! - events are bucketed by key shard with a counting sort, and rayon folds the shards
-//!   in parallel. Each shard owns its buffers, so no locks and no atomics are needed,
-//!   and per-key arrival order is kept.
+//! SIMD lanes:
+//! - pane ids and ring positions use a multiply by the reciprocal of the hop and the
+//!   ring instead of 64-bit divisions ([`pane_position`]);
+//! - a cell's fields sit side by side and the newest panes of all keys are packed
+//!   together (see [`crate::level`]), so an event costs one or two cache lines per
+//!   level, and the cells of the next events are prefetched while one is folded;
+//! - key shards are split among the pool's threads (shard `s` to thread `s mod T`);
+//!   each thread scans the whole batch in arrival order and folds the events of its
+//!   shards. Shards own their buffers, so no locks and no atomics are needed, per-key
+//!   arrival order is kept, and reads of the batch stay sequential. (A counting sort of
+//!   the events by shard was measured first: its scattered reads of the batch made the
+//!   two-thread fold slower than one thread.)
 //!
 //! # Merge
 //! A read scans the key's ring once per feature, adding the cells whose tag falls in the
-//! window (the scalar backend instead walks the window pane by pane).
-//! Reads of many keys are split across rayon.
+//! window (the scalar backend instead walks the window pane by pane). Reads of many
+//! keys are split across rayon.
 //!
 //! Rejected alternative: sorting each batch by (key, pane) and reducing runs would
 //! turn the fold into vectorisable segmented reductions, but with 10⁵ keys most runs

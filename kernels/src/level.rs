@@ -316,7 +316,7 @@ impl LevelState {
 
     /// Grows the state to hold at least `slots` keys (amortised: +50 %).
     ///
-    /// Ring cells are laid out position-major (see [`LevelState::index`]), so growing
+    /// Ring cells are laid out position-major (see the module docs), so growing
     /// moves each position's block of cells to its new place.
     pub fn reserve_slots(&mut self, slots: usize) {
         if slots <= self.slots {
