@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Every test of Panes, Rust and Python, on a fresh Debian machine with the Rust
+# toolchain: installs what the tests need, then formatting, lints, unit, integration
+# and doc tests, a demo smoke run, and the Python suite (a DuckDB SQL oracle).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n== %s\n' "$*"; }
+
+# System packages the tests need.
+missing=()
+command -v python3 >/dev/null || missing+=(python3)
+python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+if ((${#missing[@]})); then
+  log "apt-get install ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+fi
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+log "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+log "Rust tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast
+else
+  cargo test --workspace --locked --no-fail-fast
+fi
+cargo test --workspace --doc --locked
+
+log "demo smoke run"
+cargo build -p panes-engine --bin panes --locked
+target/debug/panes demo --events 200000 >/dev/null
+
+log "Python tests"
+if [[ ! -x .venv/bin/python ]]; then
+  python3 -m venv .venv
+fi
+.venv/bin/pip install -q --disable-pip-version-check -r python/requirements-test.txt
+PANES_BIN="$PWD/target/debug/panes" .venv/bin/python -m pytest -q python/tests
