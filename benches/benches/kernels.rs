@@ -105,8 +105,13 @@ fn merge(c: &mut Criterion) {
         let at = *ts.last().unwrap();
         for &keys in &[1usize, 100, 10_000] {
             let read: Vec<Option<u32>> = (0..keys as u32).map(Some).collect();
-            // Bytes of state the read touches: 3 levels × ring × (tag + 9 fields) per key.
-            let bytes = keys * (5 + 12 + 24) * 8 * 10;
+            // Bytes of state the read touches: every cell of the key's rings.
+            let bytes = keys
+                * spec
+                    .levels
+                    .iter()
+                    .map(LevelSpec::bytes_per_slot)
+                    .sum::<usize>();
             g.throughput(Throughput::Bytes(bytes as u64));
             for (name, b) in backends() {
                 let mut out = MergeOutput::default();

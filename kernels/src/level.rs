@@ -532,64 +532,9 @@ pub(crate) fn finalize(agg: crate::Agg, column: Option<usize>, a: &Acc) -> Optio
     }
 }
 
-/// `floor(x / d)` for `d > 0` with a multiply instead of a 64-bit division.
-///
-/// `inv` must be `1.0 / d as f64`. The estimate is within 2 of the quotient for
-/// |x| < 2^52 and is corrected; larger |x| fall back to `div_euclid`.
-#[inline(always)]
-pub fn floor_div(x: i64, d: i64, inv: f64) -> i64 {
-    if x.unsigned_abs() >= 1 << 52 {
-        return x.div_euclid(d);
-    }
-    // Truncation (not `floor`, which is a libm call without SSE4.1) is within 2 of
-    // the quotient; the loops correct it.
-    let mut q = (x as f64 * inv) as i64;
-    let mut r = x - q * d;
-    while r < 0 {
-        q -= 1;
-        r += d;
-    }
-    while r >= d {
-        q += 1;
-        r -= d;
-    }
-    q
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn floor_div_matches_div_euclid() {
-        let ds = [1i64, 2, 3, 7, 1000, 60_000, 3_600_000, 86_400_000, 999_983];
-        let xs = [
-            0i64,
-            1,
-            -1,
-            59_999,
-            60_000,
-            -60_000,
-            -60_001,
-            1_700_000_000_000,
-            1_700_000_000_001,
-            -1_700_000_000_001,
-            (1 << 52) - 1,
-            -(1 << 52) + 1,
-            i64::MAX,
-            i64::MIN,
-            i64::MIN + 1,
-        ];
-        for &d in &ds {
-            let inv = 1.0 / d as f64;
-            for &x in &xs {
-                for dx in -3..=3i64 {
-                    let x = x.saturating_add(dx);
-                    assert_eq!(floor_div(x, d, inv), x.div_euclid(d), "x={x} d={d}");
-                }
-            }
-        }
-    }
 
     #[test]
     fn bytes_per_slot_counts_every_field() {
