@@ -15,14 +15,14 @@
 use std::io::IsTerminal;
 use std::sync::Arc;
 
-use arrow_array::{ArrayRef, Float64Array, Int64Array, RecordBatch};
+use arrow_array::{ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray, UInt32Array};
 use arrow_buffer::NullBuffer;
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use indicatif::{ProgressBar, ProgressStyle};
 use panes_kernels::{Agg, Backend, FoldBatch, MergeOutput, ReadStatus};
 
 use crate::error::{PanesError, Result};
-use crate::ingest::{Decoded, TimeColumn, ViewCounters};
+use crate::ingest::{Decoded, PushReport, TimeColumn, ViewCounters};
 use crate::keys::KeyColumn;
 use crate::spec::FeatureFile;
 use crate::view::{CompiledView, ViewCore};
@@ -36,6 +36,8 @@ pub struct BackfillOptions {
     pub shards: usize,
     /// Show a progress bar (on stderr).
     pub progress: bool,
+    /// Collect the late and rejected events (see [`BackfillReport::dead_letter`]).
+    pub dead_letter: bool,
 }
 
 impl Default for BackfillOptions {
@@ -44,6 +46,7 @@ impl Default for BackfillOptions {
             at_column: "ts".into(),
             shards: 32,
             progress: std::io::stdout().is_terminal(),
+            dead_letter: false,
         }
     }
 }
@@ -59,6 +62,52 @@ pub struct BackfillReport {
     pub spine_rows: usize,
     /// Spine rows whose time was null or unparsable (their features are null).
     pub spine_rows_without_time: usize,
+    /// With [`BackfillOptions::dead_letter`]: the late and rejected events, as the
+    /// events' columns plus `panes_view` and `panes_reason` (`late`, `null_key`,
+    /// `null_time`, `bad_time`), in file order per view.
+    pub dead_letter: Vec<RecordBatch>,
+}
+
+/// Schema of the dead-letter output for events of schema `events`.
+pub fn dead_letter_schema(events: &Schema) -> SchemaRef {
+    let mut fields: Vec<Field> = events.fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields.push(Field::new("panes_view", DataType::Utf8, false));
+    fields.push(Field::new("panes_reason", DataType::Utf8, false));
+    Arc::new(Schema::new(fields))
+}
+
+/// The rows of `batch` a push report did not accept, with the view and the reason.
+fn dead_letters(
+    view: &str,
+    batch: &RecordBatch,
+    report: &PushReport,
+) -> Result<Option<RecordBatch>> {
+    let mut rows: Vec<(u32, &'static str)> =
+        report.late_rows.iter().map(|&r| (r, "late")).collect();
+    rows.extend(
+        report
+            .rejected_rows
+            .iter()
+            .map(|&(r, reason)| (r, reason.name())),
+    );
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    rows.sort_unstable_by_key(|r| r.0);
+    let idx = UInt32Array::from_iter_values(rows.iter().map(|r| r.0));
+    let mut cols = batch
+        .columns()
+        .iter()
+        .map(|c| arrow_select::take::take(c.as_ref(), &idx, None))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    cols.push(Arc::new(StringArray::from(vec![view; rows.len()])));
+    cols.push(Arc::new(StringArray::from_iter_values(
+        rows.iter().map(|r| r.1),
+    )));
+    Ok(Some(RecordBatch::try_new(
+        dead_letter_schema(&batch.schema()),
+        cols,
+    )?))
 }
 
 /// Computes features for every spine row.
@@ -144,7 +193,12 @@ pub fn backfill(
         let view = CompiledView::new(spec, options.shards);
         let mut core = ViewCore::new(&view)?;
         for b in events {
-            core.ingest(&view, b)?;
+            let pushed = core.ingest(&view, b)?;
+            if options.dead_letter {
+                report
+                    .dead_letter
+                    .extend(dead_letters(&spec.name, b, &pushed)?);
+            }
         }
         let events = std::mem::replace(&mut core.pending, Decoded::new(view.columns.len()));
         core.pending_since = None;

@@ -103,8 +103,8 @@ pub struct PushReport {
     pub rejections: Vec<Rejection>,
     /// Row indices of the late rows (for a dead-letter output).
     pub late_rows: Vec<u32>,
-    /// Row indices of the rejected rows (for a dead-letter output).
-    pub rejected_rows: Vec<u32>,
+    /// Row indices of the rejected rows, with the reason (for a dead-letter output).
+    pub rejected_rows: Vec<(u32, RejectReason)>,
 }
 
 impl PushReport {
@@ -356,7 +356,7 @@ pub(crate) fn ingest(
         |report: &mut PushReport, row: usize, reason: RejectReason, message: String| {
             counters.rejected[reason as usize] += 1;
             report.rejected += 1;
-            report.rejected_rows.push(row as u32);
+            report.rejected_rows.push((row as u32, reason));
             if report.rejections.len() < MAX_REPORTED {
                 report.rejections.push(Rejection {
                     row,

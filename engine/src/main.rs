@@ -66,6 +66,9 @@ enum Command {
         /// The spine's time column.
         #[arg(long, default_value = "ts")]
         at_column: String,
+        /// Also write the late and rejected events here, with the view and the reason.
+        #[arg(long)]
+        dead_letter: Option<PathBuf>,
         /// Backend: scalar, cpu, gpu or auto (default: $PANES_BACKEND, else auto).
         #[arg(long)]
         backend: Option<BackendKind>,
@@ -94,8 +97,17 @@ fn main() -> ExitCode {
             spine,
             out,
             at_column,
+            dead_letter,
             backend,
-        } => run_backfill(&features, &events, &spine, &out, at_column, backend),
+        } => run_backfill(
+            &features,
+            &events,
+            &spine,
+            &out,
+            at_column,
+            dead_letter.as_deref(),
+            backend,
+        ),
         Command::Check { features } => check(&features),
     };
     match result {
@@ -147,12 +159,16 @@ fn run_backfill(
     spine: &Path,
     out: &Path,
     at_column: String,
+    dead_letter: Option<&Path>,
     backend: Option<BackendKind>,
 ) -> Result<()> {
     let file = FeatureFile::from_path(features)?;
     io::Format::of(out)?;
+    if let Some(p) = dead_letter {
+        io::Format::of(p)?;
+    }
     let t0 = Instant::now();
-    let (_, event_batches) = io::read_file(events)?;
+    let (events_schema, event_batches) = io::read_file(events)?;
     let (spine_schema, spine_batches) = io::read_file(spine)?;
     let backend = EngineOptions {
         backend,
@@ -161,6 +177,7 @@ fn run_backfill(
     .create_backend()?;
     let options = BackfillOptions {
         at_column,
+        dead_letter: dead_letter.is_some(),
         ..Default::default()
     };
     let (schema, batches, report) = panes_engine::backfill(
@@ -172,6 +189,18 @@ fn run_backfill(
         &options,
     )?;
     io::write_file(out, &schema, &batches)?;
+    if let Some(p) = dead_letter {
+        let dl_schema = match report.dead_letter.first() {
+            Some(b) => b.schema(),
+            None => panes_engine::backfill::dead_letter_schema(&events_schema),
+        };
+        io::write_file(p, &dl_schema, &report.dead_letter)?;
+        let rows: usize = report.dead_letter.iter().map(|b| b.num_rows()).sum();
+        eprintln!(
+            "dead letters: {rows} late or rejected events → {}",
+            p.display()
+        );
+    }
     eprintln!(
         "backfill: {} spine rows → {} ({} backend, {:.2} s)",
         report.spine_rows,

@@ -230,11 +230,12 @@ fn check(
     let mut rng = StdRng::seed_from_u64(seed);
     let evs = gen_events(&mut rng, events, keys);
     let spine = gen_spine(&mut rng, spine_rows, keys, BASE + events as i64 * 100);
-    let (ev_path, sp_path, out_path, ft_path) = (
+    let (ev_path, sp_path, out_path, ft_path, dl_path) = (
         dir.path().join(format!("events.{}", exts.0)),
         dir.path().join(format!("spine.{}", exts.1)),
         dir.path().join(format!("out.{}", exts.2)),
         dir.path().join("features.toml"),
+        dir.path().join(format!("dead.{}", exts.2)),
     );
     write(&ev_path, &events_batch(&evs, strings, exts.0 != "csv"));
     write(
@@ -254,6 +255,8 @@ fn check(
         out_path.to_str().unwrap(),
         "--backend",
         backend,
+        "--dead-letter",
+        dl_path.to_str().unwrap(),
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
@@ -271,12 +274,45 @@ fn check(
     for v in by_key.values_mut() {
         v.sort_by_key(|(i, e)| (e.ts.unwrap(), *i));
     }
+    let accepted = by_key.values().map(Vec::len).sum::<usize>();
     assert!(
-        stderr.contains(&format!(
-            "{} events accepted",
-            by_key.values().map(Vec::len).sum::<usize>()
-        )),
+        stderr.contains(&format!("{accepted} events accepted")),
         "{stderr}"
+    );
+
+    // Every event that was not accepted is in the dead-letter file, with its reason.
+    let (_, dead) = read_file(&dl_path).unwrap();
+    let mut reasons: HashMap<String, usize> = HashMap::new();
+    for b in &dead {
+        let r = b.column_by_name("panes_reason").unwrap();
+        let r = arrow_cast::cast(r, &DataType::Utf8).unwrap();
+        for v in r.as_string::<i32>().iter() {
+            *reasons.entry(v.unwrap().to_string()).or_default() += 1;
+        }
+        assert!(
+            b.column_by_name("amount").is_some(),
+            "dead letters keep the event's columns"
+        );
+    }
+    assert_eq!(
+        reasons.values().sum::<usize>(),
+        events - accepted,
+        "{reasons:?}"
+    );
+    let count = |f: &dyn Fn(&Ev) -> bool| evs.iter().filter(|e| f(e)).count();
+    assert_eq!(
+        reasons.get("null_key").copied().unwrap_or(0),
+        count(&|e| e.key.is_none())
+    );
+    assert_eq!(
+        reasons.get("null_time").copied().unwrap_or(0),
+        count(&|e| e.key.is_some() && e.ts.is_none())
+    );
+    assert!(
+        reasons
+            .keys()
+            .all(|r| ["late", "null_key", "null_time"].contains(&r.as_str())),
+        "{reasons:?}"
     );
 
     let (schema, batches) = read_file(&out_path).unwrap();

@@ -81,7 +81,7 @@ fn null_keys_are_rejected_and_counted_good_rows_kept() {
         r.rejections[0].message,
         "row 1: key column \"card\" is null"
     );
-    assert_eq!(r.rejected_rows, vec![1]);
+    assert_eq!(r.rejected_rows, vec![(1, RejectReason::NullKey)]);
     assert_eq!(read(&e, 1), (2.0, 5.0, 2.0));
     assert_eq!(
         e.metrics("cards")
