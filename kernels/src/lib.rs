@@ -16,8 +16,8 @@
 //!
 //! # Backends
 //! [`Backend`] has two implementations here: [`Scalar`], the reference (the oracle of
-//! the test suite), and [`Cpu`] (prefetching, division-free pane arithmetic, rayon
-//! across key shards). A wgpu backend plugs into the same trait behind the `gpu` feature.
+//! the test suite), and [`Cpu`] (rayon across key shards for folds and large reads;
+//! see its docs for the SIMD variants that were measured and not kept). A wgpu backend plugs into the same trait behind the `gpu` feature.
 //!
 //! # Design decision: pane partials, not per-event storage
 //! Windows are answered from per-pane partial aggregates (count, sum, shifted moments,

@@ -3,7 +3,7 @@
 
 use crate::backend::{Backend, BackendKind};
 use crate::error::KernelError;
-use crate::level::{Acc, EMPTY_PANE, Folded, LevelState, finalize};
+use crate::level::{Acc, EMPTY_PANE, LevelState, finalize, fold_into_levels};
 use crate::state::{
     FeatureMerge, FoldBatch, FoldStats, MergeOutput, PaneState, ReadStatus, check_features,
 };
@@ -22,16 +22,14 @@ impl Backend for Scalar {
         let mut stats = FoldStats::default();
         for e in 0..batch.len() {
             let (shard, slot) = state.locate(batch.ids[e]);
-            let ts = batch.ts[e];
-            for level in state.shards[shard].iter_mut() {
-                let pane = ts.div_euclid(level.spec.hop);
-                let pos = pane.rem_euclid(level.spec.ring as i64) as usize;
-                match level.fold_event(slot, pane, pos, ts, batch.values, e) {
-                    Folded::Ring => stats.folded += 1,
-                    Folded::Base => stats.into_base += 1,
-                    Folded::Expired => stats.expired += 1,
-                }
-            }
+            fold_into_levels(
+                &mut state.shards[shard],
+                slot,
+                batch.ts[e],
+                batch.values,
+                e,
+                &mut stats,
+            );
         }
         Ok(stats)
     }
