@@ -118,6 +118,15 @@ pub fn memory_bandwidth() -> (f64, f64, f64) {
     (one.max(all), one, all)
 }
 
+/// The value after `--name` on the command line, or `default`.
+pub fn arg(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+        .unwrap_or_else(|| default.to_string())
+}
+
 /// One-line description of the machine: CPU model and thread count.
 pub fn machine() -> String {
     let model = std::fs::read_to_string("/proc/cpuinfo")

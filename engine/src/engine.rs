@@ -9,7 +9,7 @@ use panes_kernels::{Backend, BackendKind, MergeOutput};
 
 use crate::error::{PanesError, Result};
 use crate::ingest::{PushReport, RejectReason, ViewCounters};
-use crate::keys::{KeyColumn, KeyValue};
+use crate::keys::{KeyColumn, KeyIndex, KeyValue};
 use crate::spec::{FeatureFile, ReadTime};
 use crate::view::{CompiledView, ViewCore, check_exact};
 
@@ -232,15 +232,18 @@ impl Engine {
         at: Option<i64>,
         features: Option<&[&str]>,
     ) -> Result<FeatureFrame> {
-        let v = self.view(view)?;
-        let mut core = self.lock(v)?;
-        core.fold_pending(self.backend.as_ref())?;
-        let ids = core.lookup(&v.compiled, keys)?;
-        let col = KeyColumn::new(keys).map_err(PanesError::Invalid)?;
-        self.read_ids(v, &core, &ids, at, features, |k| {
-            col.value(k)
-                .map_or_else(|| "null".into(), |k| k.to_string())
-        })
+        let col = KeyColumn::new(keys)
+            .map_err(|m| PanesError::Invalid(format!("view {view:?}: keys {m}")))?;
+        self.read_with(
+            view,
+            at,
+            features,
+            |index| (0..keys.len()).map(|i| col.lookup(i, index)).collect(),
+            |k| {
+                col.value(k)
+                    .map_or_else(|| "null".into(), |k| k.to_string())
+            },
+        )
     }
 
     /// Like [`Engine::read`], with keys given as values.
@@ -254,22 +257,30 @@ impl Engine {
         at: Option<i64>,
         features: Option<&[&str]>,
     ) -> Result<FeatureFrame> {
+        self.read_with(
+            view,
+            at,
+            features,
+            |index| keys.iter().map(|k| index.get(k)).collect(),
+            |k| keys[k].to_string(),
+        )
+    }
+
+    /// Folds pending events, resolves key ids with `ids`, merges, and checks exactness
+    /// (`key_of` names a key in errors).
+    fn read_with(
+        &self,
+        view: &str,
+        at: Option<i64>,
+        features: Option<&[&str]>,
+        ids: impl FnOnce(&KeyIndex) -> Vec<Option<u32>>,
+        key_of: impl Fn(usize) -> String,
+    ) -> Result<FeatureFrame> {
         let v = self.view(view)?;
         let mut core = self.lock(v)?;
         core.fold_pending(self.backend.as_ref())?;
-        let ids: Vec<_> = keys.iter().map(|k| core.keys.get(k)).collect();
-        self.read_ids(v, &core, &ids, at, features, |k| keys[k].to_string())
-    }
-
-    fn read_ids(
-        &self,
-        v: &View,
-        core: &ViewCore,
-        ids: &[Option<u32>],
-        at: Option<i64>,
-        features: Option<&[&str]>,
-        key_of: impl Fn(usize) -> String,
-    ) -> Result<FeatureFrame> {
+        let ids = ids(&core.keys);
+        let ids = ids.as_slice();
         let compiled = &v.compiled;
         let selected: Vec<usize> = match features {
             None => (0..compiled.merges.len()).collect(),

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use arrow_array::{Array, RecordBatch};
+use arrow_array::RecordBatch;
 use panes_kernels::{
     Backend, ColumnFields, FeatureMerge, FoldBatch, LevelSpec, MergeOutput, PaneState, ReadStatus,
     StateSpec,
@@ -12,7 +12,7 @@ use panes_kernels::{
 
 use crate::error::{PanesError, Result};
 use crate::ingest::{Decoded, PushReport, ViewCounters, ingest};
-use crate::keys::{KeyColumn, KeyIndex};
+use crate::keys::KeyIndex;
 use crate::spec::{ViewSpec, Window, format_duration};
 
 /// A view with its state layout: one level per distinct hop.
@@ -182,13 +182,6 @@ impl ViewCore {
         self.pending.clear();
         self.pending_since = None;
         Ok(())
-    }
-
-    /// Key ids of a key column (None for null or unknown keys).
-    pub fn lookup(&self, view: &CompiledView, keys: &dyn Array) -> Result<Vec<Option<u32>>> {
-        let col = KeyColumn::new(keys)
-            .map_err(|m| PanesError::Invalid(format!("view {:?}: keys {m}", view.spec.name)))?;
-        Ok((0..keys.len()).map(|i| col.lookup(i, &self.keys)).collect())
     }
 }
 

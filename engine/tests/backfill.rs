@@ -471,17 +471,21 @@ fn backfill_errors_are_clear() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("the spine has no time column \"when\" (set it with --at-column); its columns are [label, card, ts]"), "{err}");
 
-    let (code, err) = run(&[
-        "backfill",
-        "--features",
-        &p("f.toml"),
-        "--events",
-        &p("missing.parquet"),
-        "--spine",
-        &p("s.parquet"),
-        "--out",
-        &p("o.parquet"),
-    ]);
+    // backfill with feature file `f` and events file `e`, the rest as usual.
+    let with = |f: &str, e: &str| {
+        run(&[
+            "backfill",
+            "--features",
+            &p(f),
+            "--events",
+            &p(e),
+            "--spine",
+            &p("s.parquet"),
+            "--out",
+            &p("o.parquet"),
+        ])
+    };
+    let (code, err) = with("f.toml", "missing.parquet");
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("missing.parquet: No such file"), "{err}");
 
@@ -490,17 +494,7 @@ fn backfill_errors_are_clear() {
         FEATURES.replace("agg = \"std\"", "agg = \"stdev\""),
     )
     .unwrap();
-    let (code, err) = run(&[
-        "backfill",
-        "--features",
-        &p("bad.toml"),
-        "--events",
-        &p("e.parquet"),
-        "--spine",
-        &p("s.parquet"),
-        "--out",
-        &p("o.parquet"),
-    ]);
+    let (code, err) = with("bad.toml", "e.parquet");
     assert_eq!(code, Some(2), "{err}");
     assert!(
         err.contains(
@@ -514,17 +508,7 @@ fn backfill_errors_are_clear() {
         FEATURES.replace("name = \"rows_1m\"", "name = \"label\""),
     )
     .unwrap();
-    let (code, err) = run(&[
-        "backfill",
-        "--features",
-        &p("collide.toml"),
-        "--events",
-        &p("e.parquet"),
-        "--spine",
-        &p("s.parquet"),
-        "--out",
-        &p("o.parquet"),
-    ]);
+    let (code, err) = with("collide.toml", "e.parquet");
     assert_eq!(code, Some(2), "{err}");
     assert!(
         err.contains("feature \"label\" has the name of a spine column"),

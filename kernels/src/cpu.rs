@@ -34,6 +34,7 @@ use crate::error::KernelError;
 use crate::level::{Acc, EMPTY_PANE, LevelState, finalize, fold_into_levels, int};
 use crate::state::{
     FeatureMerge, FoldBatch, FoldStats, MergeOutput, PaneState, ReadStatus, check_features,
+    write_empty,
 };
 
 /// Batches smaller than this are folded on the calling thread: below it, rayon's
@@ -207,15 +208,8 @@ fn merge_key(
     values: &mut [f64],
     valid: &mut [bool],
 ) -> ReadStatus {
-    let known = id
-        .map(|id| state.locate(id))
-        .filter(|&(shard, slot)| state.shards[shard].first().is_some_and(|l| slot < l.slots));
-    let Some((shard, slot)) = known else {
-        for (f, fm) in features.iter().enumerate() {
-            let zero = fm.agg.zero_when_empty();
-            values[f] = if zero { 0.0 } else { f64::NAN };
-            valid[f] = zero;
-        }
+    let Some((shard, slot)) = state.known(id) else {
+        write_empty(features, values, valid);
         return ReadStatus::Exact;
     };
     let mut status = ReadStatus::Exact;

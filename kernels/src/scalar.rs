@@ -45,10 +45,7 @@ impl Backend for Scalar {
         check_features(state, features)?;
         out.reset(ids.len(), features.len());
         for (k, id) in ids.iter().enumerate() {
-            let known = id.map(|id| state.locate(id)).filter(|&(shard, slot)| {
-                state.shards[shard].first().is_some_and(|l| slot < l.slots)
-            });
-            let Some((shard, slot)) = known else {
+            let Some((shard, slot)) = state.known(*id) else {
                 out.write_empty(k, features);
                 continue;
             };

@@ -62,6 +62,17 @@ impl PaneState {
         ((local << self.shift) | shard) as u32
     }
 
+    /// `(shard, local slot)` of a key id the state holds (`None` for unknown keys and
+    /// for ids never folded).
+    #[inline]
+    pub(crate) fn known(&self, id: Option<u32>) -> Option<(usize, usize)> {
+        let (shard, slot) = self.locate(id?);
+        self.shards[shard]
+            .first()
+            .is_some_and(|l| slot < l.slots)
+            .then_some((shard, slot))
+    }
+
     /// Bytes held by all buffers.
     pub fn memory_bytes(&self) -> usize {
         self.shards
@@ -218,12 +229,21 @@ impl MergeOutput {
 
     /// Writes the empty-window values of every feature in row `k`.
     pub(crate) fn write_empty(&mut self, k: usize, features: &[FeatureMerge]) {
-        let row = k * self.features;
-        for (f, fm) in features.iter().enumerate() {
-            let zero = fm.agg.zero_when_empty();
-            self.values[row + f] = if zero { 0.0 } else { f64::NAN };
-            self.valid[row + f] = zero;
-        }
+        let row = k * self.features..(k + 1) * self.features;
+        write_empty(
+            features,
+            &mut self.values[row.clone()],
+            &mut self.valid[row],
+        );
+    }
+}
+
+/// Writes the empty-window value of each feature: 0 for `count` and `sum`, else null.
+pub(crate) fn write_empty(features: &[FeatureMerge], values: &mut [f64], valid: &mut [bool]) {
+    for (f, fm) in features.iter().enumerate() {
+        let zero = fm.agg.zero_when_empty();
+        values[f] = if zero { 0.0 } else { f64::NAN };
+        valid[f] = zero;
     }
 }
 

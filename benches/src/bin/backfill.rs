@@ -9,20 +9,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arrow_array::{Int64Array, RecordBatch, TimestampMillisecondArray};
-use panes_bench::{ingest_batches, machine, workload};
+use panes_bench::{arg, ingest_batches, machine, workload};
 use panes_engine::io::{read_file, write_file};
 use panes_engine::synth::Synth;
 use panes_engine::{BackendKind, BackfillOptions, EngineOptions, backfill};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_string())
-}
 
 fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")

@@ -14,17 +14,9 @@
 use std::time::Instant;
 
 use arrow_array::Int64Array;
-use panes_bench::{BYTES_PER_EVENT, ingest_batches, machine, memory_bandwidth, workload};
+use panes_bench::{BYTES_PER_EVENT, arg, ingest_batches, machine, memory_bandwidth, workload};
 use panes_engine::synth::Synth;
 use panes_engine::{BackendKind, Engine, EngineOptions};
-
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_string())
-}
 
 fn main() {
     let events: usize = arg("--events", "10000000").parse().expect("--events N");
