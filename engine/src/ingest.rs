@@ -15,6 +15,7 @@ use arrow_schema::{DataType, TimeUnit};
 use crate::error::{PanesError, Result};
 use crate::keys::{KeyColumn, KeyIndex};
 use crate::view::CompiledView;
+use panes_kernels::MAX_TIME_MS;
 
 /// Why a row was rejected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -235,7 +236,7 @@ impl<'a> TimeColumn<'a> {
     /// The time of row `i`.
     #[inline]
     pub(crate) fn get(&self, i: usize) -> std::result::Result<Option<i64>, String> {
-        match self {
+        let ms = match self {
             TimeColumn::Ms(v, a, f, mul) => {
                 if a.is_null(i) {
                     return Ok(None);
@@ -243,19 +244,24 @@ impl<'a> TimeColumn<'a> {
                 let x = v[i];
                 if *mul {
                     x.checked_mul(*f)
-                        .map(Some)
-                        .ok_or_else(|| format!("value {x} is out of range as epoch milliseconds"))
+                        .ok_or_else(|| format!("value {x} is out of range as epoch milliseconds"))?
                 } else {
-                    Ok(Some(x.div_euclid(*f)))
+                    x.div_euclid(*f)
                 }
             }
             TimeColumn::Str(get) => match get(i) {
-                None => Ok(None),
+                None => return Ok(None),
                 Some(s) => arrow_cast::parse::string_to_timestamp_nanos(s.trim())
-                    .map(|ns| Some(ns.div_euclid(1_000_000)))
-                    .map_err(|_| format!("cannot parse {s:?} as a time; {BAD_TIME_HINT}")),
+                    .map(|ns| ns.div_euclid(1_000_000))
+                    .map_err(|_| format!("cannot parse {s:?} as a time; {BAD_TIME_HINT}"))?,
             },
+        };
+        if ms.unsigned_abs() > MAX_TIME_MS {
+            return Err(format!(
+                "{ms} ms is out of range (more than ±{MAX_TIME_MS} ms, about 36 million years, from 1970)"
+            ));
         }
+        Ok(Some(ms))
     }
 }
 

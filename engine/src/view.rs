@@ -52,7 +52,8 @@ impl CompiledView {
         let mut levels: Vec<LevelSpec> = hops
             .iter()
             .map(|&hop| {
-                let late_panes = (spec.allowed_lateness + hop - 1) / hop + 1;
+                let l = spec.allowed_lateness;
+                let late_panes = l / hop + i64::from(l % hop != 0) + 1;
                 LevelSpec {
                     hop,
                     ring: late_panes as usize,

@@ -21,6 +21,9 @@ pub enum KernelError {
     /// Buffers passed to a kernel have inconsistent shapes.
     #[error("kernel input shape mismatch: {0} (this is a bug in Panes)")]
     Shape(String),
+    /// An event time outside ±[`crate::MAX_TIME_MS`].
+    #[error("event time {0} ms is out of range (at most ±2^60 ms)")]
+    TimeOutOfRange(i64),
     /// The requested backend cannot run here.
     #[error("backend unavailable: {0}")]
     Unavailable(String),
@@ -35,7 +38,7 @@ impl KernelError {
         match self {
             KernelError::InvalidSpec(_) | KernelError::Shape(_) => ErrorDomain::Internal,
             KernelError::Unavailable(_) => ErrorDomain::External,
-            KernelError::UnknownBackend(_) => ErrorDomain::User,
+            KernelError::UnknownBackend(_) | KernelError::TimeOutOfRange(_) => ErrorDomain::User,
         }
     }
 }

@@ -74,6 +74,11 @@ pub use cpu::Cpu;
 pub use error::{ErrorDomain, KernelError};
 pub use level::{EMPTY_PANE, LevelSpec, LevelState};
 pub use scalar::Scalar;
+/// Largest |event time| the kernels accept, in ms (2^60, about 36 million years): far
+/// beyond any real clock, and it keeps all pane arithmetic clear of overflow and of the
+/// empty-pane marker.
+pub const MAX_TIME_MS: u64 = 1 << 60;
+
 pub use state::{
     FeatureMerge, FoldBatch, FoldStats, MergeOutput, PaneState, ReadStatus, StateSpec,
 };

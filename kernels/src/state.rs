@@ -104,6 +104,13 @@ impl PaneState {
                 batch.values[c].len()
             )));
         }
+        if let Some(&t) = batch
+            .ts
+            .iter()
+            .find(|t| t.unsigned_abs() > crate::MAX_TIME_MS)
+        {
+            return Err(KernelError::TimeOutOfRange(t));
+        }
         let mut need = vec![0usize; self.spec.shards];
         for &id in batch.ids {
             let (s, l) = self.locate(id);
@@ -125,7 +132,7 @@ impl PaneState {
 pub struct FoldBatch<'a> {
     /// Key id of each event (from the engine's key index).
     pub ids: &'a [u32],
-    /// Event time of each event, epoch milliseconds.
+    /// Event time of each event, epoch milliseconds, within ±[`crate::MAX_TIME_MS`].
     pub ts: &'a [i64],
     /// One slice per value column of the view; NaN marks a null or NaN value (skipped).
     pub values: &'a [&'a [f64]],

@@ -216,6 +216,13 @@ fn shape_errors_are_reported_not_panics() {
     for b in [&Scalar as &dyn Backend, &Cpu::new()] {
         let e = b.fold(&mut state, &bad).unwrap_err().to_string();
         assert!(e.contains("2 key ids but 1 timestamps"), "{e}");
+        let far = FoldBatch {
+            ids: &[0],
+            ts: &[i64::MIN],
+            values: &[&v],
+        };
+        let e = b.fold(&mut state, &far).unwrap_err().to_string();
+        assert!(e.contains("out of range"), "{e}");
         let f = FeatureMerge {
             level: 0,
             agg: Agg::Max,
