@@ -52,7 +52,7 @@ pub trait Backend: Send + Sync + fmt::Debug {
 pub enum BackendKind {
     /// The scalar reference: simple loops, the oracle of every other backend.
     Scalar,
-    /// SIMD + rayon across key shards.
+    /// Rayon across key shards (see `panes_kernels::cpu`).
     Cpu,
     /// WGSL compute shaders through wgpu.
     Gpu,

@@ -17,7 +17,8 @@
 //! # Backends
 //! [`Backend`] has two implementations here: [`Scalar`], the reference (the oracle of
 //! the test suite), and [`Cpu`] (rayon across key shards for folds and large reads;
-//! see its docs for the SIMD variants that were measured and not kept). A wgpu backend plugs into the same trait behind the `gpu` feature.
+//! see its docs for the SIMD variants that were measured and not kept). A wgpu backend
+//! plugs into the same trait behind the `gpu` feature.
 //!
 //! # Design decision: pane partials, not per-event storage
 //! Windows are answered from per-pane partial aggregates (count, sum, shifted moments,
