@@ -272,6 +272,9 @@ fn demo(
     let start = Instant::now();
     let mut busy = Duration::ZERO;
     let mut last_print = Instant::now();
+    // A snapshot every quarter of the run (or every second with --forever).
+    let every = (events / 4).max(1);
+    let mut next_snapshot = every;
     let mut total = PushReport::default();
     let mut pushed = 0u64;
     while forever || pushed < events {
@@ -286,8 +289,14 @@ fn demo(
         busy += t.elapsed();
         total.absorb(&report);
         pushed += n as u64;
-        if last_print.elapsed() >= Duration::from_secs(1) || (!forever && pushed >= events) {
+        let due = if forever {
+            last_print.elapsed() >= Duration::from_secs(1)
+        } else {
+            pushed >= next_snapshot
+        };
+        if due {
             last_print = Instant::now();
+            next_snapshot += every;
             let frame = engine.read(&view, &hot_keys, None, None)?;
             let m = engine.metrics(&view)?;
             println!(
@@ -303,16 +312,16 @@ fn demo(
             );
             print!("  {:<14}", "card");
             for n in &frame.names {
-                print!(" {:>12}", truncate(n, 12));
+                print!(" {:>15}", truncate(n, 15));
             }
             println!();
             for (k, card) in hot.iter().enumerate() {
                 print!("  {card:<14}");
                 for f in 0..frame.names.len() {
                     if frame.valid[[k, f]] {
-                        print!(" {:>12.2}", frame.values[[k, f]]);
+                        print!(" {:>15.2}", frame.values[[k, f]]);
                     } else {
-                        print!(" {:>12}", "null");
+                        print!(" {:>15}", "null");
                     }
                 }
                 println!();
