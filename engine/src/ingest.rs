@@ -293,6 +293,22 @@ fn column<'b>(
         })
 }
 
+/// Finds column `name` of `batch` and views it with `new`, or says which column is
+/// missing or mistyped and what was expected.
+fn typed<'b, T>(
+    view: &CompiledView,
+    batch: &'b RecordBatch,
+    name: &str,
+    role: &str,
+    new: impl FnOnce(&'b dyn Array) -> std::result::Result<T, String>,
+) -> Result<T> {
+    new(column(view, batch, name, role)?).map_err(|m| PanesError::Schema {
+        view: view.spec.name.clone(),
+        column: name.to_string(),
+        message: format!("{role} column {m}"),
+    })
+}
+
 /// Decodes `batch` for `view`: rejected rows are counted, late rows are counted, and
 /// accepted rows are appended to `out` (their keys inserted into `keys`, the view's
 /// `max_ts` advanced).
@@ -314,23 +330,11 @@ pub(crate) fn ingest(
         Err(e)
     };
     let spec = &view.spec;
-    let key_col = match column(view, batch, &spec.key, "key").and_then(|a| {
-        KeyColumn::new(a).map_err(|m| PanesError::Schema {
-            view: spec.name.clone(),
-            column: spec.key.clone(),
-            message: format!("key column {m}"),
-        })
-    }) {
+    let key_col = match typed(view, batch, &spec.key, "key", KeyColumn::new) {
         Ok(k) => k,
         Err(e) => return schema_error(counters, e),
     };
-    let time_col = match column(view, batch, &spec.time, "time").and_then(|a| {
-        TimeColumn::new(a).map_err(|m| PanesError::Schema {
-            view: spec.name.clone(),
-            column: spec.time.clone(),
-            message: format!("time column {m}"),
-        })
-    }) {
+    let time_col = match typed(view, batch, &spec.time, "time", TimeColumn::new) {
         Ok(t) => t,
         Err(e) => return schema_error(counters, e),
     };
