@@ -193,7 +193,7 @@ pub fn backfill(
         let view = CompiledView::new(spec, options.shards);
         let mut core = ViewCore::new(&view)?;
         for b in events {
-            let pushed = core.ingest(&view, b)?;
+            let pushed = core.ingest(&view, b, 0)?;
             if options.dead_letter {
                 report
                     .dead_letter

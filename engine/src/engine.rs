@@ -107,6 +107,7 @@ struct View {
 /// is folded under the write lock, so a read sees all of a micro-batch or none of it.
 #[derive(Debug)]
 pub struct Engine {
+    file: FeatureFile,
     views: Vec<View>,
     backend: Arc<dyn Backend>,
     options: EngineOptions,
@@ -141,10 +142,21 @@ impl Engine {
             })
             .collect::<Result<_>>()?;
         Ok(Engine {
+            file: file.clone(),
             views,
             backend,
             options,
         })
+    }
+
+    /// The feature definitions the engine runs.
+    pub fn file(&self) -> &FeatureFile {
+        &self.file
+    }
+
+    /// The options the engine was built with.
+    pub fn options(&self) -> &EngineOptions {
+        &self.options
     }
 
     /// The backend in use.
@@ -185,6 +197,9 @@ impl Engine {
     ///
     /// Rows are validated and decided (accepted / late / rejected) now, in order; the
     /// accepted ones are folded with the pending micro-batch once it is full or old.
+    /// A batch larger than a micro-batch is taken in zero-copy slices of
+    /// `batch_rows`, so the memory a push needs does not grow with the batch. The
+    /// view stays locked for the whole push: a read sees all of it or none of it.
     ///
     /// # Errors
     /// [`PanesError::Schema`] when the batch lacks a column or has one of the wrong
@@ -192,15 +207,37 @@ impl Engine {
     pub fn push(&self, view: &str, batch: &RecordBatch) -> Result<PushReport> {
         let v = self.view(view)?;
         let mut core = self.lock(v)?;
-        let report = core.ingest(&v.compiled, batch)?;
-        let due = core.pending.len() >= self.options.batch_rows
-            || core
-                .pending_since
-                .is_some_and(|t| t.elapsed() >= self.options.batch_age);
-        if due {
-            core.fold_pending(self.backend.as_ref())?;
+        let rows = batch.num_rows();
+        let step = self.options.batch_rows.max(1);
+        let mut report = PushReport::default();
+        let mut offset = 0;
+        loop {
+            let len = step.min(rows - offset);
+            let part = batch.slice(offset, len);
+            match core.ingest(&v.compiled, &part, offset) {
+                Ok(r) => report.append(r),
+                Err(e) => {
+                    // Every slice has the batch's schema, so a schema error comes from
+                    // the first one; the rest of the batch is rejected with it.
+                    if matches!(e, PanesError::Schema { .. }) {
+                        core.counters.rejected[RejectReason::Schema as usize] +=
+                            (rows - offset - len) as u64;
+                    }
+                    return Err(e);
+                }
+            }
+            let due = core.pending.len() >= self.options.batch_rows
+                || core
+                    .pending_since
+                    .is_some_and(|t| t.elapsed() >= self.options.batch_age);
+            if due {
+                core.fold_pending(self.backend.as_ref())?;
+            }
+            offset += len;
+            if offset >= rows {
+                return Ok(report);
+            }
         }
-        Ok(report)
     }
 
     /// Folds every pending micro-batch now.

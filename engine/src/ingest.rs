@@ -109,6 +109,14 @@ pub struct PushReport {
 }
 
 impl PushReport {
+    /// Appends the report of the next slice of a pushed batch (its row numbers
+    /// already count from the start of the whole batch).
+    pub fn append(&mut self, o: PushReport) {
+        self.absorb(&o);
+        self.late_rows.extend(o.late_rows);
+        self.rejected_rows.extend(o.rejected_rows);
+    }
+
     /// Adds another report's counts (row indices are not merged).
     pub fn absorb(&mut self, o: &PushReport) {
         self.accepted += o.accepted;
@@ -311,7 +319,8 @@ fn typed<'b, T>(
 
 /// Decodes `batch` for `view`: rejected rows are counted, late rows are counted, and
 /// accepted rows are appended to `out` (their keys inserted into `keys`, the view's
-/// `max_ts` advanced).
+/// `max_ts` advanced). `offset` is the position of `batch` in the batch the caller
+/// pushed (when it is a slice of one); reported row numbers include it.
 ///
 /// # Errors
 /// [`PanesError::Schema`] when a column is missing or has the wrong type; every row of
@@ -319,6 +328,7 @@ fn typed<'b, T>(
 pub(crate) fn ingest(
     view: &CompiledView,
     batch: &RecordBatch,
+    offset: usize,
     keys: &mut KeyIndex,
     max_ts: &mut Option<i64>,
     out: &mut Decoded,
@@ -364,6 +374,7 @@ pub(crate) fn ingest(
     let mut accepted_ts: Vec<i64> = Vec::with_capacity(rows);
     let mut reject =
         |report: &mut PushReport, row: usize, reason: RejectReason, message: String| {
+            let row = row + offset;
             counters.rejected[reason as usize] += 1;
             report.rejected += 1;
             report.rejected_rows.push((row as u32, reason));
@@ -383,7 +394,7 @@ pub(crate) fn ingest(
                 &mut report,
                 i,
                 RejectReason::NullKey,
-                format!("row {i}: key column {:?} is null", spec.key),
+                format!("row {}: key column {:?} is null", i + offset, spec.key),
             );
             continue;
         }
@@ -394,7 +405,7 @@ pub(crate) fn ingest(
                     &mut report,
                     i,
                     RejectReason::NullTime,
-                    format!("row {i}: time column {:?} is null", spec.time),
+                    format!("row {}: time column {:?} is null", i + offset, spec.time),
                 );
                 continue;
             }
@@ -403,7 +414,7 @@ pub(crate) fn ingest(
                     &mut report,
                     i,
                     RejectReason::BadTime,
-                    format!("row {i}: time column {:?}: {m}", spec.time),
+                    format!("row {}: time column {:?}: {m}", i + offset, spec.time),
                 );
                 continue;
             }
@@ -412,7 +423,7 @@ pub(crate) fn ingest(
             && ts < m.saturating_sub(lateness)
         {
             report.late += 1;
-            report.late_rows.push(i as u32);
+            report.late_rows.push((i + offset) as u32);
             continue;
         }
         max = Some(max.map_or(ts, |m| m.max(ts)));

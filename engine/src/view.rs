@@ -151,11 +151,17 @@ impl ViewCore {
         })
     }
 
-    /// Decodes `batch` into the pending micro-batch.
-    pub fn ingest(&mut self, view: &CompiledView, batch: &RecordBatch) -> Result<PushReport> {
+    /// Decodes `batch` (at `offset` in the batch pushed) into the pending micro-batch.
+    pub fn ingest(
+        &mut self,
+        view: &CompiledView,
+        batch: &RecordBatch,
+        offset: usize,
+    ) -> Result<PushReport> {
         let report = ingest(
             view,
             batch,
+            offset,
             &mut self.keys,
             &mut self.max_ts,
             &mut self.pending,

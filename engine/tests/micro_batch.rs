@@ -118,3 +118,41 @@ fn reads_never_see_part_of_a_micro_batch() {
     let f = e.read("v", &keys, None, None).unwrap();
     assert_eq!(f.values[[0, 0]], 200.0 * ROWS as f64);
 }
+
+/// A batch larger than a micro-batch is taken in slices: the same report (row numbers
+/// of the whole batch), counters and features as when it fits in one.
+#[test]
+fn large_pushes_are_sliced_with_whole_batch_row_numbers() {
+    let rows = 1_000usize;
+    let ts: Vec<Option<i64>> = (0..rows as i64)
+        .map(|i| match i {
+            _ if i % 97 == 13 => None,  // null time
+            _ if i % 89 == 7 => Some(0), // late once the lateness bound (0) is passed
+            _ => Some(i),
+        })
+        .collect();
+    let b = RecordBatch::try_from_iter([
+        ("k", Arc::new(Int64Array::from(vec![1; rows])) as _),
+        ("ts", Arc::new(Int64Array::from(ts)) as _),
+        ("x", Arc::new(Float64Array::from(vec![1.0; rows])) as _),
+    ])
+    .unwrap();
+    let whole = engine(1_000_000, Duration::from_secs(3600));
+    let sliced = engine(64, Duration::from_secs(3600));
+    let a = whole.push("v", &b).unwrap();
+    let s = sliced.push("v", &b).unwrap();
+    assert!(a.late > 0 && a.rejected > 0, "{a:?}");
+    assert_eq!(a, s, "same report, row numbers of the whole batch");
+    assert_eq!(
+        whole.metrics("v").unwrap().counters,
+        sliced.metrics("v").unwrap().counters
+    );
+    assert!(
+        sliced.metrics("v").unwrap().pending < 64,
+        "folded slice by slice"
+    );
+    let key = Int64Array::from(vec![1]);
+    let fa = whole.read("v", &key, None, None).unwrap();
+    let fs = sliced.read("v", &key, None, None).unwrap();
+    assert_eq!(fa.values, fs.values);
+}
