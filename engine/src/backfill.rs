@@ -15,12 +15,12 @@
 use std::io::IsTerminal;
 use std::sync::Arc;
 
-use arrow_array::{ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray, UInt32Array};
-use arrow_buffer::NullBuffer;
+use arrow_array::{ArrayRef, RecordBatch, StringArray, UInt32Array};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use indicatif::{ProgressBar, ProgressStyle};
 use panes_kernels::{Agg, Backend, FoldBatch, MergeOutput, ReadStatus};
 
+use crate::engine::{feature_column, feature_field};
 use crate::error::{PanesError, Result};
 use crate::ingest::{Decoded, PushReport, TimeColumn, ViewCounters};
 use crate::keys::KeyColumn;
@@ -254,30 +254,16 @@ pub fn backfill(
                     feat.0
                 )));
             }
-            let is_count = feat.1 == Agg::Count;
-            fields.push(Field::new(
-                feat.0.clone(),
-                if is_count {
-                    DataType::Int64
-                } else {
-                    DataType::Float64
-                },
-                true,
-            ));
+            fields.push(feature_field(&feat.0, feat.1));
             let mut start = 0;
             for (b, cols) in spine.iter().zip(columns.iter_mut()) {
                 let n = b.num_rows();
                 let range = start..start + n;
                 start += n;
-                let col: ArrayRef = if is_count {
-                    Arc::new(Int64Array::from_iter(
-                        range.map(|r| valid[r * nf + f].then(|| values[r * nf + f] as i64)),
-                    ))
-                } else {
-                    let v: Vec<f64> = range.clone().map(|r| values[r * nf + f]).collect();
-                    let nulls = NullBuffer::from_iter(range.map(|r| valid[r * nf + f]));
-                    Arc::new(Float64Array::new(v.into(), Some(nulls)))
-                };
+                let col = feature_column(
+                    feat.1,
+                    range.map(|r| (values[r * nf + f], valid[r * nf + f])),
+                );
                 cols.push(col);
             }
         }

@@ -3,9 +3,11 @@
 use std::sync::{Arc, RwLock, RwLockWriteGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use arrow_array::{Array, RecordBatch};
+use arrow_array::{Array, ArrayRef, Float64Array, Int64Array, RecordBatch};
+use arrow_buffer::NullBuffer;
+use arrow_schema::{DataType, Field, Schema};
 use ndarray::Array2;
-use panes_kernels::{Backend, BackendKind, MergeOutput};
+use panes_kernels::{Agg, Backend, BackendKind, MergeOutput};
 
 use crate::error::{PanesError, Result};
 use crate::ingest::{PushReport, RejectReason, ViewCounters};
@@ -62,6 +64,32 @@ pub struct FeatureFrame {
     pub valid: Array2<bool>,
     /// The read time, epoch ms.
     pub at: i64,
+}
+
+/// The output field of a feature: `count` as Int64, every other aggregation as
+/// Float64; nullable.
+pub fn feature_field(name: &str, agg: Agg) -> Field {
+    let ty = if agg == Agg::Count {
+        DataType::Int64
+    } else {
+        DataType::Float64
+    };
+    Field::new(name, ty, true)
+}
+
+/// The output column of a feature from `(value, valid)` pairs, typed as
+/// [`feature_field`]; null where not valid.
+pub fn feature_column(agg: Agg, rows: impl Iterator<Item = (f64, bool)>) -> ArrayRef {
+    if agg == Agg::Count {
+        Arc::new(Int64Array::from_iter(
+            rows.map(|(v, ok)| ok.then_some(v as i64)),
+        ))
+    } else {
+        let (values, valid): (Vec<f64>, Vec<bool>) = rows.unzip();
+        let nulls = NullBuffer::from(valid);
+        let nulls = (nulls.null_count() > 0).then_some(nulls);
+        Arc::new(Float64Array::new(values.into(), nulls))
+    }
 }
 
 /// A point-in-time snapshot of a view's counters and state size.
@@ -205,6 +233,15 @@ impl Engine {
     /// [`PanesError::Schema`] when the batch lacks a column or has one of the wrong
     /// type (the whole batch is rejected and counted); unknown view.
     pub fn push(&self, view: &str, batch: &RecordBatch) -> Result<PushReport> {
+        self.push_at(view, batch, 0)
+    }
+
+    /// Like [`Engine::push`], for a batch that starts at row `first_row` of a longer
+    /// stream: reported row numbers count from the stream's start.
+    ///
+    /// # Errors
+    /// As [`Engine::push`].
+    pub fn push_at(&self, view: &str, batch: &RecordBatch, first_row: usize) -> Result<PushReport> {
         let v = self.view(view)?;
         let mut core = self.lock(v)?;
         let rows = batch.num_rows();
@@ -214,7 +251,7 @@ impl Engine {
         loop {
             let len = step.min(rows - offset);
             let part = batch.slice(offset, len);
-            match core.ingest(&v.compiled, &part, offset) {
+            match core.ingest(&v.compiled, &part, first_row + offset) {
                 Ok(r) => report.append(r),
                 Err(e) => {
                     // Every slice has the batch's schema, so a schema error comes from
@@ -349,6 +386,40 @@ impl Engine {
             valid,
             at,
         })
+    }
+
+    /// Like [`Engine::read`], as a record batch: the keys as given (column named by
+    /// the view's key), then one column per feature (see [`feature_field`]).
+    ///
+    /// # Errors
+    /// As [`Engine::read`].
+    pub fn read_batch(
+        &self,
+        view: &str,
+        keys: &ArrayRef,
+        at: Option<i64>,
+        features: Option<&[&str]>,
+    ) -> Result<(RecordBatch, i64)> {
+        let frame = self.read(view, keys.as_ref(), at, features)?;
+        let compiled = &self.view(view)?.compiled;
+        let mut fields = vec![Field::new(
+            compiled.spec.key.clone(),
+            keys.data_type().clone(),
+            true,
+        )];
+        let mut columns = vec![keys.clone()];
+        for (j, name) in frame.names.iter().enumerate() {
+            let agg = compiled.spec.features[compiled.feature_index(name)?].agg;
+            fields.push(feature_field(name, agg));
+            let col = frame.values.column(j);
+            let valid = frame.valid.column(j);
+            columns.push(feature_column(
+                agg,
+                col.iter().zip(valid.iter()).map(|(v, ok)| (*v, *ok)),
+            ));
+        }
+        let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?;
+        Ok((batch, frame.at))
     }
 
     /// Counters and sizes of `view`.

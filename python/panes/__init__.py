@@ -1,0 +1,392 @@
+"""Panes: a real-time ML feature engine.
+
+Define per-entity windowed features, push events (pyarrow, polars, pandas — anything
+with the Arrow PyCapsule interface), read fresh feature vectors, and backfill
+point-in-time training sets with the same code.
+
+>>> import panes, polars as pl
+>>> engine = panes.Engine([
+...     panes.View("cards", key="card", time="ts", pane="10s", features=[
+...         panes.count(window="5m", name="n_5m"),
+...         panes.mean("amount", window="1h", hop="1m", name="amount_mean_1h"),
+...     ])
+... ])
+>>> report = engine.push(pl.DataFrame({"card": [1, 1, 2], "ts": [0, 1000, 2000],
+...                                    "amount": [10.0, 30.0, 5.0]}))
+>>> report.accepted
+3
+>>> engine.read([1, 2]).rows()
+[(1, 2, 20.0), (2, 1, 5.0)]
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, overload
+
+import numpy as np
+import polars as pl
+
+from . import _core
+from ._defs import (
+    Duration,
+    Feature,
+    View,
+    count,
+    last,
+    max,
+    mean,
+    min,
+    std,
+    sum,
+    var,
+)
+from ._errors import (
+    BackendError,
+    DataError,
+    InexactReadError,
+    InternalError,
+    PanesError,
+    PanesFileError,
+    SchemaError,
+    SpecError,
+    UnknownFeatureError,
+    UnknownViewError,
+)
+
+__version__: str = _core.__version__
+
+Time = int | _dt.datetime | _dt.date | np.datetime64
+"""A read time: epoch milliseconds, a ``datetime`` (naive means UTC), a ``date``
+(its midnight UTC) or a ``numpy.datetime64``."""
+
+
+def _epoch_ms(at: Time | None) -> int | None:
+    if at is None:
+        return None
+    if isinstance(at, bool):
+        raise TypeError(f"at: expected a time, got {at!r}")
+    if isinstance(at, int | np.integer):
+        return int(at)
+    if isinstance(at, np.datetime64):
+        return int(at.astype("datetime64[ms]").astype(np.int64))
+    if isinstance(at, _dt.datetime):
+        if at.tzinfo is None:
+            at = at.replace(tzinfo=_dt.UTC)
+        return (at - _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)) // _dt.timedelta(milliseconds=1)
+    if isinstance(at, _dt.date):
+        return (at - _dt.date(1970, 1, 1)).days * 86_400_000
+    raise TypeError(f"at: expected epoch ms, datetime, date or numpy.datetime64; got {at!r}")
+
+
+def _is_arrow(data: object) -> bool:
+    return hasattr(data, "__arrow_c_stream__") or hasattr(data, "__arrow_c_array__")
+
+
+def _arrow_input(data: object, what: str) -> object:
+    if _is_arrow(data):
+        return data
+    raise DataError(
+        f"{what}: expected Arrow data (pyarrow Table / RecordBatch / RecordBatchReader, "
+        f"a polars or pandas DataFrame, anything with __arrow_c_stream__ or "
+        f"__arrow_c_array__); got {type(data).__name__}"
+    )
+
+
+def _keys(keys: object) -> object:
+    if isinstance(keys, np.ndarray):
+        if keys.ndim != 1:
+            raise DataError(f"keys: expected a 1-D array, got shape {keys.shape}")
+        if keys.dtype.kind in "iu":
+            if keys.dtype.kind == "u" and keys.size and keys.max() > np.iinfo(np.int64).max:
+                return keys.tolist()
+            return np.ascontiguousarray(keys, dtype=np.int64)
+        return keys.tolist()
+    return keys
+
+
+@dataclass(frozen=True)
+class PushReport:
+    """What a push did: rows accepted, late (behind the watermark) and rejected (null
+    key, null or unparsable time), with the first rejections as ``(row, reason,
+    message)``."""
+
+    view: str
+    accepted: int
+    late: int
+    rejected: int
+    rejections: list[tuple[int, str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class BackfillResult:
+    """A backfill's output: the spine with one column per feature, the events that
+    were late or rejected (with ``panes_view`` and ``panes_reason``; only with
+    ``dead_letter=True``) and per-view counts."""
+
+    features: pl.DataFrame
+    dead_letter: pl.DataFrame | None
+    report: dict[str, Any]
+
+
+class Engine:
+    """The feature engine: views, their pane state, and a compute backend.
+
+    ``backend`` is ``"scalar"``, ``"cpu"``, ``"gpu"`` or ``"auto"`` (default: the
+    ``PANES_BACKEND`` environment variable, else ``auto``). Pending events are folded
+    into state once ``batch_rows`` of them wait or the oldest waited ``batch_age``
+    seconds; a read always sees every event pushed before it.
+
+    An engine is safe to use from several threads; long calls release the GIL.
+    """
+
+    def __init__(
+        self,
+        views: Sequence[View] | View,
+        *,
+        backend: str | None = None,
+        shards: int = 32,
+        batch_rows: int = 65536,
+        batch_age: float = 0.05,
+    ) -> None:
+        if isinstance(views, View):
+            views = [views]
+        for v in views:
+            if not isinstance(v, View):
+                raise TypeError(f"views: expected panes.View values, got {v!r}")
+        toml = "\n".join(v.to_toml() for v in views)
+        self._init(toml, "<python>", backend, shards, batch_rows, batch_age)
+
+    def _init(
+        self,
+        toml: str,
+        origin: str,
+        backend: str | None,
+        shards: int,
+        batch_rows: int,
+        batch_age: float,
+    ) -> None:
+        self._core = _core.Engine(
+            toml,
+            origin=origin,
+            backend=backend,
+            shards=shards,
+            batch_rows=batch_rows,
+            batch_age_ms=round(batch_age * 1000),
+        )
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str], **options: Any) -> Engine:
+        """An engine for the feature file at ``path`` (same options as ``Engine()``)."""
+        path = os.fspath(path)
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        return cls._from_text(text, path, **options)
+
+    @classmethod
+    def from_toml_str(cls, text: str, **options: Any) -> Engine:
+        """An engine for feature definitions given as TOML text."""
+        return cls._from_text(text, "<string>", **options)
+
+    @classmethod
+    def _from_text(
+        cls,
+        text: str,
+        origin: str,
+        *,
+        backend: str | None = None,
+        shards: int = 32,
+        batch_rows: int = 65536,
+        batch_age: float = 0.05,
+    ) -> Engine:
+        engine = cls.__new__(cls)
+        engine._init(text, origin, backend, shards, batch_rows, batch_age)
+        return engine
+
+    @property
+    def backend(self) -> str:
+        """The backend in use (``scalar``, ``cpu`` or ``gpu``)."""
+        return self._core.backend
+
+    @property
+    def views(self) -> list[View]:
+        """The views, with every default filled in."""
+        return [
+            View(
+                name=v["name"],
+                key=v["key"],
+                time=v["time"],
+                pane=v["pane"],
+                allowed_lateness=v["allowed_lateness"],
+                read_time=v["read_time"],
+                features=[Feature(**f) for f in v["features"]],
+            )
+            for v in self._core.views()
+        ]
+
+    def to_toml(self) -> str:
+        """The definitions as a feature file; ``Engine.from_toml_str`` of it gives the
+        same engine."""
+        return self._core.to_toml()
+
+    def push(self, data: object, view: str | None = None) -> PushReport:
+        """Pushes events into ``view`` (default: the view whose key and time columns
+        ``data`` has).
+
+        ``data`` is a pyarrow Table / RecordBatch / RecordBatchReader, a polars or
+        pandas DataFrame — anything exporting ``__arrow_c_stream__`` or
+        ``__arrow_c_array__``. Primitive columns are read in place, without a copy.
+
+        Bad rows do not raise: they are counted and reported (``rejected``,
+        ``rejections``). A missing or mistyped column raises :class:`SchemaError`.
+        """
+        report = self._core.push(_arrow_input(data, "push"), view)
+        return PushReport(**report)
+
+    def flush(self) -> None:
+        """Folds every pending micro-batch now (reads do this themselves)."""
+        self._core.flush()
+
+    @overload
+    def read(
+        self,
+        keys: object,
+        at: Time | None = ...,
+        features: Sequence[str] | None = ...,
+        *,
+        view: str | None = ...,
+        as_numpy: Literal[False] = ...,
+    ) -> pl.DataFrame: ...
+
+    @overload
+    def read(
+        self,
+        keys: object,
+        at: Time | None = ...,
+        features: Sequence[str] | None = ...,
+        *,
+        view: str | None = ...,
+        as_numpy: Literal[True],
+    ) -> np.ndarray[Any, np.dtype[np.float64]]: ...
+
+    def read(
+        self,
+        keys: object,
+        at: Time | None = None,
+        features: Sequence[str] | None = None,
+        *,
+        view: str | None = None,
+        as_numpy: bool = False,
+    ) -> pl.DataFrame | np.ndarray[Any, np.dtype[np.float64]]:
+        """Feature values of ``keys`` as of ``at`` (default: the view's read time).
+
+        ``keys``: a list, numpy array, pyarrow array or polars Series of the view's
+        key type. ``features`` selects and orders features (default: all of the
+        view's); ``view`` is needed only when the engine has several views and
+        ``features`` does not say which. Unknown keys get empty-window values
+        (``count``/``sum`` 0, others null).
+
+        Returns a polars DataFrame (the key column, then one column per feature:
+        ``count`` as Int64, others Float64), or with ``as_numpy=True`` a 2-D float64
+        array ``keys × features`` with NaN for null.
+        """
+        ms = _epoch_ms(at)
+        names = None if features is None else [str(f) for f in features]
+        if as_numpy:
+            values, _, _ = self._core.read_numpy(_keys(keys), view, ms, names)
+            return values
+        table, _ = self._core.read(_keys(keys), view, ms, names)
+        return pl.DataFrame(table)
+
+    def backfill(
+        self,
+        events: object,
+        spine: object,
+        at_column: str = "ts",
+        *,
+        dead_letter: bool = False,
+    ) -> pl.DataFrame:
+        """Point-in-time features for a spine of ``(key, time)`` rows: the training-set
+        generator.
+
+        ``events`` are replayed in order through the same ingest as :meth:`push`
+        (lateness included); each spine row gets, for every view whose key column it
+        has, the values a read at its ``at_column`` time returns once every non-late
+        event up to that time is in. ``events`` and ``spine`` are Arrow data (as for
+        :meth:`push`) or paths of Parquet, CSV or Arrow IPC files. The engine's own
+        state is not touched.
+
+        Returns the spine's columns, in its row order, plus one column per feature.
+        Use :meth:`backfill_report` for the dead letters and counts.
+        """
+        return self.backfill_report(events, spine, at_column, dead_letter=dead_letter).features
+
+    def backfill_report(
+        self,
+        events: object,
+        spine: object,
+        at_column: str = "ts",
+        *,
+        dead_letter: bool = False,
+    ) -> BackfillResult:
+        """Like :meth:`backfill`, with the dead letters (``dead_letter=True``) and
+        per-view counts."""
+
+        def source(x: object, what: str) -> object:
+            if isinstance(x, str | os.PathLike):
+                return os.fspath(x)
+            return _arrow_input(x, what)
+
+        table, dead, report = self._core.backfill(
+            source(events, "events"), source(spine, "spine"), at_column, dead_letter
+        )
+        return BackfillResult(
+            features=pl.DataFrame(table),
+            dead_letter=None if dead is None else pl.DataFrame(dead),
+            report=report,
+        )
+
+    def metrics(self) -> dict[str, dict[str, Any]]:
+        """Per view: events accepted, late, rejected by reason, null / NaN values
+        skipped, keys, state bytes, latest event time, watermark, pending events and
+        the backend."""
+        return self._core.metrics()
+
+    def __repr__(self) -> str:
+        views = self.views
+        lines = [f"<panes.Engine backend={self.backend}, {len(views)} view(s)>"]
+        for v in views:
+            lines.extend("  " + line for line in repr(v).splitlines())
+        return "\n".join(lines)
+
+
+__all__ = [
+    "BackendError",
+    "BackfillResult",
+    "DataError",
+    "Duration",
+    "Engine",
+    "Feature",
+    "InexactReadError",
+    "InternalError",
+    "PanesError",
+    "PanesFileError",
+    "PushReport",
+    "SchemaError",
+    "SpecError",
+    "Time",
+    "UnknownFeatureError",
+    "UnknownViewError",
+    "View",
+    "count",
+    "last",
+    "max",
+    "mean",
+    "min",
+    "std",
+    "sum",
+    "var",
+]

@@ -1,0 +1,213 @@
+"""Feature definitions in Python, mirroring the TOML feature file field by field.
+
+They are plain data: ``View.to_toml()`` renders them, and the engine parses and
+validates that text with the same code as a feature file, so both give the same
+errors.
+"""
+
+from __future__ import annotations
+
+import builtins
+import datetime as _dt
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+Duration = str | int | _dt.timedelta
+"""A duration: ``"5m"``, ``"90s"``, ``"1h"`` (units ms, s, m, h, d), integer
+milliseconds, or a :class:`datetime.timedelta`."""
+
+
+def _duration(value: Duration, what: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, _dt.timedelta):
+        ms, rest = divmod(value, _dt.timedelta(milliseconds=1))
+        if rest:
+            raise ValueError(f"{what}: {value!r} is not a whole number of milliseconds")
+        return f"{ms}ms"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value}ms"
+    raise TypeError(f"{what}: expected a duration such as '5m', int ms or timedelta; got {value!r}")
+
+
+def _q(s: str) -> str:
+    # A JSON string is a valid TOML basic string.
+    return json.dumps(s, ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One feature of a view: an aggregation of a column over a window.
+
+    Build features with :func:`count`, :func:`sum`, :func:`mean`, :func:`min`,
+    :func:`max`, :func:`var`, :func:`std` and :func:`last`.
+    """
+
+    name: str
+    agg: str
+    column: str | None
+    window: str
+    hop: str | None = None
+
+    def to_toml(self) -> str:
+        """The feature as a ``[[views.features]]`` table."""
+        lines = ["[[views.features]]", f"name = {_q(self.name)}", f"agg = {_q(self.agg)}"]
+        if self.column is not None:
+            lines.append(f"column = {_q(self.column)}")
+        lines.append(f"window = {_q(self.window)}")
+        if self.hop is not None:
+            lines.append(f"hop = {_q(self.hop)}")
+        return "\n".join(lines) + "\n"
+
+    def __repr__(self) -> str:
+        what = f"{self.agg}({self.column})" if self.column else f"{self.agg}()"
+        hop = f", hop={self.hop}" if self.hop else ""
+        return f"<Feature {self.name}: {what} over {self.window}{hop}>"
+
+
+def _feature(
+    agg: str,
+    column: str | None,
+    window: Duration,
+    hop: Duration | None,
+    name: str | None,
+) -> Feature:
+    w = window if window == "lifetime" else _duration(window, "window")
+    h = None if hop is None else _duration(hop, "hop")
+    if name is None:
+        name = f"{agg}_{w}" if column is None else f"{column}_{agg}_{w}"
+    return Feature(name=name, agg=agg, column=column, window=w, hop=h)
+
+
+def count(
+    column: str | None = None,
+    *,
+    window: Duration,
+    hop: Duration | None = None,
+    name: str | None = None,
+) -> Feature:
+    """Number of events in the window; with ``column``, of its non-null, non-NaN values.
+
+    >>> import panes
+    >>> panes.count(window="5m")
+    <Feature count_5m: count() over 5m>
+    """
+    return _feature("count", column, window, hop, name)
+
+
+def sum(
+    column: str, *, window: Duration, hop: Duration | None = None, name: str | None = None
+) -> Feature:
+    """Sum of ``column`` over the window (0 when empty).
+
+    >>> import panes
+    >>> panes.sum("amount", window="1h", hop="5m")
+    <Feature amount_sum_1h: sum(amount) over 1h, hop=5m>
+    """
+    return _feature("sum", column, window, hop, name)
+
+
+def mean(
+    column: str, *, window: Duration, hop: Duration | None = None, name: str | None = None
+) -> Feature:
+    """Mean of ``column`` over the window (null when empty).
+
+    >>> import panes
+    >>> panes.mean("amount", window="1h", hop="1m", name="amount_mean_1h")
+    <Feature amount_mean_1h: mean(amount) over 1h, hop=1m>
+    """
+    return _feature("mean", column, window, hop, name)
+
+
+def min(
+    column: str, *, window: Duration, hop: Duration | None = None, name: str | None = None
+) -> Feature:
+    """Smallest value of ``column`` in the window (null when empty)."""
+    return _feature("min", column, window, hop, name)
+
+
+def max(
+    column: str, *, window: Duration, hop: Duration | None = None, name: str | None = None
+) -> Feature:
+    """Largest value of ``column`` in the window (null when empty)."""
+    return _feature("max", column, window, hop, name)
+
+
+def var(
+    column: str, *, window: Duration, hop: Duration | None = None, name: str | None = None
+) -> Feature:
+    """Sample variance (n − 1) of ``column`` in the window (null for fewer than 2 values)."""
+    return _feature("var", column, window, hop, name)
+
+
+def std(
+    column: str, *, window: Duration, hop: Duration | None = None, name: str | None = None
+) -> Feature:
+    """Sample standard deviation of ``column`` in the window (null for fewer than 2 values)."""
+    return _feature("std", column, window, hop, name)
+
+
+def last(
+    column: str, *, window: Duration, hop: Duration | None = None, name: str | None = None
+) -> Feature:
+    """Value of ``column`` of the latest event in the window (ties: the one pushed last)."""
+    return _feature("last", column, window, hop, name)
+
+
+@dataclass(frozen=True)
+class View:
+    """One event stream with one entity key, and its features.
+
+    >>> import panes
+    >>> v = panes.View("cards", key="card", time="ts", pane="10s",
+    ...                features=[panes.count(window="5m")])
+    >>> print(v.to_toml().splitlines()[1])
+    name = "cards"
+    """
+
+    name: str
+    key: str
+    time: str
+    features: Sequence[Feature] = field(default_factory=tuple)
+    pane: Duration = "1s"
+    allowed_lateness: Duration = "0s"
+    read_time: str = "event_time"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "features", tuple(self.features))
+        object.__setattr__(self, "pane", _duration(self.pane, "pane"))
+        object.__setattr__(
+            self, "allowed_lateness", _duration(self.allowed_lateness, "allowed_lateness")
+        )
+        for f in self.features:
+            if not isinstance(f, Feature):
+                raise TypeError(
+                    f"view {self.name!r}: features must be panes.Feature values "
+                    f"(from panes.count, panes.mean, ...); got {f!r}"
+                )
+
+    def to_toml(self) -> str:
+        """The view as a ``[[views]]`` table with its features."""
+        head = [
+            "[[views]]",
+            f"name = {_q(self.name)}",
+            f"key = {_q(self.key)}",
+            f"time = {_q(self.time)}",
+            f"pane = {_q(str(self.pane))}",
+            f"allowed_lateness = {_q(str(self.allowed_lateness))}",
+            f"read_time = {_q(self.read_time)}",
+        ]
+        return "\n".join(head) + "\n\n" + "\n".join(f.to_toml() for f in self.features)
+
+    def __repr__(self) -> str:
+        lines = [
+            f"<View {self.name}: key={self.key}, time={self.time}, pane={self.pane}, "
+            f"allowed_lateness={self.allowed_lateness}, read_time={self.read_time}>"
+        ]
+        width = builtins.max((len(f.name) for f in self.features), default=0)
+        for f in self.features:
+            what = f"{f.agg}({f.column})" if f.column else f"{f.agg}()"
+            hop = f" hop {f.hop}" if f.hop else ""
+            lines.append(f"  {f.name:<{width}}  {what} over {f.window}{hop}")
+        return "\n".join(lines)

@@ -1,0 +1,154 @@
+"""An independent oracle of Panes' semantics (DESIGN §3), written in DuckDB SQL.
+
+No code is shared with Panes: lateness comes from a running maximum of event time in
+arrival order, windows from pane arithmetic in a join, `last` from (time, arrival).
+Inputs and answers are Arrow tables / numpy arrays.
+"""
+
+from __future__ import annotations
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+LATENESS_MS = 3_000
+BASE_MS = 1_767_225_600_000  # 2026-01-01
+
+# name, agg, column, window (ms, None = lifetime), hop (ms): every aggregation, with
+# sliding, tumbling (hop = window) and lifetime windows.
+FEATURES = [
+    ("rows_1m", "count", None, 60_000, 10_000),
+    ("amount_sum_1m", "sum", "amount", 60_000, 10_000),
+    ("amount_mean_5m", "mean", "amount", 300_000, 60_000),
+    ("amount_min_5m_tumbling", "min", "amount", 300_000, 300_000),
+    ("amount_max_1h", "max", "amount", 3_600_000, 300_000),
+    ("amount_var_1h", "var", "amount", 3_600_000, 300_000),
+    ("amount_std_1h", "std", "amount", 3_600_000, 300_000),
+    ("amount_last", "last", "amount", None, 10_000),
+    ("amount_count_lifetime", "count", "amount", None, 10_000),
+    ("amount_sum_10s_tumbling", "sum", "amount", 10_000, 10_000),
+]
+
+SQL_AGG = {
+    ("count", None): "count(a.t)",
+    ("count", "amount"): "count(a.amount)",
+    ("sum", "amount"): "coalesce(sum(a.amount), 0)",
+    ("mean", "amount"): "avg(a.amount)",
+    ("min", "amount"): "min(a.amount)",
+    ("max", "amount"): "max(a.amount)",
+    ("var", "amount"): "var_samp(a.amount)",
+    ("std", "amount"): "stddev_samp(a.amount)",
+    # Greatest time, ties to the event that arrived last; nulls skipped.
+    ("last", "amount"): "arg_max(a.amount, a.t::HUGEINT * 100000000 + a.seq) FILTER (WHERE a.amount IS NOT NULL)",
+}
+
+EXACT_AGGS = ("count", "min", "max", "last")
+
+
+def feature_file() -> str:
+    """The features above as a feature file (view `cards`, key `card`, time `ts`)."""
+    out = [
+        "[[views]]",
+        'name = "cards"',
+        'key = "card"',
+        'time = "ts"',
+        'pane = "10s"',
+        f'allowed_lateness = "{LATENESS_MS}ms"',
+    ]
+    for name, agg, column, window, hop in FEATURES:
+        out += ["", "[[views.features]]", f'name = "{name}"', f'agg = "{agg}"']
+        if column:
+            out.append(f'column = "{column}"')
+        out.append(f'window = "{window}ms"' if window else 'window = "lifetime"')
+        out.append(f'hop = "{hop}ms"')
+    return "\n".join(out) + "\n"
+
+
+def make_events(rng: np.random.Generator, n: int, keys: int = 500, bad: bool = True) -> pa.Table:
+    """Card transactions, 50 ms apart, 20 % of them up to 6 s out of order (some
+    late), with null keys, times and amounts when `bad`. `seq` is the arrival order."""
+    seq = np.arange(n)
+    jitter = np.where(rng.random(n) < 0.2, rng.integers(0, 6_000, n), 0)
+    ts = BASE_MS + seq * 50 - jitter
+    card = rng.zipf(1.3, n) % keys
+    p = 0.001 if bad else 0.0
+    return pa.table(
+        {
+            "seq": pa.array(seq, pa.int64()),
+            "card": pa.array(card, pa.int64(), mask=rng.random(n) < p),
+            "ts": pa.array(ts, pa.int64(), mask=rng.random(n) < p).cast(pa.timestamp("ms", tz="UTC")),
+            "amount": pa.array(np.round(rng.normal(100, 30, n), 2), mask=rng.random(n) < 20 * p),
+        }
+    )
+
+
+def make_spine(rng: np.random.Generator, m: int, t_max: int, keys: int = 520) -> pa.Table:
+    """Random `(card, ts)` rows (Int32 keys, naive ms timestamps, a few null times)."""
+    at = rng.integers(BASE_MS - 60_000, t_max + 3_600_000, m)
+    return pa.table(
+        {
+            "label": pa.array(np.arange(m), pa.int64()),
+            # Int32 spine keys must find Int64 event keys.
+            "card": pa.array(rng.integers(0, keys, m), pa.int32()),
+            "ts": pa.array(at, pa.int64(), mask=rng.random(m) < 0.002).cast(pa.timestamp("ms")),
+        }
+    )
+
+
+def oracle(events: pa.Table, spine: pa.Table) -> dict[str, np.ndarray]:
+    """Each feature for each spine row (NaN for null), indexed by the spine's `label`
+    column (0..rows)."""
+    con = duckdb.connect()
+    con.register("events_in", events)
+    con.register("spine_in", spine)
+    con.execute(
+        f"""
+        CREATE TABLE acc AS
+        WITH valid AS (
+            SELECT seq, card, epoch_ms(ts) AS t, amount
+            FROM events_in
+            WHERE card IS NOT NULL AND ts IS NOT NULL
+        ), marked AS (
+            SELECT *, max(t) OVER (ORDER BY seq ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev_max
+            FROM valid
+        )
+        SELECT seq, card, t, amount FROM marked
+        WHERE prev_max IS NULL OR t >= prev_max - {LATENESS_MS}
+        """
+    )
+    con.execute(
+        "CREATE TABLE spine AS SELECT label, card, epoch_ms(ts::TIMESTAMP) AS at FROM spine_in"
+    )
+    rows_n = spine.num_rows
+    out = {}
+    for name, agg, column, window, hop in FEATURES:
+        cond = "a.t <= s.at"
+        if window:
+            cond += f" AND a.t // {hop} >= s.at // {hop} - {window // hop} + 1"
+        rows = con.execute(
+            f"""
+            SELECT s.label, {SQL_AGG[(agg, column)]} AS v
+            FROM spine s LEFT JOIN acc a ON a.card = s.card AND {cond}
+            WHERE s.at IS NOT NULL
+            GROUP BY s.label
+            """
+        ).fetchall()
+        v = np.full(rows_n, np.nan)
+        for label, value in rows:
+            v[label] = np.nan if value is None else float(value)
+        out[name] = v
+    return out
+
+
+def assert_features_equal(got: dict[str, np.ndarray], want: dict[str, np.ndarray], what: str) -> None:
+    """Exact for count/min/max/last, 1e-9 relative for the rest; same nulls."""
+    for name, agg, *_ in FEATURES:
+        g = np.asarray(got[name], dtype=float)
+        w = want[name]
+        assert g.shape == w.shape, f"{what} {name}: {g.shape} rows, expected {w.shape}"
+        assert np.array_equal(np.isnan(g), np.isnan(w)), f"{what} {name}: null pattern differs"
+        ok = ~np.isnan(w)
+        if agg in EXACT_AGGS:
+            np.testing.assert_array_equal(g[ok], w[ok], err_msg=f"{what} {name}")
+        else:
+            np.testing.assert_allclose(g[ok], w[ok], rtol=1e-9, atol=1e-9, err_msg=f"{what} {name}")
