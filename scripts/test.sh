@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Every test of Panes, Rust and Python, on a fresh Debian machine with the Rust
 # toolchain: installs what the tests need, then formatting, lints, unit, integration
-# and doc tests, a demo smoke run, and the Python suite (a DuckDB SQL oracle).
+# and doc tests, a demo smoke run, the Python package built and installed with
+# `pip install ./python` into a venv, and the Python suite (oracles in DuckDB SQL,
+# stub checks, examples).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,4 +42,6 @@ if [[ ! -x .venv/bin/python ]]; then
   python3 -m venv .venv
 fi
 .venv/bin/pip install -q --disable-pip-version-check -r python/requirements-test.txt
+log "pip install ./python (the extension module, built in release)"
+.venv/bin/pip install -q --disable-pip-version-check --force-reinstall --no-deps ./python
 PANES_BIN="$PWD/target/debug/panes" .venv/bin/python -m pytest -q python/tests

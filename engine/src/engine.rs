@@ -368,6 +368,10 @@ impl Engine {
             ReadTime::EventTime => core.max_ts.unwrap_or(0),
             ReadTime::WallClock => now_ms(),
         });
+        crate::error::ensure!(
+            at.unsigned_abs() <= panes_kernels::MAX_TIME_MS,
+            "read time {at} ms is out of range: times must lie within ±2^60 ms of the epoch"
+        );
         let mut out = MergeOutput::default();
         self.backend
             .merge(&core.state, &merges, ids, at, &mut out)?;

@@ -65,9 +65,7 @@ pub mod synth;
 pub mod view;
 
 pub use backfill::{BackfillOptions, BackfillReport, backfill};
-pub use engine::{
-    Engine, EngineOptions, FeatureFrame, ViewMetrics, feature_column, feature_field,
-};
+pub use engine::{Engine, EngineOptions, FeatureFrame, ViewMetrics, feature_column, feature_field};
 pub use error::{PanesError, Result};
 pub use ingest::{PushReport, RejectReason, Rejection, ViewCounters};
 pub use keys::KeyValue;

@@ -126,7 +126,7 @@ fn large_pushes_are_sliced_with_whole_batch_row_numbers() {
     let rows = 1_000usize;
     let ts: Vec<Option<i64>> = (0..rows as i64)
         .map(|i| match i {
-            _ if i % 97 == 13 => None,  // null time
+            _ if i % 97 == 13 => None,   // null time
             _ if i % 89 == 7 => Some(0), // late once the lateness bound (0) is passed
             _ => Some(i),
         })

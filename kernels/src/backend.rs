@@ -93,7 +93,7 @@ impl BackendKind {
             BackendKind::Scalar => Ok(Arc::new(crate::Scalar)),
             BackendKind::Cpu | BackendKind::Auto => Ok(Arc::new(crate::Cpu::new())),
             BackendKind::Gpu => Err(KernelError::Unavailable(
-                "this build of Panes has no GPU backend; use --backend cpu".into(),
+                "this build of Panes has no GPU backend; use the cpu backend (PANES_BACKEND=cpu, --backend cpu)".into(),
             )),
         }
     }

@@ -1,21 +1,23 @@
 """The Rust extension module; use the `panes` package instead."""
 
-from typing import Any
+from typing import Any, final
 
 import numpy as np
 
+__all__ = ["Engine", "__version__"]
 __version__: str
 
+@final
 class Engine:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         toml: str,
         origin: str = "<python>",
         backend: str | None = None,
         shards: int = 32,
         batch_rows: int = 65536,
         batch_age_ms: int = 50,
-    ) -> None: ...
+    ) -> Engine: ...
     @property
     def backend(self) -> str: ...
     def to_toml(self) -> str: ...

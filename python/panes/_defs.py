@@ -73,7 +73,7 @@ def _feature(
     hop: Duration | None,
     name: str | None,
 ) -> Feature:
-    w = window if window == "lifetime" else _duration(window, "window")
+    w = _duration(window, "window")
     h = None if hop is None else _duration(hop, "hop")
     if name is None:
         name = f"{agg}_{w}" if column is None else f"{column}_{agg}_{w}"

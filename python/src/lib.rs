@@ -225,8 +225,9 @@ impl PyEngine {
         let engine = self.inner.clone();
         let (batch, at) = py
             .detach(move || {
-                let names: Option<Vec<&str>> =
-                    features.as_ref().map(|f| f.iter().map(String::as_str).collect());
+                let names: Option<Vec<&str>> = features
+                    .as_ref()
+                    .map(|f| f.iter().map(String::as_str).collect());
                 engine.read_batch(&view, &keys, at, names.as_deref())
             })
             .map_err(|e| to_py(py, e))?;
@@ -252,8 +253,9 @@ impl PyEngine {
         let engine = self.inner.clone();
         let frame = py
             .detach(move || {
-                let names: Option<Vec<&str>> =
-                    features.as_ref().map(|f| f.iter().map(String::as_str).collect());
+                let names: Option<Vec<&str>> = features
+                    .as_ref()
+                    .map(|f| f.iter().map(String::as_str).collect());
                 engine.read(&view, keys.as_ref(), at, names.as_deref())
             })
             .map_err(|e| to_py(py, e))?;
@@ -433,11 +435,7 @@ fn push_stream(
     Ok(report)
 }
 
-fn report_dict<'py>(
-    py: Python<'py>,
-    view: &str,
-    r: &PushReport,
-) -> PyResult<Bound<'py, PyDict>> {
+fn report_dict<'py>(py: Python<'py>, view: &str, r: &PushReport) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("view", view)?;
     d.set_item("accepted", r.accepted)?;
@@ -484,7 +482,9 @@ impl Source {
         if let Ok(s) = obj.cast::<PyString>() {
             return Ok(Source::Path(s.to_str()?.to_string()));
         }
-        Ok(Source::Data(obj.extract::<AnyRecordBatch>()?.into_reader()?))
+        Ok(Source::Data(
+            obj.extract::<AnyRecordBatch>()?.into_reader()?,
+        ))
     }
 
     fn load(self) -> EngineResult<(SchemaRef, Vec<RecordBatch>)> {
@@ -609,5 +609,6 @@ enum PyKey {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyEngine>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("__all__", vec!["Engine", "__version__"])?;
     Ok(())
 }
