@@ -325,6 +325,11 @@ fn spine_ids(
         let keys = KeyColumn::new(col.as_ref()).map_err(|m| {
             PanesError::Invalid(format!("spine key column {:?} {m}", view.spec.key))
         })?;
+        core.keys
+            .check_kind(&view.spec.name, keys.is_text(), col.data_type())
+            .map_err(|e| {
+                PanesError::Invalid(format!("spine key column {:?}: {e}", view.spec.key))
+            })?;
         ids.extend((0..b.num_rows()).map(|i| keys.lookup(i, &core.keys)));
     }
     Ok(ids)

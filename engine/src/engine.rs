@@ -296,7 +296,8 @@ impl Engine {
     /// Unknown and null keys get the empty-window values.
     ///
     /// # Errors
-    /// Unknown view or feature; keys of an unsupported type;
+    /// Unknown view or feature; keys of an unsupported type, or strings for a view
+    /// whose keys are all integers (and the reverse);
     /// [`PanesError::InexactRead`] when `at` lies before the events already folded for
     /// a key in a way the panes cannot separate (use backfill for history).
     pub fn read(
@@ -312,7 +313,12 @@ impl Engine {
             view,
             at,
             features,
-            |index| (0..keys.len()).map(|i| col.lookup(i, index)).collect(),
+            |index| {
+                if keys.null_count() < keys.len() {
+                    index.check_kind(view, col.is_text(), keys.data_type())?;
+                }
+                Ok((0..keys.len()).map(|i| col.lookup(i, index)).collect())
+            },
             |k| {
                 col.value(k)
                     .map_or_else(|| "null".into(), |k| k.to_string())
@@ -335,7 +341,7 @@ impl Engine {
             view,
             at,
             features,
-            |index| keys.iter().map(|k| index.get(k)).collect(),
+            |index| Ok(keys.iter().map(|k| index.get(k)).collect()),
             |k| keys[k].to_string(),
         )
     }
@@ -347,13 +353,13 @@ impl Engine {
         view: &str,
         at: Option<i64>,
         features: Option<&[&str]>,
-        ids: impl FnOnce(&KeyIndex) -> Vec<Option<u32>>,
+        ids: impl FnOnce(&KeyIndex) -> Result<Vec<Option<u32>>>,
         key_of: impl Fn(usize) -> String,
     ) -> Result<FeatureFrame> {
         let v = self.view(view)?;
         let mut core = self.lock(v)?;
         core.fold_pending(self.backend.as_ref())?;
-        let ids = ids(&core.keys);
+        let ids = ids(&core.keys)?;
         let ids = ids.as_slice();
         let compiled = &v.compiled;
         let selected: Vec<usize> = match features {

@@ -135,6 +135,24 @@ impl KeyIndex {
         Ok(id)
     }
 
+    /// Checks that keys of a read can match this index: string keys against a view
+    /// whose keys are all integers (or the reverse) are a mistake, not a miss.
+    pub(crate) fn check_kind(&self, view: &str, text: bool, given: &DataType) -> Result<()> {
+        let has_ints = !self.ints.is_empty() || !self.big.is_empty();
+        let has_strs = !self.strs.is_empty();
+        let (mismatch, held) = if text {
+            (has_ints && !has_strs, "integer")
+        } else {
+            (has_strs && !has_ints, "string")
+        };
+        if mismatch {
+            return Err(PanesError::Invalid(format!(
+                "view {view:?} has {held} keys; the keys given are {given}, which can never match"
+            )));
+        }
+        Ok(())
+    }
+
     /// The id of a key value, if known.
     pub fn get(&self, key: &KeyValue) -> Option<u32> {
         match key {
@@ -229,6 +247,15 @@ impl<'a> KeyColumn<'a> {
                 ));
             }
         })
+    }
+
+    /// Whether the keys are strings (else integers).
+    pub(crate) fn is_text(&self) -> bool {
+        match self {
+            KeyColumn::Signed(..) | KeyColumn::UInt64(_) => false,
+            KeyColumn::Utf8(_) | KeyColumn::LargeUtf8(_) | KeyColumn::Utf8View(_) => true,
+            KeyColumn::Dict(_, inner) => inner.is_text(),
+        }
     }
 
     /// Whether row `i` has no key.

@@ -287,6 +287,29 @@ fn request_errors_are_clear() {
         err.contains("keys has type Float64; a key column must be"),
         "{err}"
     );
+    // Keys of the other kind can never match: an error, not a row of empty values.
+    e.push(
+        "cards",
+        &batch(vec![
+            ("card", Arc::new(Int64Array::from(vec![1])) as _),
+            ("ts", Arc::new(Int64Array::from(vec![1_000])) as _),
+            ("amount", Arc::new(Float64Array::from(vec![1.0])) as _),
+        ]),
+    )
+    .unwrap();
+    let err = e
+        .read("cards", &StringArray::from(vec!["1"]), None, None)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        "view \"cards\" has integer keys; the keys given are Utf8, which can never match"
+    );
+    let err = e
+        .read("cards", &Float64Array::from(vec![1.0]), None, None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("a key column must be"), "{err}");
     assert_eq!(
         "fpga".parse::<BackendKind>().unwrap_err().to_string(),
         "unknown backend \"fpga\"; expected one of scalar, cpu, gpu, auto"

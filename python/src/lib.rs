@@ -218,19 +218,9 @@ impl PyEngine {
         at: Option<i64>,
         features: Option<Vec<String>>,
     ) -> PyResult<(PyTable, i64)> {
-        let keys = keys_array(py, keys)?;
-        let view = self
-            .view_for_read(view, features.as_deref())
-            .map_err(|e| to_py(py, e))?;
-        let engine = self.inner.clone();
-        let (batch, at) = py
-            .detach(move || {
-                let names: Option<Vec<&str>> = features
-                    .as_ref()
-                    .map(|f| f.iter().map(String::as_str).collect());
-                engine.read_batch(&view, &keys, at, names.as_deref())
-            })
-            .map_err(|e| to_py(py, e))?;
+        let (batch, at) = self.read_with(py, keys, view, features, move |e, view, keys, f| {
+            e.read_batch(view, &keys, at, f)
+        })?;
         let schema = batch.schema();
         Ok((PyTable::try_new(vec![batch], schema)?, at))
     }
@@ -246,19 +236,9 @@ impl PyEngine {
         at: Option<i64>,
         features: Option<Vec<String>>,
     ) -> PyResult<(Bound<'py, PyArray2<f64>>, Vec<String>, i64)> {
-        let keys = keys_array(py, keys)?;
-        let view = self
-            .view_for_read(view, features.as_deref())
-            .map_err(|e| to_py(py, e))?;
-        let engine = self.inner.clone();
-        let frame = py
-            .detach(move || {
-                let names: Option<Vec<&str>> = features
-                    .as_ref()
-                    .map(|f| f.iter().map(String::as_str).collect());
-                engine.read(&view, keys.as_ref(), at, names.as_deref())
-            })
-            .map_err(|e| to_py(py, e))?;
+        let frame = self.read_with(py, keys, view, features, move |e, view, keys, f| {
+            e.read(view, keys.as_ref(), at, f)
+        })?;
         // The matrix moves into numpy without a copy.
         let values = PyArray2::from_owned_array(py, frame.values);
         Ok((values, frame.names, frame.at))
@@ -337,6 +317,29 @@ impl PyEngine {
 }
 
 impl PyEngine {
+    /// Resolves the keys and the view of a read, then runs `read` without the GIL.
+    fn read_with<T: Send>(
+        &self,
+        py: Python<'_>,
+        keys: &Bound<'_, PyAny>,
+        view: Option<String>,
+        features: Option<Vec<String>>,
+        read: impl FnOnce(&Engine, &str, ArrayRef, Option<&[&str]>) -> EngineResult<T> + Send,
+    ) -> PyResult<T> {
+        let keys = keys_array(py, keys)?;
+        let view = self
+            .view_for_read(view, features.as_deref())
+            .map_err(|e| to_py(py, e))?;
+        let engine = self.inner.clone();
+        py.detach(move || {
+            let names: Option<Vec<&str>> = features
+                .as_ref()
+                .map(|f| f.iter().map(String::as_str).collect());
+            read(&engine, &view, keys, names.as_deref())
+        })
+        .map_err(|e| to_py(py, e))
+    }
+
     /// The one view whose key and time columns `schema` has.
     fn view_for_schema(&self, schema: &SchemaRef) -> EngineResult<String> {
         let views = &self.inner.file().views;

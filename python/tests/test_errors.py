@@ -52,6 +52,11 @@ def test_schema_error_names_view_and_column_and_counts_rows() -> None:
 
 def test_data_error_for_bad_arguments() -> None:
     e = engine()
+    e.push(pl.DataFrame({"card": [1], "ts": [1], "amount": [1.0]}))
+    with pytest.raises(panes.DataError, match="has integer keys; the keys given are Utf8"):
+        e.read(["1"])
+    with pytest.raises(panes.DataError, match="has integer keys"):
+        e.backfill(pa.table({"card": [1], "ts": [1], "amount": [1.0]}), pa.table({"card": ["1"], "ts": [5]}))
     with pytest.raises(panes.DataError, match="expected Arrow data"):
         e.push({"card": [1]})
     with pytest.raises(panes.DataError, match="mix str and int"):
