@@ -59,9 +59,9 @@ from ._errors import (
 
 __version__: str = _core.__version__
 
-Time = int | _dt.datetime | _dt.date | np.datetime64
-"""A read time: epoch milliseconds, a ``datetime`` (naive means UTC), a ``date``
-(its midnight UTC) or a ``numpy.datetime64``."""
+Time = int | str | _dt.datetime | _dt.date | np.datetime64
+"""A read time: epoch milliseconds, an ISO 8601 string or ``datetime`` (naive means
+UTC), a ``date`` (its midnight UTC) or a ``numpy.datetime64``."""
 
 
 def _epoch_ms(at: Time | None) -> int | None:
@@ -71,6 +71,11 @@ def _epoch_ms(at: Time | None) -> int | None:
         raise TypeError(f"at: expected a time, got {at!r}")
     if isinstance(at, int | np.integer):
         return int(at)
+    if isinstance(at, str):
+        try:
+            at = _dt.datetime.fromisoformat(at)
+        except ValueError:
+            raise DataError(f"at: {at!r} is not an ISO 8601 time such as '2026-01-01T12:00:00Z'") from None
     if isinstance(at, np.datetime64):
         return int(at.astype("datetime64[ms]").astype(np.int64))
     if isinstance(at, _dt.datetime):
@@ -79,7 +84,7 @@ def _epoch_ms(at: Time | None) -> int | None:
         return (at - _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)) // _dt.timedelta(milliseconds=1)
     if isinstance(at, _dt.date):
         return (at - _dt.date(1970, 1, 1)).days * 86_400_000
-    raise TypeError(f"at: expected epoch ms, datetime, date or numpy.datetime64; got {at!r}")
+    raise TypeError(f"at: expected epoch ms, an ISO 8601 string, datetime, date or numpy.datetime64; got {at!r}")
 
 
 def _is_arrow(data: object) -> bool:
@@ -284,7 +289,8 @@ class Engine:
         """Feature values of ``keys`` as of ``at`` (default: the view's read time).
 
         ``keys``: a list, numpy array, pyarrow array or polars Series of the view's
-        key type. ``features`` selects and orders features (default: all of the
+        key type. ``at``: epoch ms, an ISO 8601 string, ``datetime``, ``date`` or
+        ``numpy.datetime64``. ``features`` selects and orders features (default: all of the
         view's); ``view`` is needed only when the engine has several views and
         ``features`` does not say which. Unknown keys get empty-window values
         (``count``/``sum`` 0, others null).

@@ -116,7 +116,7 @@ def test_features_select_and_order_and_at_forms() -> None:
     assert got.columns == ["card", "last_1h", "n_5m"]
     # The same time in every accepted form.
     for at in (40_000, dt.datetime(1970, 1, 1, 0, 0, 40), dt.datetime(1970, 1, 1, 0, 0, 40, tzinfo=dt.UTC),
-               np.datetime64(40, "s")):
+               np.datetime64(40, "s"), "1970-01-01T00:00:40Z", "1970-01-01 00:00:40"):
         assert engine.read([1], at=at)["n_5m"].to_list() == [3], at
     # A later time: the 5-minute window has moved past every event.
     assert engine.read([1], at=dt.datetime(1970, 1, 1, 1))["n_5m"].to_list() == [0]

@@ -69,6 +69,8 @@ def test_data_error_for_bad_arguments() -> None:
         e.backfill(pa.table({"card": [1], "ts": [1], "amount": [1.0]}), pa.table({"card": [1], "when": [5]}))
     with pytest.raises(panes.DataError, match="unknown backend"):
         engine(backend="tpu")
+    with pytest.raises(panes.DataError, match="not an ISO 8601 time"):
+        e.read([1], at="yesterday")
     with pytest.raises(panes.DataError, match="out of range|too large"):
         e.read([1], at=2**62)
 
