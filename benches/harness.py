@@ -505,46 +505,44 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plots(report: dict[str, Any], out: Path) -> list[str]:
+def _line_plot(series: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str, title: str,
+               path: Path) -> None:
+    """One line per name, log x, y in M events/s."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    int_cases = [c for c in report["synthetic"] if not c["string_keys"]]
-    names = sorted({n for c in int_cases for n in c["engines"]})
-    for name in names:
-        pts = [(c["keys"], c["engines"][name]["events_per_s_median"]) for c in int_cases if name in c["engines"]]
+    for name, pts in sorted(series.items()):
         ax.plot([p[0] for p in pts], [p[1] / 1e6 for p in pts], marker="o", label=name)
     ax.set_xscale("log")
-    ax.set_xlabel("distinct keys")
-    ax.set_ylabel("M events/s (ingest + read, median)")
-    ax.set_title("Throughput vs key cardinality (Int64 keys)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "throughput_vs_keys.png", dpi=110)
-    written.append("throughput_vs_keys.png")
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    names = sorted({n for c in report["batches"] for n in c["engines"]})
-    for name in names:
-        pts = [(c["batch"], c["engines"][name]["events_per_s_median"]) for c in report["batches"] if name in c["engines"]]
-        ax.plot([p[0] for p in pts], [p[1] / 1e6 for p in pts], marker="o", label=name)
-    ax.set_xscale("log")
-    ax.set_xlabel("batch size (events per push)")
-    ax.set_ylabel("M events/s (median)")
-    ax.set_title("Panes backends vs batch size (GPU: not built yet)")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "backends_vs_batch.png", dpi=110)
-    written.append("backends_vs_batch.png")
-    plt.close(fig)
-    return written
+
+def _series(cases: list[dict[str, Any]], x: str) -> dict[str, list[tuple[float, float]]]:
+    """Median events/s of each engine against the case field `x`."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    for c in cases:
+        for name, e in c["engines"].items():
+            out.setdefault(name, []).append((c[x], e["events_per_s_median"]))
+    return out
+
+
+def plots(report: dict[str, Any], out: Path) -> list[str]:
+    int_cases = [c for c in report["synthetic"] if not c["string_keys"]]
+    _line_plot(_series(int_cases, "keys"), "distinct keys", "M events/s (ingest + read, median)",
+               "Throughput vs key cardinality (Int64 keys)", out / "throughput_vs_keys.png")
+    _line_plot(_series(report["batches"], "batch"), "batch size (events per push)", "M events/s (median)",
+               "Panes backends vs batch size (GPU: not built yet)", out / "backends_vs_batch.png")
+    return ["throughput_vs_keys.png", "backends_vs_batch.png"]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

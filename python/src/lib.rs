@@ -265,7 +265,7 @@ impl PyEngine {
             progress: false,
             dead_letter,
         };
-        let (schema, batches, report, events_schema) = py
+        let (schema, batches, mut report, events_schema) = py
             .detach(move || {
                 let (events_schema, events) = events.load()?;
                 let (spine_schema, spine) = spine.load()?;
@@ -284,7 +284,10 @@ impl PyEngine {
         let table = PyTable::try_new(batches, schema)?;
         let dead = if dead_letter {
             let schema = panes_engine::backfill::dead_letter_schema(&events_schema);
-            Some(PyTable::try_new(report.dead_letter.clone(), schema)?)
+            Some(PyTable::try_new(
+                std::mem::take(&mut report.dead_letter),
+                schema,
+            )?)
         } else {
             None
         };
