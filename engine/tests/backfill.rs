@@ -16,7 +16,7 @@ use arrow_array::{
 use arrow_schema::DataType;
 use common::{Ev, accepted, assert_close, feature, scale};
 use panes_engine::io::{read_file, write_file};
-use panes_engine::{FeatureFile, Window};
+use panes_engine::{Agg, FeatureFile, Window};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -524,4 +524,77 @@ fn backfill_errors_are_clear() {
     };
     assert_eq!(code, Some(0));
     assert!(out.contains("amount_std_1h"), "{out}");
+}
+
+#[test]
+fn backfill_on_the_gpu_equals_the_cpu_on_1m_events() {
+    if !common::gpu_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = StdRng::seed_from_u64(11);
+    let events = 1_000_000;
+    let evs = gen_events(&mut rng, events, 5_000);
+    let spine = gen_spine(&mut rng, 3_000, 5_000, BASE + events as i64 * 100);
+    let ev_path = dir.path().join("events.parquet");
+    let sp_path = dir.path().join("spine.parquet");
+    let ft_path = dir.path().join("features.toml");
+    write(&ev_path, &events_batch(&evs, false, true));
+    write(&sp_path, &spine_batch(&spine, false, false));
+    std::fs::write(&ft_path, FEATURES).unwrap();
+    let mut outputs = Vec::new();
+    for backend in ["cpu", "gpu"] {
+        let out_path = dir.path().join(format!("out-{backend}.arrow"));
+        let out = panes(&[
+            "backfill",
+            "--features",
+            ft_path.to_str().unwrap(),
+            "--events",
+            ev_path.to_str().unwrap(),
+            "--spine",
+            sp_path.to_str().unwrap(),
+            "--out",
+            out_path.to_str().unwrap(),
+            "--backend",
+            backend,
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{backend}: {stderr}");
+        assert!(stderr.contains(&format!("({backend} backend")), "{stderr}");
+        let (_, batches) = read_file(&out_path).unwrap();
+        outputs.push(arrow_select::concat::concat_batches(&batches[0].schema(), &batches).unwrap());
+    }
+    let (cpu, gpu) = (&outputs[0], &outputs[1]);
+    assert_eq!(cpu.schema(), gpu.schema());
+    assert_eq!(cpu.num_rows(), 3_000);
+    let file = FeatureFile::parse(FEATURES, "backfill").unwrap();
+    let mut compared = 0;
+    for f in &file.views[0].features {
+        let a = arrow_cast::cast(cpu.column_by_name(&f.name).unwrap(), &DataType::Float64).unwrap();
+        let b = arrow_cast::cast(gpu.column_by_name(&f.name).unwrap(), &DataType::Float64).unwrap();
+        let (a, b) = (
+            a.as_primitive::<Float64Type>(),
+            b.as_primitive::<Float64Type>(),
+        );
+        for r in 0..a.len() {
+            assert_eq!(a.is_valid(r), b.is_valid(r), "{} row {r}: validity", f.name);
+            if a.is_null(r) {
+                continue;
+            }
+            let (x, y) = (a.value(r), b.value(r));
+            let exact = matches!(f.agg, Agg::Count | Agg::Min | Agg::Max | Agg::Last);
+            assert!(
+                if exact {
+                    x == y
+                } else {
+                    (x - y).abs() <= 1e-9 * x.abs().max(y.abs()).max(1e-3)
+                },
+                "{} ({}) row {r}: cpu {x} vs gpu {y}",
+                f.name,
+                f.agg
+            );
+            compared += 1;
+        }
+    }
+    assert!(compared > 3_000, "{compared}");
 }

@@ -314,17 +314,25 @@ fn request_errors_are_clear() {
         "fpga".parse::<BackendKind>().unwrap_err().to_string(),
         "unknown backend \"fpga\"; expected one of scalar, cpu, gpu, auto"
     );
+    // Asking for the GPU where there is none is an error, not a silent CPU run. (Where
+    // a GPU exists, the backend tests cover it.)
     let file = FeatureFile::parse(FEATURES, "x").unwrap();
-    let err = Engine::new(
+    match Engine::new(
         &file,
         EngineOptions {
             backend: Some(BackendKind::Gpu),
             ..Default::default()
         },
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(err.contains("no GPU backend"), "{err}");
+    ) {
+        Ok(e) => assert_eq!(e.backend().kind(), BackendKind::Gpu),
+        Err(e) => {
+            let err = e.to_string();
+            assert!(
+                err.contains("GPU") && err.contains("use the cpu backend"),
+                "{err}"
+            );
+        }
+    }
 }
 
 #[test]

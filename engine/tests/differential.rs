@@ -336,6 +336,17 @@ fn cpu_matches_oracle() {
     }
 }
 
+#[test]
+fn gpu_matches_oracle() {
+    if !common::gpu_available() {
+        return;
+    }
+    for seed in 300..312 {
+        run_case(seed, BackendKind::Gpu, 3000, 20, 6);
+    }
+    run_case(320, BackendKind::Gpu, 90_000, 400, 2);
+}
+
 /// Large micro-batches take the Cpu backend's parallel path (counting sort by shard,
 /// rayon across shards).
 #[test]
@@ -352,12 +363,19 @@ fn results_do_not_depend_on_batch_splits_or_backend() {
     let stream = gen_stream(&mut rng, 20_000, 50);
     let all = batch(&stream);
     let mut frames = Vec::new();
-    for (backend, split, rows) in [
+    let mut runs = vec![
         (BackendKind::Scalar, 20_000, 1 << 20),
         (BackendKind::Scalar, 13, 5),
         (BackendKind::Cpu, 20_000, 1 << 20),
         (BackendKind::Cpu, 997, 17_000),
-    ] {
+    ];
+    if common::gpu_available() {
+        runs.extend([
+            (BackendKind::Gpu, 20_000, 1 << 20),
+            (BackendKind::Gpu, 997, 17_000),
+        ]);
+    }
+    for (backend, split, rows) in runs {
         let engine = Engine::new(
             &file,
             EngineOptions {

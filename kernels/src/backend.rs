@@ -84,16 +84,32 @@ impl BackendKind {
 
     /// Builds the backend.
     ///
-    /// `Auto` resolves to `Cpu` while no GPU backend is compiled in.
+    /// `Auto` is the `Auto` backend when a GPU beats the CPU from some batch size on,
+    /// else `Cpu` (one line on stderr says why); without the `gpu` feature it is `Cpu`.
     ///
     /// # Errors
-    /// [`KernelError::Unavailable`] for `Gpu` when this build has no GPU backend.
+    /// [`KernelError::Unavailable`] for `Gpu` when this build or machine has no usable
+    /// GPU adapter; [`KernelError::Device`] when the device fails to open.
     pub fn create(self) -> Result<Arc<dyn Backend>, KernelError> {
         match self {
             BackendKind::Scalar => Ok(Arc::new(crate::Scalar)),
-            BackendKind::Cpu | BackendKind::Auto => Ok(Arc::new(crate::Cpu::new())),
+            BackendKind::Cpu => Ok(Arc::new(crate::Cpu::new())),
+            #[cfg(feature = "gpu")]
+            BackendKind::Auto => Ok(crate::Auto::choose()),
+            #[cfg(not(feature = "gpu"))]
+            BackendKind::Auto => Ok(Arc::new(crate::Cpu::new())),
+            #[cfg(feature = "gpu")]
+            BackendKind::Gpu => Ok(Arc::new(crate::Gpu::new().map_err(|e| match e {
+                KernelError::Unavailable(why) => KernelError::Unavailable(format!(
+                    "{why}; use the cpu backend (PANES_BACKEND=cpu, --backend cpu)"
+                )),
+                e => e,
+            })?)),
+            #[cfg(not(feature = "gpu"))]
             BackendKind::Gpu => Err(KernelError::Unavailable(
-                "this build of Panes has no GPU backend; use the cpu backend (PANES_BACKEND=cpu, --backend cpu)".into(),
+                "this build of Panes has no GPU backend (built without the `gpu` feature); \
+                 use the cpu backend (PANES_BACKEND=cpu, --backend cpu)"
+                    .into(),
             )),
         }
     }

@@ -167,6 +167,9 @@ impl Backend for Cpu {
         at: i64,
         out: &mut MergeOutput,
     ) -> Result<(), KernelError> {
+        if state.on_device() {
+            return state.with_host(|host| self.merge(host, features, ids, at, out));
+        }
         check_features(state, features)?;
         out.reset(ids.len(), features.len());
         let nf = features.len();

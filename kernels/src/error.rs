@@ -27,6 +27,9 @@ pub enum KernelError {
     /// The requested backend cannot run here.
     #[error("backend unavailable: {0}")]
     Unavailable(String),
+    /// The GPU device failed (out of memory, lost, a driver error).
+    #[error("GPU device error: {0}")]
+    Device(String),
     /// An unknown backend name.
     #[error("unknown backend {0:?}; expected one of scalar, cpu, gpu, auto")]
     UnknownBackend(String),
@@ -37,7 +40,7 @@ impl KernelError {
     pub fn domain(&self) -> ErrorDomain {
         match self {
             KernelError::InvalidSpec(_) | KernelError::Shape(_) => ErrorDomain::Internal,
-            KernelError::Unavailable(_) => ErrorDomain::External,
+            KernelError::Unavailable(_) | KernelError::Device(_) => ErrorDomain::External,
             KernelError::UnknownBackend(_) | KernelError::TimeOutOfRange(_) => ErrorDomain::User,
         }
     }

@@ -105,7 +105,7 @@ pub(crate) const ABSENT: usize = usize::MAX;
 pub(crate) struct Layout {
     pub stride: usize,
     pub cols: Vec<ColLayout>,
-    identity: Vec<f64>,
+    pub identity: Vec<f64>,
 }
 
 #[inline(always)]
@@ -349,6 +349,14 @@ impl LevelState {
     #[inline(always)]
     pub(crate) fn index(&self, slot: usize, pos: usize) -> usize {
         pos * self.slots + slot
+    }
+
+    /// Frees the buffers (the state moved to a device).
+    #[cfg(feature = "gpu")]
+    pub(crate) fn release(&mut self) {
+        self.ring.data = Vec::new();
+        self.base.data = Vec::new();
+        self.slots = 0;
     }
 
     /// Bytes held by the buffers.

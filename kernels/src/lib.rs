@@ -15,10 +15,12 @@
 //! can live in a GPU storage buffer and a backend swap moves buffers, not logic.
 //!
 //! # Backends
-//! [`Backend`] has two implementations here: [`Scalar`], the reference (the oracle of
-//! the test suite), and [`Cpu`] (rayon across key shards for folds and large reads;
-//! see its docs for the SIMD variants that were measured and not kept). A wgpu backend
-//! plugs into the same trait behind the `gpu` feature.
+//! [`Backend`] has three implementations: [`Scalar`], the reference (the oracle of
+//! the test suite), [`Cpu`] (rayon across key shards for folds and large reads; see
+//! its docs for the SIMD variants that were measured and not kept) and, behind the
+//! `gpu` feature, `Gpu` (WGSL compute shaders through wgpu; see the `gpu` module for
+//! how a scatter with per-key order becomes deterministic on a GPU). `Auto` sends each
+//! batch to the CPU or the GPU from a measured crossover.
 //!
 //! # Design decision: pane partials, not per-event storage
 //! Windows are answered from per-pane partial aggregates (count, sum, shifted moments,
@@ -62,17 +64,25 @@
 #![warn(missing_docs)]
 
 pub mod agg;
+#[cfg(feature = "gpu")]
+pub mod auto;
 pub mod backend;
 pub mod cpu;
 pub mod error;
+#[cfg(feature = "gpu")]
+pub mod gpu;
 pub mod level;
 pub mod scalar;
 pub mod state;
 
 pub use agg::{Agg, ColumnFields};
+#[cfg(feature = "gpu")]
+pub use auto::{Auto, Calibration};
 pub use backend::{Backend, BackendKind};
 pub use cpu::Cpu;
 pub use error::{ErrorDomain, KernelError};
+#[cfg(feature = "gpu")]
+pub use gpu::{Gpu, GpuInfo, GpuTimings};
 pub use level::{EMPTY_PANE, LevelSpec, LevelState};
 pub use scalar::Scalar;
 /// Largest |event time| the kernels accept, in ms (2^60, about 36 million years): far

@@ -42,6 +42,9 @@ impl Backend for Scalar {
         at: i64,
         out: &mut MergeOutput,
     ) -> Result<(), KernelError> {
+        if state.on_device() {
+            return state.with_host(|host| self.merge(host, features, ids, at, out));
+        }
         check_features(state, features)?;
         out.reset(ids.len(), features.len());
         for (k, id) in ids.iter().enumerate() {

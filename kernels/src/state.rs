@@ -16,11 +16,17 @@ pub struct StateSpec {
 }
 
 /// Pane state of a view: `shards` independent copies of every level.
-#[derive(Clone, Debug)]
+///
+/// With the `gpu` feature the state may live on a GPU instead (after a fold by the
+/// `Gpu` backend); it then has no host copy, and a fold by a host backend moves it
+/// back first. There is always exactly one authoritative copy.
+#[derive(Debug)]
 pub struct PaneState {
-    spec: StateSpec,
+    pub(crate) spec: StateSpec,
     shift: u32,
     pub(crate) shards: Vec<Vec<LevelState>>,
+    #[cfg(feature = "gpu")]
+    pub(crate) device: Option<crate::gpu::DeviceState>,
 }
 
 impl PaneState {
@@ -42,6 +48,8 @@ impl PaneState {
             shift: spec.shards.trailing_zeros(),
             spec,
             shards,
+            #[cfg(feature = "gpu")]
+            device: None,
         })
     }
 
@@ -73,8 +81,49 @@ impl PaneState {
             .then_some((shard, slot))
     }
 
-    /// Bytes held by all buffers.
+    /// Whether the state lives on a GPU.
+    pub fn on_device(&self) -> bool {
+        #[cfg(feature = "gpu")]
+        return self.device.is_some();
+        #[cfg(not(feature = "gpu"))]
+        false
+    }
+
+    /// The `auto` backend's rent while the state is on a GPU.
+    #[cfg(feature = "gpu")]
+    pub(crate) fn gpu_rent(&mut self) -> Option<&mut f64> {
+        self.device.as_mut().map(|d| &mut d.rent)
+    }
+
+    /// Moves a state that lives on a GPU back to host memory (no-op otherwise).
+    ///
+    /// # Errors
+    /// [`KernelError::Device`] when the copy from the device fails.
+    pub fn to_host(&mut self) -> Result<(), KernelError> {
+        #[cfg(feature = "gpu")]
+        crate::gpu::to_host(self)?;
+        Ok(())
+    }
+
+    /// Runs `f` on a host copy of the state: the state itself, or a copy downloaded
+    /// from the device (for a host backend reading a device-resident state).
+    pub(crate) fn with_host<R>(
+        &self,
+        f: impl FnOnce(&PaneState) -> Result<R, KernelError>,
+    ) -> Result<R, KernelError> {
+        #[cfg(feature = "gpu")]
+        if self.device.is_some() {
+            return f(&crate::gpu::host_copy(self)?);
+        }
+        f(self)
+    }
+
+    /// Bytes held by all buffers (on the device when the state lives there).
     pub fn memory_bytes(&self) -> usize {
+        #[cfg(feature = "gpu")]
+        if let Some(d) = &self.device {
+            return d.memory_bytes();
+        }
         self.shards
             .iter()
             .flatten()
@@ -82,8 +131,28 @@ impl PaneState {
             .sum()
     }
 
-    /// Checks a batch's shape and grows every shard to hold the ids it names.
+    /// Brings the state to the host, checks a batch's shape and grows every shard to
+    /// hold the ids it names: the first step of a host backend's fold.
     pub(crate) fn prepare(&mut self, batch: &FoldBatch<'_>) -> Result<(), KernelError> {
+        self.check(batch)?;
+        self.to_host()?;
+        let mut need = vec![0usize; self.spec.shards];
+        for &id in batch.ids {
+            let (s, l) = self.locate(id);
+            need[s] = need[s].max(l + 1);
+        }
+        for (shard, &need) in self.shards.iter_mut().zip(&need) {
+            if need > 0 {
+                for level in shard.iter_mut() {
+                    level.reserve_slots(need);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks a batch's shape and times.
+    pub(crate) fn check(&self, batch: &FoldBatch<'_>) -> Result<(), KernelError> {
         let n = batch.ids.len();
         if batch.ts.len() != n {
             return Err(KernelError::Shape(format!(
@@ -110,18 +179,6 @@ impl PaneState {
             .find(|t| t.unsigned_abs() > crate::MAX_TIME_MS)
         {
             return Err(KernelError::TimeOutOfRange(t));
-        }
-        let mut need = vec![0usize; self.spec.shards];
-        for &id in batch.ids {
-            let (s, l) = self.locate(id);
-            need[s] = need[s].max(l + 1);
-        }
-        for (shard, &need) in self.shards.iter_mut().zip(&need) {
-            if need > 0 {
-                for level in shard.iter_mut() {
-                    level.reserve_slots(need);
-                }
-            }
         }
         Ok(())
     }

@@ -90,6 +90,11 @@ fn gen_case(rng: &mut StdRng) -> Case {
 }
 
 fn fold_split(backend: &dyn Backend, case: &Case, rng: &mut StdRng, split: bool) -> PaneState {
+    fold_turns(&[backend], case, rng, split)
+}
+
+/// Folds the case in random splits, each split on a backend drawn from `backends`.
+fn fold_turns(backends: &[&dyn Backend], case: &Case, rng: &mut StdRng, split: bool) -> PaneState {
     let mut state = PaneState::new(case.spec.clone()).unwrap();
     let n = case.ids.len();
     let mut start = 0;
@@ -105,6 +110,7 @@ fn fold_split(backend: &dyn Backend, case: &Case, rng: &mut StdRng, split: bool)
             ts: &case.ts[start..start + len],
             values: &vals,
         };
+        let backend = backends[rng.random_range(0..backends.len())];
         backend.fold(&mut state, &batch).unwrap();
         start += len;
         if n == 0 {
@@ -125,11 +131,16 @@ fn same(agg: Agg, a: f64, b: f64) -> bool {
 }
 
 fn check(backend: &dyn Backend, seeds: std::ops::Range<u64>) {
+    check_turns(&[backend], backend, seeds);
+}
+
+/// Folds each case with `folders` taking random turns, reads with `reader`.
+fn check_turns(folders: &[&dyn Backend], backend: &dyn Backend, seeds: std::ops::Range<u64>) {
     for seed in seeds {
         let mut rng = StdRng::seed_from_u64(seed);
         let case = gen_case(&mut rng);
         let reference = fold_split(&Scalar, &case, &mut rng, false);
-        let state = fold_split(backend, &case, &mut rng, true);
+        let state = fold_turns(folders, &case, &mut rng, true);
         let max_t = case.ts.iter().copied().max().unwrap_or(0);
         for _ in 0..4 {
             let ids: Vec<Option<u32>> = (0..rng.random_range(0..700))
@@ -195,6 +206,46 @@ fn cpu_one_thread_matches_scalar() {
     check(&Cpu::with_threads(1).unwrap(), 300..320);
 }
 
+/// The GPU backend, or `None` (with a note) where this machine has no usable adapter.
+/// With `PANES_REQUIRE_GPU=1` (set by the test command, which installs Mesa's software
+/// Vulkan driver) a missing adapter fails the test instead of skipping it.
+#[cfg(feature = "gpu")]
+fn gpu() -> Option<panes_kernels::Gpu> {
+    match panes_kernels::Gpu::new() {
+        Ok(g) => {
+            eprintln!("GPU adapter: {}", g.info());
+            Some(g)
+        }
+        Err(e) if std::env::var("PANES_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
+            panic!("PANES_REQUIRE_GPU=1 but the GPU backend is unavailable: {e}")
+        }
+        Err(e) => {
+            eprintln!("GPU tests skipped (set PANES_REQUIRE_GPU=1 to fail instead): {e}");
+            None
+        }
+    }
+}
+
+#[cfg(feature = "gpu")]
+#[test]
+fn gpu_matches_scalar() {
+    if let Some(g) = gpu() {
+        check(&g, 400..440);
+    }
+}
+
+#[cfg(feature = "gpu")]
+#[test]
+fn gpu_and_cpu_take_turns_on_one_state() {
+    // The state moves between host and device as the backends alternate; reads go
+    // through either backend, whichever side the state is on.
+    if let Some(g) = gpu() {
+        let cpu = Cpu::new();
+        check_turns(&[&g, &cpu, &Scalar], &g, 500..515);
+        check_turns(&[&g, &cpu], &cpu, 520..535);
+    }
+}
+
 #[test]
 fn shape_errors_are_reported_not_panics() {
     let spec = StateSpec {
@@ -253,4 +304,168 @@ fn shape_errors_are_reported_not_panics() {
         })
         .is_err()
     );
+}
+
+#[cfg(feature = "gpu")]
+#[test]
+fn gpu_hot_key_longer_than_a_thread_segment() {
+    // One key with more events in a batch than one GPU thread may walk: its run is
+    // folded in several rounds of segments, in order.
+    let Some(g) = gpu() else { return };
+    let cols = vec![
+        Agg::Var
+            .fields()
+            .union(Agg::Last.fields())
+            .union(Agg::Sum.fields()),
+        Agg::Min.fields().union(Agg::Max.fields()),
+    ];
+    let features: Vec<FeatureMerge> = [
+        (Agg::Count, None),
+        (Agg::Sum, Some(0)),
+        (Agg::Var, Some(0)),
+        (Agg::Last, Some(0)),
+        (Agg::Min, Some(1)),
+        (Agg::Max, Some(1)),
+    ]
+    .into_iter()
+    .flat_map(|(agg, column)| {
+        [Some(3), None].map(|panes| FeatureMerge {
+            level: 0,
+            agg,
+            column,
+            panes,
+        })
+    })
+    .collect();
+    for n in [1_000usize, 20_000, 150_000] {
+        let spec = StateSpec {
+            levels: vec![LevelSpec {
+                hop: 7,
+                ring: 8,
+                columns: cols.clone(),
+                lifetime: true,
+            }],
+            shards: 4,
+        };
+        let mut a = PaneState::new(spec.clone()).unwrap();
+        let mut b = PaneState::new(spec).unwrap();
+        let ids: Vec<u32> = (0..n as u32)
+            .map(|i| if i % 7 == 0 { i % 5 } else { 3 })
+            .collect();
+        let ts: Vec<i64> = (0..n as i64)
+            .map(|i| if i % 10 == 0 { i * 7 - 500 } else { i * 7 })
+            .collect();
+        let v: Vec<f64> = (0..n).map(|i| (i as f64).sin() * 1e3).collect();
+        let vals = [v.as_slice(), v.as_slice()];
+        let batch = FoldBatch {
+            ids: &ids,
+            ts: &ts,
+            values: &vals,
+        };
+        assert_eq!(
+            Scalar.fold(&mut a, &batch).unwrap(),
+            g.fold(&mut b, &batch).unwrap(),
+            "n={n}"
+        );
+        let keys: Vec<Option<u32>> = (0..6).map(Some).collect();
+        for at in [n as i64 * 7, n as i64 * 3] {
+            let mut want = MergeOutput::default();
+            let mut got = MergeOutput::default();
+            Scalar.merge(&a, &features, &keys, at, &mut want).unwrap();
+            g.merge(&b, &features, &keys, at, &mut got).unwrap();
+            assert_eq!(want.status, got.status, "n={n} at={at}");
+            for (i, (w, x)) in want.values.iter().zip(&got.values).enumerate() {
+                let f = &features[i % features.len()];
+                assert!(
+                    same(f.agg, *w, *x),
+                    "n={n} at={at} key {} {f:?}: {w} vs {x}",
+                    i / features.len()
+                );
+            }
+        }
+    }
+}
+
+#[cfg(feature = "gpu")]
+#[test]
+fn auto_sends_large_batches_to_the_gpu_and_brings_the_state_back() {
+    use panes_kernels::{Auto, Calibration};
+    use std::sync::Arc;
+    let Some(g) = gpu() else { return };
+    // A made-up calibration: the GPU wins from 5 000 events; copying state is slow
+    // enough that a few small batches are folded on the GPU before it moves back.
+    let c = Calibration {
+        sizes: vec![1_000, 100_000],
+        cpu_s: vec![0.001, 0.1],
+        gpu_s: vec![0.005, 0.02],
+        crossover: Some(5_000),
+        transfer_bytes_per_s: 1e8,
+    };
+    let auto = Auto::new(Cpu::new(), g, Arc::new(c), 5_000);
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut case = gen_case(&mut rng);
+    while case.ids.len() < 30_000 {
+        case = gen_case(&mut rng);
+    }
+    let mut state = PaneState::new(case.spec.clone()).unwrap();
+    let mut reference = PaneState::new(case.spec.clone()).unwrap();
+    let mut sides = Vec::new();
+    let mut start = 0;
+    for len in [
+        100, 200, 10_000, 100, 100, 100, 100, 100, 100, 100, 100, 100, 100, 100, 100,
+    ] {
+        let vals: Vec<&[f64]> = case.values.iter().map(|v| &v[start..start + len]).collect();
+        let batch = FoldBatch {
+            ids: &case.ids[start..start + len],
+            ts: &case.ts[start..start + len],
+            values: &vals,
+        };
+        assert_eq!(
+            auto.fold(&mut state, &batch).unwrap(),
+            Scalar.fold(&mut reference, &batch).unwrap()
+        );
+        sides.push(state.on_device());
+        start += len;
+    }
+    assert!(
+        !sides[0] && !sides[1],
+        "small batches stay on the host: {sides:?}"
+    );
+    assert!(
+        sides[2] && sides[3],
+        "a large batch moves the state to the GPU: {sides:?}"
+    );
+    assert!(
+        !sides[sides.len() - 1],
+        "enough small batches bring it back: {sides:?}"
+    );
+    let ids: Vec<Option<u32>> = (0..600).map(Some).collect();
+    let at = case.ts[..start].iter().copied().max().unwrap();
+    let (mut want, mut got) = (MergeOutput::default(), MergeOutput::default());
+    Scalar
+        .merge(&reference, &case.features, &ids, at, &mut want)
+        .unwrap();
+    auto.merge(&state, &case.features, &ids, at, &mut got)
+        .unwrap();
+    for (i, (w, x)) in want.values.iter().zip(&got.values).enumerate() {
+        let f = &case.features[i % case.features.len()];
+        assert!(same(f.agg, *w, *x), "{f:?}: {w} vs {x}");
+    }
+}
+
+#[cfg(feature = "gpu")]
+#[test]
+fn calibration_measures_both_backends() {
+    let Some(g) = gpu() else { return };
+    let c = panes_kernels::Calibration::measure(&Cpu::new(), &g).unwrap();
+    eprintln!("{c:?}");
+    assert!(
+        !c.sizes.is_empty() && c.sizes.len() == c.cpu_s.len() && c.sizes.len() == c.gpu_s.len()
+    );
+    assert!(c.cpu_s.iter().chain(&c.gpu_s).all(|t| *t > 0.0));
+    assert!(c.transfer_bytes_per_s > 0.0);
+    if let Some(n) = c.crossover {
+        let i = c.sizes.iter().position(|&s| s == n).unwrap();
+        assert!((i..c.sizes.len()).all(|j| c.gpu_s[j] < c.cpu_s[j]), "{c:?}");
+    }
 }

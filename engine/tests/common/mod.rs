@@ -160,3 +160,20 @@ pub fn assert_close(
         _ => panic!("{}: {agg} got {got:?}, want {want:?}", ctx()),
     }
 }
+
+/// Whether the GPU backend can run here. With `PANES_REQUIRE_GPU=1` (set by the test
+/// command, which installs Mesa's software Vulkan driver) a missing adapter fails the
+/// calling test instead of skipping its GPU part.
+#[allow(dead_code)]
+pub fn gpu_available() -> bool {
+    match panes_engine::BackendKind::Gpu.create() {
+        Ok(_) => true,
+        Err(e) if std::env::var("PANES_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
+            panic!("PANES_REQUIRE_GPU=1 but the GPU backend is unavailable: {e}")
+        }
+        Err(e) => {
+            eprintln!("GPU part skipped (set PANES_REQUIRE_GPU=1 to fail instead): {e}");
+            false
+        }
+    }
+}

@@ -1,0 +1,27 @@
+// Reading the fields of a cell. Prepended, after common.wgsl, to the kernels that
+// bind `cols` (the word offsets of each column's fields) and `cells` (one hop level).
+
+// Word offsets of column `c`'s fields.
+struct Col {
+    count: u32,
+    sum: u32,
+    moments: u32,
+    min: u32,
+    max: u32,
+    last: u32,
+}
+
+fn col(c: u32) -> Col {
+    let o = c * COL_FIELDS;
+    return Col(cols[o], cols[o + 1u], cols[o + 2u], cols[o + 3u], cols[o + 4u], cols[o + 5u]);
+}
+
+// The moments of column `k` of the cell at word `cell` (shift K, Σ(x−K), Σ(x−K)²).
+fn cell_moments(k: Col, cell: u32) -> Moments {
+    let n = cells[cell + k.count];
+    if (n == 0.0lf) {
+        return Moments(0.0lf, 0.0lf, 0.0lf);
+    }
+    let m1 = cells[cell + k.moments + 1u];
+    return Moments(n, cells[cell + k.moments] + m1 / n, max(cells[cell + k.moments + 2u] - m1 * m1 / n, 0.0lf));
+}

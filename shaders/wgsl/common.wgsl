@@ -1,0 +1,81 @@
+// Shared by every Panes kernel that reads or writes pane cells. Prepended to each
+// kernel's source (WGSL has no includes); mirrors `panes_kernels::level`.
+//
+// A cell is `stride` f64 words: [tag, rows, max_ts | per value column: count, sum,
+// K, Σ(x−K), Σ(x−K)², min, max, last, last_ts (present fields only)]. Integer
+// fields (pane tag, times) are the bits of an i64 stored in an f64 word.
+
+const TAG: u32 = 0u;
+const ROWS: u32 = 1u;
+const MAX_TS: u32 = 2u;
+// Word offset of an absent field in `cols`.
+const ABSENT: u32 = 0xffffffffu;
+// Fields per column in `cols`: count, sum, moments, min, max, last.
+const COL_FIELDS: u32 = 6u;
+
+// Tag of a cell never written (i64::MIN; naga's constant evaluator has no i64
+// arithmetic, so it is a function).
+fn empty_pane() -> i64 {
+    return bitcast<i64>(0x8000000000000000lu);
+}
+
+fn as_int(x: f64) -> i64 {
+    return bitcast<i64>(x);
+}
+
+fn as_word(x: i64) -> f64 {
+    return bitcast<f64>(x);
+}
+
+// NaN test on the bits: a compiler may not fold `x != x` away.
+fn is_nan(x: f64) -> bool {
+    let b = bitcast<u64>(x);
+    return (b & 0x7ff0000000000000lu) == 0x7ff0000000000000lu
+        && (b & 0x000ffffffffffffflu) != 0lu;
+}
+
+fn is_finite(x: f64) -> bool {
+    return (bitcast<u64>(x) & 0x7ff0000000000000lu) != 0x7ff0000000000000lu;
+}
+
+fn div_euclid(a: i64, b: i64) -> i64 {
+    let q = a / b;
+    if (a % b < 0li) {
+        return q - 1li;
+    }
+    return q;
+}
+
+fn rem_euclid(a: i64, b: i64) -> i64 {
+    let r = a % b;
+    if (r < 0li) {
+        return r + b;
+    }
+    return r;
+}
+
+// Count, mean and centred second moment of some values (Chan et al.).
+struct Moments {
+    n: f64,
+    mean: f64,
+    m2: f64,
+}
+
+fn moments_merge(a: Moments, b: Moments) -> Moments {
+    if (b.n == 0.0lf) {
+        return a;
+    }
+    if (a.n == 0.0lf) {
+        return b;
+    }
+    let n = a.n + b.n;
+    let delta = b.mean - a.mean;
+    return Moments(n, a.mean + delta * (b.n / n), a.m2 + b.m2 + delta * delta * (a.n * b.n / n));
+}
+
+// Linear index of a workgroup-sized kernel's thread over a 2-D dispatch (a dispatch
+// has at most 65 535 workgroups per dimension).
+fn thread_index(wg: vec3<u32>, nwg: vec3<u32>, lid: u32, size: u32) -> u32 {
+    return (wg.y * nwg.x + wg.x) * size + lid;
+}
+
