@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Every test of Panes, Rust and Python, on a fresh Debian machine with the Rust
-# toolchain: installs what the tests need, then formatting, lints, unit, integration
-# and doc tests, a demo smoke run, the Python package built and installed with
-# `pip install ./python` into a venv, and the Python suite (oracles in DuckDB SQL,
-# stub checks, examples).
+# toolchain: installs what the tests need (Python venv, Mesa's software Vulkan driver
+# for the GPU tests), then formatting, lints, unit, integration and doc tests (the GPU
+# backend's on lavapipe, none skipped), a demo and a GPU-benchmark smoke run, the
+# Python package built and installed with `pip install ./python` into a venv, and the
+# Python suite (oracles in DuckDB SQL, stub checks, examples).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,11 +14,17 @@ log() { printf '\n== %s\n' "$*"; }
 missing=()
 command -v python3 >/dev/null || missing+=(python3)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+# The GPU backend's tests run on lavapipe (Mesa's software Vulkan) where no GPU exists.
+ls /usr/share/vulkan/icd.d/lvp_icd.*.json >/dev/null 2>&1 || missing+=(mesa-vulkan-drivers)
+ldconfig -p | grep -q 'libvulkan\.so\.1' || missing+=(libvulkan1)
 if ((${#missing[@]})); then
   log "apt-get install ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
+
+# No adapter is a test failure, not a skipped GPU test.
+export PANES_REQUIRE_GPU=1
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
@@ -38,6 +45,10 @@ log "demo smoke run"
 # it alone would recompile Arrow with a different feature set).
 test -x target/debug/panes
 target/debug/panes demo --events 200000 >/dev/null
+
+log "GPU benchmark smoke run (on lavapipe: checks the harness, its speed means nothing)"
+cargo run -q --locked -p panes-bench --bin gpu -- --max-events 65536 --keys 5000 --repeats 1 \
+  --out target/gpu-smoke.json
 
 log "Python tests"
 if [[ ! -x .venv/bin/python ]]; then

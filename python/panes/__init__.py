@@ -213,7 +213,8 @@ class Engine:
 
     @property
     def backend(self) -> str:
-        """The backend in use (``scalar``, ``cpu`` or ``gpu``)."""
+        """The backend in use (``scalar``, ``cpu``, ``gpu``, or ``auto`` when a GPU wins
+        from some batch size on)."""
         return self._core.backend
 
     @property

@@ -226,3 +226,21 @@ def test_an_engine_is_safe_to_share_between_threads() -> None:
     assert a["n"].to_list() == b["n"].to_list()
     assert a["l"].to_list() == b["l"].to_list()
     np.testing.assert_allclose(a["s"].to_numpy(), b["s"].to_numpy(), rtol=1e-12)
+
+
+def test_gpu_backend_reads_equal_the_cpu() -> None:
+    # The test command installs a Vulkan driver (lavapipe where there is no GPU).
+    rng = np.random.default_rng(5)
+    n = 50_000
+    data = pa.table({
+        "card": rng.integers(0, 300, n),
+        "ts": np.sort(rng.integers(0, 3_600_000, n)),
+        "amount": np.where(rng.random(n) < 0.05, np.nan, rng.normal(100, 30, n)),
+    })
+    reads = []
+    for backend in ("cpu", "gpu"):
+        engine = panes.Engine([cards_view()], backend=backend, batch_rows=7_000)
+        assert engine.backend == backend
+        engine.push(data)
+        reads.append(engine.read(list(range(300)), as_numpy=True))
+    np.testing.assert_allclose(reads[1], reads[0], rtol=1e-9, equal_nan=True)
