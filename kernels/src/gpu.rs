@@ -1089,6 +1089,11 @@ impl Gpu {
             seg,
         };
         let plan_offset = u.push(&fold_params(&dev.levels[0], 0));
+        let round0: Vec<u32> = dev
+            .levels
+            .iter()
+            .map(|l| u.push(&fold_params(l, 0)))
+            .collect();
         let ubuf = ctx.upload_uniforms(&mut scratch, &u);
         let sorted_binding = wgpu::BindingResource::Buffer(wgpu::BufferBinding {
             buffer: &sorted,
@@ -1115,11 +1120,24 @@ impl Gpu {
                 ],
             )
         };
-        // First submission: the sort and, for a batch longer than a segment, the plan
-        // (how many rounds of segments the longest run needs).
-        let plan_bg = fold_bg(&dev.levels[0], &ubuf);
+        let bgs: Vec<_> = dev.levels.iter().map(|l| fold_bg(l, &ubuf)).collect();
+        // Multiples of the segment length inside the batch: the later rounds' starts.
         let multiples = n.saturating_sub(1) / u64::from(seg);
-        let planned = ctx.run(
+        let fold_round = |pass: &mut wgpu::ComputePass<'_>,
+                          bgs: &[wgpu::BindGroup],
+                          offsets: &[u32],
+                          r: usize| {
+            pass.set_pipeline(&ctx.fold);
+            let threads = if r == 0 { n } else { multiples };
+            for (bg, offset) in bgs.iter().zip(offsets) {
+                pass.set_bind_group(0, bg, &[*offset]);
+                let (x, y) = groups(threads, 256);
+                pass.dispatch_workgroups(x, y, 1);
+            }
+        };
+        // First submission: the sort, then either the whole fold (no run can span two
+        // segments) or the plan (how many rounds the longest run needs).
+        let first = ctx.run(
             &mut scratch,
             started,
             |pass| {
@@ -1129,45 +1147,44 @@ impl Gpu {
                     let (x, y) = groups(threads, 256);
                     pass.dispatch_workgroups(x, y, 1);
                 }
-                if multiples > 0 {
+                if multiples == 0 {
+                    fold_round(pass, &bgs, &round0, 0);
+                } else {
                     pass.set_pipeline(&ctx.fold_plan);
-                    pass.set_bind_group(0, &plan_bg, &[plan_offset]);
+                    pass.set_bind_group(0, &bgs[0], &[plan_offset]);
                     let (x, y) = groups(multiples, 256);
                     pass.dispatch_workgroups(x, y, 1);
                 }
             },
-            &[(&stats, 12, 4)],
+            &[(&stats, 0, 16)],
         )?;
-        let rounds = 1 + u32::from_le_bytes(planned[0][0..4].try_into().expect("4 bytes"));
-
-        // Second submission: the rounds, each over every level.
-        let mut u = ctx.uniforms();
-        let offsets: Vec<Vec<u32>> = (0..rounds)
-            .map(|r| {
-                dev.levels
-                    .iter()
-                    .map(|l| u.push(&fold_params(l, r)))
-                    .collect()
-            })
-            .collect();
-        let ubuf = ctx.upload_uniforms(&mut scratch, &u);
-        let bgs: Vec<_> = dev.levels.iter().map(|l| fold_bg(l, &ubuf)).collect();
-        let out = ctx.run(
-            &mut scratch,
-            Instant::now(),
-            |pass| {
-                pass.set_pipeline(&ctx.fold);
-                for (r, offsets) in offsets.iter().enumerate() {
-                    let threads = if r == 0 { n } else { multiples };
-                    for (bg, offset) in bgs.iter().zip(offsets) {
-                        pass.set_bind_group(0, bg, &[*offset]);
-                        let (x, y) = groups(threads, 256);
-                        pass.dispatch_workgroups(x, y, 1);
+        let out = if multiples == 0 {
+            first
+        } else {
+            // Second submission: every round, each over every level.
+            let rounds = 1 + u32::from_le_bytes(first[0][12..16].try_into().expect("4 bytes"));
+            let mut u = ctx.uniforms();
+            let offsets: Vec<Vec<u32>> = (0..rounds)
+                .map(|r| {
+                    dev.levels
+                        .iter()
+                        .map(|l| u.push(&fold_params(l, r)))
+                        .collect()
+                })
+                .collect();
+            let ubuf = ctx.upload_uniforms(&mut scratch, &u);
+            let bgs: Vec<_> = dev.levels.iter().map(|l| fold_bg(l, &ubuf)).collect();
+            ctx.run(
+                &mut scratch,
+                Instant::now(),
+                |pass| {
+                    for (r, offsets) in offsets.iter().enumerate() {
+                        fold_round(pass, &bgs, offsets, r);
                     }
-                }
-            },
-            &[(&stats, 0, 12)],
-        )?;
+                },
+                &[(&stats, 0, 16)],
+            )?
+        };
         let s = &out[0];
         let word = |i: usize| {
             u64::from(u32::from_le_bytes(
@@ -1381,7 +1398,13 @@ mod tests {
 
     #[test]
     fn sort_groups_keys_in_arrival_order() {
-        let Ok(gpu) = Gpu::new() else { return };
+        let gpu = match Gpu::new() {
+            Ok(g) => g,
+            Err(e) if std::env::var("PANES_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
+                panic!("PANES_REQUIRE_GPU=1 but the GPU backend is unavailable: {e}")
+            }
+            Err(_) => return,
+        };
         for n in [1usize, 511, 512, 513, 5000, 13418, 40000] {
             let ids: Vec<u32> = (0..n as u32)
                 .map(|i| (i.wrapping_mul(2654435761) >> 7) % 97)
