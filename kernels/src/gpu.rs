@@ -14,16 +14,21 @@
 //! # Fold: sort, then one thread per key
 //! A batch's key ids and arrival indices are sorted as pairs on the GPU (bitonic, the
 //! narrow stages in workgroup memory), so each key's events form one run in arrival
-//! order. The first thread of each run folds the run, event by event, with the same
-//! per-event step as the scalar backend. Runs of different keys write disjoint
-//! cells, so no atomics touch the cells and the result does not depend on thread
-//! scheduling: it is the scalar backend's result, up to the driver's contraction of
-//! `a * b + c` into fused multiply-adds. Rejected: one thread per event with float
+//! order. A thread walks a run, event by event, with the same per-event step as the
+//! scalar backend. Runs of different keys write disjoint cells, so no atomics touch the
+//! cells and the result does not depend on thread scheduling: it is the scalar
+//! backend's result up to summation order. Rejected: one thread per event with float
 //! atomics (order-dependent sums, no atomic for pane recycling or `last`), and
 //! fixed-point integer atomics (exact only within a range the data would have to
-//! promise). The cost of this design is load balance: a key with many events in one
-//! batch is folded by one thread (see the README's GPU benchmark).
+//! promise).
 //!
+//! A key with many events in one batch would make its walk long, so two things cut it
+//! short: aligned blocks of 64 sorted events that share a key and a pane are reduced to
+//! partial cells in parallel first, and the walk merges a block's partial in one step
+//! (same decisions as its events one by one: they share the pane); and runs are cut
+//! into segments of at most 64 Ki events (fewer on a software adapter, which ends an
+//! invocation after 65 535 loop iterations), walked in rounds, in order.
+
 //! # Precision
 //! Everything is f64, as on the CPU: the backend needs `SHADER_F64` and
 //! `SHADER_INT64` and refuses an adapter without them (Apple GPUs through Metal, most
@@ -48,6 +53,8 @@ use crate::error::KernelError;
 use crate::level::{ABSENT, Layout, LevelState};
 use crate::state::{FeatureMerge, FoldBatch, FoldStats, MergeOutput, PaneState, ReadStatus};
 
+/// Events per block of `fold.wgsl` (reduced in parallel before the per-key walk).
+const BLOCK: u32 = 64;
 /// Sort tile of `sort.wgsl` (pairs sorted in workgroup memory).
 const TILE: u64 = 512;
 /// Most workgroups per dispatch dimension used (wgpu's minimum limit is 65 535).
@@ -108,6 +115,7 @@ struct Context {
     sort_layout: wgpu::BindGroupLayout,
     fold: wgpu::ComputePipeline,
     fold_plan: wgpu::ComputePipeline,
+    fold_blocks: wgpu::ComputePipeline,
     fold_layout: wgpu::BindGroupLayout,
     merge: wgpu::ComputePipeline,
     merge_layout: wgpu::BindGroupLayout,
@@ -162,6 +170,7 @@ struct Scratch {
     uniforms: Reused,
     features: Reused,
     stats: Reused,
+    partials: Reused,
     out_values: Reused,
     out_valid: Reused,
     out_status: Reused,
@@ -184,6 +193,7 @@ impl Scratch {
             uniforms: Reused::new("panes uniforms", U::UNIFORM | U::COPY_DST),
             features: Reused::new("panes features", storage_in),
             stats: Reused::new("panes fold stats", storage_out),
+            partials: Reused::new("panes fold partials", U::STORAGE),
             out_values: Reused::new("panes out values", storage_out),
             out_valid: Reused::new("panes out valid", storage_out),
             out_status: Reused::new("panes out status", storage_out),
@@ -398,7 +408,7 @@ impl Context {
         let ro = Some(true);
         let rw = Some(false);
         let sort_layout = layout("sort", &[None, ro, rw]);
-        let fold_layout = layout("fold", &[None, ro, ro, ro, ro, ro, rw, rw]);
+        let fold_layout = layout("fold", &[None, ro, ro, ro, ro, ro, rw, rw, rw]);
         let merge_layout = layout("merge", &[None, ro, ro, ro, ro, rw, rw, rw]);
         let init_layout = layout("init", &[None, ro, rw]);
         let sort_m = module(&panes_shaders::SORT);
@@ -412,6 +422,7 @@ impl Context {
         ];
         let fold = pipeline(&fold_m, &fold_layout, "fold");
         let fold_plan = pipeline(&fold_m, &fold_layout, "fold_plan");
+        let fold_blocks = pipeline(&fold_m, &fold_layout, "fold_blocks");
         let merge = pipeline(&merge_m, &merge_layout, "merge");
         let init = pipeline(&init_m, &init_layout, "init");
         if let Some(e) = pollster::block_on(scope.pop()) {
@@ -427,6 +438,7 @@ impl Context {
             sort_layout,
             fold,
             fold_plan,
+            fold_blocks,
             fold_layout,
             merge,
             merge_layout,
@@ -1022,7 +1034,7 @@ impl Gpu {
             .map(|l| 4 + l.stride + 4 * l.columns)
             .max()
             .unwrap_or(1);
-        (60_000 / per_event).max(1)
+        (60_000 / per_event / BLOCK * BLOCK).max(BLOCK)
     }
 
     fn fold_chunk(
@@ -1055,6 +1067,16 @@ impl Gpu {
         let sorted = scratch.sorted.get(&ctx.device, n_pad * 8);
         let stats = scratch.stats.get(&ctx.device, 16);
         ctx.queue.write_buffer(&stats, 0, &[0; 16]);
+        let blocks = n / u64::from(BLOCK);
+        let max_stride = dev
+            .levels
+            .iter()
+            .map(|l| u64::from(l.stride))
+            .max()
+            .unwrap_or(1);
+        let partials = scratch
+            .partials
+            .get(&ctx.device, blocks.max(1) * max_stride * 8);
 
         // The sort: fill, sort each tile, then the bitonic merges.
         let mut u = ctx.uniforms();
@@ -1117,24 +1139,30 @@ impl Gpu {
                     l.identity.as_entire_binding(),
                     l.cells.as_entire_binding(),
                     stats.as_entire_binding(),
+                    partials.as_entire_binding(),
                 ],
             )
         };
         let bgs: Vec<_> = dev.levels.iter().map(|l| fold_bg(l, &ubuf)).collect();
         // Multiples of the segment length inside the batch: the later rounds' starts.
         let multiples = n.saturating_sub(1) / u64::from(seg);
-        let fold_round = |pass: &mut wgpu::ComputePass<'_>,
-                          bgs: &[wgpu::BindGroup],
-                          offsets: &[u32],
-                          r: usize| {
-            pass.set_pipeline(&ctx.fold);
-            let threads = if r == 0 { n } else { multiples };
-            for (bg, offset) in bgs.iter().zip(offsets) {
-                pass.set_bind_group(0, bg, &[*offset]);
-                let (x, y) = groups(threads, 256);
-                pass.dispatch_workgroups(x, y, 1);
-            }
-        };
+        // One level: its blocks, then its rounds in order (`offsets[r]`: round r's
+        // parameters). The partials buffer is shared, so levels go one after another.
+        let fold_level =
+            |pass: &mut wgpu::ComputePass<'_>, bg: &wgpu::BindGroup, offsets: &[u32]| {
+                if blocks > 0 {
+                    pass.set_pipeline(&ctx.fold_blocks);
+                    pass.set_bind_group(0, bg, &[offsets[0]]);
+                    let (x, y) = groups(blocks, 256);
+                    pass.dispatch_workgroups(x, y, 1);
+                }
+                pass.set_pipeline(&ctx.fold);
+                for (r, offset) in offsets.iter().enumerate() {
+                    pass.set_bind_group(0, bg, &[*offset]);
+                    let (x, y) = groups(if r == 0 { n } else { multiples }, 256);
+                    pass.dispatch_workgroups(x, y, 1);
+                }
+            };
         // First submission: the sort, then either the whole fold (no run can span two
         // segments) or the plan (how many rounds the longest run needs).
         let first = ctx.run(
@@ -1148,7 +1176,9 @@ impl Gpu {
                     pass.dispatch_workgroups(x, y, 1);
                 }
                 if multiples == 0 {
-                    fold_round(pass, &bgs, &round0, 0);
+                    for (bg, offset) in bgs.iter().zip(&round0) {
+                        fold_level(pass, bg, &[*offset]);
+                    }
                 } else {
                     pass.set_pipeline(&ctx.fold_plan);
                     pass.set_bind_group(0, &bgs[0], &[plan_offset]);
@@ -1164,13 +1194,10 @@ impl Gpu {
             // Second submission: every round, each over every level.
             let rounds = 1 + u32::from_le_bytes(first[0][12..16].try_into().expect("4 bytes"));
             let mut u = ctx.uniforms();
-            let offsets: Vec<Vec<u32>> = (0..rounds)
-                .map(|r| {
-                    dev.levels
-                        .iter()
-                        .map(|l| u.push(&fold_params(l, r)))
-                        .collect()
-                })
+            let offsets: Vec<Vec<u32>> = dev
+                .levels
+                .iter()
+                .map(|l| (0..rounds).map(|r| u.push(&fold_params(l, r))).collect())
                 .collect();
             let ubuf = ctx.upload_uniforms(&mut scratch, &u);
             let bgs: Vec<_> = dev.levels.iter().map(|l| fold_bg(l, &ubuf)).collect();
@@ -1178,8 +1205,8 @@ impl Gpu {
                 &mut scratch,
                 Instant::now(),
                 |pass| {
-                    for (r, offsets) in offsets.iter().enumerate() {
-                        fold_round(pass, &bgs, offsets, r);
+                    for (bg, offsets) in bgs.iter().zip(&offsets) {
+                        fold_level(pass, bg, offsets);
                     }
                 },
                 &[(&stats, 0, 16)],

@@ -337,10 +337,18 @@ fn gpu_hot_key_longer_than_a_thread_segment() {
         })
     })
     .collect();
-    for n in [1_000usize, 20_000, 150_000] {
+    // Hop 7 ms: nearly every event opens a pane. Hop 60 s: long runs share a pane, so
+    // whole blocks of events are reduced in parallel before the walk.
+    for (n, hop) in [
+        (1_000usize, 7),
+        (20_000, 7),
+        (150_000, 7),
+        (20_000, 60_000),
+        (150_000, 60_000),
+    ] {
         let spec = StateSpec {
             levels: vec![LevelSpec {
-                hop: 7,
+                hop,
                 ring: 8,
                 columns: cols.clone(),
                 lifetime: true,
@@ -373,7 +381,7 @@ fn gpu_hot_key_longer_than_a_thread_segment() {
             let mut got = MergeOutput::default();
             Scalar.merge(&a, &features, &keys, at, &mut want).unwrap();
             g.merge(&b, &features, &keys, at, &mut got).unwrap();
-            assert_eq!(want.status, got.status, "n={n} at={at}");
+            assert_eq!(want.status, got.status, "n={n} hop={hop} at={at}");
             for (i, (w, x)) in want.values.iter().zip(&got.values).enumerate() {
                 let f = &features[i % features.len()];
                 assert!(

@@ -11,6 +11,14 @@
 // every run is folded in round r, one dispatch per round, in order: round 0 starts at
 // the runs' heads, later rounds at the multiples of `seg`. `fold_plan` finds how many
 // rounds a batch needs.
+//
+// Blocks: so that a key with many events in one batch is not folded one event at a
+// time, `fold_blocks` first reduces, in parallel, every aligned block of BLOCK sorted
+// events that share one key and one pane into a partial cell; the walk then merges
+// such a block's partial in one step instead of its BLOCK events. All events of a
+// block meet the same pane-recycling decision (they share the pane, and only this
+// key's events change its cells), so the result is the per-event one up to summation
+// order (the variance moments merge as in `level::merge_into`).
 
 struct FoldParams {
     hop: i64,
@@ -43,12 +51,45 @@ struct FoldParams {
 // Event × level pairs folded into a ring cell, into the base cell, and expired; then
 // the last round any run needs.
 @group(0) @binding(7) var<storage, read_write> stats: array<atomic<u32>, 4>;
+// One partial cell per aligned block of sorted events; its tag is the block's pane, or
+// the empty tag when the block's events do not all share one key and one pane.
+@group(0) @binding(8) var<storage, read_write> partials: array<f64>;
 
-// Adds event e (time t) to the cell at word `cell` (`level::add`).
-fn add(cell: u32, t: i64, e: u32) {
-    cells[cell + ROWS] += 1.0lf;
-    if (t > as_int(cells[cell + MAX_TS])) {
-        cells[cell + MAX_TS] = as_word(t);
+// Events per block (the host keeps `seg` a multiple of it).
+const BLOCK: u32 = 64u;
+
+// A word of the level's cells, or of the partials (q = true).
+fn ld(q: bool, i: u32) -> f64 {
+    if (q) {
+        return partials[i];
+    }
+    return cells[i];
+}
+
+fn st(q: bool, i: u32, v: f64) {
+    if (q) {
+        partials[i] = v;
+    } else {
+        cells[i] = v;
+    }
+}
+
+// `cell_moments` of a cell of the cells (q = false) or of the partials.
+fn moments_of(q: bool, k: Col, cell: u32) -> Moments {
+    let n = ld(q, cell + k.count);
+    if (n == 0.0lf) {
+        return Moments(0.0lf, 0.0lf, 0.0lf);
+    }
+    let m1 = ld(q, cell + k.moments + 1u);
+    return Moments(n, ld(q, cell + k.moments) + m1 / n, max(ld(q, cell + k.moments + 2u) - m1 * m1 / n, 0.0lf));
+}
+
+// Adds event e (time t) to the cell at word `cell` of the cells, or of the partials
+// (q = true) (`level::add`).
+fn add(q: bool, cell: u32, t: i64, e: u32) {
+    st(q, cell + ROWS, ld(q, cell + ROWS) + 1.0lf);
+    if (t > as_int(ld(q, cell + MAX_TS))) {
+        st(q, cell + MAX_TS, as_word(t));
     }
     for (var c = 0u; c < p.columns; c++) {
         let k = col(c);
@@ -61,59 +102,92 @@ fn add(cell: u32, t: i64, e: u32) {
         }
         if (k.moments != ABSENT) {
             let m = cell + k.moments;
-            if (cells[cell + k.count] == 0.0lf) {
-                cells[m] = select(0.0lf, x, is_finite(x));
+            if (ld(q, cell + k.count) == 0.0lf) {
+                st(q, m, select(0.0lf, x, is_finite(x)));
             }
-            let d = x - cells[m];
-            cells[m + 1u] += d;
-            cells[m + 2u] += d * d;
+            let d = x - ld(q, m);
+            st(q, m + 1u, ld(q, m + 1u) + d);
+            st(q, m + 2u, ld(q, m + 2u) + d * d);
         }
-        cells[cell + k.count] += 1.0lf;
+        st(q, cell + k.count, ld(q, cell + k.count) + 1.0lf);
         if (k.sum != ABSENT) {
-            cells[cell + k.sum] += x;
+            st(q, cell + k.sum, ld(q, cell + k.sum) + x);
         }
-        if (k.min != ABSENT && x < cells[cell + k.min]) {
-            cells[cell + k.min] = x;
+        if (k.min != ABSENT && x < ld(q, cell + k.min)) {
+            st(q, cell + k.min, x);
         }
-        if (k.max != ABSENT && x > cells[cell + k.max]) {
-            cells[cell + k.max] = x;
+        if (k.max != ABSENT && x > ld(q, cell + k.max)) {
+            st(q, cell + k.max, x);
         }
-        if (k.last != ABSENT && t >= as_int(cells[cell + k.last + 1u])) {
-            cells[cell + k.last] = x;
-            cells[cell + k.last + 1u] = as_word(t);
+        if (k.last != ABSENT && t >= as_int(ld(q, cell + k.last + 1u))) {
+            st(q, cell + k.last, x);
+            st(q, cell + k.last + 1u, as_word(t));
         }
     }
 }
 
-// Merges the cell at `src` into the cell at `dst` (`level::merge_into`).
-fn merge_into(dst: u32, src: u32) {
-    cells[dst + ROWS] += cells[src + ROWS];
-    cells[dst + MAX_TS] = as_word(max(as_int(cells[dst + MAX_TS]), as_int(cells[src + MAX_TS])));
+// Merges the cell at `src` (of the cells, or of the partials when q) into the cell
+// at `dst` of the cells (`level::merge_into`).
+fn merge_into(dst: u32, q: bool, src: u32) {
+    cells[dst + ROWS] += ld(q, src + ROWS);
+    cells[dst + MAX_TS] = as_word(max(as_int(cells[dst + MAX_TS]), as_int(ld(q, src + MAX_TS))));
     for (var c = 0u; c < p.columns; c++) {
         let k = col(c);
-        if (k.count == ABSENT || cells[src + k.count] == 0.0lf) {
+        if (k.count == ABSENT || ld(q, src + k.count) == 0.0lf) {
             continue;
         }
         if (k.moments != ABSENT) {
-            let m = moments_merge(cell_moments(k, dst), cell_moments(k, src));
+            let m = moments_merge(cell_moments(k, dst), moments_of(q, k, src));
             cells[dst + k.moments] = m.mean;
             cells[dst + k.moments + 1u] = 0.0lf;
             cells[dst + k.moments + 2u] = m.m2;
         }
-        cells[dst + k.count] += cells[src + k.count];
+        cells[dst + k.count] += ld(q, src + k.count);
         if (k.sum != ABSENT) {
-            cells[dst + k.sum] += cells[src + k.sum];
+            cells[dst + k.sum] += ld(q, src + k.sum);
         }
         if (k.min != ABSENT) {
-            cells[dst + k.min] = min(cells[dst + k.min], cells[src + k.min]);
+            cells[dst + k.min] = min(cells[dst + k.min], ld(q, src + k.min));
         }
         if (k.max != ABSENT) {
-            cells[dst + k.max] = max(cells[dst + k.max], cells[src + k.max]);
+            cells[dst + k.max] = max(cells[dst + k.max], ld(q, src + k.max));
         }
-        if (k.last != ABSENT && as_int(cells[src + k.last + 1u]) >= as_int(cells[dst + k.last + 1u])) {
-            cells[dst + k.last] = cells[src + k.last];
-            cells[dst + k.last + 1u] = cells[src + k.last + 1u];
+        if (k.last != ABSENT && as_int(ld(q, src + k.last + 1u)) >= as_int(cells[dst + k.last + 1u])) {
+            cells[dst + k.last] = ld(q, src + k.last);
+            cells[dst + k.last + 1u] = ld(q, src + k.last + 1u);
         }
+    }
+}
+
+// Reduces aligned block b of the sorted batch into partial cell b, if all its events
+// share one key and one pane; else marks the partial empty.
+@compute @workgroup_size(256)
+fn fold_blocks(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let b = thread_index(wg, nwg, lid, 256u);
+    let i0 = b * BLOCK;
+    if (i0 + BLOCK > p.n) {
+        return;
+    }
+    let pc = b * p.stride;
+    let slot = sorted[i0].x;
+    let pane = div_euclid(ts[sorted[i0].y], p.hop);
+    for (var j = i0 + 1u; j < i0 + BLOCK; j++) {
+        if (sorted[j].x != slot || div_euclid(ts[sorted[j].y], p.hop) != pane) {
+            partials[pc + TAG] = as_word(empty_pane());
+            return;
+        }
+    }
+    for (var w = 0u; w < p.stride; w++) {
+        partials[pc + w] = identity[w];
+    }
+    partials[pc + TAG] = as_word(pane);
+    for (var j = i0; j < i0 + BLOCK; j++) {
+        let e = sorted[j].y;
+        add(true, pc, ts[e], e);
     }
 }
 
@@ -183,7 +257,12 @@ fn fold(
     var into_base = 0u;
     var expired = 0u;
     let base = (p.ring * p.cap + slot) * p.stride;
-    for (var j = i; j < end && sorted[j].x == slot; j++) {
+    var j = i;
+    while (j < end && sorted[j].x == slot) {
+        // A whole block of this key and one pane: its partial, in one step.
+        let block = j % BLOCK == 0u && j + BLOCK <= end
+            && as_int(partials[(j / BLOCK) * p.stride + TAG]) != empty_pane();
+        let events = select(1u, BLOCK, block);
         let e = sorted[j].y;
         let t = ts[e];
         let pane = div_euclid(t, p.hop);
@@ -191,10 +270,11 @@ fn fold(
         let cell = (pos * p.cap + slot) * p.stride;
         let tag = as_int(cells[cell + TAG]);
         var dst = cell;
+        j += events;
         if (tag != pane) {
             if (tag == empty_pane() || tag < pane) {
                 if (tag != empty_pane() && p.lifetime != 0u) {
-                    merge_into(base, cell);
+                    merge_into(base, false, cell);
                 }
                 for (var w = 0u; w < p.stride; w++) {
                     cells[cell + w] = identity[w];
@@ -203,15 +283,19 @@ fn fold(
             } else if (p.lifetime != 0u) {
                 dst = base;
             } else {
-                expired += 1u;
+                expired += events;
                 continue;
             }
         }
-        add(dst, t, e);
-        if (dst == base) {
-            into_base += 1u;
+        if (block) {
+            merge_into(dst, true, (j / BLOCK - 1u) * p.stride);
         } else {
-            folded += 1u;
+            add(false, dst, t, e);
+        }
+        if (dst == base) {
+            into_base += events;
+        } else {
+            folded += events;
         }
     }
     if (folded != 0u) {
