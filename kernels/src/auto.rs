@@ -2,7 +2,8 @@
 //!
 //! # Calibration
 //! Once per process, [`Calibration::measure`] folds synthetic batches of growing size
-//! (4 Ki to 1 Mi events over 64 Ki keys) on both backends and keeps the smallest size
+//! (4 Ki to 1 Mi events over 64 Ki keys with a skewed, log-uniform key distribution)
+//! on both backends and keeps the smallest size
 //! from which the GPU is faster at every larger size measured: the crossover. It
 //! stops early once a GPU fold takes longer than a quarter of a second, so it costs
 //! about a second at start-up. A software adapter (Mesa's lavapipe, `device_type`
@@ -90,7 +91,14 @@ impl Calibration {
         c.transfer_bytes_per_s = 2.0 * on_cpu.memory_bytes() as f64 / copy_s.max(1e-9);
         let mut t0 = 1_000_000i64;
         for n in [1usize << 12, 1 << 14, 1 << 16, 1 << 18, 1 << 20] {
-            let ids: Vec<u32> = (0..n).map(|_| (rand() % u64::from(KEYS)) as u32).collect();
+            // Skewed keys, as real entity streams are (log-uniform: a few keys take
+            // much of the batch), so that the GPU's cost of hot keys is measured.
+            let ids: Vec<u32> = (0..n)
+                .map(|_| {
+                    let u = (rand() >> 11) as f64 / (1u64 << 53) as f64;
+                    (f64::from(KEYS).powf(u) as u32).saturating_sub(1)
+                })
+                .collect();
             let ts: Vec<i64> = (0..n as i64).map(|i| t0 + i / 64).collect();
             let v: Vec<f64> = (0..n).map(|i| i as f64).collect();
             t0 += n as i64;

@@ -151,9 +151,12 @@ impl Reused {
     fn get(&mut self, device: &wgpu::Device, size: u64) -> wgpu::Buffer {
         let size = size.max(256);
         if self.buffer.as_ref().is_none_or(|b| b.size() < size) {
+            // Rounded up to a power of two, but never past the device's largest
+            // buffer when the request itself fits (callers chunk to that limit).
+            let limit = device.limits().max_buffer_size.max(size);
             self.buffer = Some(device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(self.label),
-                size: size.next_power_of_two(),
+                size: size.next_power_of_two().min(limit).next_multiple_of(8),
                 usage: self.usage,
                 mapped_at_creation: false,
             }));
