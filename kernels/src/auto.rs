@@ -244,11 +244,11 @@ impl Backend for Auto {
                 r => r,
             };
         }
+        let c = &self.calibration;
+        let copy_back = state.memory_bytes() as f64 / c.transfer_bytes_per_s.max(1.0);
         if let Some(rent) = state.gpu_rent() {
-            let c = &self.calibration;
             *rent += (c.estimate(&c.gpu_s, n) - c.estimate(&c.cpu_s, n)).max(0.0);
-            let copy_back = state.memory_bytes() as f64 / c.transfer_bytes_per_s.max(1.0);
-            if state.gpu_rent().is_some_and(|r| *r < copy_back) {
+            if *rent < copy_back {
                 return self.gpu.fold(state, batch);
             }
         }

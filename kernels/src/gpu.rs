@@ -896,8 +896,8 @@ impl DeviceState {
         Ok(())
     }
 
-    /// Copies the state back into `state`'s host levels (which are empty).
-    fn download_into(self, state: &mut PaneState) -> Result<(), KernelError> {
+    /// Copies the state into `state`'s host levels (which are empty).
+    fn download_into(&self, state: &mut PaneState) -> Result<(), KernelError> {
         let ctx = self.ctx.clone();
         let cap = self.cap as usize;
         let shards = state.spec().shards;
@@ -919,12 +919,14 @@ impl DeviceState {
                 .collect();
             for s in 0..shards.min(cap) {
                 let slots = (cap - s).div_ceil(shards);
+                let ids: Vec<usize> = (0..slots)
+                    .map(|slot| state.id_of(s, slot) as usize)
+                    .collect();
                 let level: &mut LevelState = &mut state.shards[s][l];
                 level.reserve_slots(slots);
                 let stride = level.layout.stride;
                 let ring = level.spec.ring;
-                for slot in 0..slots {
-                    let id = state_id(s, slot, shards);
+                for (slot, &id) in ids.iter().enumerate() {
                     for pos in 0..ring {
                         let from = (pos * cap + id) * stride;
                         let to = level.index(slot, pos) * stride;
@@ -943,10 +945,6 @@ impl DeviceState {
     }
 }
 
-fn state_id(shard: usize, slot: usize, shards: usize) -> usize {
-    slot * shards + shard
-}
-
 /// Moves a device-resident state back to the host (a no-op for a host state).
 pub(crate) fn to_host(state: &mut PaneState) -> Result<(), KernelError> {
     match state.device.take() {
@@ -959,22 +957,7 @@ pub(crate) fn to_host(state: &mut PaneState) -> Result<(), KernelError> {
 pub(crate) fn host_copy(state: &PaneState) -> Result<PaneState, KernelError> {
     let mut copy = PaneState::new(state.spec().clone())?;
     if let Some(d) = &state.device {
-        DeviceState {
-            ctx: d.ctx.clone(),
-            cap: d.cap,
-            levels: d
-                .levels
-                .iter()
-                .map(|l| DeviceLevel {
-                    cells: l.cells.clone(),
-                    cols: l.cols.clone(),
-                    identity: l.identity.clone(),
-                    ..*l
-                })
-                .collect(),
-            rent: 0.0,
-        }
-        .download_into(&mut copy)?;
+        d.download_into(&mut copy)?;
     }
     Ok(copy)
 }
@@ -1113,7 +1096,6 @@ impl Gpu {
             round,
             seg,
         };
-        let plan_offset = u.push(&fold_params(&dev.levels[0], 0));
         let round0: Vec<u32> = dev
             .levels
             .iter()
@@ -1184,7 +1166,7 @@ impl Gpu {
                     }
                 } else {
                     pass.set_pipeline(&ctx.fold_plan);
-                    pass.set_bind_group(0, &bgs[0], &[plan_offset]);
+                    pass.set_bind_group(0, &bgs[0], &[round0[0]]);
                     let (x, y) = groups(multiples, 256);
                     pass.dispatch_workgroups(x, y, 1);
                 }
