@@ -216,6 +216,25 @@ fn panes(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// `panes backfill` of these files on `backend`, with `extra` arguments.
+fn backfill_cli(files: [&Path; 4], backend: &str, extra: &[&str]) -> std::process::Output {
+    let [features, events, spine, out] = files.map(|p| p.to_str().unwrap());
+    let args = [
+        "backfill",
+        "--features",
+        features,
+        "--events",
+        events,
+        "--spine",
+        spine,
+        "--out",
+        out,
+        "--backend",
+        backend,
+    ];
+    panes(&[&args[..], extra].concat())
+}
+
 /// Runs a backfill through the CLI and checks every output cell against the oracle.
 fn check(
     seed: u64,
@@ -243,21 +262,11 @@ fn check(
         &spine_batch(&spine, strings, !strings && seed.is_multiple_of(2)),
     );
     std::fs::write(&ft_path, FEATURES).unwrap();
-    let out = panes(&[
-        "backfill",
-        "--features",
-        ft_path.to_str().unwrap(),
-        "--events",
-        ev_path.to_str().unwrap(),
-        "--spine",
-        sp_path.to_str().unwrap(),
-        "--out",
-        out_path.to_str().unwrap(),
-        "--backend",
+    let out = backfill_cli(
+        [&ft_path, &ev_path, &sp_path, &out_path],
         backend,
-        "--dead-letter",
-        dl_path.to_str().unwrap(),
-    ]);
+        &["--dead-letter", dl_path.to_str().unwrap()],
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(
@@ -545,19 +554,7 @@ fn backfill_on_the_gpu_equals_the_cpu_on_1m_events() {
     let mut outputs = Vec::new();
     for backend in ["cpu", "gpu"] {
         let out_path = dir.path().join(format!("out-{backend}.arrow"));
-        let out = panes(&[
-            "backfill",
-            "--features",
-            ft_path.to_str().unwrap(),
-            "--events",
-            ev_path.to_str().unwrap(),
-            "--spine",
-            sp_path.to_str().unwrap(),
-            "--out",
-            out_path.to_str().unwrap(),
-            "--backend",
-            backend,
-        ]);
+        let out = backfill_cli([&ft_path, &ev_path, &sp_path, &out_path], backend, &[]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{backend}: {stderr}");
         assert!(stderr.contains(&format!("({backend} backend")), "{stderr}");
