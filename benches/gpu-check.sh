@@ -32,6 +32,8 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,m
 
 step "Vulkan loader and ICDs"
 ldconfig -p 2>/dev/null | grep -E 'libvulkan\.so' || echo "no libvulkan.so in the linker cache (Debian: libvulkan1)"
+# The NVIDIA ICD (libGLX_nvidia.so.0) loads through libglvnd's dispatcher.
+ldconfig -p 2>/dev/null | grep -E 'libGLdispatch\.so' || echo "no libGLdispatch.so in the linker cache (Debian: libglvnd0; the NVIDIA ICD needs it)"
 for d in /usr/share/vulkan/icd.d /etc/vulkan/icd.d /usr/local/share/vulkan/icd.d; do
   [[ -d $d ]] && { echo "$d:"; ls -l "$d"; }
 done
