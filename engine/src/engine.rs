@@ -1,15 +1,17 @@
 //! The online engine: push batches, read feature vectors.
 
-use std::sync::{Arc, RwLock, RwLockWriteGuard};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arrow_array::{Array, ArrayRef, Float64Array, Int64Array, RecordBatch};
 use arrow_buffer::NullBuffer;
 use arrow_schema::{DataType, Field, Schema};
 use ndarray::Array2;
-use panes_kernels::{Agg, Backend, BackendKind, MergeOutput};
+use panes_kernels::{Agg, Backend, BackendKind, FeatureMerge, MergeOutput};
 
 use crate::error::{PanesError, Result};
+use crate::histogram::Histogram;
 use crate::ingest::{PushReport, RejectReason, ViewCounters};
 use crate::keys::{KeyColumn, KeyIndex, KeyValue};
 use crate::spec::{FeatureFile, ReadTime};
@@ -101,7 +103,7 @@ pub struct ViewMetrics {
     pub counters: ViewCounters,
     /// Distinct keys.
     pub keys: usize,
-    /// Bytes of pane state.
+    /// Bytes of pane state (both replicas).
     pub state_bytes: usize,
     /// Latest accepted event time.
     pub max_event_time: Option<i64>,
@@ -111,6 +113,10 @@ pub struct ViewMetrics {
     pub pending: usize,
     /// The backend in use.
     pub backend: &'static str,
+    /// Events folded into the state.
+    pub folded: u64,
+    /// Publishes so far.
+    pub version: u64,
 }
 
 impl ViewMetrics {
@@ -123,16 +129,73 @@ impl ViewMetrics {
     }
 }
 
+/// One view: its definition, two replicas of its core, and the writer's log.
+///
+/// See [`Engine`] for the protocol.
 #[derive(Debug)]
 struct View {
     compiled: CompiledView,
-    core: RwLock<ViewCore>,
+    /// Held by the one writer (push, fold, publish); guards the back replica's use.
+    writer: Mutex<Writer>,
+    replicas: [RwLock<ViewCore>; 2],
+    /// Index of the replica readers use.
+    front: AtomicUsize,
+    /// Publishes so far: a read reports the version it saw.
+    version: AtomicU64,
+    /// Durations of this view's folds (both replicas).
+    fold_time: Arc<Histogram>,
+}
+
+/// The writer's side of a view: what the back replica has taken since the last
+/// publish, for the other replica to replay.
+#[derive(Debug, Default)]
+struct Writer {
+    log: Vec<(RecordBatch, usize)>,
+    /// Set when a replay failed and the replicas may differ: the view refuses writes.
+    broken: Option<String>,
+}
+
+/// A consistent, published state of a view, held for one read.
+struct Snapshot<'a> {
+    core: RwLockReadGuard<'a, ViewCore>,
+    version: u64,
+}
+
+/// Feature values with per-key serving metadata (see [`Engine::read_snapshot`]).
+#[derive(Clone, Debug)]
+pub struct ServedFrame {
+    /// The features.
+    pub frame: FeatureFrame,
+    /// Per key: time of its latest folded event (`i64::MIN` for a key never seen).
+    pub latest_event_ms: Vec<i64>,
+    /// Per key: events in the widest window among the features read, as of `frame.at`.
+    pub window_events: Vec<u64>,
+    /// Publishes of the view so far when the read started.
+    pub version: u64,
 }
 
 /// The feature engine: views of a feature file, their state, and a backend.
 ///
-/// Thread-safe: pushes and reads of one view are serialised by a lock; a micro-batch
-/// is folded under the write lock, so a read sees all of a micro-batch or none of it.
+/// # Reads never wait for folds: two replicas per view
+/// Each view keeps two replicas of its core (key index, pane state, counters): a
+/// *front* one that reads use and a *back* one that the single writer ingests into and
+/// folds. When the back replica has folded all it took, the writer *publishes* it: it
+/// swaps the front index (one atomic store), then takes the old front — waiting only
+/// for reads already inside it — and replays the logged pushes into it, so both are
+/// equal again. A read takes the front replica's read lock with `try_read`; if the
+/// writer holds it, the front has just moved and the read retries on the new one. So a
+/// read never waits for a fold, and it always sees a published state: all of a push
+/// or none of it. The price is twice the state memory and twice the ingest work.
+///
+/// The alternatives were rejected: a single state behind a lock makes reads wait for
+/// folds; a seqlock makes readers retry for as long as folds keep coming and needs
+/// atomic access to every cell; copy-on-write snapshots copy the touched shards on
+/// every fold while any read holds the old ones, which under steady reads is the
+/// whole state per fold.
+///
+/// [`Engine::read`] publishes pending events first (read-your-writes for embedded use);
+/// [`Engine::read_snapshot`] (the server's read) never folds and sees what
+/// [`Engine::fold_due`], a push or a flush published last.
 #[derive(Debug)]
 pub struct Engine {
     file: FeatureFile,
@@ -146,6 +209,143 @@ fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+fn poisoned(view: &str) -> PanesError {
+    PanesError::Internal(format!("view {view:?}: a fold panicked"))
+}
+
+/// Ingests `batch` (rows from `first_row` of the pushed stream) into `core` in slices
+/// of `batch_rows`, folding whenever the pending micro-batch is due (by size; by age
+/// too when `by_age`).
+fn push_into(
+    core: &mut ViewCore,
+    compiled: &CompiledView,
+    batch: &RecordBatch,
+    first_row: usize,
+    options: &EngineOptions,
+    backend: &dyn Backend,
+    by_age: bool,
+) -> Result<PushReport> {
+    let rows = batch.num_rows();
+    let step = options.batch_rows.max(1);
+    let mut report = PushReport::default();
+    let mut offset = 0;
+    loop {
+        let len = step.min(rows - offset);
+        let part = batch.slice(offset, len);
+        match core.ingest(compiled, &part, first_row + offset) {
+            Ok(r) => report.append(r),
+            Err(e) => {
+                // Every slice has the batch's schema, so a schema error comes from
+                // the first one; the rest of the batch is rejected with it.
+                if matches!(e, PanesError::Schema { .. }) {
+                    core.counters.rejected[RejectReason::Schema as usize] +=
+                        (rows - offset - len) as u64;
+                }
+                return Err(e);
+            }
+        }
+        let due = core.pending.len() >= options.batch_rows
+            || (by_age
+                && core
+                    .pending_since
+                    .is_some_and(|t| t.elapsed() >= options.batch_age));
+        if due {
+            core.fold_pending(backend)?;
+        }
+        offset += len;
+        if offset >= rows {
+            return Ok(report);
+        }
+    }
+}
+
+impl View {
+    fn name(&self) -> &str {
+        &self.compiled.spec.name
+    }
+
+    fn writer(&self) -> Result<MutexGuard<'_, Writer>> {
+        let w = self.writer.lock().map_err(|_| poisoned(self.name()))?;
+        if let Some(why) = &w.broken {
+            return Err(PanesError::Internal(format!(
+                "view {:?} stopped taking writes: {why}",
+                self.name()
+            )));
+        }
+        Ok(w)
+    }
+
+    /// The back replica; only the holder of the writer lock may call this.
+    fn back(&self, _writer: &MutexGuard<'_, Writer>) -> Result<RwLockWriteGuard<'_, ViewCore>> {
+        let back = 1 - self.front.load(Ordering::Acquire);
+        self.replicas[back]
+            .write()
+            .map_err(|_| poisoned(self.name()))
+    }
+
+    /// A published replica, for one read. Never waits for the writer.
+    fn snapshot(&self) -> Result<Snapshot<'_>> {
+        loop {
+            let version = self.version.load(Ordering::Acquire);
+            let i = self.front.load(Ordering::Acquire);
+            match self.replicas[i].try_read() {
+                Ok(core) => return Ok(Snapshot { core, version }),
+                // The writer holds it: the front moved after our load. Retry on the new one.
+                Err(TryLockError::WouldBlock) => std::thread::yield_now(),
+                Err(TryLockError::Poisoned(_)) => return Err(poisoned(self.name())),
+            }
+        }
+    }
+
+    /// Folds the back replica's pending events and, if it took anything since the last
+    /// publish, publishes it and brings the other replica up to date.
+    fn publish(
+        &self,
+        writer: &mut MutexGuard<'_, Writer>,
+        options: &EngineOptions,
+        backend: &dyn Backend,
+    ) -> Result<()> {
+        {
+            let mut back = self.back(writer)?;
+            back.fold_pending(backend)?;
+        }
+        if writer.log.is_empty() {
+            return Ok(());
+        }
+        let old = self.front.load(Ordering::Acquire);
+        self.front.store(1 - old, Ordering::Release);
+        self.version.fetch_add(1, Ordering::AcqRel);
+        // Waits for the reads already inside the old front; new reads use the new one.
+        let mut core = self.replicas[old]
+            .write()
+            .map_err(|_| poisoned(self.name()))?;
+        let replay = (|| {
+            for (batch, first_row) in &writer.log {
+                // The same rows in the same order make the same decisions; the errors
+                // were reported when the rows were first pushed.
+                match push_into(
+                    &mut core,
+                    &self.compiled,
+                    batch,
+                    *first_row,
+                    options,
+                    backend,
+                    false,
+                ) {
+                    Ok(_) | Err(PanesError::Schema { .. } | PanesError::Invalid(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            core.fold_pending(backend)
+        })();
+        writer.log.clear();
+        if let Err(e) = &replay {
+            writer.broken = Some(format!("replaying a publish failed: {e}"));
+        }
+        replay
+    }
 }
 
 impl Engine {
@@ -165,8 +365,21 @@ impl Engine {
             .iter()
             .map(|v| {
                 let compiled = CompiledView::new(v, options.shards);
-                let core = RwLock::new(ViewCore::new(&compiled)?);
-                Ok(View { compiled, core })
+                let fold_time = Arc::new(Histogram::default());
+                let replica = || -> Result<RwLock<ViewCore>> {
+                    let mut core = ViewCore::new(&compiled)?;
+                    core.fold_time = Some(fold_time.clone());
+                    Ok(RwLock::new(core))
+                };
+                let replicas = [replica()?, replica()?];
+                Ok(View {
+                    compiled,
+                    writer: Mutex::new(Writer::default()),
+                    replicas,
+                    front: AtomicUsize::new(0),
+                    version: AtomicU64::new(0),
+                    fold_time,
+                })
             })
             .collect::<Result<_>>()?;
         Ok(Engine {
@@ -212,15 +425,6 @@ impl Engine {
             })
     }
 
-    fn lock<'a>(&self, view: &'a View) -> Result<RwLockWriteGuard<'a, ViewCore>> {
-        view.core.write().map_err(|_| {
-            PanesError::Internal(format!(
-                "view {:?}: a fold panicked",
-                view.compiled.spec.name
-            ))
-        })
-    }
-
     /// Pushes a batch of events into `view`.
     ///
     /// Rows are validated and decided (accepted / late / rejected) now, in order; the
@@ -243,56 +447,85 @@ impl Engine {
     /// As [`Engine::push`].
     pub fn push_at(&self, view: &str, batch: &RecordBatch, first_row: usize) -> Result<PushReport> {
         let v = self.view(view)?;
-        let mut core = self.lock(v)?;
-        let rows = batch.num_rows();
-        let step = self.options.batch_rows.max(1);
-        let mut report = PushReport::default();
-        let mut offset = 0;
-        loop {
-            let len = step.min(rows - offset);
-            let part = batch.slice(offset, len);
-            match core.ingest(&v.compiled, &part, first_row + offset) {
-                Ok(r) => report.append(r),
-                Err(e) => {
-                    // Every slice has the batch's schema, so a schema error comes from
-                    // the first one; the rest of the batch is rejected with it.
-                    if matches!(e, PanesError::Schema { .. }) {
-                        core.counters.rejected[RejectReason::Schema as usize] +=
-                            (rows - offset - len) as u64;
-                    }
-                    return Err(e);
-                }
-            }
-            let due = core.pending.len() >= self.options.batch_rows
-                || core
-                    .pending_since
-                    .is_some_and(|t| t.elapsed() >= self.options.batch_age);
-            if due {
-                core.fold_pending(self.backend.as_ref())?;
-            }
-            offset += len;
-            if offset >= rows {
-                return Ok(report);
-            }
+        let mut writer = v.writer()?;
+        let mut back = v.back(&writer)?;
+        let result = push_into(
+            &mut back,
+            &v.compiled,
+            batch,
+            first_row,
+            &self.options,
+            self.backend.as_ref(),
+            true,
+        );
+        let settled = back.pending.is_empty();
+        drop(back);
+        writer.log.push((batch.clone(), first_row));
+        if let Err(e) = &result
+            && !matches!(e, PanesError::Schema { .. } | PanesError::Invalid(_))
+        {
+            writer.broken = Some(format!("a fold failed: {e}"));
+            return result;
         }
+        // Publish once the back replica holds no unfolded events: then it holds a
+        // whole number of pushes, folded.
+        if settled {
+            v.publish(&mut writer, &self.options, self.backend.as_ref())?;
+        }
+        result
     }
 
-    /// Folds every pending micro-batch now.
+    /// Folds every pending micro-batch now and publishes it to reads.
     ///
     /// # Errors
     /// A backend failure.
     pub fn flush(&self) -> Result<()> {
         for v in &self.views {
-            self.lock(v)?.fold_pending(self.backend.as_ref())?;
+            let mut writer = v.writer()?;
+            v.publish(&mut writer, &self.options, self.backend.as_ref())?;
         }
         Ok(())
+    }
+
+    /// Folds and publishes the pending micro-batches that are older than
+    /// `batch_age`; a view whose writer is busy is skipped (its push folds what is due).
+    /// Servers call this on a timer so that reads stay fresh between pushes.
+    ///
+    /// # Errors
+    /// A backend failure.
+    pub fn fold_due(&self) -> Result<()> {
+        for v in &self.views {
+            let mut writer = match v.writer.try_lock() {
+                Ok(w) => w,
+                Err(std::sync::TryLockError::WouldBlock) => continue,
+                Err(std::sync::TryLockError::Poisoned(_)) => return Err(poisoned(v.name())),
+            };
+            if writer.broken.is_some() || writer.log.is_empty() {
+                continue;
+            }
+            let due = v
+                .back(&writer)?
+                .pending_since
+                .is_none_or(|t| t.elapsed() >= self.options.batch_age);
+            if due {
+                v.publish(&mut writer, &self.options, self.backend.as_ref())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes events of `view` pushed so far, so that a read sees them.
+    fn settle(&self, view: &View) -> Result<()> {
+        let mut writer = view.writer()?;
+        view.publish(&mut writer, &self.options, self.backend.as_ref())
     }
 
     /// Reads the features of `keys` (an Arrow array of any key type) from `view` as of
     /// `at` (epoch ms; default: the view's read time). `features` selects and orders
     /// the features; `None` returns all of the view's.
     ///
-    /// Pending events are folded first, so a read sees every event pushed before it.
+    /// Events pushed before are folded and published first, so a read sees every one
+    /// of them (the server reads with [`Engine::read_snapshot`], which never folds).
     /// Unknown and null keys get the empty-window values.
     ///
     /// # Errors
@@ -346,8 +579,41 @@ impl Engine {
         )
     }
 
-    /// Folds pending events, resolves key ids with `ids`, merges, and checks exactness
-    /// (`key_of` names a key in errors).
+    /// Reads `keys` of `view` from the published state, without folding: the
+    /// server's read. It never waits for a fold and sees all of a push or none of it.
+    /// Besides the values it returns, per key, the time of the key's latest event and
+    /// the number of events in the widest window read (support for a model).
+    ///
+    /// # Errors
+    /// As [`Engine::read`].
+    pub fn read_snapshot(
+        &self,
+        view: &str,
+        keys: &[KeyValue],
+        at: Option<i64>,
+        features: Option<&[&str]>,
+    ) -> Result<ServedFrame> {
+        let v = self.view(view)?;
+        let text = keys.iter().any(|k| matches!(k, KeyValue::Str(_)));
+        crate::error::ensure!(
+            keys.iter().all(|k| matches!(k, KeyValue::Str(_)) == text),
+            "view {view:?}: keys mix strings and integers"
+        );
+        let snap = v.snapshot()?;
+        if !keys.is_empty() {
+            let given = if text {
+                DataType::Utf8
+            } else {
+                DataType::Int64
+            };
+            snap.core.keys.check_kind(view, text, &given)?;
+        }
+        let ids: Vec<Option<u32>> = keys.iter().map(|k| snap.core.keys.get(k)).collect();
+        self.merge_at(v, &snap, &ids, at, features, true, |k| keys[k].to_string())
+    }
+
+    /// Publishes pending events, resolves key ids with `ids`, merges, and checks
+    /// exactness (`key_of` names a key in errors).
     fn read_with(
         &self,
         view: &str,
@@ -357,10 +623,28 @@ impl Engine {
         key_of: impl Fn(usize) -> String,
     ) -> Result<FeatureFrame> {
         let v = self.view(view)?;
-        let mut core = self.lock(v)?;
-        core.fold_pending(self.backend.as_ref())?;
-        let ids = ids(&core.keys)?;
-        let ids = ids.as_slice();
+        self.settle(v)?;
+        let snap = v.snapshot()?;
+        let ids = ids(&snap.core.keys)?;
+        Ok(self
+            .merge_at(v, &snap, &ids, at, features, false, key_of)?
+            .frame)
+    }
+
+    /// Merges `features` (all if `None`) of key `ids` from a snapshot as of `at`
+    /// (default: the view's read time); with `meta`, also the per-key metadata.
+    #[allow(clippy::too_many_arguments)]
+    fn merge_at(
+        &self,
+        v: &View,
+        snap: &Snapshot<'_>,
+        ids: &[Option<u32>],
+        at: Option<i64>,
+        features: Option<&[&str]>,
+        meta: bool,
+        key_of: impl Fn(usize) -> String,
+    ) -> Result<ServedFrame> {
+        let core = &snap.core;
         let compiled = &v.compiled;
         let selected: Vec<usize> = match features {
             None => (0..compiled.merges.len()).collect(),
@@ -369,9 +653,24 @@ impl Engine {
                 .map(|n| compiled.feature_index(n))
                 .collect::<Result<_>>()?,
         };
-        let merges: Vec<_> = selected.iter().map(|&i| compiled.merges[i]).collect();
+        let mut merges: Vec<_> = selected.iter().map(|&i| compiled.merges[i]).collect();
+        let features_read = merges.len();
+        if meta
+            && let Some(widest) = merges.iter().max_by_key(|m| {
+                m.panes.map_or(u128::MAX, |p| {
+                    p as u128 * compiled.state.levels[m.level].hop as u128
+                })
+            })
+        {
+            // Events behind the widest window: a count of rows over its panes.
+            merges.push(FeatureMerge {
+                agg: Agg::Count,
+                column: None,
+                ..*widest
+            });
+        }
         let at = at.unwrap_or_else(|| match compiled.spec.read_time {
-            ReadTime::EventTime => core.max_ts.unwrap_or(0),
+            ReadTime::EventTime => core.folded_max_ts.unwrap_or(0),
             ReadTime::WallClock => now_ms(),
         });
         crate::error::ensure!(
@@ -382,19 +681,57 @@ impl Engine {
         self.backend
             .merge(&core.state, &merges, ids, at, &mut out)?;
         check_exact(compiled, &out, at, key_of)?;
-        let shape = (ids.len(), merges.len());
-        let values = Array2::from_shape_vec(shape, out.values)
-            .map_err(|e| PanesError::Internal(e.to_string()))?;
-        let valid = Array2::from_shape_vec(shape, out.valid)
-            .map_err(|e| PanesError::Internal(e.to_string()))?;
-        Ok(FeatureFrame {
-            names: selected
+        let width = merges.len();
+        let (mut values, mut valid) = (out.values, out.valid);
+        let mut window_events = Vec::new();
+        let mut latest_event_ms = Vec::new();
+        if meta {
+            if width > features_read {
+                window_events = values
+                    .iter()
+                    .skip(features_read)
+                    .step_by(width)
+                    .map(|&c| c as u64)
+                    .collect();
+                let mut k = 0;
+                values.retain(|_| {
+                    k += 1;
+                    (k - 1) % width < features_read
+                });
+                let mut k = 0;
+                valid.retain(|_| {
+                    k += 1;
+                    (k - 1) % width < features_read
+                });
+            } else {
+                window_events = vec![0; ids.len()];
+            }
+            latest_event_ms = ids
                 .iter()
-                .map(|&i| compiled.spec.features[i].name.clone())
-                .collect(),
-            values,
-            valid,
-            at,
+                .map(|id| {
+                    id.and_then(|id| core.latest.get(id as usize).copied())
+                        .unwrap_or(i64::MIN)
+                })
+                .collect();
+        }
+        let shape = (ids.len(), features_read);
+        let values = Array2::from_shape_vec(shape, values)
+            .map_err(|e| PanesError::Internal(e.to_string()))?;
+        let valid = Array2::from_shape_vec(shape, valid)
+            .map_err(|e| PanesError::Internal(e.to_string()))?;
+        Ok(ServedFrame {
+            frame: FeatureFrame {
+                names: selected
+                    .iter()
+                    .map(|&i| compiled.spec.features[i].name.clone())
+                    .collect(),
+                values,
+                valid,
+                at,
+            },
+            latest_event_ms,
+            window_events,
+            version: snap.version,
         })
     }
 
@@ -432,27 +769,45 @@ impl Engine {
         Ok((batch, frame.at))
     }
 
+    /// The kind of keys `view` holds in its published state: `"int"`, `"string"`, or
+    /// `None` before any.
+    ///
+    /// # Errors
+    /// Unknown view.
+    pub fn key_kind(&self, view: &str) -> Result<Option<&'static str>> {
+        Ok(self.view(view)?.snapshot()?.core.keys.kind())
+    }
+
+    /// Durations of `view`'s micro-batch folds (each publish folds on both replicas).
+    ///
+    /// # Errors
+    /// Unknown view.
+    pub fn fold_time(&self, view: &str) -> Result<&Histogram> {
+        Ok(&self.view(view)?.fold_time)
+    }
+
     /// Counters and sizes of `view`.
     ///
     /// # Errors
     /// Unknown view.
     pub fn metrics(&self, view: &str) -> Result<ViewMetrics> {
         let v = self.view(view)?;
-        let core = v
-            .core
-            .read()
-            .map_err(|_| PanesError::Internal("a fold panicked".into()))?;
+        // The back replica has taken every push; the writer lock keeps it still.
+        let writer = v.writer.lock().map_err(|_| poisoned(view))?;
+        let core = v.back(&writer)?;
         Ok(ViewMetrics {
             view: view.to_string(),
             counters: core.counters.clone(),
             keys: core.keys.len(),
-            state_bytes: core.state.memory_bytes(),
+            state_bytes: 2 * core.state.memory_bytes(),
             max_event_time: core.max_ts,
             watermark: core
                 .max_ts
                 .map(|m| m.saturating_sub(v.compiled.spec.allowed_lateness)),
             pending: core.pending.len(),
             backend: self.backend.kind().name(),
+            folded: core.folded,
+            version: v.version.load(Ordering::Acquire),
         })
     }
 }

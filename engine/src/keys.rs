@@ -153,6 +153,18 @@ impl KeyIndex {
         Ok(())
     }
 
+    /// `"int"` or `"string"`: the kind of the keys held (`None` while empty; a view
+    /// fed both reports the integer kind).
+    pub fn kind(&self) -> Option<&'static str> {
+        if !self.ints.is_empty() || !self.big.is_empty() {
+            Some("int")
+        } else if !self.strs.is_empty() {
+            Some("string")
+        } else {
+            None
+        }
+    }
+
     /// The id of a key value, if known.
     pub fn get(&self, key: &KeyValue) -> Option<u32> {
         match key {

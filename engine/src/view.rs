@@ -2,6 +2,7 @@
 //! watermark, pending micro-batch, counters). The online engine and backfill drive the
 //! same core.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use arrow_array::RecordBatch;
@@ -11,6 +12,7 @@ use panes_kernels::{
 };
 
 use crate::error::{PanesError, Result};
+use crate::histogram::Histogram;
 use crate::ingest::{Decoded, PushReport, ViewCounters, ingest};
 use crate::keys::KeyIndex;
 use crate::spec::{ViewSpec, Window, format_duration};
@@ -137,6 +139,14 @@ pub(crate) struct ViewCore {
     pub counters: ViewCounters,
     pub pending: Decoded,
     pub pending_since: Option<Instant>,
+    /// Latest folded event time per key id (`i64::MIN`: none), for serving metadata.
+    pub latest: Vec<i64>,
+    /// Events folded into `state`.
+    pub folded: u64,
+    /// Latest event time folded into `state` (equal to `max_ts` when nothing is pending).
+    pub folded_max_ts: Option<i64>,
+    /// Where fold durations are recorded, if anywhere.
+    pub fold_time: Option<Arc<Histogram>>,
 }
 
 impl ViewCore {
@@ -148,6 +158,10 @@ impl ViewCore {
             counters: ViewCounters::default(),
             pending: Decoded::new(view.columns.len()),
             pending_since: None,
+            latest: Vec::new(),
+            folded: 0,
+            folded_max_ts: None,
+            fold_time: None,
         })
     }
 
@@ -184,8 +198,21 @@ impl ViewCore {
             ts: &self.pending.ts,
             values: &values,
         };
+        let started = Instant::now();
         let stats = backend.fold(&mut self.state, &batch)?;
+        if let Some(h) = &self.fold_time {
+            h.record(started.elapsed());
+        }
         self.counters.expired += stats.expired;
+        self.folded += self.pending.len() as u64;
+        self.folded_max_ts = self.folded_max_ts.max(self.max_ts);
+        for (&id, &ts) in self.pending.ids.iter().zip(&self.pending.ts) {
+            let id = id as usize;
+            if id >= self.latest.len() {
+                self.latest.resize((id + 1).next_power_of_two(), i64::MIN);
+            }
+            self.latest[id] = self.latest[id].max(ts);
+        }
         self.pending.clear();
         self.pending_since = None;
         Ok(())
