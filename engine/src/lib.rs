@@ -57,15 +57,20 @@
 pub mod backfill;
 mod engine;
 pub mod error;
+pub mod histogram;
 pub mod ingest;
 pub mod io;
 pub mod keys;
+#[cfg(feature = "serve")]
+pub mod serve;
 pub mod spec;
 pub mod synth;
 pub mod view;
 
 pub use backfill::{BackfillOptions, BackfillReport, backfill};
-pub use engine::{Engine, EngineOptions, FeatureFrame, ViewMetrics, feature_column, feature_field};
+pub use engine::{
+    Engine, EngineOptions, FeatureFrame, ServedFrame, ViewMetrics, feature_column, feature_field,
+};
 pub use error::{PanesError, Result};
 pub use ingest::{PushReport, RejectReason, Rejection, ViewCounters};
 pub use keys::KeyValue;

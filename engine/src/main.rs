@@ -1,4 +1,4 @@
-//! The `panes` command: `demo`, `backfill`, `check`.
+//! The `panes` command: `demo`, `backfill`, `serve`, `check`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -73,6 +73,8 @@ enum Command {
         #[arg(long)]
         backend: Option<BackendKind>,
     },
+    /// Serve features over gRPC and Arrow Flight, with health, reflection and metrics.
+    Serve(ServeArgs),
     /// Validate a feature file and describe the state it needs.
     Check {
         /// Feature file (TOML).
@@ -108,6 +110,7 @@ fn main() -> ExitCode {
             dead_letter.as_deref(),
             backend,
         ),
+        Command::Serve(args) => serve(args),
         Command::Check { features } => check(&features),
     };
     match result {
@@ -120,6 +123,119 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// Feature file (default: the built-in card-transaction features).
+    #[arg(long)]
+    features: Option<PathBuf>,
+    /// gRPC and Arrow Flight address.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    listen: std::net::SocketAddr,
+    /// Prometheus endpoint address (`GET /metrics`), or `off`.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    metrics: String,
+    /// Most keys per read.
+    #[arg(long, default_value_t = 10_000)]
+    max_keys: usize,
+    /// Largest request message, bytes.
+    #[arg(long, default_value_t = 64 << 20)]
+    max_message_bytes: usize,
+    /// A micro-batch is folded and published once its oldest event waited this long (ms).
+    #[arg(long, default_value_t = 10)]
+    batch_age_ms: u64,
+    /// …or once it holds this many events.
+    #[arg(long, default_value_t = 64 * 1024)]
+    batch_rows: usize,
+    /// After SIGTERM / Ctrl-C, how long in-flight requests may run (seconds).
+    #[arg(long, default_value_t = 30)]
+    shutdown_grace: u64,
+    /// Write the final counters of every view here (JSON) on shutdown.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Backend: scalar, cpu, gpu or auto (default: $PANES_BACKEND, else auto).
+    #[arg(long)]
+    backend: Option<BackendKind>,
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    use panes_engine::serve::{ServeOptions, Server, shutdown_signal};
+    let file = match &args.features {
+        Some(p) => FeatureFile::from_path(p)?,
+        None => FeatureFile::parse(DEMO_FEATURES, "built-in demo features")?,
+    };
+    let metrics = match args.metrics.as_str() {
+        "off" | "" => None,
+        a => Some(a.parse().map_err(|e| {
+            PanesError::Invalid(format!("--metrics {a:?}: not an address or `off`: {e}"))
+        })?),
+    };
+    let engine = Engine::new(
+        &file,
+        EngineOptions {
+            backend: args.backend,
+            batch_rows: args.batch_rows,
+            batch_age: Duration::from_millis(args.batch_age_ms),
+            ..EngineOptions::default()
+        },
+    )?;
+    let options = ServeOptions {
+        max_keys: args.max_keys,
+        max_message_bytes: args.max_message_bytes,
+        shutdown_grace: Duration::from_secs(args.shutdown_grace),
+        ..ServeOptions::default()
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("panes-io")
+        .build()
+        .map_err(|e| PanesError::Internal(format!("cannot start the runtime: {e}")))?;
+    let report = runtime.block_on(async {
+        let backend = engine.backend().kind().name();
+        let server = Server::bind(std::sync::Arc::new(engine), options, args.listen, metrics).await?;
+        let grpc = server.grpc_addr().map_err(|e| PanesError::Internal(e.to_string()))?;
+        match server.metrics_addr() {
+            Some(Ok(m)) => eprintln!(
+                "panes serve: gRPC + Flight on {grpc}, metrics on http://{m}/metrics, backend {backend}"
+            ),
+            _ => eprintln!("panes serve: gRPC + Flight on {grpc}, backend {backend}"),
+        }
+        server.run(shutdown_signal()).await
+    })?;
+    for m in &report.views {
+        eprintln!(
+            "panes serve: stopped; view {:?}: {} accepted, {} folded, {} pending, {} late, {} rejected{}",
+            m.view,
+            m.counters.accepted,
+            m.folded,
+            m.pending,
+            m.counters.late,
+            m.counters.rejected_total(),
+            if report.cut_off {
+                " (in-flight requests cut off at the grace deadline)"
+            } else {
+                ""
+            }
+        );
+    }
+    if let Some(path) = &args.report {
+        let views: Vec<serde_json::Value> = report
+            .views
+            .iter()
+            .map(|m| {
+                serde_json::json!({
+                    "view": m.view, "accepted": m.counters.accepted, "folded": m.folded,
+                    "pending": m.pending, "late": m.counters.late,
+                    "rejected": m.counters.rejected_total(), "keys": m.keys,
+                })
+            })
+            .collect();
+        let json = serde_json::json!({"views": views, "cut_off": report.cut_off});
+        std::fs::write(path, json.to_string())
+            .map_err(|e| PanesError::Invalid(format!("--report {}: {e}", path.display())))?;
+    }
+    Ok(())
 }
 
 fn describe(file: &FeatureFile) {

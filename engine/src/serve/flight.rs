@@ -1,0 +1,361 @@
+//! Arrow Flight on the gRPC port: `DoPut` ingests record batches into the view named
+//! by the descriptor's path; `DoGet` reads features for a ticket (JSON:
+//! `{"view": "cards", "keys": [1, 2], "features": ["..."], "at_ms": 123}`; `features`
+//! and `at_ms` optional) and returns one record batch: the keys, then the features.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow_array::{ArrayRef, Int64Array, RecordBatch, StringArray};
+use arrow_flight::decode::FlightRecordBatchStream;
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::error::FlightError;
+use arrow_flight::flight_service_server::FlightService;
+use arrow_flight::{
+    Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightInfo,
+    HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
+};
+use arrow_schema::{Field, Schema};
+use futures::{Stream, StreamExt, TryStreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::grpc::check_at;
+use super::{Shared, bad_request, status, stream_error};
+use crate::engine::{feature_column, feature_field};
+use crate::error::PanesError;
+use crate::keys::KeyValue;
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[derive(Debug)]
+pub(crate) struct Flight {
+    shared: Arc<Shared>,
+}
+
+impl Flight {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Flight { shared }
+    }
+}
+
+fn flight_status(e: FlightError) -> Status {
+    match e {
+        FlightError::Tonic(s) => stream_error(*s),
+        other => bad_request("flight_data", format!("malformed Flight data: {other}")),
+    }
+}
+
+/// A parsed `DoGet` ticket.
+struct TicketRead {
+    view: String,
+    keys: Vec<KeyValue>,
+    features: Option<Vec<String>>,
+    at: Option<i64>,
+}
+
+fn parse_ticket(bytes: &[u8]) -> Result<TicketRead, Status> {
+    let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+        bad_request(
+            "ticket",
+            format!("not JSON ({e}); expected {{\"view\": ..., \"keys\": [...]}}"),
+        )
+    })?;
+    let view = v
+        .get("view")
+        .and_then(|x| x.as_str())
+        .ok_or_else(|| bad_request("ticket.view", "missing or not a string"))?
+        .to_string();
+    let raw = v
+        .get("keys")
+        .and_then(|x| x.as_array())
+        .ok_or_else(|| bad_request("ticket.keys", "missing or not an array"))?;
+    let keys = raw
+        .iter()
+        .enumerate()
+        .map(|(i, k)| match k {
+            serde_json::Value::String(s) => Ok(KeyValue::Str(s.clone())),
+            serde_json::Value::Number(n) => n
+                .as_i64()
+                .map(|n| KeyValue::Int(n.into()))
+                .or_else(|| n.as_u64().map(|n| KeyValue::Int(n.into())))
+                .ok_or_else(|| bad_request(&format!("ticket.keys[{i}]"), "not an integer")),
+            _ => Err(bad_request(
+                &format!("ticket.keys[{i}]"),
+                "keys are strings or integers",
+            )),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let features = match v.get("features") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::Array(a)) => Some(
+            a.iter()
+                .map(|f| {
+                    f.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| bad_request("ticket.features", "names are strings"))
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+        Some(_) => return Err(bad_request("ticket.features", "not an array")),
+    };
+    let at = match v.get("at_ms") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(x) => Some(
+            x.as_i64()
+                .ok_or_else(|| bad_request("ticket.at_ms", "not an integer"))?,
+        ),
+    };
+    Ok(TicketRead {
+        view,
+        keys,
+        features,
+        at,
+    })
+}
+
+fn unimplemented<T>(what: &str) -> Result<T, Status> {
+    Err(Status::unimplemented(format!(
+        "Panes' Flight service has DoPut and DoGet only ({what} is not offered)"
+    )))
+}
+
+#[tonic::async_trait]
+impl FlightService for Flight {
+    type HandshakeStream = BoxStream<HandshakeResponse>;
+    type ListFlightsStream = BoxStream<FlightInfo>;
+    type DoGetStream = BoxStream<FlightData>;
+    type DoPutStream = BoxStream<PutResult>;
+    type DoActionStream = BoxStream<arrow_flight::Result>;
+    type ListActionsStream = BoxStream<ActionType>;
+    type DoExchangeStream = BoxStream<FlightData>;
+
+    async fn handshake(
+        &self,
+        _request: Request<Streaming<HandshakeRequest>>,
+    ) -> Result<Response<Self::HandshakeStream>, Status> {
+        unimplemented("Handshake")
+    }
+
+    async fn list_flights(
+        &self,
+        _request: Request<Criteria>,
+    ) -> Result<Response<Self::ListFlightsStream>, Status> {
+        unimplemented("ListFlights")
+    }
+
+    async fn get_flight_info(
+        &self,
+        _request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        unimplemented("GetFlightInfo")
+    }
+
+    async fn poll_flight_info(
+        &self,
+        _request: Request<FlightDescriptor>,
+    ) -> Result<Response<PollInfo>, Status> {
+        unimplemented("PollFlightInfo")
+    }
+
+    async fn get_schema(
+        &self,
+        _request: Request<FlightDescriptor>,
+    ) -> Result<Response<SchemaResult>, Status> {
+        unimplemented("GetSchema")
+    }
+
+    async fn do_get(
+        &self,
+        request: Request<Ticket>,
+    ) -> Result<Response<Self::DoGetStream>, Status> {
+        let started = Instant::now();
+        let t = parse_ticket(&request.into_inner().ticket)?;
+        self.shared.check_keys(t.keys.len())?;
+        check_at(t.at)?;
+        let engine = self.shared.engine.clone();
+        let view = t.view.clone();
+        let batch = self
+            .shared
+            .on_reads(move || -> Result<RecordBatch, PanesError> {
+                let names: Option<Vec<&str>> = t
+                    .features
+                    .as_ref()
+                    .map(|f| f.iter().map(String::as_str).collect());
+                let served = engine.read_snapshot(&t.view, &t.keys, t.at, names.as_deref())?;
+                let compiled = engine
+                    .views()
+                    .find(|v| v.spec.name == t.view)
+                    .ok_or_else(|| PanesError::Internal("view vanished".into()))?;
+                let text = t.keys.iter().any(|k| matches!(k, KeyValue::Str(_)));
+                let key: ArrayRef = if text {
+                    Arc::new(StringArray::from_iter(t.keys.iter().map(|k| match k {
+                        KeyValue::Str(s) => Some(s.as_str()),
+                        KeyValue::Int(_) => None,
+                    })))
+                } else {
+                    Arc::new(Int64Array::from_iter(t.keys.iter().map(|k| match k {
+                        KeyValue::Int(i) => i64::try_from(*i).ok(),
+                        KeyValue::Str(_) => None,
+                    })))
+                };
+                let frame = served.frame;
+                let mut fields = vec![Field::new(
+                    &compiled.spec.key,
+                    key.data_type().clone(),
+                    true,
+                )];
+                let mut columns = vec![key];
+                for (j, name) in frame.names.iter().enumerate() {
+                    let agg = compiled.spec.features[compiled.feature_index(name)?].agg;
+                    fields.push(feature_field(name, agg));
+                    columns.push(feature_column(
+                        agg,
+                        frame
+                            .values
+                            .column(j)
+                            .iter()
+                            .zip(frame.valid.column(j).iter())
+                            .map(|(v, ok)| (*v, *ok)),
+                    ));
+                }
+                Ok(RecordBatch::try_new(
+                    Arc::new(Schema::new(fields)),
+                    columns,
+                )?)
+            })
+            .await?
+            .map_err(|e| status(e, "ticket.keys"))?;
+        if let Some(h) = self.shared.read_time.get(&view) {
+            h.record(started.elapsed());
+        }
+        let stream = FlightDataEncoderBuilder::new()
+            .build(futures::stream::once(async move { Ok(batch) }))
+            .map_err(|e| Status::internal(e.to_string()));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn do_put(
+        &self,
+        request: Request<Streaming<FlightData>>,
+    ) -> Result<Response<Self::DoPutStream>, Status> {
+        let mut input = request.into_inner();
+        let first = input
+            .message()
+            .await
+            .map_err(stream_error)?
+            .ok_or_else(|| bad_request("flight_descriptor", "empty DoPut stream"))?;
+        let view = match &first.flight_descriptor {
+            Some(d) if d.path.len() == 1 => d.path[0].clone(),
+            _ => {
+                return Err(bad_request(
+                    "flight_descriptor.path",
+                    "DoPut needs a path descriptor with one element: the view name",
+                ));
+            }
+        };
+        let engine = self.shared.engine.clone();
+        if !engine.views().any(|v| v.spec.name == view) {
+            return Err(status(
+                PanesError::UnknownView {
+                    name: view,
+                    known: engine
+                        .views()
+                        .map(|v| v.spec.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                },
+                "flight_descriptor.path",
+            ));
+        }
+        let data = futures::stream::once(async move { Ok(first) })
+            .chain(input)
+            .map_err(FlightError::from);
+        let mut batches = FlightRecordBatchStream::new_from_flight_data(data);
+        let shared = self.shared.clone();
+        // Batches are pushed as they arrive, in order; each gets a PutResult whose
+        // app_metadata holds the JSON counts of that batch.
+        let out = async_stream(move |tx| async move {
+            let mut offset = 0usize;
+            while let Some(batch) = batches.next().await {
+                let batch = match batch {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let _ = tx.send(Err(flight_status(e))).await;
+                        return;
+                    }
+                };
+                let engine = shared.engine.clone();
+                let view = view.clone();
+                let rows = batch.num_rows();
+                let first_row = offset;
+                let result = shared
+                    .on_writes(move || engine.push_at(&view, &batch, first_row))
+                    .await;
+                offset += rows;
+                let meta = match result {
+                    Ok(Ok(r)) => serde_json::json!({
+                        "accepted": r.accepted, "late": r.late, "rejected": r.rejected,
+                        "rejections": r.rejections.iter().map(|x| serde_json::json!({
+                            "row": x.row, "reason": x.message})).collect::<Vec<_>>(),
+                    }),
+                    Ok(Err(PanesError::Schema {
+                        column, message, ..
+                    })) => serde_json::json!({
+                        "accepted": 0, "late": 0, "rejected": rows,
+                        "rejections": [{"row": first_row, "column": column,
+                            "reason": format!("the whole batch was rejected: {message}")}],
+                    }),
+                    Ok(Err(e)) => {
+                        let _ = tx.send(Err(status(e, "flight_data"))).await;
+                        return;
+                    }
+                    Err(s) => {
+                        let _ = tx.send(Err(s)).await;
+                        return;
+                    }
+                };
+                let put = PutResult {
+                    app_metadata: meta.to_string().into_bytes().into(),
+                };
+                if tx.send(Ok(put)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(out))
+    }
+
+    async fn do_exchange(
+        &self,
+        _request: Request<Streaming<FlightData>>,
+    ) -> Result<Response<Self::DoExchangeStream>, Status> {
+        unimplemented("DoExchange")
+    }
+
+    async fn do_action(
+        &self,
+        _request: Request<Action>,
+    ) -> Result<Response<Self::DoActionStream>, Status> {
+        unimplemented("DoAction")
+    }
+
+    async fn list_actions(
+        &self,
+        _request: Request<Empty>,
+    ) -> Result<Response<Self::ListActionsStream>, Status> {
+        unimplemented("ListActions")
+    }
+}
+
+/// A response stream fed by a task through a bounded channel (tonic's streaming shape).
+fn async_stream<T, F, Fut>(f: F) -> BoxStream<T>
+where
+    T: Send + 'static,
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<T, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(f(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}

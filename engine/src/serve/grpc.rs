@@ -1,0 +1,399 @@
+//! The `panes.v1.Features` service.
+
+use std::io::Cursor;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow_array::{ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray};
+use arrow_schema::{DataType, Field, Schema};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::proto::features_server::Features;
+use super::proto::{
+    self, DescribeViewRequest, FeatureDescription, GetFeaturesRequest, GetFeaturesResponse,
+    IngestRequest, IngestResponse, ListFeaturesRequest, ListFeaturesResponse, ViewDescription,
+    get_features_request, ingest_request,
+};
+use super::{Shared, bad_request, status, stream_error};
+use crate::engine::Engine;
+use crate::error::PanesError;
+use crate::ingest::PushReport;
+use crate::keys::KeyValue;
+use crate::spec::{ReadTime, ViewSpec, Window};
+
+/// Rejections returned by one `Ingest` call.
+const MAX_REJECTIONS: usize = 10;
+
+#[derive(Debug)]
+pub(crate) struct FeaturesService {
+    shared: Arc<Shared>,
+}
+
+impl FeaturesService {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        FeaturesService { shared }
+    }
+}
+
+/// The keys of a read, checked against the limit.
+pub(crate) fn keys_of(
+    shared: &Shared,
+    keys: Option<get_features_request::Keys>,
+) -> Result<Vec<KeyValue>, Status> {
+    let keys = match keys {
+        Some(get_features_request::Keys::StringKeys(k)) => {
+            shared.check_keys(k.keys.len())?;
+            k.keys.into_iter().map(KeyValue::Str).collect()
+        }
+        Some(get_features_request::Keys::IntKeys(k)) => {
+            shared.check_keys(k.keys.len())?;
+            k.keys
+                .into_iter()
+                .map(|k| KeyValue::Int(k.into()))
+                .collect()
+        }
+        None => return Err(bad_request("keys", "no keys: set string_keys or int_keys")),
+    };
+    Ok(keys)
+}
+
+/// Checks a read time given by a client.
+pub(crate) fn check_at(at: Option<i64>) -> Result<(), Status> {
+    if let Some(at) = at
+        && at.unsigned_abs() > panes_kernels::MAX_TIME_MS
+    {
+        return Err(bad_request(
+            "at_ms",
+            format!(
+                "read time {at} ms is out of range: times must lie within ±2^60 ms of the epoch"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The description of a view as served.
+pub(crate) fn describe(engine: &Engine, spec: &ViewSpec) -> ViewDescription {
+    ViewDescription {
+        name: spec.name.clone(),
+        key: spec.key.clone(),
+        key_kind: engine
+            .key_kind(&spec.name)
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+            .to_string(),
+        time: spec.time.clone(),
+        allowed_lateness_ms: spec.allowed_lateness,
+        read_time: match spec.read_time {
+            ReadTime::EventTime => "event_time",
+            ReadTime::WallClock => "wall_clock",
+        }
+        .to_string(),
+        features: spec
+            .features
+            .iter()
+            .map(|f| FeatureDescription {
+                name: f.name.clone(),
+                agg: f.agg.name().to_string(),
+                column: f.column.clone().unwrap_or_default(),
+                window_ms: match f.window {
+                    Window::Duration(ms) => ms,
+                    Window::Lifetime => 0,
+                },
+                hop_ms: f.hop,
+                dtype: if f.agg == crate::Agg::Count {
+                    "int64"
+                } else {
+                    "float64"
+                }
+                .to_string(),
+            })
+            .collect(),
+    }
+}
+
+/// Record batches of one `Ingest` message.
+fn batches_of(
+    engine: &Engine,
+    view: &str,
+    payload: Option<ingest_request::Payload>,
+) -> Result<Vec<RecordBatch>, Status> {
+    match payload {
+        Some(ingest_request::Payload::ArrowIpc(bytes)) => {
+            let reader = arrow_ipc::reader::StreamReader::try_new(Cursor::new(bytes), None)
+                .map_err(|e| bad_request("arrow_ipc", format!("not an Arrow IPC stream: {e}")))?;
+            reader
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad_request("arrow_ipc", format!("malformed Arrow IPC stream: {e}")))
+        }
+        Some(ingest_request::Payload::Rows(rows)) => {
+            let spec = engine
+                .file()
+                .views
+                .iter()
+                .find(|v| v.name == view)
+                .ok_or_else(|| status(unknown_view(engine, view), "view"))?;
+            Ok(vec![rows_batch(spec, rows)?])
+        }
+        None => Err(bad_request("payload", "no payload: set arrow_ipc or rows")),
+    }
+}
+
+fn unknown_view(engine: &Engine, view: &str) -> PanesError {
+    PanesError::UnknownView {
+        name: view.to_string(),
+        known: engine
+            .views()
+            .map(|v| v.spec.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
+}
+
+/// The typed-row form as a record batch: key, time (Int64 ms), one Float64 column
+/// per value column. A row without a key gets a null key (rejected and counted).
+fn rows_batch(spec: &ViewSpec, rows: proto::Rows) -> Result<RecordBatch, Status> {
+    use proto::row::Key;
+    let text = rows
+        .rows
+        .iter()
+        .find_map(|r| r.key.as_ref())
+        .map(|k| matches!(k, Key::StringKey(_)));
+    let key: ArrayRef = if text == Some(true) {
+        let keys = rows
+            .rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| match &r.key {
+                Some(Key::StringKey(s)) => Ok(Some(s.as_str())),
+                Some(Key::IntKey(_)) => Err(bad_request(
+                    &format!("rows[{i}].int_key"),
+                    "integer key in a message whose keys are strings",
+                )),
+                None => Ok(None),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Arc::new(StringArray::from(keys))
+    } else {
+        let keys = rows
+            .rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| match &r.key {
+                Some(Key::IntKey(k)) => Ok(Some(*k)),
+                Some(Key::StringKey(_)) => Err(bad_request(
+                    &format!("rows[{i}].string_key"),
+                    "string key in a message whose keys are integers",
+                )),
+                None => Ok(None),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Arc::new(Int64Array::from(keys))
+    };
+    let time = Int64Array::from_iter_values(rows.rows.iter().map(|r| r.time_ms));
+    let mut fields = vec![
+        Field::new(&spec.key, key.data_type().clone(), true),
+        Field::new(&spec.time, DataType::Int64, false),
+    ];
+    let mut columns: Vec<ArrayRef> = vec![key, Arc::new(time)];
+    for (c, name) in rows.columns.iter().enumerate() {
+        if name == &spec.key || name == &spec.time || rows.columns[..c].contains(name) {
+            return Err(bad_request(
+                &format!("rows.columns[{c}]"),
+                format!("column {name:?} is given twice or names the key or time column"),
+            ));
+        }
+        let values = Float64Array::from_iter(rows.rows.iter().map(|r| {
+            let null = r.null_columns.contains(&(c as u32));
+            r.values.get(c).copied().filter(|_| !null)
+        }));
+        fields.push(Field::new(name, DataType::Float64, true));
+        columns.push(Arc::new(values));
+    }
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+        .map_err(|e| bad_request("rows", e.to_string()))
+}
+
+/// Packs validity flags into a bitmap, least significant bit first.
+pub(crate) fn bitmap(valid: impl Iterator<Item = bool>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (i, ok) in valid.enumerate() {
+        if i % 8 == 0 {
+            out.push(0);
+        }
+        if ok {
+            *out.last_mut().expect("pushed above") |= 1 << (i % 8);
+        }
+    }
+    out
+}
+
+#[tonic::async_trait]
+impl Features for FeaturesService {
+    async fn get_features(
+        &self,
+        request: Request<GetFeaturesRequest>,
+    ) -> Result<Response<GetFeaturesResponse>, Status> {
+        let started = Instant::now();
+        let req = request.into_inner();
+        let keys = keys_of(&self.shared, req.keys)?;
+        check_at(req.at_ms)?;
+        let engine = self.shared.engine.clone();
+        let view = req.view;
+        let features = req.features;
+        let (view, served) = self
+            .shared
+            .on_reads(move || {
+                let names: Vec<&str> = features.iter().map(String::as_str).collect();
+                let names = (!names.is_empty()).then_some(names.as_slice());
+                let served = engine.read_snapshot(&view, &keys, req.at_ms, names);
+                (view, served)
+            })
+            .await?;
+        let served = served.map_err(|e| status(e, "keys"))?;
+        let frame = served.frame;
+        let values: Vec<f64> = frame
+            .values
+            .iter()
+            .zip(frame.valid.iter())
+            .map(|(v, ok)| if *ok { *v } else { f64::NAN })
+            .collect();
+        let response = GetFeaturesResponse {
+            rows: frame.values.nrows() as u32,
+            validity: bitmap(frame.valid.iter().copied()),
+            values,
+            features: frame.names,
+            latest_event_ms: served.latest_event_ms,
+            window_events: served.window_events,
+            at_ms: frame.at,
+            state_version: served.version,
+        };
+        if let Some(h) = self.shared.read_time.get(&view) {
+            h.record(started.elapsed());
+        }
+        Ok(Response::new(response))
+    }
+
+    async fn ingest(
+        &self,
+        request: Request<Streaming<IngestRequest>>,
+    ) -> Result<Response<IngestResponse>, Status> {
+        let mut stream = request.into_inner();
+        let mut out = IngestResponse::default();
+        let accepted_so_far = |out: &IngestResponse| {
+            format!(
+                " ({} events of {} earlier messages were accepted and stay)",
+                out.accepted, out.messages
+            )
+        };
+        while let Some(msg) = stream.message().await.map_err(|s| {
+            let s = stream_error(s);
+            Status::new(
+                s.code(),
+                format!("{}{}", s.message(), accepted_so_far(&out)),
+            )
+        })? {
+            let message = out.messages;
+            let engine = self.shared.engine.clone();
+            let view = msg.view;
+            if !engine.views().any(|v| v.spec.name == view) {
+                return Err(status(unknown_view(&engine, &view), "view"));
+            }
+            let batches = batches_of(&engine, &view, msg.payload).map_err(|s| {
+                Status::with_details(
+                    s.code(),
+                    format!(
+                        "message {message}: {}{}",
+                        s.message(),
+                        accepted_so_far(&out)
+                    ),
+                    s.details().to_vec().into(),
+                )
+            })?;
+            let results = self
+                .shared
+                .on_writes(move || {
+                    let mut offset = 0;
+                    let mut results = Vec::with_capacity(batches.len());
+                    for b in &batches {
+                        results.push(engine.push_at(&view, b, offset));
+                        offset += b.num_rows();
+                    }
+                    results
+                })
+                .await?;
+            for r in results {
+                match r {
+                    Ok(report) => absorb(&mut out, message, &report),
+                    // The whole batch was rejected and counted; say why and go on.
+                    Err(PanesError::Schema {
+                        column,
+                        message: why,
+                        ..
+                    }) => {
+                        out.rejected += 1;
+                        if out.rejections.len() < MAX_REJECTIONS {
+                            out.rejections.push(proto::Rejection {
+                                message,
+                                row: 0,
+                                field: column,
+                                reason: format!("the whole batch was rejected: {why}"),
+                            });
+                        }
+                    }
+                    Err(e) => return Err(status(e, "payload")),
+                }
+            }
+            out.messages += 1;
+        }
+        Ok(Response::new(out))
+    }
+
+    async fn list_features(
+        &self,
+        _request: Request<ListFeaturesRequest>,
+    ) -> Result<Response<ListFeaturesResponse>, Status> {
+        let engine = &self.shared.engine;
+        let views = engine.views().map(|v| describe(engine, &v.spec)).collect();
+        Ok(Response::new(ListFeaturesResponse { views }))
+    }
+
+    async fn describe_view(
+        &self,
+        request: Request<DescribeViewRequest>,
+    ) -> Result<Response<ViewDescription>, Status> {
+        let name = request.into_inner().view;
+        let engine = &self.shared.engine;
+        let spec = engine
+            .views()
+            .find(|v| v.spec.name == name)
+            .ok_or_else(|| status(unknown_view(engine, &name), "view"))?;
+        Ok(Response::new(describe(engine, &spec.spec)))
+    }
+}
+
+fn absorb(out: &mut IngestResponse, message: u64, report: &PushReport) {
+    out.accepted += report.accepted as u64;
+    out.late += report.late as u64;
+    out.rejected += report.rejected as u64;
+    for r in &report.rejections {
+        if out.rejections.len() < MAX_REJECTIONS {
+            out.rejections.push(proto::Rejection {
+                message,
+                row: r.row as u64,
+                field: field_of(&r.message),
+                reason: r.message.clone(),
+            });
+        }
+    }
+}
+
+/// The column a rejection message names (`column "x": ...`), if any.
+fn field_of(message: &str) -> String {
+    message
+        .split_once("column \"")
+        .and_then(|(_, rest)| rest.split_once('"'))
+        .map(|(c, _)| c.to_string())
+        .unwrap_or_default()
+}

@@ -1,0 +1,215 @@
+//! The Prometheus text endpoint (`GET /metrics`), a minimal HTTP/1.1 responder: one
+//! request per connection, no body, no keep-alive.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::Shared;
+
+/// Accepts scrapes until the task is aborted.
+pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let Ok((socket, _)) = listener.accept().await else {
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(10), answer(socket, shared))
+                    .await;
+        });
+    }
+}
+
+async fn answer(mut socket: TcpStream, shared: Arc<Shared>) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = socket.read(&mut buf).await?;
+        if n == 0 || head.len() > 16 * 1024 {
+            return Ok(());
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = String::from_utf8_lossy(&head);
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (code, body) = if method == "GET" && (path == "/metrics" || path.starts_with("/metrics?")) {
+        let engine = shared.engine.clone();
+        let shared2 = shared.clone();
+        match shared.on_writes(move || render(&shared2, &engine)).await {
+            Ok(body) => ("200 OK", body),
+            Err(s) => ("500 Internal Server Error", s.message().to_string()),
+        }
+    } else {
+        (
+            "404 Not Found",
+            "only GET /metrics is served here\n".to_string(),
+        )
+    };
+    let response = format!(
+        "HTTP/1.1 {code}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    socket.write_all(response.as_bytes()).await?;
+    socket.shutdown().await
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The exposition text of every view.
+pub(crate) fn render(shared: &Shared, engine: &crate::Engine) -> String {
+    let mut out = String::new();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let mut metrics = Vec::new();
+    for v in engine.views() {
+        match engine.metrics(&v.spec.name) {
+            Ok(m) => metrics.push(m),
+            Err(e) => {
+                let _ = writeln!(out, "# view {:?}: {e}", v.spec.name);
+            }
+        }
+    }
+    let family = |out: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    family(
+        &mut out,
+        "panes_backend_info",
+        "gauge",
+        "The backend in use (value 1).",
+    );
+    let _ = writeln!(
+        out,
+        "panes_backend_info{{backend=\"{}\"}} 1",
+        engine.backend().kind().name()
+    );
+    let per_view = |out: &mut String,
+                    name: &str,
+                    kind: &str,
+                    help: &str,
+                    value: &dyn Fn(&crate::ViewMetrics) -> Option<f64>| {
+        family(out, name, kind, help);
+        for m in &metrics {
+            if let Some(x) = value(m) {
+                let _ = writeln!(out, "{name}{{view=\"{}\"}} {x}", escape(&m.view));
+            }
+        }
+    };
+    per_view(
+        &mut out,
+        "panes_events_accepted_total",
+        "counter",
+        "Events accepted.",
+        &|m| Some(m.counters.accepted as f64),
+    );
+    per_view(
+        &mut out,
+        "panes_events_late_total",
+        "counter",
+        "Events rejected as late.",
+        &|m| Some(m.counters.late as f64),
+    );
+    family(
+        &mut out,
+        "panes_events_rejected_total",
+        "counter",
+        "Events rejected, by reason.",
+    );
+    for m in &metrics {
+        for (reason, n) in m.rejected_by_reason() {
+            let _ = writeln!(
+                out,
+                "panes_events_rejected_total{{view=\"{}\",reason=\"{reason}\"}} {n}",
+                escape(&m.view)
+            );
+        }
+    }
+    per_view(
+        &mut out,
+        "panes_events_folded_total",
+        "counter",
+        "Events folded into the state.",
+        &|m| Some(m.folded as f64),
+    );
+    per_view(
+        &mut out,
+        "panes_events_pending",
+        "gauge",
+        "Accepted events not yet folded.",
+        &|m| Some(m.pending as f64),
+    );
+    per_view(
+        &mut out,
+        "panes_publishes_total",
+        "counter",
+        "States published to reads.",
+        &|m| Some(m.version as f64),
+    );
+    per_view(
+        &mut out,
+        "panes_watermark_ms",
+        "gauge",
+        "Latest event time minus allowed lateness, epoch ms.",
+        &|m| m.watermark.map(|w| w as f64),
+    );
+    per_view(
+        &mut out,
+        "panes_event_time_lag_seconds",
+        "gauge",
+        "Wall clock minus the latest event time.",
+        &|m| m.max_event_time.map(|t| (now - t) as f64 / 1e3),
+    );
+    per_view(&mut out, "panes_keys", "gauge", "Distinct keys.", &|m| {
+        Some(m.keys as f64)
+    });
+    per_view(
+        &mut out,
+        "panes_state_bytes",
+        "gauge",
+        "Bytes of pane state (both replicas).",
+        &|m| Some(m.state_bytes as f64),
+    );
+    family(
+        &mut out,
+        "panes_fold_duration_seconds",
+        "histogram",
+        "Duration of micro-batch folds.",
+    );
+    for v in engine.views() {
+        if let Ok(h) = engine.fold_time(&v.spec.name) {
+            h.write_prometheus(
+                &mut out,
+                "panes_fold_duration_seconds",
+                &format!("view=\"{}\"", escape(&v.spec.name)),
+            );
+        }
+    }
+    family(
+        &mut out,
+        "panes_read_duration_seconds",
+        "histogram",
+        "Server-side duration of feature reads (GetFeatures, DoGet).",
+    );
+    for v in engine.views() {
+        if let Some(h) = shared.read_time.get(&v.spec.name) {
+            h.write_prometheus(
+                &mut out,
+                "panes_read_duration_seconds",
+                &format!("view=\"{}\"", escape(&v.spec.name)),
+            );
+        }
+    }
+    out
+}

@@ -1,0 +1,397 @@
+//! `panes serve`: feature serving and ingest over gRPC (tonic) and Arrow Flight, with
+//! gRPC health, server reflection and a Prometheus text endpoint (feature `serve`).
+//!
+//! ```text
+//!  clients ──► tonic (tokio) ──► GetFeatures ──► read pool ──► Engine::read_snapshot
+//!                  │                                         (front replica, never waits)
+//!                  ├──────────► Ingest / DoPut ──► write pool ──► Engine::push_at
+//!                  │                                         (back replica, then publish)
+//!                  └─ health, reflection, Flight DoGet      timer ──► Engine::fold_due
+//! ```
+//!
+//! # Design decision: no kernel work on tokio's threads
+//! The tokio runtime only moves bytes. Reads run on a rayon pool of their own and
+//! writes (decode, fold, publish) on another, each answering through a oneshot channel,
+//! so a long fold never delays a read's network I/O and reads never queue behind folds
+//! (the engine's two replicas make reads independent of folds; see
+//! [`Engine`](crate::Engine)). The rejected alternative, `spawn_blocking` per request,
+//! has no bound on threads and would let a burst of ingest starve reads of cores.
+//!
+//! # Errors at the boundary
+//! Engine errors become gRPC statuses here and only here: a caller's mistake is
+//! `INVALID_ARGUMENT` with a `BadRequest` detail naming the field, a request over a
+//! configured limit is `RESOURCE_EXHAUSTED`, a bug is `INTERNAL`.
+
+mod flight;
+mod grpc;
+mod metrics;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::engine::{Engine, ViewMetrics};
+use crate::error::PanesError;
+use crate::histogram::Histogram;
+
+/// Generated protobuf messages and gRPC stubs of `proto/panes/v1/panes.proto`.
+#[allow(missing_docs, clippy::all)]
+pub mod proto {
+    tonic::include_proto!("panes.v1");
+
+    /// The encoded descriptor set of the API, served by reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/panes_descriptor.bin"));
+}
+
+/// How `panes serve` runs.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// Most keys in one `GetFeatures` or Flight `DoGet`; more is `RESOURCE_EXHAUSTED`.
+    pub max_keys: usize,
+    /// Largest message accepted, bytes; larger is `RESOURCE_EXHAUSTED`.
+    pub max_message_bytes: usize,
+    /// Threads serving reads.
+    pub read_threads: usize,
+    /// Threads ingesting (decode, fold, publish).
+    pub write_threads: usize,
+    /// After a shutdown signal, how long in-flight requests may still run.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        ServeOptions {
+            max_keys: 10_000,
+            max_message_bytes: 64 << 20,
+            read_threads: cores,
+            write_threads: cores,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// State shared by the services.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub engine: Arc<Engine>,
+    pub options: ServeOptions,
+    reads: rayon::ThreadPool,
+    writes: rayon::ThreadPool,
+    /// Server-side duration of reads, per view.
+    pub read_time: HashMap<String, Histogram>,
+}
+
+impl Shared {
+    /// Runs `f` on the read pool.
+    pub async fn on_reads<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, Status> {
+        run_on(&self.reads, f).await
+    }
+
+    /// Runs `f` on the write pool.
+    pub async fn on_writes<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, Status> {
+        run_on(&self.writes, f).await
+    }
+
+    /// `RESOURCE_EXHAUSTED` when a request asks for more keys than allowed.
+    pub fn check_keys(&self, n: usize) -> Result<(), Status> {
+        if n > self.options.max_keys {
+            return Err(Status::resource_exhausted(format!(
+                "{n} keys in one request; the limit is {} (ServeOptions::max_keys, --max-keys)",
+                self.options.max_keys
+            )));
+        }
+        Ok(())
+    }
+}
+
+async fn run_on<T: Send + 'static>(
+    pool: &rayon::ThreadPool,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Status> {
+    let (tx, rx) = oneshot::channel();
+    pool.spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.await
+        .map_err(|_| Status::internal("a worker thread panicked (this is a bug in Panes)"))
+}
+
+/// `INVALID_ARGUMENT` naming `field`.
+pub(crate) fn bad_request(field: &str, message: impl Into<String>) -> Status {
+    let message = message.into();
+    Status::with_error_details(
+        Code::InvalidArgument,
+        message.clone(),
+        ErrorDetails::with_bad_request_violation(field, message),
+    )
+}
+
+/// The gRPC status of an engine error; `field` names the request field a user error
+/// most likely concerns when the error itself does not say.
+pub(crate) fn status(e: PanesError, field: &str) -> Status {
+    use crate::error::ErrorDomain;
+    let field = match &e {
+        PanesError::UnknownView { .. } => "view",
+        PanesError::UnknownFeature { .. } => "features",
+        PanesError::InexactRead { .. } => "at_ms",
+        PanesError::Schema { column, .. } => column.as_str(),
+        _ => field,
+    }
+    .to_string();
+    match e.domain() {
+        ErrorDomain::User => bad_request(&field, e.to_string()),
+        ErrorDomain::External => Status::unavailable(e.to_string()),
+        _ => Status::internal(e.to_string()),
+    }
+}
+
+/// A stream error: tonic reports a message over the size limit as `OUT_OF_RANGE`;
+/// the API promises `RESOURCE_EXHAUSTED`.
+pub(crate) fn stream_error(s: Status) -> Status {
+    if s.code() == Code::OutOfRange && s.message().contains("too large") {
+        Status::resource_exhausted(s.message().to_string())
+    } else {
+        s
+    }
+}
+
+/// What the server did, returned when it stops.
+#[derive(Clone, Debug)]
+pub struct ServeReport {
+    /// Every view's counters after the final flush.
+    pub views: Vec<ViewMetrics>,
+    /// Whether in-flight requests were cut off at the grace deadline.
+    pub cut_off: bool,
+}
+
+/// A bound server, not yet serving.
+#[derive(Debug)]
+pub struct Server {
+    shared: Arc<Shared>,
+    grpc: TcpListener,
+    metrics: Option<TcpListener>,
+}
+
+impl Server {
+    /// Binds the gRPC (and Flight) listener and, if given, the metrics listener.
+    /// Port 0 picks a free port: see [`Server::grpc_addr`].
+    ///
+    /// # Errors
+    /// When an address cannot be bound or the thread pools cannot be built.
+    pub async fn bind(
+        engine: Arc<Engine>,
+        options: ServeOptions,
+        grpc: SocketAddr,
+        metrics: Option<SocketAddr>,
+    ) -> crate::Result<Server> {
+        let grpc = TcpListener::bind(grpc)
+            .await
+            .map_err(|e| PanesError::Invalid(format!("cannot listen on {grpc}: {e}")))?;
+        let metrics = match metrics {
+            Some(a) => Some(
+                TcpListener::bind(a)
+                    .await
+                    .map_err(|e| PanesError::Invalid(format!("cannot listen on {a}: {e}")))?,
+            ),
+            None => None,
+        };
+        let pool = |name: &'static str, n: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n.max(1))
+                .thread_name(move |i| format!("panes-{name}-{i}"))
+                .build()
+                .map_err(|e| PanesError::Internal(format!("cannot start the {name} pool: {e}")))
+        };
+        let read_time = engine
+            .views()
+            .map(|v| (v.spec.name.clone(), Histogram::default()))
+            .collect();
+        let shared = Arc::new(Shared {
+            reads: pool("read", options.read_threads)?,
+            writes: pool("write", options.write_threads)?,
+            engine,
+            options,
+            read_time,
+        });
+        Ok(Server {
+            shared,
+            grpc,
+            metrics,
+        })
+    }
+
+    /// The gRPC and Flight address.
+    pub fn grpc_addr(&self) -> std::io::Result<SocketAddr> {
+        self.grpc.local_addr()
+    }
+
+    /// The metrics address, if any.
+    pub fn metrics_addr(&self) -> Option<std::io::Result<SocketAddr>> {
+        self.metrics.as_ref().map(TcpListener::local_addr)
+    }
+
+    /// Serves until `shutdown` completes, then lets in-flight requests finish (for at
+    /// most [`ServeOptions::shutdown_grace`]), folds every pending micro-batch, and
+    /// reports.
+    ///
+    /// # Errors
+    /// A transport failure, or a fold failure in the final flush.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> crate::Result<ServeReport> {
+        let Server {
+            shared,
+            grpc,
+            metrics,
+        } = self;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<proto::features_server::FeaturesServer<grpc::FeaturesService>>()
+            .await;
+        health
+            .set_serving::<arrow_flight::flight_service_server::FlightServiceServer<flight::Flight>>()
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| PanesError::Internal(format!("reflection: {e}")))?;
+
+        let limit = shared.options.max_message_bytes;
+        let features =
+            proto::features_server::FeaturesServer::new(grpc::FeaturesService::new(shared.clone()))
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(usize::MAX);
+        let flight = arrow_flight::flight_service_server::FlightServiceServer::new(
+            flight::Flight::new(shared.clone()),
+        )
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(usize::MAX);
+
+        // Keep reads fresh between pushes: publish micro-batches once they are due.
+        let ticker = {
+            let shared = shared.clone();
+            let period = (shared.engine.options().batch_age / 4).max(Duration::from_millis(1));
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(period);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let engine = shared.engine.clone();
+                    match shared.on_writes(move || engine.fold_due()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => eprintln!("panes serve: a timed fold failed: {e}"),
+                        Err(e) => eprintln!("panes serve: {}", e.message()),
+                    }
+                }
+            })
+        };
+        let metrics_task = metrics.map(|l| tokio::spawn(metrics::serve(l, shared.clone())));
+
+        let mut signalled = stop_rx.clone();
+        let server = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .layer(tower::util::MapResponseLayer::new(too_large_is_exhausted))
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(features)
+            .add_service(flight)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(grpc),
+                async move {
+                    let _ = signalled.wait_for(|s| *s).await;
+                },
+            );
+        let mut graced = stop_rx.clone();
+        let grace = shared.options.shutdown_grace;
+        let deadline = async move {
+            let _ = graced.wait_for(|s| *s).await;
+            tokio::time::sleep(grace).await;
+        };
+        let cut_off = tokio::select! {
+            r = server => {
+                r.map_err(|e| PanesError::Internal(format!("gRPC transport: {e}")))?;
+                false
+            }
+            () = deadline => true,
+        };
+        health
+            .set_not_serving::<proto::features_server::FeaturesServer<grpc::FeaturesService>>()
+            .await;
+        ticker.abort();
+        if let Some(t) = metrics_task {
+            t.abort();
+        }
+        let engine = shared.engine.clone();
+        let views = shared
+            .on_writes(move || {
+                engine.flush()?;
+                engine
+                    .views()
+                    .map(|v| engine.metrics(&v.spec.name))
+                    .collect::<crate::Result<Vec<_>>>()
+            })
+            .await
+            .map_err(|s| PanesError::Internal(s.message().to_string()))??;
+        Ok(ServeReport { views, cut_off })
+    }
+}
+
+/// tonic answers a request over the decoding limit with `OUT_OF_RANGE` before any
+/// handler runs; the API promises `RESOURCE_EXHAUSTED`.
+fn too_large_is_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
+    let headers = response.headers_mut();
+    let too_large = headers.get("grpc-status").is_some_and(|s| s == "11")
+        && headers
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .is_some_and(|m| m.contains("too%20large") || m.contains("too large"));
+    if too_large {
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+    }
+    response
+}
+
+/// A future that completes on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

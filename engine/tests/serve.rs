@@ -1,0 +1,845 @@
+//! `panes serve` end to end: a real server on loopback, driven through the generated
+//! tonic client, the standard health and reflection clients and plain HTTP for the
+//! metrics; and the `panes` binary itself for SIGTERM.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow_array::{ArrayRef, Float64Array, Int64Array, RecordBatch};
+use futures::StreamExt;
+use panes_engine::serve::proto::features_client::FeaturesClient;
+use panes_engine::serve::proto::{
+    self, DescribeViewRequest, GetFeaturesRequest, GetFeaturesResponse, IngestRequest,
+    ListFeaturesRequest, get_features_request, ingest_request,
+};
+use panes_engine::serve::{ServeOptions, ServeReport, Server};
+use panes_engine::{BackendKind, Engine, EngineOptions, FeatureFile, KeyValue};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_types::StatusExt;
+
+const FEATURES: &str = r#"
+[[views]]
+name = "cards"
+key = "card"
+time = "ts"
+pane = "1s"
+allowed_lateness = "2s"
+
+[[views.features]]
+name = "n_1m"
+agg = "count"
+window = "1m"
+
+[[views.features]]
+name = "amount_sum_1m"
+agg = "sum"
+column = "amount"
+window = "1m"
+
+[[views.features]]
+name = "amount_max_10m"
+agg = "max"
+column = "amount"
+window = "10m"
+hop = "10s"
+
+[[views.features]]
+name = "amount_mean_life"
+agg = "mean"
+column = "amount"
+window = "lifetime"
+
+[[views]]
+name = "users"
+key = "user"
+time = "ts"
+
+[[views.features]]
+name = "clicks_1h"
+agg = "count"
+window = "1h"
+"#;
+
+fn file() -> FeatureFile {
+    FeatureFile::parse(FEATURES, "serve test").unwrap()
+}
+
+struct Running {
+    addr: SocketAddr,
+    metrics: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    done: tokio::task::JoinHandle<panes_engine::Result<ServeReport>>,
+}
+
+impl Running {
+    async fn client(&self) -> FeaturesClient<Channel> {
+        let channel = Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        FeaturesClient::new(channel)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX)
+    }
+
+    async fn stop(mut self) -> ServeReport {
+        let _ = self.stop.take().unwrap().send(());
+        self.done.await.unwrap().unwrap()
+    }
+}
+
+async fn start(options: ServeOptions, batch_age: Duration, batch_rows: usize) -> Running {
+    let engine = Engine::new(
+        &file(),
+        EngineOptions {
+            backend: Some(BackendKind::Cpu),
+            batch_age,
+            batch_rows,
+            shards: 8,
+        },
+    )
+    .unwrap();
+    let server = Server::bind(
+        Arc::new(engine),
+        options,
+        "127.0.0.1:0".parse().unwrap(),
+        Some("127.0.0.1:0".parse().unwrap()),
+    )
+    .await
+    .unwrap();
+    let addr = server.grpc_addr().unwrap();
+    let metrics = server.metrics_addr().unwrap().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let done = tokio::spawn(server.run(async move {
+        let _ = rx.await;
+    }));
+    Running {
+        addr,
+        metrics,
+        stop: Some(tx),
+        done,
+    }
+}
+
+/// Random card events: `n` rows, keys 0..keys, times from `t0` rising by ~1 ms per row
+/// with some disorder, a few null amounts.
+fn cards_batch(rng: &mut StdRng, n: usize, keys: i64, t0: i64) -> RecordBatch {
+    let card: Vec<i64> = (0..n).map(|_| rng.random_range(0..keys)).collect();
+    let ts: Vec<i64> = (0..n)
+        .map(|i| t0 + i as i64 * 3 - rng.random_range(0..500))
+        .collect();
+    let amount: Vec<Option<f64>> = (0..n)
+        .map(|_| {
+            rng.random_bool(0.95)
+                .then(|| rng.random_range(1.0..500.0f64).round())
+        })
+        .collect();
+    RecordBatch::try_from_iter([
+        ("card", Arc::new(Int64Array::from(card)) as ArrayRef),
+        ("ts", Arc::new(Int64Array::from(ts)) as ArrayRef),
+        ("amount", Arc::new(Float64Array::from(amount)) as ArrayRef),
+    ])
+    .unwrap()
+}
+
+fn ipc(batch: &RecordBatch) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut w = arrow_ipc::writer::StreamWriter::try_new(&mut out, &batch.schema()).unwrap();
+    w.write(batch).unwrap();
+    w.finish().unwrap();
+    drop(w);
+    out
+}
+
+fn ipc_message(view: &str, batch: &RecordBatch) -> IngestRequest {
+    IngestRequest {
+        view: view.into(),
+        payload: Some(ingest_request::Payload::ArrowIpc(ipc(batch))),
+    }
+}
+
+fn int_keys(keys: impl IntoIterator<Item = i64>) -> Option<get_features_request::Keys> {
+    Some(get_features_request::Keys::IntKeys(proto::IntKeys {
+        keys: keys.into_iter().collect(),
+    }))
+}
+
+fn read(
+    view: &str,
+    keys: Option<get_features_request::Keys>,
+    at: Option<i64>,
+) -> GetFeaturesRequest {
+    GetFeaturesRequest {
+        view: view.into(),
+        keys,
+        features: vec![],
+        at_ms: at,
+    }
+}
+
+/// A reply as (values with None for null), row-major.
+fn cells(r: &GetFeaturesResponse) -> Vec<Option<f64>> {
+    r.values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (r.validity[i / 8] >> (i % 8) & 1 == 1).then_some(*v))
+        .collect()
+}
+
+/// The oracle: the scalar backend, fed the same batches, read at `at`.
+fn oracle(batches: &[RecordBatch], keys: &[i64], at: i64) -> Vec<Option<f64>> {
+    let engine = Engine::new(
+        &file(),
+        EngineOptions {
+            backend: Some(BackendKind::Scalar),
+            ..EngineOptions::default()
+        },
+    )
+    .unwrap();
+    for b in batches {
+        engine.push("cards", b).unwrap();
+    }
+    let keys: Vec<KeyValue> = keys.iter().map(|&k| KeyValue::Int(k.into())).collect();
+    let f = engine.read_keys("cards", &keys, Some(at), None).unwrap();
+    f.values
+        .iter()
+        .zip(f.valid.iter())
+        .map(|(v, ok)| ok.then_some(*v))
+        .collect()
+}
+
+fn close(a: &[Option<f64>], b: &[Option<f64>]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| match (x, y) {
+            (Some(x), Some(y)) => (x - y).abs() <= 1e-9 * x.abs().max(y.abs()).max(1.0),
+            (None, None) => true,
+            _ => false,
+        })
+}
+
+fn scrape(addr: SocketAddr) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+    out
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no series {series} in\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rpc_health_reflection_and_metrics() {
+    let server = start(ServeOptions::default(), Duration::from_millis(5), 64 * 1024).await;
+    let mut client = server.client().await;
+    let mut rng = StdRng::seed_from_u64(7);
+    let batches: Vec<RecordBatch> = (0..3)
+        .map(|i| cards_batch(&mut rng, 2_000, 50, 1_000_000 + i * 6_000))
+        .collect();
+
+    // Ingest: two Arrow IPC messages and one of typed rows (with a null key, counted).
+    let rows = proto::Rows {
+        columns: vec!["amount".into()],
+        rows: vec![
+            proto::Row {
+                key: Some(proto::row::Key::IntKey(7)),
+                time_ms: 1_030_000,
+                values: vec![1000.0],
+                null_columns: vec![],
+            },
+            proto::Row {
+                key: None,
+                time_ms: 1_030_001,
+                values: vec![1.0],
+                null_columns: vec![],
+            },
+            proto::Row {
+                key: Some(proto::row::Key::IntKey(8)),
+                time_ms: 1_030_002,
+                values: vec![0.0],
+                null_columns: vec![0],
+            },
+        ],
+    };
+    let messages = vec![
+        ipc_message("cards", &batches[0]),
+        ipc_message("cards", &batches[1]),
+        IngestRequest {
+            view: "cards".into(),
+            payload: Some(ingest_request::Payload::Rows(rows)),
+        },
+        ipc_message("cards", &batches[2]),
+    ];
+    let reply = client
+        .ingest(futures::stream::iter(messages))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.messages, 4);
+    assert_eq!(reply.rejected, 1, "{reply:?}");
+    assert_eq!(reply.rejections[0].field, "card", "{reply:?}");
+    assert_eq!(
+        (reply.rejections[0].message, reply.rejections[0].row),
+        (2, 1)
+    );
+    let total = 6_000 + 2;
+    assert_eq!(reply.accepted + reply.late, total, "{reply:?}");
+
+    // GetFeatures equals the oracle (the rows message as a batch of its own).
+    let rows_batch = RecordBatch::try_from_iter([
+        (
+            "card",
+            Arc::new(Int64Array::from(vec![Some(7), None, Some(8)])) as ArrayRef,
+        ),
+        (
+            "ts",
+            Arc::new(Int64Array::from(vec![1_030_000, 1_030_001, 1_030_002])) as ArrayRef,
+        ),
+        (
+            "amount",
+            Arc::new(Float64Array::from(vec![Some(1000.0), Some(1.0), None])) as ArrayRef,
+        ),
+    ])
+    .unwrap();
+    let fed = [
+        batches[0].clone(),
+        batches[1].clone(),
+        rows_batch,
+        batches[2].clone(),
+    ];
+    let keys: Vec<i64> = (0..60).collect();
+    let at = 1_031_000;
+    // Published within a few batch ages.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let got = loop {
+        let r = client
+            .get_features(read("cards", int_keys(keys.clone()), Some(at)))
+            .await
+            .unwrap()
+            .into_inner();
+        if r.window_events.iter().sum::<u64>() > 0 && r.state_version >= 1
+            || Instant::now() > deadline
+        {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    assert_eq!(got.rows, 60);
+    assert_eq!(
+        got.features,
+        [
+            "n_1m",
+            "amount_sum_1m",
+            "amount_max_10m",
+            "amount_mean_life"
+        ]
+    );
+    assert_eq!(got.at_ms, at);
+    assert!(
+        close(&cells(&got), &oracle(&fed, &keys, at)),
+        "reply differs from the oracle"
+    );
+    // Metadata: latest event per key, and events in the widest window (lifetime).
+    let life: Vec<u64> = cells(&got)
+        .chunks(4)
+        .map(|c| c[0].unwrap() as u64)
+        .collect();
+    assert!(got.latest_event_ms[7] >= 1_030_000);
+    assert_eq!(got.latest_event_ms[55], i64::MIN, "key 55 was never seen");
+    assert!(got.window_events.iter().zip(&life).all(|(w, n)| w >= n));
+    assert_eq!(got.window_events.iter().sum::<u64>(), reply.accepted);
+
+    // A subset of features, by name, in the order asked.
+    let sub = client
+        .get_features(GetFeaturesRequest {
+            features: vec!["amount_mean_life".into(), "n_1m".into()],
+            ..read("cards", int_keys([7, 8]), Some(at))
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(sub.features, ["amount_mean_life", "n_1m"]);
+    assert_eq!(sub.values.len(), 4);
+
+    // ListFeatures / DescribeView.
+    let list = client
+        .list_features(ListFeaturesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<&str> = list.views.iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(names, ["cards", "users"]);
+    let d = client
+        .describe_view(DescribeViewRequest {
+            view: "cards".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (d.key.as_str(), d.key_kind.as_str(), d.time.as_str()),
+        ("card", "int", "ts")
+    );
+    assert_eq!(d.allowed_lateness_ms, 2_000);
+    let max = &d.features[2];
+    assert_eq!(
+        (
+            max.agg.as_str(),
+            max.column.as_str(),
+            max.window_ms,
+            max.hop_ms
+        ),
+        ("max", "amount", 600_000, 10_000)
+    );
+    assert_eq!(
+        (d.features[3].window_ms, d.features[0].dtype.as_str()),
+        (0, "int64")
+    );
+
+    // Health: the overall server and each service.
+    let channel = Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    for service in [
+        "",
+        "panes.v1.Features",
+        "arrow.flight.protocol.FlightService",
+    ] {
+        let h = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            h.status(),
+            tonic_health::pb::health_check_response::ServingStatus::Serving,
+            "{service:?}"
+        );
+    }
+
+    // Reflection: the services are listed and the API's file is served.
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let mut reflection = ServerReflectionClient::new(channel);
+    let asks = vec![
+        ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        },
+        ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::FileContainingSymbol(
+                "panes.v1.Features".into(),
+            )),
+        },
+    ];
+    let mut answers = reflection
+        .server_reflection_info(futures::stream::iter(asks))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        answers.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected a service list");
+    };
+    let services: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        services.contains(&"panes.v1.Features".to_string()),
+        "{services:?}"
+    );
+    assert!(
+        services.contains(&"grpc.health.v1.Health".to_string()),
+        "{services:?}"
+    );
+    let Some(MessageResponse::FileDescriptorResponse(files)) =
+        answers.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected a file descriptor");
+    };
+    assert!(!files.file_descriptor_proto.is_empty());
+
+    // Metrics.
+    let text = tokio::task::spawn_blocking(move || scrape(server.metrics))
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(&text, "panes_events_accepted_total{view=\"cards\"}") as u64,
+        reply.accepted
+    );
+    assert_eq!(
+        metric(&text, "panes_events_late_total{view=\"cards\"}") as u64,
+        reply.late
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "panes_events_rejected_total{view=\"cards\",reason=\"null_key\"}"
+        ),
+        1.0
+    );
+    assert_eq!(metric(&text, "panes_backend_info{backend=\"cpu\"}"), 1.0);
+    assert_eq!(metric(&text, "panes_keys{view=\"cards\"}"), 50.0);
+    assert!(metric(&text, "panes_fold_duration_seconds_count{view=\"cards\"}") >= 1.0);
+    assert!(metric(&text, "panes_read_duration_seconds_count{view=\"cards\"}") >= 2.0);
+    assert!(
+        metric(
+            &text,
+            "panes_read_duration_seconds_bucket{view=\"cards\",le=\"+Inf\"}"
+        ) >= 2.0
+    );
+    assert!(metric(&text, "panes_state_bytes{view=\"cards\"}") > 0.0);
+    assert!(metric(&text, "panes_watermark_ms{view=\"cards\"}") > 1_000_000.0);
+    assert!(text.contains("panes_event_time_lag_seconds{view=\"cards\"}"));
+
+    let report = server.stop().await;
+    assert_eq!(report.views[0].counters.accepted, reply.accepted);
+    assert_eq!(report.views[0].folded, reply.accepted);
+}
+
+fn violation_field(s: &tonic::Status) -> String {
+    s.get_details_bad_request()
+        .and_then(|b| b.field_violations.first().map(|v| v.field.clone()))
+        .unwrap_or_else(|| panic!("no BadRequest detail in {s:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_classified_statuses_and_the_server_carries_on() {
+    let options = ServeOptions {
+        max_keys: 100,
+        max_message_bytes: 64 * 1024,
+        ..ServeOptions::default()
+    };
+    let server = start(options, Duration::from_millis(5), 64 * 1024).await;
+    let mut client = server.client().await;
+    let mut rng = StdRng::seed_from_u64(9);
+    let b = cards_batch(&mut rng, 500, 20, 5_000_000);
+    client
+        .ingest(futures::stream::iter(vec![ipc_message("cards", &b)]))
+        .await
+        .unwrap();
+    // Published by the timer within a few batch ages.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client
+        .get_features(read("cards", int_keys([1]), None))
+        .await
+        .unwrap()
+        .into_inner()
+        .state_version
+        == 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the ingested batch was never published"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+
+    let expect = |r: Result<tonic::Response<GetFeaturesResponse>, tonic::Status>,
+                  code: Code,
+                  field: Option<&str>| {
+        let e = r.expect_err("the request must fail");
+        assert_eq!(e.code(), code, "{e:?}");
+        if let Some(f) = field {
+            assert_eq!(violation_field(&e), f, "{e:?}");
+        }
+        e
+    };
+    // Unknown view, unknown feature, wrong key type, no keys, read time out of range.
+    expect(
+        client.get_features(read("nope", int_keys([1]), None)).await,
+        Code::InvalidArgument,
+        Some("view"),
+    );
+    expect(
+        client
+            .get_features(GetFeaturesRequest {
+                features: vec!["n_1m".into(), "n_2m".into()],
+                ..read("cards", int_keys([1]), None)
+            })
+            .await,
+        Code::InvalidArgument,
+        Some("features"),
+    );
+    let strings = Some(get_features_request::Keys::StringKeys(proto::StringKeys {
+        keys: vec!["a".into()],
+    }));
+    let e = expect(
+        client.get_features(read("cards", strings, None)).await,
+        Code::InvalidArgument,
+        Some("keys"),
+    );
+    assert!(e.message().contains("integer keys"), "{e:?}");
+    expect(
+        client.get_features(read("cards", None, None)).await,
+        Code::InvalidArgument,
+        Some("keys"),
+    );
+    expect(
+        client
+            .get_features(read("cards", int_keys([1]), Some(i64::MAX)))
+            .await,
+        Code::InvalidArgument,
+        Some("at_ms"),
+    );
+    // Limits: too many keys; a message over the size limit.
+    let e = expect(
+        client
+            .get_features(read("cards", int_keys(0..101), None))
+            .await,
+        Code::ResourceExhausted,
+        None,
+    );
+    assert!(e.message().contains("limit is 100"), "{e:?}");
+    expect(
+        client
+            .get_features(read("cards", int_keys(0..20_000), None))
+            .await,
+        Code::ResourceExhausted,
+        None,
+    );
+
+    // Ingest: malformed IPC, unknown view, no payload, an oversized message.
+    let ingest = |m: IngestRequest| {
+        let mut c = client.clone();
+        async move { c.ingest(futures::stream::iter(vec![m])).await }
+    };
+    let bad_ipc = IngestRequest {
+        view: "cards".into(),
+        payload: Some(ingest_request::Payload::ArrowIpc(b"not arrow".to_vec())),
+    };
+    let e = ingest(bad_ipc).await.unwrap_err();
+    assert_eq!(
+        (e.code(), violation_field(&e).as_str()),
+        (Code::InvalidArgument, "arrow_ipc"),
+        "{e:?}"
+    );
+    let mut truncated = ipc(&b);
+    truncated.truncate(truncated.len() / 2);
+    let e = ingest(IngestRequest {
+        view: "cards".into(),
+        payload: Some(ingest_request::Payload::ArrowIpc(truncated)),
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(
+        (e.code(), violation_field(&e).as_str()),
+        (Code::InvalidArgument, "arrow_ipc"),
+        "{e:?}"
+    );
+    let e = ingest(ipc_message("nope", &b)).await.unwrap_err();
+    assert_eq!(
+        (e.code(), violation_field(&e).as_str()),
+        (Code::InvalidArgument, "view"),
+        "{e:?}"
+    );
+    let e = ingest(IngestRequest {
+        view: "cards".into(),
+        payload: None,
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(
+        (e.code(), violation_field(&e).as_str()),
+        (Code::InvalidArgument, "payload"),
+        "{e:?}"
+    );
+    let big = cards_batch(&mut rng, 10_000, 20, 5_010_000);
+    let e = ingest(ipc_message("cards", &big)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    // A batch without the value column: the whole batch is rejected and counted, and
+    // the stream goes on.
+    let no_amount = b.project(&[0, 1]).unwrap();
+    let r = ingest(ipc_message("cards", &no_amount))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.accepted, r.rejected), (0, 1));
+    assert_eq!(r.rejections[0].field, "amount", "{r:?}");
+
+    // Still serving, and nothing was lost.
+    let ok = client
+        .get_features(read("cards", int_keys(0..20), None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.rows, 20);
+    let report = server.stop().await;
+    assert_eq!(
+        report.views[0].counters.accepted + report.views[0].counters.late,
+        500
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_during_ingest_see_whole_prefixes_of_the_batches() {
+    // Micro-batches of 512 rows: each 1 500-row message is folded in pieces, and its
+    // tail waits for the timer; a read must still see whole messages only.
+    let server = start(ServeOptions::default(), Duration::from_millis(2), 512).await;
+    let mut rng = StdRng::seed_from_u64(11);
+    let n = 40;
+    let batches: Vec<RecordBatch> = (0..n)
+        .map(|i| cards_batch(&mut rng, 1_500, 200, 2_000_000 + i as i64 * 4_500))
+        .collect();
+    let keys: Vec<i64> = (0..200).collect();
+    let at = 2_000_000 + n as i64 * 4_500 + 10_000;
+    let expected: Vec<Vec<Option<f64>>> =
+        (0..=n).map(|k| oracle(&batches[..k], &keys, at)).collect();
+
+    let writer = {
+        let mut client = server.client().await;
+        let batches = batches.clone();
+        tokio::spawn(async move {
+            let messages = futures::stream::iter(
+                batches.into_iter().map(|b| ipc_message("cards", &b)),
+            )
+            .then(|m| async move {
+                tokio::time::sleep(Duration::from_millis(15)).await;
+                m
+            });
+            client.ingest(messages).await.unwrap().into_inner()
+        })
+    };
+    let mut reader = server.client().await;
+    let mut seen = Vec::new();
+    let mut last = 0;
+    let started = Instant::now();
+    loop {
+        let r = reader
+            .get_features(read("cards", int_keys(keys.clone()), Some(at)))
+            .await
+            .unwrap()
+            .into_inner();
+        let got = cells(&r);
+        // Prefixes only grow: search from the last one matched.
+        let k = (last..=n)
+            .find(|&k| close(&got, &expected[k]))
+            .unwrap_or_else(|| {
+                panic!(
+                    "read {} (version {}) equals no prefix of the batches from {last} on",
+                    seen.len(),
+                    r.state_version
+                )
+            });
+        last = k;
+        seen.push(k);
+        if k == n || started.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+    }
+    let reply = writer.await.unwrap();
+    assert_eq!(reply.messages, n as u64);
+    assert_eq!(last, n, "the reads never saw every batch");
+    let distinct = {
+        let mut s = seen.clone();
+        s.dedup();
+        s.len()
+    };
+    println!(
+        "{} reads saw {distinct} distinct prefixes: {seen:?}",
+        seen.len()
+    );
+    assert!(
+        distinct >= 5,
+        "reads saw too few intermediate states to test anything: {seen:?}"
+    );
+    server.stop().await;
+}
+
+#[test]
+fn sigterm_during_ingest_loses_no_accepted_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let features = dir.path().join("features.toml");
+    std::fs::write(&features, FEATURES).unwrap();
+    let report = dir.path().join("report.json");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_panes"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "off",
+            "--backend",
+            "cpu",
+        ])
+        .arg("--features")
+        .arg(&features)
+        .arg("--report")
+        .arg(&report)
+        // A long batch age: the final flush, not the timer, must fold the tail.
+        .args(["--batch-age-ms", "60000", "--batch-rows", "1000000"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    let addr = line
+        .split("gRPC + Flight on ")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| c == ',' || c.is_whitespace()).next())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    let pid = child.id().to_string();
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let reply = runtime.block_on(async move {
+        let mut client = FeaturesClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let call = tokio::spawn(async move {
+            client
+                .ingest(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        });
+        let mut rng = StdRng::seed_from_u64(5);
+        for i in 0..60 {
+            if i == 30 {
+                // SIGTERM in the middle of the stream: the call in flight must finish.
+                let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+                assert!(status.success());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let b = cards_batch(&mut rng, 1_000, 300, 9_000_000 + i * 3_000);
+            tx.send(ipc_message("cards", &b)).await.unwrap();
+        }
+        drop(tx);
+        call.await.unwrap().unwrap().into_inner()
+    });
+    let status = child.wait().unwrap();
+    let mut rest = String::new();
+    stderr.read_to_string(&mut rest).unwrap();
+    assert!(status.success(), "{status:?}: {rest}");
+    assert_eq!(reply.messages, 60);
+    assert_eq!(reply.accepted + reply.late, 60_000);
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let cards = &json["views"][0];
+    assert_eq!(cards["view"], "cards");
+    assert_eq!(cards["accepted"].as_u64(), Some(reply.accepted), "{json}");
+    assert_eq!(cards["folded"].as_u64(), Some(reply.accepted), "{json}");
+    assert_eq!(cards["pending"].as_u64(), Some(0), "{json}");
+    assert_eq!(json["cut_off"], false);
+    assert!(rest.contains("accepted"), "{rest}");
+}
