@@ -514,6 +514,15 @@ impl Engine {
         Ok(())
     }
 
+    /// Folds `view`'s pending events and publishes them, so that every read from now
+    /// on sees them (the server does this when an ingest stream ends).
+    ///
+    /// # Errors
+    /// Unknown view; a backend failure.
+    pub fn publish(&self, view: &str) -> Result<()> {
+        self.settle(self.view(view)?)
+    }
+
     /// Publishes events of `view` pushed so far, so that a read sees them.
     fn settle(&self, view: &View) -> Result<()> {
         let mut writer = view.writer()?;

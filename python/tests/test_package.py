@@ -13,6 +13,9 @@ import panes
 import panes._defs
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.py"))
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+# Entries stubtest may skip, each with the reason.
+ALLOWLIST = Path(__file__).resolve().parents[1] / "stubtest-allowlist.txt"
 
 
 def test_there_are_examples() -> None:
@@ -33,7 +36,8 @@ def test_docstring_examples(module: object) -> None:
 
 def test_stubs_match_the_runtime() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "mypy.stubtest", "panes", "--concise"],
+        [sys.executable, "-m", "mypy.stubtest", "panes", "--concise",
+         "--mypy-config-file", str(PYPROJECT), "--allowlist", str(ALLOWLIST)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -43,7 +47,7 @@ def test_stubs_match_the_runtime() -> None:
 
 def test_package_type_checks_strictly() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "mypy", "--strict", "-p", "panes"],
+        [sys.executable, "-m", "mypy", "--config-file", str(PYPROJECT), "--strict", "-p", "panes"],
         capture_output=True,
         text=True,
         timeout=600,

@@ -322,6 +322,17 @@ impl FlightService for Flight {
                     return;
                 }
             }
+            // When the stream ends, its batches are visible to every read.
+            let engine = shared.engine.clone();
+            match shared.on_writes(move || engine.publish(&view)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    let _ = tx.send(Err(status(e, "flight_data"))).await;
+                }
+                Err(s) => {
+                    let _ = tx.send(Err(s)).await;
+                }
+            }
         });
         Ok(Response::new(out))
     }

@@ -281,6 +281,7 @@ impl Features for FeaturesService {
     ) -> Result<Response<IngestResponse>, Status> {
         let mut stream = request.into_inner();
         let mut out = IngestResponse::default();
+        let mut touched = std::collections::BTreeSet::new();
         let accepted_so_far = |out: &IngestResponse| {
             format!(
                 " ({} events of {} earlier messages were accepted and stay)",
@@ -300,6 +301,7 @@ impl Features for FeaturesService {
             if !engine.views().any(|v| v.spec.name == view) {
                 return Err(status(unknown_view(&engine, &view), "view"));
             }
+            let view_name = view.clone();
             let batches = batches_of(&engine, &view, msg.payload).map_err(|s| {
                 Status::with_details(
                     s.code(),
@@ -346,7 +348,14 @@ impl Features for FeaturesService {
                 }
             }
             out.messages += 1;
+            touched.insert(view_name);
         }
+        // When the call returns, its events are visible to every read.
+        let engine = self.shared.engine.clone();
+        self.shared
+            .on_writes(move || touched.iter().try_for_each(|v| engine.publish(v)))
+            .await?
+            .map_err(|e| status(e, "payload"))?;
         Ok(Response::new(out))
     }
 

@@ -131,12 +131,13 @@ async fn run_on<T: Send + 'static>(
         .map_err(|_| Status::internal("a worker thread panicked (this is a bug in Panes)"))
 }
 
-/// `INVALID_ARGUMENT` naming `field`.
+/// `INVALID_ARGUMENT` naming `field`, in the message (for clients that read only
+/// that) and as a `BadRequest` field violation.
 pub(crate) fn bad_request(field: &str, message: impl Into<String>) -> Status {
     let message = message.into();
     Status::with_error_details(
         Code::InvalidArgument,
-        message.clone(),
+        format!("{field}: {message}"),
         ErrorDetails::with_bad_request_violation(field, message),
     )
 }

@@ -1,0 +1,241 @@
+"""A client for ``panes serve`` over gRPC (needs the ``client`` extra: grpcio, protobuf).
+
+>>> from panes.client import Client                      # doctest: +SKIP
+>>> with Client("127.0.0.1:50051") as c:                 # doctest: +SKIP
+...     c.ingest("cards", table)                         # any Arrow table / polars frame
+...     f = c.get_features("cards", [1, 2, 3])
+...     f.values                                         # (3, n_features) float64, NaN = null
+
+The stubs in :mod:`panes.v1` are generated from ``engine/proto/panes/v1/panes.proto``
+with grpcio-tools; reads come back as one packed block of doubles plus a validity
+bitmap, turned into numpy arrays here without a per-value Python object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+try:
+    import grpc
+except ImportError:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "panes.client needs grpcio and protobuf: pip install 'panes[client]'"
+    ) from None
+
+from ._errors import PanesError
+from .v1 import panes_pb2 as pb
+from .v1 import panes_pb2_grpc as pb_grpc
+
+__all__ = ["Client", "Features", "IngestResult", "ServerError"]
+
+
+class ServerError(PanesError):
+    """The server refused a call. ``code`` is the gRPC status name
+    (``INVALID_ARGUMENT``, ``RESOURCE_EXHAUSTED``, ``UNAVAILABLE``...)."""
+
+    code: str
+
+
+@dataclass(frozen=True)
+class Features:
+    """A ``GetFeatures`` reply as numpy arrays."""
+
+    names: list[str]
+    values: np.ndarray
+    """``(keys, features)`` float64; NaN where null."""
+    valid: np.ndarray
+    """``(keys, features)`` bool."""
+    latest_event_ms: np.ndarray
+    """Per key: time of its latest event; ``None``-like ``INT64_MIN`` for unseen keys."""
+    window_events: np.ndarray
+    """Per key: events in the widest window read."""
+    at_ms: int
+    state_version: int
+
+    def to_dict(self) -> dict[str, np.ndarray]:
+        """Feature name → column, with null as NaN."""
+        return {n: self.values[:, j] for j, n in enumerate(self.names)}
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """Totals of one ``Ingest`` call."""
+
+    accepted: int
+    late: int
+    rejected: int
+    messages: int
+    rejections: list[dict[str, Any]]
+
+
+def _error(e: grpc.RpcError) -> ServerError:
+    code = e.code().name if hasattr(e, "code") and e.code() is not None else "UNKNOWN"
+    details = e.details() if hasattr(e, "details") else str(e)
+    return ServerError(f"{code}: {details}", code=code)
+
+
+def _ipc_messages(view: str, data: Any, batch_rows: int) -> Iterator[pb.IngestRequest]:
+    import pyarrow as pa
+
+    if isinstance(data, pa.RecordBatch):
+        table = pa.Table.from_batches([data])
+    elif isinstance(data, pa.Table):
+        table = data
+    elif hasattr(data, "__arrow_c_stream__"):
+        table = pa.table(data)
+    else:
+        raise TypeError(
+            f"ingest takes an Arrow table, record batch or anything with __arrow_c_stream__, not {type(data).__name__}"
+        )
+    for batch in table.to_batches(max_chunksize=batch_rows):
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, batch.schema) as w:
+            w.write_batch(batch)
+        yield pb.IngestRequest(view=view, arrow_ipc=sink.getvalue().to_pybytes())
+
+
+class Client:
+    """A connection to a ``panes serve`` instance.
+
+    ``target`` is ``host:port``; ``timeout`` (seconds) applies to every call.
+    """
+
+    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = 30.0) -> None:
+        self._channel = grpc.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_receive_message_length", -1),
+                ("grpc.max_send_message_length", -1),
+            ],
+        )
+        # The generated stub is not annotated.
+        self._stub: Any = pb_grpc.FeaturesStub(self._channel)  # type: ignore[no-untyped-call]
+        self._timeout = timeout
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Closes the channel."""
+        self._channel.close()
+
+    def get_features(
+        self,
+        view: str,
+        keys: Sequence[int] | Sequence[str] | np.ndarray,
+        features: Sequence[str] | None = None,
+        at_ms: int | None = None,
+    ) -> Features:
+        """Feature vectors of ``keys`` (all ints or all strings) from ``view``."""
+        keys = list(keys.tolist() if isinstance(keys, np.ndarray) else keys)
+        req = pb.GetFeaturesRequest(view=view, features=list(features or []))
+        if keys and isinstance(keys[0], str):
+            req.string_keys.keys.extend(keys)
+        else:
+            req.int_keys.keys.extend(int(k) for k in keys)
+        if at_ms is not None:
+            req.at_ms = at_ms
+        try:
+            r = self._stub.GetFeatures(req, timeout=self._timeout)
+        except grpc.RpcError as e:
+            raise _error(e) from None
+        shape = (r.rows, len(r.features))
+        values = np.array(r.values, dtype=np.float64).reshape(shape)
+        bits = np.unpackbits(np.frombuffer(r.validity, dtype=np.uint8), bitorder="little")
+        valid = bits[: shape[0] * shape[1]].astype(bool).reshape(shape)
+        return Features(
+            names=list(r.features),
+            values=values,
+            valid=valid,
+            latest_event_ms=np.array(r.latest_event_ms, dtype=np.int64),
+            window_events=np.array(r.window_events, dtype=np.uint64),
+            at_ms=r.at_ms,
+            state_version=r.state_version,
+        )
+
+    def ingest(self, view: str, data: Any, *, batch_rows: int = 65_536) -> IngestResult:
+        """Streams ``data`` (pyarrow / polars / anything with ``__arrow_c_stream__``)
+        to ``view`` as Arrow IPC messages of at most ``batch_rows`` rows."""
+        return self._ingest(_ipc_messages(view, data, batch_rows))
+
+    def ingest_rows(
+        self,
+        view: str,
+        rows: Iterable[tuple[int | str | None, int, Sequence[float | None]]],
+        columns: Sequence[str],
+    ) -> IngestResult:
+        """Streams typed rows ``(key, time_ms, values)``; ``values`` follow ``columns``,
+        ``None`` for null."""
+        msg = pb.Rows(columns=list(columns))
+        for key, time_ms, values in rows:
+            row = msg.rows.add(time_ms=time_ms)
+            if isinstance(key, str):
+                row.string_key = key
+            elif key is not None:
+                row.int_key = key
+            for j, v in enumerate(values):
+                row.values.append(float("nan") if v is None else float(v))
+                if v is None:
+                    row.null_columns.append(j)
+        return self._ingest(iter([pb.IngestRequest(view=view, rows=msg)]))
+
+    def _ingest(self, messages: Iterator[pb.IngestRequest]) -> IngestResult:
+        try:
+            r = self._stub.Ingest(messages, timeout=self._timeout)
+        except grpc.RpcError as e:
+            raise _error(e) from None
+        return IngestResult(
+            accepted=r.accepted,
+            late=r.late,
+            rejected=r.rejected,
+            messages=r.messages,
+            rejections=[
+                {"message": x.message, "row": x.row, "field": x.field, "reason": x.reason}
+                for x in r.rejections
+            ],
+        )
+
+    def list_features(self) -> list[dict[str, Any]]:
+        """Every view served, as dicts."""
+        try:
+            r = self._stub.ListFeatures(pb.ListFeaturesRequest(), timeout=self._timeout)
+        except grpc.RpcError as e:
+            raise _error(e) from None
+        return [_view_dict(v) for v in r.views]
+
+    def describe_view(self, view: str) -> dict[str, Any]:
+        """One view's definition as served."""
+        try:
+            r = self._stub.DescribeView(pb.DescribeViewRequest(view=view), timeout=self._timeout)
+        except grpc.RpcError as e:
+            raise _error(e) from None
+        return _view_dict(r)
+
+
+def _view_dict(v: pb.ViewDescription) -> dict[str, Any]:
+    return {
+        "name": v.name,
+        "key": v.key,
+        "key_kind": v.key_kind,
+        "time": v.time,
+        "allowed_lateness_ms": v.allowed_lateness_ms,
+        "read_time": v.read_time,
+        "features": [
+            {
+                "name": f.name,
+                "agg": f.agg,
+                "column": f.column or None,
+                "window_ms": f.window_ms or None,
+                "hop_ms": f.hop_ms,
+                "dtype": f.dtype,
+            }
+            for f in v.features
+        ],
+    }

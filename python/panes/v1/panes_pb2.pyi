@@ -1,0 +1,161 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class GetFeaturesRequest(_message.Message):
+    __slots__ = ("view", "string_keys", "int_keys", "features", "at_ms")
+    VIEW_FIELD_NUMBER: _ClassVar[int]
+    STRING_KEYS_FIELD_NUMBER: _ClassVar[int]
+    INT_KEYS_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    AT_MS_FIELD_NUMBER: _ClassVar[int]
+    view: str
+    string_keys: StringKeys
+    int_keys: IntKeys
+    features: _containers.RepeatedScalarFieldContainer[str]
+    at_ms: int
+    def __init__(self, view: _Optional[str] = ..., string_keys: _Optional[_Union[StringKeys, _Mapping]] = ..., int_keys: _Optional[_Union[IntKeys, _Mapping]] = ..., features: _Optional[_Iterable[str]] = ..., at_ms: _Optional[int] = ...) -> None: ...
+
+class StringKeys(_message.Message):
+    __slots__ = ("keys",)
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, keys: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class IntKeys(_message.Message):
+    __slots__ = ("keys",)
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, keys: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class GetFeaturesResponse(_message.Message):
+    __slots__ = ("features", "rows", "values", "validity", "latest_event_ms", "window_events", "at_ms", "state_version")
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    VALIDITY_FIELD_NUMBER: _ClassVar[int]
+    LATEST_EVENT_MS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    AT_MS_FIELD_NUMBER: _ClassVar[int]
+    STATE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    features: _containers.RepeatedScalarFieldContainer[str]
+    rows: int
+    values: _containers.RepeatedScalarFieldContainer[float]
+    validity: bytes
+    latest_event_ms: _containers.RepeatedScalarFieldContainer[int]
+    window_events: _containers.RepeatedScalarFieldContainer[int]
+    at_ms: int
+    state_version: int
+    def __init__(self, features: _Optional[_Iterable[str]] = ..., rows: _Optional[int] = ..., values: _Optional[_Iterable[float]] = ..., validity: _Optional[bytes] = ..., latest_event_ms: _Optional[_Iterable[int]] = ..., window_events: _Optional[_Iterable[int]] = ..., at_ms: _Optional[int] = ..., state_version: _Optional[int] = ...) -> None: ...
+
+class IngestRequest(_message.Message):
+    __slots__ = ("view", "arrow_ipc", "rows")
+    VIEW_FIELD_NUMBER: _ClassVar[int]
+    ARROW_IPC_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    view: str
+    arrow_ipc: bytes
+    rows: Rows
+    def __init__(self, view: _Optional[str] = ..., arrow_ipc: _Optional[bytes] = ..., rows: _Optional[_Union[Rows, _Mapping]] = ...) -> None: ...
+
+class Rows(_message.Message):
+    __slots__ = ("columns", "rows")
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    columns: _containers.RepeatedScalarFieldContainer[str]
+    rows: _containers.RepeatedCompositeFieldContainer[Row]
+    def __init__(self, columns: _Optional[_Iterable[str]] = ..., rows: _Optional[_Iterable[_Union[Row, _Mapping]]] = ...) -> None: ...
+
+class Row(_message.Message):
+    __slots__ = ("string_key", "int_key", "time_ms", "values", "null_columns")
+    STRING_KEY_FIELD_NUMBER: _ClassVar[int]
+    INT_KEY_FIELD_NUMBER: _ClassVar[int]
+    TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    NULL_COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    string_key: str
+    int_key: int
+    time_ms: int
+    values: _containers.RepeatedScalarFieldContainer[float]
+    null_columns: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, string_key: _Optional[str] = ..., int_key: _Optional[int] = ..., time_ms: _Optional[int] = ..., values: _Optional[_Iterable[float]] = ..., null_columns: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class IngestResponse(_message.Message):
+    __slots__ = ("accepted", "late", "rejected", "rejections", "messages")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    LATE_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    REJECTIONS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    accepted: int
+    late: int
+    rejected: int
+    rejections: _containers.RepeatedCompositeFieldContainer[Rejection]
+    messages: int
+    def __init__(self, accepted: _Optional[int] = ..., late: _Optional[int] = ..., rejected: _Optional[int] = ..., rejections: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ..., messages: _Optional[int] = ...) -> None: ...
+
+class Rejection(_message.Message):
+    __slots__ = ("message", "row", "field", "reason")
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ROW_FIELD_NUMBER: _ClassVar[int]
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    message: int
+    row: int
+    field: str
+    reason: str
+    def __init__(self, message: _Optional[int] = ..., row: _Optional[int] = ..., field: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ListFeaturesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListFeaturesResponse(_message.Message):
+    __slots__ = ("views",)
+    VIEWS_FIELD_NUMBER: _ClassVar[int]
+    views: _containers.RepeatedCompositeFieldContainer[ViewDescription]
+    def __init__(self, views: _Optional[_Iterable[_Union[ViewDescription, _Mapping]]] = ...) -> None: ...
+
+class DescribeViewRequest(_message.Message):
+    __slots__ = ("view",)
+    VIEW_FIELD_NUMBER: _ClassVar[int]
+    view: str
+    def __init__(self, view: _Optional[str] = ...) -> None: ...
+
+class ViewDescription(_message.Message):
+    __slots__ = ("name", "key", "key_kind", "time", "allowed_lateness_ms", "read_time", "features")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    KEY_KIND_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_LATENESS_MS_FIELD_NUMBER: _ClassVar[int]
+    READ_TIME_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    key: str
+    key_kind: str
+    time: str
+    allowed_lateness_ms: int
+    read_time: str
+    features: _containers.RepeatedCompositeFieldContainer[FeatureDescription]
+    def __init__(self, name: _Optional[str] = ..., key: _Optional[str] = ..., key_kind: _Optional[str] = ..., time: _Optional[str] = ..., allowed_lateness_ms: _Optional[int] = ..., read_time: _Optional[str] = ..., features: _Optional[_Iterable[_Union[FeatureDescription, _Mapping]]] = ...) -> None: ...
+
+class FeatureDescription(_message.Message):
+    __slots__ = ("name", "agg", "column", "window_ms", "hop_ms", "dtype")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    AGG_FIELD_NUMBER: _ClassVar[int]
+    COLUMN_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_MS_FIELD_NUMBER: _ClassVar[int]
+    HOP_MS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    agg: str
+    column: str
+    window_ms: int
+    hop_ms: int
+    dtype: str
+    def __init__(self, name: _Optional[str] = ..., agg: _Optional[str] = ..., column: _Optional[str] = ..., window_ms: _Optional[int] = ..., hop_ms: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
