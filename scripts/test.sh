@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every test of Panes, Rust and Python, on a fresh Debian machine with the Rust
 # toolchain: installs what the tests need (Python venv, Mesa's software Vulkan driver
-# for the GPU tests), then formatting, lints, unit, integration and doc tests (the GPU
+# for the GPU tests, Redis for the serving benchmark's reference), then formatting, lints, unit, integration and doc tests (the GPU
 # backend's and the GPU benchmark's on lavapipe, none skipped), a demo smoke run, the
 # Python package built and installed with `pip install ./python` into a venv, and the
 # Python suite (oracles in DuckDB SQL, stub checks, examples).
@@ -17,6 +17,8 @@ python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 # The GPU backend's tests run on lavapipe (Mesa's software Vulkan) where no GPU exists.
 ls /usr/share/vulkan/icd.d/lvp_icd.*.json >/dev/null 2>&1 || missing+=(mesa-vulkan-drivers)
 ldconfig -p | grep -q 'libvulkan\.so\.1' || missing+=(libvulkan1)
+# The serving load generator's smoke test compares against Redis.
+command -v redis-server >/dev/null || missing+=(redis-server)
 if ((${#missing[@]})); then
   log "apt-get install ${missing[*]}"
   apt-get update -qq

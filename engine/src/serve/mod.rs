@@ -64,6 +64,10 @@ pub struct ServeOptions {
     pub write_threads: usize,
     /// After a shutdown signal, how long in-flight requests may still run.
     pub shutdown_grace: Duration,
+    /// Scheduling priority of the write threads relative to the read threads (Linux
+    /// `nice`; 0 turns it off). With cores shared, a read that wakes up then preempts a
+    /// fold instead of queueing behind it.
+    pub write_nice: i32,
 }
 
 impl Default for ServeOptions {
@@ -75,6 +79,7 @@ impl Default for ServeOptions {
             read_threads: cores,
             write_threads: cores,
             shutdown_grace: Duration::from_secs(30),
+            write_nice: 10,
         }
     }
 }
@@ -84,8 +89,8 @@ impl Default for ServeOptions {
 pub(crate) struct Shared {
     pub engine: Arc<Engine>,
     pub options: ServeOptions,
-    reads: rayon::ThreadPool,
-    writes: rayon::ThreadPool,
+    reads: Workers,
+    writes: Workers,
     /// Server-side duration of reads, per view.
     pub read_time: HashMap<String, Histogram>,
 }
@@ -120,15 +125,99 @@ impl Shared {
 }
 
 async fn run_on<T: Send + 'static>(
-    pool: &rayon::ThreadPool,
+    pool: &Workers,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, Status> {
     let (tx, rx) = oneshot::channel();
-    pool.spawn(move || {
+    pool.spawn(Box::new(move || {
         let _ = tx.send(f());
-    });
+    }))?;
     rx.await
         .map_err(|_| Status::internal("a worker thread panicked (this is a bug in Panes)"))
+}
+
+type Job = Box<dyn FnOnce() + Send + 'static>;
+
+/// A fixed set of plain threads taking jobs from one queue.
+///
+/// Not a rayon pool on purpose: a rayon worker that waits for its own parallel work
+/// (the `Cpu` backend's fold) runs other queued jobs meanwhile, and a queued push that
+/// blocks on the view's writer lock, held further up that same thread's stack, would
+/// deadlock it. Jobs here call into rayon's global pool from outside, which only ever
+/// runs the kernels' own sub-tasks.
+#[derive(Debug)]
+struct Workers {
+    queue: std::sync::Mutex<Option<std::sync::mpsc::Sender<Job>>>,
+}
+
+impl Workers {
+    /// `n` threads named `panes-{name}-{i}`, at scheduling priority `nice` (Unix;
+    /// 0 is the default, higher is lower priority).
+    fn new(name: &'static str, n: usize, nice: i32) -> std::io::Result<Workers> {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        for i in 0..n.max(1) {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("panes-{name}-{i}"))
+                .spawn(move || {
+                    lower_priority(nice);
+                    loop {
+                        // The lock is held only while taking a job, not while running it.
+                        let job = match rx.lock() {
+                            Ok(q) => q.recv(),
+                            Err(_) => return,
+                        };
+                        match job {
+                            // A panicking job drops its oneshot sender: the caller gets
+                            // INTERNAL, and the thread keeps serving.
+                            Ok(job) => {
+                                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                            }
+                            Err(_) => return,
+                        }
+                    }
+                })?;
+        }
+        Ok(Workers {
+            queue: std::sync::Mutex::new(Some(tx)),
+        })
+    }
+
+    fn spawn(&self, job: Job) -> Result<(), Status> {
+        let queue = self
+            .queue
+            .lock()
+            .map_err(|_| Status::internal("worker queue poisoned (this is a bug in Panes)"))?;
+        queue
+            .as_ref()
+            .and_then(|q| q.send(job).ok())
+            .ok_or_else(|| Status::unavailable("the server is shutting down"))
+    }
+}
+
+/// Lowers the calling thread's scheduling priority by `nice` (Linux applies
+/// `setpriority(PRIO_PROCESS, 0, ..)` to the calling thread only).
+fn lower_priority(nice: i32) {
+    #[cfg(target_os = "linux")]
+    if nice > 0 {
+        // SAFETY: setpriority has no memory-safety preconditions; a failure (e.g. no
+        // permission) only leaves the priority as it was.
+        unsafe {
+            libc::setpriority(libc::PRIO_PROCESS, 0, nice);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = nice;
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        // Closing the queue ends the threads once they finish their current job.
+        if let Ok(mut q) = self.queue.lock() {
+            q.take();
+        }
+    }
 }
 
 /// `INVALID_ARGUMENT` naming `field`, in the message (for clients that read only
@@ -211,20 +300,24 @@ impl Server {
             ),
             None => None,
         };
-        let pool = |name: &'static str, n: usize| {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(n.max(1))
-                .thread_name(move |i| format!("panes-{name}-{i}"))
-                .build()
-                .map_err(|e| PanesError::Internal(format!("cannot start the {name} pool: {e}")))
+        let pool = |name: &'static str, n: usize, nice: i32| {
+            Workers::new(name, n, nice)
+                .map_err(|e| PanesError::Internal(format!("cannot start the {name} threads: {e}")))
         };
+        // The kernels' parallel work (a `Cpu` fold) runs on rayon's global pool: give
+        // it the write threads' priority too, when this process has not built it yet.
+        let nice = options.write_nice;
+        let _ = rayon::ThreadPoolBuilder::new()
+            .thread_name(|i| format!("panes-kernel-{i}"))
+            .start_handler(move |_| lower_priority(nice))
+            .build_global();
         let read_time = engine
             .views()
             .map(|v| (v.spec.name.clone(), Histogram::default()))
             .collect();
         let shared = Arc::new(Shared {
-            reads: pool("read", options.read_threads)?,
-            writes: pool("write", options.write_threads)?,
+            reads: pool("read", options.read_threads, 0)?,
+            writes: pool("write", options.write_threads, options.write_nice)?,
             engine,
             options,
             read_time,
@@ -313,14 +406,14 @@ impl Server {
 
         let mut signalled = stop_rx.clone();
         let server = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
             .layer(tower::util::MapResponseLayer::new(too_large_is_exhausted))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(features)
             .add_service(flight)
             .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(grpc),
+                // Nagle off: a reply's trailers must not wait for the client's ACK.
+                tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
                 async move {
                     let _ = signalled.wait_for(|s| *s).await;
                 },
