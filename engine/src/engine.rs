@@ -193,6 +193,11 @@ pub struct ServedFrame {
 /// every fold while any read holds the old ones, which under steady reads is the
 /// whole state per fold.
 ///
+/// A push holds the view's writer lock while its fold runs on rayon's global pool, so
+/// do not push from a worker of that pool: while it waits for its fold, rayon may run
+/// another queued push on the same thread, which then waits for the lock forever (the
+/// server pushes from plain threads for that reason).
+///
 /// [`Engine::read`] publishes pending events first (read-your-writes for embedded use);
 /// [`Engine::read_snapshot`] (the server's read) never folds and sees what
 /// [`Engine::fold_due`], a push or a flush published last.
