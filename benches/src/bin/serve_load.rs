@@ -352,6 +352,14 @@ fn main() {
         }));
         (addr, metrics_addr)
     });
+    // The ingest stream has a runtime of its own: encoding its large messages must not
+    // delay the read requests' replies in the client.
+    let ingest_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let ingest_handle = ingest_rt.handle().clone();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -420,8 +428,15 @@ fn main() {
                     sent.store(n, Ordering::Relaxed);
                 }
             });
-            let call = tokio::spawn(async move {
-                ingest_client
+            let call = ingest_handle.spawn(async move {
+                let channel = Channel::from_shared(format!("http://{addr}"))
+                    .expect("uri")
+                    .tcp_nodelay(true)
+                    .connect()
+                    .await
+                    .expect("connect");
+                FeaturesClient::new(channel)
+                    .max_encoding_message_size(usize::MAX)
                     .ingest(tokio_stream::wrappers::ReceiverStream::new(rx))
                     .await
                     .map(|r| r.into_inner())
@@ -613,6 +628,7 @@ fn main() {
         }
     });
     let _ = stop_tx.send(());
+    drop(ingest_rt);
     drop(server_rt);
 }
 

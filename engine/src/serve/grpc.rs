@@ -302,29 +302,33 @@ impl Features for FeaturesService {
                 return Err(status(unknown_view(&engine, &view), "view"));
             }
             let view_name = view.clone();
-            let batches = batches_of(&engine, &view, msg.payload).map_err(|s| {
-                Status::with_details(
-                    s.code(),
-                    format!(
-                        "message {message}: {}{}",
-                        s.message(),
-                        accepted_so_far(&out)
-                    ),
-                    s.details().to_vec().into(),
-                )
-            })?;
+            // Decoding runs on the write threads too: a large IPC message must not hold
+            // up a tokio thread that reads are waiting for.
+            let payload = msg.payload;
             let results = self
                 .shared
                 .on_writes(move || {
+                    let batches = batches_of(&engine, &view, payload)?;
                     let mut offset = 0;
                     let mut results = Vec::with_capacity(batches.len());
                     for b in &batches {
                         results.push(engine.push_at(&view, b, offset));
                         offset += b.num_rows();
                     }
-                    results
+                    Ok::<_, Status>(results)
                 })
-                .await?;
+                .await?
+                .map_err(|s| {
+                    Status::with_details(
+                        s.code(),
+                        format!(
+                            "message {message}: {}{}",
+                            s.message(),
+                            accepted_so_far(&out)
+                        ),
+                        s.details().to_vec().into(),
+                    )
+                })?;
             for r in results {
                 match r {
                     Ok(report) => absorb(&mut out, message, &report),
