@@ -415,6 +415,14 @@ impl Engine {
         self.views.iter().map(|v| &v.compiled)
     }
 
+    /// The compiled view named `name`.
+    ///
+    /// # Errors
+    /// [`PanesError::UnknownView`], listing the views.
+    pub fn compiled(&self, name: &str) -> Result<&CompiledView> {
+        Ok(&self.view(name)?.compiled)
+    }
+
     fn view(&self, name: &str) -> Result<&View> {
         self.views
             .iter()
@@ -485,11 +493,7 @@ impl Engine {
     /// # Errors
     /// A backend failure.
     pub fn flush(&self) -> Result<()> {
-        for v in &self.views {
-            let mut writer = v.writer()?;
-            v.publish(&mut writer, &self.options, self.backend.as_ref())?;
-        }
-        Ok(())
+        self.views.iter().try_for_each(|v| self.settle(v))
     }
 
     /// Folds and publishes the pending micro-batches that are older than
@@ -502,8 +506,8 @@ impl Engine {
         for v in &self.views {
             let mut writer = match v.writer.try_lock() {
                 Ok(w) => w,
-                Err(std::sync::TryLockError::WouldBlock) => continue,
-                Err(std::sync::TryLockError::Poisoned(_)) => return Err(poisoned(v.name())),
+                Err(TryLockError::WouldBlock) => continue,
+                Err(TryLockError::Poisoned(_)) => return Err(poisoned(v.name())),
             };
             if writer.broken.is_some() || writer.log.is_empty() {
                 continue;
@@ -667,22 +671,7 @@ impl Engine {
                 .map(|n| compiled.feature_index(n))
                 .collect::<Result<_>>()?,
         };
-        let mut merges: Vec<_> = selected.iter().map(|&i| compiled.merges[i]).collect();
-        let features_read = merges.len();
-        if meta
-            && let Some(widest) = merges.iter().max_by_key(|m| {
-                m.panes.map_or(u128::MAX, |p| {
-                    p as u128 * compiled.state.levels[m.level].hop as u128
-                })
-            })
-        {
-            // Events behind the widest window: a count of rows over its panes.
-            merges.push(FeatureMerge {
-                agg: Agg::Count,
-                column: None,
-                ..*widest
-            });
-        }
+        let merges: Vec<_> = selected.iter().map(|&i| compiled.merges[i]).collect();
         let at = at.unwrap_or_else(|| match compiled.spec.read_time {
             ReadTime::EventTime => core.folded_max_ts.unwrap_or(0),
             ReadTime::WallClock => now_ms(),
@@ -695,31 +684,28 @@ impl Engine {
         self.backend
             .merge(&core.state, &merges, ids, at, &mut out)?;
         check_exact(compiled, &out, at, key_of)?;
-        let width = merges.len();
-        let (mut values, mut valid) = (out.values, out.valid);
-        let mut window_events = Vec::new();
-        let mut latest_event_ms = Vec::new();
+        let (mut window_events, mut latest_event_ms) = (Vec::new(), Vec::new());
         if meta {
-            if width > features_read {
-                window_events = values
-                    .iter()
-                    .skip(features_read)
-                    .step_by(width)
-                    .map(|&c| c as u64)
-                    .collect();
-                let mut k = 0;
-                values.retain(|_| {
-                    k += 1;
-                    (k - 1) % width < features_read
-                });
-                let mut k = 0;
-                valid.retain(|_| {
-                    k += 1;
-                    (k - 1) % width < features_read
-                });
-            } else {
-                window_events = vec![0; ids.len()];
-            }
+            // Events behind the widest window read: a count of rows over its panes.
+            let widest = merges.iter().max_by_key(|m| {
+                m.panes.map_or(u128::MAX, |p| {
+                    p as u128 * compiled.state.levels[m.level].hop as u128
+                })
+            });
+            window_events = match widest {
+                Some(w) => {
+                    let count = FeatureMerge {
+                        agg: Agg::Count,
+                        column: None,
+                        ..*w
+                    };
+                    let mut support = MergeOutput::default();
+                    self.backend
+                        .merge(&core.state, &[count], ids, at, &mut support)?;
+                    support.values.iter().map(|&c| c as u64).collect()
+                }
+                None => vec![0; ids.len()],
+            };
             latest_event_ms = ids
                 .iter()
                 .map(|id| {
@@ -728,10 +714,10 @@ impl Engine {
                 })
                 .collect();
         }
-        let shape = (ids.len(), features_read);
-        let values = Array2::from_shape_vec(shape, values)
+        let shape = (ids.len(), merges.len());
+        let values = Array2::from_shape_vec(shape, out.values)
             .map_err(|e| PanesError::Internal(e.to_string()))?;
-        let valid = Array2::from_shape_vec(shape, valid)
+        let valid = Array2::from_shape_vec(shape, out.valid)
             .map_err(|e| PanesError::Internal(e.to_string()))?;
         Ok(ServedFrame {
             frame: FeatureFrame {
@@ -762,7 +748,23 @@ impl Engine {
         features: Option<&[&str]>,
     ) -> Result<(RecordBatch, i64)> {
         let frame = self.read(view, keys.as_ref(), at, features)?;
-        let compiled = &self.view(view)?.compiled;
+        let batch = self.frame_batch(view, keys, &frame)?;
+        Ok((batch, frame.at))
+    }
+
+    /// `frame` (read from `view` for `keys`) as a record batch: the keys as given
+    /// (column named by the view's key), then one column per feature (see
+    /// [`feature_field`]).
+    ///
+    /// # Errors
+    /// Unknown view or feature; `keys` not as long as the frame.
+    pub fn frame_batch(
+        &self,
+        view: &str,
+        keys: &ArrayRef,
+        frame: &FeatureFrame,
+    ) -> Result<RecordBatch> {
+        let compiled = self.compiled(view)?;
         let mut fields = vec![Field::new(
             compiled.spec.key.clone(),
             keys.data_type().clone(),
@@ -779,8 +781,10 @@ impl Engine {
                 col.iter().zip(valid.iter()).map(|(v, ok)| (*v, *ok)),
             ));
         }
-        let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?;
-        Ok((batch, frame.at))
+        Ok(RecordBatch::try_new(
+            Arc::new(Schema::new(fields)),
+            columns,
+        )?)
     }
 
     /// The kind of keys `view` holds in its published state: `"int"`, `"string"`, or

@@ -16,13 +16,11 @@ use arrow_flight::{
     Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightInfo,
     HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
 };
-use arrow_schema::{Field, Schema};
 use futures::{Stream, StreamExt, TryStreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::grpc::check_at;
 use super::{Shared, bad_request, status, stream_error};
-use crate::engine::{feature_column, feature_field};
 use crate::error::PanesError;
 use crate::keys::KeyValue;
 
@@ -183,10 +181,6 @@ impl FlightService for Flight {
                     .as_ref()
                     .map(|f| f.iter().map(String::as_str).collect());
                 let served = engine.read_snapshot(&t.view, &t.keys, t.at, names.as_deref())?;
-                let compiled = engine
-                    .views()
-                    .find(|v| v.spec.name == t.view)
-                    .ok_or_else(|| PanesError::Internal("view vanished".into()))?;
                 let text = t.keys.iter().any(|k| matches!(k, KeyValue::Str(_)));
                 let key: ArrayRef = if text {
                     Arc::new(StringArray::from_iter(t.keys.iter().map(|k| match k {
@@ -199,30 +193,7 @@ impl FlightService for Flight {
                         KeyValue::Str(_) => None,
                     })))
                 };
-                let frame = served.frame;
-                let mut fields = vec![Field::new(
-                    &compiled.spec.key,
-                    key.data_type().clone(),
-                    true,
-                )];
-                let mut columns = vec![key];
-                for (j, name) in frame.names.iter().enumerate() {
-                    let agg = compiled.spec.features[compiled.feature_index(name)?].agg;
-                    fields.push(feature_field(name, agg));
-                    columns.push(feature_column(
-                        agg,
-                        frame
-                            .values
-                            .column(j)
-                            .iter()
-                            .zip(frame.valid.column(j).iter())
-                            .map(|(v, ok)| (*v, *ok)),
-                    ));
-                }
-                Ok(RecordBatch::try_new(
-                    Arc::new(Schema::new(fields)),
-                    columns,
-                )?)
+                engine.frame_batch(&t.view, &key, &served.frame)
             })
             .await?
             .map_err(|e| status(e, "ticket.keys"))?;
@@ -255,19 +226,9 @@ impl FlightService for Flight {
             }
         };
         let engine = self.shared.engine.clone();
-        if !engine.views().any(|v| v.spec.name == view) {
-            return Err(status(
-                PanesError::UnknownView {
-                    name: view,
-                    known: engine
-                        .views()
-                        .map(|v| v.spec.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                },
-                "flight_descriptor.path",
-            ));
-        }
+        engine
+            .compiled(&view)
+            .map_err(|e| status(e, "flight_descriptor.path"))?;
         let data = futures::stream::once(async move { Ok(first) })
             .chain(input)
             .map_err(FlightError::from);

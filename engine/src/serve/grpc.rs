@@ -128,26 +128,10 @@ fn batches_of(
                 .map_err(|e| bad_request("arrow_ipc", format!("malformed Arrow IPC stream: {e}")))
         }
         Some(ingest_request::Payload::Rows(rows)) => {
-            let spec = engine
-                .file()
-                .views
-                .iter()
-                .find(|v| v.name == view)
-                .ok_or_else(|| status(unknown_view(engine, view), "view"))?;
+            let spec = &engine.compiled(view).map_err(|e| status(e, "view"))?.spec;
             Ok(vec![rows_batch(spec, rows)?])
         }
         None => Err(bad_request("payload", "no payload: set arrow_ipc or rows")),
-    }
-}
-
-fn unknown_view(engine: &Engine, view: &str) -> PanesError {
-    PanesError::UnknownView {
-        name: view.to_string(),
-        known: engine
-            .views()
-            .map(|v| v.spec.name.as_str())
-            .collect::<Vec<_>>()
-            .join(", "),
     }
 }
 
@@ -298,9 +282,7 @@ impl Features for FeaturesService {
             let message = out.messages;
             let engine = self.shared.engine.clone();
             let view = msg.view;
-            if !engine.views().any(|v| v.spec.name == view) {
-                return Err(status(unknown_view(&engine, &view), "view"));
-            }
+            engine.compiled(&view).map_err(|e| status(e, "view"))?;
             let view_name = view.clone();
             // Decoding runs on the write threads too: a large IPC message must not hold
             // up a tokio thread that reads are waiting for.
@@ -378,11 +360,8 @@ impl Features for FeaturesService {
     ) -> Result<Response<ViewDescription>, Status> {
         let name = request.into_inner().view;
         let engine = &self.shared.engine;
-        let spec = engine
-            .views()
-            .find(|v| v.spec.name == name)
-            .ok_or_else(|| status(unknown_view(engine, &name), "view"))?;
-        Ok(Response::new(describe(engine, &spec.spec)))
+        let compiled = engine.compiled(&name).map_err(|e| status(e, "view"))?;
+        Ok(Response::new(describe(engine, &compiled.spec)))
     }
 }
 
