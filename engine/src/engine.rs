@@ -10,6 +10,7 @@ use arrow_schema::{DataType, Field, Schema};
 use ndarray::Array2;
 use panes_kernels::{Agg, Backend, BackendKind, FeatureMerge, MergeOutput};
 
+use crate::checkpoint::{self, CheckpointInfo, SourcePosition};
 use crate::error::{PanesError, Result};
 use crate::histogram::Histogram;
 use crate::ingest::{PushReport, RejectReason, ViewCounters};
@@ -360,6 +361,19 @@ impl Engine {
     /// When the backend cannot be built or `options.shards` is not a power of two.
     pub fn new(file: &FeatureFile, options: EngineOptions) -> Result<Self> {
         let backend = options.create_backend()?;
+        Self::with_backend(file, options, backend)
+    }
+
+    /// An engine for `file` on a backend shared with other engines (`options.backend`
+    /// is not looked at).
+    ///
+    /// # Errors
+    /// When `options.shards` is not a power of two.
+    pub fn with_backend(
+        file: &FeatureFile,
+        options: EngineOptions,
+        backend: Arc<dyn Backend>,
+    ) -> Result<Self> {
         crate::error::ensure!(
             options.shards.is_power_of_two(),
             "shards must be a power of two, got {}",
@@ -408,6 +422,11 @@ impl Engine {
     /// The backend in use.
     pub fn backend(&self) -> &dyn Backend {
         self.backend.as_ref()
+    }
+
+    /// The backend, to share with another engine ([`Engine::with_backend`]).
+    pub fn shared_backend(&self) -> Arc<dyn Backend> {
+        self.backend.clone()
     }
 
     /// The compiled views.
@@ -530,6 +549,50 @@ impl Engine {
     /// Unknown view; a backend failure.
     pub fn publish(&self, view: &str) -> Result<()> {
         self.settle(self.view(view)?)
+    }
+
+    /// Settles `view` and encodes its state, watermark and counters as a checkpoint
+    /// (see [`crate::checkpoint`]) that covers the source `positions`. Writes wait
+    /// while it is encoded; reads do not.
+    ///
+    /// # Errors
+    /// Unknown view; a backend failure while settling or downloading a GPU state.
+    pub fn checkpoint(&self, view: &str, positions: &[SourcePosition]) -> Result<Vec<u8>> {
+        let v = self.view(view)?;
+        let mut writer = v.writer()?;
+        v.publish(&mut writer, &self.options, self.backend.as_ref())?;
+        // Both replicas are equal now; the back one is the writer's alone.
+        let back = v.back(&writer)?;
+        checkpoint::encode(&v.compiled, &back, positions)
+    }
+
+    /// Replaces `view`'s state with a checkpoint's, in both replicas, and returns what
+    /// the checkpoint covers. Events pushed before and not in the checkpoint are gone.
+    ///
+    /// # Errors
+    /// Unknown view; [`PanesError::Invalid`] saying what is wrong with `bytes`
+    /// (truncated, checksum mismatch, another format version, another view or
+    /// definition).
+    pub fn restore(&self, view: &str, bytes: &[u8]) -> Result<CheckpointInfo> {
+        let v = self.view(view)?;
+        let decode = || {
+            checkpoint::decode(&v.compiled, bytes).map(|(mut core, info)| {
+                core.fold_time = Some(v.fold_time.clone());
+                (core, info)
+            })
+        };
+        let invalid =
+            |why: String| PanesError::Invalid(format!("view {view:?}: checkpoint: {why}"));
+        let (a, info) = decode().map_err(invalid)?;
+        let (b, _) = decode().map_err(invalid)?;
+        let mut writer = v.writer.lock().map_err(|_| poisoned(view))?;
+        let front = v.front.load(Ordering::Acquire);
+        *v.replicas[1 - front].write().map_err(|_| poisoned(view))? = b;
+        *v.replicas[front].write().map_err(|_| poisoned(view))? = a;
+        writer.log.clear();
+        writer.broken = None;
+        v.version.fetch_add(1, Ordering::AcqRel);
+        Ok(info)
     }
 
     /// Publishes events of `view` pushed so far, so that a read sees them.

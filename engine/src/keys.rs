@@ -47,6 +47,15 @@ pub struct KeyIndex {
     len: usize,
 }
 
+/// A key index as plain lists (see [`KeyIndex::image`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct KeyImage {
+    pub ints: Vec<(i64, u32)>,
+    pub big: Vec<(u64, u32)>,
+    pub strs: Vec<(Box<str>, u32)>,
+    pub next_local: Vec<u32>,
+}
+
 #[inline]
 fn mix64(mut x: u64) -> u64 {
     // splitmix64 finaliser: a fixed, well-spread hash.
@@ -163,6 +172,48 @@ impl KeyIndex {
         } else {
             None
         }
+    }
+
+    /// The index as plain lists, for checkpoints.
+    pub(crate) fn image(&self) -> KeyImage {
+        let mut image = KeyImage {
+            ints: self.ints.iter().map(|(&k, &id)| (k, id)).collect(),
+            big: self.big.iter().map(|(&k, &id)| (k, id)).collect(),
+            strs: self.strs.iter().map(|(k, &id)| (k.clone(), id)).collect(),
+            next_local: self.next_local.clone(),
+        };
+        // Sorted by id: the same index always gives the same bytes.
+        image.ints.sort_unstable_by_key(|e| e.1);
+        image.big.sort_unstable_by_key(|e| e.1);
+        image.strs.sort_unstable_by_key(|e| e.1);
+        image
+    }
+
+    /// Rebuilds an index from [`KeyIndex::image`].
+    ///
+    /// # Errors
+    /// When the image does not fit `shards` or holds an id twice.
+    pub(crate) fn from_image(image: KeyImage, shards: usize) -> Result<Self> {
+        if image.next_local.len() != shards {
+            return Err(PanesError::Invalid(format!(
+                "key index for {} shards, the view has {shards}",
+                image.next_local.len()
+            )));
+        }
+        let len = image.ints.len() + image.big.len() + image.strs.len();
+        let ids: usize = image.next_local.iter().map(|&n| n as usize).sum();
+        if ids != len {
+            return Err(PanesError::Invalid(format!(
+                "key index holds {len} keys but allocated {ids} ids"
+            )));
+        }
+        Ok(KeyIndex {
+            ints: image.ints.into_iter().collect(),
+            big: image.big.into_iter().collect(),
+            strs: image.strs.into_iter().collect(),
+            next_local: image.next_local,
+            len,
+        })
     }
 
     /// The id of a key value, if known.

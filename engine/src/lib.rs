@@ -55,11 +55,14 @@
 #![warn(missing_docs)]
 
 pub mod backfill;
+pub mod checkpoint;
 mod engine;
 pub mod error;
 pub mod histogram;
 pub mod ingest;
 pub mod io;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod keys;
 #[cfg(feature = "serve")]
 pub mod serve;
@@ -68,6 +71,7 @@ pub mod synth;
 pub mod view;
 
 pub use backfill::{BackfillOptions, BackfillReport, backfill};
+pub use checkpoint::{CheckpointDir, CheckpointInfo, SourcePosition};
 pub use engine::{
     Engine, EngineOptions, FeatureFrame, ServedFrame, ViewMetrics, feature_column, feature_field,
 };
@@ -75,7 +79,7 @@ pub use error::{PanesError, Result};
 pub use ingest::{PushReport, RejectReason, Rejection, ViewCounters};
 pub use keys::KeyValue;
 pub use panes_kernels::{Agg, BackendKind};
-pub use spec::{FeatureFile, FeatureSpec, ReadTime, ViewSpec, Window};
+pub use spec::{FeatureFile, FeatureSpec, PayloadFormat, ReadTime, SourceSpec, ViewSpec, Window};
 
 /// The feature file `panes demo` runs by default.
 pub const DEMO_FEATURES: &str = include_str!("../features/demo.toml");

@@ -157,6 +157,16 @@ struct ServeArgs {
     /// Backend: scalar, cpu, gpu or auto (default: $PANES_BACKEND, else auto).
     #[arg(long)]
     backend: Option<BackendKind>,
+    /// Checkpoint directory: restored at start, written periodically and on shutdown.
+    /// Kafka views need one, shared by every instance of their consumer group.
+    #[arg(long)]
+    checkpoint_dir: Option<PathBuf>,
+    /// Time between checkpoints of a view or partition that took events (ms).
+    #[arg(long, default_value_t = 10_000)]
+    checkpoint_interval_ms: u64,
+    /// The address other instances reach this one at (default: --listen).
+    #[arg(long)]
+    advertise: Option<String>,
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
@@ -184,6 +194,9 @@ fn serve(args: ServeArgs) -> Result<()> {
         max_keys: args.max_keys,
         max_message_bytes: args.max_message_bytes,
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
+        checkpoint_dir: args.checkpoint_dir.clone(),
+        checkpoint_interval: Duration::from_millis(args.checkpoint_interval_ms.max(1)),
+        advertise: args.advertise.clone(),
         ..ServeOptions::default()
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

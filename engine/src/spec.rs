@@ -80,6 +80,47 @@ pub struct ViewSpec {
     pub read_time: ReadTime,
     /// The features.
     pub features: Vec<FeatureSpec>,
+    /// Where the view's events come from when not pushed (`[views.source]`).
+    pub source: Option<SourceSpec>,
+}
+
+/// How a Kafka message's payload is decoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PayloadFormat {
+    /// One JSON object per message; its fields are the view's columns.
+    Json,
+    /// An Arrow IPC stream per message (one or more record batches).
+    ArrowIpc,
+}
+
+impl PayloadFormat {
+    /// The name used in feature files.
+    pub fn name(self) -> &'static str {
+        match self {
+            PayloadFormat::Json => "json",
+            PayloadFormat::ArrowIpc => "arrow-ipc",
+        }
+    }
+}
+
+/// A view's Kafka source (`[views.source]` with `kind = "kafka"`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceSpec {
+    /// Bootstrap servers, comma-separated `host:port`.
+    pub brokers: String,
+    /// The topic; its messages must be keyed by the view's entity key.
+    pub topic: String,
+    /// Consumer group id: instances with the same group split the partitions.
+    pub group: String,
+    /// Payload format.
+    pub format: PayloadFormat,
+    /// When set, the message key (UTF-8) is this column's value, overriding the payload.
+    pub key_column: Option<String>,
+    /// Topic that receives messages that cannot be decoded, with the reason in headers.
+    pub dead_letter_topic: Option<String>,
+    /// Client settings passed to librdkafka as they are (`security.protocol`,
+    /// `sasl.mechanisms`, `sasl.username`, ...).
+    pub properties: std::collections::BTreeMap<String, String>,
 }
 
 /// A parsed, validated feature file.
@@ -104,7 +145,22 @@ struct RawView {
     pane: Option<String>,
     allowed_lateness: Option<String>,
     read_time: Option<String>,
+    source: Option<RawSource>,
     features: Option<Vec<RawFeature>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    kind: Option<String>,
+    brokers: Option<String>,
+    topic: Option<String>,
+    group: Option<String>,
+    format: Option<String>,
+    key_column: Option<String>,
+    dead_letter_topic: Option<String>,
+    #[serde(default)]
+    properties: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -289,6 +345,41 @@ impl FeatureFile {
                     "the time column must differ from the key column",
                 );
             }
+            let source = rv.source.map(|rs| {
+                let sloc = format!("{vloc} source");
+                match rs.kind.as_deref() {
+                    Some("kafka") => {}
+                    Some(o) => c.push(
+                        &sloc,
+                        "kind",
+                        format!("unknown source kind {o:?}; expected \"kafka\""),
+                    ),
+                    None => c.push(&sloc, "kind", "is required (\"kafka\")"),
+                }
+                let format = match rs.format.as_deref() {
+                    None | Some("json") => PayloadFormat::Json,
+                    Some("arrow-ipc") => PayloadFormat::ArrowIpc,
+                    Some(o) => {
+                        c.push(
+                            &sloc,
+                            "format",
+                            format!(
+                                "unknown payload format {o:?}; expected \"json\" or \"arrow-ipc\""
+                            ),
+                        );
+                        PayloadFormat::Json
+                    }
+                };
+                SourceSpec {
+                    brokers: c.required(&sloc, "brokers", rs.brokers),
+                    topic: c.required(&sloc, "topic", rs.topic),
+                    group: c.required(&sloc, "group", rs.group),
+                    format,
+                    key_column: rs.key_column,
+                    dead_letter_topic: rs.dead_letter_topic,
+                    properties: rs.properties,
+                }
+            });
             let mut features = Vec::new();
             let raw_features = rv.features.unwrap_or_default();
             if raw_features.is_empty() {
@@ -405,6 +496,7 @@ impl FeatureFile {
                 allowed_lateness,
                 read_time,
                 features,
+                source,
             });
         }
         if !c.issues.is_empty() {
@@ -436,6 +528,27 @@ impl FeatureFile {
                 ReadTime::WallClock => "wall_clock",
             };
             let _ = writeln!(s, "read_time = {rt:?}\n");
+            if let Some(src) = &v.source {
+                let _ = writeln!(s, "[views.source]");
+                let _ = writeln!(s, "kind = \"kafka\"");
+                let _ = writeln!(s, "brokers = {:?}", src.brokers);
+                let _ = writeln!(s, "topic = {:?}", src.topic);
+                let _ = writeln!(s, "group = {:?}", src.group);
+                let _ = writeln!(s, "format = {:?}", src.format.name());
+                if let Some(k) = &src.key_column {
+                    let _ = writeln!(s, "key_column = {k:?}");
+                }
+                if let Some(d) = &src.dead_letter_topic {
+                    let _ = writeln!(s, "dead_letter_topic = {d:?}");
+                }
+                if !src.properties.is_empty() {
+                    let _ = writeln!(s, "\n[views.source.properties]");
+                    for (k, v) in &src.properties {
+                        let _ = writeln!(s, "{k:?} = {v:?}");
+                    }
+                }
+                let _ = writeln!(s);
+            }
             for f in &v.features {
                 let _ = writeln!(s, "[[views.features]]");
                 let _ = writeln!(s, "name = {:?}", f.name);

@@ -91,5 +91,5 @@ pub use scalar::Scalar;
 pub const MAX_TIME_MS: u64 = 1 << 60;
 
 pub use state::{
-    FeatureMerge, FoldBatch, FoldStats, MergeOutput, PaneState, ReadStatus, StateSpec,
+    FeatureMerge, FoldBatch, FoldStats, LevelImage, MergeOutput, PaneState, ReadStatus, StateSpec,
 };

@@ -15,6 +15,17 @@ pub struct StateSpec {
     pub shards: usize,
 }
 
+/// One hop level of one key shard as plain buffers: what a checkpoint stores.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LevelImage {
+    /// Key slots allocated.
+    pub slots: usize,
+    /// The ring cells, position-major.
+    pub ring: Vec<f64>,
+    /// The lifetime base cells (empty unless the level has lifetime features).
+    pub base: Vec<f64>,
+}
+
 /// Pane state of a view: `shards` independent copies of every level.
 ///
 /// With the `gpu` feature the state may live on a GPU instead (after a fold by the
@@ -116,6 +127,64 @@ impl PaneState {
             return f(&crate::gpu::host_copy(self)?);
         }
         f(self)
+    }
+
+    /// Host copies of every level of every shard (shard-major), for checkpoints. A
+    /// state on a GPU is downloaded; the state itself is not changed.
+    ///
+    /// # Errors
+    /// [`KernelError::Device`] when the download fails.
+    pub fn export(&self) -> Result<Vec<LevelImage>, KernelError> {
+        self.with_host(|s| {
+            Ok(s.shards
+                .iter()
+                .flatten()
+                .map(|l| LevelImage {
+                    slots: l.slots,
+                    ring: l.ring.data.clone(),
+                    base: l.base.data.clone(),
+                })
+                .collect())
+        })
+    }
+
+    /// Rebuilds a state from the images [`PaneState::export`] gave for the same spec.
+    ///
+    /// # Errors
+    /// [`KernelError::Shape`] when the images do not fit `spec` (their number, or a
+    /// buffer's length for its slot count).
+    pub fn import(spec: StateSpec, images: Vec<LevelImage>) -> Result<Self, KernelError> {
+        let mut state = PaneState::new(spec)?;
+        let levels = state.spec.levels.len();
+        if images.len() != levels * state.spec.shards {
+            return Err(KernelError::Shape(format!(
+                "{} level images for {} shards × {levels} levels",
+                images.len(),
+                state.spec.shards
+            )));
+        }
+        for (i, image) in images.into_iter().enumerate() {
+            let level = &mut state.shards[i / levels][i % levels];
+            let stride = level.layout.stride;
+            let ring = image.slots * level.spec.ring * stride;
+            let base = if level.spec.lifetime {
+                image.slots * stride
+            } else {
+                0
+            };
+            if image.ring.len() != ring || image.base.len() != base {
+                return Err(KernelError::Shape(format!(
+                    "level image {i}: {} ring and {} base words for {} slots, expected {ring} and {base}",
+                    image.ring.len(),
+                    image.base.len(),
+                    image.slots
+                )));
+            }
+            level.slots = image.slots;
+            level.ring.data = image.ring;
+            level.base.data = image.base;
+        }
+        Ok(state)
     }
 
     /// Bytes held by all buffers (on the device when the state lives there).

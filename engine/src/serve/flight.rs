@@ -173,14 +173,27 @@ impl FlightService for Flight {
         check_at(t.at)?;
         let engine = self.shared.engine.clone();
         let view = t.view.clone();
+        let served = self
+            .shared
+            .read(
+                t.view.clone(),
+                t.keys.clone(),
+                t.at,
+                t.features.clone().unwrap_or_default(),
+                false,
+            )
+            .await
+            .map_err(|s| {
+                if s.code() == tonic::Code::InvalidArgument {
+                    // Flight clients see the field as part of the ticket.
+                    Status::new(s.code(), format!("ticket.{}", s.message()))
+                } else {
+                    s
+                }
+            })?;
         let batch = self
             .shared
             .on_reads(move || -> Result<RecordBatch, PanesError> {
-                let names: Option<Vec<&str>> = t
-                    .features
-                    .as_ref()
-                    .map(|f| f.iter().map(String::as_str).collect());
-                let served = engine.read_snapshot(&t.view, &t.keys, t.at, names.as_deref())?;
                 let text = t.keys.iter().any(|k| matches!(k, KeyValue::Str(_)));
                 let key: ArrayRef = if text {
                     Arc::new(StringArray::from_iter(t.keys.iter().map(|k| match k {
@@ -229,6 +242,7 @@ impl FlightService for Flight {
         engine
             .compiled(&view)
             .map_err(|e| status(e, "flight_descriptor.path"))?;
+        self.shared.check_pushable(&view)?;
         let data = futures::stream::once(async move { Ok(first) })
             .chain(input)
             .map_err(FlightError::from);

@@ -220,22 +220,15 @@ impl Features for FeaturesService {
         request: Request<GetFeaturesRequest>,
     ) -> Result<Response<GetFeaturesResponse>, Status> {
         let started = Instant::now();
+        let forwarded = request.metadata().contains_key(crate::serve::FORWARDED);
         let req = request.into_inner();
         let keys = keys_of(&self.shared, req.keys)?;
         check_at(req.at_ms)?;
-        let engine = self.shared.engine.clone();
         let view = req.view;
-        let features = req.features;
-        let (view, served) = self
+        let served = self
             .shared
-            .on_reads(move || {
-                let names: Vec<&str> = features.iter().map(String::as_str).collect();
-                let names = (!names.is_empty()).then_some(names.as_slice());
-                let served = engine.read_snapshot(&view, &keys, req.at_ms, names);
-                (view, served)
-            })
+            .read(view.clone(), keys, req.at_ms, req.features, forwarded)
             .await?;
-        let served = served.map_err(|e| status(e, "keys"))?;
         let frame = served.frame;
         let values: Vec<f64> = frame
             .values
@@ -283,6 +276,7 @@ impl Features for FeaturesService {
             let engine = self.shared.engine.clone();
             let view = msg.view;
             engine.compiled(&view).map_err(|e| status(e, "view"))?;
+            self.shared.check_pushable(&view)?;
             let view_name = view.clone();
             // Decoding runs on the write threads too: a large IPC message must not hold
             // up a tokio thread that reads are waiting for.

@@ -74,7 +74,7 @@ pub(crate) fn render(shared: &Shared, engine: &crate::Engine) -> String {
         .map_or(0, |d| d.as_millis() as i64);
     let mut metrics = Vec::new();
     for v in engine.views() {
-        match engine.metrics(&v.spec.name) {
+        match shared.view_metrics(&v.spec.name) {
             Ok(m) => metrics.push(m),
             Err(e) => {
                 let _ = writeln!(out, "# view {:?}: {e}", v.spec.name);
@@ -211,5 +211,97 @@ pub(crate) fn render(shared: &Shared, engine: &crate::Engine) -> String {
             );
         }
     }
+    #[cfg(feature = "kafka")]
+    render_kafka(&mut out, shared);
     out
+}
+
+/// Counters of the Kafka views.
+#[cfg(feature = "kafka")]
+fn render_kafka(out: &mut String, shared: &Shared) {
+    use std::sync::atomic::Ordering::Relaxed;
+
+    use crate::kafka::{BadMessage, SourceStats};
+    if shared.kafka.is_empty() {
+        return;
+    }
+    let mut views: Vec<_> = shared.kafka.values().collect();
+    views.sort_by(|a, b| a.name().cmp(b.name()));
+    let counters: [(&str, &str, fn(&SourceStats) -> u64); 7] = [
+        (
+            "panes_kafka_messages_total",
+            "Kafka messages consumed.",
+            |s| s.messages.load(Relaxed),
+        ),
+        (
+            "panes_kafka_dead_lettered_total",
+            "Bad messages sent to the dead-letter topic.",
+            |s| s.dead_lettered.load(Relaxed),
+        ),
+        (
+            "panes_kafka_duplicates_total",
+            "Messages below a checkpointed offset, dropped.",
+            |s| s.duplicates.load(Relaxed),
+        ),
+        (
+            "panes_kafka_rebalances_total",
+            "Consumer-group rebalances seen.",
+            |s| s.rebalances.load(Relaxed),
+        ),
+        (
+            "panes_checkpoints_total",
+            "Partition checkpoints written.",
+            |s| s.checkpoints.load(Relaxed),
+        ),
+        (
+            "panes_checkpoint_failures_total",
+            "Partition checkpoints that failed.",
+            |s| s.checkpoint_failures.load(Relaxed),
+        ),
+        (
+            "panes_checkpoints_skipped_total",
+            "Corrupt or unusable checkpoints skipped on restore.",
+            |s| s.skipped.load(Relaxed),
+        ),
+    ];
+    for (name, help, value) in counters {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for v in &views {
+            let _ = writeln!(
+                out,
+                "{name}{{view=\"{}\"}} {}",
+                escape(v.name()),
+                value(&v.stats)
+            );
+        }
+    }
+    let name = "panes_kafka_bad_messages_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Messages (or Arrow rows) not ingested, by reason.\n# TYPE {name} counter"
+    );
+    for v in &views {
+        for why in BadMessage::ALL {
+            let _ = writeln!(
+                out,
+                "{name}{{view=\"{}\",reason=\"{}\"}} {}",
+                escape(v.name()),
+                why.name(),
+                v.stats.bad[why as usize].load(Relaxed)
+            );
+        }
+    }
+    let name = "panes_kafka_partitions_owned";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Partitions this instance owns.\n# TYPE {name} gauge"
+    );
+    for v in &views {
+        let _ = writeln!(
+            out,
+            "{name}{{view=\"{}\"}} {}",
+            escape(v.name()),
+            v.owned().len()
+        );
+    }
 }

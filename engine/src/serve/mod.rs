@@ -68,6 +68,16 @@ pub struct ServeOptions {
     /// `nice`; 0 turns it off). With cores shared, a read that wakes up then preempts a
     /// fold instead of queueing behind it.
     pub write_nice: i32,
+    /// Where checkpoints go: `<dir>/<view>/` for pushed views, `<dir>/<view>/p<N>/`
+    /// for each partition of a Kafka view (shared by every instance of its group).
+    /// Pushed views are restored from it at start; `None` turns checkpoints off, which
+    /// Kafka views do not allow.
+    pub checkpoint_dir: Option<std::path::PathBuf>,
+    /// Time between checkpoints of a view (or partition) that took events.
+    pub checkpoint_interval: Duration,
+    /// The address other instances reach this one at, for reads they route here
+    /// (default: the gRPC listen address, which must then not be a wildcard).
+    pub advertise: Option<String>,
 }
 
 impl Default for ServeOptions {
@@ -80,6 +90,9 @@ impl Default for ServeOptions {
             write_threads: cores,
             shutdown_grace: Duration::from_secs(30),
             write_nice: 10,
+            checkpoint_dir: None,
+            checkpoint_interval: Duration::from_secs(10),
+            advertise: None,
         }
     }
 }
@@ -93,6 +106,9 @@ pub(crate) struct Shared {
     writes: Workers,
     /// Server-side duration of reads, per view.
     pub read_time: HashMap<String, Histogram>,
+    /// Views fed by Kafka, by name.
+    #[cfg(feature = "kafka")]
+    pub kafka: HashMap<String, Arc<crate::kafka::KafkaView>>,
 }
 
 impl Shared {
@@ -110,6 +126,82 @@ impl Shared {
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, Status> {
         run_on(&self.writes, f).await
+    }
+
+    /// Reads `keys` of `view` as of `at` from the published state: the engine's, or for
+    /// a Kafka view the partitions' wherever they are owned (`forwarded`: a read
+    /// another instance routed here, answered from local partitions only).
+    pub async fn read(
+        self: &Arc<Self>,
+        view: String,
+        keys: Vec<crate::keys::KeyValue>,
+        at: Option<i64>,
+        features: Vec<String>,
+        forwarded: bool,
+    ) -> Result<crate::ServedFrame, Status> {
+        #[cfg(feature = "kafka")]
+        if let Some(k) = self.kafka.get(&view) {
+            return crate::kafka::read(self, k, keys, at, features, forwarded).await;
+        }
+        let _ = forwarded;
+        let engine = self.engine.clone();
+        self.on_reads(move || {
+            let names: Vec<&str> = features.iter().map(String::as_str).collect();
+            let names = (!names.is_empty()).then_some(names.as_slice());
+            engine.read_snapshot(&view, &keys, at, names)
+        })
+        .await?
+        .map_err(|e| status(e, "keys"))
+    }
+
+    /// `FAILED_PRECONDITION` for a push into a view that takes its events from Kafka.
+    pub fn check_pushable(&self, view: &str) -> Result<(), Status> {
+        let sourced = self
+            .engine
+            .compiled(view)
+            .is_ok_and(|v| v.spec.source.is_some());
+        if sourced {
+            return Err(Status::failed_precondition(format!(
+                "view {view:?} takes its events from Kafka; produce them to its topic"
+            )));
+        }
+        Ok(())
+    }
+
+    /// A view's counters: the engine's, or summed over a Kafka view's partitions.
+    pub fn view_metrics(&self, view: &str) -> crate::Result<ViewMetrics> {
+        #[cfg(feature = "kafka")]
+        if let Some(k) = self.kafka.get(view) {
+            return k.metrics();
+        }
+        self.engine.metrics(view)
+    }
+
+    /// Writes a checkpoint of every pushed view that changed since `done` says.
+    fn checkpoint_pushed(&self, done: &mut HashMap<String, u64>) {
+        let Some(root) = &self.options.checkpoint_dir else {
+            return;
+        };
+        for v in self.engine.views() {
+            let name = &v.spec.name;
+            if v.spec.source.is_some() {
+                continue;
+            }
+            let version = self.engine.metrics(name).map_or(0, |m| m.version);
+            if done.get(name) == Some(&version) {
+                continue;
+            }
+            let written = self
+                .engine
+                .checkpoint(name, &[])
+                .and_then(|bytes| crate::CheckpointDir::new(root.join(name), 3).write(&bytes));
+            match written {
+                Ok(_) => {
+                    done.insert(name.clone(), version);
+                }
+                Err(e) => eprintln!("panes serve: view {name:?}: checkpoint failed: {e}"),
+            }
+        }
     }
 
     /// `RESOURCE_EXHAUSTED` when a request asks for more keys than allowed.
@@ -220,6 +312,9 @@ impl Drop for Workers {
     }
 }
 
+/// Metadata key marking a read another instance routed here.
+pub(crate) const FORWARDED: &str = "panes-forwarded";
+
 /// `INVALID_ARGUMENT` naming `field`, in the message (for clients that read only
 /// that) and as a `BadRequest` field violation.
 pub(crate) fn bad_request(field: &str, message: impl Into<String>) -> Status {
@@ -315,12 +410,68 @@ impl Server {
             .views()
             .map(|v| (v.spec.name.clone(), Histogram::default()))
             .collect();
+        if let Some(root) = &options.checkpoint_dir {
+            restore_pushed(&engine, root)?;
+        }
+        let sourced: Vec<_> = engine
+            .views()
+            .filter(|v| v.spec.source.is_some())
+            .map(|v| v.spec.clone())
+            .collect();
+        #[cfg(feature = "kafka")]
+        let kafka = {
+            let mut kafka = HashMap::new();
+            if !sourced.is_empty() {
+                let local = grpc
+                    .local_addr()
+                    .map_err(|e| PanesError::Internal(e.to_string()))?;
+                let advertise = match &options.advertise {
+                    Some(a) => a.clone(),
+                    None if local.ip().is_unspecified() => {
+                        return Err(PanesError::Invalid(format!(
+                            "listening on {local}: Kafka views need --advertise HOST:PORT, the address other instances reach this one at"
+                        )));
+                    }
+                    None => local.to_string(),
+                };
+                let root = options.checkpoint_dir.clone().ok_or_else(|| {
+                    PanesError::Invalid(format!(
+                        "view {:?} takes its events from Kafka and needs --checkpoint-dir (a directory every instance of its group shares)",
+                        sourced[0].name
+                    ))
+                })?;
+                let kafka_options = crate::kafka::KafkaOptions {
+                    checkpoint_root: root,
+                    checkpoint_every: options.checkpoint_interval,
+                    advertise,
+                };
+                for spec in &sourced {
+                    let view = crate::kafka::KafkaView::new(
+                        spec,
+                        engine.options().clone(),
+                        engine.shared_backend(),
+                        &kafka_options,
+                    )?;
+                    kafka.insert(spec.name.clone(), Arc::new(view));
+                }
+            }
+            kafka
+        };
+        #[cfg(not(feature = "kafka"))]
+        if let Some(v) = sourced.first() {
+            return Err(PanesError::Invalid(format!(
+                "view {:?} takes its events from Kafka, and this build of Panes has no `kafka` feature",
+                v.name
+            )));
+        }
         let shared = Arc::new(Shared {
             reads: pool("read", options.read_threads, 0)?,
             writes: pool("write", options.write_threads, options.write_nice)?,
             engine,
             options,
             read_time,
+            #[cfg(feature = "kafka")]
+            kafka,
         });
         Ok(Server {
             shared,
@@ -403,6 +554,31 @@ impl Server {
             })
         };
         let metrics_task = metrics.map(|l| tokio::spawn(metrics::serve(l, shared.clone())));
+        #[cfg(feature = "kafka")]
+        let sources = shared
+            .kafka
+            .values()
+            .map(|v| crate::kafka::start(v.clone()))
+            .collect::<crate::Result<Vec<_>>>()?;
+        let checkpoints = shared.options.checkpoint_dir.as_ref().map(|_| {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(shared.options.checkpoint_interval);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let done = Arc::new(std::sync::Mutex::new(HashMap::new()));
+                loop {
+                    tick.tick().await;
+                    let (s, done) = (shared.clone(), done.clone());
+                    let _ = shared
+                        .on_writes(move || {
+                            if let Ok(mut d) = done.lock() {
+                                s.checkpoint_pushed(&mut d);
+                            }
+                        })
+                        .await;
+                }
+            })
+        });
 
         let mut signalled = stop_rx.clone();
         let server = tonic::transport::Server::builder()
@@ -438,19 +614,59 @@ impl Server {
         if let Some(t) = metrics_task {
             t.abort();
         }
-        let engine = shared.engine.clone();
+        if let Some(t) = checkpoints {
+            t.abort();
+        }
+        #[cfg(feature = "kafka")]
+        for source in sources {
+            if !source.stop(shared.options.shutdown_grace.max(Duration::from_secs(10))) {
+                eprintln!(
+                    "panes serve: a Kafka source did not finish its final checkpoint in time"
+                );
+            }
+        }
+        let s = shared.clone();
         let views = shared
             .on_writes(move || {
-                engine.flush()?;
-                engine
+                s.engine.flush()?;
+                s.checkpoint_pushed(&mut HashMap::new());
+                s.engine
                     .views()
-                    .map(|v| engine.metrics(&v.spec.name))
+                    .map(|v| s.view_metrics(&v.spec.name))
                     .collect::<crate::Result<Vec<_>>>()
             })
             .await
             .map_err(|s| PanesError::Internal(s.message().to_string()))??;
         Ok(ServeReport { views, cut_off })
     }
+}
+
+/// Restores each pushed view from the newest valid checkpoint under `root/<view>/`.
+fn restore_pushed(engine: &Engine, root: &std::path::Path) -> crate::Result<()> {
+    for v in engine.views() {
+        let name = &v.spec.name;
+        if v.spec.source.is_some() {
+            continue;
+        }
+        let dir = crate::CheckpointDir::new(root.join(name), 3);
+        let restored = dir.restore_newest(
+            |bytes| engine.restore(name, bytes).map_err(|e| e.to_string()),
+            |path, why| {
+                eprintln!(
+                    "panes serve: view {name:?}: skipping checkpoint {}: {why}",
+                    path.display()
+                );
+            },
+        )?;
+        if let Some((info, path)) = restored {
+            eprintln!(
+                "panes serve: view {name:?}: restored {} ({} events)",
+                path.display(),
+                info.folded
+            );
+        }
+    }
+    Ok(())
 }
 
 /// tonic answers a request over the decoding limit with `OUT_OF_RANGE` before any

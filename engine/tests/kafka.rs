@@ -1,0 +1,1 @@
+//! Kafka source tests (placeholder until written).
