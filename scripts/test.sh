@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Every test of Panes, Rust and Python, on a fresh Debian machine with the Rust
 # toolchain: installs what the tests need (Python venv, Mesa's software Vulkan driver
-# for the GPU tests, Redis for the serving benchmark's reference), then formatting, lints, unit, integration and doc tests (the GPU
+# for the GPU tests, Redis for the serving benchmark's reference, cmake and curl's
+# headers for librdkafka, and the tansu broker for the Kafka tests), then formatting,
+# lints, unit, integration and doc tests (the GPU
 # backend's and the GPU benchmark's on lavapipe, none skipped), a demo smoke run, the
 # Python package built and installed with `pip install ./python` into a venv, and the
 # Python suite (oracles in DuckDB SQL, stub checks, examples).
@@ -19,28 +21,43 @@ ls /usr/share/vulkan/icd.d/lvp_icd.*.json >/dev/null 2>&1 || missing+=(mesa-vulk
 ldconfig -p | grep -q 'libvulkan\.so\.1' || missing+=(libvulkan1)
 # The serving load generator's smoke test compares against Redis.
 command -v redis-server >/dev/null || missing+=(redis-server)
+# librdkafka (the `kafka` feature) is built from source with cmake; its build includes
+# curl's header.
+command -v cmake >/dev/null || missing+=(cmake)
+[[ -f /usr/include/x86_64-linux-gnu/curl/curl.h || -f /usr/include/curl/curl.h ]] || missing+=(libcurl4-openssl-dev)
+dpkg -s libssl-dev >/dev/null 2>&1 || missing+=(libssl-dev)
+command -v pkg-config >/dev/null || missing+=(pkg-config)
 if ((${#missing[@]})); then
   log "apt-get install ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
 
+# The Kafka tests run against tansu, a Kafka-protocol broker (built once, ~10 min).
+export PATH="$HOME/.cargo/bin:$PATH"
+if ! command -v tansu >/dev/null; then
+  log "cargo install tansu (the Kafka tests' broker)"
+  cargo install tansu --version 0.6.0 --features dynostore --locked
+fi
+
 # No adapter is a test failure, not a skipped GPU test.
 export PANES_REQUIRE_GPU=1
+# Every crate with every feature the tests need, built once.
+features=(--features panes-engine/kafka)
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
 
 log "cargo clippy"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked "${features[@]}" -- -D warnings
 
 log "Rust tests"
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --locked --no-fail-fast
+  cargo nextest run --workspace --locked --no-fail-fast "${features[@]}"
 else
-  cargo test --workspace --locked --no-fail-fast
+  cargo test --workspace --locked --no-fail-fast "${features[@]}"
 fi
-cargo test --workspace --doc --locked
+cargo test --workspace --doc --locked "${features[@]}"
 
 log "demo smoke run"
 # The integration tests built the CLI (with the workspace's unified features; building

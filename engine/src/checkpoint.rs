@@ -423,7 +423,7 @@ impl CheckpointDir {
                 files.push((seq, entry.path()));
             }
         }
-        files.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        files.sort_unstable_by_key(|f| std::cmp::Reverse(f.0));
         Ok(files)
     }
 

@@ -925,7 +925,10 @@ impl SourceHandle {
     /// finished in time.
     pub fn stop(self, timeout: Duration) -> bool {
         self.stop.store(true, Ordering::Release);
-        self.done.recv_timeout(timeout).is_ok()
+        let done = self.done.recv_timeout(timeout).is_ok();
+        // Then the consumer leaves its group, which may take a moment or hang.
+        let _ = self.done.recv_timeout(Duration::from_secs(5));
+        done
     }
 }
 
@@ -985,9 +988,16 @@ pub fn start(view: Arc<KafkaView>) -> Result<SourceHandle> {
         .spawn(move || {
             consume(&view, &consumer, &stopping);
             let _ = tx.send(());
-            // Leave the group; dropping a consumer can hang in librdkafka, so the
-            // caller waits on `done`, not on this thread.
+            // Leave the group so that the others take the partitions now rather than
+            // after the session times out: revoke (served by polls), then close.
+            // Closing can hang in librdkafka, so the caller waits on `left` only briefly.
             consumer.unsubscribe();
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while !view.owned().is_empty() && Instant::now() < deadline {
+                let _ = consumer.poll(Duration::from_millis(50));
+            }
+            drop(consumer);
+            let _ = tx.send(());
         })
         .map_err(|e| PanesError::Internal(format!("cannot start the Kafka thread: {e}")))?;
     Ok(SourceHandle { stop, done })

@@ -227,7 +227,8 @@ fn render_kafka(out: &mut String, shared: &Shared) {
     }
     let mut views: Vec<_> = shared.kafka.values().collect();
     views.sort_by(|a, b| a.name().cmp(b.name()));
-    let counters: [(&str, &str, fn(&SourceStats) -> u64); 7] = [
+    type Counter = (&'static str, &'static str, fn(&SourceStats) -> u64);
+    let counters: [Counter; 7] = [
         (
             "panes_kafka_messages_total",
             "Kafka messages consumed.",
