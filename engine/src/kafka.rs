@@ -1055,19 +1055,16 @@ fn take(view: &KafkaView, m: &BorrowedMessage<'_>, buffers: &mut BTreeMap<i32, B
     let Some(part) = view.owned_map().get(&p).cloned() else {
         return;
     };
-    let buf = buffers.entry(p).or_insert_with(|| Buffer {
+    let fresh = || Buffer {
         epoch: part.epoch,
         json: JsonRows::default(),
         batches: Vec::new(),
         next_offset: part.next_offset.load(Ordering::Acquire),
-    });
+    };
+    let buf = buffers.entry(p).or_insert_with(fresh);
     if buf.epoch != part.epoch {
-        *buf = Buffer {
-            epoch: part.epoch,
-            json: JsonRows::default(),
-            batches: Vec::new(),
-            next_offset: part.next_offset.load(Ordering::Acquire),
-        };
+        // Left from an earlier assignment of the partition: the new one replays it.
+        *buf = fresh();
     }
     if m.offset() < buf.next_offset {
         view.stats.duplicates.fetch_add(1, Ordering::Relaxed);

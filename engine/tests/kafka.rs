@@ -301,6 +301,7 @@ fn produce(brokers: &str, topic: &str, events: &[Event], one_per_batch: bool) {
 struct Panes {
     child: Child,
     grpc: String,
+    metrics: String,
     log: Arc<Mutex<Vec<String>>>,
 }
 
@@ -310,7 +311,7 @@ impl Panes {
             .arg("serve")
             .arg("--features")
             .arg(features)
-            .args(["--listen", "127.0.0.1:0", "--metrics", "off"])
+            .args(["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
             .args(["--backend", "cpu", "--checkpoint-interval-ms", "300"])
             .arg("--checkpoint-dir")
             .arg(checkpoints)
@@ -326,15 +327,41 @@ impl Panes {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 if let Some(rest) = line.strip_prefix("panes serve: gRPC + Flight on ") {
-                    let _ = tx.send(rest.split(',').next().unwrap().to_string());
+                    let grpc = rest.split(',').next().unwrap().to_string();
+                    let metrics = rest
+                        .split("http://")
+                        .nth(1)
+                        .and_then(|m| m.split('/').next())
+                        .unwrap_or_default()
+                        .to_string();
+                    let _ = tx.send((grpc, metrics));
                 }
                 sink.lock().unwrap().push(line);
             }
         });
-        let grpc = rx
+        let (grpc, metrics) = rx
             .recv_timeout(Duration::from_secs(60))
             .unwrap_or_else(|_| panic!("panes serve did not start: {:?}", log.lock().unwrap()));
-        Panes { child, grpc, log }
+        Panes {
+            child,
+            grpc,
+            metrics,
+            log,
+        }
+    }
+
+    /// The value of the metric line that starts with `series` (name and labels).
+    fn metric(&self, series: &str) -> f64 {
+        use std::io::{Read, Write};
+        let mut socket = std::net::TcpStream::connect(&self.metrics).unwrap();
+        socket
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: panes\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        socket.read_to_string(&mut text).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
     }
 
     fn log_has(&self, needle: &str) -> usize {
@@ -502,6 +529,30 @@ fn tansu_end_to_end_and_exactly_once_through_sigkill() {
         started.elapsed().as_secs_f64()
     );
     check_oracle(&whole, &want, "uninterrupted run");
+    // The bad messages were counted by reason and dead-lettered; the stream went on.
+    for (reason, n) in [
+        ("undecodable", 1.0),
+        ("missing_key", 1.0),
+        ("missing_time", 1.0),
+        ("wrong_type", 0.0),
+        ("misrouted", 0.0),
+    ] {
+        let series =
+            format!("panes_kafka_bad_messages_total{{view=\"cards\",reason=\"{reason}\"}}");
+        assert_eq!(p.metric(&series), n, "{reason}");
+    }
+    assert_eq!(
+        p.metric("panes_kafka_dead_lettered_total{view=\"cards\"}"),
+        3.0
+    );
+    assert_eq!(
+        p.metric("panes_events_accepted_total{view=\"cards\"}"),
+        events.len() as f64
+    );
+    assert_eq!(
+        p.metric("panes_kafka_partitions_owned{view=\"cards\"}"),
+        6.0
+    );
     p.terminate();
 
     // 2. The same stream, SIGKILLed at random moments and restarted each time.
@@ -739,7 +790,16 @@ fn mock_cluster_with_normal_batching_and_a_crash() {
     let checkpoints = dir.path().join("ckpt");
     let p = Panes::start(&file, &checkpoints);
     p.wait_log("assigned partitions", Duration::from_secs(60));
-    std::thread::sleep(Duration::from_millis(700));
+    // Crash once a checkpoint with events in it exists.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(0..PARTITIONS).any(|q| {
+        panes_engine::CheckpointDir::new(checkpoints.join(format!("cards/p{q}")), 3)
+            .list()
+            .is_ok_and(|l| l.len() >= 2)
+    }) {
+        assert!(Instant::now() < deadline, "no checkpoint written");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     p.kill();
     let p = Panes::start(&file, &checkpoints);
     let got = wait_complete(&p, events.len(), at, Duration::from_secs(300));

@@ -843,3 +843,53 @@ fn sigterm_during_ingest_loses_no_accepted_event() {
     assert_eq!(json["cut_off"], false);
     assert!(rest.contains("accepted"), "{rest}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_server_restores_its_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = || ServeOptions {
+        checkpoint_dir: Some(dir.path().to_path_buf()),
+        checkpoint_interval: Duration::from_millis(50),
+        ..ServeOptions::default()
+    };
+    let mut rng = StdRng::seed_from_u64(17);
+    let batches: Vec<RecordBatch> = (0..5)
+        .map(|i| cards_batch(&mut rng, 2_000, 100, 5_000_000 + i * 6_000))
+        .collect();
+    let keys: Vec<i64> = (0..120).collect();
+    let at = 5_100_000;
+
+    let server = start(options(), Duration::from_millis(5), 1_000).await;
+    let mut client = server.client().await;
+    let messages: Vec<IngestRequest> = batches.iter().map(|b| ipc_message("cards", b)).collect();
+    client.ingest(tokio_stream::iter(messages)).await.unwrap();
+    let before = client
+        .get_features(read("cards", int_keys(keys.clone()), Some(at)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(close(&cells(&before), &oracle(&batches, &keys, at)));
+    let report = server.stop().await;
+    let accepted = report.views[0].counters.accepted;
+    assert!(accepted > 0);
+    assert!(
+        std::fs::read_dir(dir.path().join("cards")).unwrap().count() >= 1,
+        "no checkpoint written"
+    );
+
+    // A new server on the same directory starts with the state it had.
+    let server = start(options(), Duration::from_millis(5), 1_000).await;
+    let mut client = server.client().await;
+    let after = client
+        .get_features(read("cards", int_keys(keys.clone()), Some(at)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cells(&after), cells(&before));
+    let scraped = scrape(server.metrics);
+    assert_eq!(
+        metric(&scraped, "panes_events_accepted_total{view=\"cards\"}"),
+        accepted as f64
+    );
+    server.stop().await;
+}
