@@ -77,13 +77,7 @@ pub struct CheckpointInfo {
 fn fingerprint(view: &CompiledView) -> u64 {
     let mut spec = view.spec.clone();
     spec.source = None;
-    let text = FeatureFile { views: vec![spec] }.to_toml();
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    for b in text.bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x100_0000_01b3);
-    }
-    h
+    crate::keys::fnv1a(FeatureFile { views: vec![spec] }.to_toml().as_bytes())
 }
 
 fn now_ms() -> i64 {
@@ -380,6 +374,26 @@ pub(crate) fn decode(view: &CompiledView, bytes: &[u8]) -> Parse<(ViewCore, Chec
     Ok((core, info))
 }
 
+/// Writes `bytes` to `path` so that a crash leaves either the old file or the new one:
+/// a temporary file beside it, fsynced, renamed over it, then the directory fsynced.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        fs::create_dir_all(dir)?;
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    };
+    write().map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        PanesError::file(path, e)
+    })
+}
+
 /// A directory of numbered checkpoints of one view (or one partition of it):
 /// `ckpt-00000000000000000042.panes`, the highest number the newest.
 #[derive(Clone, Debug)]
@@ -430,25 +444,10 @@ impl CheckpointDir {
     /// Writes `bytes` as the newest checkpoint, atomically and durably, then removes
     /// all but the newest `keep`. Returns the file written.
     pub fn write(&self, bytes: &[u8]) -> Result<PathBuf> {
-        let io = |e: std::io::Error| PanesError::file(&self.path, e);
-        fs::create_dir_all(&self.path).map_err(io)?;
         let existing = self.list()?;
         let seq = existing.first().map_or(1, |(s, _)| s + 1);
         let path = self.path.join(format!("ckpt-{seq:020}.{EXT}"));
-        let tmp = self
-            .path
-            .join(format!(".ckpt-{seq:020}.{}.tmp", std::process::id()));
-        let write = || -> std::io::Result<()> {
-            let mut f = File::create(&tmp)?;
-            f.write_all(bytes)?;
-            f.sync_all()?;
-            fs::rename(&tmp, &path)?;
-            File::open(&self.path)?.sync_all()
-        };
-        if let Err(e) = write() {
-            let _ = fs::remove_file(&tmp);
-            return Err(io(e));
-        }
+        write_atomic(&path, bytes)?;
         for (_, old) in existing.iter().skip(self.keep - 1) {
             let _ = fs::remove_file(old);
         }

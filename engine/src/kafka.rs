@@ -27,7 +27,7 @@
 //! from the checkpoint's offset rebuilds.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -45,11 +45,12 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
 
-use crate::checkpoint::{CheckpointDir, SourcePosition};
+use crate::checkpoint::{CheckpointDir, SourcePosition, write_atomic};
 use crate::engine::{Engine, EngineOptions, FeatureFrame, ServedFrame, ViewMetrics};
 use crate::error::{PanesError, Result};
 use crate::keys::{KeyColumn, KeyValue};
 use crate::spec::{FeatureFile, PayloadFormat, SourceSpec, ViewSpec};
+use crate::view::CompiledView;
 
 /// Kafka's murmur2 hash (the Java client's `Utils.murmur2`), which its default
 /// partitioner and librdkafka's `murmur2_random` use.
@@ -172,6 +173,8 @@ struct Partition {
 #[derive(Debug)]
 pub struct KafkaView {
     spec: ViewSpec,
+    /// The value columns the features read ([`CompiledView::columns`]).
+    columns: Vec<String>,
     source: SourceSpec,
     file: FeatureFile,
     options: EngineOptions,
@@ -262,6 +265,7 @@ impl KafkaView {
             file: FeatureFile {
                 views: vec![own.clone()],
             },
+            columns: CompiledView::new(&own, options.shards).columns,
             spec: own,
             source,
             options,
@@ -819,16 +823,6 @@ pub(crate) async fn read(
     Ok(rows.into_served(names, n))
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let io = |e: std::io::Error| PanesError::file(path, e);
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io)?;
-    }
-    std::fs::write(&tmp, bytes).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
-}
-
 /// The consumer's context: restores partitions on assignment and checkpoints them on
 /// revocation, inside the consumer's own poll (so never concurrently with ingest).
 #[derive(Debug)]
@@ -1156,9 +1150,9 @@ fn decode_json(
             ));
         }
     };
-    let columns = view_columns(spec);
+    let columns = &view.columns;
     let mut values = Vec::with_capacity(columns.len());
-    for c in &columns {
+    for c in columns {
         values.push(match object.get(c) {
             None | Some(Value::Null) => None,
             Some(Value::Number(n)) => n.as_f64(),
@@ -1200,19 +1194,6 @@ fn decode_json(
         col.push(v);
     }
     Ok(())
-}
-
-/// The value columns a view reads, in feature order, each once.
-fn view_columns(spec: &ViewSpec) -> Vec<String> {
-    let mut columns: Vec<String> = Vec::new();
-    for f in &spec.features {
-        if let Some(c) = &f.column
-            && !columns.contains(c)
-        {
-            columns.push(c.clone());
-        }
-    }
-    columns
 }
 
 fn decode_ipc(
@@ -1280,7 +1261,7 @@ fn push_buffers(view: &KafkaView, buffers: &mut BTreeMap<i32, Buffer>) {
         for batch in &buf.batches {
             push(batch);
         }
-        for batch in json_batches(&view.spec, buf.json) {
+        for batch in json_batches(&view.spec, &view.columns, buf.json) {
             push(&batch);
         }
         part.next_offset.store(buf.next_offset, Ordering::Release);
@@ -1288,9 +1269,8 @@ fn push_buffers(view: &KafkaView, buffers: &mut BTreeMap<i32, Buffer>) {
 }
 
 /// Record batches of decoded JSON rows: one per run of keys of one kind.
-fn json_batches(spec: &ViewSpec, rows: JsonRows) -> Vec<RecordBatch> {
+fn json_batches(spec: &ViewSpec, columns: &[String], rows: JsonRows) -> Vec<RecordBatch> {
     let mut out = Vec::new();
-    let columns = view_columns(spec);
     let mut start = 0;
     while start < rows.ts.len() {
         let text = rows.text[start];

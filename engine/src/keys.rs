@@ -66,15 +66,20 @@ fn mix64(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
+/// FNV-1a: fixed across runs and platforms.
 #[inline]
-fn str_hash(s: &str) -> u64 {
-    // FNV-1a, then mixed: fixed across runs and platforms.
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325u64;
-    for b in s.bytes() {
+    for &b in bytes {
         h ^= b as u64;
         h = h.wrapping_mul(0x100_0000_01b3);
     }
-    mix64(h)
+    h
+}
+
+#[inline]
+fn str_hash(s: &str) -> u64 {
+    mix64(fnv1a(s.as_bytes()))
 }
 
 impl KeyIndex {
