@@ -833,13 +833,21 @@ fn mock_cluster_with_normal_batching_and_a_crash() {
     let checkpoints = dir.path().join("ckpt");
     let p = Panes::start(&file, &checkpoints);
     p.wait_log("assigned partitions", Duration::from_secs(60));
-    // Crash once a checkpoint with events in it exists.
+    // Crash once every partition has a checkpoint and events were ingested. (Waiting
+    // for a second checkpoint raced: a partition consumed whole before the first
+    // checkpoint never gets another.)
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !(0..PARTITIONS).any(|q| {
+    let counted = || {
+        p.read(&all_keys(), at)
+            .map(|v| v.iter().step_by(features_per_key()).sum::<f64>())
+            .unwrap_or(0.0)
+    };
+    while !((0..PARTITIONS).all(|q| {
         panes_engine::CheckpointDir::new(checkpoints.join(format!("cards/p{q}")), 3)
             .list()
-            .is_ok_and(|l| l.len() >= 2)
-    }) {
+            .is_ok_and(|l| !l.is_empty())
+    }) && counted() > 0.0)
+    {
         assert!(Instant::now() < deadline, "no checkpoint written");
         std::thread::sleep(Duration::from_millis(20));
     }
