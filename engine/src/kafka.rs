@@ -914,14 +914,20 @@ pub struct SourceHandle {
 }
 
 impl SourceHandle {
-    /// Stops consuming, writes a final checkpoint of every owned partition and commits
-    /// its offsets; waits at most `timeout`. Returns whether the final checkpoint
-    /// finished in time.
+    /// Stops consuming, writes a final checkpoint of every owned partition, commits
+    /// its offsets and leaves the group; waits at most `timeout` for each of the
+    /// checkpoint and the leave. Returns whether the final checkpoint finished in time.
     pub fn stop(self, timeout: Duration) -> bool {
         self.stop.store(true, Ordering::Release);
         let done = self.done.recv_timeout(timeout).is_ok();
-        // Then the consumer leaves its group, which may take a moment or hang.
-        let _ = self.done.recv_timeout(Duration::from_secs(5));
+        // Then the consumer leaves its group. A process that exits before the leave
+        // is sent keeps its partitions until its session times out.
+        if done && self.done.recv_timeout(timeout).is_err() {
+            eprintln!(
+                "panes: a Kafka consumer did not leave its group within {timeout:?}; \
+                 its partitions move when its session times out"
+            );
+        }
         done
     }
 }
@@ -984,9 +990,9 @@ pub fn start(view: Arc<KafkaView>) -> Result<SourceHandle> {
             let _ = tx.send(());
             // Leave the group so that the others take the partitions now rather than
             // after the session times out: revoke (served by polls), then close.
-            // Closing can hang in librdkafka, so the caller waits on `left` only briefly.
+            // Closing can hang in librdkafka, so the caller waits for it only so long.
             consumer.unsubscribe();
-            let deadline = Instant::now() + Duration::from_secs(2);
+            let deadline = Instant::now() + Duration::from_secs(10);
             while !view.owned().is_empty() && Instant::now() < deadline {
                 let _ = consumer.poll(Duration::from_millis(50));
             }

@@ -652,14 +652,8 @@ fn tansu_end_to_end_and_exactly_once_through_sigkill() {
 /// Three instances in one group: reads of 1 000 random keys at each equal the oracle;
 /// then one instance goes (SIGKILL when `hard`, else SIGTERM), its partitions move to
 /// the others, and reads — of the moved keys too — are right again. Returns the
-/// feature file and checkpoint directory for further runs.
-fn scale_out(
-    brokers: &str,
-    topic: &str,
-    events: &[Event],
-    dir: &Path,
-    hard: bool,
-) -> (PathBuf, PathBuf) {
+/// checkpoint directory for further runs.
+fn scale_out(brokers: &str, topic: &str, events: &[Event], dir: &Path, hard: bool) -> PathBuf {
     let at = read_time(events);
     let want = oracle(events, at);
     let f = features_per_key();
@@ -754,7 +748,7 @@ fn scale_out(
         moved
     };
     assert!(!owners.is_empty());
-    (file, checkpoints)
+    checkpoints
 }
 
 #[test]
@@ -769,7 +763,7 @@ fn tansu_scale_out_rebalance_and_corrupt_checkpoints() {
     let want = oracle(&events, at);
     // tansu 0.6 does not expire the session of a member that died, so the instance
     // leaves with SIGTERM here; the mock-cluster test kills one with SIGKILL.
-    let (file, checkpoints) = scale_out(&broker.addr, topic, &events, dir.path(), false);
+    let checkpoints = scale_out(&broker.addr, topic, &events, dir.path(), false);
 
     // Corrupt the newest checkpoint of every partition: truncated or one bit flipped.
     // Recovery uses the previous one and replays from its offset (or, for a partition
@@ -791,6 +785,14 @@ fn tansu_scale_out_rebalance_and_corrupt_checkpoints() {
         std::fs::write(newest, bytes).unwrap();
     }
     assert!(with_previous >= 1, "no partition has two checkpoints");
+    // A fresh consumer group: should one of the instances above have exited before
+    // its leave reached tansu, that member would hold its partitions in the old group
+    // forever. Checkpoints do not depend on the group.
+    let file = write_features(
+        dir.path(),
+        "restart.toml",
+        &features(&broker.addr, topic, "group-restart"),
+    );
     let p = Panes::start(&file, &checkpoints);
     let got = wait_complete(&p, events.len(), at, Duration::from_secs(300));
     check_oracle(&got, &want, "after skipping corrupt checkpoints");
