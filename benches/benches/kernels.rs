@@ -7,12 +7,13 @@
 
 use std::hint::black_box;
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use panes_bench::kernel_inputs;
 use panes_kernels::{
     Agg, Backend, ColumnFields, Cpu, FeatureMerge, FoldBatch, LevelSpec, MergeOutput, PaneState,
     Scalar, StateSpec,
 };
+use rand::{Rng, SeedableRng, rngs::StdRng};
 
 const KEYS: u64 = 100_000;
 
@@ -103,16 +104,11 @@ fn merge(c: &mut Criterion) {
             )
             .unwrap();
         let at = *ts.last().unwrap();
+        // Bytes of state a read touches per key: every cell of the key's rings.
+        let per_key: usize = spec.levels.iter().map(LevelSpec::bytes_per_slot).sum();
         for &keys in &[1usize, 100, 10_000] {
             let read: Vec<Option<u32>> = (0..keys as u32).map(Some).collect();
-            // Bytes of state the read touches: every cell of the key's rings.
-            let bytes = keys
-                * spec
-                    .levels
-                    .iter()
-                    .map(LevelSpec::bytes_per_slot)
-                    .sum::<usize>();
-            g.throughput(Throughput::Bytes(bytes as u64));
+            g.throughput(Throughput::Bytes((keys * per_key) as u64));
             for (name, b) in backends() {
                 let mut out = MergeOutput::default();
                 let id = BenchmarkId::new(format!("{name}/nulls={null_density}"), keys);
@@ -123,6 +119,29 @@ fn merge(c: &mut Criterion) {
                     })
                 });
             }
+        }
+        // A serving read: 100 keys scattered over the state, with the caches flushed
+        // before each read (the ids above sit together and stay cached).
+        let mut rng = StdRng::seed_from_u64(11);
+        let mut flush = vec![0u8; 64 << 20];
+        g.throughput(Throughput::Bytes((100 * per_key) as u64));
+        for (name, b) in backends() {
+            let mut out = MergeOutput::default();
+            let id = BenchmarkId::new(format!("{name}/nulls={null_density}"), "scattered-100");
+            g.bench_function(id, |bench| {
+                bench.iter_batched_ref(
+                    || {
+                        for x in flush.iter_mut().step_by(64) {
+                            *x = x.wrapping_add(1);
+                        }
+                        (0..100)
+                            .map(|_| Some(rng.random_range(0..KEYS as u32)))
+                            .collect::<Vec<_>>()
+                    },
+                    |read| b.merge(&state, &features, read, at, &mut out).unwrap(),
+                    BatchSize::PerIteration,
+                )
+            });
         }
     }
     g.finish();

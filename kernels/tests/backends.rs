@@ -45,6 +45,18 @@ fn gen_case(rng: &mut StdRng) -> Case {
                 column,
                 panes,
             });
+            // Often a sibling over the same window and column (as a view's count,
+            // mean and std of one column are): the CPU backend shares their scan.
+            if let Some(c) = column.filter(|_| rng.random_bool(0.4)) {
+                let agg = Agg::ALL[rng.random_range(0..Agg::ALL.len())];
+                cols[c] = cols[c].union(agg.fields());
+                features.push(FeatureMerge {
+                    level: l,
+                    agg,
+                    column,
+                    panes,
+                });
+            }
         }
         levels.push(LevelSpec {
             hop,
