@@ -167,6 +167,10 @@ struct ServeArgs {
     /// The address other instances reach this one at (default: --listen).
     #[arg(long)]
     advertise: Option<String>,
+    /// Priority of ingest against reads: idle (a read preempts ingest at once),
+    /// nice:N (1–19) or normal.
+    #[arg(long, default_value = "idle")]
+    write_priority: panes_engine::serve::WritePriority,
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
@@ -197,6 +201,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         checkpoint_dir: args.checkpoint_dir.clone(),
         checkpoint_interval: Duration::from_millis(args.checkpoint_interval_ms.max(1)),
         advertise: args.advertise.clone(),
+        write_priority: args.write_priority,
         ..ServeOptions::default()
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

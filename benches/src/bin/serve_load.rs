@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! cargo run --release -p panes-bench --bin serve_load [-- --rate 1000 --seconds 10
-//!     --ingest-rate 1000000 --keys 100000 --sizes 1,10,100 --out FILE.json]
+//!     --ingest-rate 1000000 --keys 100000 --sizes 1,10,100 --out FILE.json
+//!     --write-priority idle|normal|nice:N]
 //! ```
 //!
 //! - A `panes serve` (in this process, on loopback) holds one view of 20 features over
@@ -35,7 +36,7 @@ use panes_engine::serve::proto::features_client::FeaturesClient;
 use panes_engine::serve::proto::{
     self, GetFeaturesRequest, IngestRequest, get_features_request, ingest_request,
 };
-use panes_engine::serve::{ServeOptions, Server};
+use panes_engine::serve::{ServeOptions, Server, WritePriority};
 use panes_engine::{Engine, EngineOptions, FeatureFile};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use rand_distr::{Distribution, Zipf};
@@ -310,7 +311,11 @@ fn main() {
     let batch_rows: usize = arg("--batch-rows", "65536")
         .parse()
         .expect("--batch-rows N");
+    let write_priority: WritePriority = arg("--write-priority", "idle")
+        .parse()
+        .expect("--write-priority idle|normal|nice:N");
     println!("machine: {}", machine());
+    println!("server: write priority {write_priority:?}");
 
     let file = features();
     let nfeat = file.views[0].features.len();
@@ -336,7 +341,10 @@ fn main() {
     let (addr, metrics_addr) = server_rt.block_on(async {
         let server = Server::bind(
             engine.clone(),
-            ServeOptions::default(),
+            ServeOptions {
+                write_priority,
+                ..ServeOptions::default()
+            },
             "127.0.0.1:0".parse().expect("addr"),
             Some("127.0.0.1:0".parse().expect("addr")),
         )

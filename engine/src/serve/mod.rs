@@ -10,11 +10,13 @@
 //! ```
 //!
 //! # Design decision: no kernel work on tokio's threads
-//! The tokio runtime only moves bytes. Reads run on a rayon pool of their own and
-//! writes (decode, fold, publish) on another, each answering through a oneshot channel,
-//! so a long fold never delays a read's network I/O and reads never queue behind folds
+//! The tokio runtime only moves bytes. Reads run on threads of their own and writes
+//! (decode, fold, publish) on others, each answering through a oneshot channel, so a
+//! long fold never delays a read's network I/O and reads never queue behind folds
 //! (the engine's two replicas make reads independent of folds; see
-//! [`Engine`](crate::Engine)). The rejected alternative, `spawn_blocking` per request,
+//! [`Engine`]). The write threads run at a lower scheduling priority
+//! ([`WritePriority`], `SCHED_IDLE` by default), so that on shared cores a read
+//! preempts a fold rather than waiting for its time slice to end. The rejected alternative, `spawn_blocking` per request,
 //! has no bound on threads and would let a burst of ingest starve reads of cores.
 //!
 //! # Errors at the boundary
@@ -64,10 +66,10 @@ pub struct ServeOptions {
     pub write_threads: usize,
     /// After a shutdown signal, how long in-flight requests may still run.
     pub shutdown_grace: Duration,
-    /// Scheduling priority of the write threads relative to the read threads (Linux
-    /// `nice`; 0 turns it off). With cores shared, a read that wakes up then preempts a
-    /// fold instead of queueing behind it.
-    pub write_nice: i32,
+    /// Scheduling priority of the write threads (and of the kernels' rayon pool)
+    /// relative to the threads serving reads. With cores shared, a read that wakes up
+    /// then preempts a fold instead of queueing behind it.
+    pub write_priority: WritePriority,
     /// Where checkpoints go: `<dir>/<view>/` for pushed views, `<dir>/<view>/p<N>/`
     /// for each partition of a Kafka view (shared by every instance of its group).
     /// Pushed views are restored from it at start; `None` turns checkpoints off, which
@@ -89,10 +91,45 @@ impl Default for ServeOptions {
             read_threads: cores,
             write_threads: cores,
             shutdown_grace: Duration::from_secs(30),
-            write_nice: 10,
+            write_priority: WritePriority::Idle,
             checkpoint_dir: None,
             checkpoint_interval: Duration::from_secs(10),
             advertise: None,
+        }
+    }
+}
+
+/// Scheduling priority of the threads that ingest (Linux; elsewhere all are normal).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WritePriority {
+    /// The same as the reads'.
+    Normal,
+    /// Lower by this `nice` increment (1–19). The scheduler still lets a running fold
+    /// finish its time slice before a woken read runs (about 3 ms on Linux 6.6+).
+    Nice(i32),
+    /// `SCHED_IDLE`: ingest runs whenever no read needs the core, and a read that wakes
+    /// up preempts it at once. Under a read load that saturates the cores, ingest
+    /// slows down and pushes back on its producers (freshness suffers, reads do not).
+    Idle,
+}
+
+impl std::str::FromStr for WritePriority {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "normal" => Ok(WritePriority::Normal),
+            "idle" => Ok(WritePriority::Idle),
+            _ => s
+                .strip_prefix("nice:")
+                .and_then(|n| n.parse().ok())
+                .filter(|n| (1..=19).contains(n))
+                .map(WritePriority::Nice)
+                .ok_or_else(|| {
+                    format!(
+                        "write priority {s:?}: expected normal, idle or nice:N with N in 1..=19"
+                    )
+                }),
         }
     }
 }
@@ -243,9 +280,8 @@ struct Workers {
 }
 
 impl Workers {
-    /// `n` threads named `panes-{name}-{i}`, at scheduling priority `nice` (Unix;
-    /// 0 is the default, higher is lower priority).
-    fn new(name: &'static str, n: usize, nice: i32) -> std::io::Result<Workers> {
+    /// `n` threads named `panes-{name}-{i}`, at scheduling `priority`.
+    fn new(name: &'static str, n: usize, priority: WritePriority) -> std::io::Result<Workers> {
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
         let rx = Arc::new(std::sync::Mutex::new(rx));
         for i in 0..n.max(1) {
@@ -253,7 +289,7 @@ impl Workers {
             std::thread::Builder::new()
                 .name(format!("panes-{name}-{i}"))
                 .spawn(move || {
-                    lower_priority(nice);
+                    lower_priority(priority);
                     loop {
                         // The lock is held only while taking a job, not while running it.
                         let job = match rx.lock() {
@@ -288,19 +324,24 @@ impl Workers {
     }
 }
 
-/// Lowers the calling thread's scheduling priority by `nice` (Linux applies
-/// `setpriority(PRIO_PROCESS, 0, ..)` to the calling thread only).
-fn lower_priority(nice: i32) {
+/// Sets the calling thread's scheduling priority (Linux applies `setpriority` and
+/// `sched_setscheduler` with pid 0 to the calling thread only).
+fn lower_priority(priority: WritePriority) {
     #[cfg(target_os = "linux")]
-    if nice > 0 {
-        // SAFETY: setpriority has no memory-safety preconditions; a failure (e.g. no
-        // permission) only leaves the priority as it was.
-        unsafe {
-            libc::setpriority(libc::PRIO_PROCESS, 0, nice);
-        }
+    match priority {
+        WritePriority::Normal => {}
+        // SAFETY (both): no memory-safety preconditions; a failure (no permission)
+        // only leaves the priority as it was.
+        WritePriority::Nice(n) => unsafe {
+            libc::setpriority(libc::PRIO_PROCESS, 0, n);
+        },
+        WritePriority::Idle => unsafe {
+            let param = libc::sched_param { sched_priority: 0 };
+            libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
+        },
     }
     #[cfg(not(target_os = "linux"))]
-    let _ = nice;
+    let _ = priority;
 }
 
 impl Drop for Workers {
@@ -395,16 +436,16 @@ impl Server {
             ),
             None => None,
         };
-        let pool = |name: &'static str, n: usize, nice: i32| {
-            Workers::new(name, n, nice)
+        let pool = |name: &'static str, n: usize, priority: WritePriority| {
+            Workers::new(name, n, priority)
                 .map_err(|e| PanesError::Internal(format!("cannot start the {name} threads: {e}")))
         };
         // The kernels' parallel work (a `Cpu` fold) runs on rayon's global pool: give
         // it the write threads' priority too, when this process has not built it yet.
-        let nice = options.write_nice;
+        let priority = options.write_priority;
         let _ = rayon::ThreadPoolBuilder::new()
             .thread_name(|i| format!("panes-kernel-{i}"))
-            .start_handler(move |_| lower_priority(nice))
+            .start_handler(move |_| lower_priority(priority))
             .build_global();
         let read_time = engine
             .views()
@@ -465,8 +506,8 @@ impl Server {
             )));
         }
         let shared = Arc::new(Shared {
-            reads: pool("read", options.read_threads, 0)?,
-            writes: pool("write", options.write_threads, options.write_nice)?,
+            reads: pool("read", options.read_threads, WritePriority::Normal)?,
+            writes: pool("write", options.write_threads, options.write_priority)?,
             engine,
             options,
             read_time,
@@ -703,5 +744,21 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {}
         () = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::WritePriority;
+
+    #[test]
+    fn write_priority_parses_and_explains_bad_values() {
+        assert_eq!("idle".parse(), Ok(WritePriority::Idle));
+        assert_eq!("normal".parse(), Ok(WritePriority::Normal));
+        assert_eq!("nice:10".parse(), Ok(WritePriority::Nice(10)));
+        for bad in ["nice:0", "nice:20", "nice:x", "low", ""] {
+            let e = bad.parse::<WritePriority>().unwrap_err();
+            assert!(e.contains("expected normal, idle or nice:N"), "{bad}: {e}");
+        }
     }
 }
