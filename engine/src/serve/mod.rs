@@ -16,8 +16,9 @@
 //! (the engine's two replicas make reads independent of folds; see
 //! [`Engine`]). The write threads run at a lower scheduling priority
 //! ([`WritePriority`], `SCHED_IDLE` by default), so that on shared cores a read
-//! preempts a fold rather than waiting for its time slice to end. The rejected alternative, `spawn_blocking` per request,
-//! has no bound on threads and would let a burst of ingest starve reads of cores.
+//! preempts a fold rather than waiting for its time slice to end. The rejected
+//! alternative, `spawn_blocking` per request, has no bound on threads and would let a
+//! burst of ingest starve reads of cores.
 //!
 //! # Errors at the boundary
 //! Engine errors become gRPC statuses here and only here: a caller's mistake is
@@ -104,12 +105,17 @@ impl Default for ServeOptions {
 pub enum WritePriority {
     /// The same as the reads'.
     Normal,
-    /// Lower by this `nice` increment (1–19). The scheduler still lets a running fold
-    /// finish its time slice before a woken read runs (about 3 ms on Linux 6.6+).
+    /// Lower by this `nice` increment (1–19). The scheduler may still let a running
+    /// fold finish its time slice before a woken read runs.
     Nice(i32),
     /// `SCHED_IDLE`: ingest runs whenever no read needs the core, and a read that wakes
     /// up preempts it at once. Under a read load that saturates the cores, ingest
     /// slows down and pushes back on its producers (freshness suffers, reads do not).
+    ///
+    /// The kernels' rayon pool gets the same priority, and reads of
+    /// [`PARALLEL_MERGE_MIN`](panes_kernels::cpu::PARALLEL_MERGE_MIN) keys or more
+    /// are split across that pool: such a read waits like a fold when the cores are
+    /// busy. Small reads (fewer keys) run on the read threads alone.
     Idle,
 }
 
