@@ -744,7 +744,7 @@ pub(crate) async fn read(
     let local = {
         let (view, keys, names) = (view.clone(), keys.clone(), names.clone());
         shared
-            .on_reads(move || view.read_local(&keys, at, &names, forwarded))
+            .on_reads_for(n, move || view.read_local(&keys, at, &names, forwarded))
             .await??
     };
     let mut rows = local.rows;

@@ -167,6 +167,14 @@ struct ServeArgs {
     /// The address other instances reach this one at (default: --listen).
     #[arg(long)]
     advertise: Option<String>,
+    /// Reads of at most this many keys run on the network thread that received them;
+    /// larger ones on the read threads (0: all on the read threads).
+    #[arg(long, default_value_t = 128)]
+    inline_read_keys: usize,
+    /// Priority of the network and read threads: normal, realtime or realtime:N (SCHED_FIFO,
+    /// needs CAP_SYS_NICE; a woken read then runs before every normal thread).
+    #[arg(long, default_value = "normal")]
+    read_priority: panes_engine::serve::ReadPriority,
     /// Priority of ingest against reads: idle (a read preempts ingest at once),
     /// nice:N (1–19) or normal.
     #[arg(long, default_value = "idle")]
@@ -202,11 +210,15 @@ fn serve(args: ServeArgs) -> Result<()> {
         checkpoint_interval: Duration::from_millis(args.checkpoint_interval_ms.max(1)),
         advertise: args.advertise.clone(),
         write_priority: args.write_priority,
+        inline_read_keys: args.inline_read_keys,
+        read_priority: args.read_priority,
         ..ServeOptions::default()
     };
+    let read_priority = args.read_priority;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("panes-io")
+        .on_thread_start(move || read_priority.apply_or_warn())
         .build()
         .map_err(|e| PanesError::Internal(format!("cannot start the runtime: {e}")))?;
     let report = runtime.block_on(async {

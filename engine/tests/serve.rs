@@ -339,6 +339,21 @@ async fn every_rpc_health_reflection_and_metrics() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
     assert_eq!(got.rows, 60);
+    // The server says how long it took, within the client's own latency.
+    let asked = Instant::now();
+    let timed = client
+        .get_features(read("cards", int_keys(keys.clone()), Some(at)))
+        .await
+        .unwrap();
+    let server_us: u64 = timed
+        .metadata()
+        .get(panes_engine::serve::SERVER_TIME_HEADER)
+        .expect("a server-time header")
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(server_us as u128 <= asked.elapsed().as_micros());
     assert_eq!(
         got.features,
         [
@@ -706,6 +721,13 @@ async fn reads_during_ingest_see_whole_prefixes_of_the_batches() {
     let at = 2_000_000 + n as i64 * 4_500 + 10_000;
     let expected: Vec<Vec<Option<f64>>> =
         (0..=n).map(|k| oracle(&batches[..k], &keys, at)).collect();
+    // Every other read asks for 100 keys, which the server answers on its network
+    // thread; 200 keys go to its read threads.
+    let few = &keys[..100];
+    let expected_few: Vec<Vec<Option<f64>>> =
+        (0..=n).map(|k| oracle(&batches[..k], few, at)).collect();
+    assert!(few.len() <= ServeOptions::default().inline_read_keys);
+    assert!(keys.len() > ServeOptions::default().inline_read_keys);
 
     let writer = {
         let mut client = server.client().await;
@@ -726,8 +748,13 @@ async fn reads_during_ingest_see_whole_prefixes_of_the_batches() {
     let mut last = 0;
     let started = Instant::now();
     loop {
+        let (ask, expected) = if seen.len() % 2 == 0 {
+            (&keys[..], &expected)
+        } else {
+            (few, &expected_few)
+        };
         let r = reader
-            .get_features(read("cards", int_keys(keys.clone()), Some(at)))
+            .get_features(read("cards", int_keys(ask.to_vec()), Some(at)))
             .await
             .unwrap()
             .into_inner();

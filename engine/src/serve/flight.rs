@@ -193,7 +193,7 @@ impl FlightService for Flight {
             })?;
         let batch = self
             .shared
-            .on_reads(move || -> Result<RecordBatch, PanesError> {
+            .on_reads_for(t.keys.len(), move || -> Result<RecordBatch, PanesError> {
                 let text = t.keys.iter().any(|k| matches!(k, KeyValue::Str(_)));
                 let key: ArrayRef = if text {
                     Arc::new(StringArray::from_iter(t.keys.iter().map(|k| match k {

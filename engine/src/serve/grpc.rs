@@ -14,7 +14,7 @@ use super::proto::{
     IngestRequest, IngestResponse, ListFeaturesRequest, ListFeaturesResponse, ViewDescription,
     get_features_request, ingest_request,
 };
-use super::{Shared, bad_request, status, stream_error};
+use super::{SERVER_TIME_HEADER, Shared, bad_request, status, stream_error};
 use crate::engine::Engine;
 use crate::error::PanesError;
 use crate::ingest::PushReport;
@@ -246,10 +246,16 @@ impl Features for FeaturesService {
             at_ms: frame.at,
             state_version: served.version,
         };
+        let took = started.elapsed();
         if let Some(h) = self.shared.read_time.get(&view) {
-            h.record(started.elapsed());
+            h.record(took);
         }
-        Ok(Response::new(response))
+        let mut response = Response::new(response);
+        response.metadata_mut().insert(
+            SERVER_TIME_HEADER,
+            tonic::metadata::MetadataValue::from(took.as_micros().min(u64::MAX as u128) as u64),
+        );
+        Ok(response)
     }
 
     async fn ingest(
