@@ -5,7 +5,7 @@
 //! ```text
 //! cargo run --release -p panes-bench --bin serve_load [-- --rate 1000 --seconds 10
 //!     --ingest-rate 1000000 --keys 100000 --sizes 1,10,100 --out FILE.json
-//!     --write-priority idle|normal|nice:N]
+//!     --write-priority idle|normal|nice:N --read-priority normal|realtime[:N]]
 //! ```
 //!
 //! - A `panes serve` (in this process, on loopback) holds one view of 20 features over
@@ -23,6 +23,11 @@
 //!   open-loop schedule with `MGET` of the same number of keys, over a pool of
 //!   connections. Redis runs with no ingest beside it: it is the floor a cache of
 //!   precomputed vectors gives, not a like-for-like engine.
+//! - Besides the latency it prints, per phase, the server's own time per request (its
+//!   `panes-server-time-us` header) and the generator's own lag (scheduled time to
+//!   the request's task running). The generator's schedule and client threads run
+//!   `SCHED_FIFO` at priority 2 when allowed (above `--read-priority realtime`), the
+//!   ingest producer at nice 19: they stand for clients on other machines.
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -36,7 +41,7 @@ use panes_engine::serve::proto::features_client::FeaturesClient;
 use panes_engine::serve::proto::{
     self, GetFeaturesRequest, IngestRequest, get_features_request, ingest_request,
 };
-use panes_engine::serve::{ServeOptions, Server, WritePriority};
+use panes_engine::serve::{ReadPriority, SERVER_TIME_HEADER, ServeOptions, Server, WritePriority};
 use panes_engine::{Engine, EngineOptions, FeatureFile};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use rand_distr::{Distribution, Zipf};
@@ -101,6 +106,17 @@ fn ipc(view: &str, b: &RecordBatch) -> IngestRequest {
     }
 }
 
+/// Priority of the generator's schedule thread and read client's threads: above
+/// `--read-priority realtime` (1), so that the server's reads do not delay them.
+const GENERATOR_PRIORITY: ReadPriority = ReadPriority::Realtime(2);
+
+/// What one request gave: whether it succeeded, and the server's own time for it
+/// when the server reports one (Panes does, in a response header).
+struct Reply {
+    ok: bool,
+    server_us: Option<u64>,
+}
+
 /// Latency percentiles of one phase.
 #[derive(Debug)]
 struct Phase {
@@ -109,16 +125,27 @@ struct Phase {
     rate: f64,
     achieved: f64,
     errors: u64,
+    /// Latency from the scheduled time to the reply, sorted.
     lat_us: Vec<u64>,
+    /// The server's own time per request, sorted (empty when it reports none).
+    server_us: Vec<u64>,
+    /// The generator's own lag: from the scheduled time until the request's task runs
+    /// on the client runtime (no server work in it), sorted.
+    lag_us: Vec<u64>,
+}
+
+/// Percentile `p` of sorted microseconds, in ms (NaN when empty).
+fn pct_ms(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i] as f64 / 1e3
 }
 
 impl Phase {
     fn pct(&self, p: f64) -> f64 {
-        if self.lat_us.is_empty() {
-            return f64::NAN;
-        }
-        let i = ((self.lat_us.len() as f64 * p).ceil() as usize).clamp(1, self.lat_us.len()) - 1;
-        self.lat_us[i] as f64 / 1e3
+        pct_ms(&self.lat_us, p)
     }
 }
 
@@ -132,7 +159,7 @@ async fn open_loop<F, Fut>(
 ) -> Phase
 where
     F: Fn(u64) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = bool> + Send + 'static,
+    Fut: std::future::Future<Output = Reply> + Send + 'static,
 {
     // A plain thread keeps the schedule: `std::thread::sleep` wakes within ~0.1 ms,
     // where tokio's timer has a 1 ms granularity that would count as latency.
@@ -141,6 +168,7 @@ where
     let start = Instant::now() + Duration::from_millis(20);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     std::thread::spawn(move || {
+        let _ = GENERATOR_PRIORITY.apply();
         for i in 0..n {
             let at = start + Duration::from_secs_f64(i as f64 / rate);
             if let Some(wait) = at.checked_duration_since(Instant::now()) {
@@ -148,8 +176,9 @@ where
             }
             let fut = call(i);
             let task = handle.spawn(async move {
-                let ok = fut.await;
-                (ok, at.elapsed())
+                let lag = at.elapsed();
+                let reply = fut.await;
+                (reply, lag, at.elapsed())
             });
             if tx.send(task).is_err() {
                 return;
@@ -160,18 +189,22 @@ where
     while let Some(t) = rx.recv().await {
         tasks.push(t);
     }
-    let mut lat_us = Vec::with_capacity(tasks.len());
+    let (mut lat_us, mut server_us, mut lag_us) = (Vec::new(), Vec::new(), Vec::new());
     let mut errors = 0;
     for t in tasks {
-        let (ok, d) = t.await.expect("request task");
-        if ok {
+        let (reply, lag, d) = t.await.expect("request task");
+        lag_us.push(lag.as_micros() as u64);
+        if reply.ok {
             lat_us.push(d.as_micros() as u64);
+            server_us.extend(reply.server_us);
         } else {
             errors += 1;
         }
     }
     let elapsed = start.elapsed().as_secs_f64();
     lat_us.sort_unstable();
+    server_us.sort_unstable();
+    lag_us.sort_unstable();
     Phase {
         target,
         keys,
@@ -179,6 +212,8 @@ where
         achieved: lat_us.len() as f64 / elapsed,
         errors,
         lat_us,
+        server_us,
+        lag_us,
     }
 }
 
@@ -314,8 +349,27 @@ fn main() {
     let write_priority: WritePriority = arg("--write-priority", "idle")
         .parse()
         .expect("--write-priority idle|normal|nice:N");
+    let read_priority: ReadPriority = arg("--read-priority", "normal")
+        .parse()
+        .expect("--read-priority normal|realtime[:N]");
     println!("machine: {}", machine());
-    println!("server: write priority {write_priority:?}");
+    println!("server: write priority {write_priority:?}, read priority {read_priority:?}");
+    // The generator stands for clients on other machines: its schedule and its read
+    // client's threads run SCHED_FIFO when allowed, above the server's real-time
+    // priority, so that its own scheduling delays (the `lag` column) do not count as
+    // the server's latency. Its work per request is a few microseconds.
+    // Tried on a thread of its own: threads inherit their creator's policy, and the
+    // server's threads are created from this one.
+    let generator = std::thread::spawn(|| GENERATOR_PRIORITY.apply())
+        .join()
+        .expect("priority probe");
+    println!(
+        "generator: schedule and client threads {}",
+        match &generator {
+            Ok(()) => "SCHED_FIFO".to_string(),
+            Err(e) => format!("at normal priority ({e})"),
+        }
+    );
 
     let file = features();
     let nfeat = file.views[0].features.len();
@@ -334,6 +388,7 @@ fn main() {
     // The server gets its own runtime (as `panes serve` has); the load its own.
     let server_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .on_thread_start(move || read_priority.apply_or_warn())
         .enable_all()
         .build()
         .expect("runtime");
@@ -343,6 +398,7 @@ fn main() {
             engine.clone(),
             ServeOptions {
                 write_priority,
+                read_priority,
                 ..ServeOptions::default()
             },
             "127.0.0.1:0".parse().expect("addr"),
@@ -370,6 +426,9 @@ fn main() {
     let ingest_handle = ingest_rt.handle().clone();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .on_thread_start(|| {
+            let _ = GENERATOR_PRIORITY.apply();
+        })
         .enable_all()
         .build()
         .expect("runtime");
@@ -404,7 +463,9 @@ fn main() {
             let stop = stop.clone();
             let sent = sent.clone();
             let (tx, rx) = tokio::sync::mpsc::channel::<IngestRequest>(4);
-            let producer = tokio::task::spawn_blocking(move || {
+            // A plain thread: the client runtime's threads (blocking pool included)
+            // run at the generator's real-time priority.
+            let producer = std::thread::spawn(move || {
                 // The producer stands for clients on other machines: it must not take
                 // the server's place on these two cores.
                 #[cfg(target_os = "linux")]
@@ -501,14 +562,24 @@ fn main() {
                 let mut rng = StdRng::seed_from_u64(i);
                 let ks: Vec<i64> = (0..size).map(|_| rng.random_range(0..keys as i64)).collect();
                 async move {
-                    c.get_features(GetFeaturesRequest {
-                        view: "cards".into(),
-                        keys: Some(get_features_request::Keys::IntKeys(proto::IntKeys { keys: ks })),
-                        features: vec![],
-                        at_ms: None,
-                    })
-                    .await
-                    .is_ok_and(|r| r.get_ref().values.len() == size * nfeat)
+                    let r = c
+                        .get_features(GetFeaturesRequest {
+                            view: "cards".into(),
+                            keys: Some(get_features_request::Keys::IntKeys(proto::IntKeys { keys: ks })),
+                            features: vec![],
+                            at_ms: None,
+                        })
+                        .await;
+                    match r {
+                        Ok(r) => Reply {
+                            ok: r.get_ref().values.len() == size * nfeat,
+                            server_us: r
+                                .metadata()
+                                .get(SERVER_TIME_HEADER)
+                                .and_then(|v| v.to_str().ok()?.parse().ok()),
+                        },
+                        Err(_) => Reply { ok: false, server_us: None },
+                    }
                 }
             })
             .await;
@@ -519,7 +590,7 @@ fn main() {
         let ingested = sent.load(Ordering::Relaxed) - ingest_start.1;
         let ingest_rate_seen = ingested as f64 / ingest_start.0.elapsed().as_secs_f64();
         stop.store(true, Ordering::Relaxed);
-        let _ = ingest.0.await;
+        let _ = ingest.0.join();
         let ingest_reply = ingest.1.await.expect("ingest task");
         let freshness = probe.await.expect("probe task");
 
@@ -554,14 +625,14 @@ fn main() {
                 let mut rng = StdRng::seed_from_u64(i);
                 let ks: Vec<String> = (0..size).map(|_| format!("card:{}", rng.random_range(0..keys))).collect();
                 async move {
-                    let Some(mut conn) = rx.lock().await.recv().await else { return false };
+                    let Some(mut conn) = rx.lock().await.recv().await else { return Reply { ok: false, server_us: None } };
                     let mut parts: Vec<&[u8]> = vec![b"MGET"];
                     parts.extend(ks.iter().map(|k| k.as_bytes()));
                     let mut buf = Vec::new();
                     Redis::command(&mut buf, &parts);
                     let ok = conn.send(&buf).await.is_ok() && conn.reply().await.is_ok_and(|n| n == size);
                     let _ = tx.send(conn).await;
-                    ok
+                    Reply { ok, server_us: None }
                 }
             })
             .await;
@@ -569,13 +640,21 @@ fn main() {
         }
 
         println!("\nopen loop at {rate} requests/s per phase, {seconds} s each; latency from the scheduled send time\n");
-        println!("{:<16} {:>9} {:>10} {:>8} {:>8} {:>8} {:>9} {:>8}", "target", "keys/req", "achieved/s", "errors", "p50 ms", "p99 ms", "p99.9 ms", "max ms");
+        println!(
+            "{:<16} {:>8} {:>10} {:>6} {:>7} {:>7} {:>8} {:>7} | {:>10} {:>10} | {:>7}",
+            "target", "keys/req", "achieved/s", "errors", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "server p50", "server p99", "lag p99"
+        );
         for p in &phases {
             println!(
-                "{:<16} {:>9} {:>10.0} {:>8} {:>8.3} {:>8.3} {:>9.3} {:>8.3}",
-                p.target, p.keys, p.achieved, p.errors, p.pct(0.5), p.pct(0.99), p.pct(0.999), p.pct(1.0)
+                "{:<16} {:>8} {:>10.0} {:>6} {:>7.3} {:>7.3} {:>8.3} {:>7.3} | {:>10.3} {:>10.3} | {:>7.3}",
+                p.target, p.keys, p.achieved, p.errors, p.pct(0.5), p.pct(0.99), p.pct(0.999), p.pct(1.0),
+                pct_ms(&p.server_us, 0.5), pct_ms(&p.server_us, 0.99), pct_ms(&p.lag_us, 0.99)
             );
         }
+        println!(
+            "server: the server's own time per request (its {SERVER_TIME_HEADER} header); lag: the generator's own delay \
+             from the scheduled time until the request's task runs, before any server work"
+        );
         let accepted = ingest_reply.as_ref().map_or(0, |r| r.accepted);
         println!(
             "\ningest during the reads: {:.2} M events/s sent (target {:.2} M); {} events accepted by the stream{}",
@@ -622,8 +701,9 @@ fn main() {
                 phases
                     .iter()
                     .map(|p| format!(
-                        "{{\"target\": {:?}, \"keys\": {}, \"rate\": {}, \"achieved\": {:.1}, \"errors\": {}, \"p50_ms\": {:.3}, \"p99_ms\": {:.3}, \"p999_ms\": {:.3}, \"max_ms\": {:.3}}}",
-                        p.target, p.keys, p.rate, p.achieved, p.errors, p.pct(0.5), p.pct(0.99), p.pct(0.999), p.pct(1.0)
+                        "{{\"target\": {:?}, \"keys\": {}, \"rate\": {}, \"achieved\": {:.1}, \"errors\": {}, \"p50_ms\": {:.3}, \"p99_ms\": {:.3}, \"p999_ms\": {:.3}, \"max_ms\": {:.3}, \"server_p50_ms\": {}, \"server_p99_ms\": {}, \"lag_p99_ms\": {:.3}}}",
+                        p.target, p.keys, p.rate, p.achieved, p.errors, p.pct(0.5), p.pct(0.99), p.pct(0.999), p.pct(1.0),
+                        json_ms(pct_ms(&p.server_us, 0.5)), json_ms(pct_ms(&p.server_us, 0.99)), pct_ms(&p.lag_us, 0.99)
                     ))
                     .collect::<Vec<_>>()
                     .join(", ")
@@ -638,6 +718,15 @@ fn main() {
     let _ = stop_tx.send(());
     drop(ingest_rt);
     drop(server_rt);
+}
+
+/// Milliseconds as JSON: a number, or `null` when there are none.
+fn json_ms(ms: f64) -> String {
+    if ms.is_nan() {
+        "null".into()
+    } else {
+        format!("{ms:.3}")
+    }
 }
 
 /// The server's own read-duration histogram, as "p50 ≤ x ms, p99 ≤ y ms" (bucket
