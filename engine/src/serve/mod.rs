@@ -145,10 +145,7 @@ impl std::str::FromStr for WritePriority {
         match s {
             "normal" => Ok(WritePriority::Normal),
             "idle" => Ok(WritePriority::Idle),
-            _ => s
-                .strip_prefix("nice:")
-                .and_then(|n| n.parse().ok())
-                .filter(|n| (1..=19).contains(n))
+            _ => level(s, "nice:", 1..=19)
                 .map(WritePriority::Nice)
                 .ok_or_else(|| {
                     format!(
@@ -157,6 +154,14 @@ impl std::str::FromStr for WritePriority {
                 }),
         }
     }
+}
+
+/// `N` of `{prefix}N` when it lies in `range`.
+fn level(s: &str, prefix: &str, range: std::ops::RangeInclusive<i32>) -> Option<i32> {
+    s.strip_prefix(prefix)?
+        .parse()
+        .ok()
+        .filter(|n| range.contains(n))
 }
 
 /// Scheduling priority of the threads that serve reads: the network threads and the
@@ -221,10 +226,7 @@ impl std::str::FromStr for ReadPriority {
         match s {
             "normal" => Ok(ReadPriority::Normal),
             "realtime" => Ok(ReadPriority::Realtime(1)),
-            _ => s
-                .strip_prefix("realtime:")
-                .and_then(|n| n.parse().ok())
-                .filter(|n| (1..=99).contains(n))
+            _ => level(s, "realtime:", 1..=99)
                 .map(ReadPriority::Realtime)
                 .ok_or_else(|| {
                     format!(
