@@ -663,13 +663,7 @@ fn main() {
             accepted,
             ingest_reply.as_ref().err().map_or(String::new(), |e| format!(" (stream error: {e})"))
         );
-        let fp = |p: f64| {
-            if freshness.is_empty() {
-                return f64::NAN;
-            }
-            let i = ((freshness.len() as f64 * p).ceil() as usize).clamp(1, freshness.len()) - 1;
-            freshness[i] as f64 / 1e3
-        };
+        let fp = |p: f64| pct_ms(&freshness, p);
         println!(
             "freshness (ingest of an event → first read that reflects it), {} probes: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
             freshness.len(),
