@@ -122,7 +122,8 @@ impl Default for ServeOptions {
 /// Scheduling priority of the threads that ingest (Linux; elsewhere all are normal).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WritePriority {
-    /// The same as the reads'.
+    /// Normal scheduling: the same as the reads', unless those are real-time (write
+    /// threads never are).
     Normal,
     /// Lower by this `nice` increment (1–19). The scheduler may still let a running
     /// fold finish its time slice before a woken read runs.
@@ -404,7 +405,7 @@ impl Workers {
         name: &'static str,
         n: usize,
         setup: impl Fn() + Clone + Send + 'static,
-    ) -> std::io::Result<Workers> {
+    ) -> crate::Result<Workers> {
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
         let rx = Arc::new(std::sync::Mutex::new(rx));
         for i in 0..n.max(1) {
@@ -429,6 +430,9 @@ impl Workers {
                             Err(_) => return,
                         }
                     }
+                })
+                .map_err(|e| {
+                    PanesError::Internal(format!("cannot start the {name} threads: {e}"))
                 })?;
         }
         Ok(Workers {
@@ -451,6 +455,20 @@ impl Workers {
 /// Sets the calling thread's scheduling priority (Linux applies `setpriority` and
 /// `sched_setscheduler` with pid 0 to the calling thread only).
 fn lower_priority(priority: WritePriority) {
+    // A thread inherits its creator's policy: one created by a real-time network thread
+    // (`ReadPriority::Realtime`) must not fold at real-time priority. Leaving a
+    // real-time policy needs no permission.
+    #[cfg(target_os = "linux")]
+    // SAFETY: no memory-safety preconditions; `param` outlives the call.
+    unsafe {
+        if matches!(
+            libc::sched_getscheduler(0),
+            libc::SCHED_FIFO | libc::SCHED_RR
+        ) {
+            let param = libc::sched_param { sched_priority: 0 };
+            libc::sched_setscheduler(0, libc::SCHED_OTHER, &param);
+        }
+    }
     #[cfg(target_os = "linux")]
     match priority {
         WritePriority::Normal => {}
@@ -565,9 +583,6 @@ impl Server {
             ),
             None => None,
         };
-        let started = |name: &str, w: std::io::Result<Workers>| {
-            w.map_err(|e| PanesError::Internal(format!("cannot start the {name} threads: {e}")))
-        };
         // The kernels' parallel work (a `Cpu` fold) runs on rayon's global pool: give
         // it the write threads' priority too, when this process has not built it yet.
         let (priority, read_priority) = (options.write_priority, options.read_priority);
@@ -634,18 +649,12 @@ impl Server {
             )));
         }
         let shared = Arc::new(Shared {
-            reads: started(
-                "read",
-                Workers::new("read", options.read_threads, move || {
-                    read_priority.apply_or_warn()
-                }),
-            )?,
-            writes: started(
-                "write",
-                Workers::new("write", options.write_threads, move || {
-                    lower_priority(priority)
-                }),
-            )?,
+            reads: Workers::new("read", options.read_threads, move || {
+                read_priority.apply_or_warn()
+            })?,
+            writes: Workers::new("write", options.write_threads, move || {
+                lower_priority(priority)
+            })?,
             engine,
             options,
             read_time,
@@ -912,6 +921,21 @@ mod tests {
                 "{bad}: {e}"
             );
         }
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn write_threads_never_keep_an_inherited_real_time_policy() {
+        std::thread::spawn(|| {
+            // Without CAP_SYS_NICE there is no real-time policy to inherit.
+            if ReadPriority::Realtime(1).apply().is_ok() {
+                super::lower_priority(WritePriority::Normal);
+                // SAFETY: no preconditions.
+                assert_eq!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_OTHER);
+            }
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]
