@@ -247,6 +247,8 @@ pub(crate) struct Shared {
     writes: Workers,
     /// Server-side duration of reads, per view.
     pub read_time: HashMap<String, Histogram>,
+    /// Held while checkpoints of pushed views are written.
+    checkpointing: std::sync::Mutex<()>,
     /// Views fed by Kafka, by name.
     #[cfg(feature = "kafka")]
     pub kafka: HashMap<String, Arc<crate::kafka::KafkaView>>,
@@ -334,10 +336,16 @@ impl Shared {
     }
 
     /// Writes a checkpoint of every pushed view that changed since `done` says.
+    ///
+    /// One at a time: at shutdown a periodic checkpoint may still be running on
+    /// another write thread (aborting its task does not stop its job), and two writers
+    /// would take the same sequence number, so the final checkpoint could fail or be
+    /// overwritten by an older state.
     fn checkpoint_pushed(&self, done: &mut HashMap<String, u64>) {
         let Some(root) = &self.options.checkpoint_dir else {
             return;
         };
+        let _one_at_a_time = self.checkpointing.lock().unwrap_or_else(|p| p.into_inner());
         for v in self.engine.views() {
             let name = &v.spec.name;
             if v.spec.source.is_some() {
@@ -658,6 +666,7 @@ impl Server {
             engine,
             options,
             read_time,
+            checkpointing: std::sync::Mutex::new(()),
             #[cfg(feature = "kafka")]
             kafka,
         });
