@@ -104,20 +104,28 @@ fn merge(c: &mut Criterion) {
             )
             .unwrap();
         let at = *ts.last().unwrap();
+        // The same state with the `Cpu` backend's key-major read copy in place, as in
+        // steady serving (a state the scalar backend folded has none: reads take
+        // every cell from the position-major ring).
+        let mut with_copy = PaneState::import(spec.clone(), state.export().unwrap()).unwrap();
+        with_copy.sync_read_copy();
         // Bytes of state a read touches per key: every cell of the key's rings.
         let per_key: usize = spec.levels.iter().map(LevelSpec::bytes_per_slot).sum();
         for &keys in &[1usize, 100, 10_000] {
             let read: Vec<Option<u32>> = (0..keys as u32).map(Some).collect();
             g.throughput(Throughput::Bytes((keys * per_key) as u64));
             for (name, b) in backends() {
-                let mut out = MergeOutput::default();
-                let id = BenchmarkId::new(format!("{name}/nulls={null_density}"), keys);
-                g.bench_with_input(id, &read, |bench, read| {
-                    bench.iter(|| {
-                        b.merge(&state, &features, black_box(read), at, &mut out)
-                            .unwrap()
-                    })
-                });
+                for (read_from, state) in [("ring", &state), ("copy", &with_copy)] {
+                    let mut out = MergeOutput::default();
+                    let id =
+                        BenchmarkId::new(format!("{name}/nulls={null_density}/{read_from}"), keys);
+                    g.bench_with_input(id, &read, |bench, read| {
+                        bench.iter(|| {
+                            b.merge(state, &features, black_box(read), at, &mut out)
+                                .unwrap()
+                        })
+                    });
+                }
             }
         }
         // A serving read: 100 keys scattered over the state, with the caches flushed
@@ -126,22 +134,27 @@ fn merge(c: &mut Criterion) {
         let mut flush = vec![0u8; 64 << 20];
         g.throughput(Throughput::Bytes((100 * per_key) as u64));
         for (name, b) in backends() {
-            let mut out = MergeOutput::default();
-            let id = BenchmarkId::new(format!("{name}/nulls={null_density}"), "scattered-100");
-            g.bench_function(id, |bench| {
-                bench.iter_batched_ref(
-                    || {
-                        for x in flush.iter_mut().step_by(64) {
-                            *x = x.wrapping_add(1);
-                        }
-                        (0..100)
-                            .map(|_| Some(rng.random_range(0..KEYS as u32)))
-                            .collect::<Vec<_>>()
-                    },
-                    |read| b.merge(&state, &features, read, at, &mut out).unwrap(),
-                    BatchSize::PerIteration,
-                )
-            });
+            for (read_from, state) in [("ring", &state), ("copy", &with_copy)] {
+                let mut out = MergeOutput::default();
+                let id = BenchmarkId::new(
+                    format!("{name}/nulls={null_density}/{read_from}"),
+                    "scattered-100",
+                );
+                g.bench_function(id, |bench| {
+                    bench.iter_batched_ref(
+                        || {
+                            for x in flush.iter_mut().step_by(64) {
+                                *x = x.wrapping_add(1);
+                            }
+                            (0..100)
+                                .map(|_| Some(rng.random_range(0..KEYS as u32)))
+                                .collect::<Vec<_>>()
+                        },
+                        |read| b.merge(state, &features, read, at, &mut out).unwrap(),
+                        BatchSize::PerIteration,
+                    )
+                });
+            }
         }
     }
     g.finish();

@@ -192,6 +192,9 @@ pub fn backfill(
         progress.set_message(format!("view {}", spec.name));
         let view = CompiledView::new(spec, options.shards);
         let mut core = ViewCore::new(&view)?;
+        // Reads here come between folds, in time order: the key-major read copy
+        // serving keeps would cost memory and copying and rarely be used.
+        core.state.keep_read_copy(false);
         for b in events {
             let pushed = core.ingest(&view, b, 0)?;
             if options.dead_letter {

@@ -104,7 +104,7 @@ pub struct ViewMetrics {
     pub counters: ViewCounters,
     /// Distinct keys.
     pub keys: usize,
-    /// Bytes of pane state (both replicas).
+    /// Bytes of pane state (both replicas, with the `Cpu` backend's read copies).
     pub state_bytes: usize,
     /// Latest accepted event time.
     pub max_event_time: Option<i64>,

@@ -88,7 +88,7 @@ impl Calibration {
         let started = Instant::now();
         on_gpu.to_host()?;
         copy_s += started.elapsed().as_secs_f64();
-        c.transfer_bytes_per_s = 2.0 * on_cpu.memory_bytes() as f64 / copy_s.max(1e-9);
+        c.transfer_bytes_per_s = 2.0 * on_cpu.cell_bytes() as f64 / copy_s.max(1e-9);
         let mut t0 = 1_000_000i64;
         for n in [1usize << 12, 1 << 14, 1 << 16, 1 << 18, 1 << 20] {
             // Skewed keys, as real entity streams are (log-uniform: a few keys take
@@ -245,7 +245,7 @@ impl Backend for Auto {
             };
         }
         let c = &self.calibration;
-        let copy_back = state.memory_bytes() as f64 / c.transfer_bytes_per_s.max(1.0);
+        let copy_back = state.cell_bytes() as f64 / c.transfer_bytes_per_s.max(1.0);
         if let Some(rent) = state.gpu_rent() {
             *rent += (c.estimate(&c.gpu_s, n) - c.estimate(&c.cpu_s, n)).max(0.0);
             if *rent < copy_back {

@@ -22,15 +22,34 @@
 //! features over the same level, window and column share one accumulation. Reads of
 //! many keys are split across rayon.
 //!
-//! Measured and not kept (100 scattered keys × 20 features over 100 K keys, caches
-//! flushed between reads): software prefetching of the next keys' ring cells, and
-//! transparent huge pages for the rings. A scattered read is one cache miss per ring
-//! cell (the ring is position-major for the fold's sake); prefetching the next keys'
-//! cells took such a read from about 390 µs to 310–380 µs from run to run, but made
-//! cache-resident reads 1.7× slower. Huge pages (`MADV_HUGEPAGE` on the rings, which
-//! got 60 % of the state into 2 MiB pages) took it from 317 to 277–308 µs, and
-//! loading every line of a few keys before merging them (a pass with more loads in
-//! flight) to 280 µs but made cached reads 1.3× slower: neither was kept.
+//! # Design decision: a key-major read copy
+//! The ring is position-major for the fold, so a read of a key scattered over a large
+//! state misses the cache and the TLB once per ring cell: 41 cells over three levels
+//! for the kernel bench's features. The fold therefore also keeps a key-major copy of
+//! the cells that stopped changing (`level::ReadCopy`): after each fold it
+//! copies up to a quarter of a cell per folded event, for positions no event wrote
+//! since the previous fold; any write takes the cell back out of the copy. A read then
+//! takes each cell from the copy when it is there (one run of memory per level, in
+//! huge pages where the kernel grants them) and from the ring otherwise (the open
+//! panes), and prefetches the next key's cells while it merges the current one. The
+//! copy is the same bytes, so reads are bitwise unchanged (a test checks it after
+//! every fold of random streams with late events).
+//!
+//! Kernel bench (`merge/cpu-1t/nulls=0`, 100 K keys): 100 scattered keys with the
+//! caches flushed before each read take 182 µs from the copy against 312 µs from the
+//! ring alone (1.7×); 10 K neighbouring keys 4.6 against 7.3 ms. The price: memory
+//! (the copy is as large as the ring), a copy of each cell once per pane that closes,
+//! and reads of 100 neighbouring, cache-resident keys some 20 % slower than before
+//! (34 against 28 µs: the prefetches and the choice of source per cell). In the
+//! serving benchmark the server's time for a 100-key read went from 0.30 to 0.18 ms
+//! at p50 and from 0.57 to 0.31 ms at p99.
+//!
+//! Measured and not kept, before the copy (same read): prefetching from the ring
+//! alone took the read from about 390 µs to 310–380 µs but made cache-resident reads
+//! 1.7× slower (it is kept now, cheaper, for the cells the copy lacks); huge pages for
+//! the rings (`MADV_HUGEPAGE`, 60 % of the state in 2 MiB pages) from 317 to
+//! 277–308 µs; loading every line of a few keys before merging them to 280 µs, with
+//! cached reads 1.3× slower.
 //!
 //! Rejected alternative: sorting each batch by (key, pane) and reducing runs would
 //! turn the fold into vectorisable segmented reductions, but with 10⁵ keys most runs
@@ -52,6 +71,10 @@ use crate::state::{
 /// (`fold`): at 64 K events two threads fold 1.7× faster than one; a 4 K-event fold
 /// takes about 0.2 ms in all, where splitting it is not worth a fork/join.
 pub const PARALLEL_FOLD_MIN: usize = 16 * 1024;
+
+/// Least number of cells a fold may add to the read copies (see [`fold_group`]), so
+/// that a trickle of small batches still brings them up to date.
+const REFRESH_MIN: usize = 1024;
 
 /// Reads of fewer keys than this run on the calling thread.
 pub const PARALLEL_MERGE_MIN: usize = 512;
@@ -108,6 +131,7 @@ fn fold_group(
     owned: &[usize],
     batch: &FoldBatch<'_>,
     shift: u32,
+    read_copy: bool,
 ) -> FoldStats {
     let mask = owned.len() - 1;
     let mut stats = FoldStats::default();
@@ -125,6 +149,17 @@ fn fold_group(
             );
         }
     }
+    // The read copies' share of the fold: a quarter of a cell copied per event, so
+    // that catching up after a pane closes adds at most some tens of percent to a
+    // fold (a copied cell costs about as much as a folded event: a scattered write).
+    // Positions every fold writes are never copied; one that went quiet is copied
+    // within a few folds.
+    if read_copy {
+        let mut budget = (batch.len() / 4).max(REFRESH_MIN);
+        for level in shards.iter_mut().flat_map(|s| s.iter_mut()) {
+            budget -= level.refresh_copy(budget);
+        }
+    }
     stats
 }
 
@@ -140,6 +175,7 @@ impl Backend for Cpu {
         }
         let nshards = state.spec().shards;
         let shift = nshards.trailing_zeros();
+        let read_copy = state.keeps_read_copy();
         let groups = if batch.len() >= PARALLEL_FOLD_MIN {
             self.threads().min(nshards)
         } else {
@@ -158,13 +194,13 @@ impl Backend for Cpu {
             a
         };
         Ok(if groups == 1 {
-            fold_group(&mut members[0], &owned[0], batch, shift)
+            fold_group(&mut members[0], &owned[0], batch, shift, read_copy)
         } else {
             self.install(|| {
                 members
                     .par_iter_mut()
                     .zip(owned.par_iter())
-                    .map(|(m, o)| fold_group(m, o, batch, shift))
+                    .map(|(m, o)| fold_group(m, o, batch, shift, read_copy))
                     .reduce(FoldStats::default, add)
             })
         })
@@ -197,6 +233,9 @@ impl Backend for Cpu {
         let rows = |ids: &[Option<u32>], v: &mut [f64], ok: &mut [bool], st: &mut [ReadStatus]| {
             let mut accs = vec![(Acc::EMPTY, ReadStatus::Exact); plan.scans.len()];
             for (k, id) in ids.iter().enumerate() {
+                if let Some(&next) = ids.get(k + 1) {
+                    plan.prefetch(state, next);
+                }
                 let row = k * nf..(k + 1) * nf;
                 st[k] =
                     plan.merge_key(state, *id, at, &mut accs, &mut v[row.clone()], &mut ok[row]);
@@ -273,6 +312,16 @@ impl<'a> ReadPlan<'a> {
         }
     }
 
+    /// Starts loading the cells a merge of key `id` will read.
+    #[inline]
+    fn prefetch(&self, state: &PaneState, id: Option<u32>) {
+        if let Some((shard, slot)) = state.known(id) {
+            for (l, _) in &self.levels {
+                state.shards[shard][*l].prefetch(slot);
+            }
+        }
+    }
+
     /// Merges the features of key `id` into `values`/`valid`; `accs` is scratch with
     /// one entry per scan.
     fn merge_key(
@@ -340,7 +389,7 @@ fn scan_level(
     };
     let mut head = EMPTY_PANE;
     for pos in 0..r {
-        let cell = level.ring.cell(layout, level.index(slot, pos));
+        let cell = level.read_cell(slot, pos);
         let tag = int(cell[0]);
         head = head.max(tag);
         if tag > p_t {

@@ -31,8 +31,10 @@
 //! - cells side by side, position-major (this layout): the newest panes of all keys
 //!   are packed together; 54 ns.
 //!
-//! Reads walk a key's R cells at a stride of `slots` cells, which costs R cache lines
-//! per feature: reads are far rarer than events.
+//! A read of one key then walks its R cells a position's block apart: one cache line
+//! and one page each. So the `Cpu` backend also keeps a key-major `ReadCopy` of the
+//! cells that stopped changing (the panes no longer open), and a read streams one run
+//! of memory per level from it, taking only the open panes' cells from the ring.
 
 use crate::agg::ColumnFields;
 use crate::error::KernelError;
@@ -184,6 +186,42 @@ impl Cells {
     }
 }
 
+/// Asks the kernel to back `buf` with transparent huge pages (Linux; a hint that may
+/// be refused, and a no-op elsewhere).
+fn advise_huge_pages<T>(buf: &mut [T]) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = (buf.as_mut_ptr() as usize).next_multiple_of(HUGE);
+        let end = (buf.as_mut_ptr() as usize + std::mem::size_of_val(buf)) & !(HUGE - 1);
+        if end > start {
+            // SAFETY: the range lies inside `buf`, which this function borrows
+            // mutably; `madvise(MADV_HUGEPAGE)` changes how its pages are backed, not
+            // their contents.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = buf;
+}
+
+/// A prefetch hint for the cache line holding `x`.
+#[inline(always)]
+fn prefetch(x: &f64) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint: it reads nothing into the program and cannot
+    // fault, and `x` is a valid reference anyway.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+            (x as *const f64).cast(),
+        );
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = x;
+}
+
 /// Adds event `e` of the batch to `cell`.
 #[inline(always)]
 fn add(layout: &Layout, cell: &mut [f64], ts: i64, values: &[&[f64]], e: usize) {
@@ -286,6 +324,65 @@ pub struct LevelState {
     pub(crate) ring: Cells,
     /// `slots` cells (empty unless `spec.lifetime`).
     pub(crate) base: Cells,
+    /// Key-major copy of the ring, for reads.
+    pub(crate) copy: ReadCopy,
+}
+
+/// A key-major copy of a level's ring cells, kept for reads.
+///
+/// The ring is position-major for the fold's sake, so a read of one key touches a
+/// different page for each of its ring cells. The copy holds the same cells key-major
+/// (cell `(slot, pos)` at `slot * ring + pos`): a key's cells of a level are one run of
+/// memory, which a read streams and prefetches (see the `cpu` module docs for the
+/// measurements).
+///
+/// It is a cache with an exact validity rule: per ring position, the copy holds the
+/// ring's cells of the slots below `copied[pos]`. A fold that writes cell `(slot, pos)`
+/// lowers `copied[pos]` to `slot` and marks the position dirty; the `Cpu` backend's
+/// fold extends the copy again, within a budget, for positions that took no write
+/// since its previous fold. Cells of open panes, which every fold writes, so stay in
+/// the ring alone. A read takes each cell from the copy where it is valid, from the ring
+/// otherwise: the same bytes in the same order, so the values are bitwise the same.
+#[derive(Clone, Debug)]
+pub(crate) struct ReadCopy {
+    /// `slots * ring` cells once the first refresh allocated them, key-major.
+    cells: Vec<f64>,
+    /// Per ring position: the copy is valid for slots below this.
+    copied: Vec<usize>,
+    /// Per ring position: written since the last refresh.
+    dirty: Vec<bool>,
+}
+
+impl ReadCopy {
+    fn new(ring: usize) -> Self {
+        ReadCopy {
+            cells: Vec::new(),
+            copied: vec![0; ring],
+            dirty: vec![false; ring],
+        }
+    }
+
+    /// Grows the cells to `len` words, asking for huge pages first (before the pages
+    /// are touched) so that a read's runs cost few TLB misses.
+    fn grow(&mut self, len: usize) {
+        if len > self.cells.capacity() {
+            let mut cells = Vec::with_capacity(len);
+            advise_huge_pages(cells.spare_capacity_mut());
+            cells.extend_from_slice(&self.cells);
+            self.cells = cells;
+        }
+        self.cells.resize(len, 0.0);
+    }
+
+    /// Records a write of cell `(slot, pos)` of the ring.
+    #[inline(always)]
+    fn invalidate(&mut self, slot: usize, pos: usize) {
+        let copied = &mut self.copied[pos];
+        if *copied > slot {
+            *copied = slot;
+        }
+        self.dirty[pos] = true;
+    }
 }
 
 impl LevelState {
@@ -299,6 +396,7 @@ impl LevelState {
             layout: Layout::new(&spec.columns),
             ring: Cells { data: Vec::new() },
             base: Cells { data: Vec::new() },
+            copy: ReadCopy::new(spec.ring),
             slots: 0,
             spec,
         })
@@ -356,12 +454,104 @@ impl LevelState {
     pub(crate) fn release(&mut self) {
         self.ring.data = Vec::new();
         self.base.data = Vec::new();
+        self.drop_copy();
         self.slots = 0;
     }
 
-    /// Bytes held by the buffers.
+    /// Frees the read copy.
+    pub(crate) fn drop_copy(&mut self) {
+        self.copy = ReadCopy::new(self.spec.ring);
+    }
+
+    /// Bytes held by the buffers, the read copy included.
     pub fn memory_bytes(&self) -> usize {
+        self.cell_bytes() + 8 * self.copy.cells.len()
+    }
+
+    /// Bytes of the ring and base cells: the state proper, without the read copy.
+    pub fn cell_bytes(&self) -> usize {
         8 * (self.ring.data.len() + self.base.data.len())
+    }
+
+    /// The cell of key `slot` at ring position `pos`, from the read copy when it holds
+    /// it, else from the ring (the same bytes).
+    #[inline(always)]
+    pub(crate) fn read_cell(&self, slot: usize, pos: usize) -> &[f64] {
+        let stride = self.layout.stride;
+        if slot < self.copy.copied[pos] {
+            let i = (slot * self.spec.ring + pos) * stride;
+            &self.copy.cells[i..i + stride]
+        } else {
+            self.ring.cell(&self.layout, self.index(slot, pos))
+        }
+    }
+
+    /// Asks the CPU to start loading the cells a read of key `slot` will take: its run
+    /// in the read copy and the ring cells the copy lacks. A hint only; no-op on
+    /// targets without a prefetch instruction.
+    #[inline]
+    pub(crate) fn prefetch(&self, slot: usize) {
+        let stride = self.layout.stride;
+        let ring = self.spec.ring;
+        if slot >= self.slots {
+            return;
+        }
+        let mut in_copy = false;
+        for pos in 0..ring {
+            if slot < self.copy.copied[pos] {
+                in_copy = true;
+            } else {
+                let i = self.index(slot, pos) * stride;
+                prefetch(&self.ring.data[i]);
+                prefetch(&self.ring.data[i + stride - 1]);
+            }
+        }
+        if in_copy {
+            let run = slot * ring * stride;
+            let cells = &self.copy.cells[run..run + ring * stride];
+            for w in cells.iter().step_by(8) {
+                prefetch(w);
+            }
+            prefetch(&cells[cells.len() - 1]);
+        }
+        if self.spec.lifetime {
+            prefetch(&self.base.data[slot * stride]);
+            prefetch(&self.base.data[(slot + 1) * stride - 1]);
+        }
+    }
+
+    /// Extends the read copy by at most `budget` cells, over the positions not written
+    /// since the previous call (whose dirty marks it clears). Returns the cells copied.
+    pub(crate) fn refresh_copy(&mut self, budget: usize) -> usize {
+        let ring = self.spec.ring;
+        let stride = self.layout.stride;
+        let mut left = budget;
+        for pos in 0..ring {
+            if std::mem::take(&mut self.copy.dirty[pos]) || left == 0 {
+                continue;
+            }
+            let from = self.copy.copied[pos];
+            let to = self.slots.min(from.saturating_add(left));
+            if to > from && self.copy.cells.len() < self.slots * ring * stride {
+                // Slots are only added, so the cells already copied keep their place.
+                self.copy.grow(self.slots * ring * stride);
+            }
+            for slot in from..to {
+                let src = self.index(slot, pos) * stride;
+                let dst = (slot * ring + pos) * stride;
+                self.copy.cells[dst..dst + stride]
+                    .copy_from_slice(&self.ring.data[src..src + stride]);
+            }
+            self.copy.copied[pos] = to;
+            left -= to - from;
+        }
+        budget - left
+    }
+
+    /// Copies every ring cell into the read copy, written or not since the last refresh.
+    pub(crate) fn sync_copy(&mut self) {
+        self.copy.dirty.fill(false);
+        self.refresh_copy(usize::MAX);
     }
 
     /// Pane tag of ring cell `i`.
@@ -416,6 +606,7 @@ impl LevelState {
             }
         }
         add(layout, cell, ts, values, e);
+        self.copy.invalidate(slot, pos);
         Folded::Ring
     }
 }
@@ -581,5 +772,89 @@ mod tests {
         let mut s = LevelState::new(spec.clone()).unwrap();
         s.reserve_slots(16);
         assert_eq!(s.memory_bytes(), 16 * spec.bytes_per_slot());
+        s.sync_copy();
+        assert_eq!(s.cell_bytes(), 16 * spec.bytes_per_slot());
+        assert_eq!(
+            s.memory_bytes(),
+            s.cell_bytes() + 16 * 4 * 8 * s.layout.stride
+        );
+    }
+
+    /// Folds one event of `value` at time `ts` into `slot`.
+    fn fold(s: &mut LevelState, slot: usize, ts: i64, value: f64) {
+        let pane = ts.div_euclid(s.spec.hop);
+        let pos = pane.rem_euclid(s.spec.ring as i64) as usize;
+        s.fold_event(slot, pane, pos, ts, &[&[value]], 0);
+    }
+
+    fn cell_bits(cell: &[f64]) -> Vec<u64> {
+        cell.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// The read copy's validity rule: a write lowers the position's copied prefix
+    /// to the slot written, and the position waits one refresh before it is copied
+    /// again.
+    #[test]
+    fn read_copy_follows_every_write() {
+        let spec = LevelSpec {
+            hop: 10,
+            ring: 4,
+            columns: vec![crate::Agg::Sum.fields()],
+            lifetime: false,
+        };
+        let mut s = LevelState::new(spec).unwrap();
+        s.reserve_slots(8);
+        let n = s.slots();
+        for slot in 0..n {
+            for t in [0, 10, 20, 30] {
+                fold(&mut s, slot, t + slot as i64 % 10, slot as f64);
+            }
+        }
+        let same_as_ring = |s: &LevelState| {
+            (0..s.slots()).all(|slot| {
+                (0..4).all(|pos| {
+                    cell_bits(s.read_cell(slot, pos))
+                        == cell_bits(s.ring.cell(&s.layout, s.index(slot, pos)))
+                })
+            })
+        };
+        assert_eq!(s.copy.copied, [0; 4]);
+        // Every position was written since the (implicit) last refresh: nothing copied.
+        assert_eq!(s.refresh_copy(1000), 0);
+        assert_eq!(s.refresh_copy(5), 5, "the budget bounds the copy");
+        assert_eq!(s.copy.copied, [5, 0, 0, 0]);
+        assert_eq!(s.refresh_copy(1000), 4 * n - 5);
+        assert_eq!(s.copy.copied, [n; 4]);
+        assert!(same_as_ring(&s));
+
+        // A late event in pane 1 (position 1) of slot 5.
+        fold(&mut s, 5, 11, 100.0);
+        assert_eq!(s.copy.copied, [n, 5, n, n]);
+        assert!(same_as_ring(&s), "slot 5 reads position 1 from the ring");
+        assert_eq!(
+            s.refresh_copy(1000),
+            0,
+            "a position written since the last refresh waits"
+        );
+        assert_eq!(s.refresh_copy(1000), n - 5);
+        assert_eq!(s.copy.copied, [n; 4]);
+        assert!(same_as_ring(&s));
+
+        // A newer pane recycles position 0 of slot 2.
+        fold(&mut s, 2, 40, 7.0);
+        assert_eq!(s.copy.copied, [2, n, n, n]);
+        assert!(same_as_ring(&s));
+
+        // More slots: the copy keeps what it has and copies the new ones.
+        s.reserve_slots(n + 1);
+        assert!(s.slots() > n);
+        assert_eq!(s.copy.copied, [2, n, n, n]);
+        assert!(
+            same_as_ring(&s),
+            "a regrown ring reads the same through the copy"
+        );
+        s.sync_copy();
+        assert!(s.copy.copied.iter().all(|&c| c == s.slots()));
+        assert!(same_as_ring(&s));
     }
 }

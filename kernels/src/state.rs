@@ -36,6 +36,8 @@ pub struct PaneState {
     pub(crate) spec: StateSpec,
     shift: u32,
     pub(crate) shards: Vec<Vec<LevelState>>,
+    /// Whether the `Cpu` backend's folds keep key-major read copies of the rings.
+    read_copy: bool,
     #[cfg(feature = "gpu")]
     pub(crate) device: Option<crate::gpu::DeviceState>,
 }
@@ -59,6 +61,7 @@ impl PaneState {
             shift: spec.shards.trailing_zeros(),
             spec,
             shards,
+            read_copy: true,
             #[cfg(feature = "gpu")]
             device: None,
         })
@@ -187,7 +190,8 @@ impl PaneState {
         Ok(state)
     }
 
-    /// Bytes held by all buffers (on the device when the state lives there).
+    /// Bytes held by all buffers (on the device when the state lives there), the
+    /// read copies of the `Cpu` backend included.
     pub fn memory_bytes(&self) -> usize {
         #[cfg(feature = "gpu")]
         if let Some(d) = &self.device {
@@ -198,6 +202,50 @@ impl PaneState {
             .flatten()
             .map(LevelState::memory_bytes)
             .sum()
+    }
+
+    /// Bytes of the pane cells proper (what a move to a device copies): like
+    /// [`PaneState::memory_bytes`] without the read copies.
+    pub fn cell_bytes(&self) -> usize {
+        #[cfg(feature = "gpu")]
+        if let Some(d) = &self.device {
+            return d.memory_bytes();
+        }
+        self.shards
+            .iter()
+            .flatten()
+            .map(LevelState::cell_bytes)
+            .sum()
+    }
+
+    /// Whether the `Cpu` backend's folds keep key-major read copies of the rings
+    /// (on by default). A copy takes as much memory as the ring it copies and makes
+    /// reads of keys scattered over a large state about twice as fast; a state that is
+    /// read as often as it is folded, as in a backfill, has no use for it. Turning it
+    /// off frees the copies.
+    pub fn keep_read_copy(&mut self, keep: bool) {
+        self.read_copy = keep;
+        if !keep {
+            self.shards
+                .iter_mut()
+                .flatten()
+                .for_each(LevelState::drop_copy);
+        }
+    }
+
+    /// Whether the `Cpu` backend's folds keep read copies (see [`PaneState::keep_read_copy`]).
+    pub fn keeps_read_copy(&self) -> bool {
+        self.read_copy
+    }
+
+    /// Brings every level's key-major read copy up to date at once (the `Cpu`
+    /// backend's folds otherwise do it a budget at a time, for panes no longer
+    /// written). For a state that will only be read from now on, such as a benchmark's.
+    pub fn sync_read_copy(&mut self) {
+        self.shards
+            .iter_mut()
+            .flatten()
+            .for_each(LevelState::sync_copy);
     }
 
     /// Brings the state to the host, checks a batch's shape and grows every shard to

@@ -208,6 +208,75 @@ fn cpu_matches_scalar() {
     check(&Cpu::new(), 100..160);
 }
 
+/// Reads through the `Cpu` backend's key-major read copies give the very bytes that
+/// reads of the ring alone give, after every fold of a stream whose clock moves
+/// slowly (so that older panes go quiet and get copied) with late events (which must
+/// take cells back out of the copies).
+#[test]
+fn read_copies_give_the_ring_s_bytes() {
+    let cpu = Cpu::with_threads(2).unwrap();
+    let mut folds_reading_copies = 0;
+    for seed in 0..40 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut case = gen_case(&mut rng);
+        let mut t = rng.random_range(-100_000i64..100_000) * 1000;
+        for ts in &mut case.ts {
+            t += rng.random_range(0..4);
+            *ts = if rng.random_bool(0.01) {
+                t - rng.random_range(0..60_000)
+            } else {
+                t
+            };
+        }
+        let mut state = PaneState::new(case.spec.clone()).unwrap();
+        let mut start = 0;
+        while start < case.ids.len() {
+            let len = rng.random_range(1..=4_000).min(case.ids.len() - start);
+            let vals: Vec<&[f64]> = case.values.iter().map(|v| &v[start..start + len]).collect();
+            let batch = FoldBatch {
+                ids: &case.ids[start..start + len],
+                ts: &case.ts[start..start + len],
+                values: &vals,
+            };
+            cpu.fold(&mut state, &batch).unwrap();
+            start += len;
+            if state.memory_bytes() > state.cell_bytes() {
+                folds_reading_copies += 1;
+            }
+            let ring_only = PaneState::import(case.spec.clone(), state.export().unwrap()).unwrap();
+            assert_eq!(ring_only.memory_bytes(), ring_only.cell_bytes());
+            let ids: Vec<Option<u32>> = (0..rng.random_range(1..700))
+                .map(|_| Some(rng.random_range(0..600)))
+                .collect();
+            let at = case.ts[start - 1] + rng.random_range(-20_000..1_000);
+            let mut got = MergeOutput::default();
+            let mut want = MergeOutput::default();
+            cpu.merge(&state, &case.features, &ids, at, &mut got)
+                .unwrap();
+            cpu.merge(&ring_only, &case.features, &ids, at, &mut want)
+                .unwrap();
+            let nf = case.features.len().max(1);
+            if let Some(i) = (0..got.values.len()).find(|&i| {
+                got.values[i].to_bits() != want.values[i].to_bits()
+                    || got.valid[i] != want.valid[i]
+                    || got.status[i / nf] != want.status[i / nf]
+            }) {
+                panic!(
+                    "seed {seed} after {start} events, key {:?} feature {:?} at {at}: {} vs {}",
+                    ids[i / nf],
+                    case.features[i % nf],
+                    got.values[i],
+                    want.values[i]
+                );
+            }
+        }
+    }
+    assert!(
+        folds_reading_copies > 100,
+        "{folds_reading_copies} folds left copies to read"
+    );
+}
+
 #[test]
 fn cpu_two_threads_matches_scalar() {
     check(&Cpu::with_threads(2).unwrap(), 200..230);

@@ -178,7 +178,7 @@ pub(crate) fn render(shared: &Shared, engine: &crate::Engine) -> String {
         &mut out,
         "panes_state_bytes",
         "gauge",
-        "Bytes of pane state (both replicas).",
+        "Bytes of pane state (both replicas, with their read copies).",
         &|m| Some(m.state_bytes as f64),
     );
     family(
