@@ -29,8 +29,8 @@
 //! the cells that stopped changing (`level::ReadCopy`): after each fold it
 //! copies up to a quarter of a cell per folded event, for positions no event wrote
 //! since the previous fold; any write takes the cell back out of the copy. A read then
-//! takes each cell from the copy when it is there (one run of memory per level, in
-//! huge pages where the kernel grants them) and from the ring otherwise (the open
+//! takes each cell from the copy when it is there (one run of memory per level) and
+//! from the ring otherwise (the open
 //! panes), and prefetches the next key's cells while it merges the current one. The
 //! copy is the same bytes, so reads are bitwise unchanged (a test checks it after
 //! every fold of random streams with late events).
