@@ -364,7 +364,9 @@ pub(crate) fn decode(view: &CompiledView, bytes: &[u8]) -> Parse<(ViewCore, Chec
             body.len() - i.at
         ));
     }
+    let read_copy = core.state.keeps_read_copy();
     core.state = PaneState::import(view.state.clone(), levels).map_err(|e| e.to_string())?;
+    core.state.keep_read_copy(read_copy);
     let info = CheckpointInfo {
         path: None,
         created_ms,

@@ -29,6 +29,10 @@ pub struct EngineOptions {
     pub batch_rows: usize,
     /// …or once its oldest event waited this long (checked on push, flush and read).
     pub batch_age: Duration,
+    /// Whether the `Cpu` backend keeps key-major read copies of the pane state (see
+    /// `PaneState::keep_read_copy`): reads of scattered keys about twice as fast, for
+    /// as much memory again as the rings and some 10 % of ingest throughput.
+    pub read_copy: bool,
 }
 
 impl Default for EngineOptions {
@@ -38,6 +42,7 @@ impl Default for EngineOptions {
             shards: 32,
             batch_rows: 64 * 1024,
             batch_age: Duration::from_millis(50),
+            read_copy: true,
         }
     }
 }
@@ -387,6 +392,7 @@ impl Engine {
                 let fold_time = Arc::new(Histogram::default());
                 let replica = || -> Result<RwLock<ViewCore>> {
                     let mut core = ViewCore::new(&compiled)?;
+                    core.state.keep_read_copy(options.read_copy);
                     core.fold_time = Some(fold_time.clone());
                     Ok(RwLock::new(core))
                 };

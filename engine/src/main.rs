@@ -179,6 +179,10 @@ struct ServeArgs {
     /// nice:N (1–19) or normal.
     #[arg(long, default_value = "idle")]
     write_priority: panes_engine::serve::WritePriority,
+    /// Keep no key-major read copy of the pane state: half the memory, some 10 % more
+    /// ingest throughput, reads of scattered keys about half as fast.
+    #[arg(long)]
+    no_read_copy: bool,
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
@@ -199,6 +203,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             backend: args.backend,
             batch_rows: args.batch_rows,
             batch_age: Duration::from_millis(args.batch_age_ms),
+            read_copy: !args.no_read_copy,
             ..EngineOptions::default()
         },
     )?;

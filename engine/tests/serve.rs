@@ -102,6 +102,7 @@ async fn start(options: ServeOptions, batch_age: Duration, batch_rows: usize) ->
             batch_age,
             batch_rows,
             shards: 8,
+            ..EngineOptions::default()
         },
     )
     .unwrap();

@@ -124,6 +124,7 @@ impl PyEngine {
             shards,
             batch_rows,
             batch_age: Duration::from_millis(batch_age_ms),
+            ..EngineOptions::default()
         };
         let inner = Engine::new(&file, options).map_err(|e| to_py(py, e))?;
         Ok(PyEngine {

@@ -9,7 +9,8 @@
 //! Zipf(1.1), 8 features over 3 windows (`benches/workload.toml`), pushed as Arrow
 //! batches of B rows through `Engine::push` (decode, lateness, key index, fold), then
 //! flushed. The bound is the streaming read bandwidth divided by the 24 input bytes
-//! of an event (key, time, amount).
+//! of an event (key, time, amount). The `Cpu` backend runs twice, with and without
+//! the read copies it keeps for serving (`EngineOptions::read_copy`).
 
 use std::time::Instant;
 
@@ -46,15 +47,23 @@ fn main() {
     );
     let file = workload();
     let read_keys = Int64Array::from((1..=keys).map(Synth::card).collect::<Vec<_>>());
-    for backend in backends {
-        let mut rates = Vec::new();
-        let mut read_s = Vec::new();
-        let mut state = 0;
-        for _ in 0..repeats {
+    // The `Cpu` backend with and without its read copies (which only it keeps), the
+    // repeats of all configurations interleaved so that the machine's drift hits each.
+    let configs: Vec<(BackendKind, bool)> = backends
+        .iter()
+        .flat_map(|&b| match b {
+            BackendKind::Cpu => vec![(b, true), (b, false)],
+            _ => vec![(b, true)],
+        })
+        .collect();
+    let mut results = vec![(Vec::new(), Vec::new(), 0); configs.len()];
+    for _ in 0..repeats {
+        for (&(backend, read_copy), (rates, read_s, state)) in configs.iter().zip(&mut results) {
             let engine = Engine::new(
                 &file,
                 EngineOptions {
                     backend: Some(backend),
+                    read_copy,
                     ..Default::default()
                 },
             )
@@ -69,13 +78,19 @@ fn main() {
             let f = engine.read("cards", &read_keys, None, None).expect("read");
             read_s.push(t.elapsed().as_secs_f64());
             assert_eq!(f.values.nrows(), keys as usize);
-            state = engine.metrics("cards").expect("metrics").state_bytes;
+            *state = engine.metrics("cards").expect("metrics").state_bytes;
         }
+    }
+    for (&(backend, read_copy), (rates, read_s, state)) in configs.iter().zip(&mut results) {
+        let name = match (backend, read_copy) {
+            (BackendKind::Cpu, false) => "cpu, no read copy".to_string(),
+            _ => backend.to_string(),
+        };
         rates.sort_by(f64::total_cmp);
         read_s.sort_by(f64::total_cmp);
         let median = rates[rates.len() / 2];
         println!(
-            "ingest {backend:>6}: {:.1} M events/s (min {:.1}, median {:.1}, max {:.1}) = {:.2} GB/s of input, {:.1} % of the bound; read of {keys} keys × 8 features {:.1} ms; state {:.0} MiB",
+            "ingest {name:>17}: {:.1} M events/s (min {:.1}, median {:.1}, max {:.1}) = {:.2} GB/s of input, {:.1} % of the bound; read of {keys} keys × 8 features {:.1} ms; state {:.0} MiB",
             median / 1e6,
             rates[0] / 1e6,
             median / 1e6,
@@ -83,7 +98,7 @@ fn main() {
             median * BYTES_PER_EVENT as f64 / 1e9,
             100.0 * median / bound,
             read_s[read_s.len() / 2] * 1e3,
-            state as f64 / (1 << 20) as f64,
+            *state as f64 / (1 << 20) as f64,
         );
     }
 }
