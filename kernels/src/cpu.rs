@@ -39,8 +39,8 @@
 //! caches flushed before each read take 182 µs from the copy against 312 µs from the
 //! ring alone (1.7×); 10 K neighbouring keys 4.6 against 7.3 ms. The price: memory
 //! (the copy is as large as the ring), a copy of each cell once per pane that closes,
-//! and reads of 100 neighbouring, cache-resident keys some 20 % slower than before
-//! (34 against 28 µs: the prefetches and the choice of source per cell). In the
+//! and reads of 100 neighbouring, cache-resident keys some 30 % slower than before
+//! (34 against 26 µs: the prefetches and the choice of source per cell). In the
 //! serving benchmark the server's time for a 100-key read went from 0.30 to 0.18 ms
 //! at p50 and from 0.57 to 0.31 ms at p99.
 //!

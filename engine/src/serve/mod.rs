@@ -23,7 +23,7 @@
 //!
 //! Small reads run on the network thread that received them. A read never waits for
 //! a lock held across a fold, so it only costs its own work: about 15 µs for one key
-//! and 0.3 ms for 100 keys × 20 features under ingest (most of it cache misses). The
+//! and 0.18 ms for 100 keys × 20 features under ingest (most of it cache misses). The
 //! two hand-offs to a read thread and back cost more than that at the tail: timed
 //! inside the server under the serving benchmark's 1 M events/s ingest, the server's
 //! time for one key had a p99 of about 0.95 ms with the hand-offs (0.5–0.9 ms each) and
