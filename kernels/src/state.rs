@@ -193,29 +193,22 @@ impl PaneState {
     /// Bytes held by all buffers (on the device when the state lives there), the
     /// read copies of the `Cpu` backend included.
     pub fn memory_bytes(&self) -> usize {
-        #[cfg(feature = "gpu")]
-        if let Some(d) = &self.device {
-            return d.memory_bytes();
-        }
-        self.shards
-            .iter()
-            .flatten()
-            .map(LevelState::memory_bytes)
-            .sum()
+        self.bytes(LevelState::memory_bytes)
     }
 
     /// Bytes of the pane cells proper (what a move to a device copies): like
     /// [`PaneState::memory_bytes`] without the read copies.
     pub fn cell_bytes(&self) -> usize {
+        self.bytes(LevelState::cell_bytes)
+    }
+
+    /// The device's bytes for a state on a GPU, else `of_level` summed over the levels.
+    fn bytes(&self, of_level: fn(&LevelState) -> usize) -> usize {
         #[cfg(feature = "gpu")]
         if let Some(d) = &self.device {
             return d.memory_bytes();
         }
-        self.shards
-            .iter()
-            .flatten()
-            .map(LevelState::cell_bytes)
-            .sum()
+        self.shards.iter().flatten().map(of_level).sum()
     }
 
     /// Whether the `Cpu` backend's folds keep key-major read copies of the rings
