@@ -17,6 +17,7 @@ class Engine:
         shards: int = 32,
         batch_rows: int = 65536,
         batch_age_ms: int = 50,
+        read_copy: bool = True,
     ) -> Engine: ...
     @property
     def backend(self) -> str: ...

@@ -101,7 +101,7 @@ struct PyEngine {
 #[pymethods]
 impl PyEngine {
     #[new]
-    #[pyo3(signature = (toml, origin = "<python>", backend = None, shards = 32, batch_rows = 65536, batch_age_ms = 50))]
+    #[pyo3(signature = (toml, origin = "<python>", backend = None, shards = 32, batch_rows = 65536, batch_age_ms = 50, read_copy = true))]
     fn new(
         py: Python<'_>,
         toml: &str,
@@ -110,6 +110,7 @@ impl PyEngine {
         shards: usize,
         batch_rows: usize,
         batch_age_ms: u64,
+        read_copy: bool,
     ) -> PyResult<Self> {
         let file = FeatureFile::parse(toml, origin).map_err(|e| to_py(py, e))?;
         let backend = backend
@@ -124,7 +125,7 @@ impl PyEngine {
             shards,
             batch_rows,
             batch_age: Duration::from_millis(batch_age_ms),
-            ..EngineOptions::default()
+            read_copy,
         };
         let inner = Engine::new(&file, options).map_err(|e| to_py(py, e))?;
         Ok(PyEngine {

@@ -162,6 +162,27 @@ def test_push_reports_and_metrics_count_every_row() -> None:
     assert m["pending"] == 0 and m["state_bytes"] > 0
 
 
+def test_read_copies_cost_memory_and_change_no_value() -> None:
+    engines = [panes.Engine([cards_view()], backend="cpu", read_copy=keep) for keep in (True, False)]
+    rng = np.random.default_rng(5)
+    for minute in range(0, 60, 3):  # a fold per push: older panes go quiet and get copied
+        n = 2_000
+        data = pa.table(
+            {
+                "card": pa.array(rng.integers(0, 500, n), pa.int64()),
+                "ts": pa.array(minute * 60_000 + np.sort(rng.integers(0, 180_000, n)), pa.int64()),
+                "amount": pa.array(rng.normal(100.0, 30.0, n)),
+            }
+        )
+        for e in engines:
+            e.push(data)
+            e.flush()
+    kept, plain = (e.metrics()["cards"]["state_bytes"] for e in engines)
+    assert kept > plain, (kept, plain)
+    keys = list(range(-5, 505))
+    assert engines[0].read(keys).equals(engines[1].read(keys))
+
+
 def test_backfill_from_files_with_dead_letters(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import pyarrow.parquet as pq
 
