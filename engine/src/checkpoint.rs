@@ -364,9 +364,7 @@ pub(crate) fn decode(view: &CompiledView, bytes: &[u8]) -> Parse<(ViewCore, Chec
             body.len() - i.at
         ));
     }
-    let read_copy = core.state.keeps_read_copy();
     core.state = PaneState::import(view.state.clone(), levels).map_err(|e| e.to_string())?;
-    core.state.keep_read_copy(read_copy);
     let info = CheckpointInfo {
         path: None,
         created_ms,
@@ -635,6 +633,33 @@ window = "lifetime"
             .unwrap_err()
             .to_string();
         assert!(err.contains("different definition"), "{err}");
+    }
+
+    #[test]
+    fn a_restored_view_keeps_the_engine_s_read_copy_setting() {
+        let file = FeatureFile::parse(FILE, "test").unwrap();
+        let engine_with = |read_copy| {
+            let options = EngineOptions {
+                batch_rows: 64,
+                read_copy,
+                ..EngineOptions::default()
+            };
+            Engine::new(&file, options).unwrap()
+        };
+        let state_bytes = |e: &Engine| e.metrics("cards").unwrap().state_bytes;
+        let first = engine();
+        first.push("cards", &batch(0, 5_000)).unwrap();
+        let bytes = first.checkpoint("cards", &[]).unwrap();
+        let uninterrupted = engine_with(false);
+        uninterrupted.push("cards", &batch(0, 10_000)).unwrap();
+        let (without, with) = (engine_with(false), engine_with(true));
+        for e in [&without, &with] {
+            e.restore("cards", &bytes).unwrap();
+            e.push("cards", &batch(5_000, 5_000)).unwrap();
+            assert!(same(&read(e), &read(&uninterrupted)));
+        }
+        assert_eq!(state_bytes(&without), state_bytes(&uninterrupted));
+        assert!(state_bytes(&with) > state_bytes(&without));
     }
 
     #[test]

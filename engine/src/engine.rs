@@ -222,6 +222,13 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Makes `core` a replica of this engine's view: the engine's read-copy setting and
+/// the view's fold-time histogram (for new replicas and for restored ones alike).
+fn adopt(core: &mut ViewCore, options: &EngineOptions, fold_time: &Arc<Histogram>) {
+    core.state.keep_read_copy(options.read_copy);
+    core.fold_time = Some(fold_time.clone());
+}
+
 fn poisoned(view: &str) -> PanesError {
     PanesError::Internal(format!("view {view:?}: a fold panicked"))
 }
@@ -392,8 +399,7 @@ impl Engine {
                 let fold_time = Arc::new(Histogram::default());
                 let replica = || -> Result<RwLock<ViewCore>> {
                     let mut core = ViewCore::new(&compiled)?;
-                    core.state.keep_read_copy(options.read_copy);
-                    core.fold_time = Some(fold_time.clone());
+                    adopt(&mut core, &options, &fold_time);
                     Ok(RwLock::new(core))
                 };
                 let replicas = [replica()?, replica()?];
@@ -583,7 +589,7 @@ impl Engine {
         let v = self.view(view)?;
         let decode = || {
             checkpoint::decode(&v.compiled, bytes).map(|(mut core, info)| {
-                core.fold_time = Some(v.fold_time.clone());
+                adopt(&mut core, &self.options, &v.fold_time);
                 (core, info)
             })
         };
