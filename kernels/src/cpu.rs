@@ -26,14 +26,13 @@
 //! The ring is position-major for the fold, so a read of a key scattered over a large
 //! state misses the cache and the TLB once per ring cell: 41 cells over three levels
 //! for the kernel bench's features. The fold therefore also keeps a key-major copy of
-//! the cells that stopped changing (`level::ReadCopy`): after each fold it
-//! copies up to a quarter of a cell per folded event, for positions no event wrote
-//! since the previous fold; any write takes the cell back out of the copy. A read then
-//! takes each cell from the copy when it is there (one run of memory per level) and
-//! from the ring otherwise (the open
-//! panes), and prefetches the next key's cells while it merges the current one. The
-//! copy is the same bytes, so reads are bitwise unchanged (a test checks it after
-//! every fold of random streams with late events).
+//! the cells that stopped changing (`level::ReadCopy`): after each fold it copies up to
+//! a quarter of a cell per folded event, for positions no event wrote since the
+//! previous fold; any write takes the cell back out of the copy. A read then takes each
+//! cell from the copy when it is there (one run of memory per level) and from the ring
+//! otherwise (the open panes), and prefetches the next key's cells while it merges the
+//! current one. The copy is the same bytes, so reads are bitwise unchanged (a test
+//! checks it after every fold of random streams with late events).
 //!
 //! Kernel bench (`merge/cpu-1t/nulls=0`, 100 K keys): 100 scattered keys with the
 //! caches flushed before each read take 182 µs from the copy against 312 µs from the

@@ -428,6 +428,13 @@ impl LevelState {
         pos * self.slots + slot
     }
 
+    /// Index of the read copy's cell of key `slot` at ring position `pos`: key-major,
+    /// the transpose of [`LevelState::index`].
+    #[inline(always)]
+    fn copy_index(&self, slot: usize, pos: usize) -> usize {
+        slot * self.spec.ring + pos
+    }
+
     /// Frees the buffers (the state moved to a device).
     #[cfg(feature = "gpu")]
     pub(crate) fn release(&mut self) {
@@ -458,7 +465,7 @@ impl LevelState {
     pub(crate) fn read_cell(&self, slot: usize, pos: usize) -> &[f64] {
         let stride = self.layout.stride;
         if slot < self.copy.copied[pos] {
-            let i = (slot * self.spec.ring + pos) * stride;
+            let i = self.copy_index(slot, pos) * stride;
             &self.copy.cells[i..i + stride]
         } else {
             self.ring.cell(&self.layout, self.index(slot, pos))
@@ -486,7 +493,7 @@ impl LevelState {
             }
         }
         if in_copy {
-            let run = slot * ring * stride;
+            let run = self.copy_index(slot, 0) * stride;
             let cells = &self.copy.cells[run..run + ring * stride];
             for w in cells.iter().step_by(8) {
                 prefetch(w);
@@ -517,7 +524,7 @@ impl LevelState {
             }
             for slot in from..to {
                 let src = self.index(slot, pos) * stride;
-                let dst = (slot * ring + pos) * stride;
+                let dst = self.copy_index(slot, pos) * stride;
                 self.copy.cells[dst..dst + stride]
                     .copy_from_slice(&self.ring.data[src..src + stride]);
             }
