@@ -1,0 +1,325 @@
+//! The device-resident state: a [`PaneState`]'s hop levels as storage buffers (see the
+//! module docs of `gpu`), and the moves between host and device.
+
+use std::sync::Arc;
+
+use wgpu::util::DeviceExt;
+
+use super::context::{Context, device_err, groups};
+use super::params::InitParams;
+use crate::error::KernelError;
+use crate::level::{ABSENT, Layout, LevelState};
+use crate::state::PaneState;
+
+/// One hop level on the device.
+#[derive(Debug)]
+pub(super) struct DeviceLevel {
+    pub(super) cells: wgpu::Buffer,
+    pub(super) cols: wgpu::Buffer,
+    pub(super) identity: wgpu::Buffer,
+    pub(super) hop: i64,
+    pub(super) ring: u32,
+    pub(super) stride: u32,
+    pub(super) columns: u32,
+    pub(super) lifetime: bool,
+}
+
+impl DeviceLevel {
+    fn cells_per_key(&self) -> u64 {
+        u64::from(self.ring) + u64::from(self.lifetime)
+    }
+}
+
+/// A state's copy on the device (see the module docs); held by [`PaneState`].
+#[derive(Debug)]
+pub(crate) struct DeviceState {
+    pub(super) ctx: Arc<Context>,
+    /// Key capacity: ids below it have cells.
+    pub(super) cap: u32,
+    pub(super) levels: Vec<DeviceLevel>,
+    /// The `auto` backend's rent: estimated seconds lost to small batches folded here
+    /// since the last large one (see `crate::auto`).
+    pub(crate) rent: f64,
+}
+
+impl DeviceState {
+    pub(crate) fn memory_bytes(&self) -> usize {
+        self.levels.iter().map(|l| l.cells.size() as usize).sum()
+    }
+
+    /// Bytes a level needs for `cap` keys, checked against the device's limits.
+    fn level_bytes(ctx: &Context, spec: &crate::LevelSpec, cap: u64) -> Result<u64, KernelError> {
+        let stride = Layout::new(&spec.columns).stride as u64;
+        let bytes = cap * (spec.ring as u64 + u64::from(spec.lifetime)) * stride * 8;
+        if bytes > ctx.info.max_binding
+            || cap * stride * (spec.ring as u64 + 1) >= u64::from(u32::MAX)
+        {
+            return Err(KernelError::Unavailable(format!(
+                "a hop level of this view needs {} MiB on the GPU for {cap} keys, more than the \
+                 largest storage buffer of {} ({} MiB); use the cpu backend",
+                bytes >> 20,
+                ctx.info.name,
+                ctx.info.max_binding >> 20
+            )));
+        }
+        Ok(bytes)
+    }
+
+    /// Moves the host state of `state` to the device, with room for `need` keys.
+    pub(super) fn upload(
+        ctx: &Arc<Context>,
+        state: &mut PaneState,
+        need: u64,
+    ) -> Result<(), KernelError> {
+        let host_keys = state
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(s, levels)| {
+                levels.first().map_or(0, |l| {
+                    if l.slots == 0 {
+                        0
+                    } else {
+                        state.id_of(s, l.slots - 1) as u64 + 1
+                    }
+                })
+            })
+            .max()
+            .unwrap_or(0);
+        let cap = need.max(host_keys).max(1024);
+        for spec in &state.spec().levels {
+            Self::level_bytes(ctx, spec, cap)?;
+        }
+        let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let mut levels = Vec::new();
+        for (l, spec) in state.spec().levels.iter().enumerate() {
+            let layout = Layout::new(&spec.columns);
+            let stride = layout.stride;
+            let per_key = spec.ring + usize::from(spec.lifetime);
+            let mut image: Vec<f64> = Vec::with_capacity(cap as usize * per_key * stride);
+            for _ in 0..cap as usize * per_key {
+                image.extend_from_slice(&layout.identity);
+            }
+            for (s, shard) in state.shards.iter().enumerate() {
+                let level = &shard[l];
+                for slot in 0..level.slots {
+                    let id = state.id_of(s, slot) as usize;
+                    for pos in 0..spec.ring {
+                        let to = (pos * cap as usize + id) * stride;
+                        image[to..to + stride].copy_from_slice(
+                            level.ring.cell(&level.layout, level.index(slot, pos)),
+                        );
+                    }
+                    if spec.lifetime {
+                        let to = (spec.ring * cap as usize + id) * stride;
+                        image[to..to + stride]
+                            .copy_from_slice(level.base.cell(&level.layout, slot));
+                    }
+                }
+            }
+            let cells = ctx
+                .device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some("panes level cells"),
+                    contents: bytemuck::cast_slice(&image),
+                    usage: wgpu::BufferUsages::STORAGE
+                        | wgpu::BufferUsages::COPY_SRC
+                        | wgpu::BufferUsages::COPY_DST,
+                });
+            levels.push(Self::level(ctx, spec, &layout, cells));
+        }
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(device_err("the GPU has no room for the view state", e));
+        }
+        for shard in &mut state.shards {
+            for level in shard {
+                level.release();
+            }
+        }
+        state.device = Some(DeviceState {
+            ctx: ctx.clone(),
+            cap: cap as u32,
+            levels,
+            rent: 0.0,
+        });
+        Ok(())
+    }
+
+    fn level(
+        ctx: &Context,
+        spec: &crate::LevelSpec,
+        layout: &Layout,
+        cells: wgpu::Buffer,
+    ) -> DeviceLevel {
+        let mut cols: Vec<u32> = Vec::with_capacity(layout.cols.len() * 6);
+        for c in &layout.cols {
+            for f in [c.count, c.sum, c.moments, c.min, c.max, c.last] {
+                cols.push(if f == ABSENT { u32::MAX } else { f as u32 });
+            }
+        }
+        cols.push(0); // never an empty buffer
+        let init = |label, contents: &[u8]| {
+            ctx.device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some(label),
+                    contents,
+                    usage: wgpu::BufferUsages::STORAGE,
+                })
+        };
+        DeviceLevel {
+            cols: init("panes cols", bytemuck::cast_slice(&cols)),
+            identity: init("panes identity", bytemuck::cast_slice(&layout.identity)),
+            cells,
+            hop: spec.hop,
+            ring: spec.ring as u32,
+            stride: layout.stride as u32,
+            columns: layout.cols.len() as u32,
+            lifetime: spec.lifetime,
+        }
+    }
+
+    /// Grows every level to hold at least `need` keys (+50 %, amortised).
+    pub(super) fn grow(
+        &mut self,
+        state_spec: &crate::StateSpec,
+        need: u64,
+    ) -> Result<(), KernelError> {
+        if need <= u64::from(self.cap) {
+            return Ok(());
+        }
+        let ctx = self.ctx.clone();
+        let cap = need.max(u64::from(self.cap) * 3 / 2);
+        for spec in &state_spec.levels {
+            Self::level_bytes(&ctx, spec, cap)?;
+        }
+        let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let mut u = ctx.uniforms();
+        let mut new_buffers = Vec::new();
+        for level in &self.levels {
+            let cells = cap * level.cells_per_key();
+            let buf = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("panes level cells"),
+                size: cells * u64::from(level.stride) * 8,
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_SRC
+                    | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            let offset = u.push(&InitParams {
+                first: 0,
+                count: cells as u32,
+                stride: level.stride,
+                _pad: 0,
+            });
+            new_buffers.push((buf, offset, cells));
+        }
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(device_err("the GPU has no room to grow the view state", e));
+        }
+        let mut scratch = ctx.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        let ubuf = ctx.upload_uniforms(&mut scratch, &u);
+        drop(scratch);
+        let mut encoder = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        {
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            pass.set_pipeline(&ctx.init);
+            for (level, (buf, offset, cells)) in self.levels.iter().zip(&new_buffers) {
+                let bg = ctx.bind(
+                    &ctx.init_layout,
+                    &ubuf,
+                    &[level.identity.as_entire_binding(), buf.as_entire_binding()],
+                );
+                pass.set_bind_group(0, &bg, &[*offset]);
+                let (x, y) = groups(*cells, 256);
+                pass.dispatch_workgroups(x, y, 1);
+            }
+        }
+        let old_cap = u64::from(self.cap);
+        for (level, (buf, _, _)) in self.levels.iter().zip(&new_buffers) {
+            let block = old_cap * u64::from(level.stride) * 8;
+            for pos in 0..level.cells_per_key() {
+                encoder.copy_buffer_to_buffer(
+                    &level.cells,
+                    pos * block,
+                    buf,
+                    pos * cap * u64::from(level.stride) * 8,
+                    block,
+                );
+            }
+        }
+        ctx.queue.submit([encoder.finish()]);
+        ctx.wait()?;
+        for (level, (buf, _, _)) in self.levels.iter_mut().zip(new_buffers) {
+            level.cells = buf;
+        }
+        self.cap = cap as u32;
+        Ok(())
+    }
+
+    /// Copies the state into `state`'s host levels (which are empty).
+    fn download_into(&self, state: &mut PaneState) -> Result<(), KernelError> {
+        let ctx = self.ctx.clone();
+        let cap = self.cap as usize;
+        let shards = state.spec().shards;
+        let sources: Vec<_> = self
+            .levels
+            .iter()
+            .map(|l| (&l.cells, 0, l.cells.size()))
+            .collect();
+        let mut scratch = ctx.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        let encoder = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        let bytes = ctx.download(&mut scratch, encoder, &sources)?;
+        drop(scratch);
+        for (l, raw) in bytes.iter().enumerate() {
+            let words: Vec<f64> = raw
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))
+                .collect();
+            for s in 0..shards.min(cap) {
+                let slots = (cap - s).div_ceil(shards);
+                let ids: Vec<usize> = (0..slots)
+                    .map(|slot| state.id_of(s, slot) as usize)
+                    .collect();
+                let level: &mut LevelState = &mut state.shards[s][l];
+                level.reserve_slots(slots);
+                let stride = level.layout.stride;
+                let ring = level.spec.ring;
+                for (slot, &id) in ids.iter().enumerate() {
+                    for pos in 0..ring {
+                        let from = (pos * cap + id) * stride;
+                        let to = level.index(slot, pos) * stride;
+                        level.ring.data[to..to + stride]
+                            .copy_from_slice(&words[from..from + stride]);
+                    }
+                    if level.spec.lifetime {
+                        let from = (ring * cap + id) * stride;
+                        level.base.data[slot * stride..(slot + 1) * stride]
+                            .copy_from_slice(&words[from..from + stride]);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Moves a device-resident state back to the host (a no-op for a host state).
+pub(crate) fn to_host(state: &mut PaneState) -> Result<(), KernelError> {
+    match state.device.take() {
+        Some(d) => d.download_into(state),
+        None => Ok(()),
+    }
+}
+
+/// A host copy of a device-resident state, for a host backend reading it.
+pub(crate) fn host_copy(state: &PaneState) -> Result<PaneState, KernelError> {
+    let mut copy = PaneState::new(state.spec().clone())?;
+    if let Some(d) = &state.device {
+        d.download_into(&mut copy)?;
+    }
+    Ok(copy)
+}
