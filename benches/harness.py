@@ -267,15 +267,26 @@ NEXMARK_QUERIES = {
 }
 
 
+# The features scripts/test.sh builds the workspace with.
+WORKSPACE_FEATURES = "panes-engine/kafka,panes-bench/kafka"
+
+
 def nexmark_bids(events: int) -> pa.Table:
     """Bids of `events` Nexmark events, from the `nexmark` crate (benches/src/bin),
     generated once into target/."""
     path = ROOT / "target" / f"nexmark-{events}.arrow"
     path.parent.mkdir(exist_ok=True)
     if not path.exists():
+        # Built with the test command's workspace and features (scripts/test.sh), so
+        # that it reuses that build: `cargo run -p panes-bench` alone resolves other
+        # features and rebuilds Arrow, naga and wgpu first (over 10 minutes here).
         subprocess.run(
-            ["cargo", "run", "-q", "--locked", "-p", "panes-bench", "--bin", "nexmark", "--",
-             "--events", str(events), "--out", str(path)],
+            ["cargo", "build", "-q", "--locked", "--workspace", "--features", WORKSPACE_FEATURES,
+             "--bin", "nexmark"],
+            cwd=ROOT, check=True,
+        )
+        subprocess.run(
+            [str(ROOT / "target" / "debug" / "nexmark"), "--events", str(events), "--out", str(path)],
             cwd=ROOT, check=True,
         )
     with pa.ipc.open_file(path) as f:

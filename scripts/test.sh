@@ -43,6 +43,7 @@ fi
 # No adapter is a test failure, not a skipped GPU test.
 export PANES_REQUIRE_GPU=1
 # Every crate with every feature the tests need, built once.
+# (benches/harness.py builds its Nexmark generator with the same features, to reuse this build.)
 features=(--features panes-engine/kafka,panes-bench/kafka)
 
 log "cargo fmt --check"

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use arrow_array::RecordBatch;
 use panes_engine::FeatureFile;
-use panes_engine::synth::{Synth, SynthConfig};
+use panes_engine::sources::synth::{Synth, SynthConfig};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Zipf};

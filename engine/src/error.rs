@@ -118,6 +118,18 @@ pub enum PanesError {
         /// What went wrong.
         message: String,
     },
+    /// A request asks for more than a configured limit allows; the message names the
+    /// limit and how to change it.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// The operation does not apply to the thing in its current configuration (a push
+    /// into a view that takes its events from a source).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The service cannot answer now; the same call may succeed later (a source that
+    /// has not started, a partition moving between instances, a server shutting down).
+    #[error("{0}")]
+    Unavailable(String),
     /// An Arrow kernel failed.
     #[error(transparent)]
     Arrow(#[from] arrow_schema::ArrowError),
@@ -138,8 +150,10 @@ impl PanesError {
             | PanesError::UnknownView { .. }
             | PanesError::UnknownFeature { .. }
             | PanesError::InexactRead { .. }
-            | PanesError::Invalid(_) => ErrorDomain::User,
-            PanesError::File { .. } => ErrorDomain::External,
+            | PanesError::Invalid(_)
+            | PanesError::ResourceExhausted(_)
+            | PanesError::FailedPrecondition(_) => ErrorDomain::User,
+            PanesError::File { .. } | PanesError::Unavailable(_) => ErrorDomain::External,
             PanesError::Arrow(_) | PanesError::Internal(_) => ErrorDomain::Internal,
             PanesError::Kernel(k) => k.domain(),
         }

@@ -17,6 +17,25 @@
 //! the event file), would make online/offline skew a matter of testing rather than
 //! construction.
 //!
+//! # Layers
+//! A folder per layer, in the order data flows; a lower layer never imports a higher
+//! one (the `layers` integration test reads the sources and checks it):
+//!
+//! | layer | owns |
+//! |---|---|
+//! | [`spec`] | feature files, and a view compiled to its state layout |
+//! | [`ingest`] | decoding and lateness, the key index, the one Arrow IPC decoder, a view's core and its micro-batch |
+//! | [`checkpoint`] | the file format of a view's core, and the directory store |
+//! | [`online`] | the [`Engine`]: replicas, pushes, folds, reads |
+//! | [`offline`] | backfill and file I/O |
+//! | [`sources`] | the [`Source`](sources::Source) trait, Kafka, the synthetic stream |
+//! | `serve` | gRPC, Flight, metrics; reaches sources through their trait and routes reads between instances |
+//!
+//! `error` and `histogram` sit below all of them. The rejected alternative, one flat
+//! folder of files that import each other as needed, had grown circles (a source that
+//! imported the server that imported it back) that made every new source or sink
+//! touch the server.
+//!
 //! # Reads are exact or refused
 //! Pane partials answer a read at `t` exactly when the pane containing `t` holds no
 //! event later than `t` and the window's panes are still in the ring. That holds for
@@ -54,32 +73,29 @@
 
 #![warn(missing_docs)]
 
-pub mod backfill;
 pub mod checkpoint;
-mod engine;
 pub mod error;
 pub mod histogram;
 pub mod ingest;
-pub mod io;
-#[cfg(feature = "kafka")]
-pub mod kafka;
-pub mod keys;
+pub mod offline;
+pub mod online;
 #[cfg(feature = "serve")]
 pub mod serve;
+pub mod sources;
 pub mod spec;
-pub mod synth;
-pub mod view;
 
-pub use backfill::{BackfillOptions, BackfillReport, backfill};
 pub use checkpoint::{CheckpointDir, CheckpointInfo, SourcePosition};
-pub use engine::{
+pub use error::{PanesError, Result};
+pub use ingest::keys::KeyValue;
+pub use ingest::{PushReport, RejectReason, Rejection, ViewCounters};
+pub use offline::backfill::{BackfillOptions, BackfillReport, backfill};
+pub use online::{
     Engine, EngineOptions, FeatureFrame, ServedFrame, ViewMetrics, feature_column, feature_field,
 };
-pub use error::{PanesError, Result};
-pub use ingest::{PushReport, RejectReason, Rejection, ViewCounters};
-pub use keys::KeyValue;
 pub use panes_kernels::{Agg, BackendKind};
-pub use spec::{FeatureFile, FeatureSpec, PayloadFormat, ReadTime, SourceSpec, ViewSpec, Window};
+pub use spec::{
+    CompiledView, FeatureFile, FeatureSpec, PayloadFormat, ReadTime, SourceSpec, ViewSpec, Window,
+};
 
 /// The feature file `panes demo` runs by default.
 pub const DEMO_FEATURES: &str = include_str!("../features/demo.toml");

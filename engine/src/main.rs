@@ -7,12 +7,12 @@ use std::time::{Duration, Instant};
 use arrow_array::Int64Array;
 use clap::{Parser, Subcommand};
 use panes_engine::error::ErrorDomain;
+use panes_engine::offline::io;
+use panes_engine::sources::synth::{Synth, SynthConfig};
 use panes_engine::spec::{Window, format_duration};
-use panes_engine::synth::{Synth, SynthConfig};
-use panes_engine::view::CompiledView;
 use panes_engine::{
-    BackendKind, BackfillOptions, DEMO_FEATURES, Engine, EngineOptions, FeatureFile, PanesError,
-    PushReport, RejectReason, Result, io,
+    BackendKind, BackfillOptions, CompiledView, DEMO_FEATURES, Engine, EngineOptions, FeatureFile,
+    PanesError, PushReport, RejectReason, Result,
 };
 
 #[derive(Parser, Debug)]
@@ -343,7 +343,7 @@ fn run_backfill(
     if let Some(p) = dead_letter {
         let dl_schema = match report.dead_letter.first() {
             Some(b) => b.schema(),
-            None => panes_engine::backfill::dead_letter_schema(&events_schema),
+            None => panes_engine::offline::backfill::dead_letter_schema(&events_schema),
         };
         io::write_file(p, &dl_schema, &report.dead_letter)?;
         let rows: usize = report.dead_letter.iter().map(|b| b.num_rows()).sum();

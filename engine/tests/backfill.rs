@@ -15,7 +15,7 @@ use arrow_array::{
 };
 use arrow_schema::DataType;
 use common::{Ev, accepted, assert_close, feature, scale};
-use panes_engine::io::{read_file, write_file};
+use panes_engine::offline::io::{read_file, write_file};
 use panes_engine::{Agg, FeatureFile, Window};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

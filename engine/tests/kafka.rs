@@ -14,10 +14,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arrow_array::{Float64Array, RecordBatch, StringArray, TimestampMillisecondArray};
-use panes_engine::kafka::partition_for;
 use panes_engine::serve::proto::features_client::FeaturesClient;
 use panes_engine::serve::proto::get_features_request::Keys;
 use panes_engine::serve::proto::{GetFeaturesRequest, StringKeys};
+use panes_engine::sources::kafka::partition_for;
 use panes_engine::{Engine, EngineOptions, FeatureFile};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use rdkafka::ClientConfig;

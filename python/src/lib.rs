@@ -74,7 +74,11 @@ fn build_error(py: Python<'_>, e: &PanesError) -> PyResult<PyErr> {
             attrs.set_item("path", path.display().to_string())?;
             "PanesFileError"
         }
-        PanesError::Invalid(_) | PanesError::Arrow(_) => "DataError",
+        PanesError::Invalid(_)
+        | PanesError::Arrow(_)
+        | PanesError::ResourceExhausted(_)
+        | PanesError::FailedPrecondition(_) => "DataError",
+        PanesError::Unavailable(_) => "BackendError",
         PanesError::Kernel(k) if k.domain() == ErrorDomain::User => "DataError",
         PanesError::Kernel(_) => "BackendError",
         _ => "InternalError",
@@ -285,7 +289,7 @@ impl PyEngine {
             .map_err(|e| to_py(py, e))?;
         let table = PyTable::try_new(batches, schema)?;
         let dead = if dead_letter {
-            let schema = panes_engine::backfill::dead_letter_schema(&events_schema);
+            let schema = panes_engine::offline::backfill::dead_letter_schema(&events_schema);
             Some(PyTable::try_new(
                 std::mem::take(&mut report.dead_letter),
                 schema,
@@ -497,7 +501,7 @@ impl Source {
 
     fn load(self) -> EngineResult<(SchemaRef, Vec<RecordBatch>)> {
         match self {
-            Source::Path(p) => panes_engine::io::read_file(std::path::Path::new(&p)),
+            Source::Path(p) => panes_engine::offline::io::read_file(std::path::Path::new(&p)),
             Source::Data(reader) => {
                 let schema = reader.schema();
                 let batches = reader.collect::<Result<Vec<_>, _>>()?;

@@ -10,8 +10,8 @@ use std::time::Instant;
 
 use arrow_array::{Int64Array, RecordBatch, TimestampMillisecondArray};
 use panes_bench::{arg, ingest_batches, machine, workload};
-use panes_engine::io::{read_file, write_file};
-use panes_engine::synth::Synth;
+use panes_engine::offline::io::{read_file, write_file};
+use panes_engine::sources::synth::Synth;
 use panes_engine::{BackendKind, BackfillOptions, EngineOptions, backfill};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

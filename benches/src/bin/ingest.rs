@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use arrow_array::Int64Array;
 use panes_bench::{BYTES_PER_EVENT, arg, ingest_batches, machine, memory_bandwidth, workload};
-use panes_engine::synth::Synth;
+use panes_engine::sources::synth::Synth;
 use panes_engine::{BackendKind, Engine, EngineOptions};
 
 fn main() {

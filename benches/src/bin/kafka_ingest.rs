@@ -12,7 +12,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use panes_engine::kafka::{KafkaOptions, KafkaView};
+use panes_engine::sources::kafka::KafkaView;
+use panes_engine::sources::{Source, SourceOptions};
 use panes_engine::{BackendKind, EngineOptions, FeatureFile};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -155,7 +156,7 @@ fn main() {
             &file.views[0],
             options,
             backend,
-            &KafkaOptions {
+            &SourceOptions {
                 checkpoint_root: dir.clone(),
                 checkpoint_every: Duration::from_secs(3600),
                 advertise: "127.0.0.1:1".into(),
@@ -163,7 +164,7 @@ fn main() {
         )
         .expect("view"),
     );
-    let handle = panes_engine::kafka::start(view.clone()).expect("start");
+    let handle = view.clone().start().expect("start");
     // The clock starts once the group gave this consumer every partition.
     while view.owned().len() < PARTITIONS as usize {
         std::thread::sleep(Duration::from_millis(1));

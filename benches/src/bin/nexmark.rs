@@ -62,7 +62,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ],
         )?);
     }
-    panes_engine::io::write_file(std::path::Path::new(&out), &schema, &batches)?;
+    panes_engine::offline::io::write_file(std::path::Path::new(&out), &schema, &batches)?;
     let bids: usize = batches.iter().map(RecordBatch::num_rows).sum();
     eprintln!("{events} Nexmark events, {bids} bids → {out}");
     Ok(())

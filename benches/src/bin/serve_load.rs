@@ -39,7 +39,7 @@ use arrow_array::{ArrayRef, Float64Array, Int64Array, RecordBatch};
 use panes_bench::{arg, machine};
 use panes_engine::serve::proto::features_client::FeaturesClient;
 use panes_engine::serve::proto::{
-    self, GetFeaturesRequest, IngestRequest, get_features_request, ingest_request,
+    self, GetFeaturesRequest, IngestRequest, IngestResponse, get_features_request, ingest_request,
 };
 use panes_engine::serve::{ReadPriority, SERVER_TIME_HEADER, ServeOptions, Server, WritePriority};
 use panes_engine::{Engine, EngineOptions, FeatureFile};
@@ -332,44 +332,13 @@ async fn start_redis() -> (RedisServer, SocketAddr) {
 }
 
 fn main() {
-    let rate: f64 = arg("--rate", "1000").parse().expect("--rate R");
-    let seconds: f64 = arg("--seconds", "10").parse().expect("--seconds S");
-    let ingest_rate: f64 = arg("--ingest-rate", "1000000")
-        .parse()
-        .expect("--ingest-rate E");
-    let keys: u64 = arg("--keys", "100000").parse().expect("--keys K");
-    let sizes: Vec<usize> = arg("--sizes", "1,10,100")
-        .split(',')
-        .map(|s| s.parse().expect("--sizes 1,10,100"))
-        .collect();
-    let out = arg("--out", "");
-    let batch_rows: usize = arg("--batch-rows", "65536")
-        .parse()
-        .expect("--batch-rows N");
-    let write_priority: WritePriority = arg("--write-priority", "idle")
-        .parse()
-        .expect("--write-priority idle|normal|nice:N");
-    let read_priority: ReadPriority = arg("--read-priority", "normal")
-        .parse()
-        .expect("--read-priority normal|realtime[:N]");
+    let args = Args::parse();
     println!("machine: {}", machine());
-    println!("server: write priority {write_priority:?}, read priority {read_priority:?}");
-    // The generator stands for clients on other machines: its schedule and its read
-    // client's threads run SCHED_FIFO when allowed, above the server's real-time
-    // priority, so that its own scheduling delays (the `lag` column) do not count as
-    // the server's latency. Its work per request is a few microseconds.
-    // Tried on a thread of its own: threads inherit their creator's policy, and the
-    // server's threads are created from this one.
-    let generator = std::thread::spawn(|| GENERATOR_PRIORITY.apply())
-        .join()
-        .expect("priority probe");
     println!(
-        "generator: schedule and client threads {}",
-        match &generator {
-            Ok(()) => "SCHED_FIFO".to_string(),
-            Err(e) => format!("at normal priority ({e})"),
-        }
+        "server: write priority {:?}, read priority {:?}",
+        args.write_priority, args.read_priority
     );
+    raise_generator_priority();
 
     let file = features();
     let nfeat = file.views[0].features.len();
@@ -378,7 +347,7 @@ fn main() {
             &file,
             EngineOptions {
                 batch_age: Duration::from_millis(10),
-                batch_rows,
+                batch_rows: args.batch_rows,
                 ..EngineOptions::default()
             },
         )
@@ -386,6 +355,7 @@ fn main() {
     );
     let backend = engine.backend().kind().name();
     // The server gets its own runtime (as `panes serve` has); the load its own.
+    let read_priority = args.read_priority;
     let server_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .on_thread_start(move || read_priority.apply_or_warn())
@@ -393,29 +363,7 @@ fn main() {
         .build()
         .expect("runtime");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let (addr, metrics_addr) = server_rt.block_on(async {
-        let server = Server::bind(
-            engine.clone(),
-            ServeOptions {
-                write_priority,
-                read_priority,
-                ..ServeOptions::default()
-            },
-            "127.0.0.1:0".parse().expect("addr"),
-            Some("127.0.0.1:0".parse().expect("addr")),
-        )
-        .await
-        .expect("bind");
-        let addr = server.grpc_addr().expect("addr");
-        let metrics_addr = server
-            .metrics_addr()
-            .expect("metrics")
-            .expect("metrics addr");
-        tokio::spawn(server.run(async move {
-            let _ = stop_rx.await;
-        }));
-        (addr, metrics_addr)
-    });
+    let (addr, metrics_addr) = server_rt.block_on(start_server(engine, &args, stop_rx));
     // The ingest stream has a runtime of its own: encoding its large messages must not
     // delay the read requests' replies in the client.
     let ingest_rt = tokio::runtime::Builder::new_multi_thread()
@@ -433,78 +381,24 @@ fn main() {
         .build()
         .expect("runtime");
     rt.block_on(async move {
-        let channel = || async {
-            Channel::from_shared(format!("http://{addr}"))
-                .expect("uri")
-                .tcp_nodelay(true)
-                .connect()
-                .await
-                .expect("connect")
-        };
-        let mut ingest_client = FeaturesClient::new(channel().await).max_encoding_message_size(usize::MAX);
-        // Preload: two events per key, so every read finds state.
-        let t0 = now_ms();
-        let mut rng = StdRng::seed_from_u64(1);
-        let pre: Vec<IngestRequest> = (0..2)
-            .map(|round| {
-                let card: Vec<i64> = (0..keys as i64).collect();
-                let ts = vec![t0 - 60_000 + round * 1_000; keys as usize];
-                let amount = (0..keys).map(|_| rng.random_range(1.0..500.0f64)).collect();
-                ipc("cards", &batch(card, ts, amount))
-            })
-            .collect();
-        let r = ingest_client.ingest(futures::stream::iter(pre)).await.expect("preload").into_inner();
-        println!("preloaded {} events over {keys} keys; backend {backend}; {nfeat} features", r.accepted);
+        let (keys, rate, seconds) = (args.keys, args.rate, args.seconds);
+        let mut ingest_client =
+            FeaturesClient::new(connect(addr).await).max_encoding_message_size(usize::MAX);
+        preload(&mut ingest_client, keys, backend, nfeat).await;
 
         // Ingest at a fixed rate for the whole run, batches of 16 K events.
         let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicU64::new(0));
         let ingest = {
-            let stop = stop.clone();
-            let sent = sent.clone();
             let (tx, rx) = tokio::sync::mpsc::channel::<IngestRequest>(4);
             // A plain thread: the client runtime's threads (blocking pool included)
             // run at the generator's real-time priority.
-            let producer = std::thread::spawn(move || {
-                // The producer stands for clients on other machines: it must not take
-                // the server's place on these two cores.
-                #[cfg(target_os = "linux")]
-                // SAFETY: no memory-safety preconditions; failure leaves the priority.
-                unsafe {
-                    libc::setpriority(libc::PRIO_PROCESS, 0, 19);
-                }
-                let rows = 16 * 1024;
-                let zipf = Zipf::new(keys as f64, 1.1).expect("zipf");
-                let mut rng = StdRng::seed_from_u64(2);
-                let started = Instant::now();
-                let mut n = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    let due = started + Duration::from_secs_f64(n as f64 / ingest_rate);
-                    while let Some(wait) = due.checked_duration_since(Instant::now()) {
-                        if stop.load(Ordering::Relaxed) {
-                            return;
-                        }
-                        std::thread::sleep(wait.min(Duration::from_millis(10)));
-                    }
-                    let now = now_ms();
-                    let card = (0..rows).map(|_| zipf.sample(&mut rng) as i64 - 1).collect();
-                    let ts = (0..rows).map(|_| now - rng.random_range(0..1_000)).collect();
-                    let amount = (0..rows).map(|_| rng.random_range(1.0..500.0f64)).collect();
-                    if tx.blocking_send(ipc("cards", &batch(card, ts, amount))).is_err() {
-                        break;
-                    }
-                    n += rows as u64;
-                    sent.store(n, Ordering::Relaxed);
-                }
-            });
+            let producer = {
+                let (stop, sent, ingest_rate) = (stop.clone(), sent.clone(), args.ingest_rate);
+                std::thread::spawn(move || produce(&tx, keys, ingest_rate, &stop, &sent))
+            };
             let call = ingest_handle.spawn(async move {
-                let channel = Channel::from_shared(format!("http://{addr}"))
-                    .expect("uri")
-                    .tcp_nodelay(true)
-                    .connect()
-                    .await
-                    .expect("connect");
-                FeaturesClient::new(channel)
+                FeaturesClient::new(connect(addr).await)
                     .max_encoding_message_size(usize::MAX)
                     .ingest(tokio_stream::wrappers::ReceiverStream::new(rx))
                     .await
@@ -514,76 +408,26 @@ fn main() {
         };
 
         // Freshness probe: a reserved key, one event every 20 ms, polled until seen.
-        let probe = {
-            let stop = stop.clone();
-            let mut client = FeaturesClient::new(channel().await);
-            tokio::spawn(async move {
-                let key = keys as i64 + 1_000_000;
-                let mut delays = Vec::new();
-                let mut seen = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    let sent = Instant::now();
-                    let b = batch(vec![key], vec![now_ms()], vec![1.0]);
-                    if client.ingest(futures::stream::iter(vec![ipc("cards", &b)])).await.is_err() {
-                        break;
-                    }
-                    loop {
-                        let r = client
-                            .get_features(GetFeaturesRequest {
-                                view: "cards".into(),
-                                keys: Some(get_features_request::Keys::IntKeys(proto::IntKeys { keys: vec![key] })),
-                                features: vec!["n_life".into()],
-                                at_ms: None,
-                            })
-                            .await;
-                        let n = r.map(|r| r.into_inner().values[0] as u64).unwrap_or(0);
-                        if n > seen {
-                            seen = n;
-                            delays.push(sent.elapsed().as_micros() as u64);
-                            break;
-                        }
-                        tokio::time::sleep(Duration::from_micros(200)).await;
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                delays.sort_unstable();
-                delays
-            })
-        };
+        let probe = tokio::spawn(probe_freshness(
+            FeaturesClient::new(connect(addr).await),
+            keys,
+            stop.clone(),
+        ));
 
         // Reads: open loop per size, over 4 connections.
-        let clients: Vec<FeaturesClient<Channel>> = futures::future::join_all((0..4).map(|_| async { FeaturesClient::new(channel().await) })).await;
+        let clients: Vec<FeaturesClient<Channel>> = futures::future::join_all(
+            (0..4).map(|_| async { FeaturesClient::new(connect(addr).await) }),
+        )
+        .await;
         let ingest_start = (Instant::now(), sent.load(Ordering::Relaxed));
         let mut phases = Vec::new();
-        for &size in &sizes {
-            let clients = clients.clone();
-            let phase = open_loop("panes + ingest", size, rate, seconds, move |i| {
-                let mut c = clients[i as usize % clients.len()].clone();
-                let mut rng = StdRng::seed_from_u64(i);
-                let ks: Vec<i64> = (0..size).map(|_| rng.random_range(0..keys as i64)).collect();
-                async move {
-                    let r = c
-                        .get_features(GetFeaturesRequest {
-                            view: "cards".into(),
-                            keys: Some(get_features_request::Keys::IntKeys(proto::IntKeys { keys: ks })),
-                            features: vec![],
-                            at_ms: None,
-                        })
-                        .await;
-                    match r {
-                        Ok(r) => Reply {
-                            ok: r.get_ref().values.len() == size * nfeat,
-                            server_us: r
-                                .metadata()
-                                .get(SERVER_TIME_HEADER)
-                                .and_then(|v| v.to_str().ok()?.parse().ok()),
-                        },
-                        Err(_) => Reply { ok: false, server_us: None },
-                    }
-                }
-            })
-            .await;
-            eprintln!("panes, {size} keys: done ({} ok, {} errors)", phase.lat_us.len(), phase.errors);
+        for &size in &args.sizes {
+            let phase = panes_phase(clients.clone(), size, rate, seconds, keys, nfeat).await;
+            eprintln!(
+                "panes, {size} keys: done ({} ok, {} errors)",
+                phase.lat_us.len(),
+                phase.errors
+            );
             phases.push(phase);
         }
         let server_side = server_read_time(metrics_addr).await;
@@ -596,59 +440,415 @@ fn main() {
 
         // Redis: the same schedule, MGET of precomputed 20-double vectors.
         let (_redis, raddr) = start_redis().await;
+        load_redis(raddr, keys, nfeat).await;
+        let pool = async_channel_pool(16, raddr).await;
+        for &size in &args.sizes {
+            phases.push(redis_phase(pool.clone(), size, rate, seconds, keys).await);
+        }
+        let run = Run {
+            args: &args,
+            backend,
+            nfeat,
+            phases,
+            ingest_rate_seen,
+            ingest_reply,
+            freshness,
+            server_side,
+        };
+        run.report();
+    });
+    let _ = stop_tx.send(());
+    drop(ingest_rt);
+    drop(server_rt);
+}
+
+/// The command line.
+struct Args {
+    rate: f64,
+    seconds: f64,
+    ingest_rate: f64,
+    keys: u64,
+    sizes: Vec<usize>,
+    out: String,
+    batch_rows: usize,
+    write_priority: WritePriority,
+    read_priority: ReadPriority,
+}
+
+impl Args {
+    fn parse() -> Self {
+        let rate: f64 = arg("--rate", "1000").parse().expect("--rate R");
+        let seconds: f64 = arg("--seconds", "10").parse().expect("--seconds S");
+        let ingest_rate: f64 = arg("--ingest-rate", "1000000")
+            .parse()
+            .expect("--ingest-rate E");
+        let keys: u64 = arg("--keys", "100000").parse().expect("--keys K");
+        let sizes: Vec<usize> = arg("--sizes", "1,10,100")
+            .split(',')
+            .map(|s| s.parse().expect("--sizes 1,10,100"))
+            .collect();
+        let out = arg("--out", "");
+        let batch_rows: usize = arg("--batch-rows", "65536")
+            .parse()
+            .expect("--batch-rows N");
+        let write_priority: WritePriority = arg("--write-priority", "idle")
+            .parse()
+            .expect("--write-priority idle|normal|nice:N");
+        let read_priority: ReadPriority = arg("--read-priority", "normal")
+            .parse()
+            .expect("--read-priority normal|realtime[:N]");
+        Args {
+            rate,
+            seconds,
+            ingest_rate,
+            keys,
+            sizes,
+            out,
+            batch_rows,
+            write_priority,
+            read_priority,
+        }
+    }
+}
+
+/// The generator stands for clients on other machines: its schedule and its read
+/// client's threads run SCHED_FIFO when allowed, above the server's real-time
+/// priority, so that its own scheduling delays (the `lag` column) do not count as
+/// the server's latency. Its work per request is a few microseconds.
+fn raise_generator_priority() {
+    // Tried on a thread of its own: threads inherit their creator's policy, and the
+    // server's threads are created from this one.
+    let generator = std::thread::spawn(|| GENERATOR_PRIORITY.apply())
+        .join()
+        .expect("priority probe");
+    println!(
+        "generator: schedule and client threads {}",
+        match &generator {
+            Ok(()) => "SCHED_FIFO".to_string(),
+            Err(e) => format!("at normal priority ({e})"),
+        }
+    );
+}
+
+/// Binds and starts the server, which stops when `stop` fires; returns its gRPC and
+/// metrics addresses.
+async fn start_server(
+    engine: Arc<Engine>,
+    args: &Args,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) -> (SocketAddr, SocketAddr) {
+    let (write_priority, read_priority) = (args.write_priority, args.read_priority);
+    let server = Server::bind(
+        engine,
+        ServeOptions {
+            write_priority,
+            read_priority,
+            ..ServeOptions::default()
+        },
+        "127.0.0.1:0".parse().expect("addr"),
+        Some("127.0.0.1:0".parse().expect("addr")),
+    )
+    .await
+    .expect("bind");
+    let addr = server.grpc_addr().expect("addr");
+    let metrics_addr = server
+        .metrics_addr()
+        .expect("metrics")
+        .expect("metrics addr");
+    tokio::spawn(server.run(async move {
+        let _ = stop.await;
+    }));
+    (addr, metrics_addr)
+}
+
+async fn connect(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .expect("connect")
+}
+
+/// Two events per key, so every read finds state.
+async fn preload(
+    ingest_client: &mut FeaturesClient<Channel>,
+    keys: u64,
+    backend: &str,
+    nfeat: usize,
+) {
+    let t0 = now_ms();
+    let mut rng = StdRng::seed_from_u64(1);
+    let pre: Vec<IngestRequest> = (0..2)
+        .map(|round| {
+            let card: Vec<i64> = (0..keys as i64).collect();
+            let ts = vec![t0 - 60_000 + round * 1_000; keys as usize];
+            let amount = (0..keys).map(|_| rng.random_range(1.0..500.0f64)).collect();
+            ipc("cards", &batch(card, ts, amount))
+        })
+        .collect();
+    let r = ingest_client
+        .ingest(futures::stream::iter(pre))
+        .await
+        .expect("preload")
+        .into_inner();
+    println!(
+        "preloaded {} events over {keys} keys; backend {backend}; {nfeat} features",
+        r.accepted
+    );
+}
+
+/// Sends batches of 16 K Zipf-distributed events to `tx` at `ingest_rate` events/s
+/// until `stop`, counting them in `sent`.
+fn produce(
+    tx: &tokio::sync::mpsc::Sender<IngestRequest>,
+    keys: u64,
+    ingest_rate: f64,
+    stop: &AtomicBool,
+    sent: &AtomicU64,
+) {
+    // The producer stands for clients on other machines: it must not take
+    // the server's place on these two cores.
+    #[cfg(target_os = "linux")]
+    // SAFETY: no memory-safety preconditions; failure leaves the priority.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+    }
+    let rows = 16 * 1024;
+    let zipf = Zipf::new(keys as f64, 1.1).expect("zipf");
+    let mut rng = StdRng::seed_from_u64(2);
+    let started = Instant::now();
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let due = started + Duration::from_secs_f64(n as f64 / ingest_rate);
+        while let Some(wait) = due.checked_duration_since(Instant::now()) {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            std::thread::sleep(wait.min(Duration::from_millis(10)));
+        }
+        let now = now_ms();
+        let card = (0..rows)
+            .map(|_| zipf.sample(&mut rng) as i64 - 1)
+            .collect();
+        let ts = (0..rows)
+            .map(|_| now - rng.random_range(0..1_000))
+            .collect();
+        let amount = (0..rows).map(|_| rng.random_range(1.0..500.0f64)).collect();
+        if tx
+            .blocking_send(ipc("cards", &batch(card, ts, amount)))
+            .is_err()
         {
-            let mut r = Redis::connect(raddr).await.expect("redis");
-            let vector = vec![0u8; nfeat * 8];
-            let mut buf = Vec::new();
-            let mut pending = 0;
-            for k in 0..keys {
-                Redis::command(&mut buf, &[b"SET", format!("card:{k}").as_bytes(), &vector]);
-                pending += 1;
-                if pending == 1000 || k + 1 == keys {
-                    r.send(&buf).await.expect("SET");
-                    for _ in 0..pending {
-                        r.reply().await.expect("SET reply");
-                    }
-                    buf.clear();
-                    pending = 0;
-                }
+            break;
+        }
+        n += rows as u64;
+        sent.store(n, Ordering::Relaxed);
+    }
+}
+
+/// Ingests one event of a reserved key every 20 ms and polls until a read reflects
+/// it, until `stop`; returns the delays, sorted, in µs.
+async fn probe_freshness(
+    mut client: FeaturesClient<Channel>,
+    keys: u64,
+    stop: Arc<AtomicBool>,
+) -> Vec<u64> {
+    let key = keys as i64 + 1_000_000;
+    let mut delays = Vec::new();
+    let mut seen = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let sent = Instant::now();
+        let b = batch(vec![key], vec![now_ms()], vec![1.0]);
+        if client
+            .ingest(futures::stream::iter(vec![ipc("cards", &b)]))
+            .await
+            .is_err()
+        {
+            break;
+        }
+        loop {
+            let r = client
+                .get_features(GetFeaturesRequest {
+                    view: "cards".into(),
+                    keys: Some(get_features_request::Keys::IntKeys(proto::IntKeys {
+                        keys: vec![key],
+                    })),
+                    features: vec!["n_life".into()],
+                    at_ms: None,
+                })
+                .await;
+            let n = r.map(|r| r.into_inner().values[0] as u64).unwrap_or(0);
+            if n > seen {
+                seen = n;
+                delays.push(sent.elapsed().as_micros() as u64);
+                break;
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    delays.sort_unstable();
+    delays
+}
+
+/// One open-loop phase of `size`-key reads against Panes.
+async fn panes_phase(
+    clients: Vec<FeaturesClient<Channel>>,
+    size: usize,
+    rate: f64,
+    seconds: f64,
+    keys: u64,
+    nfeat: usize,
+) -> Phase {
+    open_loop("panes + ingest", size, rate, seconds, move |i| {
+        let mut c = clients[i as usize % clients.len()].clone();
+        let mut rng = StdRng::seed_from_u64(i);
+        let ks: Vec<i64> = (0..size)
+            .map(|_| rng.random_range(0..keys as i64))
+            .collect();
+        async move {
+            let r = c
+                .get_features(GetFeaturesRequest {
+                    view: "cards".into(),
+                    keys: Some(get_features_request::Keys::IntKeys(proto::IntKeys {
+                        keys: ks,
+                    })),
+                    features: vec![],
+                    at_ms: None,
+                })
+                .await;
+            match r {
+                Ok(r) => Reply {
+                    ok: r.get_ref().values.len() == size * nfeat,
+                    server_us: r
+                        .metadata()
+                        .get(SERVER_TIME_HEADER)
+                        .and_then(|v| v.to_str().ok()?.parse().ok()),
+                },
+                Err(_) => Reply {
+                    ok: false,
+                    server_us: None,
+                },
             }
         }
-        let pool = {
-            let (tx, rx) = async_channel_pool(16, raddr).await;
-            (tx, rx)
-        };
-        for &size in &sizes {
-            let pool = pool.clone();
-            let phase = open_loop("redis MGET", size, rate, seconds, move |i| {
-                let (tx, rx) = pool.clone();
-                let mut rng = StdRng::seed_from_u64(i);
-                let ks: Vec<String> = (0..size).map(|_| format!("card:{}", rng.random_range(0..keys))).collect();
-                async move {
-                    let Some(mut conn) = rx.lock().await.recv().await else { return Reply { ok: false, server_us: None } };
-                    let mut parts: Vec<&[u8]> = vec![b"MGET"];
-                    parts.extend(ks.iter().map(|k| k.as_bytes()));
-                    let mut buf = Vec::new();
-                    Redis::command(&mut buf, &parts);
-                    let ok = conn.send(&buf).await.is_ok() && conn.reply().await.is_ok_and(|n| n == size);
-                    let _ = tx.send(conn).await;
-                    Reply { ok, server_us: None }
-                }
-            })
-            .await;
-            phases.push(phase);
-        }
+    })
+    .await
+}
 
-        println!("\nopen loop at {rate} requests/s per phase, {seconds} s each; latency from the scheduled send time\n");
+/// Loads a precomputed vector of `nfeat` doubles for every key into Redis.
+async fn load_redis(raddr: SocketAddr, keys: u64, nfeat: usize) {
+    let mut r = Redis::connect(raddr).await.expect("redis");
+    let vector = vec![0u8; nfeat * 8];
+    let mut buf = Vec::new();
+    let mut pending = 0;
+    for k in 0..keys {
+        Redis::command(&mut buf, &[b"SET", format!("card:{k}").as_bytes(), &vector]);
+        pending += 1;
+        if pending == 1000 || k + 1 == keys {
+            r.send(&buf).await.expect("SET");
+            for _ in 0..pending {
+                r.reply().await.expect("SET reply");
+            }
+            buf.clear();
+            pending = 0;
+        }
+    }
+}
+
+/// One open-loop phase of `size`-key MGETs against Redis.
+async fn redis_phase(pool: Pool, size: usize, rate: f64, seconds: f64, keys: u64) -> Phase {
+    open_loop("redis MGET", size, rate, seconds, move |i| {
+        let (tx, rx) = pool.clone();
+        let mut rng = StdRng::seed_from_u64(i);
+        let ks: Vec<String> = (0..size)
+            .map(|_| format!("card:{}", rng.random_range(0..keys)))
+            .collect();
+        async move {
+            let Some(mut conn) = rx.lock().await.recv().await else {
+                return Reply {
+                    ok: false,
+                    server_us: None,
+                };
+            };
+            let mut parts: Vec<&[u8]> = vec![b"MGET"];
+            parts.extend(ks.iter().map(|k| k.as_bytes()));
+            let mut buf = Vec::new();
+            Redis::command(&mut buf, &parts);
+            let ok = conn.send(&buf).await.is_ok() && conn.reply().await.is_ok_and(|n| n == size);
+            let _ = tx.send(conn).await;
+            Reply {
+                ok,
+                server_us: None,
+            }
+        }
+    })
+    .await
+}
+
+/// What one run measured.
+struct Run<'a> {
+    args: &'a Args,
+    backend: &'static str,
+    nfeat: usize,
+    phases: Vec<Phase>,
+    ingest_rate_seen: f64,
+    ingest_reply: Result<IngestResponse, tonic::Status>,
+    freshness: Vec<u64>,
+    server_side: String,
+}
+
+impl Run<'_> {
+    /// Prints the table and the summary, and writes the JSON report if asked.
+    fn report(&self) {
+        let Run {
+            args,
+            backend,
+            nfeat,
+            ref phases,
+            ingest_rate_seen,
+            ref ingest_reply,
+            ref freshness,
+            ref server_side,
+        } = *self;
+        let Args {
+            rate,
+            seconds,
+            ingest_rate,
+            ref sizes,
+            ref out,
+            ..
+        } = *args;
+        println!(
+            "\nopen loop at {rate} requests/s per phase, {seconds} s each; latency from the scheduled send time\n"
+        );
         println!(
             "{:<16} {:>8} {:>10} {:>6} {:>7} {:>7} {:>8} {:>7} | {:>10} {:>10} | {:>7}",
-            "target", "keys/req", "achieved/s", "errors", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "server p50", "server p99", "lag p99"
+            "target",
+            "keys/req",
+            "achieved/s",
+            "errors",
+            "p50 ms",
+            "p99 ms",
+            "p99.9 ms",
+            "max ms",
+            "server p50",
+            "server p99",
+            "lag p99"
         );
-        for p in &phases {
+        for p in phases {
             println!(
                 "{:<16} {:>8} {:>10.0} {:>6} {:>7.3} {:>7.3} {:>8.3} {:>7.3} | {:>10.3} {:>10.3} | {:>7.3}",
-                p.target, p.keys, p.achieved, p.errors, p.pct(0.5), p.pct(0.99), p.pct(0.999), p.pct(1.0),
-                pct_ms(&p.server_us, 0.5), pct_ms(&p.server_us, 0.99), pct_ms(&p.lag_us, 0.99)
+                p.target,
+                p.keys,
+                p.achieved,
+                p.errors,
+                p.pct(0.5),
+                p.pct(0.99),
+                p.pct(0.999),
+                p.pct(1.0),
+                pct_ms(&p.server_us, 0.5),
+                pct_ms(&p.server_us, 0.99),
+                pct_ms(&p.lag_us, 0.99)
             );
         }
         println!(
@@ -661,9 +861,12 @@ fn main() {
             ingest_rate_seen / 1e6,
             ingest_rate / 1e6,
             accepted,
-            ingest_reply.as_ref().err().map_or(String::new(), |e| format!(" (stream error: {e})"))
+            ingest_reply
+                .as_ref()
+                .err()
+                .map_or(String::new(), |e| format!(" (stream error: {e})"))
         );
-        let fp = |p: f64| pct_ms(&freshness, p);
+        let fp = |p: f64| pct_ms(freshness, p);
         println!(
             "freshness (ingest of an event → first read that reflects it), {} probes: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
             freshness.len(),
@@ -672,9 +875,13 @@ fn main() {
             fp(1.0)
         );
         println!("server-side read time (all sizes, from its histogram): {server_side}");
-        for &size in &sizes {
-            let p = phases.iter().find(|p| p.target.starts_with("panes") && p.keys == size);
-            let r = phases.iter().find(|p| p.target.starts_with("redis") && p.keys == size);
+        for &size in sizes {
+            let p = phases
+                .iter()
+                .find(|p| p.target.starts_with("panes") && p.keys == size);
+            let r = phases
+                .iter()
+                .find(|p| p.target.starts_with("redis") && p.keys == size);
             if let (Some(p), Some(r)) = (p, r) {
                 println!(
                     "{size:>4} keys × {nfeat} features: panes p99 {:.3} ms = {:.1}× redis p99 {:.3} ms",
@@ -705,13 +912,10 @@ fn main() {
             if let Some(dir) = std::path::Path::new(&out).parent() {
                 let _ = std::fs::create_dir_all(dir);
             }
-            std::fs::write(&out, json).expect("write the JSON report");
+            std::fs::write(out, json).expect("write the JSON report");
             println!("wrote {out}");
         }
-    });
-    let _ = stop_tx.send(());
-    drop(ingest_rt);
-    drop(server_rt);
+    }
 }
 
 /// Milliseconds as JSON: a number, or `null` when there are none.

@@ -20,9 +20,10 @@ use futures::{Stream, StreamExt, TryStreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::grpc::check_at;
-use super::{Shared, bad_request, status, stream_error};
+use super::server::Shared;
+use super::status::{bad_request, status, stream_error};
 use crate::error::PanesError;
-use crate::keys::KeyValue;
+use crate::ingest::keys::KeyValue;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -169,7 +170,9 @@ impl FlightService for Flight {
     ) -> Result<Response<Self::DoGetStream>, Status> {
         let started = Instant::now();
         let t = parse_ticket(&request.into_inner().ticket)?;
-        self.shared.check_keys(t.keys.len())?;
+        self.shared
+            .check_keys(t.keys.len())
+            .map_err(|e| status(e, "ticket.keys"))?;
         check_at(t.at)?;
         let engine = self.shared.engine.clone();
         let view = t.view.clone();
@@ -242,7 +245,9 @@ impl FlightService for Flight {
         engine
             .compiled(&view)
             .map_err(|e| status(e, "flight_descriptor.path"))?;
-        self.shared.check_pushable(&view)?;
+        self.shared
+            .check_pushable(&view)
+            .map_err(|e| status(e, "flight_descriptor.path"))?;
         let data = futures::stream::once(async move { Ok(first) })
             .chain(input)
             .map_err(FlightError::from);

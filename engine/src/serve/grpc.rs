@@ -1,6 +1,5 @@
 //! The `panes.v1.Features` service.
 
-use std::io::Cursor;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -8,17 +7,19 @@ use arrow_array::{ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema};
 use tonic::{Request, Response, Status, Streaming};
 
+use super::SERVER_TIME_HEADER;
 use super::proto::features_server::Features;
 use super::proto::{
     self, DescribeViewRequest, FeatureDescription, GetFeaturesRequest, GetFeaturesResponse,
     IngestRequest, IngestResponse, ListFeaturesRequest, ListFeaturesResponse, ViewDescription,
     get_features_request, ingest_request,
 };
-use super::{SERVER_TIME_HEADER, Shared, bad_request, status, stream_error};
-use crate::engine::Engine;
+use super::server::Shared;
+use super::status::{bad_request, status, stream_error};
 use crate::error::PanesError;
 use crate::ingest::PushReport;
-use crate::keys::KeyValue;
+use crate::ingest::keys::KeyValue;
+use crate::online::Engine;
 use crate::spec::{ReadTime, ViewSpec, Window};
 
 /// Rejections returned by one `Ingest` call.
@@ -42,11 +43,15 @@ pub(crate) fn keys_of(
 ) -> Result<Vec<KeyValue>, Status> {
     let keys = match keys {
         Some(get_features_request::Keys::StringKeys(k)) => {
-            shared.check_keys(k.keys.len())?;
+            shared
+                .check_keys(k.keys.len())
+                .map_err(|e| status(e, "keys"))?;
             k.keys.into_iter().map(KeyValue::Str).collect()
         }
         Some(get_features_request::Keys::IntKeys(k)) => {
-            shared.check_keys(k.keys.len())?;
+            shared
+                .check_keys(k.keys.len())
+                .map_err(|e| status(e, "keys"))?;
             k.keys
                 .into_iter()
                 .map(|k| KeyValue::Int(k.into()))
@@ -102,7 +107,7 @@ pub(crate) fn describe(engine: &Engine, spec: &ViewSpec) -> ViewDescription {
                     Window::Lifetime => 0,
                 },
                 hop_ms: f.hop,
-                dtype: if f.agg == crate::Agg::Count {
+                dtype: if f.agg == panes_kernels::Agg::Count {
                     "int64"
                 } else {
                     "float64"
@@ -121,11 +126,7 @@ fn batches_of(
 ) -> Result<Vec<RecordBatch>, Status> {
     match payload {
         Some(ingest_request::Payload::ArrowIpc(bytes)) => {
-            let reader = arrow_ipc::reader::StreamReader::try_new(Cursor::new(bytes), None)
-                .map_err(|e| bad_request("arrow_ipc", format!("not an Arrow IPC stream: {e}")))?;
-            reader
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| bad_request("arrow_ipc", format!("malformed Arrow IPC stream: {e}")))
+            crate::ingest::ipc::decode_stream(&bytes).map_err(|e| bad_request("arrow_ipc", e))
         }
         Some(ingest_request::Payload::Rows(rows)) => {
             let spec = &engine.compiled(view).map_err(|e| status(e, "view"))?.spec;
@@ -220,7 +221,7 @@ impl Features for FeaturesService {
         request: Request<GetFeaturesRequest>,
     ) -> Result<Response<GetFeaturesResponse>, Status> {
         let started = Instant::now();
-        let forwarded = request.metadata().contains_key(crate::serve::FORWARDED);
+        let forwarded = request.metadata().contains_key(super::route::FORWARDED);
         let req = request.into_inner();
         let keys = keys_of(&self.shared, req.keys)?;
         check_at(req.at_ms)?;
@@ -282,7 +283,9 @@ impl Features for FeaturesService {
             let engine = self.shared.engine.clone();
             let view = msg.view;
             engine.compiled(&view).map_err(|e| status(e, "view"))?;
-            self.shared.check_pushable(&view)?;
+            self.shared
+                .check_pushable(&view)
+                .map_err(|e| status(e, "view"))?;
             let view_name = view.clone();
             // Decoding runs on the write threads too: a large IPC message must not hold
             // up a tokio thread that reads are waiting for.

@@ -8,7 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::Shared;
+use super::server::Shared;
 
 /// Accepts scrapes until the task is aborted.
 pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
@@ -67,7 +67,7 @@ fn escape(v: &str) -> String {
 }
 
 /// The exposition text of every view.
-pub(crate) fn render(shared: &Shared, engine: &crate::Engine) -> String {
+pub(crate) fn render(shared: &Shared, engine: &crate::online::Engine) -> String {
     let mut out = String::new();
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -99,7 +99,7 @@ pub(crate) fn render(shared: &Shared, engine: &crate::Engine) -> String {
                     name: &str,
                     kind: &str,
                     help: &str,
-                    value: &dyn Fn(&crate::ViewMetrics) -> Option<f64>| {
+                    value: &dyn Fn(&crate::online::ViewMetrics) -> Option<f64>| {
         family(out, name, kind, help);
         for m in &metrics {
             if let Some(x) = value(m) {
@@ -211,22 +211,20 @@ pub(crate) fn render(shared: &Shared, engine: &crate::Engine) -> String {
             );
         }
     }
-    #[cfg(feature = "kafka")]
-    render_kafka(&mut out, shared);
+    render_sources(&mut out, shared);
     out
 }
 
-/// Counters of the Kafka views.
-#[cfg(feature = "kafka")]
-fn render_kafka(out: &mut String, shared: &Shared) {
+/// Counters of the views fed by sources (Kafka: the metric names say so).
+fn render_sources(out: &mut String, shared: &Shared) {
     use std::sync::atomic::Ordering::Relaxed;
 
-    use crate::kafka::{BadMessage, SourceStats};
-    if shared.kafka.is_empty() {
+    use crate::sources::{BadMessage, SourceStats};
+    if shared.sources.is_empty() {
         return;
     }
-    let mut views: Vec<_> = shared.kafka.values().collect();
-    views.sort_by(|a, b| a.name().cmp(b.name()));
+    let mut views: Vec<_> = shared.sources.values().collect();
+    views.sort_by(|a, b| a.spec().name.cmp(&b.spec().name));
     type Counter = (&'static str, &'static str, fn(&SourceStats) -> u64);
     let counters: [Counter; 7] = [
         (
@@ -271,8 +269,8 @@ fn render_kafka(out: &mut String, shared: &Shared) {
             let _ = writeln!(
                 out,
                 "{name}{{view=\"{}\"}} {}",
-                escape(v.name()),
-                value(&v.stats)
+                escape(&v.spec().name),
+                value(v.stats())
             );
         }
     }
@@ -286,9 +284,9 @@ fn render_kafka(out: &mut String, shared: &Shared) {
             let _ = writeln!(
                 out,
                 "{name}{{view=\"{}\",reason=\"{}\"}} {}",
-                escape(v.name()),
+                escape(&v.spec().name),
                 why.name(),
-                v.stats.bad[why as usize].load(Relaxed)
+                v.stats().bad[why as usize].load(Relaxed)
             );
         }
     }
@@ -301,7 +299,7 @@ fn render_kafka(out: &mut String, shared: &Shared) {
         let _ = writeln!(
             out,
             "{name}{{view=\"{}\"}} {}",
-            escape(v.name()),
+            escape(&v.spec().name),
             v.owned().len()
         );
     }

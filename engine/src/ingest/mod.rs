@@ -12,10 +12,17 @@ use arrow_array::types::*;
 use arrow_array::{Array, RecordBatch};
 use arrow_schema::{DataType, TimeUnit};
 
-use crate::error::{PanesError, Result};
-use crate::keys::{KeyColumn, KeyIndex};
-use crate::view::CompiledView;
+pub mod ipc;
+pub mod keys;
+mod view_core;
+
 use panes_kernels::MAX_TIME_MS;
+
+pub(crate) use view_core::ViewCore;
+
+use crate::error::{PanesError, Result};
+use crate::spec::CompiledView;
+use keys::{KeyColumn, KeyIndex};
 
 /// Why a row was rejected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -90,14 +90,16 @@ pub fn read_file(path: &Path) -> Result<(SchemaRef, Vec<RecordBatch>)> {
             (schema, r.collect())
         }
         Format::IpcFile => {
-            let r = arrow_ipc::reader::FileReader::try_new(BufReader::new(file), None)
-                .map_err(|e| err(&e))?;
-            (r.schema(), r.collect())
+            let len = file.metadata().map_err(|e| err(&e))?.len();
+            let (schema, batches) =
+                crate::ingest::ipc::read_file(BufReader::new(file), len).map_err(|e| err(&e))?;
+            (schema, Ok(batches))
         }
         Format::IpcStream => {
-            let r = arrow_ipc::reader::StreamReader::try_new(BufReader::new(file), None)
-                .map_err(|e| err(&e))?;
-            (r.schema(), r.collect())
+            let len = file.metadata().map_err(|e| err(&e))?.len();
+            let (schema, batches) =
+                crate::ingest::ipc::read_stream(BufReader::new(file), len).map_err(|e| err(&e))?;
+            (schema, Ok(batches))
         }
     };
     Ok((schema, batches.map_err(|e| err(&e))?))

@@ -20,12 +20,13 @@ use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use indicatif::{ProgressBar, ProgressStyle};
 use panes_kernels::{Agg, Backend, FoldBatch, MergeOutput, ReadStatus};
 
-use crate::engine::{feature_column, feature_field};
 use crate::error::{PanesError, Result};
+use crate::ingest::ViewCore;
+use crate::ingest::keys::KeyColumn;
 use crate::ingest::{Decoded, PushReport, TimeColumn, ViewCounters};
-use crate::keys::KeyColumn;
-use crate::spec::FeatureFile;
-use crate::view::{CompiledView, ViewCore};
+use crate::online::{feature_column, feature_field};
+use crate::spec::CompiledView;
+use crate::spec::{FeatureFile, ViewSpec};
 
 /// How a backfill runs.
 #[derive(Clone, Debug)]
@@ -132,55 +133,10 @@ pub fn backfill(
         spine_rows: rows,
         ..Default::default()
     };
-    if spine_schema.field_with_name(&options.at_column).is_err() {
-        return Err(PanesError::Invalid(format!(
-            "the spine has no time column {:?} (set it with --at-column); its columns are [{}]",
-            options.at_column,
-            field_names(spine_schema)
-        )));
-    }
-    let at = spine_times(spine, &options.at_column)?;
-    report.spine_rows_without_time = at.iter().filter(|t| t.is_none()).count();
-    let mut order: Vec<u32> = (0..rows as u32)
-        .filter(|&r| at[r as usize].is_some())
-        .collect();
-    order.sort_by_key(|&r| at[r as usize]);
-
-    let views: Vec<_> = file
-        .views
-        .iter()
-        .filter(|v| {
-            let has = spine_schema.field_with_name(&v.key).is_ok();
-            if !has {
-                report.skipped_views.push(v.name.clone());
-            }
-            has
-        })
-        .collect();
-    if views.is_empty() {
-        return Err(PanesError::Invalid(format!(
-            "the spine has none of the views' key columns ({}); its columns are [{}]",
-            file.views
-                .iter()
-                .map(|v| format!("{:?}", v.key))
-                .collect::<Vec<_>>()
-                .join(", "),
-            field_names(spine_schema)
-        )));
-    }
-
-    let progress = if options.progress {
-        let pb = ProgressBar::new((rows * views.len()) as u64);
-        pb.set_style(
-            ProgressStyle::with_template(
-                "{msg} [{bar:40}] {human_pos}/{human_len} spine rows ({eta})",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        pb
-    } else {
-        ProgressBar::hidden()
-    };
+    let times = SpineTimes::new(spine_schema, spine, &options.at_column)?;
+    report.spine_rows_without_time = times.at.iter().filter(|t| t.is_none()).count();
+    let views = views_on_spine(file, spine_schema, &mut report)?;
+    let progress = progress_bar(options.progress, (rows * views.len()) as u64);
 
     let mut fields: Vec<Field> = spine_schema
         .fields()
@@ -203,71 +159,20 @@ pub fn backfill(
                     .extend(dead_letters(&spec.name, b, &pushed)?);
             }
         }
-        let events = std::mem::replace(&mut core.pending, Decoded::new(view.columns.len()));
-        core.pending_since = None;
-        let events = sort_by_time(events);
-
-        let ids = spine_ids(&core, &view, spine)?;
-        let nf = view.merges.len();
-        let mut values = vec![f64::NAN; rows * nf];
-        let mut valid = vec![false; rows * nf];
-        let mut out = MergeOutput::default();
-        let mut group_ids = Vec::new();
-        let mut folded = 0usize;
-        let mut g = 0;
-        while g < order.len() {
-            let t = at[order[g] as usize].unwrap_or_default();
-            let h = g + order[g..].partition_point(|&r| at[r as usize] == Some(t));
-            let end = folded + events.ts[folded..].partition_point(|&ts| ts <= t);
-            if end > folded {
-                let vals: Vec<&[f64]> = events.values.iter().map(|v| &v[folded..end]).collect();
-                let batch = FoldBatch {
-                    ids: &events.ids[folded..end],
-                    ts: &events.ts[folded..end],
-                    values: &vals,
-                };
-                let stats = backend.fold(&mut core.state, &batch)?;
-                core.counters.expired += stats.expired;
-                folded = end;
-            }
-            group_ids.clear();
-            group_ids.extend(order[g..h].iter().map(|&r| ids[r as usize]));
-            backend.merge(&core.state, &view.merges, &group_ids, t, &mut out)?;
-            if let Some(k) = out.status.iter().position(|s| *s != ReadStatus::Exact) {
-                return Err(PanesError::Internal(format!(
-                    "backfill read of spine row {} at {t} was not exact ({:?})",
-                    order[g + k],
-                    out.status[k]
-                )));
-            }
-            for (k, &r) in order[g..h].iter().enumerate() {
-                let r = r as usize;
-                values[r * nf..(r + 1) * nf].copy_from_slice(&out.values[k * nf..(k + 1) * nf]);
-                valid[r * nf..(r + 1) * nf].copy_from_slice(&out.valid[k * nf..(k + 1) * nf]);
-            }
-            progress.inc((h - g) as u64);
-            g = h;
-        }
+        let values = replay(&view, &mut core, spine, &times, backend.as_ref(), &progress)?;
         progress.inc(report.spine_rows_without_time as u64);
-
-        for (f, feat) in spine_features(&view).enumerate() {
-            if fields.iter().any(|x| x.name() == &feat.0) {
+        for (f, (name, agg)) in spine_features(&view).enumerate() {
+            if fields.iter().any(|x| x.name() == &name) {
                 return Err(PanesError::Invalid(format!(
-                    "feature {:?} has the name of a spine column; rename the feature or the column",
-                    feat.0
+                    "feature {name:?} has the name of a spine column; rename the feature or the column"
                 )));
             }
-            fields.push(feature_field(&feat.0, feat.1));
+            fields.push(feature_field(&name, agg));
             let mut start = 0;
             for (b, cols) in spine.iter().zip(columns.iter_mut()) {
-                let n = b.num_rows();
-                let range = start..start + n;
-                start += n;
-                let col = feature_column(
-                    feat.1,
-                    range.map(|r| (values[r * nf + f], valid[r * nf + f])),
-                );
-                cols.push(col);
+                let range = start..start + b.num_rows();
+                start = range.end;
+                cols.push(feature_column(agg, range.map(|r| values.get(r, f))));
             }
         }
         report
@@ -285,6 +190,146 @@ pub fn backfill(
         .map(|cols| RecordBatch::try_new(schema.clone(), cols))
         .collect::<std::result::Result<Vec<_>, _>>()?;
     Ok((schema, batches, report))
+}
+
+/// The spine's read times, and its rows with a time in time order.
+struct SpineTimes {
+    /// Per spine row (in spine order): its time, `None` when null.
+    at: Vec<Option<i64>>,
+    /// Rows with a time, sorted by it (stable: spine order among equal times).
+    order: Vec<u32>,
+}
+
+impl SpineTimes {
+    fn new(schema: &SchemaRef, spine: &[RecordBatch], at_column: &str) -> Result<Self> {
+        if schema.field_with_name(at_column).is_err() {
+            return Err(PanesError::Invalid(format!(
+                "the spine has no time column {at_column:?} (set it with --at-column); its columns are [{}]",
+                field_names(schema)
+            )));
+        }
+        let at = spine_times(spine, at_column)?;
+        let mut order: Vec<u32> = (0..at.len() as u32)
+            .filter(|&r| at[r as usize].is_some())
+            .collect();
+        order.sort_by_key(|&r| at[r as usize]);
+        Ok(SpineTimes { at, order })
+    }
+}
+
+/// The views whose key column the spine has; the others are listed in `report`.
+fn views_on_spine<'a>(
+    file: &'a FeatureFile,
+    spine_schema: &Schema,
+    report: &mut BackfillReport,
+) -> Result<Vec<&'a ViewSpec>> {
+    let (views, skipped): (Vec<_>, Vec<_>) = file
+        .views
+        .iter()
+        .partition(|v| spine_schema.field_with_name(&v.key).is_ok());
+    report
+        .skipped_views
+        .extend(skipped.iter().map(|v| v.name.clone()));
+    if views.is_empty() {
+        return Err(PanesError::Invalid(format!(
+            "the spine has none of the views' key columns ({}); its columns are [{}]",
+            file.views
+                .iter()
+                .map(|v| format!("{:?}", v.key))
+                .collect::<Vec<_>>()
+                .join(", "),
+            field_names(spine_schema)
+        )));
+    }
+    Ok(views)
+}
+
+fn progress_bar(shown: bool, spine_rows: u64) -> ProgressBar {
+    if !shown {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(spine_rows);
+    pb.set_style(
+        ProgressStyle::with_template("{msg} [{bar:40}] {human_pos}/{human_len} spine rows ({eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb
+}
+
+/// Feature values of every spine row of one view, row-major (`features` per row).
+struct SpineValues {
+    features: usize,
+    values: Vec<f64>,
+    valid: Vec<bool>,
+}
+
+impl SpineValues {
+    fn get(&self, row: usize, feature: usize) -> (f64, bool) {
+        let i = row * self.features + feature;
+        (self.values[i], self.valid[i])
+    }
+}
+
+/// Replays the view's accepted events (already ingested into `core.pending`, with the
+/// lateness rules applied in arrival order) in time order, and reads each group of
+/// spine rows with the same time once every event at or before it is folded.
+fn replay(
+    view: &CompiledView,
+    core: &mut ViewCore,
+    spine: &[RecordBatch],
+    times: &SpineTimes,
+    backend: &dyn Backend,
+    progress: &ProgressBar,
+) -> Result<SpineValues> {
+    let events = std::mem::replace(&mut core.pending, Decoded::new(view.columns.len()));
+    core.pending_since = None;
+    let events = sort_by_time(events);
+    let ids = spine_ids(core, view, spine)?;
+    let (at, order) = (&times.at, &times.order);
+    let nf = view.merges.len();
+    let mut out_values = SpineValues {
+        features: nf,
+        values: vec![f64::NAN; at.len() * nf],
+        valid: vec![false; at.len() * nf],
+    };
+    let mut out = MergeOutput::default();
+    let mut group_ids = Vec::new();
+    let mut folded = 0usize;
+    let mut g = 0;
+    while g < order.len() {
+        let t = at[order[g] as usize].unwrap_or_default();
+        let h = g + order[g..].partition_point(|&r| at[r as usize] == Some(t));
+        let end = folded + events.ts[folded..].partition_point(|&ts| ts <= t);
+        if end > folded {
+            let vals: Vec<&[f64]> = events.values.iter().map(|v| &v[folded..end]).collect();
+            let batch = FoldBatch {
+                ids: &events.ids[folded..end],
+                ts: &events.ts[folded..end],
+                values: &vals,
+            };
+            let stats = backend.fold(&mut core.state, &batch)?;
+            core.counters.expired += stats.expired;
+            folded = end;
+        }
+        group_ids.clear();
+        group_ids.extend(order[g..h].iter().map(|&r| ids[r as usize]));
+        backend.merge(&core.state, &view.merges, &group_ids, t, &mut out)?;
+        if let Some(k) = out.status.iter().position(|s| *s != ReadStatus::Exact) {
+            return Err(PanesError::Internal(format!(
+                "backfill read of spine row {} at {t} was not exact ({:?})",
+                order[g + k],
+                out.status[k]
+            )));
+        }
+        for (k, &r) in order[g..h].iter().enumerate() {
+            let (r, o) = (r as usize * nf..(r as usize + 1) * nf, k * nf..(k + 1) * nf);
+            out_values.values[r.clone()].copy_from_slice(&out.values[o.clone()]);
+            out_values.valid[r].copy_from_slice(&out.valid[o]);
+        }
+        progress.inc((h - g) as u64);
+        g = h;
+    }
+    Ok(out_values)
 }
 
 fn spine_features(view: &CompiledView) -> impl Iterator<Item = (String, Agg)> + '_ {

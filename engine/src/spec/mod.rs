@@ -16,14 +16,17 @@
 //! hop = "5m"
 //! ```
 
-use std::collections::HashSet;
+mod compile;
+mod parse;
+
 use std::fmt::Write as _;
 use std::path::Path;
 
 use panes_kernels::Agg;
-use serde::Deserialize;
 
-use crate::error::{PanesError, Result, SpecError, SpecIssue};
+pub use compile::CompiledView;
+
+use crate::error::{PanesError, Result};
 
 /// Largest number of panes a window (or the lateness bound) may span at its hop.
 /// Each pane costs `fields × 8` bytes per key, so larger rings are almost always a
@@ -130,49 +133,6 @@ pub struct FeatureFile {
     pub views: Vec<ViewSpec>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawFile {
-    views: Option<Vec<RawView>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawView {
-    name: Option<String>,
-    key: Option<String>,
-    time: Option<String>,
-    pane: Option<String>,
-    allowed_lateness: Option<String>,
-    read_time: Option<String>,
-    source: Option<RawSource>,
-    features: Option<Vec<RawFeature>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawSource {
-    kind: Option<String>,
-    brokers: Option<String>,
-    topic: Option<String>,
-    group: Option<String>,
-    format: Option<String>,
-    key_column: Option<String>,
-    dead_letter_topic: Option<String>,
-    #[serde(default)]
-    properties: std::collections::BTreeMap<String, String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawFeature {
-    name: Option<String>,
-    agg: Option<String>,
-    column: Option<String>,
-    window: Option<String>,
-    hop: Option<String>,
-}
-
 /// Parses a duration: a positive integer and a unit (`ms`, `s`, `m`, `h`, `d`), e.g. `90s`.
 ///
 /// # Errors
@@ -218,56 +178,6 @@ pub fn format_duration(ms: i64) -> String {
     format!("{ms}ms")
 }
 
-struct Collector {
-    issues: Vec<SpecIssue>,
-}
-
-impl Collector {
-    fn push(&mut self, location: &str, field: &str, message: impl Into<String>) {
-        self.issues.push(SpecIssue {
-            location: location.to_string(),
-            field: field.to_string(),
-            message: message.into(),
-        });
-    }
-
-    fn required(&mut self, location: &str, field: &str, v: Option<String>) -> String {
-        match v {
-            Some(v) if !v.trim().is_empty() => v,
-            Some(_) => {
-                self.push(location, field, "must not be empty");
-                String::new()
-            }
-            None => {
-                self.push(location, field, "is required");
-                String::new()
-            }
-        }
-    }
-
-    fn duration(
-        &mut self,
-        location: &str,
-        field: &str,
-        v: Option<&str>,
-        default: i64,
-        positive: bool,
-    ) -> i64 {
-        let Some(v) = v else { return default };
-        match parse_duration(v) {
-            Ok(0) if positive => {
-                self.push(location, field, format!("must be positive, got {v:?}"));
-                default
-            }
-            Ok(ms) => ms,
-            Err(e) => {
-                self.push(location, field, e);
-                default
-            }
-        }
-    }
-}
-
 impl FeatureFile {
     /// Reads and validates a feature file.
     ///
@@ -279,234 +189,12 @@ impl FeatureFile {
         let text = std::fs::read_to_string(path).map_err(|e| PanesError::file(path, e))?;
         Self::parse(&text, &path.display().to_string())
     }
-
     /// Parses and validates feature definitions; `origin` names them in errors.
     ///
     /// # Errors
     /// [`PanesError::Spec`] listing every problem found.
     pub fn parse(text: &str, origin: &str) -> Result<Self> {
-        let raw: RawFile = toml::from_str(text).map_err(|e| SpecError {
-            origin: origin.to_string(),
-            issues: vec![SpecIssue {
-                location: String::new(),
-                field: String::new(),
-                message: format!("not a valid feature file: {}", e.to_string().trim_end()),
-            }],
-        })?;
-        let mut c = Collector { issues: Vec::new() };
-        let mut views = Vec::new();
-        let mut view_names = HashSet::new();
-        let mut feature_names = HashSet::new();
-        let raw_views = raw.views.unwrap_or_default();
-        if raw_views.is_empty() {
-            c.push(
-                "",
-                "views",
-                "the file defines no view; add a [[views]] table",
-            );
-        }
-        for (vi, rv) in raw_views.into_iter().enumerate() {
-            let vloc = match &rv.name {
-                Some(n) => format!("view {n:?}"),
-                None => format!("view #{}", vi + 1),
-            };
-            let name = c.required(&vloc, "name", rv.name);
-            if !name.is_empty() && !view_names.insert(name.clone()) {
-                c.push(&vloc, "name", "duplicate view name");
-            }
-            let key = c.required(&vloc, "key", rv.key);
-            let time = c.required(&vloc, "time", rv.time);
-            let pane = c.duration(&vloc, "pane", rv.pane.as_deref(), 1_000, true);
-            let allowed_lateness = c.duration(
-                &vloc,
-                "allowed_lateness",
-                rv.allowed_lateness.as_deref(),
-                0,
-                false,
-            );
-            let read_time = match rv.read_time.as_deref() {
-                None | Some("event_time") => ReadTime::EventTime,
-                Some("wall_clock") => ReadTime::WallClock,
-                Some(o) => {
-                    c.push(
-                        &vloc,
-                        "read_time",
-                        format!(
-                            "unknown read time {o:?}; expected \"event_time\" or \"wall_clock\""
-                        ),
-                    );
-                    ReadTime::EventTime
-                }
-            };
-            if !key.is_empty() && key == time {
-                c.push(
-                    &vloc,
-                    "time",
-                    "the time column must differ from the key column",
-                );
-            }
-            let source = rv.source.map(|rs| {
-                let sloc = format!("{vloc} source");
-                match rs.kind.as_deref() {
-                    Some("kafka") => {}
-                    Some(o) => c.push(
-                        &sloc,
-                        "kind",
-                        format!("unknown source kind {o:?}; expected \"kafka\""),
-                    ),
-                    None => c.push(&sloc, "kind", "is required (\"kafka\")"),
-                }
-                let format = match rs.format.as_deref() {
-                    None | Some("json") => PayloadFormat::Json,
-                    Some("arrow-ipc") => PayloadFormat::ArrowIpc,
-                    Some(o) => {
-                        c.push(
-                            &sloc,
-                            "format",
-                            format!(
-                                "unknown payload format {o:?}; expected \"json\" or \"arrow-ipc\""
-                            ),
-                        );
-                        PayloadFormat::Json
-                    }
-                };
-                SourceSpec {
-                    brokers: c.required(&sloc, "brokers", rs.brokers),
-                    topic: c.required(&sloc, "topic", rs.topic),
-                    group: c.required(&sloc, "group", rs.group),
-                    format,
-                    key_column: rs.key_column,
-                    dead_letter_topic: rs.dead_letter_topic,
-                    properties: rs.properties,
-                }
-            });
-            let mut features = Vec::new();
-            let raw_features = rv.features.unwrap_or_default();
-            if raw_features.is_empty() {
-                c.push(
-                    &vloc,
-                    "features",
-                    "the view has no feature; add [[views.features]] tables",
-                );
-            }
-            for (fi, rf) in raw_features.into_iter().enumerate() {
-                let floc = match &rf.name {
-                    Some(n) => format!("{vloc} feature {n:?}"),
-                    None => format!("{vloc} feature #{}", fi + 1),
-                };
-                let fname = c.required(&floc, "name", rf.name);
-                if !fname.is_empty() && !feature_names.insert(fname.clone()) {
-                    c.push(
-                        &floc,
-                        "name",
-                        "duplicate feature name (names are unique across the file)",
-                    );
-                }
-                let agg_s = c.required(&floc, "agg", rf.agg);
-                let agg = match agg_s.parse::<Agg>() {
-                    Ok(a) => Some(a),
-                    Err(e) => {
-                        if !agg_s.is_empty() {
-                            c.push(&floc, "agg", e);
-                        }
-                        None
-                    }
-                };
-                let column = rf.column.filter(|s| !s.trim().is_empty());
-                if let (Some(a), None) = (agg, &column)
-                    && a.needs_column()
-                {
-                    c.push(&floc, "column", format!("`{a}` needs a value column"));
-                }
-                if let Some(col) = &column
-                    && col == &time
-                {
-                    c.push(&floc, "column", "the time column cannot be aggregated");
-                }
-                let hop = c.duration(&floc, "hop", rf.hop.as_deref(), pane, true);
-                let window = match rf.window.as_deref() {
-                    None => {
-                        c.push(
-                            &floc,
-                            "window",
-                            "is required: a duration such as \"5m\", or \"lifetime\"",
-                        );
-                        Window::Lifetime
-                    }
-                    Some("lifetime") => Window::Lifetime,
-                    Some(w) => match parse_duration(w) {
-                        Ok(0) => {
-                            c.push(&floc, "window", "must be positive");
-                            Window::Lifetime
-                        }
-                        Ok(ms) => {
-                            if ms % hop != 0 {
-                                c.push(
-                                    &floc,
-                                    "window",
-                                    format!(
-                                        "window {w} is not a multiple of the hop {}",
-                                        format_duration(hop)
-                                    ),
-                                );
-                            } else if ms / hop > MAX_PANES {
-                                c.push(
-                                    &floc,
-                                    "window",
-                                    format!(
-                                        "window {w} spans {} panes of {}; at most {MAX_PANES} are allowed: use a larger hop",
-                                        ms / hop,
-                                        format_duration(hop)
-                                    ),
-                                );
-                            }
-                            Window::Duration(ms)
-                        }
-                        Err(e) => {
-                            c.push(&floc, "window", format!("{e}, or \"lifetime\""));
-                            Window::Lifetime
-                        }
-                    },
-                };
-                if allowed_lateness / hop > MAX_PANES {
-                    c.push(
-                        &floc,
-                        "hop",
-                        format!(
-                            "the view's allowed_lateness spans more than {MAX_PANES} panes of {}; use a larger hop",
-                            format_duration(hop)
-                        ),
-                    );
-                }
-                if let Some(agg) = agg {
-                    features.push(FeatureSpec {
-                        name: fname,
-                        agg,
-                        column,
-                        window,
-                        hop,
-                    });
-                }
-            }
-            views.push(ViewSpec {
-                name,
-                key,
-                time,
-                pane,
-                allowed_lateness,
-                read_time,
-                features,
-                source,
-            });
-        }
-        if !c.issues.is_empty() {
-            return Err(SpecError {
-                origin: origin.to_string(),
-                issues: c.issues,
-            }
-            .into());
-        }
-        Ok(FeatureFile { views })
+        parse::parse(text, origin)
     }
 
     /// The file as TOML; parsing it gives back an equal `FeatureFile`.

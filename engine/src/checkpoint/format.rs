@@ -1,0 +1,319 @@
+//! The checkpoint file format (see the module docs of [`crate::checkpoint`]): encoding a
+//! view's core, and decoding it with every length checked against the bytes present.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use panes_kernels::{LevelImage, PaneState};
+
+use super::{CheckpointInfo, SourcePosition};
+use crate::error::Result;
+use crate::ingest::ViewCore;
+use crate::ingest::keys::{KeyImage, KeyIndex};
+use crate::spec::{CompiledView, FeatureFile};
+
+const MAGIC: &[u8; 8] = b"PANESCKP";
+const END: &[u8; 8] = b"PANESEND";
+/// The format version this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// FNV-1a over the view's definition (without its source): what a checkpoint must
+/// match to be restored.
+fn fingerprint(view: &CompiledView) -> u64 {
+    let mut spec = view.spec.clone();
+    spec.source = None;
+    crate::ingest::keys::fnv1a(FeatureFile { views: vec![spec] }.to_toml().as_bytes())
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+struct Out(Vec<u8>);
+
+impl Out {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn i64(&mut self, v: i64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn len(&mut self, n: usize) {
+        self.u32(n as u32);
+    }
+    fn str(&mut self, s: &str) {
+        self.len(s.len());
+        self.0.extend_from_slice(s.as_bytes());
+    }
+    fn opt(&mut self, v: Option<i64>) {
+        self.u8(v.is_some() as u8);
+        self.i64(v.unwrap_or(0));
+    }
+    fn f64s(&mut self, v: &[f64]) {
+        self.u64(v.len() as u64);
+        self.0.reserve(v.len() * 8);
+        for x in v {
+            self.0.extend_from_slice(&x.to_bits().to_le_bytes());
+        }
+    }
+}
+
+struct In<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+type Parse<T> = std::result::Result<T, String>;
+
+impl<'a> In<'a> {
+    fn take(&mut self, n: usize) -> Parse<&'a [u8]> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&e| e <= self.bytes.len())
+            .ok_or_else(|| format!("truncated: {n} bytes expected at byte {}", self.at))?;
+        let s = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+    fn array<const N: usize>(&mut self) -> Parse<[u8; N]> {
+        Ok(self.take(N)?.try_into().expect("length checked"))
+    }
+    fn u8(&mut self) -> Parse<u8> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Parse<u32> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+    fn i32(&mut self) -> Parse<i32> {
+        Ok(i32::from_le_bytes(self.array()?))
+    }
+    fn u64(&mut self) -> Parse<u64> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+    fn i64(&mut self) -> Parse<i64> {
+        Ok(i64::from_le_bytes(self.array()?))
+    }
+    /// A count of items of at least `min_size` bytes each, checked against the bytes left.
+    fn count(&mut self, wide: bool, min_size: usize) -> Parse<usize> {
+        let n = if wide {
+            self.u64()?
+        } else {
+            self.u32()? as u64
+        };
+        let left = (self.bytes.len() - self.at) as u64;
+        if n.saturating_mul(min_size as u64) > left {
+            return Err(format!(
+                "truncated: {n} items announced at byte {}, {left} bytes left",
+                self.at
+            ));
+        }
+        Ok(n as usize)
+    }
+    fn str(&mut self) -> Parse<&'a str> {
+        let n = self.count(false, 1)?;
+        std::str::from_utf8(self.take(n)?).map_err(|e| format!("invalid UTF-8 string: {e}"))
+    }
+    fn opt(&mut self) -> Parse<Option<i64>> {
+        let present = self.u8()?;
+        let v = self.i64()?;
+        Ok((present != 0).then_some(v))
+    }
+    fn f64s(&mut self) -> Parse<Vec<f64>> {
+        let n = self.count(true, 8)?;
+        Ok(self
+            .take(n * 8)?
+            .chunks_exact(8)
+            .map(|c| f64::from_bits(u64::from_le_bytes(c.try_into().expect("8 bytes"))))
+            .collect())
+    }
+}
+
+/// Encodes a settled core (nothing pending) of `view` with the source `positions`.
+pub(crate) fn encode(
+    view: &CompiledView,
+    core: &ViewCore,
+    positions: &[SourcePosition],
+) -> Result<Vec<u8>> {
+    crate::error::ensure!(
+        core.pending.is_empty(),
+        "view {:?}: a checkpoint needs a settled view",
+        view.spec.name
+    );
+    let levels = core.state.export()?;
+    let mut o = Out(Vec::with_capacity(
+        64 + levels
+            .iter()
+            .map(|l| 8 * (l.ring.len() + l.base.len()))
+            .sum::<usize>(),
+    ));
+    o.0.extend_from_slice(MAGIC);
+    o.u32(FORMAT_VERSION);
+    o.str(&view.spec.name);
+    o.u64(fingerprint(view));
+    o.i64(now_ms());
+    o.len(positions.len());
+    for p in positions {
+        o.0.extend_from_slice(&p.partition.to_le_bytes());
+        o.i64(p.next_offset);
+    }
+    o.opt(core.max_ts);
+    o.opt(core.folded_max_ts);
+    o.u64(core.folded);
+    let c = &core.counters;
+    for v in [c.accepted, c.late].into_iter().chain(c.rejected).chain([
+        c.null_values,
+        c.nan_values,
+        c.expired,
+    ]) {
+        o.u64(v);
+    }
+    let keys = core.keys.image();
+    o.len(keys.next_local.len());
+    keys.next_local.iter().for_each(|&n| o.u32(n));
+    o.len(keys.ints.len());
+    for &(k, id) in &keys.ints {
+        o.i64(k);
+        o.u32(id);
+    }
+    o.len(keys.big.len());
+    for &(k, id) in &keys.big {
+        o.u64(k);
+        o.u32(id);
+    }
+    o.len(keys.strs.len());
+    for (k, id) in &keys.strs {
+        o.str(k);
+        o.u32(*id);
+    }
+    o.u64(core.latest.len() as u64);
+    core.latest.iter().for_each(|&t| o.i64(t));
+    o.len(levels.len());
+    for l in &levels {
+        o.u64(l.slots as u64);
+        o.f64s(&l.ring);
+        o.f64s(&l.base);
+    }
+    let crc = crc32fast::hash(&o.0);
+    o.u32(crc);
+    o.0.extend_from_slice(END);
+    Ok(o.0)
+}
+
+/// Decodes a checkpoint of `view` into a fresh core, or says what is wrong with it.
+pub(crate) fn decode(view: &CompiledView, bytes: &[u8]) -> Parse<(ViewCore, CheckpointInfo)> {
+    let tail = MAGIC.len() + 4;
+    if bytes.len() < MAGIC.len() + 4 + tail || &bytes[..MAGIC.len()] != MAGIC {
+        return Err("not a Panes checkpoint (bad magic or too short)".into());
+    }
+    if &bytes[bytes.len() - END.len()..] != END {
+        return Err("truncated: the end marker is missing".into());
+    }
+    let body = &bytes[..bytes.len() - tail];
+    let stored = u32::from_le_bytes(
+        bytes[body.len()..body.len() + 4]
+            .try_into()
+            .expect("4 bytes"),
+    );
+    let computed = crc32fast::hash(body);
+    if stored != computed {
+        return Err(format!(
+            "checksum mismatch: stored {stored:#010x}, computed {computed:#010x}"
+        ));
+    }
+    let mut i = In {
+        bytes: body,
+        at: MAGIC.len(),
+    };
+    let version = i.u32()?;
+    if version != FORMAT_VERSION {
+        return Err(format!(
+            "format version {version}; this build reads version {FORMAT_VERSION}"
+        ));
+    }
+    let name = i.str()?;
+    if name != view.spec.name {
+        return Err(format!(
+            "written for view {name:?}, not {:?}",
+            view.spec.name
+        ));
+    }
+    if i.u64()? != fingerprint(view) {
+        return Err(format!(
+            "written for a different definition of view {name:?} (its features, key, time, panes or lateness changed)"
+        ));
+    }
+    let created_ms = i.i64()?;
+    let n = i.count(false, 12)?;
+    let mut positions = Vec::with_capacity(n);
+    for _ in 0..n {
+        positions.push(SourcePosition {
+            partition: i.i32()?,
+            next_offset: i.i64()?,
+        });
+    }
+    let mut core = ViewCore::new(view).map_err(|e| e.to_string())?;
+    core.max_ts = i.opt()?;
+    core.folded_max_ts = i.opt()?;
+    core.folded = i.u64()?;
+    let c = &mut core.counters;
+    c.accepted = i.u64()?;
+    c.late = i.u64()?;
+    for r in &mut c.rejected {
+        *r = i.u64()?;
+    }
+    c.null_values = i.u64()?;
+    c.nan_values = i.u64()?;
+    c.expired = i.u64()?;
+    let mut keys = KeyImage::default();
+    let n = i.count(false, 4)?;
+    for _ in 0..n {
+        keys.next_local.push(i.u32()?);
+    }
+    let n = i.count(false, 12)?;
+    for _ in 0..n {
+        keys.ints.push((i.i64()?, i.u32()?));
+    }
+    let n = i.count(false, 12)?;
+    for _ in 0..n {
+        keys.big.push((i.u64()?, i.u32()?));
+    }
+    let n = i.count(false, 8)?;
+    for _ in 0..n {
+        keys.strs.push((i.str()?.into(), i.u32()?));
+    }
+    core.keys = KeyIndex::from_image(keys, view.state.shards).map_err(|e| e.to_string())?;
+    let n = i.count(true, 8)?;
+    core.latest = (0..n).map(|_| i.i64()).collect::<Parse<_>>()?;
+    let n = i.count(false, 24)?;
+    let mut levels = Vec::with_capacity(n);
+    for _ in 0..n {
+        levels.push(LevelImage {
+            slots: i.u64()? as usize,
+            ring: i.f64s()?,
+            base: i.f64s()?,
+        });
+    }
+    if i.at != body.len() {
+        return Err(format!(
+            "{} unread bytes before the checksum",
+            body.len() - i.at
+        ));
+    }
+    core.state = PaneState::import(view.state.clone(), levels).map_err(|e| e.to_string())?;
+    let info = CheckpointInfo {
+        path: None,
+        created_ms,
+        positions,
+        folded: core.folded,
+    };
+    Ok((core, info))
+}

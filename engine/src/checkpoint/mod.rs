@@ -1,0 +1,261 @@
+//! Checkpoints: the state of one view, its watermark, its counters and the source
+//! positions that state covers, in one self-checking file.
+//!
+//! # File format (version 1)
+//! All integers little-endian. A file is
+//!
+//! ```text
+//! magic    8 bytes  "PANESCKP"
+//! version  u32      1
+//! body     (below)
+//! crc32    u32      CRC-32 (IEEE) of every byte before it, magic included
+//! end      8 bytes  "PANESEND"
+//! ```
+//!
+//! and the body, in order: the view name (`str` = u32 length + UTF-8); the definition
+//! fingerprint (u64, FNV-1a of the view's features as TOML: a checkpoint is never
+//! restored into a view defined differently); the creation time (i64, epoch ms); the
+//! source positions (u32 count, then per partition i32 partition + i64 next offset);
+//! the watermark inputs `max_ts` and `folded_max_ts` (u8 present + i64 each); events
+//! folded (u64); the counters (accepted, late, four rejection reasons, null values,
+//! NaN values, expired: u64 each); the key index (u32 shard count + u32 next slot per
+//! shard; integer keys: u32 count + (i64 key, u32 id) each; unsigned keys above
+//! `i64::MAX`: the same with u64; string keys: u32 count + (str, u32 id) each); the
+//! per-key latest event time (u64 count + i64 each); the pane state (u32 level images,
+//! shard-major, each u64 slots + u64 count + f64 ring cells + u64 count + f64 base cells).
+//!
+//! A checkpoint is written to a temporary file, fsynced, renamed into place and the
+//! directory fsynced: a crash leaves either the old set of files or the new one.
+//! Restoring reads the newest file and falls back to older ones when a file is
+//! truncated, fails its checksum, or does not match the view's definition; each
+//! skipped file is reported with the reason.
+
+mod format;
+mod store;
+
+use std::path::PathBuf;
+
+pub use format::FORMAT_VERSION;
+pub(crate) use format::{decode, encode};
+pub use store::CheckpointDir;
+pub(crate) use store::write_atomic;
+
+/// Where a source stood when a checkpoint was taken: the next offset to read from
+/// each partition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SourcePosition {
+    /// Partition number.
+    pub partition: i32,
+    /// Offset of the first message the checkpoint does not contain.
+    pub next_offset: i64,
+}
+
+/// What a restored checkpoint says about itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckpointInfo {
+    /// The file restored.
+    pub path: Option<PathBuf>,
+    /// When it was written, epoch ms.
+    pub created_ms: i64,
+    /// The source positions it covers.
+    pub positions: Vec<SourcePosition>,
+    /// Events folded into the state it holds.
+    pub folded: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow_array::{Float64Array, Int64Array, RecordBatch, StringArray};
+
+    use super::*;
+    use crate::{Engine, EngineOptions, FeatureFile};
+
+    const FILE: &str = r#"
+[[views]]
+name = "cards"
+key = "card"
+time = "ts"
+allowed_lateness = "5s"
+[[views.features]]
+name = "n"
+agg = "count"
+window = "lifetime"
+[[views.features]]
+name = "amount_mean_1m"
+agg = "mean"
+column = "amount"
+window = "1m"
+hop = "10s"
+[[views.features]]
+name = "amount_last"
+agg = "last"
+column = "amount"
+window = "lifetime"
+"#;
+
+    fn engine() -> Engine {
+        let file = FeatureFile::parse(FILE, "test").unwrap();
+        let options = EngineOptions {
+            batch_rows: 64,
+            ..EngineOptions::default()
+        };
+        Engine::new(&file, options).unwrap()
+    }
+
+    fn batch(from: i64, n: i64) -> RecordBatch {
+        let keys: Vec<String> = (from..from + n).map(|i| format!("c{}", i % 37)).collect();
+        RecordBatch::try_from_iter([
+            ("card", Arc::new(StringArray::from(keys)) as _),
+            (
+                "ts",
+                Arc::new(Int64Array::from_iter_values(
+                    (from..from + n).map(|i| i * 97 - (i % 5) * 1_500),
+                )) as _,
+            ),
+            (
+                "amount",
+                Arc::new(Float64Array::from_iter_values(
+                    (from..from + n).map(|i| (i % 13) as f64 * 1.5),
+                )) as _,
+            ),
+        ])
+        .unwrap()
+    }
+
+    fn read(e: &Engine) -> Vec<f64> {
+        let keys = StringArray::from_iter_values((0..40).map(|i| format!("c{i}")));
+        let f = e.read("cards", &keys, Some(2_000_000), None).unwrap();
+        f.values.iter().copied().collect()
+    }
+
+    fn same(a: &[f64], b: &[f64]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+    }
+
+    #[test]
+    fn restore_then_replay_equals_the_uninterrupted_run() {
+        let whole = engine();
+        whole.push("cards", &batch(0, 5_000)).unwrap();
+        whole.push("cards", &batch(5_000, 5_000)).unwrap();
+
+        let first = engine();
+        first.push("cards", &batch(0, 5_000)).unwrap();
+        let bytes = first
+            .checkpoint(
+                "cards",
+                &[SourcePosition {
+                    partition: 3,
+                    next_offset: 5_000,
+                }],
+            )
+            .unwrap();
+        let second = engine();
+        let info = second.restore("cards", &bytes).unwrap();
+        assert_eq!(info.positions[0].next_offset, 5_000);
+        assert_eq!(info.folded, first.metrics("cards").unwrap().folded);
+        assert!(first.metrics("cards").unwrap().counters.late > 0);
+        second.push("cards", &batch(5_000, 5_000)).unwrap();
+        assert!(same(&read(&whole), &read(&second)));
+        assert_eq!(
+            whole.metrics("cards").unwrap().counters,
+            second.metrics("cards").unwrap().counters
+        );
+        // The same state always encodes to the same bytes (apart from the time stamp).
+        let again = second.checkpoint("cards", &[]).unwrap();
+        let third = engine();
+        third.restore("cards", &again).unwrap();
+        assert!(same(&read(&third), &read(&whole)));
+    }
+
+    #[test]
+    fn corrupt_checkpoints_are_detected_and_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointDir::new(dir.path(), 3);
+        let e = engine();
+        e.push("cards", &batch(0, 3_000)).unwrap();
+        let older = e.checkpoint("cards", &[]).unwrap();
+        let older_folded = e.metrics("cards").unwrap().folded;
+        store.write(&older).unwrap();
+        e.push("cards", &batch(3_000, 3_000)).unwrap();
+        let newer = e.checkpoint("cards", &[]).unwrap();
+
+        let mut truncated = newer.clone();
+        truncated.truncate(newer.len() / 2);
+        let mut flipped = newer.clone();
+        let i = newer.len() / 3;
+        flipped[i] ^= 0x10;
+        let other_view = newer.clone();
+        for (bad, want) in [
+            (truncated, "truncated"),
+            (flipped, "checksum mismatch"),
+            (b"PANESCKP".to_vec(), "too short"),
+        ] {
+            let path = store.write(&bad).unwrap();
+            let mut skipped = Vec::new();
+            let fresh = engine();
+            let (info, used) = store
+                .restore_newest(
+                    |b| fresh.restore("cards", b).map_err(|e| e.to_string()),
+                    |p, why| skipped.push((p.to_path_buf(), why.to_string())),
+                )
+                .unwrap()
+                .expect("the older checkpoint is used");
+            assert_eq!(skipped.len(), 1, "{skipped:?}");
+            assert_eq!(skipped[0].0, path);
+            assert!(skipped[0].1.contains(want), "{want}: {}", skipped[0].1);
+            assert_ne!(used, path);
+            assert_eq!(info.folded, older_folded);
+            std::fs::remove_file(&path).unwrap();
+        }
+        // A checkpoint of another definition is refused with the reason.
+        let file = FeatureFile::parse(&FILE.replace("\"5s\"", "\"6s\""), "test").unwrap();
+        let changed = Engine::new(&file, EngineOptions::default()).unwrap();
+        let err = changed
+            .restore("cards", &other_view)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("different definition"), "{err}");
+    }
+
+    #[test]
+    fn a_restored_view_keeps_the_engine_s_read_copy_setting() {
+        let file = FeatureFile::parse(FILE, "test").unwrap();
+        let engine_with = |read_copy| {
+            let options = EngineOptions {
+                batch_rows: 64,
+                read_copy,
+                ..EngineOptions::default()
+            };
+            Engine::new(&file, options).unwrap()
+        };
+        let state_bytes = |e: &Engine| e.metrics("cards").unwrap().state_bytes;
+        let first = engine();
+        first.push("cards", &batch(0, 5_000)).unwrap();
+        let bytes = first.checkpoint("cards", &[]).unwrap();
+        let uninterrupted = engine_with(false);
+        uninterrupted.push("cards", &batch(0, 10_000)).unwrap();
+        let (without, with) = (engine_with(false), engine_with(true));
+        for e in [&without, &with] {
+            e.restore("cards", &bytes).unwrap();
+            e.push("cards", &batch(5_000, 5_000)).unwrap();
+            assert!(same(&read(e), &read(&uninterrupted)));
+        }
+        assert_eq!(state_bytes(&without), state_bytes(&uninterrupted));
+        assert!(state_bytes(&with) > state_bytes(&without));
+    }
+
+    #[test]
+    fn only_the_newest_few_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointDir::new(dir.path(), 3);
+        let e = engine();
+        for i in 0..5 {
+            e.push("cards", &batch(i * 100, 100)).unwrap();
+            store.write(&e.checkpoint("cards", &[]).unwrap()).unwrap();
+        }
+        let seqs: Vec<u64> = store.list().unwrap().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(seqs, vec![5, 4, 3]);
+    }
+}

@@ -1,0 +1,99 @@
+//! What reads return: feature frames with per-key serving metadata, their Arrow
+//! form, and a view's counters.
+
+use std::sync::Arc;
+
+use arrow_array::{ArrayRef, Float64Array, Int64Array};
+use arrow_buffer::NullBuffer;
+use arrow_schema::{DataType, Field};
+use ndarray::Array2;
+use panes_kernels::Agg;
+
+use crate::ingest::{RejectReason, ViewCounters};
+
+/// Feature values of some keys as of one time.
+#[derive(Clone, Debug)]
+pub struct FeatureFrame {
+    /// Feature names, the columns of `values`.
+    pub names: Vec<String>,
+    /// `keys × features`; NaN where `valid` is false.
+    pub values: Array2<f64>,
+    /// Validity of each value (false = null).
+    pub valid: Array2<bool>,
+    /// The read time, epoch ms.
+    pub at: i64,
+}
+
+/// The output field of a feature: `count` as Int64, every other aggregation as
+/// Float64; nullable.
+pub fn feature_field(name: &str, agg: Agg) -> Field {
+    let ty = if agg == Agg::Count {
+        DataType::Int64
+    } else {
+        DataType::Float64
+    };
+    Field::new(name, ty, true)
+}
+
+/// The output column of a feature from `(value, valid)` pairs, typed as
+/// [`feature_field`]; null where not valid.
+pub fn feature_column(agg: Agg, rows: impl Iterator<Item = (f64, bool)>) -> ArrayRef {
+    if agg == Agg::Count {
+        Arc::new(Int64Array::from_iter(
+            rows.map(|(v, ok)| ok.then_some(v as i64)),
+        ))
+    } else {
+        let (values, valid): (Vec<f64>, Vec<bool>) = rows.unzip();
+        let nulls = NullBuffer::from(valid);
+        let nulls = (nulls.null_count() > 0).then_some(nulls);
+        Arc::new(Float64Array::new(values.into(), nulls))
+    }
+}
+
+/// A point-in-time snapshot of a view's counters and state size.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ViewMetrics {
+    /// The view.
+    pub view: String,
+    /// Counters.
+    pub counters: ViewCounters,
+    /// Distinct keys.
+    pub keys: usize,
+    /// Bytes of pane state (both replicas, with the `Cpu` backend's read copies).
+    pub state_bytes: usize,
+    /// Latest accepted event time.
+    pub max_event_time: Option<i64>,
+    /// The watermark: latest event time − allowed lateness.
+    pub watermark: Option<i64>,
+    /// Accepted events not yet folded.
+    pub pending: usize,
+    /// The backend in use.
+    pub backend: &'static str,
+    /// Events folded into the state.
+    pub folded: u64,
+    /// Publishes so far.
+    pub version: u64,
+}
+
+impl ViewMetrics {
+    /// `(reason, count)` for every rejection reason.
+    pub fn rejected_by_reason(&self) -> Vec<(&'static str, u64)> {
+        RejectReason::ALL
+            .iter()
+            .map(|r| (r.name(), self.counters.rejected(*r)))
+            .collect()
+    }
+}
+
+/// Feature values with per-key serving metadata (see [`Engine::read_snapshot`]).
+#[derive(Clone, Debug)]
+pub struct ServedFrame {
+    /// The features.
+    pub frame: FeatureFrame,
+    /// Per key: time of its latest folded event (`i64::MIN` for a key never seen).
+    pub latest_event_ms: Vec<i64>,
+    /// Per key: events in the widest window among the features read, as of `frame.at`.
+    pub window_events: Vec<u64>,
+    /// Publishes of the view so far when the read started.
+    pub version: u64,
+}

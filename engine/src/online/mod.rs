@@ -1,0 +1,14 @@
+//! The online engine: push batches, read feature vectors, as of now or of a time.
+//!
+//! - `engine`: the [`Engine`], its options, pushes, folds, publishes and checkpoints;
+//! - `replicas`: each view's two replicas and the writer's protocol between them;
+//! - `read`: reads of keys as of a time, merged from the published replica;
+//! - `frame`: what reads return, and a view's counters.
+
+mod engine;
+mod frame;
+mod read;
+mod replicas;
+
+pub use engine::{Engine, EngineOptions};
+pub use frame::{FeatureFrame, ServedFrame, ViewMetrics, feature_column, feature_field};

@@ -1,0 +1,275 @@
+//! Reads: feature vectors of keys as of a time, merged from the published replica.
+
+use std::sync::Arc;
+
+use arrow_array::{Array, ArrayRef, RecordBatch};
+use arrow_schema::{DataType, Field, Schema};
+use ndarray::Array2;
+use panes_kernels::{Agg, FeatureMerge, MergeOutput};
+
+use super::engine::{Engine, now_ms};
+use super::frame::{FeatureFrame, ServedFrame, feature_column, feature_field};
+use super::replicas::{Snapshot, View};
+use crate::error::{PanesError, Result};
+use crate::ingest::keys::{KeyColumn, KeyIndex, KeyValue};
+use crate::spec::ReadTime;
+
+impl Engine {
+    /// Reads the features of `keys` (an Arrow array of any key type) from `view` as of
+    /// `at` (epoch ms; default: the view's read time). `features` selects and orders
+    /// the features; `None` returns all of the view's.
+    ///
+    /// Events pushed before are folded and published first, so a read sees every one
+    /// of them (the server reads with [`Engine::read_snapshot`], which never folds).
+    /// Unknown and null keys get the empty-window values.
+    ///
+    /// # Errors
+    /// Unknown view or feature; keys of an unsupported type, or strings for a view
+    /// whose keys are all integers (and the reverse);
+    /// [`PanesError::InexactRead`] when `at` lies before the events already folded for
+    /// a key in a way the panes cannot separate (use backfill for history).
+    pub fn read(
+        &self,
+        view: &str,
+        keys: &dyn Array,
+        at: Option<i64>,
+        features: Option<&[&str]>,
+    ) -> Result<FeatureFrame> {
+        let col = KeyColumn::new(keys)
+            .map_err(|m| PanesError::Invalid(format!("view {view:?}: keys {m}")))?;
+        self.read_with(
+            view,
+            at,
+            features,
+            |index| {
+                if keys.null_count() < keys.len() {
+                    index.check_kind(view, col.is_text(), keys.data_type())?;
+                }
+                Ok((0..keys.len()).map(|i| col.lookup(i, index)).collect())
+            },
+            |k| {
+                col.value(k)
+                    .map_or_else(|| "null".into(), |k| k.to_string())
+            },
+        )
+    }
+
+    /// Like [`Engine::read`], with keys given as values.
+    ///
+    /// # Errors
+    /// As [`Engine::read`].
+    pub fn read_keys(
+        &self,
+        view: &str,
+        keys: &[KeyValue],
+        at: Option<i64>,
+        features: Option<&[&str]>,
+    ) -> Result<FeatureFrame> {
+        self.read_with(
+            view,
+            at,
+            features,
+            |index| Ok(keys.iter().map(|k| index.get(k)).collect()),
+            |k| keys[k].to_string(),
+        )
+    }
+
+    /// Reads `keys` of `view` from the published state, without folding: the
+    /// server's read. It never waits for a fold and sees all of a push or none of it.
+    /// Besides the values it returns, per key, the time of the key's latest event and
+    /// the number of events in the widest window read (support for a model).
+    ///
+    /// # Errors
+    /// As [`Engine::read`].
+    pub fn read_snapshot(
+        &self,
+        view: &str,
+        keys: &[KeyValue],
+        at: Option<i64>,
+        features: Option<&[&str]>,
+    ) -> Result<ServedFrame> {
+        let v = self.view(view)?;
+        let text = keys.iter().any(|k| matches!(k, KeyValue::Str(_)));
+        crate::error::ensure!(
+            keys.iter().all(|k| matches!(k, KeyValue::Str(_)) == text),
+            "view {view:?}: keys mix strings and integers"
+        );
+        let snap = v.snapshot()?;
+        if !keys.is_empty() {
+            let given = if text {
+                DataType::Utf8
+            } else {
+                DataType::Int64
+            };
+            snap.core.keys.check_kind(view, text, &given)?;
+        }
+        let ids: Vec<Option<u32>> = keys.iter().map(|k| snap.core.keys.get(k)).collect();
+        self.merge_at(v, &snap, &ids, at, features, true, |k| keys[k].to_string())
+    }
+
+    /// Publishes pending events, resolves key ids with `ids`, merges, and checks
+    /// exactness (`key_of` names a key in errors).
+    fn read_with(
+        &self,
+        view: &str,
+        at: Option<i64>,
+        features: Option<&[&str]>,
+        ids: impl FnOnce(&KeyIndex) -> Result<Vec<Option<u32>>>,
+        key_of: impl Fn(usize) -> String,
+    ) -> Result<FeatureFrame> {
+        let v = self.view(view)?;
+        self.settle(v)?;
+        let snap = v.snapshot()?;
+        let ids = ids(&snap.core.keys)?;
+        Ok(self
+            .merge_at(v, &snap, &ids, at, features, false, key_of)?
+            .frame)
+    }
+
+    /// Merges `features` (all if `None`) of key `ids` from a snapshot as of `at`
+    /// (default: the view's read time); with `meta`, also the per-key metadata.
+    #[allow(clippy::too_many_arguments)]
+    fn merge_at(
+        &self,
+        v: &View,
+        snap: &Snapshot<'_>,
+        ids: &[Option<u32>],
+        at: Option<i64>,
+        features: Option<&[&str]>,
+        meta: bool,
+        key_of: impl Fn(usize) -> String,
+    ) -> Result<ServedFrame> {
+        let core = &snap.core;
+        let compiled = &v.compiled;
+        let selected: Vec<usize> = match features {
+            None => (0..compiled.merges.len()).collect(),
+            Some(names) => names
+                .iter()
+                .map(|n| compiled.feature_index(n))
+                .collect::<Result<_>>()?,
+        };
+        let merges: Vec<_> = selected.iter().map(|&i| compiled.merges[i]).collect();
+        let at = at.unwrap_or_else(|| match compiled.spec.read_time {
+            ReadTime::EventTime => core.folded_max_ts.unwrap_or(0),
+            ReadTime::WallClock => now_ms(),
+        });
+        crate::error::ensure!(
+            at.unsigned_abs() <= panes_kernels::MAX_TIME_MS,
+            "read time {at} ms is out of range: times must lie within ±2^60 ms of the epoch"
+        );
+        let mut out = MergeOutput::default();
+        self.backend
+            .merge(&core.state, &merges, ids, at, &mut out)?;
+        compiled.check_exact(&out, at, key_of)?;
+        let (mut window_events, mut latest_event_ms) = (Vec::new(), Vec::new());
+        if meta {
+            // Events behind the widest window read: a count of rows over its panes.
+            let widest = merges.iter().max_by_key(|m| {
+                m.panes.map_or(u128::MAX, |p| {
+                    p as u128 * compiled.state.levels[m.level].hop as u128
+                })
+            });
+            window_events = match widest {
+                Some(w) => {
+                    let count = FeatureMerge {
+                        agg: Agg::Count,
+                        column: None,
+                        ..*w
+                    };
+                    let mut support = MergeOutput::default();
+                    self.backend
+                        .merge(&core.state, &[count], ids, at, &mut support)?;
+                    support.values.iter().map(|&c| c as u64).collect()
+                }
+                None => vec![0; ids.len()],
+            };
+            latest_event_ms = ids
+                .iter()
+                .map(|id| {
+                    id.and_then(|id| core.latest.get(id as usize).copied())
+                        .unwrap_or(i64::MIN)
+                })
+                .collect();
+        }
+        let shape = (ids.len(), merges.len());
+        let values = Array2::from_shape_vec(shape, out.values)
+            .map_err(|e| PanesError::Internal(e.to_string()))?;
+        let valid = Array2::from_shape_vec(shape, out.valid)
+            .map_err(|e| PanesError::Internal(e.to_string()))?;
+        Ok(ServedFrame {
+            frame: FeatureFrame {
+                names: selected
+                    .iter()
+                    .map(|&i| compiled.spec.features[i].name.clone())
+                    .collect(),
+                values,
+                valid,
+                at,
+            },
+            latest_event_ms,
+            window_events,
+            version: snap.version,
+        })
+    }
+
+    /// Like [`Engine::read`], as a record batch: the keys as given (column named by
+    /// the view's key), then one column per feature (see [`feature_field`]).
+    ///
+    /// # Errors
+    /// As [`Engine::read`].
+    pub fn read_batch(
+        &self,
+        view: &str,
+        keys: &ArrayRef,
+        at: Option<i64>,
+        features: Option<&[&str]>,
+    ) -> Result<(RecordBatch, i64)> {
+        let frame = self.read(view, keys.as_ref(), at, features)?;
+        let batch = self.frame_batch(view, keys, &frame)?;
+        Ok((batch, frame.at))
+    }
+
+    /// `frame` (read from `view` for `keys`) as a record batch: the keys as given
+    /// (column named by the view's key), then one column per feature (see
+    /// [`feature_field`]).
+    ///
+    /// # Errors
+    /// Unknown view or feature; `keys` not as long as the frame.
+    pub fn frame_batch(
+        &self,
+        view: &str,
+        keys: &ArrayRef,
+        frame: &FeatureFrame,
+    ) -> Result<RecordBatch> {
+        let compiled = self.compiled(view)?;
+        let mut fields = vec![Field::new(
+            compiled.spec.key.clone(),
+            keys.data_type().clone(),
+            true,
+        )];
+        let mut columns = vec![keys.clone()];
+        for (j, name) in frame.names.iter().enumerate() {
+            let agg = compiled.spec.features[compiled.feature_index(name)?].agg;
+            fields.push(feature_field(name, agg));
+            let col = frame.values.column(j);
+            let valid = frame.valid.column(j);
+            columns.push(feature_column(
+                agg,
+                col.iter().zip(valid.iter()).map(|(v, ok)| (*v, *ok)),
+            ));
+        }
+        Ok(RecordBatch::try_new(
+            Arc::new(Schema::new(fields)),
+            columns,
+        )?)
+    }
+
+    /// The kind of keys `view` holds in its published state: `"int"`, `"string"`, or
+    /// `None` before any.
+    ///
+    /// # Errors
+    /// Unknown view.
+    pub fn key_kind(&self, view: &str) -> Result<Option<&'static str>> {
+        Ok(self.view(view)?.snapshot()?.core.keys.kind())
+    }
+}

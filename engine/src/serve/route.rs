@@ -1,0 +1,200 @@
+//! Reads of views fed by a partitioned [`Source`]: keys of partitions owned here are
+//! read locally, the others are forwarded, one `GetFeatures` per owning instance,
+//! and the rows are put back in request order.
+//!
+//! A forwarded read carries the [`FORWARDED`] header and is answered from local
+//! partitions only, so a read takes at most one hop even while partitions move.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tonic::Status;
+
+use super::proto::features_client::FeaturesClient;
+use super::proto::get_features_request::Keys;
+use super::proto::{GetFeaturesRequest, GetFeaturesResponse, IntKeys, StringKeys};
+use super::server::Shared;
+use super::status::status;
+use crate::error::PanesError;
+use crate::ingest::keys::KeyValue;
+use crate::online::ServedFrame;
+use crate::sources::{PartialFrame, Source};
+
+/// Metadata key marking a read another instance routed here.
+pub(crate) const FORWARDED: &str = "panes-forwarded";
+
+/// gRPC clients of the other instances, by address, connected on first use.
+#[derive(Debug, Default)]
+pub(crate) struct Peers {
+    clients: Mutex<HashMap<String, FeaturesClient<tonic::transport::Channel>>>,
+}
+
+impl Peers {
+    fn client(&self, addr: &str) -> Result<FeaturesClient<tonic::transport::Channel>, Status> {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = clients.get(addr) {
+            return Ok(c.clone());
+        }
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Status::internal(format!("owner address {addr:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(10))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        let c = FeaturesClient::new(channel).max_decoding_message_size(usize::MAX);
+        clients.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+}
+
+/// Reads `keys` of a source's view from whichever instances own their partitions:
+/// the local engines for partitions owned here, one forwarded `GetFeatures` per other
+/// owner. `forwarded` requests are answered from local partitions only (one hop).
+pub(crate) async fn read(
+    shared: &Arc<Shared>,
+    source: &Arc<dyn Source>,
+    keys: Vec<KeyValue>,
+    at: Option<i64>,
+    features: Vec<String>,
+    forwarded: bool,
+) -> Result<ServedFrame, Status> {
+    let spec = source.spec();
+    let names: Vec<String> = if features.is_empty() {
+        spec.features.iter().map(|f| f.name.clone()).collect()
+    } else {
+        if let Some(f) = features
+            .iter()
+            .find(|f| !spec.features.iter().any(|s| &s.name == *f))
+        {
+            let known: Vec<&str> = spec.features.iter().map(|s| s.name.as_str()).collect();
+            let e = PanesError::UnknownFeature {
+                view: spec.name.clone(),
+                name: f.clone(),
+                known: known.join(", "),
+            };
+            return Err(status(e, "features"));
+        }
+        features
+    };
+    let local = {
+        let (source, keys, names) = (source.clone(), keys.clone(), names.clone());
+        shared
+            .on_reads_for(keys.len(), move || {
+                source.read_local(&keys, at, &names, forwarded)
+            })
+            .await?
+            .map_err(|e| status(e, "keys"))?
+    };
+    let mut rows = local.rows;
+    let mut by_owner: BTreeMap<String, (Vec<i32>, Vec<usize>)> = BTreeMap::new();
+    for (p, idx) in local.remote {
+        let owner = source
+            .owner_of(p)
+            .filter(|o| o != source.advertise())
+            .ok_or_else(|| {
+                Status::unavailable(format!(
+                    "view {:?}: partition {p} has no live owner yet (rebalancing); retry",
+                    spec.name
+                ))
+            })?;
+        let e = by_owner.entry(owner).or_default();
+        e.0.push(p);
+        e.1.extend(idx);
+    }
+    for (owner, (parts, idx)) in by_owner {
+        let mut request = tonic::Request::new(GetFeaturesRequest {
+            view: spec.name.clone(),
+            keys: Some(request_keys(&keys, &idx)),
+            features: names.clone(),
+            at_ms: at,
+        });
+        request
+            .metadata_mut()
+            .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+        let reply = shared
+            .peers
+            .client(&owner)?
+            .get_features(request)
+            .await
+            .map_err(|s| {
+                let code = match s.code() {
+                    tonic::Code::InvalidArgument => tonic::Code::InvalidArgument,
+                    _ => tonic::Code::Unavailable,
+                };
+                Status::new(
+                    code,
+                    format!(
+                        "view {:?}: partitions {parts:?} are owned by {owner}, which answered: {}",
+                        spec.name,
+                        s.message()
+                    ),
+                )
+            })?
+            .into_inner();
+        absorb_reply(&mut rows, &idx, &reply).map_err(|e| {
+            Status::internal(format!("reply of {owner} does not fit the request: {e}"))
+        })?;
+    }
+    Ok(rows.into_served(names))
+}
+
+/// The keys at `idx`, as a request's keys (all of one kind: the view's key column has
+/// one type).
+fn request_keys(keys: &[KeyValue], idx: &[usize]) -> Keys {
+    if matches!(keys.first(), Some(KeyValue::Str(_))) {
+        Keys::StringKeys(StringKeys {
+            keys: idx
+                .iter()
+                .map(|&i| match &keys[i] {
+                    KeyValue::Str(s) => s.clone(),
+                    KeyValue::Int(v) => v.to_string(),
+                })
+                .collect(),
+        })
+    } else {
+        Keys::IntKeys(IntKeys {
+            keys: idx
+                .iter()
+                .map(|&i| match &keys[i] {
+                    KeyValue::Int(v) => i64::try_from(*v).unwrap_or(i64::MAX),
+                    KeyValue::Str(_) => 0,
+                })
+                .collect(),
+        })
+    }
+}
+
+/// Fills rows `idx` of `rows` from another instance's reply, whose row `r` is the key
+/// of row `idx[r]`.
+fn absorb_reply(
+    rows: &mut PartialFrame,
+    idx: &[usize],
+    r: &GetFeaturesResponse,
+) -> Result<(), String> {
+    let f = rows.features;
+    if r.rows as usize != idx.len() || r.values.len() != idx.len() * f {
+        return Err(format!(
+            "{} rows × {} values for {} keys × {f} features",
+            r.rows,
+            r.values.len(),
+            idx.len(),
+        ));
+    }
+    for (row, &i) in idx.iter().enumerate() {
+        for c in 0..f {
+            let j = row * f + c;
+            let ok = r
+                .validity
+                .get(j / 8)
+                .is_some_and(|b| b & (1 << (j % 8)) != 0);
+            rows.values[i * f + c] = if ok { r.values[j] } else { f64::NAN };
+            rows.valid[i * f + c] = ok;
+        }
+        rows.latest[i] = r.latest_event_ms.get(row).copied().unwrap_or(i64::MIN);
+        rows.window_events[i] = r.window_events.get(row).copied().unwrap_or(0);
+    }
+    rows.at = rows.at.max(Some(r.at_ms));
+    rows.version += r.state_version;
+    Ok(())
+}

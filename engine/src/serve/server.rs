@@ -1,0 +1,510 @@
+//! The server: shared state, binding, serving until shutdown, and the final flush and
+//! checkpoint.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::Status;
+
+use super::options::{ServeOptions, lower_priority};
+use super::route::{self, Peers};
+use super::status::{status, too_large_is_exhausted};
+use super::workers::{Workers, run_on};
+use super::{flight, grpc, metrics, proto};
+use crate::error::PanesError;
+use crate::histogram::Histogram;
+use crate::online::{Engine, ViewMetrics};
+use crate::sources::{Source, SourceOptions};
+use crate::spec::ViewSpec;
+
+/// Response metadata of `GetFeatures`: the server's own time for the request in whole
+/// microseconds, from the decoded request to the reply ready for encoding. A client
+/// subtracts it from its own latency to see what the network and its own threads took.
+pub const SERVER_TIME_HEADER: &str = "panes-server-time-us";
+
+/// State shared by the services.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub engine: Arc<Engine>,
+    pub options: ServeOptions,
+    reads: Workers,
+    writes: Workers,
+    /// Server-side duration of reads, per view.
+    pub read_time: HashMap<String, Histogram>,
+    /// Held while checkpoints of pushed views are written.
+    checkpointing: std::sync::Mutex<()>,
+    /// Views fed by a source, by name.
+    pub sources: HashMap<String, Arc<dyn Source>>,
+    /// Clients of other instances, for reads routed to them.
+    pub peers: Peers,
+}
+
+impl Shared {
+    /// Runs `f` on the read pool.
+    pub async fn on_reads<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, Status> {
+        run_on(&self.reads, f).await
+    }
+
+    /// Runs `f`, the work of a read of `keys` keys, on the calling (network) thread
+    /// when `keys` is at most [`ServeOptions::inline_read_keys`], else on the read pool.
+    /// `f` must not block: it may only take locks that are never held across a fold.
+    pub async fn on_reads_for<T: Send + 'static>(
+        &self,
+        keys: usize,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, Status> {
+        if keys <= self.options.inline_read_keys {
+            Ok(f())
+        } else {
+            self.on_reads(f).await
+        }
+    }
+
+    /// Runs `f` on the write pool.
+    pub async fn on_writes<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, Status> {
+        run_on(&self.writes, f).await
+    }
+
+    /// Reads `keys` of `view` as of `at` from the published state: the engine's, or for
+    /// a Kafka view the partitions' wherever they are owned (`forwarded`: a read
+    /// another instance routed here, answered from local partitions only).
+    pub async fn read(
+        self: &Arc<Self>,
+        view: String,
+        keys: Vec<crate::ingest::keys::KeyValue>,
+        at: Option<i64>,
+        features: Vec<String>,
+        forwarded: bool,
+    ) -> Result<crate::online::ServedFrame, Status> {
+        if let Some(source) = self.sources.get(&view) {
+            return route::read(self, source, keys, at, features, forwarded).await;
+        }
+        let _ = forwarded;
+        let engine = self.engine.clone();
+        self.on_reads_for(keys.len(), move || {
+            let names: Vec<&str> = features.iter().map(String::as_str).collect();
+            let names = (!names.is_empty()).then_some(names.as_slice());
+            engine.read_snapshot(&view, &keys, at, names)
+        })
+        .await?
+        .map_err(|e| status(e, "keys"))
+    }
+
+    /// [`PanesError::FailedPrecondition`] for a push into a view that takes its events
+    /// from a source.
+    pub fn check_pushable(&self, view: &str) -> crate::error::Result<()> {
+        let sourced = self
+            .engine
+            .compiled(view)
+            .is_ok_and(|v| v.spec.source.is_some());
+        if sourced {
+            return Err(PanesError::FailedPrecondition(format!(
+                "view {view:?} takes its events from Kafka; produce them to its topic"
+            )));
+        }
+        Ok(())
+    }
+
+    /// A view's counters: the engine's, or summed over a Kafka view's partitions.
+    pub fn view_metrics(&self, view: &str) -> crate::error::Result<ViewMetrics> {
+        if let Some(source) = self.sources.get(view) {
+            return source.metrics();
+        }
+        self.engine.metrics(view)
+    }
+
+    /// Writes a checkpoint of every pushed view that changed since `done` says.
+    ///
+    /// One at a time: at shutdown a periodic checkpoint may still be running on
+    /// another write thread (aborting its task does not stop its job), and two writers
+    /// would take the same sequence number, so the final checkpoint could fail or be
+    /// overwritten by an older state.
+    fn checkpoint_pushed(&self, done: &mut HashMap<String, u64>) {
+        let Some(root) = &self.options.checkpoint_dir else {
+            return;
+        };
+        let _one_at_a_time = self.checkpointing.lock().unwrap_or_else(|p| p.into_inner());
+        for v in self.engine.views() {
+            let name = &v.spec.name;
+            if v.spec.source.is_some() {
+                continue;
+            }
+            let version = self.engine.metrics(name).map_or(0, |m| m.version);
+            if done.get(name) == Some(&version) {
+                continue;
+            }
+            let written = self.engine.checkpoint(name, &[]).and_then(|bytes| {
+                crate::checkpoint::CheckpointDir::new(root.join(name), 3).write(&bytes)
+            });
+            match written {
+                Ok(_) => {
+                    done.insert(name.clone(), version);
+                }
+                Err(e) => eprintln!("panes serve: view {name:?}: checkpoint failed: {e}"),
+            }
+        }
+    }
+
+    /// [`PanesError::ResourceExhausted`] when a request asks for more keys than allowed.
+    pub fn check_keys(&self, n: usize) -> crate::error::Result<()> {
+        if n > self.options.max_keys {
+            return Err(PanesError::ResourceExhausted(format!(
+                "{n} keys in one request; the limit is {} (ServeOptions::max_keys, --max-keys)",
+                self.options.max_keys
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// What the server did, returned when it stops.
+#[derive(Clone, Debug)]
+pub struct ServeReport {
+    /// Every view's counters after the final flush.
+    pub views: Vec<ViewMetrics>,
+    /// Whether in-flight requests were cut off at the grace deadline.
+    pub cut_off: bool,
+}
+
+/// A bound server, not yet serving.
+#[derive(Debug)]
+pub struct Server {
+    shared: Arc<Shared>,
+    grpc: TcpListener,
+    metrics: Option<TcpListener>,
+}
+
+impl Server {
+    /// Binds the gRPC (and Flight) listener and, if given, the metrics listener.
+    /// Port 0 picks a free port: see [`Server::grpc_addr`].
+    ///
+    /// # Errors
+    /// When an address cannot be bound or the thread pools cannot be built.
+    pub async fn bind(
+        engine: Arc<Engine>,
+        options: ServeOptions,
+        grpc: SocketAddr,
+        metrics: Option<SocketAddr>,
+    ) -> crate::error::Result<Server> {
+        let grpc = TcpListener::bind(grpc)
+            .await
+            .map_err(|e| PanesError::Invalid(format!("cannot listen on {grpc}: {e}")))?;
+        let metrics = match metrics {
+            Some(a) => Some(
+                TcpListener::bind(a)
+                    .await
+                    .map_err(|e| PanesError::Invalid(format!("cannot listen on {a}: {e}")))?,
+            ),
+            None => None,
+        };
+        // The kernels' parallel work (a `Cpu` fold) runs on rayon's global pool: give
+        // it the write threads' priority too, when this process has not built it yet.
+        let (priority, read_priority) = (options.write_priority, options.read_priority);
+        let _ = rayon::ThreadPoolBuilder::new()
+            .thread_name(|i| format!("panes-kernel-{i}"))
+            .start_handler(move |_| lower_priority(priority))
+            .build_global();
+        let read_time = engine
+            .views()
+            .map(|v| (v.spec.name.clone(), Histogram::default()))
+            .collect();
+        if let Some(root) = &options.checkpoint_dir {
+            restore_pushed(&engine, root)?;
+        }
+        let sourced: Vec<_> = engine
+            .views()
+            .filter(|v| v.spec.source.is_some())
+            .map(|v| v.spec.clone())
+            .collect();
+        let sources = open_sources(&engine, &options, &sourced, &grpc)?;
+        let shared = Arc::new(Shared {
+            reads: Workers::new("read", options.read_threads, move || {
+                read_priority.apply_or_warn()
+            })?,
+            writes: Workers::new("write", options.write_threads, move || {
+                lower_priority(priority)
+            })?,
+            engine,
+            options,
+            read_time,
+            checkpointing: std::sync::Mutex::new(()),
+            sources,
+            peers: Peers::default(),
+        });
+        Ok(Server {
+            shared,
+            grpc,
+            metrics,
+        })
+    }
+
+    /// The gRPC and Flight address.
+    pub fn grpc_addr(&self) -> std::io::Result<SocketAddr> {
+        self.grpc.local_addr()
+    }
+
+    /// The metrics address, if any.
+    pub fn metrics_addr(&self) -> Option<std::io::Result<SocketAddr>> {
+        self.metrics.as_ref().map(TcpListener::local_addr)
+    }
+
+    /// Serves until `shutdown` completes, then lets in-flight requests finish (for at
+    /// most [`ServeOptions::shutdown_grace`]), folds every pending micro-batch, and
+    /// reports.
+    ///
+    /// # Errors
+    /// A transport failure, or a fold failure in the final flush.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> crate::error::Result<ServeReport> {
+        let Server {
+            shared,
+            grpc,
+            metrics,
+        } = self;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<proto::features_server::FeaturesServer<grpc::FeaturesService>>()
+            .await;
+        health
+            .set_serving::<arrow_flight::flight_service_server::FlightServiceServer<flight::Flight>>()
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| PanesError::Internal(format!("reflection: {e}")))?;
+
+        let limit = shared.options.max_message_bytes;
+        let features =
+            proto::features_server::FeaturesServer::new(grpc::FeaturesService::new(shared.clone()))
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(usize::MAX);
+        let flight = arrow_flight::flight_service_server::FlightServiceServer::new(
+            flight::Flight::new(shared.clone()),
+        )
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(usize::MAX);
+
+        let ticker = spawn_ticker(shared.clone());
+        let metrics_task = metrics.map(|l| tokio::spawn(metrics::serve(l, shared.clone())));
+        let sources = shared
+            .sources
+            .values()
+            .map(|s| s.clone().start())
+            .collect::<crate::error::Result<Vec<_>>>()?;
+        let checkpoints = shared
+            .options
+            .checkpoint_dir
+            .as_ref()
+            .map(|_| spawn_checkpoints(shared.clone()));
+        let mut signalled = stop_rx.clone();
+        let server = tonic::transport::Server::builder()
+            .layer(tower::util::MapResponseLayer::new(too_large_is_exhausted))
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(features)
+            .add_service(flight)
+            .serve_with_incoming_shutdown(
+                // Nagle off: a reply's trailers must not wait for the client's ACK.
+                tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
+                async move {
+                    let _ = signalled.wait_for(|s| *s).await;
+                },
+            );
+        let mut graced = stop_rx.clone();
+        let grace = shared.options.shutdown_grace;
+        let deadline = async move {
+            let _ = graced.wait_for(|s| *s).await;
+            tokio::time::sleep(grace).await;
+        };
+        let cut_off = tokio::select! {
+            r = server => {
+                r.map_err(|e| PanesError::Internal(format!("gRPC transport: {e}")))?;
+                false
+            }
+            () = deadline => true,
+        };
+        health
+            .set_not_serving::<proto::features_server::FeaturesServer<grpc::FeaturesService>>()
+            .await;
+        ticker.abort();
+        if let Some(t) = metrics_task {
+            t.abort();
+        }
+        if let Some(t) = checkpoints {
+            t.abort();
+        }
+        for source in sources {
+            if !source.stop(shared.options.shutdown_grace.max(Duration::from_secs(10))) {
+                eprintln!("panes serve: a source did not finish its final checkpoint in time");
+            }
+        }
+        let s = shared.clone();
+        let views = shared
+            .on_writes(move || {
+                s.engine.flush()?;
+                s.checkpoint_pushed(&mut HashMap::new());
+                s.engine
+                    .views()
+                    .map(|v| s.view_metrics(&v.spec.name))
+                    .collect::<crate::error::Result<Vec<_>>>()
+            })
+            .await
+            .map_err(|s| PanesError::Internal(s.message().to_string()))??;
+        Ok(ServeReport { views, cut_off })
+    }
+}
+
+/// The sources of the views that have one (`sourced`): they need a checkpoint
+/// directory shared by their group and an address other instances reach this one at.
+fn open_sources(
+    engine: &Engine,
+    options: &ServeOptions,
+    sourced: &[ViewSpec],
+    grpc: &TcpListener,
+) -> crate::error::Result<HashMap<String, Arc<dyn Source>>> {
+    let mut sources = HashMap::new();
+    let Some(first) = sourced.first() else {
+        return Ok(sources);
+    };
+    let local = grpc
+        .local_addr()
+        .map_err(|e| PanesError::Internal(e.to_string()))?;
+    let advertise = match &options.advertise {
+        Some(a) => a.clone(),
+        None if local.ip().is_unspecified() => {
+            return Err(PanesError::Invalid(format!(
+                "listening on {local}: Kafka views need --advertise HOST:PORT, the address other instances reach this one at"
+            )));
+        }
+        None => local.to_string(),
+    };
+    let root = options.checkpoint_dir.clone().ok_or_else(|| {
+        PanesError::Invalid(format!(
+            "view {:?} takes its events from Kafka and needs --checkpoint-dir (a directory every instance of its group shares)",
+            first.name
+        ))
+    })?;
+    let source_options = SourceOptions {
+        checkpoint_root: root,
+        checkpoint_every: options.checkpoint_interval,
+        advertise,
+    };
+    for spec in sourced {
+        let source = crate::sources::open(
+            spec,
+            engine.options().clone(),
+            engine.shared_backend(),
+            &source_options,
+        )?;
+        sources.insert(spec.name.clone(), source);
+    }
+    Ok(sources)
+}
+
+/// Keeps reads fresh between pushes: publishes micro-batches once they are due.
+fn spawn_ticker(shared: Arc<Shared>) -> tokio::task::JoinHandle<()> {
+    let period = (shared.engine.options().batch_age / 4).max(Duration::from_millis(1));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let engine = shared.engine.clone();
+            match shared.on_writes(move || engine.fold_due()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => eprintln!("panes serve: a timed fold failed: {e}"),
+                Err(e) => eprintln!("panes serve: {}", e.message()),
+            }
+        }
+    })
+}
+
+/// Checkpoints the pushed views that changed, every checkpoint interval.
+fn spawn_checkpoints(shared: Arc<Shared>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(shared.options.checkpoint_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let done = Arc::new(std::sync::Mutex::new(HashMap::new()));
+        loop {
+            tick.tick().await;
+            let (s, done) = (shared.clone(), done.clone());
+            let _ = shared
+                .on_writes(move || {
+                    if let Ok(mut d) = done.lock() {
+                        s.checkpoint_pushed(&mut d);
+                    }
+                })
+                .await;
+        }
+    })
+}
+
+/// Restores each pushed view from the newest valid checkpoint under `root/<view>/`.
+fn restore_pushed(engine: &Engine, root: &std::path::Path) -> crate::error::Result<()> {
+    for v in engine.views() {
+        let name = &v.spec.name;
+        if v.spec.source.is_some() {
+            continue;
+        }
+        let dir = crate::checkpoint::CheckpointDir::new(root.join(name), 3);
+        let restored = dir.restore_newest(
+            |bytes| engine.restore(name, bytes).map_err(|e| e.to_string()),
+            |path, why| {
+                eprintln!(
+                    "panes serve: view {name:?}: skipping checkpoint {}: {why}",
+                    path.display()
+                );
+            },
+        )?;
+        if let Some((info, path)) = restored {
+            eprintln!(
+                "panes serve: view {name:?}: restored {} ({} events)",
+                path.display(),
+                info.folded
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A future that completes on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

@@ -1,0 +1,185 @@
+//! Partition ownership: taking a partition (restore its newest valid checkpoint, write
+//! the owner file other instances route reads by), checkpointing it and committing
+//! its offsets, and giving it up on revocation.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::producer::Producer;
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::KafkaView;
+use super::consumer::SourceContext;
+use crate::checkpoint::{CheckpointDir, SourcePosition, write_atomic};
+use crate::error::Result;
+use crate::online::Engine;
+
+/// One owned partition: its engine and where its source stands.
+#[derive(Debug)]
+pub(super) struct Partition {
+    pub(super) engine: Engine,
+    pub(super) dir: CheckpointDir,
+    /// Offset of the next message to ingest.
+    pub(super) next_offset: AtomicI64,
+    /// `next_offset` of the newest durable checkpoint.
+    pub(super) checkpointed: AtomicI64,
+    /// Assignment this partition belongs to; buffered rows of older ones are dropped.
+    pub(super) epoch: u64,
+}
+
+impl KafkaView {
+    /// Takes partition `p`: restores its newest valid checkpoint (skipping corrupt
+    /// ones, each reported) and returns the offset to consume from.
+    pub(super) fn assign(&self, p: i32) -> Result<Offset> {
+        let engine = Engine::with_backend(&self.file, self.options.clone(), self.backend.clone())?;
+        let dir = CheckpointDir::new(self.partition_dir(p), 3);
+        let view = self.spec.name.clone();
+        let restored = dir.restore_newest(
+            |bytes| engine.restore(&view, bytes).map_err(|e| e.to_string()),
+            |path, why| {
+                self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+                eprintln!(
+                    "panes: view {view:?} partition {p}: skipping checkpoint {}: {why}",
+                    path.display()
+                );
+            },
+        )?;
+        let next = match &restored {
+            Some((info, path)) => {
+                self.stats.restored.fetch_add(1, Ordering::Relaxed);
+                let next = info
+                    .positions
+                    .iter()
+                    .find(|s| s.partition == p)
+                    .map_or(0, |s| s.next_offset);
+                eprintln!(
+                    "panes: view {view:?} partition {p}: restored {} ({} events), resuming at offset {next}",
+                    path.display(),
+                    info.folded
+                );
+                next
+            }
+            None => 0,
+        };
+        write_atomic(&dir.path().join("owner"), self.advertise.as_bytes())?;
+        let part = Partition {
+            engine,
+            dir,
+            next_offset: AtomicI64::new(next),
+            checkpointed: AtomicI64::new(if restored.is_some() { next } else { -1 }),
+            epoch: self.epoch.load(Ordering::Acquire),
+        };
+        self.owned
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(p, Arc::new(part));
+        Ok(if restored.is_some() {
+            Offset::Offset(next)
+        } else {
+            Offset::Beginning
+        })
+    }
+
+    /// Writes a checkpoint of partition `p` if it took events since the last one
+    /// (or `force`), then returns its position for the offset commit.
+    fn checkpoint(&self, p: i32, part: &Partition, force: bool) -> Option<SourcePosition> {
+        let next = part.next_offset.load(Ordering::Acquire);
+        if !force && next == part.checkpointed.load(Ordering::Acquire) {
+            return None;
+        }
+        if let Some(producer) = &self.dead_letters {
+            // Dead letters of the events before `next` are out before their offsets commit.
+            let _ = producer.0.flush(Duration::from_secs(10));
+        }
+        let position = SourcePosition {
+            partition: p,
+            next_offset: next,
+        };
+        let written = part
+            .engine
+            .checkpoint(&self.spec.name, &[position])
+            .and_then(|bytes| part.dir.write(&bytes));
+        match written {
+            Ok(_) => {
+                part.checkpointed.store(next, Ordering::Release);
+                self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+                Some(position)
+            }
+            Err(e) => {
+                self.stats
+                    .checkpoint_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                eprintln!(
+                    "panes: view {:?} partition {p}: checkpoint failed (the previous one stays in force): {e}",
+                    self.spec.name
+                );
+                None
+            }
+        }
+    }
+
+    /// Checkpoints the partitions that took events, then commits their offsets.
+    pub(super) fn checkpoint_all(
+        &self,
+        consumer: &BaseConsumer<SourceContext>,
+        mode: CommitMode,
+        force: bool,
+    ) {
+        let owned: Vec<_> = self
+            .owned_map()
+            .iter()
+            .map(|(&p, part)| (p, part.clone()))
+            .collect();
+        let done: Vec<_> = owned
+            .iter()
+            .filter_map(|(p, part)| self.checkpoint(*p, part, force))
+            .collect();
+        self.commit(consumer, &done, mode);
+    }
+
+    fn commit(
+        &self,
+        consumer: &BaseConsumer<SourceContext>,
+        positions: &[SourcePosition],
+        mode: CommitMode,
+    ) {
+        if positions.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for s in positions {
+            let _ = tpl.add_partition_offset(
+                &self.source.topic,
+                s.partition,
+                Offset::Offset(s.next_offset),
+            );
+        }
+        if let Err(e) = consumer.commit(&tpl, mode) {
+            // Only monitoring reads committed offsets; recovery uses the checkpoints.
+            eprintln!(
+                "panes: view {:?}: offset commit failed: {e}",
+                self.spec.name
+            );
+        }
+    }
+
+    /// Gives up the partitions in `tpl`: a final checkpoint each, then their offsets.
+    pub(super) fn revoke(&self, consumer: &BaseConsumer<SourceContext>, tpl: &TopicPartitionList) {
+        let mut done = Vec::new();
+        for e in tpl.elements() {
+            let part = self
+                .owned
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&e.partition());
+            if let Some(part) = part
+                && let Some(pos) = self.checkpoint(e.partition(), &part, false)
+            {
+                done.push(pos);
+            }
+        }
+        self.commit(consumer, &done, CommitMode::Sync);
+    }
+}

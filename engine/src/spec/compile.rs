@@ -1,0 +1,161 @@
+//! A view compiled to its pane-state shape: which value columns it reads, one state
+//! level per distinct hop, each ring long enough for the longest window and the
+//! lateness bound, and how each feature merges its panes.
+//!
+//! Part of `spec/` because it is a pure function of the definition: ingest, the
+//! engine, backfill, checkpoints and sources all read it, and none of them changes it.
+
+use panes_kernels::{ColumnFields, FeatureMerge, LevelSpec, MergeOutput, ReadStatus, StateSpec};
+
+use super::{ViewSpec, Window, format_duration};
+use crate::error::{PanesError, Result};
+
+/// A view with its state layout: one level per distinct hop.
+#[derive(Clone, Debug)]
+pub struct CompiledView {
+    /// The definition.
+    pub spec: ViewSpec,
+    /// Distinct value columns, in order of first use.
+    pub columns: Vec<String>,
+    /// The pane-state shape.
+    pub state: StateSpec,
+    /// How to compute each feature of `spec.features` (same order).
+    pub merges: Vec<FeatureMerge>,
+}
+
+impl CompiledView {
+    /// Lays out the state of `spec` over `shards` key shards.
+    ///
+    /// Each level's ring holds the longest window of its hop, and at least
+    /// `ceil(allowed_lateness / hop) + 1` panes so that every event the lateness rule
+    /// accepts still finds its pane in the ring.
+    pub fn new(spec: &ViewSpec, shards: usize) -> Self {
+        let mut columns: Vec<String> = Vec::new();
+        for f in &spec.features {
+            if let Some(c) = &f.column
+                && !columns.contains(c)
+            {
+                columns.push(c.clone());
+            }
+        }
+        let mut hops: Vec<i64> = Vec::new();
+        for f in &spec.features {
+            if !hops.contains(&f.hop) {
+                hops.push(f.hop);
+            }
+        }
+        let mut levels: Vec<LevelSpec> = hops
+            .iter()
+            .map(|&hop| {
+                let l = spec.allowed_lateness;
+                let late_panes = l / hop + i64::from(l % hop != 0) + 1;
+                LevelSpec {
+                    hop,
+                    ring: late_panes as usize,
+                    columns: vec![ColumnFields::default(); columns.len()],
+                    lifetime: false,
+                }
+            })
+            .collect();
+        let mut merges = Vec::new();
+        for f in &spec.features {
+            let level = hops.iter().position(|&h| h == f.hop).unwrap_or_default();
+            let l = &mut levels[level];
+            let column = f
+                .column
+                .as_ref()
+                .and_then(|c| columns.iter().position(|x| x == c));
+            if let Some(c) = column {
+                l.columns[c] = l.columns[c].union(f.agg.fields());
+            }
+            let panes = match f.window {
+                Window::Duration(ms) => {
+                    let n = (ms / f.hop) as u64;
+                    l.ring = l.ring.max(n as usize);
+                    Some(n)
+                }
+                Window::Lifetime => {
+                    l.lifetime = true;
+                    None
+                }
+            };
+            merges.push(FeatureMerge {
+                level,
+                agg: f.agg,
+                column,
+                panes,
+            });
+        }
+        CompiledView {
+            spec: spec.clone(),
+            columns,
+            state: StateSpec { levels, shards },
+            merges,
+        }
+    }
+
+    /// Index of the feature named `name`.
+    pub fn feature_index(&self, name: &str) -> Result<usize> {
+        self.spec
+            .features
+            .iter()
+            .position(|f| f.name == name)
+            .ok_or_else(|| PanesError::UnknownFeature {
+                view: self.spec.name.clone(),
+                name: name.to_string(),
+                known: self
+                    .spec
+                    .features
+                    .iter()
+                    .map(|f| f.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    /// State bytes per key.
+    pub fn bytes_per_key(&self) -> usize {
+        self.state
+            .levels
+            .iter()
+            .map(LevelSpec::bytes_per_slot)
+            .sum()
+    }
+
+    /// Turns non-exact read statuses of a merge into an error naming the first such
+    /// key and saying why (how many panes the view keeps, or which pane cannot be split).
+    pub(crate) fn check_exact(
+        &self,
+        out: &MergeOutput,
+        at: i64,
+        key_of: impl Fn(usize) -> String,
+    ) -> Result<()> {
+        let Some(k) = out.status.iter().position(|s| *s != ReadStatus::Exact) else {
+            return Ok(());
+        };
+        let reason = match out.status[k] {
+            ReadStatus::PaneHoldsLaterEvents => "the pane containing that time also holds later events of this key, \
+                 so it cannot be split there; read at or after the key's latest event, or use backfill for past times"
+                .to_string(),
+            _ => {
+                let hops: Vec<String> = self
+                    .state
+                    .levels
+                    .iter()
+                    .map(|l| format!("{} panes of {}", l.ring, format_duration(l.hop)))
+                    .collect();
+                format!(
+                    "the window reaches panes that were already recycled (the view keeps {} per key); \
+                     use backfill for past times",
+                    hops.join(", ")
+                )
+            }
+        };
+        Err(PanesError::InexactRead {
+            view: self.spec.name.clone(),
+            key: key_of(k),
+            at,
+            reason,
+        })
+    }
+}

@@ -1,0 +1,362 @@
+//! Parsing a feature file: TOML into raw tables, then every field validated with all
+//! problems collected (a file with five mistakes reports five, each with its view,
+//! feature and field), then the typed [`FeatureFile`].
+
+use std::collections::HashSet;
+
+use panes_kernels::Agg;
+use serde::Deserialize;
+
+use super::{
+    FeatureFile, FeatureSpec, MAX_PANES, PayloadFormat, ReadTime, SourceSpec, ViewSpec, Window,
+    format_duration, parse_duration,
+};
+use crate::error::{Result, SpecError, SpecIssue};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    views: Option<Vec<RawView>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawView {
+    name: Option<String>,
+    key: Option<String>,
+    time: Option<String>,
+    pane: Option<String>,
+    allowed_lateness: Option<String>,
+    read_time: Option<String>,
+    source: Option<RawSource>,
+    features: Option<Vec<RawFeature>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    kind: Option<String>,
+    brokers: Option<String>,
+    topic: Option<String>,
+    group: Option<String>,
+    format: Option<String>,
+    key_column: Option<String>,
+    dead_letter_topic: Option<String>,
+    #[serde(default)]
+    properties: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFeature {
+    name: Option<String>,
+    agg: Option<String>,
+    column: Option<String>,
+    window: Option<String>,
+    hop: Option<String>,
+}
+/// Parses and validates feature definitions; `origin` names them in errors.
+pub(super) fn parse(text: &str, origin: &str) -> Result<FeatureFile> {
+    let raw: RawFile = toml::from_str(text).map_err(|e| SpecError {
+        origin: origin.to_string(),
+        issues: vec![SpecIssue {
+            location: String::new(),
+            field: String::new(),
+            message: format!("not a valid feature file: {}", e.to_string().trim_end()),
+        }],
+    })?;
+    let mut c = Collector::default();
+    let raw_views = raw.views.unwrap_or_default();
+    if raw_views.is_empty() {
+        c.push(
+            "",
+            "views",
+            "the file defines no view; add a [[views]] table",
+        );
+    }
+    let views = raw_views
+        .into_iter()
+        .enumerate()
+        .map(|(vi, rv)| c.view(vi, rv))
+        .collect();
+    if !c.issues.is_empty() {
+        return Err(SpecError {
+            origin: origin.to_string(),
+            issues: c.issues,
+        }
+        .into());
+    }
+    Ok(FeatureFile { views })
+}
+
+/// The problems found so far, and the names taken (unique per file).
+#[derive(Default)]
+struct Collector {
+    issues: Vec<SpecIssue>,
+    view_names: HashSet<String>,
+    feature_names: HashSet<String>,
+}
+
+impl Collector {
+    fn push(&mut self, location: &str, field: &str, message: impl Into<String>) {
+        self.issues.push(SpecIssue {
+            location: location.to_string(),
+            field: field.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn required(&mut self, location: &str, field: &str, v: Option<String>) -> String {
+        match v {
+            Some(v) if !v.trim().is_empty() => v,
+            Some(_) => {
+                self.push(location, field, "must not be empty");
+                String::new()
+            }
+            None => {
+                self.push(location, field, "is required");
+                String::new()
+            }
+        }
+    }
+
+    fn duration(
+        &mut self,
+        location: &str,
+        field: &str,
+        v: Option<&str>,
+        default: i64,
+        positive: bool,
+    ) -> i64 {
+        let Some(v) = v else { return default };
+        match parse_duration(v) {
+            Ok(0) if positive => {
+                self.push(location, field, format!("must be positive, got {v:?}"));
+                default
+            }
+            Ok(ms) => ms,
+            Err(e) => {
+                self.push(location, field, e);
+                default
+            }
+        }
+    }
+
+    /// View number `vi` (from 0) of the file.
+    fn view(&mut self, vi: usize, rv: RawView) -> ViewSpec {
+        let vloc = match &rv.name {
+            Some(n) => format!("view {n:?}"),
+            None => format!("view #{}", vi + 1),
+        };
+        let name = self.required(&vloc, "name", rv.name);
+        if !name.is_empty() && !self.view_names.insert(name.clone()) {
+            self.push(&vloc, "name", "duplicate view name");
+        }
+        let key = self.required(&vloc, "key", rv.key);
+        let time = self.required(&vloc, "time", rv.time);
+        let pane = self.duration(&vloc, "pane", rv.pane.as_deref(), 1_000, true);
+        let allowed_lateness = self.duration(
+            &vloc,
+            "allowed_lateness",
+            rv.allowed_lateness.as_deref(),
+            0,
+            false,
+        );
+        let read_time = match rv.read_time.as_deref() {
+            None | Some("event_time") => ReadTime::EventTime,
+            Some("wall_clock") => ReadTime::WallClock,
+            Some(o) => {
+                self.push(
+                    &vloc,
+                    "read_time",
+                    format!("unknown read time {o:?}; expected \"event_time\" or \"wall_clock\""),
+                );
+                ReadTime::EventTime
+            }
+        };
+        if !key.is_empty() && key == time {
+            self.push(
+                &vloc,
+                "time",
+                "the time column must differ from the key column",
+            );
+        }
+        let source = rv.source.map(|rs| self.source(&vloc, rs));
+        let raw_features = rv.features.unwrap_or_default();
+        if raw_features.is_empty() {
+            self.push(
+                &vloc,
+                "features",
+                "the view has no feature; add [[views.features]] tables",
+            );
+        }
+        let view = ViewLimits {
+            location: &vloc,
+            time: &time,
+            pane,
+            allowed_lateness,
+        };
+        let features = raw_features
+            .into_iter()
+            .enumerate()
+            .filter_map(|(fi, rf)| self.feature(&view, fi, rf))
+            .collect();
+        ViewSpec {
+            name,
+            key,
+            time,
+            pane,
+            allowed_lateness,
+            read_time,
+            features,
+            source,
+        }
+    }
+
+    /// The `[views.source]` table of the view at `vloc`.
+    fn source(&mut self, vloc: &str, rs: RawSource) -> SourceSpec {
+        let sloc = format!("{vloc} source");
+        match rs.kind.as_deref() {
+            Some("kafka") => {}
+            Some(o) => self.push(
+                &sloc,
+                "kind",
+                format!("unknown source kind {o:?}; expected \"kafka\""),
+            ),
+            None => self.push(&sloc, "kind", "is required (\"kafka\")"),
+        }
+        let format = match rs.format.as_deref() {
+            None | Some("json") => PayloadFormat::Json,
+            Some("arrow-ipc") => PayloadFormat::ArrowIpc,
+            Some(o) => {
+                self.push(
+                    &sloc,
+                    "format",
+                    format!("unknown payload format {o:?}; expected \"json\" or \"arrow-ipc\""),
+                );
+                PayloadFormat::Json
+            }
+        };
+        SourceSpec {
+            brokers: self.required(&sloc, "brokers", rs.brokers),
+            topic: self.required(&sloc, "topic", rs.topic),
+            group: self.required(&sloc, "group", rs.group),
+            format,
+            key_column: rs.key_column,
+            dead_letter_topic: rs.dead_letter_topic,
+            properties: rs.properties,
+        }
+    }
+
+    /// Feature number `fi` (from 0) of a view; `None` when its aggregation is unknown.
+    fn feature(&mut self, view: &ViewLimits<'_>, fi: usize, rf: RawFeature) -> Option<FeatureSpec> {
+        let floc = match &rf.name {
+            Some(n) => format!("{} feature {n:?}", view.location),
+            None => format!("{} feature #{}", view.location, fi + 1),
+        };
+        let name = self.required(&floc, "name", rf.name);
+        if !name.is_empty() && !self.feature_names.insert(name.clone()) {
+            self.push(
+                &floc,
+                "name",
+                "duplicate feature name (names are unique across the file)",
+            );
+        }
+        let agg_s = self.required(&floc, "agg", rf.agg);
+        let agg = match agg_s.parse::<Agg>() {
+            Ok(a) => Some(a),
+            Err(e) => {
+                if !agg_s.is_empty() {
+                    self.push(&floc, "agg", e);
+                }
+                None
+            }
+        };
+        let column = rf.column.filter(|s| !s.trim().is_empty());
+        if let (Some(a), None) = (agg, &column)
+            && a.needs_column()
+        {
+            self.push(&floc, "column", format!("`{a}` needs a value column"));
+        }
+        if let Some(col) = &column
+            && col == view.time
+        {
+            self.push(&floc, "column", "the time column cannot be aggregated");
+        }
+        let hop = self.duration(&floc, "hop", rf.hop.as_deref(), view.pane, true);
+        let window = self.window(&floc, rf.window.as_deref(), hop);
+        if view.allowed_lateness / hop > MAX_PANES {
+            self.push(
+                &floc,
+                "hop",
+                format!(
+                    "the view's allowed_lateness spans more than {MAX_PANES} panes of {}; use a larger hop",
+                    format_duration(hop)
+                ),
+            );
+        }
+        Some(FeatureSpec {
+            name,
+            agg: agg?,
+            column,
+            window,
+            hop,
+        })
+    }
+
+    /// A feature's `window` at hop `hop`.
+    fn window(&mut self, floc: &str, w: Option<&str>, hop: i64) -> Window {
+        let Some(w) = w else {
+            self.push(
+                floc,
+                "window",
+                "is required: a duration such as \"5m\", or \"lifetime\"",
+            );
+            return Window::Lifetime;
+        };
+        if w == "lifetime" {
+            return Window::Lifetime;
+        }
+        match parse_duration(w) {
+            Ok(0) => {
+                self.push(floc, "window", "must be positive");
+                Window::Lifetime
+            }
+            Ok(ms) => {
+                if ms % hop != 0 {
+                    self.push(
+                        floc,
+                        "window",
+                        format!(
+                            "window {w} is not a multiple of the hop {}",
+                            format_duration(hop)
+                        ),
+                    );
+                } else if ms / hop > MAX_PANES {
+                    self.push(
+                        floc,
+                        "window",
+                        format!(
+                            "window {w} spans {} panes of {}; at most {MAX_PANES} are allowed: use a larger hop",
+                            ms / hop,
+                            format_duration(hop)
+                        ),
+                    );
+                }
+                Window::Duration(ms)
+            }
+            Err(e) => {
+                self.push(floc, "window", format!("{e}, or \"lifetime\""));
+                Window::Lifetime
+            }
+        }
+    }
+}
+
+/// What a view's features are checked against.
+struct ViewLimits<'a> {
+    location: &'a str,
+    time: &'a str,
+    pane: i64,
+    allowed_lateness: i64,
+}
