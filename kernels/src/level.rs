@@ -623,6 +623,21 @@ pub(crate) fn fold_into_levels(
     }
 }
 
+/// `M2 = Σ(x−K)² − (Σ(x−K))²/n` from a cell's shifted sums, following IEEE as numpy
+/// and DuckDB do: NaN propagates (an infinite value makes `Σ(x−K)` infinite or NaN, and
+/// the variance NaN), a `Σ(x−K)²` that overflowed to +inf while `Σ(x−K)` is finite is a
+/// true overflow (+inf), and only rounding below a true zero is clamped to 0.
+/// (`f64::max(NaN, 0.0)` is 0: clamping with it turned both cases into a valid 0.)
+/// The shaders' `centred_m2` (common.wgsl) is the same function.
+#[inline]
+pub(crate) fn centred_m2(sum_sq: f64, m1: f64, n: f64) -> f64 {
+    if sum_sq == f64::INFINITY && m1.is_finite() {
+        return f64::INFINITY;
+    }
+    let m2 = sum_sq - m1 * m1 / n;
+    if m2 < 0.0 { 0.0 } else { m2 }
+}
+
 /// Count, mean and centred second moment `M2 = Σ(x − mean)²` of some values.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub(crate) struct Moments {
@@ -643,7 +658,7 @@ impl Moments {
         Moments {
             n,
             mean: cell[col.moments] + m1 / n,
-            m2: (cell[col.moments + 2] - m1 * m1 / n).max(0.0),
+            m2: centred_m2(cell[col.moments + 2], m1, n),
         }
     }
 

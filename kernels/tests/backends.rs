@@ -558,3 +558,107 @@ fn calibration_measures_both_backends() {
         assert!((i..c.sizes.len()).all(|j| c.gpu_s[j] < c.cpu_s[j]), "{c:?}");
     }
 }
+
+/// Sample variance as numpy computes it (two passes, IEEE): the oracle for infinities
+/// and overflow.
+fn numpy_var(values: &[f64]) -> f64 {
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    values.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1.0)
+}
+
+/// `var` and `std` of each case's values on `backend` (one key per case, spread over
+/// two panes of a 4-pane window, so cells are merged).
+fn variances(backend: &dyn Backend, cases: &[Vec<f64>]) -> Vec<(f64, f64)> {
+    let spec = StateSpec {
+        levels: vec![LevelSpec {
+            hop: 1000,
+            ring: 4,
+            columns: vec![Agg::Var.fields()],
+            lifetime: false,
+        }],
+        shards: 1,
+    };
+    let mut state = PaneState::new(spec).unwrap();
+    let (mut ids, mut ts, mut values) = (Vec::new(), Vec::new(), Vec::new());
+    for (k, case) in cases.iter().enumerate() {
+        for (i, &v) in case.iter().enumerate() {
+            ids.push(k as u32);
+            ts.push(i as i64 * 1900 / case.len() as i64);
+            values.push(v);
+        }
+    }
+    let batch = FoldBatch {
+        ids: &ids,
+        ts: &ts,
+        values: &[&values],
+    };
+    backend.fold(&mut state, &batch).unwrap();
+    let features: Vec<FeatureMerge> = [Agg::Var, Agg::Std]
+        .map(|agg| FeatureMerge {
+            level: 0,
+            agg,
+            column: Some(0),
+            panes: Some(4),
+        })
+        .into();
+    let keys: Vec<Option<u32>> = (0..cases.len() as u32).map(Some).collect();
+    let mut out = MergeOutput::default();
+    backend
+        .merge(&state, &features, &keys, 1999, &mut out)
+        .unwrap();
+    (0..cases.len())
+        .map(|k| (out.values[2 * k], out.values[2 * k + 1]))
+        .collect()
+}
+
+/// r17: `var`/`std` follow IEEE like numpy on every backend: an infinite value gives
+/// NaN, squared deviations that overflow give +inf; before, both were a valid 0.
+fn check_ieee_variance(backend: &dyn Backend) {
+    let inf = f64::INFINITY;
+    let mut big: Vec<f64> = (0..128)
+        .map(|i| if i % 2 == 0 { 1e200 } else { -1e200 })
+        .collect();
+    let mut ones_then_inf = vec![1.0; 127];
+    ones_then_inf.push(inf);
+    let cases = vec![
+        vec![1.0, inf],
+        vec![inf, 1.0],
+        vec![-inf, inf],
+        vec![1e200, -1e200],
+        std::mem::take(&mut big),
+        ones_then_inf,
+        vec![1.0, 2.0, 4.0],
+        vec![5.0, 5.0],
+    ];
+    let got = variances(backend, &cases);
+    for (case, (var, std)) in cases.iter().zip(got) {
+        let want = numpy_var(case);
+        let agrees = |got: f64, want: f64| {
+            (got.is_nan() && want.is_nan())
+                || got == want
+                || (got - want).abs() <= 1e-9 * want.abs()
+        };
+        let label = format!("{:?} on {:?}", &case[..case.len().min(4)], backend.kind());
+        assert!(agrees(var, want), "var of {label}: {var}, numpy {want}");
+        assert!(
+            agrees(std, want.sqrt()),
+            "std of {label}: {std}, numpy {}",
+            want.sqrt()
+        );
+    }
+}
+
+#[test]
+fn r17_variance_follows_ieee_on_the_cpu_backends() {
+    check_ieee_variance(&Scalar);
+    check_ieee_variance(&Cpu::new());
+}
+
+#[cfg(feature = "gpu")]
+#[test]
+fn r17_variance_follows_ieee_on_the_gpu() {
+    if let Some(g) = gpu() {
+        check_ieee_variance(&g);
+    }
+}

@@ -23,5 +23,5 @@ fn cell_moments(k: Col, cell: u32) -> Moments {
         return Moments(0.0lf, 0.0lf, 0.0lf);
     }
     let m1 = cells[cell + k.moments + 1u];
-    return Moments(n, cells[cell + k.moments] + m1 / n, max(cells[cell + k.moments + 2u] - m1 * m1 / n, 0.0lf));
+    return Moments(n, cells[cell + k.moments] + m1 / n, centred_m2(cells[cell + k.moments + 2u], m1, n));
 }

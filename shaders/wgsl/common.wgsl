@@ -61,6 +61,17 @@ struct Moments {
     m2: f64,
 }
 
+// M2 from a cell's shifted sums, IEEE like numpy: `level::centred_m2`. NaN and
+// infinities propagate; only rounding below a true zero is clamped (WGSL's `max` may
+// drop a NaN, so the clamp is a select).
+fn centred_m2(sum_sq: f64, m1: f64, n: f64) -> f64 {
+    if (sum_sq == bitcast<f64>(0x7ff0000000000000lu) && is_finite(m1)) {
+        return sum_sq;
+    }
+    let m2 = sum_sq - m1 * m1 / n;
+    return select(m2, 0.0lf, m2 < 0.0lf);
+}
+
 fn moments_merge(a: Moments, b: Moments) -> Moments {
     if (b.n == 0.0lf) {
         return a;

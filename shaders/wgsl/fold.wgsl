@@ -81,7 +81,7 @@ fn moments_of(q: bool, k: Col, cell: u32) -> Moments {
         return Moments(0.0lf, 0.0lf, 0.0lf);
     }
     let m1 = ld(q, cell + k.moments + 1u);
-    return Moments(n, ld(q, cell + k.moments) + m1 / n, max(ld(q, cell + k.moments + 2u) - m1 * m1 / n, 0.0lf));
+    return Moments(n, ld(q, cell + k.moments) + m1 / n, centred_m2(ld(q, cell + k.moments + 2u), m1, n));
 }
 
 // Adds event e (time t) to the cell at word `cell` of the cells, or of the partials
