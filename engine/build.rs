@@ -11,7 +11,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             out.join("panes_descriptor.bin"),
             prost::Message::encode_to_vec(&fds),
         )?;
-        tonic_prost_build::configure().compile_fds(fds)?;
+        // Malformed requests are INVALID_ARGUMENT, not INTERNAL: see src/serve/codec.rs.
+        tonic_prost_build::configure()
+            .codec_path("crate::serve::codec::PanesCodec")
+            .compile_fds(fds)?;
     }
     Ok(())
 }

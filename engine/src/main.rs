@@ -139,6 +139,9 @@ struct ServeArgs {
     /// Most keys per read.
     #[arg(long, default_value_t = 10_000)]
     max_keys: usize,
+    /// Most features named in one read.
+    #[arg(long, default_value_t = 1_024)]
+    max_features: usize,
     /// Largest request message, bytes.
     #[arg(long, default_value_t = 64 << 20)]
     max_message_bytes: usize,
@@ -209,6 +212,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     )?;
     let options = ServeOptions {
         max_keys: args.max_keys,
+        max_features: args.max_features,
         max_message_bytes: args.max_message_bytes,
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
         checkpoint_dir: args.checkpoint_dir.clone(),

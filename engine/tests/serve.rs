@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow_array::{ArrayRef, Float64Array, Int64Array, RecordBatch};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use panes_engine::serve::proto::features_client::FeaturesClient;
 use panes_engine::serve::proto::{
     self, DescribeViewRequest, GetFeaturesRequest, GetFeaturesResponse, IngestRequest,
@@ -635,6 +635,19 @@ async fn bad_requests_get_classified_statuses_and_the_server_carries_on() {
         Code::ResourceExhausted,
         None,
     );
+    // r17: features per read are capped too (10 000 keys × one feature named 30 000
+    // times asked for a 2.4 GB reply).
+    let e = expect(
+        client
+            .get_features(GetFeaturesRequest {
+                features: vec!["n_1m".into(); 2_000],
+                ..read("cards", int_keys([1]), None)
+            })
+            .await,
+        Code::ResourceExhausted,
+        None,
+    );
+    assert!(e.message().contains("max_features"), "{e:?}");
 
     // Ingest: malformed IPC, unknown view, no payload, an oversized message.
     let ingest = |m: IngestRequest| {
@@ -919,5 +932,170 @@ async fn a_restarted_server_restores_its_checkpoints() {
         metric(&scraped, "panes_events_accepted_total{view=\"cards\"}"),
         accepted as f64
     );
+    server.stop().await;
+}
+
+/// A codec that sends and receives raw bytes, as a client with a broken encoder would.
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+
+struct Raw;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = Raw;
+    type Decoder = Raw;
+
+    fn encoder(&mut self) -> Raw {
+        Raw
+    }
+
+    fn decoder(&mut self) -> Raw {
+        Raw
+    }
+}
+
+impl tonic::codec::Encoder for Raw {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for Raw {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let n = bytes::Buf::remaining(src);
+        Ok(Some(bytes::Buf::copy_to_bytes(src, n).to_vec()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r17_a_request_that_is_not_protobuf_is_invalid_argument_not_internal() {
+    let server = start(ServeOptions::default(), Duration::from_millis(5), 1024).await;
+    let channel = Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    // Field 1 (a string) claiming 2^35 bytes, then nothing.
+    let garbage = vec![0x0a, 0xff, 0xff, 0xff, 0xff, 0x7f];
+    for path in [
+        "/panes.v1.Features/GetFeatures",
+        "/panes.v1.Features/ListFeatures",
+        "/panes.v1.Features/Ingest",
+    ] {
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        grpc.ready().await.unwrap();
+        let path = http::uri::PathAndQuery::from_static(path);
+        let e = if path.path().ends_with("Ingest") {
+            let stream = futures::stream::iter(vec![garbage.clone()]);
+            grpc.client_streaming::<_, Vec<u8>, Vec<u8>, _>(
+                tonic::Request::new(stream),
+                path.clone(),
+                RawCodec,
+            )
+            .await
+            .unwrap_err()
+        } else {
+            grpc.unary::<Vec<u8>, Vec<u8>, _>(
+                tonic::Request::new(garbage.clone()),
+                path.clone(),
+                RawCodec,
+            )
+            .await
+            .unwrap_err()
+        };
+        assert_eq!(e.code(), Code::InvalidArgument, "{path}: {e:?}");
+        assert!(
+            e.message().contains("not a valid protobuf"),
+            "{path}: {e:?}"
+        );
+    }
+    // And the server carries on.
+    let mut client = server.client().await;
+    client
+        .get_features(read("cards", int_keys([1]), None))
+        .await
+        .unwrap();
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r17_mutated_flight_do_put_data_is_an_error_never_a_silent_loss() {
+    use arrow_flight::error::FlightError;
+    use arrow_flight::{FlightData, FlightDescriptor};
+
+    let server = start(ServeOptions::default(), Duration::from_millis(5), 1024).await;
+    let channel = Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut rng = StdRng::seed_from_u64(17);
+    let batch = cards_batch(&mut rng, 50, 10, 1_000_000);
+    let good: Vec<FlightData> = arrow_flight::encode::FlightDataEncoderBuilder::new()
+        .with_flight_descriptor(Some(FlightDescriptor::new_path(vec!["cards".into()])))
+        .build(futures::stream::iter([Ok(batch)]))
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(good.len(), 2, "a schema message and one batch");
+    let mut client = arrow_flight::FlightClient::new(channel);
+    // Every mutation of the batch's IPC header (and a truncated body): the client gets
+    // an error or one result for its one batch, never an OK stream that lost it.
+    let mut mutations: Vec<Vec<FlightData>> = Vec::new();
+    for i in 0..good[1].data_header.len() {
+        for v in [0x00, 0xff, good[1].data_header[i] ^ 0x10] {
+            let mut data = good.clone();
+            let mut header = data[1].data_header.to_vec();
+            header[i] = v;
+            data[1].data_header = header.into();
+            mutations.push(data);
+        }
+    }
+    let mut truncated = good.clone();
+    truncated[1].data_body = truncated[1]
+        .data_body
+        .slice(..truncated[1].data_body.len() / 2);
+    mutations.push(truncated);
+    let (mut refused, mut taken) = (0, 0);
+    for (m, data) in mutations.into_iter().enumerate() {
+        let sent = futures::stream::iter(data.into_iter().map(Ok::<_, FlightError>));
+        match client.do_put(sent).await {
+            Err(_) => refused += 1,
+            Ok(results) => match results.try_collect::<Vec<_>>().await {
+                Err(_) => refused += 1,
+                Ok(results) => {
+                    assert_eq!(
+                        results.len(),
+                        1,
+                        "mutation {m}: OK without the batch's result"
+                    );
+                    taken += 1;
+                }
+            },
+        }
+    }
+    assert!(refused > 0 && taken > 0, "refused {refused}, taken {taken}");
+    // Still serving.
+    let mut reads = server.client().await;
+    reads
+        .get_features(read("cards", int_keys([1]), None))
+        .await
+        .unwrap();
     server.stop().await;
 }

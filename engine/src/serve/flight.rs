@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arrow_array::{ArrayRef, Int64Array, RecordBatch, StringArray};
-use arrow_flight::decode::FlightRecordBatchStream;
+use arrow_flight::decode::{DecodedPayload, FlightDataDecoder};
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
 use arrow_flight::flight_service_server::FlightService;
@@ -16,7 +16,7 @@ use arrow_flight::{
     Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightInfo,
     HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
 };
-use futures::{Stream, StreamExt, TryStreamExt};
+use futures::{FutureExt, Stream, StreamExt, TryStreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::grpc::check_at;
@@ -251,17 +251,57 @@ impl FlightService for Flight {
         let data = futures::stream::once(async move { Ok(first) })
             .chain(input)
             .map_err(FlightError::from);
-        let mut batches = FlightRecordBatchStream::new_from_flight_data(data);
+        let mut messages = FlightDataDecoder::new(data);
         let shared = self.shared.clone();
         // Batches are pushed as they arrive, in order; each gets a PutResult whose
         // app_metadata holds the JSON counts of that batch.
         let out = async_stream(move |tx| async move {
             let mut offset = 0usize;
-            while let Some(batch) = batches.next().await {
-                let batch = match batch {
-                    Ok(b) => b,
-                    Err(e) => {
+            let mut schemas = 0usize;
+            for index in 0usize.. {
+                // arrow-ipc can panic on hostile data (buffer offsets past the body):
+                // the client is told its stream was refused, and the thread lives on.
+                let next = std::panic::AssertUnwindSafe(messages.next())
+                    .catch_unwind()
+                    .await;
+                let refuse = |why: String| {
+                    let e = format!("message {index}: {why}; the stream was refused from here");
+                    bad_request("flight_data", e)
+                };
+                let decoded = match next {
+                    Ok(None) => break,
+                    Ok(Some(Ok(d))) => d,
+                    Ok(Some(Err(e))) => {
                         let _ = tx.send(Err(flight_status(e))).await;
+                        return;
+                    }
+                    Err(_) => {
+                        let e = refuse("the Arrow IPC decoder failed on it".into());
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                };
+                // Every message that carries data must yield a batch: one that does not
+                // (its IPC header names no message type, or a second schema) would
+                // otherwise be dropped while the client is told OK.
+                let batch = match decoded.payload {
+                    DecodedPayload::RecordBatch(b) => b,
+                    DecodedPayload::Schema(_) if schemas == 0 => {
+                        schemas += 1;
+                        continue;
+                    }
+                    DecodedPayload::Schema(_) => {
+                        let e = refuse("a second schema message (a DoPut stream has one)".into());
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                    DecodedPayload::None if decoded.inner.data_body.is_empty() => continue,
+                    DecodedPayload::None => {
+                        let e = refuse(format!(
+                            "{} bytes of data under an IPC header that is no record batch",
+                            decoded.inner.data_body.len()
+                        ));
+                        let _ = tx.send(Err(e)).await;
                         return;
                     }
                 };

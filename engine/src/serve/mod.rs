@@ -34,6 +34,7 @@
 //! `INVALID_ARGUMENT` with a `BadRequest` detail naming the field, a request over a
 //! configured limit is `RESOURCE_EXHAUSTED`, a bug is `INTERNAL`.
 
+mod codec;
 mod flight;
 mod grpc;
 mod metrics;

@@ -8,6 +8,10 @@ use std::time::Duration;
 pub struct ServeOptions {
     /// Most keys in one `GetFeatures` or Flight `DoGet`; more is `RESOURCE_EXHAUSTED`.
     pub max_keys: usize,
+    /// Most features named in one read (a name may repeat); more is
+    /// `RESOURCE_EXHAUSTED`. A read's reply holds keys × features values, so this and
+    /// `max_keys` bound its size (by default 10 000 × 1 024 × 8 B = 82 MB).
+    pub max_features: usize,
     /// Largest message accepted, bytes; larger is `RESOURCE_EXHAUSTED`.
     pub max_message_bytes: usize,
     /// Threads serving reads of more than `inline_read_keys` keys.
@@ -45,6 +49,7 @@ impl Default for ServeOptions {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         ServeOptions {
             max_keys: 10_000,
+            max_features: 1_024,
             max_message_bytes: 64 << 20,
             read_threads: cores,
             inline_read_keys: 128,

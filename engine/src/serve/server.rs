@@ -87,6 +87,14 @@ impl Shared {
         features: Vec<String>,
         forwarded: bool,
     ) -> Result<crate::online::ServedFrame, Status> {
+        if features.len() > self.options.max_features {
+            let e = PanesError::ResourceExhausted(format!(
+                "{} features in one read; the limit is {} (ServeOptions::max_features, --max-features)",
+                features.len(),
+                self.options.max_features
+            ));
+            return Err(status(e, "features"));
+        }
         if let Some(source) = self.sources.get(&view) {
             return route::read(self, source, keys, at, features, forwarded).await;
         }
