@@ -498,6 +498,29 @@ fn backfill_errors_are_clear() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("missing.parquet: No such file"), "{err}");
 
+    // r17: a feature file that is missing, not UTF-8 or endless, and an events file
+    // that opens but is not Parquet, are the user's to fix: status 2, with the reason.
+    let (code, err) = with("missing.toml", "e.parquet");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("missing.toml: cannot be read"), "{err}");
+    std::fs::write(p("latin1.toml"), b"[[views]]\nname = \"caf\xe9\"\n").unwrap();
+    let (code, err) = with("latin1.toml", "e.parquet");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("is not UTF-8 text"), "{err}");
+    let (code, err) = run(&["check", "/dev/zero"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("/dev/zero: larger than 16777216 bytes"),
+        "{err}"
+    );
+    std::fs::write(p("garbage.parquet"), b"this is not a Parquet file").unwrap();
+    let (code, err) = with("f.toml", "garbage.parquet");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("garbage.parquet: not a valid Parquet file"),
+        "{err}"
+    );
+
     std::fs::write(
         p("bad.toml"),
         FEATURES.replace("agg = \"std\"", "agg = \"stdev\""),

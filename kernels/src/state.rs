@@ -169,11 +169,20 @@ impl PaneState {
         for (i, image) in images.into_iter().enumerate() {
             let level = &mut state.shards[i / levels][i % levels];
             let stride = level.layout.stride;
-            let ring = image.slots * level.spec.ring * stride;
+            // Checked: the slot count comes from a file, and a product that wrapped
+            // around could match the words present.
+            let words = |per_slot: usize| image.slots.checked_mul(per_slot);
+            let ring = words(level.spec.ring * stride);
             let base = if level.spec.lifetime {
-                image.slots * stride
+                words(stride)
             } else {
-                0
+                Some(0)
+            };
+            let (Some(ring), Some(base)) = (ring, base) else {
+                return Err(KernelError::Shape(format!(
+                    "level image {i}: {} slots is more than any state holds",
+                    image.slots
+                )));
             };
             if image.ring.len() != ring || image.base.len() != base {
                 return Err(KernelError::Shape(format!(

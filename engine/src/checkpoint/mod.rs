@@ -170,6 +170,52 @@ window = "lifetime"
     }
 
     #[test]
+    fn r17_a_forged_key_id_with_a_valid_checksum_is_refused() {
+        let e = engine();
+        e.push("cards", &batch(0, 3_000)).unwrap();
+        let mut bytes = e.checkpoint("cards", &[]).unwrap();
+        // The id after the string key "c5" (u32 length 2, the bytes), then the checksum
+        // recomputed: only the validation of the contents can catch it.
+        let key = [2u8, 0, 0, 0, b'c', b'5'];
+        let at = bytes.windows(6).position(|w| w == key).expect("key c5") + key.len();
+        bytes[at..at + 4].copy_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
+        let n = bytes.len();
+        let crc = crc32fast::hash(&bytes[..n - 12]);
+        bytes[n - 12..n - 8].copy_from_slice(&crc.to_le_bytes());
+        let fresh = engine();
+        let err = fresh.restore("cards", &bytes).unwrap_err().to_string();
+        assert!(err.contains("key \"c5\" has id 4294967280"), "{err}");
+        // The engine was left as it was, and takes that key's events.
+        fresh.push("cards", &batch(0, 100)).unwrap();
+        fresh.flush().unwrap();
+    }
+
+    #[test]
+    fn r17_a_stray_checkpoint_numbered_u64_max_is_reported_not_wrapped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointDir::new(dir.path(), 3);
+        store.write(b"one").unwrap();
+        let stray = dir.path().join(format!("ckpt-{}.panes", u64::MAX));
+        std::fs::write(&stray, b"stray").unwrap();
+        let e = store.write(b"two").unwrap_err().to_string();
+        assert!(e.contains("largest there is"), "{e}");
+        assert_eq!(store.list().unwrap().len(), 2, "nothing pruned");
+    }
+
+    #[test]
+    fn r17_temporary_files_of_interrupted_writes_are_removed_on_restore() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointDir::new(dir.path(), 3);
+        let stale = dir.path().join(".ckpt-00000000000000000007.panes.4242.tmp");
+        std::fs::write(&stale, b"half a checkpoint").unwrap();
+        let restored = store
+            .restore_newest(|_| Ok::<_, String>(()), |_, _| {})
+            .unwrap();
+        assert!(restored.is_none());
+        assert!(!stale.exists());
+    }
+
+    #[test]
     fn corrupt_checkpoints_are_detected_and_skipped() {
         let dir = tempfile::tempdir().unwrap();
         let store = CheckpointDir::new(dir.path(), 3);

@@ -77,11 +77,35 @@ impl CheckpointDir {
         Ok(files)
     }
 
+    /// Removes the temporary files `write_atomic` leaves when its process dies
+    /// mid-write (`.ckpt-….tmp`); failures are ignored (the next restore retries).
+    fn remove_unfinished(&self) {
+        let Ok(entries) = fs::read_dir(&self.path) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(".ckpt-") && name.ends_with(".tmp") {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+
     /// Writes `bytes` as the newest checkpoint, atomically and durably, then removes
     /// all but the newest `keep`. Returns the file written.
     pub fn write(&self, bytes: &[u8]) -> Result<PathBuf> {
         let existing = self.list()?;
-        let seq = existing.first().map_or(1, |(s, _)| s + 1);
+        let seq = match existing.first() {
+            None => 1,
+            Some((s, newest)) => s.checked_add(1).ok_or_else(|| {
+                PanesError::file(
+                    newest,
+                    "its number is the largest there is, so no newer checkpoint can be \
+                     numbered after it; remove it (it was not written by Panes)",
+                )
+            })?,
+        };
         let path = self.path.join(format!("ckpt-{seq:020}.{EXT}"));
         write_atomic(&path, bytes)?;
         for (_, old) in existing.iter().skip(self.keep - 1) {
@@ -93,11 +117,15 @@ impl CheckpointDir {
     /// Reads checkpoints newest first and returns the first that `restore` accepts,
     /// reporting each one skipped to `skipped` (path and reason). `None` when there is
     /// no usable checkpoint.
+    ///
+    /// Temporary files of writes that never finished (a process killed mid-write) are
+    /// removed first: whoever restores a directory owns it.
     pub fn restore_newest<T>(
         &self,
         mut restore: impl FnMut(&[u8]) -> std::result::Result<T, String>,
         mut skipped: impl FnMut(&Path, &str),
     ) -> Result<Option<(T, PathBuf)>> {
+        self.remove_unfinished();
         for (_, path) in self.list()? {
             let bytes = match fs::read(&path) {
                 Ok(b) => b,

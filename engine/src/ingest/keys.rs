@@ -212,6 +212,34 @@ impl KeyIndex {
                 "key index holds {len} keys but allocated {ids} ids"
             )));
         }
+        // Every id must be one the index allocated, once: a state slot is derived from
+        // it, and an id past its shard's count would make the first event of its key
+        // grow the state to that slot.
+        let mut taken: Vec<Vec<bool>> = image
+            .next_local
+            .iter()
+            .map(|&n| vec![false; n as usize])
+            .collect();
+        let ids = image.ints.iter().map(|(k, id)| (k.to_string(), *id));
+        let ids = ids.chain(image.big.iter().map(|(k, id)| (k.to_string(), *id)));
+        let ids = ids.chain(image.strs.iter().map(|(k, id)| (format!("{k:?}"), *id)));
+        for (key, id) in ids {
+            let (shard, local) = (id as usize % shards, id as usize / shards);
+            match taken[shard].get_mut(local) {
+                Some(t) if !*t => *t = true,
+                Some(_) => {
+                    return Err(PanesError::Invalid(format!(
+                        "key {key} has id {id}, which another key has too"
+                    )));
+                }
+                None => {
+                    return Err(PanesError::Invalid(format!(
+                        "key {key} has id {id}, but shard {shard} allocated only {} ids",
+                        image.next_local[shard]
+                    )));
+                }
+            }
+        }
         Ok(KeyIndex {
             ints: image.ints.into_iter().collect(),
             big: image.big.into_iter().collect(),

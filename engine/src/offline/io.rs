@@ -60,11 +60,21 @@ impl Format {
 /// Reads every batch of a file.
 ///
 /// # Errors
-/// [`PanesError::File`] when the file cannot be opened or decoded.
+/// [`PanesError::File`] when the file cannot be opened (the file system's to fix, and
+/// worth a retry); [`PanesError::Invalid`] naming the file when it opens but is not a
+/// valid file of its format (the user's to fix).
 pub fn read_file(path: &Path) -> Result<(SchemaRef, Vec<RecordBatch>)> {
-    let err = |e: &dyn std::fmt::Display| PanesError::file(path, e);
     let format = Format::of(path)?;
-    let file = File::open(path).map_err(|e| err(&e))?;
+    let file = File::open(path).map_err(|e| PanesError::file(path, e))?;
+    let err = |e: &dyn std::fmt::Display| {
+        let what = match format {
+            Format::Parquet => "Parquet file",
+            Format::Csv => "CSV file",
+            Format::IpcFile => "Arrow IPC file",
+            Format::IpcStream => "Arrow IPC stream",
+        };
+        PanesError::Invalid(format!("{}: not a valid {what}: {e}", path.display()))
+    };
     let (schema, batches): (SchemaRef, std::result::Result<Vec<_>, _>) = match format {
         Format::Parquet => {
             let b = ParquetRecordBatchReaderBuilder::try_new(file)

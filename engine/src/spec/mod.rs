@@ -26,7 +26,10 @@ use panes_kernels::Agg;
 
 pub use compile::CompiledView;
 
-use crate::error::{PanesError, Result};
+use crate::error::{Result, SpecError, SpecIssue};
+
+/// Largest feature file read, bytes.
+pub const MAX_FILE_BYTES: u64 = 16 << 20;
 
 /// Largest number of panes a window (or the lateness bound) may span at its hop.
 /// Each pane costs `fields × 8` bytes per key, so larger rings are almost always a
@@ -182,17 +185,37 @@ impl FeatureFile {
     /// Reads and validates a feature file.
     ///
     /// # Errors
-    /// [`PanesError::File`] when it cannot be read, [`PanesError::Spec`] listing every
-    /// problem found otherwise.
+    /// [`PanesError::Spec`](crate::PanesError::Spec) listing every problem found, or saying why the file cannot be
+    /// read: missing, unreadable, not UTF-8, or larger than [`MAX_FILE_BYTES`] (a
+    /// feature file is a few KiB; reading `/dev/zero` must not grow without bound).
     pub fn from_path(path: impl AsRef<Path>) -> Result<Self> {
+        use std::io::Read;
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| PanesError::file(path, e))?;
-        Self::parse(&text, &path.display().to_string())
+        let origin = path.display().to_string();
+        let unreadable = |message: String| SpecError {
+            origin: origin.clone(),
+            issues: vec![SpecIssue {
+                location: String::new(),
+                field: String::new(),
+                message,
+            }],
+        };
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes))
+            .map_err(|e| unreadable(format!("cannot be read: {e}")))?;
+        if bytes.len() as u64 > MAX_FILE_BYTES {
+            let e = format!("larger than {MAX_FILE_BYTES} bytes; a feature file is a few KiB");
+            return Err(unreadable(e).into());
+        }
+        let text =
+            String::from_utf8(bytes).map_err(|e| unreadable(format!("is not UTF-8 text: {e}")))?;
+        Self::parse(&text, &origin)
     }
     /// Parses and validates feature definitions; `origin` names them in errors.
     ///
     /// # Errors
-    /// [`PanesError::Spec`] listing every problem found.
+    /// [`PanesError::Spec`](crate::PanesError::Spec) listing every problem found.
     pub fn parse(text: &str, origin: &str) -> Result<Self> {
         parse::parse(text, origin)
     }
@@ -332,6 +355,26 @@ window = "lifetime"
         );
         assert_eq!(format_duration(300_000), "5m");
         assert_eq!(format_duration(1_500), "1500ms");
+    }
+
+    #[test]
+    fn r17_view_names_cannot_leave_the_checkpoint_directory() {
+        for bad in ["../escaped_view", "a/b", ".hidden", "..", "c:\\x", "sp ace"] {
+            let e = err(&GOOD.replace("name = \"flights\"", &format!("name = {bad:?}")));
+            assert!(
+                e.contains("field `name`") && e.contains("is not allowed"),
+                "{bad}: {e}"
+            );
+        }
+        let e = err(&GOOD.replace(
+            "name = \"flights\"",
+            &format!("name = {:?}", "v".repeat(129)),
+        ));
+        assert!(e.contains("at most 128"), "{e}");
+        for good in ["flights", "cards_v2", "a.b-c"] {
+            let text = GOOD.replace("name = \"flights\"", &format!("name = {good:?}"));
+            assert!(FeatureFile::parse(&text, "f.toml").is_ok(), "{good}");
+        }
     }
 
     #[test]

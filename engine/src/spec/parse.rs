@@ -152,6 +152,9 @@ impl Collector {
         if !name.is_empty() && !self.view_names.insert(name.clone()) {
             self.push(&vloc, "name", "duplicate view name");
         }
+        if let Err(e) = check_view_name(&name) {
+            self.push(&vloc, "name", e);
+        }
         let key = self.required(&vloc, "key", rv.key);
         let time = self.required(&vloc, "time", rv.time);
         let pane = self.duration(&vloc, "pane", rv.pane.as_deref(), 1_000, true);
@@ -359,4 +362,28 @@ struct ViewLimits<'a> {
     time: &'a str,
     pane: i64,
     allowed_lateness: i64,
+}
+
+/// Longest view name.
+const MAX_VIEW_NAME: usize = 128;
+
+/// A view's name names a directory (its checkpoints) and a metric label: ASCII letters,
+/// digits, `_`, `-` and `.`, not starting with `.` (so never `..`, a path separator or
+/// a hidden file), at most [`MAX_VIEW_NAME`] bytes. Empty names are reported apart.
+fn check_view_name(name: &str) -> std::result::Result<(), String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
+    if name.is_empty() {
+        Ok(())
+    } else if name.len() > MAX_VIEW_NAME {
+        Err(format!(
+            "{} bytes long; at most {MAX_VIEW_NAME} are allowed",
+            name.len()
+        ))
+    } else if name.starts_with('.') || !name.chars().all(allowed) {
+        Err(format!(
+            "{name:?} is not allowed: use ASCII letters, digits, '_', '-' and '.', not starting with '.' (the name is a directory of checkpoints)"
+        ))
+    } else {
+        Ok(())
+    }
 }
