@@ -305,6 +305,17 @@ fn describe(file: &FeatureFile) {
 fn check(path: &Path) -> Result<()> {
     let file = FeatureFile::from_path(path)?;
     describe(&file);
+    for v in &file.views {
+        let per_key = CompiledView::new(v, 1).bytes_per_key();
+        if per_key > 1 << 20 {
+            eprintln!(
+                "warning: view {:?} needs {:.1} MiB of state per key: a million keys would need {:.1} TiB",
+                v.name,
+                per_key as f64 / f64::from(1 << 20),
+                per_key as f64 * 1e6 / (1u64 << 40) as f64
+            );
+        }
+    }
     Ok(())
 }
 

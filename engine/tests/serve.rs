@@ -1099,3 +1099,36 @@ async fn r17_mutated_flight_do_put_data_is_an_error_never_a_silent_loss() {
         .unwrap();
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r17_flight_do_get_returns_integer_keys_above_i64_max() {
+    use arrow_array::Array;
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{Decimal128Type, UInt64Type};
+
+    let server = start(ServeOptions::default(), Duration::from_millis(5), 1024).await;
+    let channel = Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = arrow_flight::FlightClient::new(channel);
+    let mut get = async |keys: &str| -> Vec<RecordBatch> {
+        let ticket = format!(r#"{{"view": "cards", "keys": {keys}}}"#);
+        client
+            .do_get(arrow_flight::Ticket::new(ticket))
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap()
+    };
+    let big = get("[18446744073709551615, 1]").await;
+    let keys = big[0].column(0).as_primitive::<UInt64Type>();
+    assert_eq!(keys.null_count(), 0);
+    assert_eq!(keys.values().to_vec(), vec![u64::MAX, 1]);
+    let mixed = get("[18446744073709551615, -1]").await;
+    let keys = mixed[0].column(0).as_primitive::<Decimal128Type>();
+    assert_eq!(keys.values().to_vec(), vec![u64::MAX as i128, -1]);
+    server.stop().await;
+}

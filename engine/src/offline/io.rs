@@ -6,8 +6,8 @@ use std::io::{BufReader, BufWriter, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow_array::RecordBatch;
-use arrow_schema::SchemaRef;
+use arrow_array::{Int64Array, RecordBatch};
+use arrow_schema::{ArrowError, DataType, Field, Schema, SchemaRef};
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::{Compression, ZstdLevel};
@@ -140,7 +140,8 @@ pub fn write_file(path: &Path, schema: &SchemaRef, batches: &[RecordBatch]) -> R
                 .with_header(true)
                 .build(file);
             for b in batches {
-                w.write(b).map_err(|e| err(&e))?;
+                w.write(&csv_safe(b).map_err(|e| err(&e))?)
+                    .map_err(|e| err(&e))?;
             }
         }
         Format::IpcFile => {
@@ -161,4 +162,71 @@ pub fn write_file(path: &Path, schema: &SchemaRef, batches: &[RecordBatch]) -> R
         }
     }
     Ok(())
+}
+
+/// CSV renders times as text, and arrow-csv fails on a value beyond chrono's range:
+/// exactly the out-of-range times a dead-letter file exists to record. A temporal
+/// column with such a value is written as text, each unrenderable value as its raw
+/// integer (lossless); other columns, and temporal ones that render, are unchanged.
+fn csv_safe(batch: &RecordBatch) -> std::result::Result<RecordBatch, ArrowError> {
+    use arrow_array::{Array, StringArray};
+    use arrow_cast::display::{ArrayFormatter, FormatOptions};
+    let schema = batch.schema();
+    let mut fields = Vec::with_capacity(batch.num_columns());
+    let mut columns = Vec::with_capacity(batch.num_columns());
+    for (field, column) in schema.fields().iter().zip(batch.columns()) {
+        let temporal = matches!(
+            column.data_type(),
+            DataType::Timestamp(..) | DataType::Date32 | DataType::Date64
+        );
+        let formatter = ArrayFormatter::try_new(column.as_ref(), &FormatOptions::default())?;
+        let renders = |i: usize| column.is_null(i) || formatter.value(i).try_to_string().is_ok();
+        if !temporal || (0..column.len()).all(renders) {
+            fields.push(field.clone());
+            columns.push(column.clone());
+            continue;
+        }
+        let raw = arrow_cast::cast(column, &DataType::Int64)?;
+        let raw = raw
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .expect("cast to Int64");
+        let text: StringArray = (0..column.len())
+            .map(|i| {
+                (!column.is_null(i)).then(|| {
+                    formatter
+                        .value(i)
+                        .try_to_string()
+                        .unwrap_or_else(|_| raw.value(i).to_string())
+                })
+            })
+            .collect();
+        fields.push(Arc::new(Field::new(field.name(), DataType::Utf8, true)));
+        columns.push(Arc::new(text) as _);
+    }
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow_array::{ArrayRef, TimestampSecondArray};
+
+    use super::*;
+
+    #[test]
+    fn r17_csv_files_hold_times_beyond_chrono_s_range_as_raw_integers() {
+        let times = TimestampSecondArray::from(vec![Some(i64::MAX), Some(1_767_225_600), None]);
+        let batch = RecordBatch::try_from_iter([("ts", Arc::new(times) as ArrayRef)]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dead.csv");
+        write_file(&path, &batch.schema(), std::slice::from_ref(&batch)).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        // The null row is written as an empty field.
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[..3],
+            ["ts", "9223372036854775807", "2026-01-01T00:00:00"],
+            "{text}"
+        );
+    }
 }

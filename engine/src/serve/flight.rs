@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-use arrow_array::{ArrayRef, Int64Array, RecordBatch, StringArray};
+use arrow_array::{ArrayRef, Decimal128Array, Int64Array, RecordBatch, StringArray, UInt64Array};
 use arrow_flight::decode::{DecodedPayload, FlightDataDecoder};
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
@@ -35,6 +35,26 @@ pub(crate) struct Flight {
 impl Flight {
     pub fn new(shared: Arc<Shared>) -> Self {
         Flight { shared }
+    }
+}
+
+/// The integer keys of a read as a column that holds every one of them: Int64 when
+/// they fit, UInt64 for keys above `i64::MAX` (they were nulls in an Int64 column),
+/// Decimal128(20, 0) when a read mixes those with negative keys.
+fn int_keys(keys: &[KeyValue]) -> ArrayRef {
+    let ints = || {
+        keys.iter().map(|k| match k {
+            KeyValue::Int(i) => Some(*i),
+            KeyValue::Str(_) => None,
+        })
+    };
+    if ints().flatten().all(|i| i64::try_from(i).is_ok()) {
+        Arc::new(Int64Array::from_iter(ints().map(|i| i.map(|i| i as i64))))
+    } else if ints().flatten().all(|i| u64::try_from(i).is_ok()) {
+        Arc::new(UInt64Array::from_iter(ints().map(|i| i.map(|i| i as u64))))
+    } else {
+        let decimals = Decimal128Array::from_iter(ints()).with_precision_and_scale(20, 0);
+        Arc::new(decimals.expect("20 digits hold every i64 and u64"))
     }
 }
 
@@ -204,10 +224,7 @@ impl FlightService for Flight {
                         KeyValue::Int(_) => None,
                     })))
                 } else {
-                    Arc::new(Int64Array::from_iter(t.keys.iter().map(|k| match k {
-                        KeyValue::Int(i) => i64::try_from(*i).ok(),
-                        KeyValue::Str(_) => None,
-                    })))
+                    int_keys(&t.keys)
                 };
                 engine.frame_batch(&t.view, &key, &served.frame)
             })

@@ -378,6 +378,31 @@ window = "lifetime"
     }
 
     #[test]
+    fn r17_a_view_needing_more_than_64_mib_per_key_is_refused() {
+        // 14 levels of 100 000 panes of a `var` cell each: about 70 MiB per key.
+        let mut text = String::from("[[views]]\nname = \"v\"\nkey = \"k\"\ntime = \"ts\"\n");
+        for h in 1..=14 {
+            text += &format!(
+                "[[views.features]]\nname = \"f{h}\"\nagg = \"var\"\ncolumn = \"x\"\nwindow = \"{}s\"\nhop = \"{h}s\"\n",
+                100_000 * h
+            );
+        }
+        let e = err(&text);
+        assert!(
+            e.contains("view \"v\", field `features`: the view's state needs"),
+            "{e}"
+        );
+        assert!(e.contains("at most 64 MiB"), "{e}");
+        // One such level is allowed.
+        let one = text
+            .split("[[views.features]]")
+            .take(2)
+            .collect::<Vec<_>>()
+            .join("[[views.features]]");
+        assert!(FeatureFile::parse(&one, "f.toml").is_ok());
+    }
+
+    #[test]
     fn errors_name_file_view_feature_and_field() {
         let e = err(&GOOD.replace("agg = \"mean\"", "agg = \"median\""));
         assert!(e.contains("f.toml: view \"flights\" feature \"dep_delay_mean_3h\", field `agg`: unknown aggregation \"median\""), "{e}");

@@ -8,8 +8,8 @@ use panes_kernels::Agg;
 use serde::Deserialize;
 
 use super::{
-    FeatureFile, FeatureSpec, MAX_PANES, PayloadFormat, ReadTime, SourceSpec, ViewSpec, Window,
-    format_duration, parse_duration,
+    CompiledView, FeatureFile, FeatureSpec, MAX_PANES, PayloadFormat, ReadTime, SourceSpec,
+    ViewSpec, Window, format_duration, parse_duration,
 };
 use crate::error::{Result, SpecError, SpecIssue};
 
@@ -204,7 +204,7 @@ impl Collector {
             .enumerate()
             .filter_map(|(fi, rf)| self.feature(&view, fi, rf))
             .collect();
-        ViewSpec {
+        let view = ViewSpec {
             name,
             key,
             time,
@@ -213,7 +213,20 @@ impl Collector {
             read_time,
             features,
             source,
+        };
+        let per_key = CompiledView::new(&view, 1).bytes_per_key();
+        if per_key > MAX_STATE_PER_KEY {
+            self.push(
+                &vloc,
+                "features",
+                format!(
+                    "the view's state needs {} MiB per key; at most {} MiB is allowed: use larger hops or shorter windows",
+                    per_key >> 20,
+                    MAX_STATE_PER_KEY >> 20
+                ),
+            );
         }
+        view
     }
 
     /// The `[views.source]` table of the view at `vloc`.
@@ -363,6 +376,10 @@ struct ViewLimits<'a> {
     pane: i64,
     allowed_lateness: i64,
 }
+
+/// Most state bytes one key of a view may need (every ring at its length). A million
+/// keys at this size would need 64 TiB: anything near it is a mistake in the hops.
+pub const MAX_STATE_PER_KEY: usize = 64 << 20;
 
 /// Longest view name.
 const MAX_VIEW_NAME: usize = 128;
