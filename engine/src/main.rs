@@ -142,6 +142,18 @@ struct ServeArgs {
     /// Most features named in one read.
     #[arg(long, default_value_t = 1_024)]
     max_features: usize,
+    /// Most connections open at once on the gRPC port.
+    #[arg(long, default_value_t = 1_024)]
+    max_connections: usize,
+    /// Most concurrent requests per connection (HTTP/2 MAX_CONCURRENT_STREAMS).
+    #[arg(long, default_value_t = 256)]
+    max_streams_per_connection: u32,
+    /// Close a connection that sends nothing this many seconds after it is accepted.
+    #[arg(long, default_value_t = 10)]
+    handshake_timeout: u64,
+    /// Close a connection that moves no byte for this many seconds.
+    #[arg(long, default_value_t = 300)]
+    idle_timeout: u64,
     /// Largest request message, bytes.
     #[arg(long, default_value_t = 64 << 20)]
     max_message_bytes: usize,
@@ -213,6 +225,10 @@ fn serve(args: ServeArgs) -> Result<()> {
     let options = ServeOptions {
         max_keys: args.max_keys,
         max_features: args.max_features,
+        max_connections: args.max_connections,
+        max_streams_per_connection: args.max_streams_per_connection,
+        handshake_timeout: Duration::from_secs(args.handshake_timeout),
+        idle_timeout: Duration::from_secs(args.idle_timeout),
         max_message_bytes: args.max_message_bytes,
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
         checkpoint_dir: args.checkpoint_dir.clone(),

@@ -1132,3 +1132,43 @@ async fn r17_flight_do_get_returns_integer_keys_above_i64_max() {
     assert_eq!(keys.values().to_vec(), vec![u64::MAX as i128, -1]);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r17_silent_and_surplus_connections_are_closed_and_the_server_keeps_serving() {
+    use tokio::io::AsyncReadExt;
+
+    let options = ServeOptions {
+        max_connections: 20,
+        // Long enough that all 60 connect while the first 20 are held, on a busy machine.
+        handshake_timeout: Duration::from_secs(2),
+        idle_timeout: Duration::from_secs(5),
+        ..ServeOptions::default()
+    };
+    let server = start(options, Duration::from_millis(5), 1024).await;
+    // 60 connections that never send the HTTP/2 preface: 20 are held until the
+    // handshake timeout, the others closed on accept (they used to stay open forever).
+    let mut silent = Vec::new();
+    for _ in 0..60 {
+        silent.push(tokio::net::TcpStream::connect(server.addr).await.unwrap());
+    }
+    for s in &mut silent {
+        // The server may send its HTTP/2 settings first; then it must close.
+        let mut sent = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut sent))
+            .await
+            .expect("the server closes a silent connection");
+        assert!(sent.len() < 1024, "{read:?}: {} bytes", sent.len());
+    }
+    // A real client is served once they are gone.
+    let mut client = server.client().await;
+    client
+        .get_features(read("cards", int_keys([1]), None))
+        .await
+        .unwrap();
+    let text = scrape(server.metrics);
+    let refused = metric(&text, "panes_connections_refused_total");
+    let timed_out = metric(&text, "panes_connections_timed_out_total");
+    assert!(refused >= 1.0 && refused + timed_out >= 60.0, "{text}");
+    assert_eq!(metric(&text, "panes_connections_open"), 1.0, "{text}");
+    server.stop().await;
+}

@@ -211,6 +211,7 @@ pub(crate) fn render(shared: &Shared, engine: &crate::online::Engine) -> String 
             );
         }
     }
+    render_connections(&mut out, shared);
     render_sources(&mut out, shared);
     out
 }
@@ -301,6 +302,42 @@ fn render_sources(out: &mut String, shared: &Shared) {
             "{name}{{view=\"{}\"}} {}",
             escape(&v.spec().name),
             v.owned().len()
+        );
+    }
+}
+
+/// Counters of the gRPC port's connections.
+fn render_connections(out: &mut String, shared: &Shared) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let c = &shared.conns;
+    let _ = writeln!(
+        out,
+        "# HELP panes_connections_open Connections open on the gRPC port.\n\
+         # TYPE panes_connections_open gauge\npanes_connections_open {}",
+        c.open.load(Relaxed)
+    );
+    let counters = [
+        (
+            "panes_connections_refused_total",
+            "Connections closed on accept at --max-connections.",
+            &c.refused,
+        ),
+        (
+            "panes_connections_timed_out_total",
+            "Connections closed for sending nothing within the handshake or idle timeout.",
+            &c.timed_out,
+        ),
+        (
+            "panes_accept_errors_total",
+            "Failed accepts (such as file descriptors exhausted).",
+            &c.accept_errors,
+        ),
+    ];
+    for (name, help, value) in counters {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+            value.load(Relaxed)
         );
     }
 }

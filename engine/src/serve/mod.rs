@@ -35,6 +35,7 @@
 //! configured limit is `RESOURCE_EXHAUSTED`, a bug is `INTERNAL`.
 
 mod codec;
+mod conn;
 mod flight;
 mod grpc;
 mod metrics;

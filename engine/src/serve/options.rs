@@ -14,6 +14,17 @@ pub struct ServeOptions {
     pub max_features: usize,
     /// Largest message accepted, bytes; larger is `RESOURCE_EXHAUSTED`.
     pub max_message_bytes: usize,
+    /// Most connections open at once on the gRPC port; more are closed on accept.
+    pub max_connections: usize,
+    /// Most concurrent streams (requests) per connection, advertised to clients in the
+    /// HTTP/2 settings.
+    pub max_streams_per_connection: u32,
+    /// A connection that sends nothing this long after it is accepted (no HTTP/2
+    /// preface) is closed.
+    pub handshake_timeout: Duration,
+    /// A connection that moves no byte either way this long is closed (gRPC clients
+    /// reconnect when they next need it; their keepalive pings count as traffic).
+    pub idle_timeout: Duration,
     /// Threads serving reads of more than `inline_read_keys` keys.
     pub read_threads: usize,
     /// Reads of at most this many keys run on the network thread that received them
@@ -51,6 +62,10 @@ impl Default for ServeOptions {
             max_keys: 10_000,
             max_features: 1_024,
             max_message_bytes: 64 << 20,
+            max_connections: 1_024,
+            max_streams_per_connection: 256,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
             read_threads: cores,
             inline_read_keys: 128,
             write_threads: cores,

@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::Status;
 
+use super::conn::{self, ConnStats};
 use super::options::{ServeOptions, lower_priority};
 use super::route::{self, Peers};
 use super::status::{status, too_large_is_exhausted};
@@ -42,6 +43,8 @@ pub(crate) struct Shared {
     pub sources: HashMap<String, Arc<dyn Source>>,
     /// Clients of other instances, for reads routed to them.
     pub peers: Peers,
+    /// Connections of the gRPC port.
+    pub conns: Arc<ConnStats>,
 }
 
 impl Shared {
@@ -249,6 +252,7 @@ impl Server {
             checkpointing: std::sync::Mutex::new(()),
             sources,
             peers: Peers::default(),
+            conns: Arc::default(),
         });
         Ok(Server {
             shared,
@@ -325,15 +329,18 @@ impl Server {
             .as_ref()
             .map(|_| spawn_checkpoints(shared.clone()));
         let mut signalled = stop_rx.clone();
+        let incoming = conn::incoming(grpc, &shared.options, shared.conns.clone());
         let server = tonic::transport::Server::builder()
+            .max_concurrent_streams(Some(shared.options.max_streams_per_connection))
             .layer(tower::util::MapResponseLayer::new(too_large_is_exhausted))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(features)
             .add_service(flight)
             .serve_with_incoming_shutdown(
-                // Nagle off: a reply's trailers must not wait for the client's ACK.
-                tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
+                // Nagle off (set on accept): a reply's trailers must not wait for the
+                // client's ACK.
+                incoming,
                 async move {
                     let _ = signalled.wait_for(|s| *s).await;
                 },
