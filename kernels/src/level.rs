@@ -1,6 +1,11 @@
 //! Pane state of one hop level: a ring of R cells per key, each cell the
 //! partial-aggregate fields of one pane, side by side.
 //!
+//! About 760 lines outside tests, kept in one file: the cell layout, the per-event
+//! fold, the accumulation of cells at read time and the key-major read copy all
+//! depend on the private `Layout` and on invariants its unit tests check together.
+//! The CPU fold redesign replaces this layout; it is split then, along its new lines.
+//!
 //! ```text
 //!  ring buffer (one Vec<f64>), position-major: cell (slot, pos) at pos * slots + slot
 //!  ┌──────────────────────────────────┬──────────────────────────────────┬─────

@@ -2,6 +2,11 @@
 //! stream ingests events, with Redis `MGET` of precomputed vectors as the reference,
 //! measured in the same run on the same machine.
 //!
+//! One file, about 1 000 lines, on purpose: a benchmark binary whose parts (the
+//! open-loop scheduler, a minimal RESP client for the Redis reference, the ingest
+//! producer, the freshness probe, the report) serve this measurement alone and are
+//! each a named function or type; a library module for them would have one user.
+//!
 //! ```text
 //! cargo run --release -p panes-bench --bin serve_load [-- --rate 1000 --seconds 10
 //!     --ingest-rate 1000000 --keys 100000 --sizes 1,10,100 --out FILE.json
