@@ -77,13 +77,17 @@ struct Running {
 }
 
 impl Running {
-    async fn client(&self) -> FeaturesClient<Channel> {
-        let channel = Channel::from_shared(format!("http://{}", self.addr))
+    /// A connection to the server's gRPC (and Flight) port.
+    async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
             .unwrap()
             .connect()
             .await
-            .unwrap();
-        FeaturesClient::new(channel)
+            .unwrap()
+    }
+
+    async fn client(&self) -> FeaturesClient<Channel> {
+        FeaturesClient::new(self.channel().await)
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX)
     }
@@ -427,11 +431,7 @@ async fn every_rpc_health_reflection_and_metrics() {
     );
 
     // Health: the overall server and each service.
-    let channel = Channel::from_shared(format!("http://{}", server.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = server.channel().await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     for service in [
         "",
@@ -986,11 +986,7 @@ impl tonic::codec::Decoder for Raw {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r17_a_request_that_is_not_protobuf_is_invalid_argument_not_internal() {
     let server = start(ServeOptions::default(), Duration::from_millis(5), 1024).await;
-    let channel = Channel::from_shared(format!("http://{}", server.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = server.channel().await;
     // Field 1 (a string) claiming 2^35 bytes, then nothing.
     let garbage = vec![0x0a, 0xff, 0xff, 0xff, 0xff, 0x7f];
     for path in [
@@ -1040,11 +1036,7 @@ async fn r17_mutated_flight_do_put_data_is_an_error_never_a_silent_loss() {
     use arrow_flight::{FlightData, FlightDescriptor};
 
     let server = start(ServeOptions::default(), Duration::from_millis(5), 1024).await;
-    let channel = Channel::from_shared(format!("http://{}", server.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = server.channel().await;
     let mut rng = StdRng::seed_from_u64(17);
     let batch = cards_batch(&mut rng, 50, 10, 1_000_000);
     let good: Vec<FlightData> = arrow_flight::encode::FlightDataEncoderBuilder::new()
@@ -1107,11 +1099,7 @@ async fn r17_flight_do_get_returns_integer_keys_above_i64_max() {
     use arrow_array::types::{Decimal128Type, UInt64Type};
 
     let server = start(ServeOptions::default(), Duration::from_millis(5), 1024).await;
-    let channel = Channel::from_shared(format!("http://{}", server.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = server.channel().await;
     let mut client = arrow_flight::FlightClient::new(channel);
     let mut get = async |keys: &str| -> Vec<RecordBatch> {
         let ticket = format!(r#"{{"view": "cards", "keys": {keys}}}"#);

@@ -16,7 +16,7 @@
 use std::io::{Read, Seek, SeekFrom};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use arrow_array::RecordBatch;
+use arrow_array::{RecordBatch, RecordBatchReader};
 use arrow_schema::SchemaRef;
 
 /// Decodes an Arrow IPC stream of `len` bytes: its schema and every record batch in it.
@@ -37,11 +37,7 @@ pub fn read_stream<R: Read + Seek>(
     guarded("stream", move || {
         let reader = arrow_ipc::reader::StreamReader::try_new(reader, None)
             .map_err(|e| format!("not an Arrow IPC stream: {e}"))?;
-        let schema = reader.schema();
-        let batches = reader
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("malformed Arrow IPC stream: {e}"))?;
-        Ok((schema, batches))
+        read_all(reader, "stream")
     })
 }
 
@@ -59,12 +55,20 @@ pub fn read_file<R: Read + Seek>(
     guarded("file", move || {
         let reader = arrow_ipc::reader::FileReader::try_new(reader, None)
             .map_err(|e| format!("not an Arrow IPC file: {e}"))?;
-        let schema = reader.schema();
-        let batches = reader
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("malformed Arrow IPC file: {e}"))?;
-        Ok((schema, batches))
+        read_all(reader, "file")
     })
+}
+
+/// The schema and every batch of an opened IPC `what` (stream or file).
+fn read_all(
+    reader: impl RecordBatchReader,
+    what: &str,
+) -> Result<(SchemaRef, Vec<RecordBatch>), String> {
+    let schema = reader.schema();
+    let batches = reader
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("malformed Arrow IPC {what}: {e}"))?;
+    Ok((schema, batches))
 }
 
 /// Runs a decode, turning a panic inside arrow-ipc into an error.

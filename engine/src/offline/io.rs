@@ -179,9 +179,14 @@ fn csv_safe(batch: &RecordBatch) -> std::result::Result<RecordBatch, ArrowError>
             column.data_type(),
             DataType::Timestamp(..) | DataType::Date32 | DataType::Date64
         );
+        if !temporal {
+            fields.push(field.clone());
+            columns.push(column.clone());
+            continue;
+        }
         let formatter = ArrayFormatter::try_new(column.as_ref(), &FormatOptions::default())?;
         let renders = |i: usize| column.is_null(i) || formatter.value(i).try_to_string().is_ok();
-        if !temporal || (0..column.len()).all(renders) {
+        if (0..column.len()).all(renders) {
             fields.push(field.clone());
             columns.push(column.clone());
             continue;

@@ -7,8 +7,6 @@
 //! `build.rs`), so the clients in `proto` use it too: a reply that does not decode is
 //! then `INVALID_ARGUMENT` on the client side as well, with the decoder's message.
 
-use std::marker::PhantomData;
-
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
 use tonic::{Code, Status};
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
@@ -17,14 +15,12 @@ use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 #[derive(Debug, Clone)]
 pub struct PanesCodec<T, U> {
     inner: ProstCodec<T, U>,
-    _types: PhantomData<(T, U)>,
 }
 
 impl<T, U> Default for PanesCodec<T, U> {
     fn default() -> Self {
         PanesCodec {
             inner: ProstCodec::default(),
-            _types: PhantomData,
         }
     }
 }

@@ -16,7 +16,6 @@ use super::proto::get_features_request::Keys;
 use super::proto::{GetFeaturesRequest, GetFeaturesResponse, IntKeys, StringKeys};
 use super::server::Shared;
 use super::status::status;
-use crate::error::PanesError;
 use crate::ingest::keys::KeyValue;
 use crate::online::ServedFrame;
 use crate::sources::{PartialFrame, Source};
@@ -63,17 +62,15 @@ pub(crate) async fn read(
     let names: Vec<String> = if features.is_empty() {
         spec.features.iter().map(|f| f.name.clone()).collect()
     } else {
-        if let Some(f) = features
-            .iter()
-            .find(|f| !spec.features.iter().any(|s| &s.name == *f))
-        {
-            let known: Vec<&str> = spec.features.iter().map(|s| s.name.as_str()).collect();
-            let e = PanesError::UnknownFeature {
-                view: spec.name.clone(),
-                name: f.clone(),
-                known: known.join(", "),
-            };
-            return Err(status(e, "features"));
+        // A sourced view is compiled in the engine too; its reads run on partitions.
+        let compiled = shared
+            .engine
+            .compiled(&spec.name)
+            .map_err(|e| status(e, "view"))?;
+        for f in &features {
+            compiled
+                .feature_index(f)
+                .map_err(|e| status(e, "features"))?;
         }
         features
     };

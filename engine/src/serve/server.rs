@@ -90,14 +90,8 @@ impl Shared {
         features: Vec<String>,
         forwarded: bool,
     ) -> Result<crate::online::ServedFrame, Status> {
-        if features.len() > self.options.max_features {
-            let e = PanesError::ResourceExhausted(format!(
-                "{} features in one read; the limit is {} (ServeOptions::max_features, --max-features)",
-                features.len(),
-                self.options.max_features
-            ));
-            return Err(status(e, "features"));
-        }
+        self.check_features(features.len())
+            .map_err(|e| status(e, "features"))?;
         if let Some(source) = self.sources.get(&view) {
             return route::read(self, source, keys, at, features, forwarded).await;
         }
@@ -169,13 +163,22 @@ impl Shared {
 
     /// [`PanesError::ResourceExhausted`] when a request asks for more keys than allowed.
     pub fn check_keys(&self, n: usize) -> crate::error::Result<()> {
-        if n > self.options.max_keys {
-            return Err(PanesError::ResourceExhausted(format!(
-                "{n} keys in one request; the limit is {} (ServeOptions::max_keys, --max-keys)",
-                self.options.max_keys
-            )));
-        }
-        Ok(())
+        within_limit(
+            n,
+            self.options.max_keys,
+            "keys in one request",
+            "ServeOptions::max_keys, --max-keys",
+        )
+    }
+
+    /// [`PanesError::ResourceExhausted`] when a read names more features than allowed.
+    pub fn check_features(&self, n: usize) -> crate::error::Result<()> {
+        within_limit(
+            n,
+            self.options.max_features,
+            "features in one read",
+            "ServeOptions::max_features, --max-features",
+        )
     }
 }
 
@@ -434,6 +437,17 @@ fn open_sources(
         sources.insert(spec.name.clone(), source);
     }
     Ok(sources)
+}
+
+/// [`PanesError::ResourceExhausted`] naming the limit and its setting when a request
+/// asks for `n` `what` and `limit` are allowed.
+fn within_limit(n: usize, limit: usize, what: &str, setting: &str) -> crate::error::Result<()> {
+    if n > limit {
+        return Err(PanesError::ResourceExhausted(format!(
+            "{n} {what}; the limit is {limit} ({setting})"
+        )));
+    }
+    Ok(())
 }
 
 /// Keeps reads fresh between pushes: publishes micro-batches once they are due.
