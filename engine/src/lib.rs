@@ -87,7 +87,7 @@ pub mod spec;
 pub use checkpoint::{CheckpointDir, CheckpointInfo, SourcePosition};
 pub use error::{PanesError, Result};
 pub use ingest::keys::KeyValue;
-pub use ingest::{PushReport, RejectReason, Rejection, ViewCounters};
+pub use ingest::{PushReport, RejectReason, Rejection, StateBudget, ViewCounters};
 pub use offline::backfill::{BackfillOptions, BackfillReport, backfill};
 pub use online::{
     Engine, EngineOptions, FeatureFrame, ServedFrame, ViewMetrics, feature_column, feature_field,

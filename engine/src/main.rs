@@ -198,6 +198,64 @@ struct ServeArgs {
     /// ingest throughput, reads of scattered keys about half as fast.
     #[arg(long)]
     no_read_copy: bool,
+    /// Most keys per view whose definition sets no `max_keys` (default: no limit but
+    /// the state memory budget). Rows of further new keys are rejected (`key_limit`).
+    #[arg(long)]
+    max_view_keys: Option<usize>,
+    /// State memory budget of all views together, charged per new key: a size such as
+    /// 512MiB or 4GiB, `auto` (half of the least of the machine's memory, the cgroup's
+    /// limit and the address-space limit) or `off`.
+    #[arg(long, default_value = "auto")]
+    max_state_memory: StateMemory,
+}
+
+/// `--max-state-memory`: a size in bytes, `auto` or `off`.
+#[derive(Clone, Copy, Debug)]
+enum StateMemory {
+    Auto,
+    Off,
+    Bytes(u64),
+}
+
+impl std::str::FromStr for StateMemory {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let units = [
+            ("KiB", 1u64 << 10),
+            ("MiB", 1 << 20),
+            ("GiB", 1 << 30),
+            ("TiB", 1 << 40),
+        ];
+        let bytes = |s: &str| -> Option<u64> {
+            let (n, unit) = units
+                .iter()
+                .find_map(|(u, m)| s.strip_suffix(u).map(|n| (n, *m)))
+                .unwrap_or((s, 1));
+            n.trim().parse::<u64>().ok()?.checked_mul(unit)
+        };
+        match s {
+            "auto" => Ok(StateMemory::Auto),
+            "off" => Ok(StateMemory::Off),
+            _ => bytes(s)
+                .filter(|&b| b > 0)
+                .map(StateMemory::Bytes)
+                .ok_or_else(|| {
+                    format!("{s:?}: expected a size such as 512MiB or 4GiB, `auto` or `off`")
+                }),
+        }
+    }
+}
+
+impl StateMemory {
+    fn budget(self) -> Option<std::sync::Arc<panes_engine::StateBudget>> {
+        let bytes = match self {
+            StateMemory::Off => return None,
+            StateMemory::Bytes(b) => b,
+            StateMemory::Auto => panes_engine::ingest::memory_limit()? / 2,
+        };
+        Some(std::sync::Arc::new(panes_engine::StateBudget::new(bytes)))
+    }
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
@@ -219,6 +277,8 @@ fn serve(args: ServeArgs) -> Result<()> {
             batch_rows: args.batch_rows,
             batch_age: Duration::from_millis(args.batch_age_ms),
             read_copy: !args.no_read_copy,
+            max_keys: args.max_view_keys,
+            state_budget: args.max_state_memory.budget(),
             ..EngineOptions::default()
         },
     )?;

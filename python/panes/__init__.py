@@ -148,6 +148,10 @@ class Engine:
     of keys scattered over a large state about twice as fast, for as much memory
     again as the state; ``read_copy=False`` saves that memory.
 
+    ``max_keys`` caps the keys of every view whose definition sets no ``max_keys``;
+    ``max_state_bytes`` is a budget of state memory for all views together, charged per
+    new key. Rows of new keys past either limit are rejected (reason ``key_limit``).
+
     An engine is safe to use from several threads; long calls release the GIL.
     """
 
@@ -160,6 +164,8 @@ class Engine:
         batch_rows: int = 65536,
         batch_age: float = 0.05,
         read_copy: bool = True,
+        max_keys: int | None = None,
+        max_state_bytes: int | None = None,
     ) -> None:
         if isinstance(views, View):
             views = [views]
@@ -167,7 +173,17 @@ class Engine:
             if not isinstance(v, View):
                 raise TypeError(f"views: expected panes.View values, got {v!r}")
         toml = "\n".join(v.to_toml() for v in views)
-        self._init(toml, "<python>", backend, shards, batch_rows, batch_age, read_copy)
+        self._init(
+            toml,
+            "<python>",
+            backend,
+            shards,
+            batch_rows,
+            batch_age,
+            read_copy,
+            max_keys,
+            max_state_bytes,
+        )
 
     def _init(
         self,
@@ -178,6 +194,8 @@ class Engine:
         batch_rows: int,
         batch_age: float,
         read_copy: bool,
+        max_keys: int | None,
+        max_state_bytes: int | None,
     ) -> None:
         self._core = _core.Engine(
             toml,
@@ -187,6 +205,8 @@ class Engine:
             batch_rows=batch_rows,
             batch_age_ms=round(batch_age * 1000),
             read_copy=read_copy,
+            max_keys=max_keys,
+            max_state_bytes=max_state_bytes,
         )
 
     @classmethod
@@ -213,9 +233,21 @@ class Engine:
         batch_rows: int = 65536,
         batch_age: float = 0.05,
         read_copy: bool = True,
+        max_keys: int | None = None,
+        max_state_bytes: int | None = None,
     ) -> Engine:
         engine = cls.__new__(cls)
-        engine._init(text, origin, backend, shards, batch_rows, batch_age, read_copy)
+        engine._init(
+            text,
+            origin,
+            backend,
+            shards,
+            batch_rows,
+            batch_age,
+            read_copy,
+            max_keys,
+            max_state_bytes,
+        )
         return engine
 
     @property

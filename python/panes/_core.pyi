@@ -18,6 +18,8 @@ class Engine:
         batch_rows: int = 65536,
         batch_age_ms: int = 50,
         read_copy: bool = True,
+        max_keys: int | None = None,
+        max_state_bytes: int | None = None,
     ) -> Engine: ...
     @property
     def backend(self) -> str: ...

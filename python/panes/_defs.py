@@ -173,6 +173,7 @@ class View:
     pane: Duration = "1s"
     allowed_lateness: Duration = "0s"
     read_time: str = "event_time"
+    max_keys: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "features", tuple(self.features))
@@ -198,6 +199,8 @@ class View:
             f"allowed_lateness = {_q(str(self.allowed_lateness))}",
             f"read_time = {_q(self.read_time)}",
         ]
+        if self.max_keys is not None:
+            head.append(f"max_keys = {int(self.max_keys)}")
         return "\n".join(head) + "\n\n" + "\n".join(f.to_toml() for f in self.features)
 
     def __repr__(self) -> str:

@@ -24,7 +24,7 @@ use panes_engine::error::ErrorDomain;
 use panes_engine::spec::format_duration;
 use panes_engine::{
     BackendKind, BackfillOptions, Engine, EngineOptions, FeatureFile, PanesError, PushReport,
-    ReadTime, ViewMetrics, Window,
+    ReadTime, StateBudget, ViewMetrics, Window,
 };
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
@@ -109,7 +109,7 @@ struct PyEngine {
 #[pymethods]
 impl PyEngine {
     #[new]
-    #[pyo3(signature = (toml, origin = "<python>", backend = None, shards = 32, batch_rows = 65536, batch_age_ms = 50, read_copy = true))]
+    #[pyo3(signature = (toml, origin = "<python>", backend = None, shards = 32, batch_rows = 65536, batch_age_ms = 50, read_copy = true, max_keys = None, max_state_bytes = None))]
     fn new(
         py: Python<'_>,
         toml: &str,
@@ -119,6 +119,8 @@ impl PyEngine {
         batch_rows: usize,
         batch_age_ms: u64,
         read_copy: bool,
+        max_keys: Option<usize>,
+        max_state_bytes: Option<u64>,
     ) -> PyResult<Self> {
         let file = FeatureFile::parse(toml, origin).map_err(|e| to_py(py, e))?;
         let backend = backend
@@ -134,6 +136,8 @@ impl PyEngine {
             batch_rows,
             batch_age: Duration::from_millis(batch_age_ms),
             read_copy,
+            max_keys,
+            state_budget: max_state_bytes.map(|b| Arc::new(StateBudget::new(b))),
         };
         let inner = Engine::new(&file, options).map_err(|e| to_py(py, e))?;
         Ok(PyEngine {

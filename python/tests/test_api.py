@@ -139,6 +139,22 @@ def test_several_views_are_chosen_by_columns_or_features() -> None:
     assert engine.push(both, view="users").accepted == 1
 
 
+def test_new_keys_past_max_keys_or_the_memory_budget_are_rejected() -> None:
+    engine = panes.Engine([cards_view(max_keys=2)])
+    r = engine.push(pl.DataFrame({"card": [1, 2, 3, 1], "ts": [1, 2, 3, 4], "amount": [1.0] * 4}))
+    assert (r.accepted, r.rejected) == (3, 1)
+    assert r.rejections[0][:2] == (2, "key_limit")
+    assert "max_keys = 2" in r.rejections[0][2]
+    assert engine.metrics()["cards"]["rejected"]["key_limit"] == 1
+    assert "max_keys = 2" in engine.to_toml()
+
+    budget = panes.Engine([cards_view()], max_state_bytes=1)
+    r = budget.push(pl.DataFrame({"card": [1], "ts": [1], "amount": [1.0]}))
+    assert r.rejected == 1 and "state memory budget" in r.rejections[0][2]
+    capped = panes.Engine([cards_view()], max_keys=1)
+    assert capped.push(pl.DataFrame({"card": [1, 2], "ts": [1, 2], "amount": [1.0, 2.0]})).rejected == 1
+
+
 def test_push_reports_and_metrics_count_every_row() -> None:
     engine = panes.Engine([cards_view()])
     data = pa.table(
@@ -154,7 +170,7 @@ def test_push_reports_and_metrics_count_every_row() -> None:
     assert "not a time" in r.rejections[1][2]
     m = engine.metrics()["cards"]
     assert m["accepted"] == 1 and m["late"] == 1
-    assert m["rejected"] == {"null_key": 1, "null_time": 1, "bad_time": 1, "schema": 0}
+    assert m["rejected"] == {"null_key": 1, "null_time": 1, "bad_time": 1, "schema": 0, "key_limit": 0}
     assert m["max_event_time"] == 60_000 and m["watermark"] == 55_000
     assert m["keys"] == 1 and m["backend"] in ("cpu", "scalar")
     engine.flush()

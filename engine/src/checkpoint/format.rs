@@ -13,14 +13,16 @@ use crate::spec::{CompiledView, FeatureFile};
 
 const MAGIC: &[u8; 8] = b"PANESCKP";
 const END: &[u8; 8] = b"PANESEND";
-/// The format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this build writes. Version 1 (four rejection counters, before
+/// `key_limit`) is read too.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// FNV-1a over the view's definition (without its source): what a checkpoint must
 /// match to be restored.
 fn fingerprint(view: &CompiledView) -> u64 {
     let mut spec = view.spec.clone();
     spec.source = None;
+    spec.max_keys = None;
     crate::ingest::keys::fnv1a(FeatureFile { views: vec![spec] }.to_toml().as_bytes())
 }
 
@@ -234,9 +236,9 @@ pub(crate) fn decode(view: &CompiledView, bytes: &[u8]) -> Parse<(ViewCore, Chec
         at: MAGIC.len(),
     };
     let version = i.u32()?;
-    if version != FORMAT_VERSION {
+    if !(1..=FORMAT_VERSION).contains(&version) {
         return Err(format!(
-            "format version {version}; this build reads version {FORMAT_VERSION}"
+            "format version {version}; this build reads versions 1 to {FORMAT_VERSION}"
         ));
     }
     let name = i.str()?;
@@ -267,7 +269,9 @@ pub(crate) fn decode(view: &CompiledView, bytes: &[u8]) -> Parse<(ViewCore, Chec
     let c = &mut core.counters;
     c.accepted = i.u64()?;
     c.late = i.u64()?;
-    for r in &mut c.rejected {
+    // Version 1 has no key_limit counter, the last one.
+    let reasons = if version == 1 { 4 } else { c.rejected.len() };
+    for r in &mut c.rejected[..reasons] {
         *r = i.u64()?;
     }
     c.null_values = i.u64()?;

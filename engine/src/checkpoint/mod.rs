@@ -1,12 +1,12 @@
 //! Checkpoints: the state of one view, its watermark, its counters and the source
 //! positions that state covers, in one self-checking file.
 //!
-//! # File format (version 1)
+//! # File format (version 2)
 //! All integers little-endian. A file is
 //!
 //! ```text
 //! magic    8 bytes  "PANESCKP"
-//! version  u32      1
+//! version  u32      2
 //! body     (below)
 //! crc32    u32      CRC-32 (IEEE) of every byte before it, magic included
 //! end      8 bytes  "PANESEND"
@@ -17,8 +17,9 @@
 //! restored into a view defined differently); the creation time (i64, epoch ms); the
 //! source positions (u32 count, then per partition i32 partition + i64 next offset);
 //! the watermark inputs `max_ts` and `folded_max_ts` (u8 present + i64 each); events
-//! folded (u64); the counters (accepted, late, four rejection reasons, null values,
-//! NaN values, expired: u64 each); the key index (u32 shard count + u32 next slot per
+//! folded (u64); the counters (accepted, late, five rejection reasons in the order of
+//! `RejectReason::ALL`, null values, NaN values, expired: u64 each; version 1 has four
+//! reasons, without `key_limit`, and is read too); the key index (u32 shard count + u32 next slot per
 //! shard; integer keys: u32 count + (i64 key, u32 id) each; unsigned keys above
 //! `i64::MAX`: the same with u64; string keys: u32 count + (str, u32 id) each); the
 //! per-key latest event time (u64 count + i64 each); the pane state (u32 level images,
@@ -188,6 +189,39 @@ window = "lifetime"
         // The engine was left as it was, and takes that key's events.
         fresh.push("cards", &batch(0, 100)).unwrap();
         fresh.flush().unwrap();
+    }
+
+    #[test]
+    fn version_1_checkpoints_without_the_key_limit_counter_restore() {
+        let e = engine();
+        e.push("cards", &batch(0, 3_000)).unwrap();
+        let v2 = e.checkpoint("cards", &[]).unwrap();
+        // Version 1 is version 2 without the fifth rejection counter: magic, version,
+        // name, fingerprint, creation time, no positions, two watermarks, folded,
+        // accepted, late, four reasons, then the counter to drop.
+        let at = 8 + 4 + (4 + "cards".len()) + 8 + 8 + 4 + 2 * 9 + 8 + 2 * 8 + 4 * 8;
+        let recrc = |bytes: &mut Vec<u8>| {
+            let n = bytes.len();
+            let crc = crc32fast::hash(&bytes[..n - 12]);
+            bytes[n - 12..n - 8].copy_from_slice(&crc.to_le_bytes());
+        };
+        let mut v1 = [&v2[..8], &1u32.to_le_bytes(), &v2[12..at], &v2[at + 8..]].concat();
+        recrc(&mut v1);
+        let restored = engine();
+        restored.restore("cards", &v1).unwrap();
+        assert!(same(&read(&restored), &read(&e)));
+        assert_eq!(
+            restored.metrics("cards").unwrap().counters,
+            e.metrics("cards").unwrap().counters
+        );
+        let mut v3 = v2.clone();
+        v3[8..12].copy_from_slice(&3u32.to_le_bytes());
+        recrc(&mut v3);
+        let err = restored.restore("cards", &v3).unwrap_err().to_string();
+        assert!(
+            err.contains("format version 3; this build reads versions 1 to 2"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -12,9 +12,13 @@ use arrow_array::types::*;
 use arrow_array::{Array, RecordBatch};
 use arrow_schema::{DataType, TimeUnit};
 
+mod cap;
 pub mod ipc;
 pub mod keys;
 mod view_core;
+
+pub(crate) use cap::KeyCap;
+pub use cap::{StateBudget, memory_limit};
 
 use panes_kernels::MAX_TIME_MS;
 
@@ -35,15 +39,19 @@ pub enum RejectReason {
     BadTime,
     /// The batch lacks a column or has one of the wrong type.
     Schema,
+    /// The key is new and the view holds its `max_keys`, or the process's state
+    /// memory budget is spent (see [`KeyCap`]).
+    KeyLimit,
 }
 
 impl RejectReason {
     /// Every reason, in counter order.
-    pub const ALL: [RejectReason; 4] = [
+    pub const ALL: [RejectReason; 5] = [
         RejectReason::NullKey,
         RejectReason::NullTime,
         RejectReason::BadTime,
         RejectReason::Schema,
+        RejectReason::KeyLimit,
     ];
 
     /// The name used in metrics.
@@ -53,6 +61,7 @@ impl RejectReason {
             RejectReason::NullTime => "null_time",
             RejectReason::BadTime => "bad_time",
             RejectReason::Schema => "schema",
+            RejectReason::KeyLimit => "key_limit",
         }
     }
 }
@@ -65,7 +74,7 @@ pub struct ViewCounters {
     /// Events rejected as late.
     pub late: u64,
     /// Rejected rows, by [`RejectReason`] (indexed like `RejectReason::ALL`).
-    pub rejected: [u64; 4],
+    pub rejected: [u64; 5],
     /// Null values met in value columns of accepted events (skipped).
     pub null_values: u64,
     /// NaN values met in value columns of accepted events (skipped).
@@ -327,7 +336,8 @@ fn typed<'b, T>(
 /// Decodes `batch` for `view`: rejected rows are counted, late rows are counted, and
 /// accepted rows are appended to `out` (their keys inserted into `keys`, the view's
 /// `max_ts` advanced). `offset` is the position of `batch` in the batch the caller
-/// pushed (when it is a slice of one); reported row numbers include it.
+/// pushed (when it is a slice of one); reported row numbers include it. A row whose key
+/// is new is rejected for [`RejectReason::KeyLimit`] when `cap` refuses another key.
 ///
 /// # Errors
 /// [`PanesError::Schema`] when a column is missing or has the wrong type; every row of
@@ -337,6 +347,7 @@ pub(crate) fn ingest(
     batch: &RecordBatch,
     offset: usize,
     keys: &mut KeyIndex,
+    cap: &mut KeyCap<'_>,
     max_ts: &mut Option<i64>,
     out: &mut Decoded,
     counters: &mut ViewCounters,
@@ -433,18 +444,37 @@ pub(crate) fn ingest(
             report.late_rows.push((i + offset) as u32);
             continue;
         }
+        // Keys of accepted rows only: rejected and late rows create no state.
+        let id = match key_col.lookup(i, keys) {
+            Some(id) => id,
+            None => match cap.admit(keys.len()).and_then(|()| {
+                key_col.id_or_insert(i, keys).map_err(|e| {
+                    cap.refund();
+                    e.to_string()
+                })
+            }) {
+                Ok(id) => id,
+                Err(why) => {
+                    // Formatting is skipped for rows past the reported ones: a hostile
+                    // message may carry millions of new keys.
+                    let message = if report.rejections.len() < MAX_REPORTED {
+                        let key = key_col.value(i).map(|k| k.to_string()).unwrap_or_default();
+                        format!("row {}: new key {key}: {why}", i + offset)
+                    } else {
+                        String::new()
+                    };
+                    reject(&mut report, i, RejectReason::KeyLimit, message);
+                    continue;
+                }
+            },
+        };
         max = Some(max.map_or(ts, |m| m.max(ts)));
         accepted_rows.push(i as u32);
         accepted_ts.push(ts);
+        out.ids.push(id);
     }
     *max_ts = max;
     counters.late += report.late as u64;
-
-    // Keys of accepted rows only: rejected and late rows create no state.
-    out.ids.reserve(accepted_rows.len());
-    for &i in &accepted_rows {
-        out.ids.push(key_col.id_or_insert(i as usize, keys)?);
-    }
     out.ts.extend_from_slice(&accepted_ts);
     for (dst, col) in out.values.iter_mut().zip(&value_cols) {
         let f = col.as_primitive::<Float64Type>();

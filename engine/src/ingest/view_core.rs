@@ -9,7 +9,7 @@ use arrow_array::RecordBatch;
 use panes_kernels::{Backend, FoldBatch, PaneState};
 
 use super::keys::KeyIndex;
-use super::{Decoded, PushReport, ViewCounters, ingest};
+use super::{Decoded, KeyCap, PushReport, ViewCounters, ingest};
 use crate::error::Result;
 use crate::histogram::Histogram;
 use crate::spec::CompiledView;
@@ -49,18 +49,21 @@ impl ViewCore {
         })
     }
 
-    /// Decodes `batch` (at `offset` in the batch pushed) into the pending micro-batch.
+    /// Decodes `batch` (at `offset` in the batch pushed) into the pending micro-batch;
+    /// new keys are created as far as `cap` allows.
     pub fn ingest(
         &mut self,
         view: &CompiledView,
         batch: &RecordBatch,
         offset: usize,
+        cap: &mut KeyCap<'_>,
     ) -> Result<PushReport> {
         let report = ingest(
             view,
             batch,
             offset,
             &mut self.keys,
+            cap,
             &mut self.max_ts,
             &mut self.pending,
             &mut self.counters,

@@ -23,7 +23,7 @@ use panes_kernels::{Agg, Backend, FoldBatch, MergeOutput, ReadStatus};
 use crate::error::{PanesError, Result};
 use crate::ingest::ViewCore;
 use crate::ingest::keys::KeyColumn;
-use crate::ingest::{Decoded, PushReport, TimeColumn, ViewCounters};
+use crate::ingest::{Decoded, KeyCap, PushReport, TimeColumn, ViewCounters};
 use crate::online::{feature_column, feature_field};
 use crate::spec::CompiledView;
 use crate::spec::{FeatureFile, ViewSpec};
@@ -65,7 +65,7 @@ pub struct BackfillReport {
     pub spine_rows_without_time: usize,
     /// With [`BackfillOptions::dead_letter`]: the late and rejected events, as the
     /// events' columns plus `panes_view` and `panes_reason` (`late`, `null_key`,
-    /// `null_time`, `bad_time`), in file order per view.
+    /// `null_time`, `bad_time`, `schema`, `key_limit`), in file order per view.
     pub dead_letter: Vec<RecordBatch>,
 }
 
@@ -152,7 +152,9 @@ pub fn backfill(
         // serving keeps would cost memory and copying and rarely be used.
         core.state.keep_read_copy(false);
         for b in events {
-            let pushed = core.ingest(&view, b, 0)?;
+            // A view's max_keys holds offline as online; the process's memory
+            // budget is the server's alone.
+            let pushed = core.ingest(&view, b, 0, &mut KeyCap::keys(spec.max_keys))?;
             if options.dead_letter {
                 report
                     .dead_letter

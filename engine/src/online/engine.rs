@@ -13,8 +13,8 @@ use super::replicas::{View, Writer, adopt, poisoned, push_into};
 use crate::checkpoint::{self, CheckpointInfo, SourcePosition};
 use crate::error::{PanesError, Result};
 use crate::histogram::Histogram;
-use crate::ingest::PushReport;
 use crate::ingest::ViewCore;
+use crate::ingest::{PushReport, StateBudget};
 use crate::spec::CompiledView;
 use crate::spec::FeatureFile;
 
@@ -33,6 +33,12 @@ pub struct EngineOptions {
     /// `PaneState::keep_read_copy`): reads of scattered keys about twice as fast, for
     /// as much memory again as the rings and some 10 % of ingest throughput.
     pub read_copy: bool,
+    /// At most this many keys per view whose definition sets no `max_keys`
+    /// (`None`: no limit). Rows of further new keys are rejected as `key_limit`.
+    pub max_keys: Option<usize>,
+    /// A budget of state memory that every new key is charged to (shared with other
+    /// engines built with a clone of these options); `None`: no budget.
+    pub state_budget: Option<Arc<StateBudget>>,
 }
 
 impl Default for EngineOptions {
@@ -43,6 +49,8 @@ impl Default for EngineOptions {
             batch_rows: 64 * 1024,
             batch_age: Duration::from_millis(50),
             read_copy: true,
+            max_keys: None,
+            state_budget: None,
         }
     }
 }
@@ -230,6 +238,7 @@ impl Engine {
         let v = self.view(view)?;
         let mut writer = v.writer()?;
         let mut back = v.back(&writer)?;
+        let mut cap = v.cap(&self.options);
         let result = push_into(
             &mut back,
             &v.compiled,
@@ -238,10 +247,13 @@ impl Engine {
             &self.options,
             self.backend.as_ref(),
             true,
+            &mut cap,
         );
         let settled = back.pending.is_empty();
+        let keys = back.keys.len();
         drop(back);
-        writer.log.push((batch.clone(), first_row));
+        writer.charged += cap.charged;
+        writer.log.push((batch.clone(), first_row, keys));
         if let Err(e) = &result
             && !matches!(e, PanesError::Schema { .. } | PanesError::Invalid(_))
         {
@@ -335,6 +347,7 @@ impl Engine {
         let (a, info) = decode().map_err(invalid)?;
         let (b, _) = decode().map_err(invalid)?;
         let mut writer = v.writer.lock().map_err(|_| poisoned(view))?;
+        v.recharge(&mut writer, &self.options, a.keys.len());
         let front = v.front.load(Ordering::Acquire);
         *v.replicas[1 - front].write().map_err(|_| poisoned(view))? = b;
         *v.replicas[front].write().map_err(|_| poisoned(view))? = a;
@@ -381,5 +394,15 @@ impl Engine {
             folded: core.folded,
             version: v.version.load(Ordering::Acquire),
         })
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Some(budget) = self.options.state_budget.as_deref() {
+            for v in &self.views {
+                v.release(&self.options, budget);
+            }
+        }
     }
 }

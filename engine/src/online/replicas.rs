@@ -11,7 +11,7 @@ use super::engine::EngineOptions;
 use crate::error::{PanesError, Result};
 use crate::histogram::Histogram;
 use crate::ingest::ViewCore;
-use crate::ingest::{PushReport, RejectReason};
+use crate::ingest::{KeyCap, PushReport, RejectReason, StateBudget};
 use crate::spec::CompiledView;
 
 /// One view: its definition, two replicas of its core, and the writer's log.
@@ -35,7 +35,11 @@ pub(super) struct View {
 /// publish, for the other replica to replay.
 #[derive(Debug, Default)]
 pub(super) struct Writer {
-    pub(super) log: Vec<(RecordBatch, usize)>,
+    /// Each push since the last publish: the batch, its first row's number, and the
+    /// key count the back replica had after it (the cap of its replay).
+    pub(super) log: Vec<(RecordBatch, usize, usize)>,
+    /// Keys this view charged to the engine's state budget.
+    pub(super) charged: u64,
     /// Set when a replay failed and the replicas may differ: the view refuses writes.
     pub(super) broken: Option<String>,
 }
@@ -68,6 +72,7 @@ pub(super) fn push_into(
     options: &EngineOptions,
     backend: &dyn Backend,
     by_age: bool,
+    cap: &mut KeyCap<'_>,
 ) -> Result<PushReport> {
     let rows = batch.num_rows();
     let step = options.batch_rows.max(1);
@@ -76,7 +81,7 @@ pub(super) fn push_into(
     loop {
         let len = step.min(rows - offset);
         let part = batch.slice(offset, len);
-        match core.ingest(compiled, &part, first_row + offset) {
+        match core.ingest(compiled, &part, first_row + offset, cap) {
             Ok(r) => report.append(r),
             Err(e) => {
                 // Every slice has the batch's schema, so a schema error comes from
@@ -106,6 +111,37 @@ pub(super) fn push_into(
 impl View {
     pub(super) fn name(&self) -> &str {
         &self.compiled.spec.name
+    }
+
+    /// What one more key costs the state budget: its panes in both replicas, and in
+    /// their read copies when kept.
+    pub(super) fn key_charge(&self, options: &EngineOptions) -> u64 {
+        let copies = 2 * (1 + options.read_copy as u64);
+        self.compiled.bytes_per_key() as u64 * copies
+    }
+
+    /// The cap of one push: the view's `max_keys` (else the engine's default), and
+    /// the engine's state budget.
+    pub(super) fn cap<'a>(&self, options: &'a EngineOptions) -> KeyCap<'a> {
+        KeyCap::keys(self.compiled.spec.max_keys.or(options.max_keys))
+            .with_budget(options.state_budget.as_deref(), self.key_charge(options))
+    }
+
+    /// Sets the keys charged to the budget to `keys` (after a restore).
+    pub(super) fn recharge(&self, writer: &mut Writer, options: &EngineOptions, keys: usize) {
+        if let Some(budget) = options.state_budget.as_deref() {
+            let per_key = self.key_charge(options);
+            budget.release(writer.charged * per_key);
+            budget.charge(keys as u64 * per_key);
+            writer.charged = keys as u64;
+        }
+    }
+
+    /// Gives the keys charged to the budget back (the engine is dropped).
+    pub(super) fn release(&self, options: &EngineOptions, budget: &StateBudget) {
+        if let Ok(writer) = self.writer.lock() {
+            budget.release(writer.charged * self.key_charge(options));
+        }
     }
 
     pub(super) fn writer(&self) -> Result<MutexGuard<'_, Writer>> {
@@ -167,9 +203,10 @@ impl View {
             .write()
             .map_err(|_| poisoned(self.name()))?;
         let replay = (|| {
-            for (batch, first_row) in &writer.log {
-                // The same rows in the same order make the same decisions; the errors
-                // were reported when the rows were first pushed.
+            for (batch, first_row, keys) in &writer.log {
+                // The same rows in the same order make the same decisions (a push
+                // creates the first n of its new keys; see `KeyCap`); the errors were
+                // reported when the rows were first pushed.
                 match push_into(
                     &mut core,
                     &self.compiled,
@@ -178,6 +215,7 @@ impl View {
                     options,
                     backend,
                     false,
+                    &mut KeyCap::keys(Some(*keys)),
                 ) {
                     Ok(_) | Err(PanesError::Schema { .. } | PanesError::Invalid(_)) => {}
                     Err(e) => return Err(e),

@@ -211,6 +211,17 @@ pub(crate) fn render(shared: &Shared, engine: &crate::online::Engine) -> String 
             );
         }
     }
+    if let Some(b) = engine.options().state_budget.as_deref() {
+        let _ = writeln!(
+            out,
+            "# HELP panes_state_budget_bytes The state memory budget (--max-state-memory).\n\
+             # TYPE panes_state_budget_bytes gauge\npanes_state_budget_bytes {}\n\
+             # HELP panes_state_budget_used_bytes State memory charged to the budget by keys.\n\
+             # TYPE panes_state_budget_used_bytes gauge\npanes_state_budget_used_bytes {}",
+            b.limit(),
+            b.used()
+        );
+    }
     render_connections(&mut out, shared);
     render_sources(&mut out, shared);
     out

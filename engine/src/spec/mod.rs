@@ -88,6 +88,9 @@ pub struct ViewSpec {
     pub features: Vec<FeatureSpec>,
     /// Where the view's events come from when not pushed (`[views.source]`).
     pub source: Option<SourceSpec>,
+    /// At most this many keys (`max_keys`); rows of further new keys are rejected.
+    /// Not part of the view's definition for checkpoints: it may change between runs.
+    pub max_keys: Option<usize>,
 }
 
 /// How a Kafka message's payload is decoded.
@@ -238,7 +241,11 @@ impl FeatureFile {
                 ReadTime::EventTime => "event_time",
                 ReadTime::WallClock => "wall_clock",
             };
-            let _ = writeln!(s, "read_time = {rt:?}\n");
+            let _ = writeln!(s, "read_time = {rt:?}");
+            if let Some(n) = v.max_keys {
+                let _ = writeln!(s, "max_keys = {n}");
+            }
+            let _ = writeln!(s);
             if let Some(src) = &v.source {
                 let _ = writeln!(s, "[views.source]");
                 let _ = writeln!(s, "kind = \"kafka\"");

@@ -28,6 +28,7 @@ struct RawView {
     pane: Option<String>,
     allowed_lateness: Option<String>,
     read_time: Option<String>,
+    max_keys: Option<i64>,
     source: Option<RawSource>,
     features: Option<Vec<RawFeature>>,
 }
@@ -177,6 +178,17 @@ impl Collector {
                 ReadTime::EventTime
             }
         };
+        let max_keys = rv.max_keys.and_then(|n| match u32::try_from(n) {
+            Ok(n) if n > 0 => Some(n as usize),
+            _ => {
+                self.push(
+                    &vloc,
+                    "max_keys",
+                    format!("max_keys is {n}; expected 1 to {}", u32::MAX),
+                );
+                None
+            }
+        });
         if !key.is_empty() && key == time {
             self.push(
                 &vloc,
@@ -213,6 +225,7 @@ impl Collector {
             read_time,
             features,
             source,
+            max_keys,
         };
         let per_key = CompiledView::new(&view, 1).bytes_per_key();
         if per_key > MAX_STATE_PER_KEY {
