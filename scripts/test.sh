@@ -4,7 +4,8 @@
 # for the GPU tests, Redis for the serving benchmark's reference, cmake and curl's
 # headers for librdkafka, and the tansu broker for the Kafka tests), then formatting,
 # lints, unit, integration and doc tests (the GPU
-# backend's and the GPU benchmark's on lavapipe, none skipped), a demo smoke run, the
+# backend's and the GPU benchmark's on lavapipe, none skipped), every fuzz target for
+# 60 s (cargo-fuzz installed if missing), a demo smoke run, the
 # Python package built and installed with `pip install ./python` into a venv, and the
 # Python suite (oracles in DuckDB SQL, stub checks, examples).
 set -euo pipefail
@@ -59,6 +60,9 @@ else
   cargo test --workspace --locked --no-fail-fast "${features[@]}"
 fi
 cargo test --workspace --doc --locked "${features[@]}"
+
+log "fuzz targets, 60 s each (scripts/fuzz.sh 1800 runs them for 30 minutes)"
+./scripts/fuzz.sh 60
 
 log "demo smoke run"
 # The integration tests built the CLI (with the workspace's unified features; building

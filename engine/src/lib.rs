@@ -75,6 +75,9 @@
 
 pub mod checkpoint;
 pub mod error;
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzz;
 pub mod histogram;
 pub mod ingest;
 pub mod offline;

@@ -14,10 +14,11 @@
 //! offsets) is caught and reported as a malformed stream: it never takes a thread down.
 
 use std::io::{Read, Seek, SeekFrom};
-use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use arrow_array::{RecordBatch, RecordBatchReader};
 use arrow_schema::SchemaRef;
+
+use crate::error::catch_quietly;
 
 /// Decodes an Arrow IPC stream of `len` bytes: its schema and every record batch in it.
 ///
@@ -71,9 +72,10 @@ fn read_all(
     Ok((schema, batches))
 }
 
-/// Runs a decode, turning a panic inside arrow-ipc into an error.
+/// Runs a decode, turning a panic inside arrow-ipc into an error (without a panic
+/// report in the log: see [`catch_quietly`]).
 fn guarded<T>(what: &str, decode: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
-    catch_unwind(AssertUnwindSafe(decode)).unwrap_or_else(|panic| {
+    catch_quietly(decode).unwrap_or_else(|panic| {
         let why = panic
             .downcast_ref::<String>()
             .map(String::as_str)

@@ -16,14 +16,34 @@ use arrow_flight::{
     Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightInfo,
     HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
 };
-use futures::{FutureExt, Stream, StreamExt, TryStreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::grpc::check_at;
 use super::server::Shared;
 use super::status::{bad_request, status, stream_error};
-use crate::error::PanesError;
+use crate::error::{PanesError, catch_quietly};
 use crate::ingest::keys::KeyValue;
+
+/// A future whose every poll runs under [`catch_quietly`]: a panic while polling
+/// becomes `Err`, without a panic report.
+struct CatchQuietly<F>(F);
+
+impl<F: std::future::Future + Unpin> std::future::Future for CatchQuietly<F> {
+    type Output = std::thread::Result<F::Output>;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        use std::task::Poll;
+        match catch_quietly(|| Pin::new(&mut self.0).poll(cx)) {
+            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    }
+}
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -66,14 +86,29 @@ fn flight_status(e: FlightError) -> Status {
 }
 
 /// A parsed `DoGet` ticket.
-struct TicketRead {
-    view: String,
-    keys: Vec<KeyValue>,
-    features: Option<Vec<String>>,
-    at: Option<i64>,
+pub(crate) struct TicketRead {
+    pub view: String,
+    pub keys: Vec<KeyValue>,
+    pub features: Option<Vec<String>>,
+    pub at: Option<i64>,
 }
 
-fn parse_ticket(bytes: &[u8]) -> Result<TicketRead, Status> {
+impl TicketRead {
+    /// The keys as the reply's key column: strings when any key is one (integer
+    /// keys among them are nulls there), else [`int_keys`].
+    pub fn key_column(&self) -> ArrayRef {
+        if self.keys.iter().any(|k| matches!(k, KeyValue::Str(_))) {
+            Arc::new(StringArray::from_iter(self.keys.iter().map(|k| match k {
+                KeyValue::Str(s) => Some(s.as_str()),
+                KeyValue::Int(_) => None,
+            })))
+        } else {
+            int_keys(&self.keys)
+        }
+    }
+}
+
+pub(crate) fn parse_ticket(bytes: &[u8]) -> Result<TicketRead, Status> {
     let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
         bad_request(
             "ticket",
@@ -217,16 +252,7 @@ impl FlightService for Flight {
         let batch = self
             .shared
             .on_reads_for(t.keys.len(), move || -> Result<RecordBatch, PanesError> {
-                let text = t.keys.iter().any(|k| matches!(k, KeyValue::Str(_)));
-                let key: ArrayRef = if text {
-                    Arc::new(StringArray::from_iter(t.keys.iter().map(|k| match k {
-                        KeyValue::Str(s) => Some(s.as_str()),
-                        KeyValue::Int(_) => None,
-                    })))
-                } else {
-                    int_keys(&t.keys)
-                };
-                engine.frame_batch(&t.view, &key, &served.frame)
+                engine.frame_batch(&t.view, &t.key_column(), &served.frame)
             })
             .await?
             .map_err(|e| status(e, "ticket.keys"))?;
@@ -278,9 +304,7 @@ impl FlightService for Flight {
             for index in 0usize.. {
                 // arrow-ipc can panic on hostile data (buffer offsets past the body):
                 // the client is told its stream was refused, and the thread lives on.
-                let next = std::panic::AssertUnwindSafe(messages.next())
-                    .catch_unwind()
-                    .await;
+                let next = CatchQuietly(messages.next()).await;
                 let refuse = |why: String| {
                     let e = format!("message {index}: {why}; the stream was refused from here");
                     bad_request("flight_data", e)

@@ -120,7 +120,7 @@ pub(crate) fn describe(engine: &Engine, spec: &ViewSpec) -> ViewDescription {
 }
 
 /// Record batches of one `Ingest` message.
-fn batches_of(
+pub(crate) fn batches_of(
     engine: &Engine,
     view: &str,
     payload: Option<ingest_request::Payload>,

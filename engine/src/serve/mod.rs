@@ -36,8 +36,8 @@
 
 mod codec;
 mod conn;
-mod flight;
-mod grpc;
+pub(crate) mod flight;
+pub(crate) mod grpc;
 mod metrics;
 mod options;
 mod route;

@@ -17,7 +17,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::KafkaView;
-use super::decode::{JsonRows, decode_ipc, decode_json, json_batches};
+use super::decode::{JsonRows, Payload, decode_ipc, decode_json, json_batches};
 use crate::error::{PanesError, Result};
 use crate::sources::Source;
 use crate::sources::{BadMessage, SourceHandle};
@@ -244,9 +244,15 @@ fn take(view: &KafkaView, m: &BorrowedMessage<'_>, buffers: &mut BTreeMap<i32, B
     }
     buf.next_offset = m.offset() + 1;
     let n = view.partition_count();
+    let decoder = view.decoder();
+    let payload = Payload {
+        value: m.payload().unwrap_or_default(),
+        key: m.key(),
+        partition: m.partition(),
+    };
     let result = match view.source.format {
-        PayloadFormat::Json => decode_json(view, m, n, &mut buf.json),
-        PayloadFormat::ArrowIpc => decode_ipc(view, m, n, &mut buf.batches),
+        PayloadFormat::Json => decode_json(&decoder, &payload, n, &mut buf.json),
+        PayloadFormat::ArrowIpc => decode_ipc(&decoder, &payload, n, &mut buf.batches),
     };
     if let Err((why, error)) = result {
         view.stats.bad(why, 1);

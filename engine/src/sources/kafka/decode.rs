@@ -5,18 +5,40 @@ use std::sync::Arc;
 
 use arrow_array::{ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema};
-use rdkafka::message::{BorrowedMessage, Message};
 use serde_json::Value;
 
-use super::KafkaView;
 use super::partitioner::{key_bytes, partition_for};
 use crate::ingest::keys::{KeyColumn, KeyValue};
-use crate::sources::BadMessage;
+use crate::sources::{BadMessage, SourceStats};
 use crate::spec::ViewSpec;
+
+/// What decoding a view's messages needs to know of the view.
+#[derive(Clone, Copy, Debug)]
+pub struct Decoder<'a> {
+    /// The view.
+    pub spec: &'a ViewSpec,
+    /// The value columns its features read.
+    pub columns: &'a [String],
+    /// Whether the entity key is the message's key (`key_column` set), else a field.
+    pub key_from_message: bool,
+    /// Where misrouted Arrow rows are counted.
+    pub stats: &'a SourceStats,
+}
+
+/// One Kafka message, as decoding sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct Payload<'a> {
+    /// The message's value (none: empty).
+    pub value: &'a [u8],
+    /// The message's key.
+    pub key: Option<&'a [u8]>,
+    /// The partition it was read from.
+    pub partition: i32,
+}
 
 /// Rows of one partition decoded from JSON messages, waiting to be pushed.
 #[derive(Debug, Default)]
-pub(super) struct JsonRows {
+pub struct JsonRows {
     str_keys: Vec<Option<String>>,
     int_keys: Vec<Option<i64>>,
     /// Whether each row's key is a string (runs of one kind are pushed together).
@@ -28,15 +50,18 @@ pub(super) struct JsonRows {
 /// Why a message was not ingested, and the message for the dead-letter header.
 type Bad = (BadMessage, String);
 
-pub(super) fn decode_json(
-    view: &KafkaView,
-    m: &BorrowedMessage<'_>,
+/// Decodes one JSON message into `rows`, or says why it cannot be ingested.
+///
+/// # Errors
+/// The reason and a message, for the counters and the dead-letter header.
+pub fn decode_json(
+    view: &Decoder<'_>,
+    m: &Payload<'_>,
     partitions: i32,
     rows: &mut JsonRows,
 ) -> std::result::Result<(), Bad> {
-    let spec = &view.spec;
-    let payload = m.payload().unwrap_or_default();
-    let object: serde_json::Map<String, Value> = serde_json::from_slice(payload).map_err(|e| {
+    let spec = view.spec;
+    let object: serde_json::Map<String, Value> = serde_json::from_slice(m.value).map_err(|e| {
         (
             BadMessage::Undecodable,
             format!("payload is not a JSON object: {e}"),
@@ -44,7 +69,7 @@ pub(super) fn decode_json(
     })?;
     let key = json_key(view, m, &object)?;
     let ts = json_time(&spec.time, &object)?;
-    let columns = &view.columns;
+    let columns = view.columns;
     let mut values = Vec::with_capacity(columns.len());
     for c in columns {
         values.push(match object.get(c) {
@@ -59,12 +84,12 @@ pub(super) fn decode_json(
         });
     }
     let home = partition_for(&key_bytes(&key), partitions);
-    if home != m.partition() {
+    if home != m.partition {
         return Err((
             BadMessage::Misrouted,
             format!(
                 "key {key} belongs in partition {home} (murmur2), the message is in partition {}",
-                m.partition()
+                m.partition
             ),
         ));
     }
@@ -93,14 +118,14 @@ pub(super) fn decode_json(
 /// The entity key of a JSON message: its Kafka key where the source maps one, else
 /// the object's key field.
 fn json_key(
-    view: &KafkaView,
-    m: &BorrowedMessage<'_>,
+    view: &Decoder<'_>,
+    m: &Payload<'_>,
     object: &serde_json::Map<String, Value>,
 ) -> std::result::Result<KeyValue, Bad> {
-    let spec = &view.spec;
-    if view.source.key_column.is_some() {
+    let spec = view.spec;
+    if view.key_from_message {
         let k = m
-            .key()
+            .key
             .ok_or((BadMessage::MissingKey, "the message has no key".to_string()))?;
         let k = std::str::from_utf8(k).map_err(|_| {
             (
@@ -155,14 +180,18 @@ fn json_time(time: &str, object: &serde_json::Map<String, Value>) -> std::result
     }
 }
 
-pub(super) fn decode_ipc(
-    view: &KafkaView,
-    m: &BorrowedMessage<'_>,
+/// Decodes one Arrow IPC message into `out`; rows whose key belongs in another
+/// partition are dropped and counted.
+///
+/// # Errors
+/// The reason and a message, for the counters and the dead-letter header.
+pub fn decode_ipc(
+    view: &Decoder<'_>,
+    m: &Payload<'_>,
     partitions: i32,
     out: &mut Vec<RecordBatch>,
-) -> std::result::Result<(), (BadMessage, String)> {
-    let payload = m.payload().unwrap_or_default();
-    let batches = crate::ingest::ipc::decode_stream(payload)
+) -> std::result::Result<(), Bad> {
+    let batches = crate::ingest::ipc::decode_stream(m.value)
         .map_err(|e| (BadMessage::Undecodable, format!("payload: {e}")))?;
     for batch in batches {
         // Rows whose key belongs in another partition are dropped and counted.
@@ -171,7 +200,7 @@ pub(super) fn decode_ipc(
                 Ok(keys) => (0..batch.num_rows())
                     .map(|i| {
                         keys.value(i).is_none_or(|k| {
-                            partition_for(&key_bytes(&k), partitions) == m.partition()
+                            partition_for(&key_bytes(&k), partitions) == m.partition
                         })
                     })
                     .collect::<Vec<bool>>(),
@@ -195,11 +224,7 @@ pub(super) fn decode_ipc(
 }
 
 /// Record batches of decoded JSON rows: one per run of keys of one kind.
-pub(super) fn json_batches(
-    spec: &ViewSpec,
-    columns: &[String],
-    rows: JsonRows,
-) -> Vec<RecordBatch> {
+pub fn json_batches(spec: &ViewSpec, columns: &[String], rows: JsonRows) -> Vec<RecordBatch> {
     let mut out = Vec::new();
     let mut start = 0;
     while start < rows.ts.len() {

@@ -27,7 +27,7 @@
 //! from the checkpoint's offset rebuilds.
 
 mod consumer;
-mod decode;
+pub mod decode;
 mod ownership;
 mod partitioner;
 
@@ -82,6 +82,16 @@ impl std::fmt::Debug for DeadLetters {
 }
 
 impl KafkaView {
+    /// What decoding this view's messages needs.
+    fn decoder(&self) -> decode::Decoder<'_> {
+        decode::Decoder {
+            spec: &self.spec,
+            columns: &self.columns,
+            key_from_message: self.source.key_column.is_some(),
+            stats: &self.stats,
+        }
+    }
+
     /// A Kafka view for `spec` (which must have a source), its engines on `backend`.
     ///
     /// # Errors
