@@ -74,7 +74,7 @@ enum Command {
         backend: Option<BackendKind>,
     },
     /// Serve features over gRPC and Arrow Flight, with health, reflection and metrics.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Validate a feature file and describe the state it needs.
     Check {
         /// Feature file (TOML).
@@ -110,7 +110,7 @@ fn main() -> ExitCode {
             dead_letter.as_deref(),
             backend,
         ),
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Check { features } => check(&features),
     };
     match result {
@@ -207,6 +207,20 @@ struct ServeArgs {
     /// limit and the address-space limit) or `off`.
     #[arg(long, default_value = "auto")]
     max_state_memory: StateMemory,
+    /// TLS certificate chain (PEM) of the gRPC, Flight and metrics ports; with --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM); with --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) that client certificates must chain to: mutual TLS, every
+    /// client needs a certificate. Needs --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Token file (TOML): bearer tokens with scopes read / ingest / admin per view;
+    /// without it every caller may do everything.
+    #[arg(long)]
+    tokens: Option<PathBuf>,
 }
 
 /// `--max-state-memory`: a size in bytes, `auto` or `off`.
@@ -297,8 +311,27 @@ fn serve(args: ServeArgs) -> Result<()> {
         write_priority: args.write_priority,
         inline_read_keys: args.inline_read_keys,
         read_priority: args.read_priority,
+        tls: args
+            .tls_cert
+            .clone()
+            .zip(args.tls_key.clone())
+            .map(|(cert, key)| panes_engine::serve::auth::TlsFiles {
+                cert,
+                key,
+                client_ca: args.tls_client_ca.clone(),
+            }),
+        tokens: match &args.tokens {
+            Some(p) => Some(std::sync::Arc::new(
+                panes_engine::serve::auth::Tokens::from_path(p, |var| std::env::var(var).ok())?,
+            )),
+            None => None,
+        },
         ..ServeOptions::default()
     };
+    if let Some(tls) = &options.tls {
+        // Read the files now: a bad one is a start-up error, not a silent plain port.
+        tls.check()?;
+    }
     let read_priority = args.read_priority;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

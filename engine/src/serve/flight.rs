@@ -19,6 +19,7 @@ use arrow_flight::{
 use futures::{Stream, StreamExt, TryStreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use super::auth::{Caller, Scope};
 use super::grpc::check_at;
 use super::server::Shared;
 use super::status::{bad_request, status, stream_error};
@@ -224,7 +225,10 @@ impl FlightService for Flight {
         request: Request<Ticket>,
     ) -> Result<Response<Self::DoGetStream>, Status> {
         let started = Instant::now();
+        let caller = Caller::of(&request)?;
+        let token = request.metadata().get("authorization").cloned();
         let t = parse_ticket(&request.into_inner().ticket)?;
+        caller.check(Scope::Read, &t.view)?;
         self.shared
             .check_keys(t.keys.len())
             .map_err(|e| status(e, "ticket.keys"))?;
@@ -239,6 +243,7 @@ impl FlightService for Flight {
                 t.at,
                 t.features.clone().unwrap_or_default(),
                 false,
+                token,
             )
             .await
             .map_err(|s| {
@@ -269,6 +274,7 @@ impl FlightService for Flight {
         &self,
         request: Request<Streaming<FlightData>>,
     ) -> Result<Response<Self::DoPutStream>, Status> {
+        let caller = Caller::of(&request)?;
         let mut input = request.into_inner();
         let first = input
             .message()
@@ -284,6 +290,7 @@ impl FlightService for Flight {
                 ));
             }
         };
+        caller.check(Scope::Ingest, &view)?;
         let engine = self.shared.engine.clone();
         engine
             .compiled(&view)

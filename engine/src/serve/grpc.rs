@@ -9,6 +9,7 @@ use arrow_schema::{DataType, Field, Schema};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::SERVER_TIME_HEADER;
+use super::auth::{Caller, Scope};
 use super::proto::features_server::Features;
 use super::proto::{
     self, DescribeViewRequest, FeatureDescription, GetFeaturesRequest, GetFeaturesResponse,
@@ -232,14 +233,25 @@ impl Features for FeaturesService {
         request: Request<GetFeaturesRequest>,
     ) -> Result<Response<GetFeaturesResponse>, Status> {
         let started = Instant::now();
+        let caller = Caller::of(&request)?;
         let forwarded = request.metadata().contains_key(super::route::FORWARDED);
+        // A read routed to another instance carries the caller's token there.
+        let token = request.metadata().get("authorization").cloned();
         let req = request.into_inner();
+        caller.check(Scope::Read, &req.view)?;
         let keys = keys_of(&self.shared, req.keys)?;
         check_at(req.at_ms)?;
         let view = req.view;
         let served = self
             .shared
-            .read(view.clone(), keys, req.at_ms, req.features, forwarded)
+            .read(
+                view.clone(),
+                keys,
+                req.at_ms,
+                req.features,
+                forwarded,
+                token,
+            )
             .await?;
         let frame = served.frame;
         let values: Vec<f64> = frame
@@ -274,6 +286,7 @@ impl Features for FeaturesService {
         &self,
         request: Request<Streaming<IngestRequest>>,
     ) -> Result<Response<IngestResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let mut stream = request.into_inner();
         let mut out = IngestResponse::default();
         let mut touched = std::collections::BTreeSet::new();
@@ -293,6 +306,7 @@ impl Features for FeaturesService {
             let message = out.messages;
             let engine = self.shared.engine.clone();
             let view = msg.view;
+            caller.check(Scope::Ingest, &view)?;
             engine.compiled(&view).map_err(|e| status(e, "view"))?;
             self.shared
                 .check_pushable(&view)
@@ -361,10 +375,16 @@ impl Features for FeaturesService {
 
     async fn list_features(
         &self,
-        _request: Request<ListFeaturesRequest>,
+        request: Request<ListFeaturesRequest>,
     ) -> Result<Response<ListFeaturesResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let engine = &self.shared.engine;
-        let views = engine.views().map(|v| describe(engine, &v.spec)).collect();
+        // The views this caller may read.
+        let views = engine
+            .views()
+            .filter(|v| caller.may(Scope::Read, &v.spec.name))
+            .map(|v| describe(engine, &v.spec))
+            .collect();
         Ok(Response::new(ListFeaturesResponse { views }))
     }
 
@@ -372,7 +392,9 @@ impl Features for FeaturesService {
         &self,
         request: Request<DescribeViewRequest>,
     ) -> Result<Response<ViewDescription>, Status> {
+        let caller = Caller::of(&request)?;
         let name = request.into_inner().view;
+        caller.check(Scope::Read, &name)?;
         let engine = &self.shared.engine;
         let compiled = engine.compiled(&name).map_err(|e| status(e, "view"))?;
         Ok(Response::new(describe(engine, &compiled.spec)))

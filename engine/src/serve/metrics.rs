@@ -5,27 +5,50 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 
+use super::auth::TlsFiles;
 use super::server::Shared;
 
-/// Accepts scrapes until the task is aborted.
+/// Accepts scrapes until the task is aborted: over TLS when the server has it, and
+/// with an `admin` token when it has tokens.
 pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let tls = match shared.options.tls.as_ref().map(TlsFiles::rustls) {
+        None => None,
+        Some(Ok(config)) => Some(tokio_rustls::TlsAcceptor::from(config)),
+        Some(Err(e)) => {
+            eprintln!("panes serve: metrics endpoint off: {e}");
+            return;
+        }
+    };
     loop {
         let Ok((socket, _)) = listener.accept().await else {
+            // Descriptors exhausted: do not spin.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
         let shared = shared.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let _ =
-                tokio::time::timeout(std::time::Duration::from_secs(10), answer(socket, shared))
-                    .await;
+            let scrape = async move {
+                match tls {
+                    Some(tls) => match tls.accept(socket).await {
+                        Ok(stream) => answer(stream, shared).await,
+                        Err(_) => Ok(()),
+                    },
+                    None => answer(socket, shared).await,
+                }
+            };
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), scrape).await;
         });
     }
 }
 
-async fn answer(mut socket: TcpStream, shared: Arc<Shared>) -> std::io::Result<()> {
+async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
+    mut socket: S,
+    shared: Arc<Shared>,
+) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -35,10 +58,32 @@ async fn answer(mut socket: TcpStream, shared: Arc<Shared>) -> std::io::Result<(
         }
         head.extend_from_slice(&buf[..n]);
     }
-    let line = String::from_utf8_lossy(&head);
-    let mut parts = line.split_whitespace();
+    let text = String::from_utf8_lossy(&head);
+    let mut parts = text.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (code, body) = if method == "GET" && (path == "/metrics" || path.starts_with("/metrics?")) {
+    let authorization = text.lines().skip(1).find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case("authorization")
+            .then(|| value.trim().as_bytes().to_vec())
+    });
+    let allowed = match &shared.options.tokens {
+        None => Ok(()),
+        Some(tokens) => match tokens.authenticate(authorization.as_deref()) {
+            Ok(caller) if caller.is_admin() => Ok(()),
+            Ok(_) => Err((
+                "403 Forbidden",
+                "the metrics need a token with the admin scope\n",
+            )),
+            Err(_) => Err((
+                "401 Unauthorized",
+                "send `Authorization: Bearer <token>` (admin scope)\n",
+            )),
+        },
+    };
+    let (code, body) = if let Err((code, why)) = allowed {
+        (code, why.to_string())
+    } else if method == "GET" && (path == "/metrics" || path.starts_with("/metrics?")) {
         let engine = shared.engine.clone();
         let shared2 = shared.clone();
         match shared.on_writes(move || render(&shared2, &engine)).await {

@@ -34,6 +34,7 @@
 //! `INVALID_ARGUMENT` with a `BadRequest` detail naming the field, a request over a
 //! configured limit is `RESOURCE_EXHAUSTED`, a bug is `INTERNAL`.
 
+pub mod auth;
 mod codec;
 mod conn;
 pub(crate) mod flight;

@@ -1,7 +1,10 @@
 //! How `panes serve` runs: limits, thread counts, checkpoints, and the scheduling
 //! priorities of the threads that read and write.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use super::auth::{TlsFiles, Tokens};
 
 /// How `panes serve` runs.
 #[derive(Clone, Debug)]
@@ -53,6 +56,10 @@ pub struct ServeOptions {
     /// The address other instances reach this one at, for reads they route here
     /// (default: the gRPC listen address, which must then not be a wildcard).
     pub advertise: Option<String>,
+    /// TLS on the gRPC port (and Flight) and the metrics port; `None`: plain text.
+    pub tls: Option<TlsFiles>,
+    /// Bearer tokens and their scopes; `None`: every caller may do everything.
+    pub tokens: Option<Arc<Tokens>>,
 }
 
 impl Default for ServeOptions {
@@ -75,6 +82,8 @@ impl Default for ServeOptions {
             checkpoint_dir: None,
             checkpoint_interval: Duration::from_secs(10),
             advertise: None,
+            tls: None,
+            tokens: None,
         }
     }
 }

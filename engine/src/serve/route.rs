@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use tonic::Status;
 
+use super::auth::TlsFiles;
 use super::proto::features_client::FeaturesClient;
 use super::proto::get_features_request::Keys;
 use super::proto::{GetFeaturesRequest, GetFeaturesResponse, IntKeys, StringKeys};
@@ -23,20 +24,45 @@ use crate::sources::{PartialFrame, Source};
 /// Metadata key marking a read another instance routed here.
 pub(crate) const FORWARDED: &str = "panes-forwarded";
 
+/// Where a read comes from: routed here by another instance, and the caller's
+/// `authorization` header, which a read forwarded on carries to the owner.
+#[derive(Debug)]
+pub(crate) struct Origin {
+    pub forwarded: bool,
+    pub token: Option<tonic::metadata::AsciiMetadataValue>,
+}
+
 /// gRPC clients of the other instances, by address, connected on first use.
 #[derive(Debug, Default)]
 pub(crate) struct Peers {
     clients: Mutex<HashMap<String, FeaturesClient<tonic::transport::Channel>>>,
+    /// With TLS, how instances reach each other: they trust the client CA (else this
+    /// instance's own certificate, shared by the group) and present their certificate.
+    tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl Peers {
+    pub(crate) fn new(tls: Option<&TlsFiles>) -> crate::error::Result<Peers> {
+        Ok(Peers {
+            clients: Mutex::default(),
+            tls: tls.map(TlsFiles::peer_client).transpose()?,
+        })
+    }
+
     fn client(&self, addr: &str) -> Result<FeaturesClient<tonic::transport::Channel>, Status> {
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = clients.get(addr) {
             return Ok(c.clone());
         }
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| Status::internal(format!("owner address {addr:?}: {e}")))?
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))
+            .map_err(|e| Status::internal(format!("owner address {addr:?}: {e}")))?;
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint
+                .tls_config(tls.clone())
+                .map_err(|e| Status::internal(format!("owner address {addr:?}: TLS: {e}")))?;
+        }
+        let channel = endpoint
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(10))
             .tcp_nodelay(true)
@@ -56,8 +82,9 @@ pub(crate) async fn read(
     keys: Vec<KeyValue>,
     at: Option<i64>,
     features: Vec<String>,
-    forwarded: bool,
+    origin: Origin,
 ) -> Result<ServedFrame, Status> {
+    let forwarded = origin.forwarded;
     let spec = source.spec();
     let names: Vec<String> = if features.is_empty() {
         spec.features.iter().map(|f| f.name.clone()).collect()
@@ -109,6 +136,11 @@ pub(crate) async fn read(
         request
             .metadata_mut()
             .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+        if let Some(token) = &origin.token {
+            request
+                .metadata_mut()
+                .insert("authorization", token.clone());
+        }
         let reply = shared
             .peers
             .client(&owner)?

@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::Status;
 
+use super::auth::Auth;
 use super::conn::{self, ConnStats};
 use super::options::{ServeOptions, lower_priority};
 use super::route::{self, Peers};
@@ -22,6 +23,7 @@ use crate::histogram::Histogram;
 use crate::online::{Engine, ViewMetrics};
 use crate::sources::{Source, SourceOptions};
 use crate::spec::ViewSpec;
+use tonic::service::interceptor::InterceptedService;
 
 /// Response metadata of `GetFeatures`: the server's own time for the request in whole
 /// microseconds, from the decoded request to the reply ready for encoding. A client
@@ -89,13 +91,14 @@ impl Shared {
         at: Option<i64>,
         features: Vec<String>,
         forwarded: bool,
+        token: Option<tonic::metadata::AsciiMetadataValue>,
     ) -> Result<crate::online::ServedFrame, Status> {
         self.check_features(features.len())
             .map_err(|e| status(e, "features"))?;
         if let Some(source) = self.sources.get(&view) {
-            return route::read(self, source, keys, at, features, forwarded).await;
+            let origin = route::Origin { forwarded, token };
+            return route::read(self, source, keys, at, features, origin).await;
         }
-        let _ = forwarded;
         let engine = self.engine.clone();
         self.on_reads_for(keys.len(), move || {
             let names: Vec<&str> = features.iter().map(String::as_str).collect();
@@ -211,6 +214,22 @@ impl Server {
         grpc: SocketAddr,
         metrics: Option<SocketAddr>,
     ) -> crate::error::Result<Server> {
+        for addr in std::iter::once(grpc).chain(metrics) {
+            let missing: Vec<&str> = [
+                (options.tls.is_none(), "TLS (--tls-cert, --tls-key)"),
+                (options.tokens.is_none(), "tokens (--tokens)"),
+            ]
+            .into_iter()
+            .filter_map(|(missing, what)| missing.then_some(what))
+            .collect();
+            if !addr.ip().is_loopback() && !missing.is_empty() {
+                eprintln!(
+                    "panes serve: warning: listening on {addr}, beyond this machine, without {}: \
+                     anyone who reaches the port can read and write every view",
+                    missing.join(" or ")
+                );
+            }
+        }
         let grpc = TcpListener::bind(grpc)
             .await
             .map_err(|e| PanesError::Invalid(format!("cannot listen on {grpc}: {e}")))?;
@@ -242,6 +261,7 @@ impl Server {
             .map(|v| v.spec.clone())
             .collect();
         let sources = open_sources(&engine, &options, &sourced, &grpc)?;
+        let peers = Peers::new(options.tls.as_ref())?;
         let shared = Arc::new(Shared {
             reads: Workers::new("read", options.read_threads, move || {
                 read_priority.apply_or_warn()
@@ -254,7 +274,7 @@ impl Server {
             read_time,
             checkpointing: std::sync::Mutex::new(()),
             sources,
-            peers: Peers::default(),
+            peers,
             conns: Arc::default(),
         });
         Ok(Server {
@@ -333,13 +353,21 @@ impl Server {
             .map(|_| spawn_checkpoints(shared.clone()));
         let mut signalled = stop_rx.clone();
         let incoming = conn::incoming(grpc, &shared.options, shared.conns.clone());
-        let server = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &shared.options.tls {
+            builder = builder
+                .tls_config(tls.grpc()?)
+                .map_err(|e| PanesError::Invalid(format!("TLS: {e}")))?;
+        }
+        // Every service but health checks authenticates its callers.
+        let auth = Auth(shared.options.tokens.clone());
+        let server = builder
             .max_concurrent_streams(Some(shared.options.max_streams_per_connection))
             .layer(tower::util::MapResponseLayer::new(too_large_is_exhausted))
             .add_service(health_service)
-            .add_service(reflection)
-            .add_service(features)
-            .add_service(flight)
+            .add_service(InterceptedService::new(reflection, auth.clone()))
+            .add_service(InterceptedService::new(features, auth.clone()))
+            .add_service(InterceptedService::new(flight, auth))
             .serve_with_incoming_shutdown(
                 // Nagle off (set on accept): a reply's trailers must not wait for the
                 // client's ACK.

@@ -31,6 +31,28 @@ use crate::error::{Result, SpecError, SpecIssue};
 /// Largest feature file read, bytes.
 pub const MAX_FILE_BYTES: u64 = 16 << 20;
 
+/// Reads the UTF-8 text file at `path`, refusing one larger than `max` bytes without
+/// reading past them (`/dev/zero` must not grow without bound); `typical` says what size
+/// to expect, in the error.
+///
+/// # Errors
+/// Why the file cannot be read: missing, unreadable, too large, not UTF-8.
+pub(crate) fn read_text(
+    path: &Path,
+    max: u64,
+    typical: &str,
+) -> std::result::Result<String, String> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(max + 1).read_to_end(&mut bytes))
+        .map_err(|e| format!("cannot be read: {e}"))?;
+    if bytes.len() as u64 > max {
+        return Err(format!("larger than {max} bytes; {typical}"));
+    }
+    String::from_utf8(bytes).map_err(|e| format!("is not UTF-8 text: {e}"))
+}
+
 /// Largest number of panes a window (or the lateness bound) may span at its hop.
 /// Each pane costs `fields × 8` bytes per key, so larger rings are almost always a
 /// mistake (a 30-day window with a 1 s hop); use a coarser hop.
@@ -192,29 +214,22 @@ impl FeatureFile {
     /// read: missing, unreadable, not UTF-8, or larger than [`MAX_FILE_BYTES`] (a
     /// feature file is a few KiB; reading `/dev/zero` must not grow without bound).
     pub fn from_path(path: impl AsRef<Path>) -> Result<Self> {
-        use std::io::Read;
         let path = path.as_ref();
         let origin = path.display().to_string();
-        let unreadable = |message: String| SpecError {
-            origin: origin.clone(),
-            issues: vec![SpecIssue {
-                location: String::new(),
-                field: String::new(),
-                message,
-            }],
-        };
-        let mut bytes = Vec::new();
-        std::fs::File::open(path)
-            .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes))
-            .map_err(|e| unreadable(format!("cannot be read: {e}")))?;
-        if bytes.len() as u64 > MAX_FILE_BYTES {
-            let e = format!("larger than {MAX_FILE_BYTES} bytes; a feature file is a few KiB");
-            return Err(unreadable(e).into());
-        }
         let text =
-            String::from_utf8(bytes).map_err(|e| unreadable(format!("is not UTF-8 text: {e}")))?;
+            read_text(path, MAX_FILE_BYTES, "a feature file is a few KiB").map_err(|message| {
+                SpecError {
+                    origin: origin.clone(),
+                    issues: vec![SpecIssue {
+                        location: String::new(),
+                        field: String::new(),
+                        message,
+                    }],
+                }
+            })?;
         Self::parse(&text, &origin)
     }
+
     /// Parses and validates feature definitions; `origin` names them in errors.
     ///
     /// # Errors
