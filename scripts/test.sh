@@ -28,6 +28,8 @@ command -v cmake >/dev/null || missing+=(cmake)
 [[ -f /usr/include/x86_64-linux-gnu/curl/curl.h || -f /usr/include/curl/curl.h ]] || missing+=(libcurl4-openssl-dev)
 dpkg -s libssl-dev >/dev/null 2>&1 || missing+=(libssl-dev)
 command -v pkg-config >/dev/null || missing+=(pkg-config)
+# The Python TLS tests make their certificates with the openssl command.
+command -v openssl >/dev/null || missing+=(openssl)
 if ((${#missing[@]})); then
   log "apt-get install ${missing[*]}"
   apt-get update -qq

@@ -333,6 +333,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         tls.check()?;
     }
     let read_priority = args.read_priority;
+    let tls = options.tls.is_some();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("panes-io")
@@ -343,11 +344,12 @@ fn serve(args: ServeArgs) -> Result<()> {
         let backend = engine.backend().kind().name();
         let server = Server::bind(std::sync::Arc::new(engine), options, args.listen, metrics).await?;
         let grpc = server.grpc_addr().map_err(|e| PanesError::Internal(e.to_string()))?;
+        let (tls, scheme) = if tls { (" (TLS)", "https") } else { ("", "http") };
         match server.metrics_addr() {
             Some(Ok(m)) => eprintln!(
-                "panes serve: gRPC + Flight on {grpc}, metrics on http://{m}/metrics, backend {backend}"
+                "panes serve: gRPC + Flight on {grpc}{tls}, metrics on {scheme}://{m}/metrics, backend {backend}"
             ),
-            _ => eprintln!("panes serve: gRPC + Flight on {grpc}, backend {backend}"),
+            _ => eprintln!("panes serve: gRPC + Flight on {grpc}{tls}, backend {backend}"),
         }
         server.run(shutdown_signal()).await
     })?;

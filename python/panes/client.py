@@ -13,6 +13,7 @@ bitmap, turned into numpy arrays here without a per-value Python object.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -102,19 +103,51 @@ class Client:
     """A connection to a ``panes serve`` instance.
 
     ``target`` is ``host:port``; ``timeout`` (seconds) applies to every call.
+    ``token`` is sent as ``authorization: Bearer <token>`` with every call (servers
+    started with ``--tokens``). TLS is used when ``tls`` is true or any of ``tls_ca``
+    (PEM CA certificates to trust instead of the system's), ``tls_cert`` and
+    ``tls_key`` (PEM client certificate and key, for servers that require one) is
+    given, each a path or the PEM bytes; ``server_name`` overrides the name checked
+    against the server's certificate (when ``target`` is an IP address the
+    certificate does not name).
+
+    >>> Client("feature-server:50051", token=os.environ["PANES_TOKEN"],   # doctest: +SKIP
+    ...        tls_ca="ca.pem")
     """
 
-    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = 30.0) -> None:
-        self._channel = grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_receive_message_length", -1),
-                ("grpc.max_send_message_length", -1),
-            ],
-        )
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        timeout: float | None = 30.0,
+        token: str | None = None,
+        tls: bool = False,
+        tls_ca: str | os.PathLike[str] | bytes | None = None,
+        tls_cert: str | os.PathLike[str] | bytes | None = None,
+        tls_key: str | os.PathLike[str] | bytes | None = None,
+        server_name: str | None = None,
+    ) -> None:
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", -1),
+            ("grpc.max_send_message_length", -1),
+        ]
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if tls or tls_ca is not None or tls_cert is not None:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_pem(tls_ca),
+                private_key=_pem(tls_key),
+                certificate_chain=_pem(tls_cert),
+            )
+            if server_name is not None:
+                options.append(("grpc.ssl_target_name_override", server_name))
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
         # The generated stub is not annotated.
         self._stub: Any = pb_grpc.FeaturesStub(self._channel)  # type: ignore[no-untyped-call]
         self._timeout = timeout
+        self._metadata = (("authorization", f"Bearer {token}"),) if token is not None else ()
 
     def __enter__(self) -> Client:
         return self
@@ -143,7 +176,7 @@ class Client:
         if at_ms is not None:
             req.at_ms = at_ms
         try:
-            r = self._stub.GetFeatures(req, timeout=self._timeout)
+            r = self._stub.GetFeatures(req, timeout=self._timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise _error(e) from None
         shape = (r.rows, len(r.features))
@@ -188,7 +221,7 @@ class Client:
 
     def _ingest(self, messages: Iterator[pb.IngestRequest]) -> IngestResult:
         try:
-            r = self._stub.Ingest(messages, timeout=self._timeout)
+            r = self._stub.Ingest(messages, timeout=self._timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise _error(e) from None
         return IngestResult(
@@ -205,7 +238,9 @@ class Client:
     def list_features(self) -> list[dict[str, Any]]:
         """Every view served, as dicts."""
         try:
-            r = self._stub.ListFeatures(pb.ListFeaturesRequest(), timeout=self._timeout)
+            r = self._stub.ListFeatures(
+                pb.ListFeaturesRequest(), timeout=self._timeout, metadata=self._metadata
+            )
         except grpc.RpcError as e:
             raise _error(e) from None
         return [_view_dict(v) for v in r.views]
@@ -213,10 +248,20 @@ class Client:
     def describe_view(self, view: str) -> dict[str, Any]:
         """One view's definition as served."""
         try:
-            r = self._stub.DescribeView(pb.DescribeViewRequest(view=view), timeout=self._timeout)
+            r = self._stub.DescribeView(
+                pb.DescribeViewRequest(view=view), timeout=self._timeout, metadata=self._metadata
+            )
         except grpc.RpcError as e:
             raise _error(e) from None
         return _view_dict(r)
+
+
+def _pem(value: str | os.PathLike[str] | bytes | None) -> bytes | None:
+    """PEM bytes given as such or as a path."""
+    if value is None or isinstance(value, bytes):
+        return value
+    with open(value, "rb") as f:
+        return f.read()
 
 
 def _view_dict(v: pb.ViewDescription) -> dict[str, Any]:
