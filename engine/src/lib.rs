@@ -93,7 +93,8 @@ pub use ingest::keys::KeyValue;
 pub use ingest::{PushReport, RejectReason, Rejection, StateBudget, ViewCounters};
 pub use offline::backfill::{BackfillOptions, BackfillReport, backfill};
 pub use online::{
-    Engine, EngineOptions, FeatureFrame, ServedFrame, ViewMetrics, feature_column, feature_field,
+    Clock, Engine, EngineOptions, FeatureFrame, ServedFrame, ViewMetrics, feature_column,
+    feature_field,
 };
 pub use panes_kernels::{Agg, BackendKind};
 pub use spec::{

@@ -39,6 +39,7 @@ use std::path::PathBuf;
 pub use format::FORMAT_VERSION;
 pub(crate) use format::{decode, encode};
 pub use store::CheckpointDir;
+#[cfg(feature = "kafka")]
 pub(crate) use store::write_atomic;
 
 /// Where a source stood when a checkpoint was taken: the next offset to read from

@@ -39,6 +39,40 @@ pub struct EngineOptions {
     /// A budget of state memory that every new key is charged to (shared with other
     /// engines built with a clone of these options); `None`: no budget.
     pub state_budget: Option<Arc<StateBudget>>,
+    /// The clock of `read_time = "wall_clock"` views (tests set their own).
+    pub clock: Clock,
+}
+
+/// Wall-clock time for reads of `read_time = "wall_clock"` views: the system clock,
+/// or any function of epoch milliseconds (tests move time forward by hand).
+#[derive(Clone, Default)]
+pub struct Clock(Option<Arc<dyn Fn() -> i64 + Send + Sync>>);
+
+impl Clock {
+    /// The system clock.
+    pub fn system() -> Self {
+        Clock(None)
+    }
+
+    /// A clock reading `now()`, epoch ms.
+    pub fn from_fn(now: impl Fn() -> i64 + Send + Sync + 'static) -> Self {
+        Clock(Some(Arc::new(now)))
+    }
+
+    /// The time now, epoch ms.
+    pub fn now_ms(&self) -> i64 {
+        self.0.as_ref().map_or_else(now_ms, |f| f())
+    }
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Clock(injected)"
+        } else {
+            "Clock(system)"
+        })
+    }
 }
 
 impl Default for EngineOptions {
@@ -51,6 +85,7 @@ impl Default for EngineOptions {
             read_copy: true,
             max_keys: None,
             state_budget: None,
+            clock: Clock::system(),
         }
     }
 }

@@ -10,5 +10,5 @@ mod frame;
 mod read;
 mod replicas;
 
-pub use engine::{Engine, EngineOptions};
+pub use engine::{Clock, Engine, EngineOptions};
 pub use frame::{FeatureFrame, ServedFrame, ViewMetrics, feature_column, feature_field};

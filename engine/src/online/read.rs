@@ -7,7 +7,7 @@ use arrow_schema::{DataType, Field, Schema};
 use ndarray::Array2;
 use panes_kernels::{Agg, FeatureMerge, MergeOutput};
 
-use super::engine::{Engine, now_ms};
+use super::engine::Engine;
 use super::frame::{FeatureFrame, ServedFrame, feature_column, feature_field};
 use super::replicas::{Snapshot, View};
 use crate::error::{PanesError, Result};
@@ -151,7 +151,7 @@ impl Engine {
         let merges: Vec<_> = selected.iter().map(|&i| compiled.merges[i]).collect();
         let at = at.unwrap_or_else(|| match compiled.spec.read_time {
             ReadTime::EventTime => core.folded_max_ts.unwrap_or(0),
-            ReadTime::WallClock => now_ms(),
+            ReadTime::WallClock => self.options.clock.now_ms(),
         });
         crate::error::ensure!(
             at.unsigned_abs() <= panes_kernels::MAX_TIME_MS,
