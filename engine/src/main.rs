@@ -381,9 +381,18 @@ fn serve(args: ServeArgs) -> Result<()> {
                 })
             })
             .collect();
-        let json = serde_json::json!({"views": views, "cut_off": report.cut_off});
+        let json = serde_json::json!({
+            "views": views, "cut_off": report.cut_off,
+            "checkpoint_failures": report.checkpoint_failures,
+        });
         std::fs::write(path, json.to_string())
             .map_err(|e| PanesError::Invalid(format!("--report {}: {e}", path.display())))?;
+    }
+    if !report.checkpoint_failures.is_empty() {
+        return Err(PanesError::Unavailable(format!(
+            "the final checkpoint failed, so the events since the last one are not saved: {}",
+            report.checkpoint_failures.join("; ")
+        )));
     }
     Ok(())
 }

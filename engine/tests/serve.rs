@@ -1160,3 +1160,121 @@ async fn r17_silent_and_surplus_connections_are_closed_and_the_server_keeps_serv
     assert_eq!(metric(&text, "panes_connections_open"), 1.0, "{text}");
     server.stop().await;
 }
+
+/// Starts the `panes` binary with `args`; returns it and the line it wrote first (the
+/// addresses it serves on).
+fn spawn_panes(args: &[&str]) -> (std::process::Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_panes"))
+        .args(args)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = stderr.read_to_string(&mut rest);
+    });
+    (child, line)
+}
+
+/// The address after `label` in a start-up line.
+fn address_after(line: &str, label: &str) -> String {
+    line.split(label)
+        .nth(1)
+        .and_then(|r| {
+            r.split(|c: char| c == ',' || c == '/' || c.is_whitespace())
+                .next()
+        })
+        .unwrap_or_else(|| panic!("no {label:?} in {line:?}"))
+        .to_string()
+}
+
+#[test]
+fn r17_an_unwritable_checkpoint_directory_is_an_error_and_a_metric() {
+    let dir = tempfile::tempdir().unwrap();
+    let features = dir.path().join("features.toml");
+    std::fs::write(&features, FEATURES).unwrap();
+    let features = features.to_str().unwrap();
+    // A file where the directory should be: refused at start (exit 2), naming the flag.
+    let blocked = dir.path().join("blocked");
+    std::fs::write(&blocked, b"a file").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_panes"))
+        .args([
+            "serve",
+            "--features",
+            features,
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "off",
+        ])
+        .arg("--checkpoint-dir")
+        .arg(blocked.join("ckpt"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--checkpoint-dir") && stderr.contains("cannot be written"),
+        "{stderr}"
+    );
+
+    // Writable at start, then a view's directory becomes a file: each checkpoint fails
+    // and is counted, and the lost final one makes the exit an error.
+    let root = dir.path().join("ckpt");
+    let (mut child, line) = spawn_panes(&[
+        "serve",
+        "--features",
+        features,
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics",
+        "127.0.0.1:0",
+        "--backend",
+        "cpu",
+        "--checkpoint-interval-ms",
+        "50",
+        "--checkpoint-dir",
+        root.to_str().unwrap(),
+    ]);
+    let grpc = address_after(&line, "gRPC + Flight on ");
+    let metrics: SocketAddr = address_after(&line, "metrics on http://").parse().unwrap();
+    std::fs::remove_dir_all(root.join("cards")).ok();
+    std::fs::write(root.join("cards"), b"not a directory").unwrap();
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let mut client = FeaturesClient::connect(format!("http://{grpc}"))
+            .await
+            .unwrap();
+        let b = cards_batch(&mut StdRng::seed_from_u64(9), 100, 10, 1_000);
+        client
+            .ingest(futures::stream::iter(vec![ipc_message("cards", &b)]))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    });
+    let text = scrape(metrics);
+    assert!(
+        metric(&text, "panes_checkpoint_failures_total{view=\"cards\"}") >= 1.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "panes_checkpoint_failures_total{view=\"users\"}"),
+        0.0
+    );
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = child.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "the lost final checkpoint is an error exit"
+    );
+}

@@ -268,8 +268,47 @@ pub(crate) fn render(shared: &Shared, engine: &crate::online::Engine) -> String 
         );
     }
     render_connections(&mut out, shared);
+    render_checkpoints(&mut out, shared);
     render_sources(&mut out, shared);
     out
+}
+
+/// Checkpoints written and failed, per view: pushed views' own, sourced views'
+/// summed over their partitions.
+fn render_checkpoints(out: &mut String, shared: &Shared) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut rows: Vec<(&str, u64, u64)> = shared
+        .checkpoints
+        .iter()
+        .map(|(v, c)| (v.as_str(), c.written.load(Relaxed), c.failed.load(Relaxed)))
+        .collect();
+    rows.extend(shared.sources.values().map(|s| {
+        let stats = s.stats();
+        (
+            s.spec().name.as_str(),
+            stats.checkpoints.load(Relaxed),
+            stats.checkpoint_failures.load(Relaxed),
+        )
+    }));
+    rows.sort_unstable();
+    for (name, help, column) in [
+        (
+            "panes_checkpoints_total",
+            "Checkpoints written (of each partition, for a Kafka view).",
+            1,
+        ),
+        (
+            "panes_checkpoint_failures_total",
+            "Checkpoints that failed (the directory is unwritable or full).",
+            2,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for &(view, written, failed) in &rows {
+            let n = if column == 1 { written } else { failed };
+            let _ = writeln!(out, "{name}{{view=\"{}\"}} {n}", escape(view));
+        }
+    }
 }
 
 /// Counters of the views fed by sources (Kafka: the metric names say so).
@@ -283,7 +322,7 @@ fn render_sources(out: &mut String, shared: &Shared) {
     let mut views: Vec<_> = shared.sources.values().collect();
     views.sort_by(|a, b| a.spec().name.cmp(&b.spec().name));
     type Counter = (&'static str, &'static str, fn(&SourceStats) -> u64);
-    let counters: [Counter; 7] = [
+    let counters: [Counter; 5] = [
         (
             "panes_kafka_messages_total",
             "Kafka messages consumed.",
@@ -303,16 +342,6 @@ fn render_sources(out: &mut String, shared: &Shared) {
             "panes_kafka_rebalances_total",
             "Consumer-group rebalances seen.",
             |s| s.rebalances.load(Relaxed),
-        ),
-        (
-            "panes_checkpoints_total",
-            "Partition checkpoints written.",
-            |s| s.checkpoints.load(Relaxed),
-        ),
-        (
-            "panes_checkpoint_failures_total",
-            "Partition checkpoints that failed.",
-            |s| s.checkpoint_failures.load(Relaxed),
         ),
         (
             "panes_checkpoints_skipped_total",

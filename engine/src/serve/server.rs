@@ -5,11 +5,13 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::Status;
+use tonic::service::interceptor::InterceptedService;
 
 use super::auth::Auth;
 use super::conn::{self, ConnStats};
@@ -23,7 +25,6 @@ use crate::histogram::Histogram;
 use crate::online::{Engine, ViewMetrics};
 use crate::sources::{Source, SourceOptions};
 use crate::spec::ViewSpec;
-use tonic::service::interceptor::InterceptedService;
 
 /// Response metadata of `GetFeatures`: the server's own time for the request in whole
 /// microseconds, from the decoded request to the reply ready for encoding. A client
@@ -47,6 +48,15 @@ pub(crate) struct Shared {
     pub peers: Peers,
     /// Connections of the gRPC port.
     pub conns: Arc<ConnStats>,
+    /// Checkpoints of pushed views, per view.
+    pub checkpoints: HashMap<String, CheckpointCounters>,
+}
+
+/// Checkpoints of a pushed view written and failed, for the metrics.
+#[derive(Debug, Default)]
+pub(crate) struct CheckpointCounters {
+    pub written: AtomicU64,
+    pub failed: AtomicU64,
 }
 
 impl Shared {
@@ -138,9 +148,12 @@ impl Shared {
     /// another write thread (aborting its task does not stop its job), and two writers
     /// would take the same sequence number, so the final checkpoint could fail or be
     /// overwritten by an older state.
-    fn checkpoint_pushed(&self, done: &mut HashMap<String, u64>) {
+    /// Checkpoints every pushed view that took events since its last checkpoint
+    /// (`done`: the version checkpointed, per view); returns the failures.
+    fn checkpoint_pushed(&self, done: &mut HashMap<String, u64>) -> Vec<String> {
+        let mut failures = Vec::new();
         let Some(root) = &self.options.checkpoint_dir else {
-            return;
+            return failures;
         };
         let _one_at_a_time = self.checkpointing.lock().unwrap_or_else(|p| p.into_inner());
         for v in self.engine.views() {
@@ -155,13 +168,20 @@ impl Shared {
             let written = self.engine.checkpoint(name, &[]).and_then(|bytes| {
                 crate::checkpoint::CheckpointDir::new(root.join(name), 3).write(&bytes)
             });
+            let counters = self.checkpoints.get(name);
             match written {
                 Ok(_) => {
                     done.insert(name.clone(), version);
+                    counters.map(|c| c.written.fetch_add(1, Ordering::Relaxed));
                 }
-                Err(e) => eprintln!("panes serve: view {name:?}: checkpoint failed: {e}"),
+                Err(e) => {
+                    eprintln!("panes serve: view {name:?}: checkpoint failed: {e}");
+                    counters.map(|c| c.failed.fetch_add(1, Ordering::Relaxed));
+                    failures.push(format!("view {name:?}: {e}"));
+                }
             }
         }
+        failures
     }
 
     /// [`PanesError::ResourceExhausted`] when a request asks for more keys than allowed.
@@ -192,6 +212,9 @@ pub struct ServeReport {
     pub views: Vec<ViewMetrics>,
     /// Whether in-flight requests were cut off at the grace deadline.
     pub cut_off: bool,
+    /// The final checkpoints that failed (view and reason): the events they held are
+    /// not saved, and `panes serve` exits with an error.
+    pub checkpoint_failures: Vec<String>,
 }
 
 /// A bound server, not yet serving.
@@ -253,8 +276,14 @@ impl Server {
             .map(|v| (v.spec.name.clone(), Histogram::default()))
             .collect();
         if let Some(root) = &options.checkpoint_dir {
+            probe_writable(root)?;
             restore_pushed(&engine, root)?;
         }
+        let checkpoints = engine
+            .views()
+            .filter(|v| v.spec.source.is_none())
+            .map(|v| (v.spec.name.clone(), CheckpointCounters::default()))
+            .collect();
         let sourced: Vec<_> = engine
             .views()
             .filter(|v| v.spec.source.is_some())
@@ -276,6 +305,7 @@ impl Server {
             sources,
             peers,
             conns: Arc::default(),
+            checkpoints,
         });
         Ok(Server {
             shared,
@@ -408,15 +438,22 @@ impl Server {
         let views = shared
             .on_writes(move || {
                 s.engine.flush()?;
-                s.checkpoint_pushed(&mut HashMap::new());
-                s.engine
+                let failures = s.checkpoint_pushed(&mut HashMap::new());
+                let views = s
+                    .engine
                     .views()
                     .map(|v| s.view_metrics(&v.spec.name))
-                    .collect::<crate::error::Result<Vec<_>>>()
+                    .collect::<crate::error::Result<Vec<_>>>()?;
+                Ok::<_, PanesError>((views, failures))
             })
             .await
             .map_err(|s| PanesError::Internal(s.message().to_string()))??;
-        Ok(ServeReport { views, cut_off })
+        let (views, checkpoint_failures) = views;
+        Ok(ServeReport {
+            views,
+            cut_off,
+            checkpoint_failures,
+        })
     }
 }
 
@@ -514,6 +551,21 @@ fn spawn_checkpoints(shared: Arc<Shared>) -> tokio::task::JoinHandle<()> {
                 .await;
         }
     })
+}
+
+/// Checks that checkpoints can be written under `root` (creating it), so that a
+/// read-only or missing directory stops the start instead of failing every checkpoint.
+fn probe_writable(root: &std::path::Path) -> crate::error::Result<()> {
+    let probe = root.join(format!(".panes-probe-{}", std::process::id()));
+    std::fs::create_dir_all(root)
+        .and_then(|()| std::fs::write(&probe, b"probe"))
+        .and_then(|()| std::fs::remove_file(&probe))
+        .map_err(|e| {
+            PanesError::Invalid(format!(
+                "--checkpoint-dir {}: checkpoints cannot be written there: {e}",
+                root.display()
+            ))
+        })
 }
 
 /// Restores each pushed view from the newest valid checkpoint under `root/<view>/`.
