@@ -157,6 +157,9 @@ struct ServeArgs {
     /// Largest request message, bytes.
     #[arg(long, default_value_t = 64 << 20)]
     max_message_bytes: usize,
+    /// Most input bytes queued for the write threads; further ingest waits (pushback).
+    #[arg(long, default_value_t = 256 << 20)]
+    max_write_queue_bytes: usize,
     /// A micro-batch is folded and published once its oldest event waited this long (ms).
     #[arg(long, default_value_t = 10)]
     batch_age_ms: u64,
@@ -299,6 +302,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     let options = ServeOptions {
         max_keys: args.max_keys,
         max_features: args.max_features,
+        max_write_queue_bytes: args.max_write_queue_bytes,
         max_connections: args.max_connections,
         max_streams_per_connection: args.max_streams_per_connection,
         handshake_timeout: Duration::from_secs(args.handshake_timeout),

@@ -358,7 +358,9 @@ impl FlightService for Flight {
                 let rows = batch.num_rows();
                 let first_row = offset;
                 let result = shared
-                    .on_writes(move || engine.push_at(&view, &batch, first_row))
+                    .on_writes_of(batch.get_array_memory_size(), move || {
+                        engine.push_at(&view, &batch, first_row)
+                    })
                     .await;
                 offset += rows;
                 let meta = match result {

@@ -315,9 +315,14 @@ impl Features for FeaturesService {
             // Decoding runs on the write threads too: a large IPC message must not hold
             // up a tokio thread that reads are waiting for.
             let payload = msg.payload;
+            let bytes = match &payload {
+                Some(ingest_request::Payload::ArrowIpc(b)) => b.len(),
+                Some(ingest_request::Payload::Rows(r)) => prost::Message::encoded_len(r),
+                None => 0,
+            };
             let results = self
                 .shared
-                .on_writes(move || {
+                .on_writes_of(bytes, move || {
                     let batches = batches_of(&engine, &view, payload)?;
                     let mut offset = 0;
                     let mut results = Vec::with_capacity(batches.len());

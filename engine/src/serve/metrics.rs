@@ -267,6 +267,12 @@ pub(crate) fn render(shared: &Shared, engine: &crate::online::Engine) -> String 
             b.used()
         );
     }
+    let _ = writeln!(
+        out,
+        "# HELP panes_write_queue_bytes Input held by queued and running writes (bounded by --max-write-queue-bytes).\n\
+         # TYPE panes_write_queue_bytes gauge\npanes_write_queue_bytes {}",
+        shared.write_queue_bytes()
+    );
     render_connections(&mut out, shared);
     render_checkpoints(&mut out, shared);
     render_sources(&mut out, shared);

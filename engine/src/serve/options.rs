@@ -17,6 +17,10 @@ pub struct ServeOptions {
     pub max_features: usize,
     /// Largest message accepted, bytes; larger is `RESOURCE_EXHAUSTED`.
     pub max_message_bytes: usize,
+    /// Most input bytes that writes queued for and running on the write threads may
+    /// hold; an ingest message waits (and its stream is not read further) until room
+    /// is free. Pushback instead of a queue that grows with the load.
+    pub max_write_queue_bytes: usize,
     /// Most connections open at once on the gRPC port; more are closed on accept.
     pub max_connections: usize,
     /// Most concurrent streams (requests) per connection, advertised to clients in the
@@ -69,6 +73,7 @@ impl Default for ServeOptions {
             max_keys: 10_000,
             max_features: 1_024,
             max_message_bytes: 64 << 20,
+            max_write_queue_bytes: 256 << 20,
             max_connections: 1_024,
             max_streams_per_connection: 256,
             handshake_timeout: Duration::from_secs(10),

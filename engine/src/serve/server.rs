@@ -18,7 +18,7 @@ use super::conn::{self, ConnStats};
 use super::options::{ServeOptions, lower_priority};
 use super::route::{self, Peers};
 use super::status::{status, too_large_is_exhausted};
-use super::workers::{Workers, run_on};
+use super::workers::{Workers, run_on, run_weighted};
 use super::{flight, grpc, metrics, proto};
 use crate::error::PanesError;
 use crate::histogram::Histogram;
@@ -89,6 +89,21 @@ impl Shared {
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, Status> {
         run_on(&self.writes, f).await
+    }
+
+    /// Runs `f`, a write holding `bytes` of input, on the write pool once the input
+    /// queued there leaves room for it ([`ServeOptions::max_write_queue_bytes`]).
+    pub async fn on_writes_of<T: Send + 'static>(
+        &self,
+        bytes: usize,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, Status> {
+        run_weighted(&self.writes, bytes, f).await
+    }
+
+    /// Bytes of input held by queued and running writes.
+    pub fn write_queue_bytes(&self) -> usize {
+        self.writes.queued_bytes()
     }
 
     /// Reads `keys` of `view` as of `at` from the published state: the engine's, or for
@@ -297,7 +312,8 @@ impl Server {
             })?,
             writes: Workers::new("write", options.write_threads, move || {
                 lower_priority(priority)
-            })?,
+            })?
+            .bounded(options.max_write_queue_bytes),
             engine,
             options,
             read_time,

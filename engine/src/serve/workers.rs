@@ -12,9 +12,36 @@ pub(super) async fn run_on<T: Send + 'static>(
     pool: &Workers,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, Status> {
+    run_weighted(pool, 0, f).await
+}
+
+/// Like [`run_on`], for a job holding about `bytes` of input: on a bounded pool it
+/// first waits until the jobs queued and running hold less than the bound, so that a
+/// flood of large messages pushes back on their senders (they are not read further
+/// meanwhile, and HTTP/2 flow control stops them) instead of growing the queue.
+pub(super) async fn run_weighted<T: Send + 'static>(
+    pool: &Workers,
+    bytes: usize,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Status> {
+    let permit = match &pool.bound {
+        Some((permits, capacity)) => {
+            // Units of 64 KiB, at least one, at most the whole bound.
+            let units = (bytes >> 16).clamp(1, *capacity as usize) as u32;
+            Some(
+                permits
+                    .clone()
+                    .acquire_many_owned(units)
+                    .await
+                    .map_err(|_| Status::unavailable("the server is shutting down"))?,
+            )
+        }
+        None => None,
+    };
     let (tx, rx) = oneshot::channel();
     pool.spawn(Box::new(move || {
         let _ = tx.send(f());
+        drop(permit);
     }))?;
     rx.await
         .map_err(|_| Status::internal("a worker thread panicked (this is a bug in Panes)"))
@@ -32,6 +59,9 @@ type Job = Box<dyn FnOnce() + Send + 'static>;
 #[derive(Debug)]
 pub(super) struct Workers {
     queue: std::sync::Mutex<Option<std::sync::mpsc::Sender<Job>>>,
+    /// For a bounded pool: permits of 64 KiB of queued and running input, and their
+    /// number.
+    bound: Option<(Arc<tokio::sync::Semaphore>, u32)>,
 }
 
 impl Workers {
@@ -73,6 +103,26 @@ impl Workers {
         }
         Ok(Workers {
             queue: std::sync::Mutex::new(Some(tx)),
+            bound: None,
+        })
+    }
+
+    /// Bounds the input that jobs queued and running may hold to `bytes` (see
+    /// [`run_weighted`]).
+    pub(super) fn bounded(mut self, bytes: usize) -> Self {
+        let capacity = (bytes >> 16).clamp(1, u32::MAX as usize >> 4) as u32;
+        self.bound = Some((
+            Arc::new(tokio::sync::Semaphore::new(capacity as usize)),
+            capacity,
+        ));
+        self
+    }
+
+    /// Bytes of input held by queued and running jobs now, with what writes waiting
+    /// for room have reserved so far (0 for an unbounded pool).
+    pub(super) fn queued_bytes(&self) -> usize {
+        self.bound.as_ref().map_or(0, |(permits, capacity)| {
+            (*capacity as usize - permits.available_permits()) << 16
         })
     }
 
@@ -94,5 +144,49 @@ impl Drop for Workers {
         if let Ok(mut q) = self.queue.lock() {
             q.take();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn r17_a_bounded_pool_makes_large_writes_wait_instead_of_queueing() {
+        let pool = Arc::new(Workers::new("test", 2, || {}).unwrap().bounded(256 << 10));
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        let first = {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                run_weighted(&pool, 192 << 10, move || hold.recv().unwrap()).await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(pool.queued_bytes(), 192 << 10);
+        // A second write of 128 KiB does not fit beside the first: it waits, unqueued.
+        let started = Arc::new(AtomicBool::new(false));
+        let second = {
+            let (pool, started) = (pool.clone(), started.clone());
+            tokio::spawn(async move {
+                run_weighted(&pool, 128 << 10, move || {
+                    started.store(true, Ordering::SeqCst)
+                })
+                .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!started.load(Ordering::SeqCst), "the second write waited");
+        // (A waiting write reserves what is free as it waits: the bound is reached.)
+        assert_eq!(pool.queued_bytes(), 256 << 10);
+        release.send(()).unwrap();
+        first.await.unwrap().unwrap();
+        second.await.unwrap().unwrap();
+        assert!(started.load(Ordering::SeqCst));
+        assert_eq!(pool.queued_bytes(), 0);
+        // A write larger than the whole bound still runs, alone.
+        run_weighted(&pool, 10 << 20, || ()).await.unwrap();
     }
 }
