@@ -53,6 +53,11 @@ pub(crate) fn read_text(
     String::from_utf8(bytes).map_err(|e| format!("is not UTF-8 text: {e}"))
 }
 
+/// `v` as a TOML string (Rust's `{:?}` escapes are not TOML: `\u{35b}`).
+fn q(v: &str) -> String {
+    toml::Value::String(v.to_string()).to_string()
+}
+
 /// Largest number of panes a window (or the lateness bound) may span at its hop.
 /// Each pane costs `fields × 8` bytes per key, so larger rings are almost always a
 /// mistake (a 30-day window with a 1 s hop); use a coarser hop.
@@ -243,9 +248,9 @@ impl FeatureFile {
         let mut s = String::new();
         for v in &self.views {
             let _ = writeln!(s, "[[views]]");
-            let _ = writeln!(s, "name = {:?}", v.name);
-            let _ = writeln!(s, "key = {:?}", v.key);
-            let _ = writeln!(s, "time = {:?}", v.time);
+            let _ = writeln!(s, "name = {}", q(&v.name));
+            let _ = writeln!(s, "key = {}", q(&v.key));
+            let _ = writeln!(s, "time = {}", q(&v.time));
             let _ = writeln!(s, "pane = {:?}", format_duration(v.pane));
             let _ = writeln!(
                 s,
@@ -264,30 +269,30 @@ impl FeatureFile {
             if let Some(src) = &v.source {
                 let _ = writeln!(s, "[views.source]");
                 let _ = writeln!(s, "kind = \"kafka\"");
-                let _ = writeln!(s, "brokers = {:?}", src.brokers);
-                let _ = writeln!(s, "topic = {:?}", src.topic);
-                let _ = writeln!(s, "group = {:?}", src.group);
+                let _ = writeln!(s, "brokers = {}", q(&src.brokers));
+                let _ = writeln!(s, "topic = {}", q(&src.topic));
+                let _ = writeln!(s, "group = {}", q(&src.group));
                 let _ = writeln!(s, "format = {:?}", src.format.name());
                 if let Some(k) = &src.key_column {
-                    let _ = writeln!(s, "key_column = {k:?}");
+                    let _ = writeln!(s, "key_column = {}", q(k));
                 }
                 if let Some(d) = &src.dead_letter_topic {
-                    let _ = writeln!(s, "dead_letter_topic = {d:?}");
+                    let _ = writeln!(s, "dead_letter_topic = {}", q(d));
                 }
                 if !src.properties.is_empty() {
                     let _ = writeln!(s, "\n[views.source.properties]");
                     for (k, v) in &src.properties {
-                        let _ = writeln!(s, "{k:?} = {v:?}");
+                        let _ = writeln!(s, "{} = {}", q(k), q(v));
                     }
                 }
                 let _ = writeln!(s);
             }
             for f in &v.features {
                 let _ = writeln!(s, "[[views.features]]");
-                let _ = writeln!(s, "name = {:?}", f.name);
+                let _ = writeln!(s, "name = {}", q(&f.name));
                 let _ = writeln!(s, "agg = {:?}", f.agg.name());
                 if let Some(c) = &f.column {
-                    let _ = writeln!(s, "column = {c:?}");
+                    let _ = writeln!(s, "column = {}", q(c));
                 }
                 let w = match f.window {
                     Window::Duration(ms) => format_duration(ms),
@@ -353,6 +358,33 @@ window = "lifetime"
     fn round_trips_through_toml() {
         let f = FeatureFile::parse(GOOD, "f.toml").unwrap();
         assert_eq!(FeatureFile::parse(&f.to_toml(), "again").unwrap(), f);
+    }
+
+    #[test]
+    fn r17_names_that_rust_escapes_print_as_valid_toml() {
+        // Found by the feature_file fuzz target: a combining mark printed with Rust's
+        // `{:?}` (`\u{35b}`) made the printed file unparsable. Quotes, backslashes and
+        // control characters as well.
+        let names = [
+            "amount_last_\u{35b}",
+            "a \"quoted\" name",
+            "back\\slash",
+            "tab\there",
+            "é",
+        ];
+        for name in names {
+            let text = GOOD.replacen(
+                "name = \"dep_delay_mean_3h\"",
+                &format!("name = {}", q(name)),
+                1,
+            );
+            assert!(text != GOOD);
+            let f = FeatureFile::parse(&text, "f.toml").unwrap_or_else(|e| panic!("{name:?}: {e}"));
+            let again = FeatureFile::parse(&f.to_toml(), "again")
+                .unwrap_or_else(|e| panic!("{name:?}: {e}"));
+            assert_eq!(again, f, "{name:?}");
+            assert_eq!(again.views[0].features[0].name, name);
+        }
     }
 
     #[test]
