@@ -57,6 +57,8 @@ const ADDRESS_SPACE: u64 = 2 << 30;
 struct Serving {
     child: Child,
     addr: String,
+    /// The server's first line (its addresses).
+    line: String,
 }
 
 impl Drop for Serving {
@@ -66,33 +68,27 @@ impl Drop for Serving {
     }
 }
 
-fn serve(dir: &std::path::Path) -> Serving {
+/// `panes serve` with `args`, under the resource limit `(resource, value)`.
+fn serve(dir: &std::path::Path, args: &[&str], limit: (libc::__rlimit_resource_t, u64)) -> Serving {
     let features = dir.join("features.toml");
     std::fs::write(&features, FEATURES).unwrap();
     let mut command = Command::new(env!("CARGO_BIN_EXE_panes"));
     command
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics",
-            "off",
-            "--backend",
-            "cpu",
-        ])
+        .args(["serve", "--listen", "127.0.0.1:0", "--backend", "cpu"])
         .arg("--features")
         .arg(&features)
-        // The budget is left at `auto`: half of the address-space limit.
-        .args(["--handshake-timeout", "3", "--batch-age-ms", "5"])
+        .args(["--batch-age-ms", "5"])
+        .args(args)
         .stderr(Stdio::piped());
+    let (resource, value) = limit;
     // SAFETY: setrlimit is async-signal-safe; the closure touches nothing else.
     unsafe {
-        command.pre_exec(|| {
+        command.pre_exec(move || {
             let limit = libc::rlimit {
-                rlim_cur: ADDRESS_SPACE,
-                rlim_max: ADDRESS_SPACE,
+                rlim_cur: value,
+                rlim_max: value,
             };
-            if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+            if libc::setrlimit(resource, &limit) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -102,12 +98,7 @@ fn serve(dir: &std::path::Path) -> Serving {
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
     stderr.read_line(&mut line).unwrap();
-    let addr = line
-        .split("gRPC + Flight on ")
-        .nth(1)
-        .and_then(|r| r.split(|c: char| c == ',' || c.is_whitespace()).next())
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_string();
+    let addr = after(&line, "gRPC + Flight on ");
     // Keep draining the server's log so that it never blocks on a full pipe.
     std::thread::spawn(move || {
         let mut sink = String::new();
@@ -115,7 +106,19 @@ fn serve(dir: &std::path::Path) -> Serving {
             sink.clear();
         }
     });
-    Serving { child, addr }
+    Serving { child, addr, line }
+}
+
+/// The address after `label` in the server's first line.
+fn after(line: &str, label: &str) -> String {
+    line.split(label)
+        .nth(1)
+        .and_then(|r| {
+            r.split(|c: char| c == ',' || c == '/' || c.is_whitespace())
+                .next()
+        })
+        .unwrap_or_else(|| panic!("no {label:?} in {line:?}"))
+        .to_string()
 }
 
 fn ipc(batch: &RecordBatch) -> Vec<u8> {
@@ -202,7 +205,12 @@ async fn serving(channel: Channel) {
 #[test]
 fn r17_a_server_under_a_2_gib_address_space_limit_refuses_and_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = serve(dir.path());
+    // The state budget is left at `auto`: half of the address-space limit.
+    let mut server = serve(
+        dir.path(),
+        &["--metrics", "off", "--handshake-timeout", "3"],
+        (libc::RLIMIT_AS, ADDRESS_SPACE),
+    );
     let addr = server.addr.clone();
     let started = Instant::now();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -344,5 +352,87 @@ fn r17_a_server_under_a_2_gib_address_space_limit_refuses_and_keeps_serving() {
     assert!(
         started.elapsed() < Duration::from_secs(240),
         "bounded in time"
+    );
+}
+
+/// CPU seconds the process `pid` has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // After the command name (in parentheses): utime is the 12th field, stime the 13th.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+fn scrape(addr: std::net::SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn r17_out_of_file_descriptors_the_server_backs_off_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    // 64 descriptors: the server's own files, sockets and pipes take some; a hundred
+    // connections exhaust the rest.
+    let mut server = serve(
+        dir.path(),
+        &["--metrics", "127.0.0.1:0", "--handshake-timeout", "60"],
+        (libc::RLIMIT_NOFILE, 64),
+    );
+    let metrics: std::net::SocketAddr = after(&server.line, "metrics on http://").parse().unwrap();
+    let held: Vec<_> = (0..100)
+        .filter_map(|_| std::net::TcpStream::connect(&server.addr).ok())
+        .collect();
+    assert!(held.len() >= 60, "the backlog takes them: {}", held.len());
+    std::thread::sleep(Duration::from_millis(500));
+    // Accepting fails (EMFILE) while connections wait: the accept loop must back off
+    // instead of spinning on the error.
+    let pid = server.child.id();
+    let before = cpu_seconds(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_seconds(pid) - before;
+    assert!(
+        used < 0.5,
+        "the server used {used} s of CPU in 2 s while out of descriptors"
+    );
+    drop(held);
+    // Descriptors come back: the server serves again, and counted the failures.
+    let addr = server.addr.clone();
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let connected = Channel::from_shared(format!("http://{addr}"))
+                    .unwrap()
+                    .connect()
+                    .await;
+                match connected {
+                    Ok(c) => break serving(c).await,
+                    Err(_) if Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(e) => panic!("the server never served again: {e}"),
+                }
+            }
+        });
+    let text = scrape(metrics);
+    let failures: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("panes_accept_errors_total "))
+        .unwrap_or_else(|| panic!("no panes_accept_errors_total in {text}"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(failures >= 1.0, "{text}");
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "the server exited"
     );
 }
