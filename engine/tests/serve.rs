@@ -1021,6 +1021,35 @@ async fn r17_a_request_that_is_not_protobuf_is_invalid_argument_not_internal() {
             "{path}: {e:?}"
         );
     }
+    // Arrow Flight's generated service decodes with tonic's codec.
+    for path in [
+        "/arrow.flight.protocol.FlightService/GetFlightInfo",
+        "/arrow.flight.protocol.FlightService/DoGet",
+    ] {
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        grpc.ready().await.unwrap();
+        let path = http::uri::PathAndQuery::from_static(path);
+        let e = if path.path().ends_with("DoGet") {
+            grpc.server_streaming::<Vec<u8>, Vec<u8>, _>(
+                tonic::Request::new(garbage.clone()),
+                path.clone(),
+                RawCodec,
+            )
+            .await
+            .map(drop)
+            .unwrap_err()
+        } else {
+            grpc.unary::<Vec<u8>, Vec<u8>, _>(
+                tonic::Request::new(garbage.clone()),
+                path.clone(),
+                RawCodec,
+            )
+            .await
+            .unwrap_err()
+        };
+        assert_eq!(e.code(), Code::InvalidArgument, "{path}: {e:?}");
+        assert!(e.message().contains("decode"), "{path}: {e:?}");
+    }
     // And the server carries on.
     let mut client = server.client().await;
     client

@@ -17,7 +17,7 @@ use super::auth::Auth;
 use super::conn::{self, ConnStats};
 use super::options::{ServeOptions, lower_priority};
 use super::route::{self, Peers};
-use super::status::{status, too_large_is_exhausted};
+use super::status::{promised_statuses, status};
 use super::workers::{Workers, run_on, run_weighted};
 use super::{flight, grpc, metrics, proto};
 use crate::error::PanesError;
@@ -409,7 +409,7 @@ impl Server {
         let auth = Auth(shared.options.tokens.clone());
         let server = builder
             .max_concurrent_streams(Some(shared.options.max_streams_per_connection))
-            .layer(tower::util::MapResponseLayer::new(too_large_is_exhausted))
+            .layer(tower::util::MapResponseLayer::new(promised_statuses))
             .add_service(health_service)
             .add_service(InterceptedService::new(reflection, auth.clone()))
             .add_service(InterceptedService::new(features, auth.clone()))

@@ -59,17 +59,26 @@ pub(crate) fn stream_error(s: Status) -> Status {
     }
 }
 
-/// tonic answers a request over the decoding limit with `OUT_OF_RANGE` before any
-/// handler runs; the API promises `RESOURCE_EXHAUSTED`.
-pub(super) fn too_large_is_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
+/// Statuses tonic gives before any handler runs, as the API promises them: a request
+/// over the decoding limit is `OUT_OF_RANGE` there, `RESOURCE_EXHAUSTED` here; a
+/// request that is not valid protobuf for a service whose codec is not ours (Arrow
+/// Flight's generated one) is `INTERNAL` there, `INVALID_ARGUMENT` here.
+pub(super) fn promised_statuses<B>(mut response: http::Response<B>) -> http::Response<B> {
     let headers = response.headers_mut();
-    let too_large = headers.get("grpc-status").is_some_and(|s| s == "11")
-        && headers
-            .get("grpc-message")
-            .and_then(|m| m.to_str().ok())
-            .is_some_and(|m| m.contains("too%20large") || m.contains("too large"));
+    let message = headers
+        .get("grpc-message")
+        .and_then(|m| m.to_str().ok())
+        .unwrap_or("");
+    let code = headers.get("grpc-status");
+    let too_large = code.is_some_and(|s| s == "11")
+        && (message.contains("too%20large") || message.contains("too large"));
+    let undecodable = code.is_some_and(|s| s == "13")
+        && (message.contains("failed%20to%20decode%20Protobuf")
+            || message.contains("failed to decode Protobuf"));
     if too_large {
         headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+    } else if undecodable {
+        headers.insert("grpc-status", http::HeaderValue::from_static("3"));
     }
     response
 }
