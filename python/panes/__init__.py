@@ -176,26 +176,27 @@ class Engine:
         self._init(
             toml,
             "<python>",
-            backend,
-            shards,
-            batch_rows,
-            batch_age,
-            read_copy,
-            max_keys,
-            max_state_bytes,
+            backend=backend,
+            shards=shards,
+            batch_rows=batch_rows,
+            batch_age=batch_age,
+            read_copy=read_copy,
+            max_keys=max_keys,
+            max_state_bytes=max_state_bytes,
         )
 
     def _init(
         self,
         toml: str,
         origin: str,
-        backend: str | None,
-        shards: int,
-        batch_rows: int,
-        batch_age: float,
-        read_copy: bool,
-        max_keys: int | None,
-        max_state_bytes: int | None,
+        *,
+        backend: str | None = None,
+        shards: int = 32,
+        batch_rows: int = 65536,
+        batch_age: float = 0.05,
+        read_copy: bool = True,
+        max_keys: int | None = None,
+        max_state_bytes: int | None = None,
     ) -> None:
         self._core = _core.Engine(
             toml,
@@ -223,31 +224,9 @@ class Engine:
         return cls._from_text(text, "<string>", **options)
 
     @classmethod
-    def _from_text(
-        cls,
-        text: str,
-        origin: str,
-        *,
-        backend: str | None = None,
-        shards: int = 32,
-        batch_rows: int = 65536,
-        batch_age: float = 0.05,
-        read_copy: bool = True,
-        max_keys: int | None = None,
-        max_state_bytes: int | None = None,
-    ) -> Engine:
+    def _from_text(cls, text: str, origin: str, **options: Any) -> Engine:
         engine = cls.__new__(cls)
-        engine._init(
-            text,
-            origin,
-            backend,
-            shards,
-            batch_rows,
-            batch_age,
-            read_copy,
-            max_keys,
-            max_state_bytes,
-        )
+        engine._init(text, origin, **options)
         return engine
 
     @property
