@@ -436,6 +436,12 @@ fn r17_bad_tls_files_are_refused_at_start_with_the_file_named() {
             "--tls-cert",
         ),
     ];
+    let endless = TlsFiles {
+        cert: "/dev/zero".into(),
+        ..good.files.clone()
+    };
+    let e = endless.check().unwrap_err().to_string();
+    assert!(e.contains("--tls-cert /dev/zero: larger than"), "{e}");
     for (files, named) in cases {
         let e = files.check().unwrap_err().to_string();
         assert!(e.contains(named), "{e}");

@@ -293,9 +293,12 @@ pub struct TlsFiles {
     pub client_ca: Option<PathBuf>,
 }
 
+/// The PEM file of `what` (a flag), read up to 1 MiB (`/dev/zero` must not grow
+/// without bound).
 fn read_pem(path: &Path, what: &str) -> Result<Vec<u8>> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| PanesError::Invalid(format!("{what} {}: {e}", path.display())))?;
+    let bytes = crate::spec::read_text(path, 1 << 20, "a PEM file is a few KiB")
+        .map_err(|e| PanesError::Invalid(format!("{what} {}: {e}", path.display())))?
+        .into_bytes();
     if !bytes.windows(11).any(|w| w == b"-----BEGIN ") {
         return Err(PanesError::Invalid(format!(
             "{what} {}: not a PEM file (no -----BEGIN line)",
