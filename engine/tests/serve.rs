@@ -1307,3 +1307,45 @@ fn r17_an_unwritable_checkpoint_directory_is_an_error_and_a_metric() {
         "the lost final checkpoint is an error exit"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r17_a_flood_of_metrics_connections_is_capped_and_serving_goes_on() {
+    let server = start(ServeOptions::default(), Duration::from_millis(5), 1024).await;
+    let metrics = server.metrics;
+    let held: Vec<std::net::TcpStream> = (0..200)
+        .map(|_| std::net::TcpStream::connect(metrics).unwrap())
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut client = server.client().await;
+    client
+        .get_features(read("cards", int_keys([1]), None))
+        .await
+        .unwrap();
+    // All but a few were closed by the server at once (they send nothing).
+    let held = tokio::task::spawn_blocking(move || {
+        let closed = held
+            .iter()
+            .filter(|s| {
+                s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+                match (&**s).read(&mut [0u8; 1]) {
+                    Ok(n) => n == 0,
+                    Err(e) => !matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ),
+                }
+            })
+            .count();
+        (closed, held)
+    })
+    .await
+    .unwrap();
+    assert!(held.0 >= 150, "{} of 200 closed", held.0);
+    drop(held.1);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let text = tokio::task::spawn_blocking(move || scrape(metrics))
+        .await
+        .unwrap();
+    assert!(text.contains("panes_events_accepted_total"));
+    server.stop().await;
+}

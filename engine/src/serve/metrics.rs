@@ -11,6 +11,9 @@ use tokio::net::TcpListener;
 use super::auth::TlsFiles;
 use super::server::Shared;
 
+/// Most metrics connections served at once.
+const MAX_SCRAPES: usize = 16;
+
 /// Accepts scrapes until the task is aborted: over TLS when the server has it, and
 /// with an `admin` token when it has tokens.
 pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
@@ -22,15 +25,23 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             return;
         }
     };
+    // Scrapes at once; more connections are closed on accept, so that a flood of them
+    // cannot take the descriptors the gRPC port needs.
+    let scrapes = Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES));
     loop {
         let Ok((socket, _)) = listener.accept().await else {
             // Descriptors exhausted: do not spin.
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
+        let Ok(permit) = scrapes.clone().try_acquire_owned() else {
+            drop(socket);
+            continue;
+        };
         let shared = shared.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let scrape = async move {
                 match tls {
                     Some(tls) => match tls.accept(socket).await {
