@@ -38,7 +38,7 @@ pub fn read_stream<R: Read + Seek>(
     guarded("stream", move || {
         let reader = arrow_ipc::reader::StreamReader::try_new(reader, None)
             .map_err(|e| format!("not an Arrow IPC stream: {e}"))?;
-        read_all(reader, "stream")
+        read_all(reader, "stream", len)
     })
 }
 
@@ -56,20 +56,42 @@ pub fn read_file<R: Read + Seek>(
     guarded("file", move || {
         let reader = arrow_ipc::reader::FileReader::try_new(reader, None)
             .map_err(|e| format!("not an Arrow IPC file: {e}"))?;
-        read_all(reader, "file")
+        read_all(reader, "file", len)
     })
 }
 
-/// The schema and every batch of an opened IPC `what` (stream or file).
+/// The schema and every batch of an opened IPC `what` (stream or file) of `len` bytes.
 fn read_all(
     reader: impl RecordBatchReader,
     what: &str,
+    len: u64,
 ) -> Result<(SchemaRef, Vec<RecordBatch>), String> {
     let schema = reader.schema();
     let batches = reader
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("malformed Arrow IPC {what}: {e}"))?;
+    for (i, b) in batches.iter().enumerate() {
+        check_rows(b, len).map_err(|e| format!("Arrow IPC {what}, record batch {i}: {e}"))?;
+    }
     Ok((schema, batches))
+}
+
+/// Refuses a record batch claiming more rows than `bytes` of input can hold: more than
+/// 8 per byte (a row of any column but Null takes at least a bit). A batch without
+/// columns, or of Null columns only, may otherwise claim 2^56 rows in a few bytes, and
+/// any per-row work on it (a filter mask, a counter of rejected rows) would be as large.
+///
+/// # Errors
+/// The rows claimed and the bytes they came in.
+pub fn check_rows(batch: &RecordBatch, bytes: u64) -> Result<(), String> {
+    let rows = batch.num_rows() as u64;
+    let most = bytes.saturating_mul(8).saturating_add(64);
+    if rows > most {
+        return Err(format!(
+            "claims {rows} rows in {bytes} bytes; at most {most} fit"
+        ));
+    }
+    Ok(())
 }
 
 /// Runs a decode, turning a panic inside arrow-ipc into an error (without a panic
@@ -279,6 +301,26 @@ mod tests {
         let batches = decode_stream(&stream()).unwrap();
         assert_eq!(batches.len(), 1);
         assert_eq!(batches[0].num_rows(), 3);
+    }
+
+    #[test]
+    fn r17_a_batch_claiming_more_rows_than_its_bytes_hold_is_refused() {
+        // Found by the kafka_message fuzz target: a batch without columns may claim
+        // 2^56 rows; the Kafka decoder then built a per-row mask of that size.
+        let schema = Arc::new(arrow_schema::Schema::empty());
+        let options = arrow_array::RecordBatchOptions::new().with_row_count(Some(1 << 56));
+        let batch = RecordBatch::try_new_with_options(schema.clone(), vec![], &options).unwrap();
+        let mut w = arrow_ipc::writer::StreamWriter::try_new(Vec::new(), &schema).unwrap();
+        w.write(&batch).unwrap();
+        let bytes = w.into_inner().unwrap();
+        let e = decode_stream(&bytes).unwrap_err();
+        assert!(e.contains("record batch 0: claims 72057594037927936 rows"), "{e}");
+        // A batch of as many rows as its bytes can hold is fine.
+        let options = arrow_array::RecordBatchOptions::new().with_row_count(Some(3));
+        let small = RecordBatch::try_new_with_options(schema.clone(), vec![], &options).unwrap();
+        let mut w = arrow_ipc::writer::StreamWriter::try_new(Vec::new(), &schema).unwrap();
+        w.write(&small).unwrap();
+        assert_eq!(decode_stream(&w.into_inner().unwrap()).unwrap()[0].num_rows(), 3);
     }
 
     #[test]

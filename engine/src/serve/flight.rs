@@ -332,8 +332,16 @@ impl FlightService for Flight {
                 // Every message that carries data must yield a batch: one that does not
                 // (its IPC header names no message type, or a second schema) would
                 // otherwise be dropped while the client is told OK.
+                let bytes =
+                    (decoded.inner.data_header.len() + decoded.inner.data_body.len()) as u64;
                 let batch = match decoded.payload {
-                    DecodedPayload::RecordBatch(b) => b,
+                    DecodedPayload::RecordBatch(b) => {
+                        if let Err(e) = crate::ingest::ipc::check_rows(&b, bytes) {
+                            let _ = tx.send(Err(refuse(e))).await;
+                            return;
+                        }
+                        b
+                    }
                     DecodedPayload::Schema(_) if schemas == 0 => {
                         schemas += 1;
                         continue;

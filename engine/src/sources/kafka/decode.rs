@@ -194,21 +194,22 @@ pub fn decode_ipc(
     let batches = crate::ingest::ipc::decode_stream(m.value)
         .map_err(|e| (BadMessage::Undecodable, format!("payload: {e}")))?;
     for batch in batches {
-        // Rows whose key belongs in another partition are dropped and counted.
-        let keep = match batch.column_by_name(&view.spec.key) {
-            Some(col) => match KeyColumn::new(col.as_ref()) {
-                Ok(keys) => (0..batch.num_rows())
-                    .map(|i| {
-                        keys.value(i).is_none_or(|k| {
-                            partition_for(&key_bytes(&k), partitions) == m.partition
-                        })
-                    })
-                    .collect::<Vec<bool>>(),
-                // A key column of the wrong type: the engine rejects the batch and says why.
-                Err(_) => vec![true; batch.num_rows()],
-            },
-            None => vec![true; batch.num_rows()],
+        // Rows whose key belongs in another partition are dropped and counted. A batch
+        // without a key column of a key type is pushed as it is: the engine rejects it
+        // and says why.
+        let keys = batch
+            .column_by_name(&view.spec.key)
+            .and_then(|col| KeyColumn::new(col.as_ref()).ok());
+        let Some(keys) = keys else {
+            out.push(batch);
+            continue;
         };
+        let keep: Vec<bool> = (0..batch.num_rows())
+            .map(|i| {
+                keys.value(i)
+                    .is_none_or(|k| partition_for(&key_bytes(&k), partitions) == m.partition)
+            })
+            .collect();
         let misrouted = keep.iter().filter(|k| !**k).count();
         if misrouted > 0 {
             view.stats.bad(BadMessage::Misrouted, misrouted as u64);
