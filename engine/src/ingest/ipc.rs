@@ -314,13 +314,19 @@ mod tests {
         w.write(&batch).unwrap();
         let bytes = w.into_inner().unwrap();
         let e = decode_stream(&bytes).unwrap_err();
-        assert!(e.contains("record batch 0: claims 72057594037927936 rows"), "{e}");
+        assert!(
+            e.contains("record batch 0: claims 72057594037927936 rows"),
+            "{e}"
+        );
         // A batch of as many rows as its bytes can hold is fine.
         let options = arrow_array::RecordBatchOptions::new().with_row_count(Some(3));
         let small = RecordBatch::try_new_with_options(schema.clone(), vec![], &options).unwrap();
         let mut w = arrow_ipc::writer::StreamWriter::try_new(Vec::new(), &schema).unwrap();
         w.write(&small).unwrap();
-        assert_eq!(decode_stream(&w.into_inner().unwrap()).unwrap()[0].num_rows(), 3);
+        assert_eq!(
+            decode_stream(&w.into_inner().unwrap()).unwrap()[0].num_rows(),
+            3
+        );
     }
 
     #[test]
