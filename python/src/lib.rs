@@ -138,6 +138,7 @@ impl PyEngine {
             read_copy,
             max_keys,
             state_budget: max_state_bytes.map(|b| Arc::new(StateBudget::new(b))),
+            ..EngineOptions::default()
         };
         let inner = Engine::new(&file, options).map_err(|e| to_py(py, e))?;
         Ok(PyEngine {
