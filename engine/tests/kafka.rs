@@ -452,6 +452,21 @@ impl Panes {
     }
 
     /// Feature values of `keys` as of `at` (row-major, NaN for null), or the error.
+    /// [`Panes::read`], retried for up to 60 s while the answer is UNAVAILABLE
+    /// (partitions moving between instances).
+    fn read_settled(&self, keys: &[String], at: i64) -> Vec<f64> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.read(keys, at) {
+                Ok(v) => return v,
+                Err(e) if e.starts_with("Unavailable") && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
     fn read(&self, keys: &[String], at: i64) -> Result<Vec<f64>, String> {
         let addr = format!("http://{}", self.grpc);
         runtime().block_on(async move {
@@ -675,7 +690,9 @@ fn scale_out(brokers: &str, topic: &str, events: &[Event], dir: &Path, hard: boo
     for (i, p) in instances.iter().enumerate() {
         let idx = sample(&mut rng);
         let asked: Vec<String> = idx.iter().map(|&k| keys[k].clone()).collect();
-        let got = p.read(&asked, at).unwrap();
+        // Ownership may still be settling after the consumers caught up: UNAVAILABLE
+        // says so, and asks for a retry.
+        let got = p.read_settled(&asked, at);
         check_oracle(&got, &rows(&want, &idx), &format!("instance {i}"));
     }
 
