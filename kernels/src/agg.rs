@@ -16,9 +16,10 @@ pub enum Agg {
     Sum,
     /// Arithmetic mean of the values.
     Mean,
-    /// Smallest value.
+    /// Smallest value; −0.0 is below +0.0 (IEEE 754-2019 `minimum`), so the bits of
+    /// the answer do not depend on how events were grouped.
     Min,
-    /// Largest value.
+    /// Largest value; +0.0 is above −0.0 (IEEE 754-2019 `maximum`).
     Max,
     /// Sample variance (n − 1); null for fewer than two values.
     Var,

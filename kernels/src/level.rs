@@ -88,8 +88,8 @@ impl LevelSpec {
     }
 }
 
-const TAG: usize = 0;
-const ROWS: usize = 1;
+pub(crate) const TAG: usize = 0;
+pub(crate) const ROWS: usize = 1;
 const MAX_TS: usize = 2;
 
 /// Word offsets of one value column's fields inside a cell (`usize::MAX` = absent).
@@ -116,7 +116,7 @@ pub(crate) struct Layout {
 }
 
 #[inline(always)]
-fn bits(x: i64) -> f64 {
+pub(crate) fn bits(x: i64) -> f64 {
     f64::from_bits(x as u64)
 }
 
@@ -206,9 +206,23 @@ fn prefetch(x: &f64) {
     let _ = x;
 }
 
+/// `a < b` in the order of `min`: IEEE 754-2019 `minimum`, where −0.0 is below +0.0,
+/// so that a minimum over any grouping of the same values has the same bits (NaN
+/// never reaches it: value aggregations skip NaN). The shaders' `below` is the same.
+#[inline(always)]
+pub(crate) fn below(a: f64, b: f64) -> bool {
+    a < b || (a == b && (a.to_bits() as i64) < (b.to_bits() as i64))
+}
+
+/// `a > b` in the order of `max` (IEEE 754-2019 `maximum`: +0.0 is above −0.0).
+#[inline(always)]
+pub(crate) fn above(a: f64, b: f64) -> bool {
+    a > b || (a == b && (a.to_bits() as i64) > (b.to_bits() as i64))
+}
+
 /// Adds event `e` of the batch to `cell`.
 #[inline(always)]
-fn add(layout: &Layout, cell: &mut [f64], ts: i64, values: &[&[f64]], e: usize) {
+pub(crate) fn add(layout: &Layout, cell: &mut [f64], ts: i64, values: &[&[f64]], e: usize) {
     cell[ROWS] += 1.0;
     if ts > int(cell[MAX_TS]) {
         cell[MAX_TS] = bits(ts);
@@ -238,10 +252,10 @@ fn add(layout: &Layout, cell: &mut [f64], ts: i64, values: &[&[f64]], e: usize) 
         }
         // Branches, not f64::min/max: a running extreme rarely changes, so the branch
         // predicts well, and min/max carry NaN handling (kernel bench: 20 % slower).
-        if col.min != ABSENT && x < cell[col.min] {
+        if col.min != ABSENT && below(x, cell[col.min]) {
             cell[col.min] = x;
         }
-        if col.max != ABSENT && x > cell[col.max] {
+        if col.max != ABSENT && above(x, cell[col.max]) {
             cell[col.max] = x;
         }
         if col.last != ABSENT && ts >= int(cell[col.last + 1]) {
@@ -272,11 +286,57 @@ fn merge_into(layout: &Layout, dst: &mut [f64], src: &[f64]) {
         if col.sum != ABSENT {
             dst[col.sum] += src[col.sum];
         }
-        if col.min != ABSENT {
-            dst[col.min] = dst[col.min].min(src[col.min]);
+        if col.min != ABSENT && below(src[col.min], dst[col.min]) {
+            dst[col.min] = src[col.min];
         }
-        if col.max != ABSENT {
-            dst[col.max] = dst[col.max].max(src[col.max]);
+        if col.max != ABSENT && above(src[col.max], dst[col.max]) {
+            dst[col.max] = src[col.max];
+        }
+        if col.last != ABSENT && int(src[col.last + 1]) >= int(dst[col.last + 1]) {
+            dst[col.last] = src[col.last];
+            dst[col.last + 1] = src[col.last + 1];
+        }
+    }
+}
+
+/// Merges cell `src` into cell `dst` (same layout) when every event of `src` arrived
+/// after every event of `dst`: the result is what adding `src`'s events to `dst` one by
+/// one with [`add`] gives, bitwise for rows, times, counts, min, max and last (ties of
+/// min/max, such as −0.0 and +0.0, keep the earlier value; ties of `last` take the
+/// later one), and up to summation order for sums and moments. The pre-aggregating
+/// fold (`crate::preagg`) flushes its batch-local cells with it.
+#[inline]
+pub(crate) fn merge_after(layout: &Layout, dst: &mut [f64], src: &[f64]) {
+    dst[ROWS] += src[ROWS];
+    if int(src[MAX_TS]) > int(dst[MAX_TS]) {
+        dst[MAX_TS] = src[MAX_TS];
+    }
+    for col in &layout.cols {
+        if col.count == ABSENT || src[col.count] == 0.0 {
+            continue;
+        }
+        if col.moments != ABSENT {
+            let m = col.moments;
+            if dst[col.count] == 0.0 {
+                // The shift is the first value, as `add` would have set it.
+                dst[m..m + 3].copy_from_slice(&src[m..m + 3]);
+            } else {
+                let mut acc = Moments::of_cell(col, dst);
+                acc.merge(Moments::of_cell(col, src));
+                dst[m] = acc.mean;
+                dst[m + 1] = 0.0;
+                dst[m + 2] = acc.m2;
+            }
+        }
+        dst[col.count] += src[col.count];
+        if col.sum != ABSENT {
+            dst[col.sum] += src[col.sum];
+        }
+        if col.min != ABSENT && below(src[col.min], dst[col.min]) {
+            dst[col.min] = src[col.min];
+        }
+        if col.max != ABSENT && above(src[col.max], dst[col.max]) {
+            dst[col.max] = src[col.max];
         }
         if col.last != ABSENT && int(src[col.last + 1]) >= int(dst[col.last + 1]) {
             dst[col.last] = src[col.last];
@@ -602,6 +662,52 @@ impl LevelState {
     }
 }
 
+impl LevelState {
+    /// Folds `src`, a cell of pane `pane` (ring position `pos`) holding events that
+    /// arrived after every event the state holds, into key `slot`: what folding its
+    /// events one by one with [`LevelState::fold_event`] does (see [`merge_after`]).
+    /// The caller guarantees `slot < self.slots` and `pos < ring`.
+    #[inline]
+    pub(crate) fn fold_cell(&mut self, slot: usize, pane: i64, pos: usize, src: &[f64]) -> Folded {
+        let layout = &self.layout;
+        let idx = self.index(slot, pos);
+        let cell = self.ring.cell_mut(layout, idx);
+        let tag = int(cell[TAG]);
+        if tag != pane {
+            if tag == EMPTY_PANE || tag < pane {
+                if tag != EMPTY_PANE && self.spec.lifetime {
+                    let base =
+                        &mut self.base.data[slot * layout.stride..(slot + 1) * layout.stride];
+                    merge_into(layout, base, cell);
+                }
+                cell.copy_from_slice(&layout.identity);
+                cell[TAG] = bits(pane);
+            } else if self.spec.lifetime {
+                let base = self.base.cell_mut(layout, slot);
+                merge_after(layout, base, src);
+                return Folded::Base;
+            } else {
+                return Folded::Expired;
+            }
+        }
+        merge_after(layout, cell, src);
+        self.copy.invalidate(slot, pos);
+        Folded::Ring
+    }
+
+    /// Asks the CPU to start loading ring cell `(slot, pos)` (a hint; see
+    /// [`LevelState::prefetch`]).
+    #[inline(always)]
+    pub(crate) fn prefetch_cell(&self, slot: usize, pos: usize) {
+        let stride = self.layout.stride;
+        let i = self.index(slot, pos) * stride;
+        if let Some(first) = self.ring.data.get(i) {
+            prefetch(first);
+            prefetch(&self.ring.data[i + stride - 1]);
+        }
+    }
+}
+
 /// Folds event `e` of `batch` (key slot `slot` in this shard) into every level of a
 /// shard, in order. The one per-event step both backends share: they differ in how
 /// events reach it, not in what it does.
@@ -731,11 +837,11 @@ impl Acc {
         if col.moments != ABSENT {
             self.moments.merge(Moments::of_cell(col, cell));
         }
-        if col.min != ABSENT {
-            self.min = self.min.min(cell[col.min]);
+        if col.min != ABSENT && below(cell[col.min], self.min) {
+            self.min = cell[col.min];
         }
-        if col.max != ABSENT {
-            self.max = self.max.max(cell[col.max]);
+        if col.max != ABSENT && above(cell[col.max], self.max) {
+            self.max = cell[col.max];
         }
         if col.last != ABSENT && int(cell[col.last + 1]) >= self.last_ts {
             self.last_ts = int(cell[col.last + 1]);

@@ -72,6 +72,7 @@ pub mod error;
 #[cfg(feature = "gpu")]
 pub mod gpu;
 pub mod level;
+mod preagg;
 pub mod scalar;
 pub mod state;
 

@@ -86,7 +86,10 @@ fn gen_case(rng: &mut StdRng) -> Case {
             (0..n)
                 .map(|_| match rng.random_range(0..30) {
                     0 => f64::NAN,
-                    1..=10 => rng.random_range(-50..50) as f64,
+                    // Signed zeros: min/max ties must keep the earlier one.
+                    1 => -0.0,
+                    2 => 0.0,
+                    3..=10 => rng.random_range(-50..50) as f64,
                     _ => rng.random_range(-1.0e6..1.0e6),
                 })
                 .collect()
@@ -137,7 +140,7 @@ fn same(agg: Agg, a: f64, b: f64) -> bool {
         return a.is_nan() && b.is_nan();
     }
     match agg {
-        Agg::Count | Agg::Min | Agg::Max | Agg::Last => a == b,
+        Agg::Count | Agg::Min | Agg::Max | Agg::Last => a.to_bits() == b.to_bits(),
         _ => (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1e-3),
     }
 }
@@ -285,6 +288,135 @@ fn cpu_two_threads_matches_scalar() {
 #[test]
 fn cpu_one_thread_matches_scalar() {
     check(&Cpu::with_threads(1).unwrap(), 300..320);
+}
+
+/// Streams made of ties: values only −0.0 and +0.0 (min is −0.0 and max +0.0 when
+/// both are in the window, however the events were grouped), and many events of one key at one time with different values (`last`
+/// takes the one ingested last), folded in random splits. Every backend must give the
+/// scalar reference's bits.
+fn check_ties(backend: &dyn Backend, seeds: std::ops::Range<u64>) {
+    let fields = Agg::Min.fields().union(Agg::Max.fields());
+    let spec = StateSpec {
+        levels: vec![
+            LevelSpec {
+                hop: 10,
+                ring: 4,
+                columns: vec![fields, Agg::Last.fields()],
+                lifetime: true,
+            },
+            LevelSpec {
+                hop: 40,
+                ring: 2,
+                columns: vec![fields, Agg::Last.fields()],
+                lifetime: false,
+            },
+        ],
+        shards: 2,
+    };
+    let mut features = Vec::new();
+    for level in 0..2 {
+        for panes in [Some(1), Some(2)] {
+            for (agg, column) in [
+                (Agg::Min, 0),
+                (Agg::Max, 0),
+                (Agg::Last, 1),
+                (Agg::Count, 0),
+            ] {
+                features.push(FeatureMerge {
+                    level,
+                    agg,
+                    column: Some(column),
+                    panes,
+                });
+            }
+        }
+    }
+    features.push(FeatureMerge {
+        level: 0,
+        agg: Agg::Min,
+        column: Some(0),
+        panes: None,
+    });
+    features.push(FeatureMerge {
+        level: 0,
+        agg: Agg::Last,
+        column: Some(1),
+        panes: None,
+    });
+    for seed in seeds {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let n = rng.random_range(1..3000);
+        let ids: Vec<u32> = (0..n).map(|_| rng.random_range(0..5)).collect();
+        // Times move slowly and sometimes back (late events into older panes).
+        let mut t = 0i64;
+        let ts: Vec<i64> = (0..n)
+            .map(|_| {
+                t += (rng.random_range(0..20) == 0) as i64 * rng.random_range(1..8);
+                if rng.random_bool(0.05) {
+                    t - rng.random_range(0..60)
+                } else {
+                    t
+                }
+            })
+            .collect();
+        let zeros: Vec<f64> = (0..n)
+            .map(|_| if rng.random_bool(0.5) { -0.0 } else { 0.0 })
+            .collect();
+        let order: Vec<f64> = (0..n).map(|i| i as f64).collect();
+        let case = Case {
+            spec: spec.clone(),
+            features: features.clone(),
+            ids,
+            ts,
+            values: vec![zeros, order],
+        };
+        let reference = fold_split(&Scalar, &case, &mut rng, false);
+        let mut state = PaneState::new(spec.clone()).unwrap();
+        let mut start = 0;
+        while start < n {
+            let len = rng.random_range(1..=64).min(n - start);
+            let vals: Vec<&[f64]> = case.values.iter().map(|v| &v[start..start + len]).collect();
+            let batch = FoldBatch {
+                ids: &case.ids[start..start + len],
+                ts: &case.ts[start..start + len],
+                values: &vals,
+            };
+            backend.fold(&mut state, &batch).unwrap();
+            start += len;
+        }
+        let ids: Vec<Option<u32>> = (0..5).map(Some).collect();
+        for at in [t - 50, t - 10, t, t + 30] {
+            let (mut want, mut got) = (MergeOutput::default(), MergeOutput::default());
+            Scalar
+                .merge(&reference, &features, &ids, at, &mut want)
+                .unwrap();
+            backend
+                .merge(&state, &features, &ids, at, &mut got)
+                .unwrap();
+            for (i, (g, w)) in got.values.iter().zip(&want.values).enumerate() {
+                assert!(
+                    g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                    "seed {seed} at {at} key {} feature {:?}: {g:?} vs {w:?}",
+                    i / features.len(),
+                    features[i % features.len()]
+                );
+            }
+        }
+    }
+}
+
+#[cfg(feature = "gpu")]
+#[test]
+fn r18_gpu_keeps_ties_exact() {
+    if let Some(g) = gpu() {
+        check_ties(&g, 100..110);
+    }
+}
+
+#[test]
+fn r18_cpu_keeps_ties_exact() {
+    check_ties(&Cpu::with_threads(1).unwrap(), 0..40);
+    check_ties(&Cpu::with_threads(2).unwrap(), 40..60);
 }
 
 /// The GPU backend, or `None` (with a note) where this machine has no usable adapter.

@@ -27,6 +27,17 @@ fn as_word(x: i64) -> f64 {
     return bitcast<f64>(x);
 }
 
+// `a < b` in the order of `min`: IEEE 754-2019 `minimum`, −0.0 below +0.0, so that a
+// minimum over any grouping of the same values has the same bits (`level::below`).
+fn below(a: f64, b: f64) -> bool {
+    return a < b || (a == b && bitcast<i64>(a) < bitcast<i64>(b));
+}
+
+// `a > b` in the order of `max`: +0.0 above −0.0 (`level::above`).
+fn above(a: f64, b: f64) -> bool {
+    return a > b || (a == b && bitcast<i64>(a) > bitcast<i64>(b));
+}
+
 // NaN test on the bits: a compiler may not fold `x != x` away.
 fn is_nan(x: f64) -> bool {
     let b = bitcast<u64>(x);

@@ -113,10 +113,10 @@ fn add(q: bool, cell: u32, t: i64, e: u32) {
         if (k.sum != ABSENT) {
             st(q, cell + k.sum, ld(q, cell + k.sum) + x);
         }
-        if (k.min != ABSENT && x < ld(q, cell + k.min)) {
+        if (k.min != ABSENT && below(x, ld(q, cell + k.min))) {
             st(q, cell + k.min, x);
         }
-        if (k.max != ABSENT && x > ld(q, cell + k.max)) {
+        if (k.max != ABSENT && above(x, ld(q, cell + k.max))) {
             st(q, cell + k.max, x);
         }
         if (k.last != ABSENT && t >= as_int(ld(q, cell + k.last + 1u))) {
@@ -146,11 +146,11 @@ fn merge_into(dst: u32, q: bool, src: u32) {
         if (k.sum != ABSENT) {
             cells[dst + k.sum] += ld(q, src + k.sum);
         }
-        if (k.min != ABSENT) {
-            cells[dst + k.min] = min(cells[dst + k.min], ld(q, src + k.min));
+        if (k.min != ABSENT && below(ld(q, src + k.min), cells[dst + k.min])) {
+            cells[dst + k.min] = ld(q, src + k.min);
         }
-        if (k.max != ABSENT) {
-            cells[dst + k.max] = max(cells[dst + k.max], ld(q, src + k.max));
+        if (k.max != ABSENT && above(ld(q, src + k.max), cells[dst + k.max])) {
+            cells[dst + k.max] = ld(q, src + k.max);
         }
         if (k.last != ABSENT && as_int(ld(q, src + k.last + 1u)) >= as_int(cells[dst + k.last + 1u])) {
             cells[dst + k.last] = ld(q, src + k.last);

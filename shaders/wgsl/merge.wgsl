@@ -80,11 +80,11 @@ fn add_cell(acc: ptr<function, Acc>, cell: u32, column: u32) {
     if (k.moments != ABSENT) {
         (*acc).moments = moments_merge((*acc).moments, cell_moments(k, cell));
     }
-    if (k.min != ABSENT) {
-        (*acc).lo = min((*acc).lo, cells[cell + k.min]);
+    if (k.min != ABSENT && below(cells[cell + k.min], (*acc).lo)) {
+        (*acc).lo = cells[cell + k.min];
     }
-    if (k.max != ABSENT) {
-        (*acc).hi = max((*acc).hi, cells[cell + k.max]);
+    if (k.max != ABSENT && above(cells[cell + k.max], (*acc).hi)) {
+        (*acc).hi = cells[cell + k.max];
     }
     if (k.last != ABSENT && as_int(cells[cell + k.last + 1u]) >= (*acc).last_ts) {
         (*acc).last_ts = as_int(cells[cell + k.last + 1u]);

@@ -145,6 +145,16 @@ pub(crate) fn encode(
     core: &ViewCore,
     positions: &[SourcePosition],
 ) -> Result<Vec<u8>> {
+    encode_at(view, core, positions, now_ms())
+}
+
+/// [`encode`], stamped with `created_ms` as the checkpoint's creation time.
+pub(crate) fn encode_at(
+    view: &CompiledView,
+    core: &ViewCore,
+    positions: &[SourcePosition],
+    created_ms: i64,
+) -> Result<Vec<u8>> {
     crate::error::ensure!(
         core.pending.is_empty(),
         "view {:?}: a checkpoint needs a settled view",
@@ -161,7 +171,7 @@ pub(crate) fn encode(
     o.u32(FORMAT_VERSION);
     o.str(&view.spec.name);
     o.u64(fingerprint(view));
-    o.i64(now_ms());
+    o.i64(created_ms);
     o.len(positions.len());
     for p in positions {
         o.0.extend_from_slice(&p.partition.to_le_bytes());

@@ -31,7 +31,7 @@
 //! truncated, fails its checksum, or does not match the view's definition; each
 //! skipped file is reported with the reason.
 
-mod format;
+pub(crate) mod format;
 mod store;
 
 use std::path::PathBuf;

@@ -45,6 +45,20 @@ pub struct KeyIndex {
     strs: HashMap<Box<str>, u32>,
     next_local: Vec<u32>,
     len: usize,
+    /// The keys created since the journal was last taken, in order, when kept (see
+    /// [`KeyIndex::keep_journal`]).
+    journal: Option<Vec<NewKey>>,
+}
+
+/// A key created in an index, as its journal records it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum NewKey {
+    /// A key that fits an i64.
+    Int(i64),
+    /// An unsigned key above `i64::MAX`.
+    Big(u64),
+    /// A string key.
+    Str(Box<str>),
 }
 
 /// A key index as plain lists (see [`KeyIndex::image`]).
@@ -91,7 +105,47 @@ impl KeyIndex {
             strs: HashMap::new(),
             next_local: vec![0; shards],
             len: 0,
+            journal: None,
         }
+    }
+
+    /// Starts (or stops) recording the keys this index creates, so that another index
+    /// with the same keys can create the same ones with the same ids
+    /// ([`KeyIndex::replay`]): how a view's second replica learns the keys the first one
+    /// met without decoding the batches again.
+    pub(crate) fn keep_journal(&mut self, keep: bool) {
+        self.journal = keep.then(Vec::new);
+    }
+
+    /// The keys created since the last call, in order (empty when no journal is kept).
+    pub(crate) fn take_journal(&mut self) -> Vec<NewKey> {
+        self.journal
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Creates `keys` (another index's journal) in order. An index that held the same
+    /// keys as that one before they were created gives each the same id.
+    ///
+    /// # Errors
+    /// When a key is already known or an id cannot be allocated: the two indexes
+    /// were not equal.
+    pub(crate) fn replay(&mut self, keys: &[NewKey]) -> Result<()> {
+        for key in keys {
+            let before = self.len;
+            match key {
+                NewKey::Int(v) => self.int_id(*v)?,
+                NewKey::Big(v) => self.big_id(*v)?,
+                NewKey::Str(v) => self.str_id(v)?,
+            };
+            if self.len == before {
+                return Err(PanesError::Internal(format!(
+                    "replaying a key journal: key {key:?} already known"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Number of keys.
@@ -126,6 +180,9 @@ impl KeyIndex {
         }
         let id = Self::new_id(&mut self.next_local, &mut self.len, mix64(v as u64))?;
         self.ints.insert(v, id);
+        if let Some(j) = &mut self.journal {
+            j.push(NewKey::Int(v));
+        }
         Ok(id)
     }
 
@@ -136,6 +193,9 @@ impl KeyIndex {
         }
         let id = Self::new_id(&mut self.next_local, &mut self.len, mix64(v))?;
         self.big.insert(v, id);
+        if let Some(j) = &mut self.journal {
+            j.push(NewKey::Big(v));
+        }
         Ok(id)
     }
 
@@ -146,6 +206,9 @@ impl KeyIndex {
         }
         let id = Self::new_id(&mut self.next_local, &mut self.len, str_hash(v))?;
         self.strs.insert(v.into(), id);
+        if let Some(j) = &mut self.journal {
+            j.push(NewKey::Str(v.into()));
+        }
         Ok(id)
     }
 
@@ -246,6 +309,7 @@ impl KeyIndex {
             strs: image.strs.into_iter().collect(),
             next_local: image.next_local,
             len,
+            journal: None,
         })
     }
 

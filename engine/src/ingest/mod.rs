@@ -22,7 +22,7 @@ pub use cap::{StateBudget, memory_limit};
 
 use panes_kernels::MAX_TIME_MS;
 
-pub(crate) use view_core::ViewCore;
+pub(crate) use view_core::{Delta, ViewCore};
 
 use crate::error::{PanesError, Result};
 use crate::spec::CompiledView;

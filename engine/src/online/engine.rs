@@ -285,10 +285,10 @@ impl Engine {
             &mut cap,
         );
         let settled = back.pending.is_empty();
-        let keys = back.keys.len();
+        back.take_delta(&mut writer.delta);
         drop(back);
         writer.charged += cap.charged;
-        writer.log.push((batch.clone(), first_row, keys));
+        writer.pushed = true;
         if let Err(e) = &result
             && !matches!(e, PanesError::Schema { .. } | PanesError::Invalid(_))
         {
@@ -298,7 +298,7 @@ impl Engine {
         // Publish once the back replica holds no unfolded events: then it holds a
         // whole number of pushes, folded.
         if settled {
-            v.publish(&mut writer, &self.options, self.backend.as_ref())?;
+            v.publish(&mut writer, self.backend.as_ref())?;
         }
         result
     }
@@ -324,7 +324,7 @@ impl Engine {
                 Err(TryLockError::WouldBlock) => continue,
                 Err(TryLockError::Poisoned(_)) => return Err(poisoned(v.name())),
             };
-            if writer.broken.is_some() || writer.log.is_empty() {
+            if writer.broken.is_some() || !writer.pushed {
                 continue;
             }
             let due = v
@@ -332,7 +332,7 @@ impl Engine {
                 .pending_since
                 .is_none_or(|t| t.elapsed() >= self.options.batch_age);
             if due {
-                v.publish(&mut writer, &self.options, self.backend.as_ref())?;
+                v.publish(&mut writer, self.backend.as_ref())?;
             }
         }
         Ok(())
@@ -356,7 +356,7 @@ impl Engine {
     pub fn checkpoint(&self, view: &str, positions: &[SourcePosition]) -> Result<Vec<u8>> {
         let v = self.view(view)?;
         let mut writer = v.writer()?;
-        v.publish(&mut writer, &self.options, self.backend.as_ref())?;
+        v.publish(&mut writer, self.backend.as_ref())?;
         // Both replicas are equal now; the back one is the writer's alone.
         let back = v.back(&writer)?;
         checkpoint::encode(&v.compiled, &back, positions)
@@ -386,7 +386,8 @@ impl Engine {
         let front = v.front.load(Ordering::Acquire);
         *v.replicas[1 - front].write().map_err(|_| poisoned(view))? = b;
         *v.replicas[front].write().map_err(|_| poisoned(view))? = a;
-        writer.log.clear();
+        writer.pushed = false;
+        writer.delta = Default::default();
         writer.broken = None;
         v.version.fetch_add(1, Ordering::AcqRel);
         Ok(info)
@@ -395,7 +396,7 @@ impl Engine {
     /// Publishes events of `view` pushed so far, so that a read sees them.
     pub(super) fn settle(&self, view: &View) -> Result<()> {
         let mut writer = view.writer()?;
-        view.publish(&mut writer, &self.options, self.backend.as_ref())
+        view.publish(&mut writer, self.backend.as_ref())
     }
 
     /// Durations of `view`'s micro-batch folds (each publish folds on both replicas).

@@ -1,0 +1,212 @@
+//! Batch pre-aggregation: the `Cpu` backend's fold.
+//!
+//! The per-event fold (`level::fold_into_levels`, the scalar reference) updates one
+//! state cell per level for every event: a read-modify-write at a place that depends
+//! on the key, in a state far larger than the caches. Here the events of a batch are
+//! first added into batch-local cells, one per key and level (a *group*), which stay in
+//! the caches; a group's cell goes into the state once, when the key's next event falls
+//! in another pane of that level or when the batch ends. The state then takes one
+//! scattered update per (key, pane, level) of the batch instead of one per event and
+//! level: under the benchmark's Zipf(1.1) keys a 64 Ki-event batch over 100 K keys
+//! holds about 26 K distinct keys, so 2.5× fewer.
+//!
+//! # Exactness
+//! A group cell holds consecutive events of one key and pane (in arrival order, since
+//! the cell is flushed as soon as an event of another pane arrives), and it is merged
+//! into the state with [`merge_after`], which is what adding its events one by one
+//! does: rows, times, counts, min, max and `last` are bitwise the scalar reference's
+//! (ties of min/max keep the earlier value, as `add` does; ties of `last` take the
+//! later event); sums and moments differ by summation order only. The order in which
+//! one key's groups reach a level is their arrival order, so a pane recycled, or an
+//! event older than the ring, is decided as the per-event fold decides it.
+//!
+//! # Prefetching
+//! At the end of a batch the groups are flushed in creation order; the state cells of
+//! the group [`LOOKAHEAD`] places ahead are prefetched, so that several cache misses
+//! are in flight at once instead of one per flush.
+
+use std::cell::RefCell;
+
+use crate::level::{EMPTY_PANE, Folded, LevelState, ROWS, TAG, add, bits};
+use crate::state::{FoldBatch, FoldStats};
+
+/// Groups ahead whose state cells a flush prefetches.
+const LOOKAHEAD: usize = 8;
+
+/// The open pane of one group at one level: its id and its time bounds `[lo, hi)`.
+#[derive(Clone, Copy, Debug)]
+struct Open {
+    pane: i64,
+    lo: i64,
+    hi: i64,
+}
+
+impl Open {
+    /// No pane yet: every time falls outside.
+    const NONE: Open = Open {
+        pane: EMPTY_PANE,
+        lo: i64::MAX,
+        hi: i64::MIN,
+    };
+}
+
+/// Where a group's key lives.
+#[derive(Clone, Copy, Debug)]
+struct Key {
+    id: u32,
+    shard: u32,
+    slot: u32,
+}
+
+/// Reused buffers of one thread's folds.
+#[derive(Debug, Default)]
+struct Scratch {
+    /// Per key id: 1 + its group's index in the current fold, or 0.
+    group_of: Vec<u32>,
+    /// Per group: the key's id, its shard's index among the thread's shards and its
+    /// local slot.
+    keys: Vec<Key>,
+    /// Per level, per group: the open pane.
+    open: Vec<Vec<Open>>,
+    /// Per level: the groups' cells, one after another.
+    cells: Vec<Vec<f64>>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// Folds the events of `batch` whose shard this thread owns into the thread's shards.
+///
+/// `owned[s]` is the index in `shards` of shard `s`, or `usize::MAX` when another
+/// thread owns it; `shift` is log₂ of the number of shards.
+pub(crate) fn fold_owned(
+    shards: &mut [&mut Vec<LevelState>],
+    owned: &[usize],
+    batch: &FoldBatch<'_>,
+    shift: u32,
+) -> FoldStats {
+    SCRATCH.with_borrow_mut(|s| fold_with(s, shards, owned, batch, shift))
+}
+
+fn fold_with(
+    s: &mut Scratch,
+    shards: &mut [&mut Vec<LevelState>],
+    owned: &[usize],
+    batch: &FoldBatch<'_>,
+    shift: u32,
+) -> FoldStats {
+    let mut stats = FoldStats::default();
+    let Some(first) = shards.first() else {
+        return stats;
+    };
+    let nlevels = first.len();
+    // Layouts and hops are the same in every shard: take them from the first.
+    let strides: Vec<usize> = first.iter().map(|l| l.layout.stride).collect();
+    let hops: Vec<i64> = first.iter().map(|l| l.spec.hop).collect();
+    let identities: Vec<Vec<f64>> = first.iter().map(|l| l.layout.identity.clone()).collect();
+    s.open.resize_with(nlevels, Vec::new);
+    s.cells.resize_with(nlevels, Vec::new);
+    let mask = owned.len() - 1;
+    for e in 0..batch.len() {
+        let id = batch.ids[e] as usize;
+        let shard = owned[id & mask];
+        if shard == usize::MAX {
+            continue;
+        }
+        if id >= s.group_of.len() {
+            s.group_of.resize((id + 1).next_power_of_two(), 0);
+        }
+        let g = match s.group_of[id] {
+            0 => {
+                s.keys.push(Key {
+                    id: id as u32,
+                    shard: shard as u32,
+                    slot: (id >> shift) as u32,
+                });
+                s.group_of[id] = s.keys.len() as u32;
+                for (l, identity) in identities.iter().enumerate() {
+                    s.open[l].push(Open::NONE);
+                    s.cells[l].extend_from_slice(identity);
+                }
+                s.keys.len() - 1
+            }
+            g => g as usize - 1,
+        };
+        let ts = batch.ts[e];
+        let slot = id >> shift;
+        for l in 0..nlevels {
+            let stride = strides[l];
+            let cell = &mut s.cells[l][g * stride..(g + 1) * stride];
+            let open = &mut s.open[l][g];
+            if ts < open.lo || ts >= open.hi {
+                let level = &mut shards[shard][l];
+                if open.pane != EMPTY_PANE {
+                    flush(level, slot, open.pane, cell, &mut stats);
+                    cell.copy_from_slice(&identities[l]);
+                }
+                let hop = hops[l];
+                let pane = ts.div_euclid(hop);
+                let lo = pane * hop;
+                *open = Open {
+                    pane,
+                    lo,
+                    hi: lo.saturating_add(hop),
+                };
+                cell[TAG] = bits(pane);
+            }
+            add(&shards[shard][l].layout, cell, ts, batch.values, e);
+        }
+    }
+    // The groups still open, in creation order, prefetching ahead.
+    let groups = s.keys.len();
+    for l in 0..nlevels {
+        let stride = strides[l];
+        for g in 0..groups.min(LOOKAHEAD) {
+            prefetch_target(shards, s, l, g);
+        }
+        for g in 0..groups {
+            if g + LOOKAHEAD < groups {
+                prefetch_target(shards, s, l, g + LOOKAHEAD);
+            }
+            let key = s.keys[g];
+            let cell = &s.cells[l][g * stride..(g + 1) * stride];
+            flush(
+                &mut shards[key.shard as usize][l],
+                key.slot as usize,
+                s.open[l][g].pane,
+                cell,
+                &mut stats,
+            );
+        }
+    }
+    // Reset for the next fold, keeping the allocations.
+    for key in &s.keys {
+        s.group_of[key.id as usize] = 0;
+    }
+    s.keys.clear();
+    s.open.iter_mut().for_each(Vec::clear);
+    s.cells.iter_mut().for_each(Vec::clear);
+    stats
+}
+
+/// Prefetches the state cell group `g`'s level-`l` cell will be flushed into.
+#[inline]
+fn prefetch_target(shards: &[&mut Vec<LevelState>], s: &Scratch, l: usize, g: usize) {
+    let key = s.keys[g];
+    let level = &shards[key.shard as usize][l];
+    let pos = s.open[l][g].pane.rem_euclid(level.spec.ring as i64) as usize;
+    level.prefetch_cell(key.slot as usize, pos);
+}
+
+/// Folds group cell `cell` of pane `pane` into key `slot` of `level`, counting its rows.
+#[inline]
+fn flush(level: &mut LevelState, slot: usize, pane: i64, cell: &[f64], stats: &mut FoldStats) {
+    let pos = pane.rem_euclid(level.spec.ring as i64) as usize;
+    let rows = cell[ROWS] as u64;
+    match level.fold_cell(slot, pane, pos, cell) {
+        Folded::Ring => stats.folded += rows,
+        Folded::Base => stats.into_base += rows,
+        Folded::Expired => stats.expired += rows,
+    }
+}
