@@ -657,10 +657,15 @@ fn tansu_end_to_end_and_exactly_once_through_sigkill() {
         p.log_has("restored") > 0,
         "the final run restored no checkpoint"
     );
-    assert!(
-        same(&killed, &whole),
-        "the run killed 10 times differs from the uninterrupted one"
-    );
+    // Restarts move micro-batch boundaries, which may change sums by summation order
+    // (DESIGN §3: relative 1e-9); a lost or doubled event changes a count by one.
+    if let Some(i) = close(&killed, &whole) {
+        panic!(
+            "the run killed 10 times differs from the uninterrupted one at value {i}: {:?} vs {:?}",
+            killed.get(i),
+            whole.get(i)
+        );
+    }
     p.terminate();
 }
 
