@@ -144,7 +144,7 @@ impl PaneState {
                 .flatten()
                 .map(|l| LevelImage {
                     slots: l.slots,
-                    ring: l.ring.data.clone(),
+                    ring: l.ring.flat(),
                     base: l.base.data.clone(),
                 })
                 .collect())
@@ -193,7 +193,8 @@ impl PaneState {
                 )));
             }
             level.slots = image.slots;
-            level.ring.data = image.ring;
+            level.ring =
+                crate::level::Ring::from_flat(image.ring, level.spec.ring, image.slots, stride);
             level.base.data = image.base;
         }
         Ok(state)

@@ -291,8 +291,10 @@ impl DeviceState {
                 for (slot, &id) in ids.iter().enumerate() {
                     for pos in 0..ring {
                         let from = (pos * cap + id) * stride;
-                        let to = level.index(slot, pos) * stride;
-                        level.ring.data[to..to + stride]
+                        let at = level.index(slot, pos);
+                        level
+                            .ring
+                            .cell_mut(&level.layout, at)
                             .copy_from_slice(&words[from..from + stride]);
                     }
                     if level.spec.lifetime {
