@@ -694,6 +694,25 @@ impl LevelState {
         values: &[&[f64]],
         e: usize,
     ) -> Folded {
+        self.fold_into_pane(slot, pane, pos, |layout, cell| {
+            add(layout, cell, ts, values, e)
+        })
+    }
+
+    /// Finds the cell of key `slot` for pane `pane` (ring position `pos`) and applies
+    /// `update` to it: the ring cell, recycled first when it holds an older pane (and
+    /// merged into the base cell then, for `lifetime`); the base cell when the pane is
+    /// older than the one the ring holds and the level keeps a base; nothing otherwise.
+    /// The one place both folds (per event and per pre-aggregated cell) decide where
+    /// events go.
+    #[inline(always)]
+    fn fold_into_pane(
+        &mut self,
+        slot: usize,
+        pane: i64,
+        pos: usize,
+        update: impl FnOnce(&Layout, &mut [f64]),
+    ) -> Folded {
         let layout = &self.layout;
         let idx = self.index(slot, pos);
         let cell = self.ring.cell_mut(layout, idx);
@@ -708,14 +727,13 @@ impl LevelState {
                 cell.copy_from_slice(&layout.identity);
                 cell[TAG] = bits(pane);
             } else if self.spec.lifetime {
-                let base = self.base.cell_mut(layout, slot);
-                add(layout, base, ts, values, e);
+                update(layout, self.base.cell_mut(layout, slot));
                 return Folded::Base;
             } else {
                 return Folded::Expired;
             }
         }
-        add(layout, cell, ts, values, e);
+        update(layout, cell);
         self.copy.invalidate(slot, pos);
         Folded::Ring
     }
@@ -728,30 +746,9 @@ impl LevelState {
     /// The caller guarantees `slot < self.slots` and `pos < ring`.
     #[inline]
     pub(crate) fn fold_cell(&mut self, slot: usize, pane: i64, pos: usize, src: &[f64]) -> Folded {
-        let layout = &self.layout;
-        let idx = self.index(slot, pos);
-        let cell = self.ring.cell_mut(layout, idx);
-        let tag = int(cell[TAG]);
-        if tag != pane {
-            if tag == EMPTY_PANE || tag < pane {
-                if tag != EMPTY_PANE && self.spec.lifetime {
-                    let base =
-                        &mut self.base.data[slot * layout.stride..(slot + 1) * layout.stride];
-                    merge_into(layout, base, cell);
-                }
-                cell.copy_from_slice(&layout.identity);
-                cell[TAG] = bits(pane);
-            } else if self.spec.lifetime {
-                let base = self.base.cell_mut(layout, slot);
-                merge_after(layout, base, src);
-                return Folded::Base;
-            } else {
-                return Folded::Expired;
-            }
-        }
-        merge_after(layout, cell, src);
-        self.copy.invalidate(slot, pos);
-        Folded::Ring
+        self.fold_into_pane(slot, pane, pos, |layout, cell| {
+            merge_after(layout, cell, src)
+        })
     }
 
     /// Asks the CPU to start loading ring cell `(slot, pos)` (a hint; see
