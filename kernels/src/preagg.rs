@@ -44,10 +44,12 @@ const CHUNK: usize = 64 * 1024;
 /// events per spine time).
 const PREAGG_MIN: usize = 256;
 
-/// The open pane of one group at one level: its id and its time bounds `[lo, hi)`.
+/// The open pane of one group at one level: its id, its ring position (computed once
+/// per pane, not per flush and prefetch) and its time bounds `[lo, hi)`.
 #[derive(Clone, Copy, Debug)]
 struct Open {
     pane: i64,
+    pos: usize,
     lo: i64,
     hi: i64,
 }
@@ -56,6 +58,7 @@ impl Open {
     /// No pane yet: every time falls outside.
     const NONE: Open = Open {
         pane: EMPTY_PANE,
+        pos: 0,
         lo: i64::MAX,
         hi: i64::MIN,
     };
@@ -188,7 +191,7 @@ fn fold_with(
             let open = &mut s.open[l][g];
             if ts < open.lo || ts >= open.hi {
                 if open.pane != EMPTY_PANE {
-                    flush(level, slot, open.pane, cell, &mut stats);
+                    flush(level, slot, open, cell, &mut stats);
                     cell.copy_from_slice(&level.layout.identity);
                 }
                 let hop = level.spec.hop;
@@ -196,6 +199,7 @@ fn fold_with(
                 let lo = pane * hop;
                 *open = Open {
                     pane,
+                    pos: pane.rem_euclid(level.spec.ring as i64) as usize,
                     lo,
                     hi: lo.saturating_add(hop),
                 };
@@ -220,7 +224,7 @@ fn fold_with(
             flush(
                 &mut shards[key.shard as usize][l],
                 key.slot as usize,
-                s.open[l][g].pane,
+                &s.open[l][g],
                 cell,
                 &mut stats,
             );
@@ -241,16 +245,14 @@ fn fold_with(
 fn prefetch_target(shards: &[&mut Vec<LevelState>], s: &Scratch, l: usize, g: usize) {
     let key = s.keys[g];
     let level = &shards[key.shard as usize][l];
-    let pos = s.open[l][g].pane.rem_euclid(level.spec.ring as i64) as usize;
-    level.prefetch_cell(key.slot as usize, pos);
+    level.prefetch_cell(key.slot as usize, s.open[l][g].pos);
 }
 
-/// Folds group cell `cell` of pane `pane` into key `slot` of `level`, counting its rows.
+/// Folds group cell `cell` of pane `open` into key `slot` of `level`, counting its rows.
 #[inline]
-fn flush(level: &mut LevelState, slot: usize, pane: i64, cell: &[f64], stats: &mut FoldStats) {
-    let pos = pane.rem_euclid(level.spec.ring as i64) as usize;
+fn flush(level: &mut LevelState, slot: usize, open: &Open, cell: &[f64], stats: &mut FoldStats) {
     let rows = cell[ROWS] as u64;
-    match level.fold_cell(slot, pane, pos, cell) {
+    match level.fold_cell(slot, open.pane, open.pos, cell) {
         Folded::Ring => stats.folded += rows,
         Folded::Base => stats.into_base += rows,
         Folded::Expired => stats.expired += rows,
