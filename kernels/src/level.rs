@@ -335,9 +335,30 @@ pub(crate) fn add(layout: &Layout, cell: &mut [f64], ts: i64, values: &[&[f64]],
     }
 }
 
-/// Merges cell `src` into cell `dst` (same layout).
+/// Merges cell `src` into cell `dst` (same layout): a recycled ring cell into its
+/// key's base cell. Moments are always stored centred (the shaders' `merge_into` does
+/// the same).
 #[inline]
 fn merge_into(layout: &Layout, dst: &mut [f64], src: &[f64]) {
+    merge_cells::<false>(layout, dst, src);
+}
+
+/// Merges cell `src` into cell `dst` (same layout) when every event of `src` arrived
+/// after every event of `dst`: the result is what adding `src`'s events to `dst` one by
+/// one with [`add`] gives, bitwise for rows, times, counts, min, max and last (ties of
+/// `last` take the later event), and up to summation order for sums and moments. Into
+/// an empty `dst` the moments are copied as they are, shift included, as `add` would
+/// have made them. The pre-aggregating fold (`crate::preagg`) flushes its batch-local
+/// cells with it.
+#[inline]
+pub(crate) fn merge_after(layout: &Layout, dst: &mut [f64], src: &[f64]) {
+    merge_cells::<true>(layout, dst, src);
+}
+
+/// The merge of [`merge_into`] and [`merge_after`]; `KEEP_SHIFT` says whether moments
+/// merged into an empty cell keep `src`'s shift or are stored centred.
+#[inline(always)]
+fn merge_cells<const KEEP_SHIFT: bool>(layout: &Layout, dst: &mut [f64], src: &[f64]) {
     dst[ROWS] += src[ROWS];
     dst[MAX_TS] = bits(int(dst[MAX_TS]).max(int(src[MAX_TS])));
     for col in &layout.cols {
@@ -345,54 +366,13 @@ fn merge_into(layout: &Layout, dst: &mut [f64], src: &[f64]) {
             continue;
         }
         if col.moments != ABSENT {
-            let mut m = Moments::of_cell(col, dst);
-            m.merge(Moments::of_cell(col, src));
-            // Stored centred: K = mean, Σ(x−K) = 0, Σ(x−K)² = M2.
-            dst[col.moments] = m.mean;
-            dst[col.moments + 1] = 0.0;
-            dst[col.moments + 2] = m.m2;
-        }
-        dst[col.count] += src[col.count];
-        if col.sum != ABSENT {
-            dst[col.sum] += src[col.sum];
-        }
-        if col.min != ABSENT && below(src[col.min], dst[col.min]) {
-            dst[col.min] = src[col.min];
-        }
-        if col.max != ABSENT && above(src[col.max], dst[col.max]) {
-            dst[col.max] = src[col.max];
-        }
-        if col.last != ABSENT && int(src[col.last + 1]) >= int(dst[col.last + 1]) {
-            dst[col.last] = src[col.last];
-            dst[col.last + 1] = src[col.last + 1];
-        }
-    }
-}
-
-/// Merges cell `src` into cell `dst` (same layout) when every event of `src` arrived
-/// after every event of `dst`: the result is what adding `src`'s events to `dst` one by
-/// one with [`add`] gives, bitwise for rows, times, counts, min, max and last (ties of
-/// min/max, such as −0.0 and +0.0, keep the earlier value; ties of `last` take the
-/// later one), and up to summation order for sums and moments. The pre-aggregating
-/// fold (`crate::preagg`) flushes its batch-local cells with it.
-#[inline]
-pub(crate) fn merge_after(layout: &Layout, dst: &mut [f64], src: &[f64]) {
-    dst[ROWS] += src[ROWS];
-    if int(src[MAX_TS]) > int(dst[MAX_TS]) {
-        dst[MAX_TS] = src[MAX_TS];
-    }
-    for col in &layout.cols {
-        if col.count == ABSENT || src[col.count] == 0.0 {
-            continue;
-        }
-        if col.moments != ABSENT {
             let m = col.moments;
-            if dst[col.count] == 0.0 {
-                // The shift is the first value, as `add` would have set it.
+            if KEEP_SHIFT && dst[col.count] == 0.0 {
                 dst[m..m + 3].copy_from_slice(&src[m..m + 3]);
             } else {
                 let mut acc = Moments::of_cell(col, dst);
                 acc.merge(Moments::of_cell(col, src));
+                // Stored centred: K = mean, Σ(x−K) = 0, Σ(x−K)² = M2.
                 dst[m] = acc.mean;
                 dst[m + 1] = 0.0;
                 dst[m + 2] = acc.m2;

@@ -41,8 +41,8 @@ pub(crate) struct ViewCore {
 }
 
 /// What one replica of a view took since the other one was last equal to it: the
-/// keys it created and the micro-batches it folded, in order, plus the counters and
-/// watermark they left.
+/// keys it created and the micro-batches it folded, in order (the counters and
+/// watermark are read from that replica itself; see [`ViewCore::catch_up`]).
 #[derive(Debug, Default)]
 pub(crate) struct Delta {
     pub keys: Vec<NewKey>,
