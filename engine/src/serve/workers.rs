@@ -40,8 +40,11 @@ pub(super) async fn run_weighted<T: Send + 'static>(
     };
     let (tx, rx) = oneshot::channel();
     pool.spawn(Box::new(move || {
-        let _ = tx.send(f());
+        let out = f();
+        // The room is given back before the result, so that a caller who has its
+        // result never sees its own job still counted (a panic gives it back too).
         drop(permit);
+        let _ = tx.send(out);
     }))?;
     rx.await
         .map_err(|_| Status::internal("a worker thread panicked (this is a bug in Panes)"))
