@@ -5,6 +5,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use crate::error::KernelError;
+use crate::preagg::FoldLog;
 use crate::state::{FeatureMerge, FoldBatch, FoldStats, MergeOutput, PaneState};
 
 /// A way to run the two kernels of Panes: fold a micro-batch into pane state, and merge
@@ -26,6 +27,39 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// [`KernelError::Shape`] when the batch's buffers disagree in length or do not
     /// match the state's columns.
     fn fold(&self, state: &mut PaneState, batch: &FoldBatch<'_>) -> Result<FoldStats, KernelError>;
+
+    /// Like [`Backend::fold`], and records in `log` what [`Backend::replay`] needs to
+    /// bring another state, equal to `state` before this fold, bitwise equal to it
+    /// after, without folding the batch again. A backend that cannot (the default),
+    /// or a batch too small to be worth it, leaves the log incomplete
+    /// ([`FoldLog::is_complete`]): the batch must then be folded into the other state.
+    ///
+    /// # Errors
+    /// As [`Backend::fold`].
+    fn fold_logged(
+        &self,
+        state: &mut PaneState,
+        batch: &FoldBatch<'_>,
+        log: &mut FoldLog,
+    ) -> Result<FoldStats, KernelError> {
+        log.clear();
+        self.fold(state, batch)
+    }
+
+    /// Applies a complete log of [`Backend::fold_logged`] (by this kind of backend) to
+    /// `state`, which must equal the state that fold started from: `state` then equals
+    /// the folded one, bitwise. Returns the logged fold's statistics.
+    ///
+    /// # Errors
+    /// [`KernelError::Shape`] when the log is incomplete or does not fit the state;
+    /// [`KernelError::Unavailable`] for a backend that does not log (the default).
+    fn replay(&self, state: &mut PaneState, log: &FoldLog) -> Result<FoldStats, KernelError> {
+        let _ = (state, log);
+        Err(KernelError::Unavailable(format!(
+            "the {} backend does not replay fold logs",
+            self.kind()
+        )))
+    }
 
     /// Computes `features` for each key id in `ids` (`None` = unknown key) as of time
     /// `at` (epoch ms) into `out` (`ids.len() × features.len()`, row-major).

@@ -67,6 +67,7 @@ use rayon::prelude::*;
 use crate::backend::{Backend, BackendKind};
 use crate::error::KernelError;
 use crate::level::{Acc, EMPTY_PANE, LevelState, finalize, int};
+use crate::preagg::{FoldLog, LogPart, PREAGG_MIN};
 use crate::state::{
     FeatureMerge, FoldBatch, FoldStats, MergeOutput, PaneState, ReadStatus, check_features,
     write_empty,
@@ -126,7 +127,8 @@ impl Cpu {
     }
 }
 
-/// Folds the events of `batch` whose shard this group owns into the group's shards.
+/// Folds the events of `batch` whose shard this group owns into the group's shards,
+/// recording its flushes in `log` if given.
 ///
 /// `owned[s]` is the index in `shards` of shard `s`, or `usize::MAX` when another group
 /// owns it. The group scans the whole batch in arrival order: reads of the batch stay
@@ -137,29 +139,62 @@ fn fold_group(
     batch: &FoldBatch<'_>,
     shift: u32,
     read_copy: bool,
+    log: Option<&mut LogPart>,
 ) -> FoldStats {
-    let stats = crate::preagg::fold_owned(shards, owned, batch, shift);
-    // The read copies' share of the fold: a quarter of a cell copied per event, so
-    // that catching up after a pane closes adds at most some tens of percent to a
-    // fold (a copied cell costs about as much as a folded event: a scattered write).
-    // Positions every fold writes are never copied; one that went quiet is copied
-    // within a few folds.
+    let stats = crate::preagg::fold_owned(shards, owned, batch, shift, log);
     if read_copy {
-        let mut budget = (batch.len() / 4).max(REFRESH_MIN);
-        for level in shards.iter_mut().flat_map(|s| s.iter_mut()) {
-            budget -= level.refresh_copy(budget);
-        }
+        refresh_copies(shards, batch.len());
     }
     stats
 }
 
-impl Backend for Cpu {
-    fn kind(&self) -> BackendKind {
-        BackendKind::Cpu
+/// The read copies' share of a fold of `events` events: a quarter of a cell copied
+/// per event, so that catching up after a pane closes adds at most some tens of
+/// percent to a fold (a copied cell costs about as much as a folded event: a
+/// scattered write). Positions every fold writes are never copied; one that went quiet
+/// is copied within a few folds.
+fn refresh_copies(shards: &mut [&mut Vec<LevelState>], events: usize) {
+    let mut budget = (events / 4).max(REFRESH_MIN);
+    for level in shards.iter_mut().flat_map(|s| s.iter_mut()) {
+        budget -= level.refresh_copy(budget);
     }
+}
 
-    fn fold(&self, state: &mut PaneState, batch: &FoldBatch<'_>) -> Result<FoldStats, KernelError> {
-        state.prepare(batch)?;
+/// The shards of `state` dealt to `groups` threads: shard `s` to group `s % groups`.
+/// Per group, its shards and, per shard of the state, the shard's index among them
+/// (`usize::MAX`: another group's).
+type Split<'a> = (Vec<Vec<&'a mut Vec<LevelState>>>, Vec<Vec<usize>>);
+
+fn split(state: &mut PaneState, groups: usize) -> Split<'_> {
+    let nshards = state.spec().shards;
+    let mut members: Vec<Vec<&mut Vec<LevelState>>> = (0..groups).map(|_| Vec::new()).collect();
+    let mut owned: Vec<Vec<usize>> = vec![vec![usize::MAX; nshards]; groups];
+    for (s, shard) in state.shards.iter_mut().enumerate() {
+        let g = s % groups;
+        owned[g][s] = members[g].len();
+        members[g].push(shard);
+    }
+    (members, owned)
+}
+
+fn add_stats(mut a: FoldStats, b: FoldStats) -> FoldStats {
+    a.add(b);
+    a
+}
+
+impl Cpu {
+    /// The fold, logged into `log` when given (and the batch is large enough to be
+    /// pre-aggregated; the log is left incomplete otherwise).
+    fn fold_into(
+        &self,
+        state: &mut PaneState,
+        batch: &FoldBatch<'_>,
+        mut log: Option<&mut FoldLog>,
+    ) -> Result<FoldStats, KernelError> {
+        if let Some(log) = log.as_deref_mut() {
+            log.clear();
+        }
+        let need = state.prepare(batch)?;
         if batch.is_empty() {
             return Ok(FoldStats::default());
         }
@@ -171,27 +206,92 @@ impl Backend for Cpu {
         } else {
             1
         };
-        // Shard s belongs to group s % groups.
-        let mut members: Vec<Vec<&mut Vec<LevelState>>> = (0..groups).map(|_| Vec::new()).collect();
-        let mut owned: Vec<Vec<usize>> = vec![vec![usize::MAX; nshards]; groups];
-        for (s, shard) in state.shards.iter_mut().enumerate() {
-            let g = s % groups;
-            owned[g][s] = members[g].len();
-            members[g].push(shard);
-        }
-        let add = |mut a: FoldStats, b: FoldStats| {
-            a.add(b);
-            a
+        let (mut members, owned) = split(state, groups);
+        let log = log.filter(|_| batch.len() >= PREAGG_MIN);
+        let mut parts: Vec<Option<&mut LogPart>> = match log {
+            Some(log) => {
+                log.complete = true;
+                log.events = batch.len();
+                log.need = need;
+                log.parts.resize_with(groups, LogPart::default);
+                log.parts.iter_mut().map(Some).collect()
+            }
+            None => (0..groups).map(|_| None).collect(),
         };
         Ok(if groups == 1 {
-            fold_group(&mut members[0], &owned[0], batch, shift, read_copy)
+            fold_group(
+                &mut members[0],
+                &owned[0],
+                batch,
+                shift,
+                read_copy,
+                parts[0].take(),
+            )
         } else {
             self.install(|| {
                 members
                     .par_iter_mut()
                     .zip(owned.par_iter())
-                    .map(|(m, o)| fold_group(m, o, batch, shift, read_copy))
-                    .reduce(FoldStats::default, add)
+                    .zip(parts.par_iter_mut())
+                    .map(|((m, o), p)| fold_group(m, o, batch, shift, read_copy, p.take()))
+                    .reduce(FoldStats::default, add_stats)
+            })
+        })
+    }
+}
+
+impl Backend for Cpu {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Cpu
+    }
+
+    fn fold(&self, state: &mut PaneState, batch: &FoldBatch<'_>) -> Result<FoldStats, KernelError> {
+        self.fold_into(state, batch, None)
+    }
+
+    fn fold_logged(
+        &self,
+        state: &mut PaneState,
+        batch: &FoldBatch<'_>,
+        log: &mut FoldLog,
+    ) -> Result<FoldStats, KernelError> {
+        self.fold_into(state, batch, Some(log))
+    }
+
+    fn replay(&self, state: &mut PaneState, log: &FoldLog) -> Result<FoldStats, KernelError> {
+        let nshards = state.spec().shards;
+        if !log.complete || log.need.len() != nshards || log.parts.is_empty() {
+            return Err(KernelError::Shape(format!(
+                "a fold log of {} shards and {} threads ({}) cannot be replayed into a state of {nshards} shards",
+                log.need.len(),
+                log.parts.len(),
+                if log.complete {
+                    "complete"
+                } else {
+                    "incomplete"
+                },
+            )));
+        }
+        state.to_host()?;
+        state.reserve(&log.need);
+        let read_copy = state.keeps_read_copy();
+        let (mut members, _) = split(state, log.parts.len());
+        let replay = |m: &mut Vec<&mut Vec<LevelState>>, part: &LogPart| {
+            let stats = crate::preagg::replay_part(m, part);
+            if read_copy {
+                refresh_copies(m, log.events);
+            }
+            stats
+        };
+        Ok(if members.len() == 1 {
+            replay(&mut members[0], &log.parts[0])
+        } else {
+            self.install(|| {
+                members
+                    .par_iter_mut()
+                    .zip(log.parts.par_iter())
+                    .map(|(m, p)| replay(m, p))
+                    .reduce(FoldStats::default, add_stats)
             })
         })
     }

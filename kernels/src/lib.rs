@@ -85,6 +85,7 @@ pub use error::{ErrorDomain, KernelError};
 #[cfg(feature = "gpu")]
 pub use gpu::{Gpu, GpuInfo, GpuTimings};
 pub use level::{EMPTY_PANE, LevelSpec, LevelState};
+pub use preagg::FoldLog;
 pub use scalar::Scalar;
 /// Largest |event time| the kernels accept, in ms (2^60, about 36 million years): far
 /// beyond any real clock, and it keeps all pane arithmetic clear of overflow and of the

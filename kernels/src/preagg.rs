@@ -20,6 +20,13 @@
 //! one key's groups reach a level is their arrival order, so a pane recycled, or an
 //! event older than the ring, is decided as the per-event fold decides it.
 //!
+//! # Fold logs
+//! A fold can also record its flushes, in order, with their cells: a [`FoldLog`].
+//! Replaying the log into another state that was equal to this one before the fold
+//! makes the same `fold_cell` calls with the same cells, so the two states come out
+//! bitwise equal, at the cost of the flushes alone: the pass over the events, which
+//! is most of a fold, runs once. A served view's second replica catches up this way.
+//!
 //! # Prefetching
 //! At the end of a batch the groups are flushed in creation order; the state cells of
 //! the group [`LOOKAHEAD`] places ahead are prefetched, so that several cache misses
@@ -42,7 +49,7 @@ const CHUNK: usize = 64 * 1024;
 /// Batches smaller than this are folded event by event, as the scalar reference
 /// does: with few events per key the groups only add work (backfill folds a few
 /// events per spine time).
-const PREAGG_MIN: usize = 256;
+pub(crate) const PREAGG_MIN: usize = 256;
 
 /// The open pane of one group at one level: its id, its ring position (computed once
 /// per pane, not per flush and prefetch) and its time bounds `[lo, hi)`.
@@ -94,13 +101,17 @@ thread_local! {
 ///
 /// `owned[s]` is the index in `shards` of shard `s`, or `usize::MAX` when another
 /// thread owns it; `shift` is log₂ of the number of shards.
+/// With `log`, the flushes are recorded there (the batch must then have at least
+/// [`PREAGG_MIN`] events: smaller ones are folded event by event, without groups).
 pub(crate) fn fold_owned(
     shards: &mut [&mut Vec<LevelState>],
     owned: &[usize],
     batch: &FoldBatch<'_>,
     shift: u32,
+    mut log: Option<&mut LogPart>,
 ) -> FoldStats {
     if batch.len() < PREAGG_MIN {
+        debug_assert!(log.is_none(), "small batches are not logged");
         return fold_each(shards, owned, batch, shift);
     }
     SCRATCH.with_borrow_mut(|s| {
@@ -108,7 +119,15 @@ pub(crate) fn fold_owned(
         let mut start = 0;
         while start < batch.len() {
             let end = batch.len().min(start + CHUNK);
-            stats.add(fold_with(s, shards, owned, batch, shift, start..end));
+            stats.add(fold_with(
+                s,
+                shards,
+                owned,
+                batch,
+                shift,
+                start..end,
+                log.as_deref_mut(),
+            ));
             start = end;
         }
         stats
@@ -148,6 +167,7 @@ fn fold_with(
     batch: &FoldBatch<'_>,
     shift: u32,
     events: std::ops::Range<usize>,
+    mut log: Option<&mut LogPart>,
 ) -> FoldStats {
     let mut stats = FoldStats::default();
     let Some(first) = shards.first() else {
@@ -191,6 +211,9 @@ fn fold_with(
             let open = &mut s.open[l][g];
             if ts < open.lo || ts >= open.hi {
                 if open.pane != EMPTY_PANE {
+                    if let Some(log) = log.as_deref_mut() {
+                        log.record(shard, l, slot, open, cell);
+                    }
                     flush(level, slot, open, cell, &mut stats);
                     cell.copy_from_slice(&level.layout.identity);
                 }
@@ -221,6 +244,15 @@ fn fold_with(
             }
             let key = s.keys[g];
             let cell = &s.cells[l][g * stride..(g + 1) * stride];
+            if let Some(log) = log.as_deref_mut() {
+                log.record(
+                    key.shard as usize,
+                    l,
+                    key.slot as usize,
+                    &s.open[l][g],
+                    cell,
+                );
+            }
             flush(
                 &mut shards[key.shard as usize][l],
                 key.slot as usize,
@@ -246,6 +278,121 @@ fn prefetch_target(shards: &[&mut Vec<LevelState>], s: &Scratch, l: usize, g: us
     let key = s.keys[g];
     let level = &shards[key.shard as usize][l];
     level.prefetch_cell(key.slot as usize, s.open[l][g].pos);
+}
+
+/// The flushes of one thread's part of a fold, in order (see [`FoldLog`]).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct LogPart {
+    flushes: Vec<Flush>,
+    /// The flushed cells, one after another (each as long as its level's stride).
+    cells: Vec<f64>,
+}
+
+/// One flush: group cell of pane `pane` (ring position `pos`) into key `slot` of level
+/// `level` of the thread's shard `shard`.
+#[derive(Clone, Copy, Debug)]
+struct Flush {
+    shard: u32,
+    level: u32,
+    slot: u32,
+    pos: u32,
+    pane: i64,
+}
+
+impl LogPart {
+    #[inline]
+    fn record(&mut self, shard: usize, level: usize, slot: usize, open: &Open, cell: &[f64]) {
+        self.flushes.push(Flush {
+            shard: shard as u32,
+            level: level as u32,
+            slot: slot as u32,
+            pos: open.pos as u32,
+            pane: open.pane,
+        });
+        self.cells.extend_from_slice(cell);
+    }
+
+    fn clear(&mut self) {
+        self.flushes.clear();
+        self.cells.clear();
+    }
+
+    fn bytes(&self) -> usize {
+        self.flushes.capacity() * std::mem::size_of::<Flush>() + self.cells.capacity() * 8
+    }
+}
+
+/// Makes the flushes of `part` into `shards` (the same shards, in the same order, as
+/// the fold that recorded them), prefetching ahead as the fold's final flush does.
+pub(crate) fn replay_part(shards: &mut [&mut Vec<LevelState>], part: &LogPart) -> FoldStats {
+    let mut stats = FoldStats::default();
+    let mut ahead = part.flushes.iter();
+    for f in ahead.by_ref().take(LOOKAHEAD) {
+        shards[f.shard as usize][f.level as usize].prefetch_cell(f.slot as usize, f.pos as usize);
+    }
+    let mut at = 0;
+    for f in &part.flushes {
+        if let Some(n) = ahead.next() {
+            shards[n.shard as usize][n.level as usize]
+                .prefetch_cell(n.slot as usize, n.pos as usize);
+        }
+        let level = &mut shards[f.shard as usize][f.level as usize];
+        let stride = level.layout.stride;
+        let open = Open {
+            pane: f.pane,
+            pos: f.pos as usize,
+            ..Open::NONE
+        };
+        flush(
+            level,
+            f.slot as usize,
+            &open,
+            &part.cells[at..at + stride],
+            &mut stats,
+        );
+        at += stride;
+    }
+    stats
+}
+
+/// What a `Cpu` fold did to a state, for another state equal to it before the fold
+/// (see the module docs): the slots it reserved, and per thread its flushes in order.
+/// Filled by [`crate::Backend::fold_logged`], applied by [`crate::Backend::replay`].
+#[derive(Clone, Debug, Default)]
+pub struct FoldLog {
+    pub(crate) complete: bool,
+    /// The events of the batch (the read copies' budget depends on it).
+    pub(crate) events: usize,
+    /// Per shard: the slots the fold reserved (0: none).
+    pub(crate) need: Vec<usize>,
+    /// Per thread of the fold, in the fold's order of threads.
+    pub(crate) parts: Vec<LogPart>,
+}
+
+impl FoldLog {
+    /// An empty log.
+    pub fn new() -> Self {
+        FoldLog::default()
+    }
+
+    /// Whether the log holds a whole fold. A backend that does not log, or a batch too
+    /// small to be worth it, leaves it incomplete: the batch must be folded instead.
+    pub fn is_complete(&self) -> bool {
+        self.complete
+    }
+
+    /// Empties the log, keeping its buffers.
+    pub fn clear(&mut self) {
+        self.complete = false;
+        self.events = 0;
+        self.need.clear();
+        self.parts.iter_mut().for_each(LogPart::clear);
+    }
+
+    /// Bytes the log's buffers hold.
+    pub fn bytes(&self) -> usize {
+        self.parts.iter().map(LogPart::bytes).sum::<usize>() + self.need.capacity() * 8
+    }
 }
 
 /// Folds group cell `cell` of pane `open` into key `slot` of `level`, counting its rows.

@@ -253,7 +253,9 @@ impl PaneState {
 
     /// Brings the state to the host, checks a batch's shape and grows every shard to
     /// hold the ids it names: the first step of a host backend's fold.
-    pub(crate) fn prepare(&mut self, batch: &FoldBatch<'_>) -> Result<(), KernelError> {
+    /// Returns the slots each shard was asked to hold (0: none), for
+    /// [`PaneState::reserve`].
+    pub(crate) fn prepare(&mut self, batch: &FoldBatch<'_>) -> Result<Vec<usize>, KernelError> {
         self.check(batch)?;
         self.to_host()?;
         let mut need = vec![0usize; self.spec.shards];
@@ -261,14 +263,19 @@ impl PaneState {
             let (s, l) = self.locate(id);
             need[s] = need[s].max(l + 1);
         }
-        for (shard, &need) in self.shards.iter_mut().zip(&need) {
+        self.reserve(&need);
+        Ok(need)
+    }
+
+    /// Grows shard `s` to hold `need[s]` slots where that is above 0.
+    pub(crate) fn reserve(&mut self, need: &[usize]) {
+        for (shard, &need) in self.shards.iter_mut().zip(need) {
             if need > 0 {
                 for level in shard.iter_mut() {
                     level.reserve_slots(need);
                 }
             }
         }
-        Ok(())
     }
 
     /// Checks a batch's shape and times.

@@ -3,8 +3,8 @@
 //! features) must agree: count/min/max/last identically, sums and moments to 1e-9.
 
 use panes_kernels::{
-    Agg, Backend, ColumnFields, Cpu, FeatureMerge, FoldBatch, LevelSpec, MergeOutput, PaneState,
-    ReadStatus, Scalar, StateSpec,
+    Agg, Backend, ColumnFields, Cpu, FeatureMerge, FoldBatch, FoldLog, LevelSpec, MergeOutput,
+    PaneState, ReadStatus, Scalar, StateSpec,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -793,4 +793,111 @@ fn r17_variance_follows_ieee_on_the_gpu() {
     if let Some(g) = gpu() {
         check_ieee_variance(&g);
     }
+}
+
+/// The states' exported cells, bit for bit (NaN compares by its bits).
+fn bits_of(state: &PaneState) -> Vec<(usize, Vec<u64>, Vec<u64>)> {
+    state
+        .export()
+        .unwrap()
+        .into_iter()
+        .map(|l| {
+            let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            (l.slots, bits(&l.ring), bits(&l.base))
+        })
+        .collect()
+}
+
+/// A state that replays the `Cpu` fold logs of another one's folds stays bitwise equal
+/// to it (rings, bases, slots and reads), over random streams with late and expired
+/// events, split in random batches, on one and two threads; small batches, which are
+/// not logged, are folded instead.
+#[test]
+fn r18_a_replayed_fold_log_is_bitwise_the_fold() {
+    let cpus = [Cpu::with_threads(1).unwrap(), Cpu::with_threads(2).unwrap()];
+    let (mut replayed, mut folded_again) = (0, 0);
+    for seed in 0..40 {
+        let rng = &mut StdRng::seed_from_u64(seed);
+        let case = gen_case(rng);
+        let mut a = PaneState::new(case.spec.clone()).unwrap();
+        let mut b = PaneState::new(case.spec.clone()).unwrap();
+        let mut log = FoldLog::new();
+        let n = case.ids.len();
+        let mut start = 0;
+        while start < n {
+            let len = [100, 300, 5_000, 20_000][rng.random_range(0..4)].min(n - start);
+            let vals: Vec<&[f64]> = case.values.iter().map(|v| &v[start..start + len]).collect();
+            let batch = FoldBatch {
+                ids: &case.ids[start..start + len],
+                ts: &case.ts[start..start + len],
+                values: &vals,
+            };
+            let cpu = &cpus[rng.random_range(0..2)];
+            let stats = cpu.fold_logged(&mut a, &batch, &mut log).unwrap();
+            if log.is_complete() {
+                assert_eq!(cpu.replay(&mut b, &log).unwrap(), stats, "seed {seed}");
+                replayed += 1;
+            } else {
+                cpu.fold(&mut b, &batch).unwrap();
+                folded_again += 1;
+            }
+            start += len;
+        }
+        assert!(bits_of(&a) == bits_of(&b), "seed {seed}: states differ");
+        let ids: Vec<Option<u32>> = (0..600).map(Some).collect();
+        let at = case.ts.iter().copied().max().unwrap_or(0);
+        let (mut ra, mut rb) = (MergeOutput::default(), MergeOutput::default());
+        cpus[0]
+            .merge(&a, &case.features, &ids, at, &mut ra)
+            .unwrap();
+        cpus[0]
+            .merge(&b, &case.features, &ids, at, &mut rb)
+            .unwrap();
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&ra.values),
+            bits(&rb.values),
+            "seed {seed}: reads differ"
+        );
+        assert_eq!(ra.valid, rb.valid);
+    }
+    assert!(
+        replayed > 50 && folded_again > 10,
+        "{replayed} replayed, {folded_again} folded again"
+    );
+}
+
+#[test]
+fn r18_fold_logs_that_do_not_fit_are_refused() {
+    let rng = &mut StdRng::seed_from_u64(7);
+    let mut case = gen_case(rng);
+    while case.ids.len() < 1000 {
+        case = gen_case(rng);
+    }
+    let cpu = Cpu::new();
+    let vals: Vec<&[f64]> = case.values.iter().map(Vec::as_slice).collect();
+    let batch = FoldBatch {
+        ids: &case.ids,
+        ts: &case.ts,
+        values: &vals,
+    };
+    let mut a = PaneState::new(case.spec.clone()).unwrap();
+    let mut log = FoldLog::new();
+    // Other backends do not log, and cannot replay.
+    Scalar.fold_logged(&mut a, &batch, &mut log).unwrap();
+    assert!(!log.is_complete());
+    let err = Scalar.replay(&mut a, &log).unwrap_err().to_string();
+    assert!(err.contains("does not replay"), "{err}");
+    assert!(cpu.replay(&mut a, &log).is_err(), "an incomplete log");
+    cpu.fold_logged(&mut a, &batch, &mut log).unwrap();
+    assert!(log.is_complete() && log.bytes() > 0);
+    let mut spec = case.spec.clone();
+    spec.shards = if spec.shards == 64 {
+        8
+    } else {
+        spec.shards * 2
+    };
+    let mut other = PaneState::new(spec).unwrap();
+    let err = cpu.replay(&mut other, &log).unwrap_err().to_string();
+    assert!(err.contains("cannot be replayed"), "{err}");
 }

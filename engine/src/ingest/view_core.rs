@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arrow_array::RecordBatch;
-use panes_kernels::{Backend, FoldBatch, PaneState};
+use panes_kernels::{Backend, FoldBatch, FoldLog, PaneState};
 
 use super::keys::{KeyIndex, NewKey};
 use super::{Decoded, KeyCap, PushReport, ViewCounters, ingest};
@@ -31,14 +31,32 @@ pub(crate) struct ViewCore {
     pub folded_max_ts: Option<i64>,
     /// Where fold durations are recorded, if anywhere.
     pub fold_time: Option<Arc<Histogram>>,
-    /// Whether folded micro-batches are kept in `folded_batches` (for another replica
-    /// to fold: see [`ViewCore::catch_up`]) instead of cleared.
+    /// Whether folded micro-batches and their fold logs are kept in `folded` (for
+    /// another replica: see [`ViewCore::catch_up`]) instead of cleared.
     keep_folded: bool,
     /// The micro-batches folded since they were last taken, when kept.
-    pub folded_batches: Vec<Decoded>,
+    folded_batches: Vec<Folded>,
+    /// Bytes held by the logs in `folded_batches`.
+    logged_bytes: usize,
     /// Emptied buffers, reused for the next micro-batches.
     spare: Vec<Decoded>,
+    /// Emptied fold logs, reused.
+    spare_logs: Vec<FoldLog>,
 }
+
+/// A folded micro-batch and the log of its fold (incomplete when the backend does
+/// not log, or logging was over [`LOG_BUDGET`]).
+#[derive(Debug)]
+pub(crate) struct Folded {
+    pub batch: Decoded,
+    pub log: FoldLog,
+}
+
+/// Most bytes of fold logs a replica keeps for the other one between two publishes.
+/// A log takes about 150 B per distinct key, pane and level of a micro-batch, several
+/// times the decoded events: a push of many micro-batches logs the first ones, up to
+/// this, and the other replica folds the rest again, as it would without logs.
+const LOG_BUDGET: usize = 256 << 20;
 
 /// What one replica of a view took since the other one was last equal to it: the
 /// keys it created and the micro-batches it folded, in order (the counters and
@@ -46,7 +64,7 @@ pub(crate) struct ViewCore {
 #[derive(Debug, Default)]
 pub(crate) struct Delta {
     pub keys: Vec<NewKey>,
-    pub batches: Vec<Decoded>,
+    pub batches: Vec<Folded>,
 }
 
 impl ViewCore {
@@ -64,7 +82,9 @@ impl ViewCore {
             fold_time: None,
             keep_folded: false,
             folded_batches: Vec::new(),
+            logged_bytes: 0,
             spare: Vec::new(),
+            spare_logs: Vec::new(),
         })
     }
 
@@ -80,13 +100,15 @@ impl ViewCore {
     pub fn take_delta(&mut self, delta: &mut Delta) {
         delta.keys.append(&mut self.keys.take_journal());
         delta.batches.append(&mut self.folded_batches);
+        self.logged_bytes = 0;
     }
 
     /// Brings this replica level with `other`, the replica that took `delta` while
     /// this one held what `other` held before: the same keys are created with the same
-    /// ids and the same micro-batches folded by the same backend, so the pane state
-    /// comes out bitwise equal, without decoding anything again. The counters and
-    /// watermark are `other`'s. The batches' buffers are kept for reuse.
+    /// ids, and each micro-batch's fold log is replayed (or, where the log is
+    /// incomplete, the micro-batch folded by the same backend), so the pane state comes
+    /// out bitwise equal without decoding anything again, and mostly without folding
+    /// again. The counters and watermark are `other`'s. The buffers are kept for reuse.
     ///
     /// # Errors
     /// When the key journal does not fit this index, or a fold fails: the replicas
@@ -109,9 +131,18 @@ impl ViewCore {
                 other.keys.len()
             )));
         }
-        for batch in std::mem::take(&mut delta.batches) {
-            self.fold(backend, &batch)?;
+        for Folded { batch, log } in std::mem::take(&mut delta.batches) {
+            if log.is_complete() {
+                let started = Instant::now();
+                backend.replay(&mut self.state, &log)?;
+                self.record_fold(&batch, started);
+            } else {
+                self.fold(backend, &batch, None)?;
+            }
             self.recycle(batch);
+            if self.spare_logs.len() < 2 {
+                self.spare_logs.push(log);
+            }
         }
         // After the folds, which count expired events again.
         self.counters = other.counters.clone();
@@ -163,19 +194,36 @@ impl ViewCore {
             .pop()
             .unwrap_or_else(|| Decoded::new(self.pending.values.len()));
         let batch = std::mem::replace(&mut self.pending, fresh);
-        let folded = self.fold(backend, &batch);
+        let folded = if self.keep_folded {
+            let mut log = self.spare_logs.pop().unwrap_or_default();
+            let folded = if self.logged_bytes < LOG_BUDGET {
+                self.fold(backend, &batch, Some(&mut log))
+            } else {
+                log.clear();
+                self.fold(backend, &batch, None)
+            };
+            if folded.is_ok() {
+                self.logged_bytes += log.bytes();
+                self.folded_batches.push(Folded { batch, log });
+            }
+            folded
+        } else {
+            let folded = self.fold(backend, &batch, None);
+            self.recycle(batch);
+            folded
+        };
         self.folded_max_ts = self.folded_max_ts.max(self.max_ts);
         self.pending_since = None;
-        if self.keep_folded && folded.is_ok() {
-            self.folded_batches.push(batch);
-        } else {
-            self.recycle(batch);
-        }
         folded
     }
 
-    /// Folds `batch` into the state.
-    fn fold(&mut self, backend: &dyn Backend, batch: &Decoded) -> Result<()> {
+    /// Folds `batch` into the state, logging the fold into `log` if given.
+    fn fold(
+        &mut self,
+        backend: &dyn Backend,
+        batch: &Decoded,
+        log: Option<&mut FoldLog>,
+    ) -> Result<()> {
         let values: Vec<&[f64]> = batch.values.iter().map(Vec::as_slice).collect();
         let fold = FoldBatch {
             ids: &batch.ids,
@@ -183,11 +231,21 @@ impl ViewCore {
             values: &values,
         };
         let started = Instant::now();
-        let stats = backend.fold(&mut self.state, &fold)?;
+        let stats = match log {
+            Some(log) => backend.fold_logged(&mut self.state, &fold, log)?,
+            None => backend.fold(&mut self.state, &fold)?,
+        };
+        self.counters.expired += stats.expired;
+        self.record_fold(batch, started);
+        Ok(())
+    }
+
+    /// Records a fold of `batch` begun at `started`: its time, events and the keys'
+    /// latest times.
+    fn record_fold(&mut self, batch: &Decoded, started: Instant) {
         if let Some(h) = &self.fold_time {
             h.record(started.elapsed());
         }
-        self.counters.expired += stats.expired;
         self.folded += batch.len() as u64;
         for (&id, &ts) in batch.ids.iter().zip(&batch.ts) {
             let id = id as usize;
@@ -196,6 +254,5 @@ impl ViewCore {
             }
             self.latest[id] = self.latest[id].max(ts);
         }
-        Ok(())
     }
 }
