@@ -14,7 +14,7 @@ use std::sync::Arc;
 use arrow_array::builder::StringDictionaryBuilder;
 use arrow_array::types::Int32Type;
 use arrow_array::{
-    ArrayRef, Float32Array, Float64Array, Int16Array, Int32Array, Int64Array, RecordBatch,
+    Array, ArrayRef, Float32Array, Float64Array, Int16Array, Int32Array, Int64Array, RecordBatch,
     StringArray, StringViewArray, TimestampMicrosecondArray, TimestampMillisecondArray,
     TimestampNanosecondArray, UInt32Array,
 };
@@ -254,6 +254,55 @@ fn check_read(
     Ok(())
 }
 
+/// A read of every key holds each key the oracle accepted an event of, once (and no
+/// key without any), with bitwise the values a read of those keys gives.
+fn check_read_all(engine: &Engine, file: &FeatureFile, stream: &Stream, ctx: &str) {
+    let (all, at) = engine.read_all("v", None, None).unwrap();
+    let keys = all.column(0).clone();
+    let text = matches!(stream.key_type, "utf8" | "dict" | "view");
+    let got: Vec<i64> = if text {
+        let s = keys
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .expect("Utf8 keys");
+        s.iter()
+            .map(|k| k.unwrap().strip_prefix("key-").unwrap().parse().unwrap())
+            .collect()
+    } else {
+        let s = keys
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .expect("Int64 keys");
+        s.iter().map(Option::unwrap).collect()
+    };
+    let mut want: Vec<i64> = accepted(&file.views[0], &stream.events)
+        .iter()
+        .map(|(_, e)| e.key.unwrap())
+        .collect();
+    want.sort_unstable();
+    want.dedup();
+    let mut sorted = got.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, want, "{ctx}: the keys of a read of all");
+    assert_eq!(engine.metrics("v").unwrap().keys, got.len(), "{ctx}");
+    let frame = engine.read("v", keys.as_ref(), Some(at), None).unwrap();
+    for (j, name) in frame.names.iter().enumerate() {
+        let column = all.column(j + 1);
+        assert_eq!(all.schema().field(j + 1).name(), name);
+        for r in 0..got.len() {
+            let value = match column.as_any().downcast_ref::<Int64Array>() {
+                Some(c) => c.is_valid(r).then(|| (c.value(r) as f64).to_bits()),
+                None => {
+                    let c = column.as_any().downcast_ref::<Float64Array>().unwrap();
+                    c.is_valid(r).then(|| c.value(r).to_bits())
+                }
+            };
+            let want = frame.valid[[r, j]].then(|| frame.values[[r, j]].to_bits());
+            assert_eq!(value, want, "{ctx}: read of all, key {}, {name}", got[r]);
+        }
+    }
+}
+
 fn run_case(seed: u64, backend: BackendKind, events: usize, keys: i64, reads: usize) {
     let mut rng = StdRng::seed_from_u64(seed);
     let lateness = [0, 2_000, 10_000][rng.random_range(0..3)];
@@ -320,6 +369,7 @@ fn run_case(seed: u64, backend: BackendKind, events: usize, keys: i64, reads: us
         m.counters.expired, 0,
         "{ctx}: the ring must hold every accepted event"
     );
+    check_read_all(&engine, &file, &stream, &ctx);
 }
 
 #[test]

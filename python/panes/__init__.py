@@ -326,6 +326,24 @@ class Engine:
         table, _ = self._core.read(_keys(keys), view, ms, names)
         return pl.DataFrame(table)
 
+    def read_all(
+        self,
+        at: Time | None = None,
+        features: Sequence[str] | None = None,
+        *,
+        view: str | None = None,
+    ) -> pl.DataFrame:
+        """Feature values of every key the view holds, as of ``at`` (default: the
+        view's read time): what ``read`` returns for all of them, without listing them.
+
+        Returns a polars DataFrame: the key column (integers, or strings for string
+        keys), then one column per feature. Keys come in the order the engine holds
+        them, not sorted: ``.sort(key)`` for an order.
+        """
+        names = None if features is None else [str(f) for f in features]
+        table, _ = self._core.read_all(view, _epoch_ms(at), names)
+        return pl.DataFrame(table)
+
     def backfill(
         self,
         events: object,

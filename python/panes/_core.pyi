@@ -34,6 +34,12 @@ class Engine:
         at: int | None = None,
         features: list[str] | None = None,
     ) -> tuple[Any, int]: ...
+    def read_all(
+        self,
+        view: str | None = None,
+        at: int | None = None,
+        features: list[str] | None = None,
+    ) -> tuple[Any, int]: ...
     def read_numpy(
         self,
         keys: object,

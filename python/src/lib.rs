@@ -240,6 +240,32 @@ impl PyEngine {
         Ok((PyTable::try_new(vec![batch], schema)?, at))
     }
 
+    /// Reads features of every key the view holds as an Arrow table (key column
+    /// first, keys in the state's order), plus the read time.
+    #[pyo3(signature = (view = None, at = None, features = None))]
+    fn read_all(
+        &self,
+        py: Python<'_>,
+        view: Option<String>,
+        at: Option<i64>,
+        features: Option<Vec<String>>,
+    ) -> PyResult<(PyTable, i64)> {
+        let view = self
+            .view_for_read(view, features.as_deref())
+            .map_err(|e| to_py(py, e))?;
+        let engine = self.inner.clone();
+        let (batch, at) = py
+            .detach(move || {
+                let names: Option<Vec<&str>> = features
+                    .as_ref()
+                    .map(|f| f.iter().map(String::as_str).collect());
+                engine.read_all(&view, at, names.as_deref())
+            })
+            .map_err(|e| to_py(py, e))?;
+        let schema = batch.schema();
+        Ok((PyTable::try_new(vec![batch], schema)?, at))
+    }
+
     /// Reads features as a `keys × features` float64 matrix (NaN for null), with the
     /// feature names and the read time.
     #[pyo3(signature = (keys, view = None, at = None, features = None))]

@@ -199,6 +199,33 @@ def test_read_copies_cost_memory_and_change_no_value() -> None:
     assert engines[0].read(keys).equals(engines[1].read(keys))
 
 
+def test_read_all_returns_every_key_as_read_does() -> None:
+    engine = panes.Engine([cards_view()], backend="cpu")
+    assert engine.read_all().height == 0
+    rng = np.random.default_rng(3)
+    n = 20_000
+    engine.push(pa.table({
+        "card": pa.array(rng.integers(-50, 950, n), pa.int64()),
+        "ts": pa.array(np.sort(rng.integers(0, 1_800_000, n)), pa.int64()),
+        "amount": pa.array(rng.normal(100.0, 30.0, n)),
+    }))
+    every = engine.read_all()
+    assert every.columns == ["card", "n_5m", "amount_sum_1h", "amount_mean_lifetime", "last_1h"]
+    assert every["card"].n_unique() == every.height == engine.metrics()["cards"]["keys"]
+    keys = every["card"].to_list()
+    assert every.equals(engine.read(keys))
+    # A read time and a selection of features, as for `read`, and its errors.
+    at = 1_900_000
+    assert engine.read_all(at=at, features=["amount_sum_1h", "n_5m"]).equals(
+        engine.read(keys, at=at, features=["amount_sum_1h", "n_5m"]))
+    with pytest.raises(panes.InexactReadError, match="cannot read key"):
+        engine.read_all(at=1_000, features=["last_1h"])
+    # String keys come back as strings.
+    text = panes.Engine([cards_view()])
+    text.push(events().with_columns(pl.format("card-{}", pl.col("card")).alias("card")))
+    assert sorted(text.read_all()["card"].to_list()) == ["card-1", "card-2"]
+
+
 def test_backfill_from_files_with_dead_letters(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import pyarrow.parquet as pq
 

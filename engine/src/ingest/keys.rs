@@ -8,11 +8,14 @@
 //! shard of a key is the same in every run (checkpoints and scale-out rely on it).
 
 use std::fmt;
+use std::sync::Arc;
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::ArrowDictionaryKeyType;
 use arrow_array::types::*;
-use arrow_array::{Array, DictionaryArray};
+use arrow_array::{
+    Array, ArrayRef, Decimal128Array, DictionaryArray, Int64Array, StringArray, UInt64Array,
+};
 use arrow_buffer::ArrowNativeType;
 use arrow_schema::DataType;
 use hashbrown::HashMap;
@@ -313,6 +316,31 @@ impl KeyIndex {
         })
     }
 
+    /// Every key with its id, ordered as the state holds them: by shard, then by slot
+    /// (the order in which the shard first saw them), so that a read of all of them
+    /// streams through each shard's memory.
+    pub fn all(&self) -> (Vec<KeyValue>, Vec<u32>) {
+        let mut all: Vec<(u32, KeyValue)> = Vec::with_capacity(self.len);
+        all.extend(
+            self.ints
+                .iter()
+                .map(|(&k, &id)| (id, KeyValue::Int(k as i128))),
+        );
+        all.extend(
+            self.big
+                .iter()
+                .map(|(&k, &id)| (id, KeyValue::Int(k as i128))),
+        );
+        all.extend(
+            self.strs
+                .iter()
+                .map(|(k, &id)| (id, KeyValue::Str(k.to_string()))),
+        );
+        let mask = self.next_local.len() as u32 - 1;
+        all.sort_unstable_by_key(|&(id, _)| (id & mask, id));
+        all.into_iter().map(|(id, k)| (k, id)).unzip()
+    }
+
     /// The id of a key value, if known.
     pub fn get(&self, key: &KeyValue) -> Option<u32> {
         match key {
@@ -324,6 +352,32 @@ impl KeyIndex {
             },
             KeyValue::Str(s) => self.strs.get(s.as_str()).copied(),
         }
+    }
+}
+
+/// Keys as an Arrow column: Utf8 when any key is a string (integer keys among them
+/// are nulls there); else Int64 when they fit, UInt64 for keys above `i64::MAX`, and
+/// Decimal128(20, 0) when those mix with negative keys.
+pub(crate) fn key_array(keys: &[KeyValue]) -> ArrayRef {
+    if keys.iter().any(|k| matches!(k, KeyValue::Str(_))) {
+        return Arc::new(StringArray::from_iter(keys.iter().map(|k| match k {
+            KeyValue::Str(s) => Some(s.as_str()),
+            KeyValue::Int(_) => None,
+        })));
+    }
+    let ints = || {
+        keys.iter().map(|k| match k {
+            KeyValue::Int(i) => Some(*i),
+            KeyValue::Str(_) => None,
+        })
+    };
+    if ints().flatten().all(|i| i64::try_from(i).is_ok()) {
+        Arc::new(Int64Array::from_iter(ints().map(|i| i.map(|i| i as i64))))
+    } else if ints().flatten().all(|i| u64::try_from(i).is_ok()) {
+        Arc::new(UInt64Array::from_iter(ints().map(|i| i.map(|i| i as u64))))
+    } else {
+        let decimals = Decimal128Array::from_iter(ints()).with_precision_and_scale(20, 0);
+        Arc::new(decimals.expect("20 digits hold every i64 and u64"))
     }
 }
 

@@ -11,7 +11,7 @@ use super::engine::Engine;
 use super::frame::{FeatureFrame, ServedFrame, feature_column, feature_field};
 use super::replicas::{Snapshot, View};
 use crate::error::{PanesError, Result};
-use crate::ingest::keys::{KeyColumn, KeyIndex, KeyValue};
+use crate::ingest::keys::{KeyColumn, KeyIndex, KeyValue, key_array};
 use crate::spec::ReadTime;
 
 impl Engine {
@@ -226,6 +226,36 @@ impl Engine {
     ) -> Result<(RecordBatch, i64)> {
         let frame = self.read(view, keys.as_ref(), at, features)?;
         let batch = self.frame_batch(view, keys, &frame)?;
+        Ok((batch, frame.at))
+    }
+
+    /// Reads the features of every key `view` holds, as of `at` (default: the view's
+    /// read time), as a record batch: the keys (column named by the view's key: Int64,
+    /// UInt64 or Decimal128(20, 0) for integer keys above `i64::MAX`, Utf8 for string
+    /// keys), then one column per feature, and the read time. Keys come in the order
+    /// the state holds them (by shard, then first sighting), which a read of all of
+    /// them streams through; sort the result for another order.
+    ///
+    /// Pending events are folded and published first, as for [`Engine::read`].
+    ///
+    /// # Errors
+    /// As [`Engine::read`].
+    pub fn read_all(
+        &self,
+        view: &str,
+        at: Option<i64>,
+        features: Option<&[&str]>,
+    ) -> Result<(RecordBatch, i64)> {
+        let v = self.view(view)?;
+        self.settle(v)?;
+        let snap = v.snapshot()?;
+        let (keys, ids) = snap.core.keys.all();
+        let ids: Vec<Option<u32>> = ids.into_iter().map(Some).collect();
+        let frame = self
+            .merge_at(v, &snap, &ids, at, features, false, |k| keys[k].to_string())?
+            .frame;
+        drop(snap);
+        let batch = self.frame_batch(view, &key_array(&keys), &frame)?;
         Ok((batch, frame.at))
     }
 

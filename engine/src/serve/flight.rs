@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-use arrow_array::{ArrayRef, Decimal128Array, Int64Array, RecordBatch, StringArray, UInt64Array};
+use arrow_array::{ArrayRef, RecordBatch};
 use arrow_flight::decode::{DecodedPayload, FlightDataDecoder};
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
@@ -24,7 +24,7 @@ use super::grpc::check_at;
 use super::server::Shared;
 use super::status::{bad_request, status, stream_error};
 use crate::error::{PanesError, catch_quietly};
-use crate::ingest::keys::KeyValue;
+use crate::ingest::keys::{KeyValue, key_array};
 
 /// A future whose every poll runs under [`catch_quietly`]: a panic while polling
 /// becomes `Err`, without a panic report.
@@ -59,26 +59,6 @@ impl Flight {
     }
 }
 
-/// The integer keys of a read as a column that holds every one of them: Int64 when
-/// they fit, UInt64 for keys above `i64::MAX` (they were nulls in an Int64 column),
-/// Decimal128(20, 0) when a read mixes those with negative keys.
-fn int_keys(keys: &[KeyValue]) -> ArrayRef {
-    let ints = || {
-        keys.iter().map(|k| match k {
-            KeyValue::Int(i) => Some(*i),
-            KeyValue::Str(_) => None,
-        })
-    };
-    if ints().flatten().all(|i| i64::try_from(i).is_ok()) {
-        Arc::new(Int64Array::from_iter(ints().map(|i| i.map(|i| i as i64))))
-    } else if ints().flatten().all(|i| u64::try_from(i).is_ok()) {
-        Arc::new(UInt64Array::from_iter(ints().map(|i| i.map(|i| i as u64))))
-    } else {
-        let decimals = Decimal128Array::from_iter(ints()).with_precision_and_scale(20, 0);
-        Arc::new(decimals.expect("20 digits hold every i64 and u64"))
-    }
-}
-
 fn flight_status(e: FlightError) -> Status {
     match e {
         FlightError::Tonic(s) => stream_error(*s),
@@ -95,17 +75,9 @@ pub(crate) struct TicketRead {
 }
 
 impl TicketRead {
-    /// The keys as the reply's key column: strings when any key is one (integer
-    /// keys among them are nulls there), else [`int_keys`].
+    /// The keys as the reply's key column (see [`key_array`]).
     pub fn key_column(&self) -> ArrayRef {
-        if self.keys.iter().any(|k| matches!(k, KeyValue::Str(_))) {
-            Arc::new(StringArray::from_iter(self.keys.iter().map(|k| match k {
-                KeyValue::Str(s) => Some(s.as_str()),
-                KeyValue::Int(_) => None,
-            })))
-        } else {
-            int_keys(&self.keys)
-        }
+        key_array(&self.keys)
     }
 }
 
