@@ -42,6 +42,9 @@ pub(crate) struct ViewCore {
     spare: Vec<Decoded>,
     /// Emptied fold logs, reused.
     spare_logs: Vec<FoldLog>,
+    /// Micro-batches this replica caught up with by replaying a fold log, and by
+    /// folding them again.
+    pub caught_up: (u64, u64),
 }
 
 /// A folded micro-batch and the log of its fold (incomplete when the backend does
@@ -55,8 +58,9 @@ pub(crate) struct Folded {
 /// Most bytes of fold logs a replica keeps for the other one between two publishes.
 /// A log takes about 150 B per distinct key, pane and level of a micro-batch, several
 /// times the decoded events: a push of many micro-batches logs the first ones, up to
-/// this, and the other replica folds the rest again, as it would without logs.
-const LOG_BUDGET: usize = 256 << 20;
+/// this, and the other replica folds the rest again, as it would without logs. (Unit
+/// tests use a small budget, to take both ways.)
+const LOG_BUDGET: usize = if cfg!(test) { 32 << 10 } else { 256 << 20 };
 
 /// What one replica of a view took since the other one was last equal to it: the
 /// keys it created and the micro-batches it folded, in order (the counters and
@@ -85,6 +89,7 @@ impl ViewCore {
             logged_bytes: 0,
             spare: Vec::new(),
             spare_logs: Vec::new(),
+            caught_up: (0, 0),
         })
     }
 
@@ -136,8 +141,10 @@ impl ViewCore {
                 let started = Instant::now();
                 backend.replay(&mut self.state, &log)?;
                 self.record_fold(&batch, started);
+                self.caught_up.0 += 1;
             } else {
                 self.fold(backend, &batch, None)?;
+                self.caught_up.1 += 1;
             }
             self.recycle(batch);
             if self.spare_logs.len() < 2 {

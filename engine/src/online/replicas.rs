@@ -330,12 +330,13 @@ hop = "20ms"
         .unwrap()
     }
 
-    /// The second replica catches up from the first one's keys and decoded
-    /// micro-batches: after random pushes with late, null and NaN rows, in micro-batches
+    /// The second replica catches up from the first one's keys, decoded micro-batches
+    /// and fold logs: after random pushes with late, null and NaN rows, in micro-batches
     /// of random sizes, published at random, both replicas hold the same bytes.
     #[test]
     fn r18_replicas_are_bitwise_equal_after_random_pushes() {
         let file = FeatureFile::parse(FEATURES, "replicas.toml").unwrap();
+        let mut caught_up = (0, 0);
         for (seed, backend) in
             (0..12).zip([BackendKind::Cpu, BackendKind::Scalar].into_iter().cycle())
         {
@@ -365,6 +366,18 @@ hop = "20ms"
                 a == b,
                 "seed {seed} ({backend}): replicas differ at the end"
             );
+            let v = engine.view("v").unwrap();
+            for r in &v.replicas {
+                let (replayed, refolded) = r.read().unwrap().caught_up;
+                caught_up.0 += replayed;
+                caught_up.1 += refolded;
+            }
         }
+        // Both ways of catching up were taken: fold logs replayed, and micro-batches
+        // folded again (small ones, the Scalar backend's, those past the log budget).
+        assert!(
+            caught_up.0 > 10 && caught_up.1 > 10,
+            "replayed, folded again: {caught_up:?}"
+        );
     }
 }
