@@ -723,10 +723,35 @@ async fn bad_requests_get_classified_statuses_and_the_server_carries_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_during_ingest_see_whole_prefixes_of_the_batches() {
+    // Every read of every run must equal a whole prefix (checked inside). A run must
+    // also have seen several intermediate states to have tested anything; on a loaded
+    // machine the timer that folds each message's tail can be starved for a whole run
+    // (seen once: the reads saw 0, 5 and 40 messages), so up to three runs are made.
+    let mut runs = Vec::new();
+    for seed in [11, 12, 13] {
+        let seen = prefixes_seen_during_ingest(seed).await;
+        let mut distinct = seen.clone();
+        distinct.dedup();
+        println!(
+            "{} reads saw {} distinct prefixes: {seen:?}",
+            seen.len(),
+            distinct.len()
+        );
+        if distinct.len() >= 5 {
+            return;
+        }
+        runs.push(distinct);
+    }
+    panic!("reads saw too few intermediate states to test anything: {runs:?}");
+}
+
+/// Streams 40 messages into a server while reading; returns, per read, the number of
+/// messages whose events it saw (panicking on a read that equals no whole prefix).
+async fn prefixes_seen_during_ingest(seed: u64) -> Vec<usize> {
     // Micro-batches of 512 rows: each 1 500-row message is folded in pieces, and its
     // tail waits for the timer; a read must still see whole messages only.
     let server = start(ServeOptions::default(), Duration::from_millis(2), 512).await;
-    let mut rng = StdRng::seed_from_u64(11);
+    let mut rng = StdRng::seed_from_u64(seed);
     let n = 40;
     let batches: Vec<RecordBatch> = (0..n)
         .map(|i| cards_batch(&mut rng, 1_500, 200, 2_000_000 + i as i64 * 4_500))
@@ -792,20 +817,8 @@ async fn reads_during_ingest_see_whole_prefixes_of_the_batches() {
     let reply = writer.await.unwrap();
     assert_eq!(reply.messages, n as u64);
     assert_eq!(last, n, "the reads never saw every batch");
-    let distinct = {
-        let mut s = seen.clone();
-        s.dedup();
-        s.len()
-    };
-    println!(
-        "{} reads saw {distinct} distinct prefixes: {seen:?}",
-        seen.len()
-    );
-    assert!(
-        distinct >= 5,
-        "reads saw too few intermediate states to test anything: {seen:?}"
-    );
     server.stop().await;
+    seen
 }
 
 #[test]
