@@ -4,8 +4,9 @@
 //! state cell per level for every event: a read-modify-write at a place that depends
 //! on the key, in a state far larger than the caches. Here the events of a batch are
 //! first added into batch-local cells, one per key and level (a *group*: some MiB for a
-//! 64 Ki-event batch, against the state's hundreds); a group's cell goes into the state once, when the key's next event falls
-//! in another pane of that level or when the batch ends. The state then takes one
+//! 64 Ki-event batch, against the state's hundreds); a group's cell goes into the
+//! state once, when the key's next event falls in another pane of that level or when
+//! the batch ends. The state then takes one
 //! scattered update per (key, pane, level) of the batch instead of one per event and
 //! level: under the benchmark's Zipf(1.1) keys a 64 Ki-event batch over 100 K keys
 //! holds about 26 K distinct keys, so 2.5× fewer.
@@ -214,7 +215,7 @@ fn fold_with(
                     if let Some(log) = log.as_deref_mut() {
                         log.record(shard, l, slot, open, cell);
                     }
-                    flush(level, slot, open, cell, &mut stats);
+                    flush(level, slot, open.pane, open.pos, cell, &mut stats);
                     cell.copy_from_slice(&level.layout.identity);
                 }
                 let hop = level.spec.hop;
@@ -253,10 +254,12 @@ fn fold_with(
                     cell,
                 );
             }
+            let open = &s.open[l][g];
             flush(
                 &mut shards[key.shard as usize][l],
                 key.slot as usize,
-                &s.open[l][g],
+                open.pane,
+                open.pos,
                 cell,
                 &mut stats,
             );
@@ -338,16 +341,13 @@ pub(crate) fn replay_part(shards: &mut [&mut Vec<LevelState>], part: &LogPart) -
         }
         let level = &mut shards[f.shard as usize][f.level as usize];
         let stride = level.layout.stride;
-        let open = Open {
-            pane: f.pane,
-            pos: f.pos as usize,
-            ..Open::NONE
-        };
+        let cell = &part.cells[at..at + stride];
         flush(
             level,
             f.slot as usize,
-            &open,
-            &part.cells[at..at + stride],
+            f.pane,
+            f.pos as usize,
+            cell,
             &mut stats,
         );
         at += stride;
@@ -395,11 +395,19 @@ impl FoldLog {
     }
 }
 
-/// Folds group cell `cell` of pane `open` into key `slot` of `level`, counting its rows.
+/// Folds group cell `cell` of pane `pane` (at ring position `pos`) into key `slot` of
+/// `level`, counting its rows.
 #[inline]
-fn flush(level: &mut LevelState, slot: usize, open: &Open, cell: &[f64], stats: &mut FoldStats) {
+fn flush(
+    level: &mut LevelState,
+    slot: usize,
+    pane: i64,
+    pos: usize,
+    cell: &[f64],
+    stats: &mut FoldStats,
+) {
     let rows = cell[ROWS] as u64;
-    match level.fold_cell(slot, open.pane, open.pos, cell) {
+    match level.fold_cell(slot, pane, pos, cell) {
         Folded::Ring => stats.folded += rows,
         Folded::Base => stats.into_base += rows,
         Folded::Expired => stats.expired += rows,
