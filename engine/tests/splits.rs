@@ -14,65 +14,7 @@ use panes_engine::{BackendKind, Engine, EngineOptions, FeatureFile};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-const FEATURES: &str = r#"
-[[views]]
-name = "v"
-key = "k"
-time = "ts"
-pane = "10ms"
-allowed_lateness = "40ms"
-
-[[views.features]]
-name = "n"
-agg = "count"
-window = "50ms"
-
-[[views.features]]
-name = "nx"
-agg = "count"
-column = "x"
-window = "lifetime"
-
-[[views.features]]
-name = "s"
-agg = "sum"
-column = "x"
-window = "30ms"
-
-[[views.features]]
-name = "m"
-agg = "mean"
-column = "x"
-window = "1s"
-hop = "100ms"
-
-[[views.features]]
-name = "lo"
-agg = "min"
-column = "x"
-window = "200ms"
-hop = "40ms"
-
-[[views.features]]
-name = "hi"
-agg = "max"
-column = "x"
-window = "lifetime"
-
-[[views.features]]
-name = "sd"
-agg = "std"
-column = "x"
-window = "80ms"
-hop = "20ms"
-
-[[views.features]]
-name = "last"
-agg = "last"
-column = "x"
-window = "lifetime"
-hop = "20ms"
-"#;
+const FEATURES: &str = include_str!("data/fold_paths.toml");
 
 /// Names of the features compared bit for bit.
 const EXACT: [&str; 5] = ["n", "nx", "lo", "hi", "last"];

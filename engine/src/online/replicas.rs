@@ -235,52 +235,7 @@ mod tests {
     use crate::checkpoint::format::encode_at;
     use crate::{Engine, EngineOptions, FeatureFile};
 
-    const FEATURES: &str = r#"
-[[views]]
-name = "v"
-key = "k"
-time = "ts"
-pane = "10ms"
-allowed_lateness = "40ms"
-
-[[views.features]]
-name = "n"
-agg = "count"
-window = "50ms"
-
-[[views.features]]
-name = "s"
-agg = "sum"
-column = "x"
-window = "30ms"
-
-[[views.features]]
-name = "lo"
-agg = "min"
-column = "x"
-window = "200ms"
-hop = "40ms"
-
-[[views.features]]
-name = "hi"
-agg = "max"
-column = "x"
-window = "lifetime"
-
-[[views.features]]
-name = "sd"
-agg = "std"
-column = "x"
-window = "80ms"
-hop = "20ms"
-
-[[views.features]]
-name = "last"
-agg = "last"
-column = "x"
-window = "lifetime"
-hop = "20ms"
-"#;
+    const FEATURES: &str = include_str!("../../tests/data/fold_paths.toml");
 
     /// Both replicas' checkpoint bytes (keys, panes, counters, watermark), after a
     /// settle.
