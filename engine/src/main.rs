@@ -405,7 +405,7 @@ fn describe(file: &FeatureFile) {
     for v in &file.views {
         let c = CompiledView::new(v, 1);
         println!(
-            "view {:?}: key {:?}, time {:?}, pane {}, allowed lateness {}, {} B of state per key",
+            "view {:?}: key {:?}, time {:?}, pane {}, allowed lateness {}, up to {} B of state per key (once its rings are full)",
             v.name,
             v.key,
             v.time,

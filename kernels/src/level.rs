@@ -81,7 +81,8 @@ impl LevelSpec {
         Ok(())
     }
 
-    /// Bytes of state per key in this level.
+    /// Bytes of state per key in this level once every ring position holds a buffer
+    /// (the state allocates a position when a fold first writes it).
     pub fn bytes_per_slot(&self) -> usize {
         let cell = 8 * Layout::new(&self.columns).stride;
         cell * self.ring + if self.lifetime { cell } else { 0 }
@@ -210,6 +211,14 @@ pub(crate) struct At {
 /// position, not one for all, so that more slots grow each buffer in place: one flat
 /// position-major buffer had to move every position's block on each growth (16 % of
 /// the ingest benchmark's time with 1 M events over 100 K new keys).
+///
+/// A position's buffer is allocated when a fold first writes it; until then each of
+/// its cells reads as the identity cell (an empty pane). Pane `p` lives at position
+/// `p mod R` for every key, and the keys of a stream share its time, so the positions
+/// in use are those of the panes the stream has reached: memory follows the panes in
+/// use, not the ring's length. A 1 M-event run of the ingest benchmark (100 s of event
+/// time against rings of up to a day) touches 4 of the 44 positions of its three
+/// levels.
 #[derive(Clone, Debug)]
 pub(crate) struct Ring {
     pub positions: Vec<Cells>,
@@ -222,14 +231,44 @@ impl Ring {
         }
     }
 
+    /// Whether position `pos` holds a buffer (was written).
     #[inline(always)]
-    pub(crate) fn cell(&self, layout: &Layout, at: At) -> &[f64] {
-        self.positions[at.pos].cell(layout, at.slot)
+    pub(crate) fn allocated(&self, pos: usize) -> bool {
+        !self.positions[pos].data.is_empty()
     }
 
+    /// Positions holding a buffer.
+    pub(crate) fn allocated_count(&self) -> usize {
+        (0..self.positions.len())
+            .filter(|&p| self.allocated(p))
+            .count()
+    }
+
+    /// The cell at `at`: the identity cell while its position holds no buffer.
     #[inline(always)]
-    pub(crate) fn cell_mut(&mut self, layout: &Layout, at: At) -> &mut [f64] {
+    pub(crate) fn cell<'a>(&'a self, layout: &'a Layout, at: At) -> &'a [f64] {
+        if self.allocated(at.pos) {
+            self.positions[at.pos].cell(layout, at.slot)
+        } else {
+            &layout.identity
+        }
+    }
+
+    /// The cell at `at` for writing, allocating its position's buffer (of `slots`
+    /// identity cells) first when it has none. The caller guarantees `at.slot < slots`.
+    #[inline(always)]
+    pub(crate) fn cell_mut(&mut self, layout: &Layout, slots: usize, at: At) -> &mut [f64] {
+        if !self.allocated(at.pos) {
+            self.positions[at.pos].resize(layout, slots);
+        }
         self.positions[at.pos].cell_mut(layout, at.slot)
+    }
+
+    /// Grows every allocated position to `slots` cells.
+    fn resize(&mut self, layout: &Layout, slots: usize) {
+        for cells in self.positions.iter_mut().filter(|c| !c.data.is_empty()) {
+            cells.resize(layout, slots);
+        }
     }
 
     /// Words in all positions.
@@ -237,23 +276,35 @@ impl Ring {
         self.positions.iter().map(|c| c.data.len()).sum()
     }
 
-    /// Every position's cells, position after position: the flat position-major
-    /// layout of checkpoints and GPU uploads.
-    pub(crate) fn flat(&self) -> Vec<f64> {
-        let mut out = Vec::with_capacity(self.words());
+    /// Every position's `slots` cells, position after position (identity cells for a
+    /// position without a buffer): the flat position-major layout of checkpoints.
+    pub(crate) fn flat(&self, layout: &Layout, slots: usize) -> Vec<f64> {
+        let mut out = Vec::with_capacity(self.positions.len() * slots * layout.stride);
         for c in &self.positions {
-            out.extend_from_slice(&c.data);
+            if c.data.is_empty() {
+                for _ in 0..slots {
+                    out.extend_from_slice(&layout.identity);
+                }
+            } else {
+                out.extend_from_slice(&c.data);
+            }
         }
         out
     }
 
-    /// The inverse of [`Ring::flat`] for `slots` slots of `stride` words.
+    /// The inverse of [`Ring::flat`] for `slots` slots of `stride` words. A position
+    /// whose every cell holds no pane is left without a buffer: such cells are reset
+    /// before a fold writes them and skipped by every read, so this is exact.
     pub(crate) fn from_flat(mut flat: Vec<f64>, ring: usize, slots: usize, stride: usize) -> Ring {
         let per = slots * stride;
         let mut positions = Vec::with_capacity(ring);
         for pos in (0..ring).rev() {
+            let data = flat.split_off(pos * per);
+            let empty = data
+                .chunks_exact(stride)
+                .all(|cell| int(cell[TAG]) == EMPTY_PANE);
             positions.push(Cells {
-                data: flat.split_off(pos * per),
+                data: if empty { Vec::new() } else { data },
             });
         }
         positions.reverse();
@@ -426,9 +477,9 @@ pub struct LevelState {
 ///
 /// The ring is position-major for the fold's sake, so a read of one key touches a
 /// different page for each of its ring cells. The copy holds the same cells key-major
-/// (cell `(slot, pos)` at `slot * ring + pos`): a key's cells of a level are one run of
-/// memory, which a read streams and prefetches (see the `cpu` module docs for the
-/// measurements).
+/// (cell `(slot, pos)` at `slot * width + column[pos]`, over the `width` ring positions
+/// that hold a buffer): a key's cells of a level are one run of memory, which a read
+/// streams and prefetches (see the `cpu` module docs for the measurements).
 ///
 /// It is a cache with an exact validity rule: per ring position, the copy holds the
 /// ring's cells of the slots below `copied[pos]`. A fold that writes cell `(slot, pos)`
@@ -437,10 +488,20 @@ pub struct LevelState {
 /// since its previous fold. Cells of open panes, which every fold writes, so stay in
 /// the ring alone. A read takes each cell from the copy where it is valid, from the ring
 /// otherwise: the same bytes in the same order, so the values are bitwise the same.
+///
+/// When the ring allocates a position the copy does not cover, the next refresh lays
+/// the copy out again over the allocated positions and starts it empty. That happens
+/// at most once per ring position, while a stream first fills its rings; the copy so
+/// stays as large as the ring's allocated part, not its full length.
 #[derive(Clone, Debug)]
 pub(crate) struct ReadCopy {
-    /// `slots * ring` cells once the first refresh allocated them, key-major.
+    /// `slots * width` cells once a refresh allocated them, key-major.
     cells: Vec<f64>,
+    /// Positions covered.
+    width: usize,
+    /// Per ring position: its place among the covered positions (`usize::MAX`: not
+    /// covered; then `copied[pos]` is 0).
+    column: Vec<usize>,
     /// Per ring position: the copy is valid for slots below this.
     copied: Vec<usize>,
     /// Per ring position: written since the last refresh.
@@ -451,6 +512,8 @@ impl ReadCopy {
     fn new(ring: usize) -> Self {
         ReadCopy {
             cells: Vec::new(),
+            width: 0,
+            column: vec![usize::MAX; ring],
             copied: vec![0; ring],
             dirty: vec![false; ring],
         }
@@ -466,6 +529,21 @@ impl ReadCopy {
         let mut cells = vec![0.0; len];
         cells[..self.cells.len()].copy_from_slice(&self.cells);
         self.cells = cells;
+    }
+
+    /// Lays the copy out again, empty, over the positions of `ring` that hold a buffer.
+    fn cover(&mut self, ring: &Ring) {
+        self.cells = Vec::new();
+        self.width = 0;
+        for (pos, column) in self.column.iter_mut().enumerate() {
+            *column = if ring.allocated(pos) {
+                self.width += 1;
+                self.width - 1
+            } else {
+                usize::MAX
+            };
+        }
+        self.copied.fill(0);
     }
 
     /// Records a write of cell `(slot, pos)` of the ring.
@@ -512,9 +590,7 @@ impl LevelState {
             return;
         }
         let new = slots.max(self.slots + self.slots / 2).max(16);
-        for cells in &mut self.ring.positions {
-            cells.resize(&self.layout, new);
-        }
+        self.ring.resize(&self.layout, new);
         if self.spec.lifetime {
             self.base.resize(&self.layout, new);
         }
@@ -534,10 +610,11 @@ impl LevelState {
     }
 
     /// Index of the read copy's cell of key `slot` at ring position `pos`: key-major,
-    /// the transpose of [`LevelState::index`].
+    /// the transpose of [`LevelState::index`] over the positions the copy covers. The
+    /// caller guarantees that it covers `pos`.
     #[inline(always)]
     fn copy_index(&self, slot: usize, pos: usize) -> usize {
-        slot * self.spec.ring + pos
+        slot * self.copy.width + self.copy.column[pos]
     }
 
     /// Frees the buffers (the state moved to a device).
@@ -598,8 +675,9 @@ impl LevelState {
             }
         }
         if in_copy {
-            let run = self.copy_index(slot, 0) * stride;
-            let cells = &self.copy.cells[run..run + ring * stride];
+            let width = self.copy.width;
+            let run = slot * width * stride;
+            let cells = &self.copy.cells[run..run + width * stride];
             for w in cells.iter().step_by(8) {
                 prefetch(w);
             }
@@ -616,16 +694,20 @@ impl LevelState {
     pub(crate) fn refresh_copy(&mut self, budget: usize) -> usize {
         let ring = self.spec.ring;
         let stride = self.layout.stride;
+        if self.ring.allocated_count() != self.copy.width {
+            self.copy.cover(&self.ring);
+        }
+        let width = self.copy.width;
         let mut left = budget;
         for pos in 0..ring {
-            if std::mem::take(&mut self.copy.dirty[pos]) || left == 0 {
+            if std::mem::take(&mut self.copy.dirty[pos]) || left == 0 || !self.ring.allocated(pos) {
                 continue;
             }
             let from = self.copy.copied[pos];
             let to = self.slots.min(from.saturating_add(left));
-            if to > from && self.copy.cells.len() < self.slots * ring * stride {
+            if to > from && self.copy.cells.len() < self.slots * width * stride {
                 // Slots are only added, so the cells already copied keep their place.
-                self.copy.grow(self.slots * ring * stride);
+                self.copy.grow(self.slots * width * stride);
             }
             for slot in from..to {
                 let dst = self.copy_index(slot, pos) * stride;
@@ -695,7 +777,7 @@ impl LevelState {
     ) -> Folded {
         let layout = &self.layout;
         let idx = self.index(slot, pos);
-        let cell = self.ring.cell_mut(layout, idx);
+        let cell = self.ring.cell_mut(layout, self.slots, idx);
         let tag = int(cell[TAG]);
         if tag != pane {
             if tag == EMPTY_PANE || tag < pane {
@@ -921,6 +1003,17 @@ mod tests {
         };
         let mut s = LevelState::new(spec.clone()).unwrap();
         s.reserve_slots(16);
+        let cell = 8 * s.layout.stride;
+        assert_eq!(
+            s.memory_bytes(),
+            16 * cell,
+            "only the base cells until a fold writes a ring position"
+        );
+        fold(&mut s, 3, 2500, 1.0);
+        assert_eq!(s.memory_bytes(), 16 * 2 * cell, "position 2 allocated");
+        for t in [0, 1000, 3000] {
+            fold(&mut s, 0, t, 1.0);
+        }
         assert_eq!(s.memory_bytes(), 16 * spec.bytes_per_slot());
         s.sync_copy();
         assert_eq!(s.cell_bytes(), 16 * spec.bytes_per_slot());
@@ -928,6 +1021,76 @@ mod tests {
             s.memory_bytes(),
             s.cell_bytes() + 16 * 4 * 8 * s.layout.stride
         );
+    }
+
+    /// A ring position is allocated when first written; the read copy covers the
+    /// allocated positions and is laid out again, empty, when the ring allocates
+    /// another, and reads stay the ring's bytes throughout.
+    #[test]
+    fn r18_the_read_copy_covers_the_allocated_positions() {
+        let spec = LevelSpec {
+            hop: 10,
+            ring: 4,
+            columns: vec![crate::Agg::Mean.fields()],
+            lifetime: false,
+        };
+        let mut s = LevelState::new(spec).unwrap();
+        s.reserve_slots(8);
+        let n = s.slots();
+        let same_as_ring = |s: &LevelState| {
+            (0..s.slots()).all(|slot| {
+                (0..4).all(|pos| {
+                    cell_bits(s.read_cell(slot, pos))
+                        == cell_bits(s.ring.cell(&s.layout, s.index(slot, pos)))
+                })
+            })
+        };
+        assert!(
+            same_as_ring(&s),
+            "unwritten positions read as identity cells"
+        );
+        assert_eq!(s.ring.allocated_count(), 0);
+        for slot in 0..n {
+            fold(&mut s, slot, 15, slot as f64);
+        }
+        assert_eq!(s.ring.allocated_count(), 1);
+        assert_eq!(s.refresh_copy(usize::MAX), 0, "position 1 was just written");
+        assert_eq!(s.refresh_copy(usize::MAX), n);
+        assert_eq!((s.copy.width, s.copy.copied.clone()), (1, vec![0, n, 0, 0]));
+        assert_eq!(s.memory_bytes(), 2 * n * 8 * s.layout.stride);
+        assert!(same_as_ring(&s));
+
+        // Pane 3 of one key allocates position 3 for every key.
+        fold(&mut s, 6, 31, -1.0);
+        assert_eq!(s.ring.allocated_count(), 2);
+        assert!(same_as_ring(&s));
+        assert_eq!(
+            s.refresh_copy(usize::MAX),
+            n,
+            "position 1 again, laid out anew"
+        );
+        assert_eq!((s.copy.width, s.copy.copied.clone()), (2, vec![0, n, 0, 0]));
+        assert!(same_as_ring(&s));
+        assert_eq!(s.refresh_copy(usize::MAX), n, "then position 3");
+        assert_eq!(s.copy.copied, [0, n, 0, n]);
+        assert!(same_as_ring(&s));
+        assert_eq!(s.memory_bytes(), 4 * n * 8 * s.layout.stride);
+
+        // A checkpoint image keeps the layout: identity cells for the positions
+        // never written, which come back without a buffer.
+        let flat = s.ring.flat(&s.layout, n);
+        assert_eq!(flat.len(), 4 * n * s.layout.stride);
+        let back = Ring::from_flat(flat, 4, n, s.layout.stride);
+        assert_eq!(back.allocated_count(), 2);
+        for slot in 0..n {
+            for pos in 0..4 {
+                let at = s.index(slot, pos);
+                assert_eq!(
+                    cell_bits(back.cell(&s.layout, at)),
+                    cell_bits(s.ring.cell(&s.layout, at))
+                );
+            }
+        }
     }
 
     /// Folds one event of `value` at time `ts` into `slot`.

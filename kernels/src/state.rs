@@ -144,7 +144,7 @@ impl PaneState {
                 .flatten()
                 .map(|l| LevelImage {
                     slots: l.slots,
-                    ring: l.ring.flat(),
+                    ring: l.ring.flat(&l.layout, l.slots),
                     base: l.base.data.clone(),
                 })
                 .collect())

@@ -113,7 +113,9 @@ impl CompiledView {
             })
     }
 
-    /// State bytes per key.
+    /// State bytes per key once every ring position holds a buffer: the most a key
+    /// costs (a ring position is allocated, for every key at once, when a fold first
+    /// writes it).
     pub fn bytes_per_key(&self) -> usize {
         self.state
             .levels

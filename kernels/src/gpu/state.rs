@@ -8,7 +8,7 @@ use wgpu::util::DeviceExt;
 use super::context::{Context, device_err, groups};
 use super::params::InitParams;
 use crate::error::KernelError;
-use crate::level::{ABSENT, Layout, LevelState};
+use crate::level::{ABSENT, EMPTY_PANE, Layout, LevelState, TAG, int};
 use crate::state::PaneState;
 
 /// One hop level on the device.
@@ -288,14 +288,21 @@ impl DeviceState {
                 level.reserve_slots(slots);
                 let stride = level.layout.stride;
                 let ring = level.spec.ring;
+                let slots = level.slots;
                 for (slot, &id) in ids.iter().enumerate() {
                     for pos in 0..ring {
                         let from = (pos * cap + id) * stride;
+                        let cell = &words[from..from + stride];
+                        // A cell without a pane reads as the identity cell anyway
+                        // (see `Ring::from_flat`): its position need not be allocated.
+                        if int(cell[TAG]) == EMPTY_PANE {
+                            continue;
+                        }
                         let at = level.index(slot, pos);
                         level
                             .ring
-                            .cell_mut(&level.layout, at)
-                            .copy_from_slice(&words[from..from + stride]);
+                            .cell_mut(&level.layout, slots, at)
+                            .copy_from_slice(cell);
                     }
                     if level.spec.lifetime {
                         let from = (ring * cap + id) * stride;
