@@ -21,6 +21,12 @@
 //! plus software prefetching of the next cells (15 % slower than this plain loop: the
 //! fold is bound by memory latency, and the block bookkeeping cost more than the
 //! divisions it saved). SIMD lanes pay where data is contiguous; a scatter is not.
+//! Also measured and not kept: splitting each 64 K-event chunk into 16 partitions by
+//! key (a stable counting sort of the event indices) and pre-aggregating and flushing
+//! one partition at a time, so that a partition's groups stay in L2 (kernel bench,
+//! 100 K keys: 64 K events on one thread 5.1 → 5.2 ms, on two 3.3 → 3.9 ms; 1 M events
+//! unchanged). The stalls of the fold are in the state it flushes into (the prefetches
+//! of its cells, TLB misses), not in the batch-local groups.
 //!
 //! # Merge
 //! A read passes once over each level's ring of the key, adding the cells whose tag
