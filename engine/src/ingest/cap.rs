@@ -1,11 +1,13 @@
 //! Limits on the keys a view may create: the view's `max_keys`, and a budget of
 //! state memory shared by every view (and every engine) of a process.
 //!
-//! Each new key costs its pane state up front, so keys are what a hostile or runaway
-//! producer can exhaust memory with. A row whose key is new is refused (and counted
-//! as [`RejectReason::KeyLimit`](super::RejectReason::KeyLimit)) when the view holds
-//! its `max_keys` or when the budget cannot pay for the key; rows of known keys are
-//! always taken.
+//! Each new key can cost its full pane state (ring positions are allocated for every
+//! key as the stream reaches their panes), so keys are what a hostile or runaway
+//! producer can exhaust memory with; the budget charges a key that bound. A row whose
+//! key is new is refused (and counted as
+//! [`RejectReason::KeyLimit`](super::RejectReason::KeyLimit)) when the view holds its
+//! `max_keys` or when the budget cannot pay for the key; rows of known keys are always
+//! taken.
 //!
 //! A refusal is *sticky* for the rest of a push: once one new key is refused, every
 //! later new key of the same push is too. The keys a push creates are then the first
