@@ -1023,28 +1023,36 @@ mod tests {
         );
     }
 
+    /// A level of four 10 ms panes storing `fields`, with 8 or more slots.
+    fn four_positions(fields: ColumnFields) -> LevelState {
+        let spec = LevelSpec {
+            hop: 10,
+            ring: 4,
+            columns: vec![fields],
+            lifetime: false,
+        };
+        let mut s = LevelState::new(spec).unwrap();
+        s.reserve_slots(8);
+        s
+    }
+
+    /// Whether every cell reads as the ring holds it, through the copy or not.
+    fn same_as_ring(s: &LevelState) -> bool {
+        (0..s.slots()).all(|slot| {
+            (0..s.spec.ring).all(|pos| {
+                cell_bits(s.read_cell(slot, pos))
+                    == cell_bits(s.ring.cell(&s.layout, s.index(slot, pos)))
+            })
+        })
+    }
+
     /// A ring position is allocated when first written; the read copy covers the
     /// allocated positions and is laid out again, empty, when the ring allocates
     /// another, and reads stay the ring's bytes throughout.
     #[test]
     fn r18_the_read_copy_covers_the_allocated_positions() {
-        let spec = LevelSpec {
-            hop: 10,
-            ring: 4,
-            columns: vec![crate::Agg::Mean.fields()],
-            lifetime: false,
-        };
-        let mut s = LevelState::new(spec).unwrap();
-        s.reserve_slots(8);
+        let mut s = four_positions(crate::Agg::Mean.fields());
         let n = s.slots();
-        let same_as_ring = |s: &LevelState| {
-            (0..s.slots()).all(|slot| {
-                (0..4).all(|pos| {
-                    cell_bits(s.read_cell(slot, pos))
-                        == cell_bits(s.ring.cell(&s.layout, s.index(slot, pos)))
-                })
-            })
-        };
         assert!(
             same_as_ring(&s),
             "unwritten positions read as identity cells"
@@ -1109,28 +1117,13 @@ mod tests {
     /// again.
     #[test]
     fn read_copy_follows_every_write() {
-        let spec = LevelSpec {
-            hop: 10,
-            ring: 4,
-            columns: vec![crate::Agg::Sum.fields()],
-            lifetime: false,
-        };
-        let mut s = LevelState::new(spec).unwrap();
-        s.reserve_slots(8);
+        let mut s = four_positions(crate::Agg::Sum.fields());
         let n = s.slots();
         for slot in 0..n {
             for t in [0, 10, 20, 30] {
                 fold(&mut s, slot, t + slot as i64 % 10, slot as f64);
             }
         }
-        let same_as_ring = |s: &LevelState| {
-            (0..s.slots()).all(|slot| {
-                (0..4).all(|pos| {
-                    cell_bits(s.read_cell(slot, pos))
-                        == cell_bits(s.ring.cell(&s.layout, s.index(slot, pos)))
-                })
-            })
-        };
         assert_eq!(s.copy.copied, [0; 4]);
         // Every position was written since the (implicit) last refresh: nothing copied.
         assert_eq!(s.refresh_copy(1000), 0);
