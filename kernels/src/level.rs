@@ -300,9 +300,7 @@ impl Ring {
         let mut positions = Vec::with_capacity(ring);
         for pos in (0..ring).rev() {
             let data = flat.split_off(pos * per);
-            let empty = data
-                .chunks_exact(stride)
-                .all(|cell| int(cell[TAG]) == EMPTY_PANE);
+            let empty = data.chunks_exact(stride).all(holds_no_pane);
             positions.push(Cells {
                 data: if empty { Vec::new() } else { data },
             });
@@ -310,6 +308,14 @@ impl Ring {
         positions.reverse();
         Ring { positions }
     }
+}
+
+/// Whether ring cell `cell` holds no pane (was never written). Such a cell is reset
+/// before a fold writes it and skipped by every read, so it may as well be the
+/// identity cell of a position without a buffer.
+#[inline(always)]
+pub(crate) fn holds_no_pane(cell: &[f64]) -> bool {
+    int(cell[TAG]) == EMPTY_PANE
 }
 
 /// A prefetch hint for the cache line holding `x`.

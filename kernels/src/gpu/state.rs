@@ -8,7 +8,7 @@ use wgpu::util::DeviceExt;
 use super::context::{Context, device_err, groups};
 use super::params::InitParams;
 use crate::error::KernelError;
-use crate::level::{ABSENT, EMPTY_PANE, Layout, LevelState, TAG, int};
+use crate::level::{ABSENT, Layout, LevelState, holds_no_pane};
 use crate::state::PaneState;
 
 /// One hop level on the device.
@@ -293,9 +293,8 @@ impl DeviceState {
                     for pos in 0..ring {
                         let from = (pos * cap + id) * stride;
                         let cell = &words[from..from + stride];
-                        // A cell without a pane reads as the identity cell anyway
-                        // (see `Ring::from_flat`): its position need not be allocated.
-                        if int(cell[TAG]) == EMPTY_PANE {
+                        // Its position need not be allocated for it.
+                        if holds_no_pane(cell) {
                             continue;
                         }
                         let at = level.index(slot, pos);
