@@ -421,7 +421,10 @@ fn describe(file: &FeatureFile) {
                 Window::Lifetime => "lifetime".into(),
             };
             let col = f.column.as_deref().unwrap_or("*");
-            println!("  {:<28} {}({col}) over {w}", f.name, f.agg);
+            let half_life = f.agg.half_life().map_or(String::new(), |h| {
+                format!(", half-life {}", format_duration(h))
+            });
+            println!("  {:<28} {}({col}) over {w}{half_life}", f.name, f.agg);
         }
     }
 }

@@ -16,7 +16,7 @@ use arrow_array::{
 use arrow_schema::DataType;
 use common::{Ev, accepted, assert_close, feature, scale};
 use panes_engine::offline::io::{read_file, write_file};
-use panes_engine::{Agg, FeatureFile, Window};
+use panes_engine::{FeatureFile, Window};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -602,7 +602,7 @@ fn backfill_on_the_gpu_equals_the_cpu_on_1m_events() {
                 continue;
             }
             let (x, y) = (a.value(r), b.value(r));
-            let exact = matches!(f.agg, Agg::Count | Agg::Min | Agg::Max | Agg::Last);
+            let exact = f.agg.bitwise();
             assert!(
                 if exact {
                     x == y

@@ -44,14 +44,20 @@ fn feature_file(lateness_ms: i64) -> String {
             } else {
                 "column = \"v\"\n"
             };
+            let half_life = agg
+                .half_life()
+                .map_or(String::new(), |h| format!("half_life = \"{h}ms\"\n"));
             s += &format!(
-                "\n[[views.features]]\nname = \"{agg}_{wname}\"\nagg = \"{agg}\"\n{column}{w}\n"
+                "\n[[views.features]]\nname = \"{agg}_{wname}\"\nagg = \"{agg}\"\n{column}{half_life}{w}\n"
             );
         }
     }
     s += "\n[[views.features]]\nname = \"count_v_slide\"\nagg = \"count\"\ncolumn = \"v\"\nwindow = \"5s\"\nhop = \"1s\"\n";
     s += "\n[[views.features]]\nname = \"n_sum_hop\"\nagg = \"sum\"\ncolumn = \"n\"\nwindow = \"12s\"\nhop = \"4s\"\n";
     s += "\n[[views.features]]\nname = \"n_last_life\"\nagg = \"last\"\ncolumn = \"n\"\nwindow = \"lifetime\"\n";
+    // A second half-life of `v` (a state column of its own), and decayed rows.
+    s += "\n[[views.features]]\nname = \"v_decayed_fast\"\nagg = \"decayed_sum\"\ncolumn = \"v\"\nhalf_life = \"3s\"\nwindow = \"12s\"\nhop = \"4s\"\n";
+    s += "\n[[views.features]]\nname = \"rows_decayed_life\"\nagg = \"decayed_count\"\nhalf_life = \"1500ms\"\nwindow = \"lifetime\"\n";
     s
 }
 
@@ -448,7 +454,7 @@ fn results_do_not_depend_on_batch_splits_or_backend() {
         assert_eq!(fr.valid, frames[0].valid);
         for ((idx, a), b) in fr.values.indexed_iter().zip(frames[0].values.iter()) {
             let agg = view.features[idx.1].agg;
-            if matches!(agg, Agg::Count | Agg::Min | Agg::Max | Agg::Last) {
+            if agg.bitwise() {
                 assert!(
                     a == b || (a.is_nan() && b.is_nan()),
                     "{agg} {idx:?}: {a} vs {b}"

@@ -447,7 +447,7 @@ impl<'a> ReadPlan<'a> {
         for (f, fm) in self.features.iter().enumerate() {
             let (acc, st) = &accs[self.scan_of[f]];
             status = status.worst(*st);
-            let v = finalize(fm.agg, fm.column, acc);
+            let v = finalize(fm.agg, fm.column, acc, at);
             values[f] = v.unwrap_or(f64::NAN);
             valid[f] = v.is_some();
         }

@@ -11,8 +11,9 @@
 //!  ┌──────────────────────────────────┬──────────────────────────────────┬─────
 //!  │ pos 0: slot 0 │ slot 1 │ … │ S−1 │ pos 1: slot 0 │ slot 1 │ … │ S−1 │ …
 //!  └──────────────────────────────────┴──────────────────────────────────┴─────
-//!  cell: [tag, rows, max_ts | count, sum, K, Σ(x−K), Σ(x−K)², min, max, last, last_ts | …]
-//!         pane id             └─────────── one group per value column ────────────┘
+//!  cell: [tag, rows, max_ts | count, sum, K, Σ(x−K), Σ(x−K)², min, max, last, last_ts,
+//!         pane id               first, first_ts, decay_ts, Σw, Σxw | …]
+//!                             └──────── one group per value column ─────────┘
 //!  base buffer: one cell per slot, the panes recycled out of the ring (`lifetime` only)
 //! ```
 //!
@@ -78,6 +79,15 @@ impl LevelSpec {
                 "ring must hold at least one pane".into(),
             ));
         }
+        if let Some(h) = self
+            .columns
+            .iter()
+            .find_map(|c| c.decay.filter(|&h| h <= 0))
+        {
+            return Err(KernelError::InvalidSpec(format!(
+                "half-life must be positive, got {h}"
+            )));
+        }
         Ok(())
     }
 
@@ -104,6 +114,13 @@ pub(crate) struct ColLayout {
     pub max: usize,
     /// Last value, then its time.
     pub last: usize,
+    /// First value, then its time.
+    pub first: usize,
+    /// Decayed sums: reference time `r` (the latest time added), `Σ 2^(−(r − ts)/h)`
+    /// and `Σ x · 2^(−(r − ts)/h)`.
+    pub decay: usize,
+    /// The half-life `h` of the decayed sums, ms (0 without them).
+    pub half_life: f64,
 }
 
 pub(crate) const ABSENT: usize = usize::MAX;
@@ -138,6 +155,9 @@ impl Layout {
                 min: ABSENT,
                 max: ABSENT,
                 last: ABSENT,
+                first: ABSENT,
+                decay: ABSENT,
+                half_life: f.decay.unwrap_or(0) as f64,
             };
             let mut field = |on: bool, init: &[f64]| {
                 if !on {
@@ -154,6 +174,8 @@ impl Layout {
                 c.min = field(f.min, &[f64::INFINITY]);
                 c.max = field(f.max, &[f64::NEG_INFINITY]);
                 c.last = field(f.last, &[f64::NAN, bits(EMPTY_PANE)]);
+                c.first = field(f.first, &[f64::NAN, bits(i64::MAX)]);
+                c.decay = field(f.decay.is_some(), &DECAY_IDENTITY);
             }
             cols.push(c);
         }
@@ -347,6 +369,40 @@ pub(crate) fn above(a: f64, b: f64) -> bool {
     a > b || (a == b && (a.to_bits() as i64) > (b.to_bits() as i64))
 }
 
+/// The decay group of a cell that holds no value: no reference time, zero sums.
+pub(crate) const DECAY_IDENTITY: [f64; 3] = [f64::from_bits(EMPTY_PANE as u64), 0.0, 0.0];
+
+/// `2^(−delta / half_life)`: the weight of a value `delta` ms older than the reference.
+/// The shaders' `decay_weight` computes the same (to within an ulp or two).
+#[inline]
+pub(crate) fn decay_weight(delta: i64, half_life: f64) -> f64 {
+    (-(delta as f64) / half_life).exp2()
+}
+
+/// Merges the decayed sums `(r, w, xw)` (reference time, `Σ weights`, `Σ x · weight`)
+/// into the decay group `g`: both are rescaled to the later reference, so that every
+/// weight stays at most 1 and nothing overflows. Adding one value `x` at time `t` is
+/// merging `(t, 1, x)`.
+#[inline]
+pub(crate) fn decay_merge(g: &mut [f64], r: i64, w: f64, xw: f64, half_life: f64) {
+    if r == EMPTY_PANE {
+        return;
+    }
+    let gr = int(g[0]);
+    if gr == EMPTY_PANE {
+        g[..3].copy_from_slice(&[bits(r), w, xw]);
+    } else if r > gr {
+        let s = decay_weight(r - gr, half_life);
+        g[0] = bits(r);
+        g[1] = g[1] * s + w;
+        g[2] = g[2] * s + xw;
+    } else {
+        let s = decay_weight(gr - r, half_life);
+        g[1] += w * s;
+        g[2] += xw * s;
+    }
+}
+
 /// Adds event `e` of the batch to `cell`.
 #[inline(always)]
 pub(crate) fn add(layout: &Layout, cell: &mut [f64], ts: i64, values: &[&[f64]], e: usize) {
@@ -388,6 +444,13 @@ pub(crate) fn add(layout: &Layout, cell: &mut [f64], ts: i64, values: &[&[f64]],
         if col.last != ABSENT && ts >= int(cell[col.last + 1]) {
             cell[col.last] = x;
             cell[col.last + 1] = bits(ts);
+        }
+        if col.first != ABSENT && ts < int(cell[col.first + 1]) {
+            cell[col.first] = x;
+            cell[col.first + 1] = bits(ts);
+        }
+        if col.decay != ABSENT {
+            decay_merge(&mut cell[col.decay..], ts, 1.0, x, col.half_life);
         }
     }
 }
@@ -448,6 +511,21 @@ fn merge_cells<const KEEP_SHIFT: bool>(layout: &Layout, dst: &mut [f64], src: &[
         if col.last != ABSENT && int(src[col.last + 1]) >= int(dst[col.last + 1]) {
             dst[col.last] = src[col.last];
             dst[col.last + 1] = src[col.last + 1];
+        }
+        // Strictly earlier: on a tie the event that arrived first (in `dst`) stays.
+        if col.first != ABSENT && int(src[col.first + 1]) < int(dst[col.first + 1]) {
+            dst[col.first] = src[col.first];
+            dst[col.first + 1] = src[col.first + 1];
+        }
+        if col.decay != ABSENT {
+            let d = col.decay;
+            decay_merge(
+                &mut dst[d..],
+                int(src[d]),
+                src[d + 1],
+                src[d + 2],
+                col.half_life,
+            );
         }
     }
 }
@@ -928,6 +1006,10 @@ pub(crate) struct Acc {
     pub max: f64,
     pub last: f64,
     pub last_ts: i64,
+    pub first: f64,
+    pub first_ts: i64,
+    /// A decay group (`decay_merge`).
+    pub decay: [f64; 3],
 }
 
 impl Acc {
@@ -944,6 +1026,9 @@ impl Acc {
         max: f64::NEG_INFINITY,
         last: f64::NAN,
         last_ts: EMPTY_PANE,
+        first: f64::NAN,
+        first_ts: i64::MAX,
+        decay: DECAY_IDENTITY,
     };
 
     /// Adds a cell, for column `column` (or rows only).
@@ -973,14 +1058,31 @@ impl Acc {
             self.last_ts = int(cell[col.last + 1]);
             self.last = cell[col.last];
         }
+        if col.first != ABSENT && int(cell[col.first + 1]) < self.first_ts {
+            self.first_ts = int(cell[col.first + 1]);
+            self.first = cell[col.first];
+        }
+        if col.decay != ABSENT {
+            let d = col.decay;
+            let (r, w, xw) = (int(cell[d]), cell[d + 1], cell[d + 2]);
+            decay_merge(&mut self.decay, r, w, xw, col.half_life);
+        }
     }
 }
 
-/// The value of `agg` over an accumulated window, or `None` for null.
+/// The value of `agg` over an accumulated window read at `at`, or `None` for null.
 #[inline]
-pub(crate) fn finalize(agg: crate::Agg, column: Option<usize>, a: &Acc) -> Option<f64> {
+pub(crate) fn finalize(agg: crate::Agg, column: Option<usize>, a: &Acc, at: i64) -> Option<f64> {
     use crate::Agg::*;
     let n = a.count;
+    let decayed = |i: usize, half_life: i64| {
+        let r = int(a.decay[0]);
+        if r == EMPTY_PANE {
+            0.0
+        } else {
+            a.decay[i] * decay_weight(at.saturating_sub(r), half_life as f64)
+        }
+    };
     match agg {
         Count => Some(if column.is_some() { n } else { a.rows }),
         Sum => Some(a.sum),
@@ -992,6 +1094,9 @@ pub(crate) fn finalize(agg: crate::Agg, column: Option<usize>, a: &Acc) -> Optio
             if agg == Std { var.sqrt() } else { var }
         }),
         Last => (n > 0.0).then_some(a.last),
+        First => (n > 0.0).then_some(a.first),
+        DecayedSum { half_life } => Some(decayed(2, half_life)),
+        DecayedCount { half_life } => Some(decayed(1, half_life)),
     }
 }
 

@@ -55,7 +55,7 @@ impl Backend for Scalar {
             for (f, fm) in features.iter().enumerate() {
                 let level = &state.shards[shard][fm.level];
                 let (acc, status) = window(level, slot, fm, at);
-                let v = finalize(fm.agg, fm.column, &acc);
+                let v = finalize(fm.agg, fm.column, &acc, at);
                 let i = k * features.len() + f;
                 out.values[i] = v.unwrap_or(f64::NAN);
                 out.valid[i] = v.is_some();

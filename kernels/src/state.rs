@@ -459,7 +459,8 @@ pub(crate) fn check_features(
             }
             Some(c) => {
                 let stored = level.columns.get(c).copied().unwrap_or_default();
-                if stored.union(f.agg.fields()) != stored {
+                let wrong_half_life = f.agg.half_life().is_some_and(|h| stored.decay != Some(h));
+                if stored.union(f.agg.fields()) != stored || wrong_half_life {
                     return Err(KernelError::Shape(format!(
                         "feature {i}: level {} does not store the fields of {} for column {c}",
                         f.level, f.agg

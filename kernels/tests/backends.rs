@@ -31,6 +31,8 @@ fn gen_case(rng: &mut StdRng) -> Case {
             let agg = Agg::ALL[rng.random_range(0..Agg::ALL.len())];
             let column =
                 (agg != Agg::Count || rng.random_bool(0.5)).then(|| rng.random_range(0..columns));
+            // A column keeps one half-life (a view gives each its own column).
+            let agg = with_half_life(agg, column.and_then(|c| cols[c].decay), rng);
             if let Some(c) = column {
                 cols[c] = cols[c].union(agg.fields());
             }
@@ -49,6 +51,7 @@ fn gen_case(rng: &mut StdRng) -> Case {
             // mean and std of one column are): the CPU backend shares their scan.
             if let Some(c) = column.filter(|_| rng.random_bool(0.4)) {
                 let agg = Agg::ALL[rng.random_range(0..Agg::ALL.len())];
+                let agg = with_half_life(agg, cols[c].decay, rng);
                 cols[c] = cols[c].union(agg.fields());
                 features.push(FeatureMerge {
                     level: l,
@@ -104,6 +107,17 @@ fn gen_case(rng: &mut StdRng) -> Case {
     }
 }
 
+/// `agg` with the column's half-life `kept`, or a random one (from 1 ms, where every
+/// older value decays to nothing, to 30 days) when the column has none yet.
+fn with_half_life(agg: Agg, kept: Option<i64>, rng: &mut StdRng) -> Agg {
+    let h = kept.unwrap_or([1, 997, 3_600_000, 30 * 86_400_000][rng.random_range(0..4)]);
+    match agg {
+        Agg::DecayedSum { .. } => Agg::DecayedSum { half_life: h },
+        Agg::DecayedCount { .. } => Agg::DecayedCount { half_life: h },
+        a => a,
+    }
+}
+
 fn fold_split(backend: &dyn Backend, case: &Case, rng: &mut StdRng, split: bool) -> PaneState {
     fold_turns(&[backend], case, rng, split)
 }
@@ -139,9 +153,10 @@ fn same(agg: Agg, a: f64, b: f64) -> bool {
     if a.is_nan() || b.is_nan() {
         return a.is_nan() && b.is_nan();
     }
-    match agg {
-        Agg::Count | Agg::Min | Agg::Max | Agg::Last => a.to_bits() == b.to_bits(),
-        _ => (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1e-3),
+    if agg.bitwise() {
+        a.to_bits() == b.to_bits()
+    } else {
+        (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1e-3)
     }
 }
 

@@ -41,7 +41,8 @@ class Feature:
     """One feature of a view: an aggregation of a column over a window.
 
     Build features with :func:`count`, :func:`sum`, :func:`mean`, :func:`min`,
-    :func:`max`, :func:`var`, :func:`std` and :func:`last`.
+    :func:`max`, :func:`var`, :func:`std`, :func:`last`, :func:`first`,
+    :func:`decayed_sum` and :func:`decayed_count`.
     """
 
     name: str
@@ -49,6 +50,7 @@ class Feature:
     column: str | None
     window: str
     hop: str | None = None
+    half_life: str | None = None
 
     def to_toml(self) -> str:
         """The feature as a ``[[views.features]]`` table."""
@@ -58,12 +60,15 @@ class Feature:
         lines.append(f"window = {_q(self.window)}")
         if self.hop is not None:
             lines.append(f"hop = {_q(self.hop)}")
+        if self.half_life is not None:
+            lines.append(f"half_life = {_q(self.half_life)}")
         return "\n".join(lines) + "\n"
 
     def __repr__(self) -> str:
         what = f"{self.agg}({self.column})" if self.column else f"{self.agg}()"
         hop = f", hop={self.hop}" if self.hop else ""
-        return f"<Feature {self.name}: {what} over {self.window}{hop}>"
+        half_life = f", half_life={self.half_life}" if self.half_life else ""
+        return f"<Feature {self.name}: {what} over {self.window}{hop}{half_life}>"
 
 
 def _feature(
@@ -72,12 +77,14 @@ def _feature(
     window: Duration,
     hop: Duration | None,
     name: str | None,
+    half_life: Duration | None = None,
 ) -> Feature:
     w = _duration(window, "window")
     h = None if hop is None else _duration(hop, "hop")
+    hl = None if half_life is None else _duration(half_life, "half_life")
     if name is None:
         name = f"{agg}_{w}" if column is None else f"{column}_{agg}_{w}"
-    return Feature(name=name, agg=agg, column=column, window=w, hop=h)
+    return Feature(name=name, agg=agg, column=column, window=w, hop=h, half_life=hl)
 
 
 def count(
@@ -153,6 +160,49 @@ def last(
 ) -> Feature:
     """Value of ``column`` of the latest event in the window (ties: the one pushed last)."""
     return _feature("last", column, window, hop, name)
+
+
+def first(
+    column: str, *, window: Duration, hop: Duration | None = None, name: str | None = None
+) -> Feature:
+    """Value of ``column`` of the earliest event in the window (ties: the one pushed first)."""
+    return _feature("first", column, window, hop, name)
+
+
+def decayed_sum(
+    column: str,
+    *,
+    half_life: Duration,
+    window: Duration,
+    hop: Duration | None = None,
+    name: str | None = None,
+) -> Feature:
+    """Exponentially decayed sum of ``column`` over the window, as of the read time t:
+    ``Σ v · 2^(−(t − ts) / half_life)`` (0 when empty; within 1e-9 relative).
+
+    >>> import panes
+    >>> panes.decayed_sum("amount", half_life="1h", window="1d", hop="10m")
+    <Feature amount_decayed_sum_1d: decayed_sum(amount) over 1d, hop=10m, half_life=1h>
+    """
+    return _feature("decayed_sum", column, window, hop, name, half_life)
+
+
+def decayed_count(
+    column: str | None = None,
+    *,
+    half_life: Duration,
+    window: Duration,
+    hop: Duration | None = None,
+    name: str | None = None,
+) -> Feature:
+    """Exponentially decayed count of the window's events (with ``column``, of its
+    non-null, non-NaN values), as of the read time t: ``Σ 2^(−(t − ts) / half_life)``.
+
+    >>> import panes
+    >>> panes.decayed_count(half_life="30m", window="lifetime")
+    <Feature decayed_count_lifetime: decayed_count() over lifetime, half_life=30m>
+    """
+    return _feature("decayed_count", column, window, hop, name, half_life)
 
 
 @dataclass(frozen=True)

@@ -279,6 +279,7 @@ def _view_dict(v: pb.ViewDescription) -> dict[str, Any]:
                 "column": f.column or None,
                 "window_ms": f.window_ms or None,
                 "hop_ms": f.hop_ms,
+                "half_life_ms": f.half_life_ms or None,
                 "dtype": f.dtype,
             }
             for f in v.features

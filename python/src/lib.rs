@@ -158,7 +158,8 @@ impl PyEngine {
     }
 
     /// The views as plain data: `[{name, key, time, pane, allowed_lateness, read_time,
-    /// features: [{name, agg, column, window, hop}]}]`, durations formatted.
+    /// features: [{name, agg, column, window, hop, half_life}]}]`, durations formatted
+    /// (`half_life` is None but for decayed sums and counts).
     fn views<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let out = PyList::empty(py);
         for v in &self.inner.file().views {
@@ -185,6 +186,7 @@ impl PyEngine {
                 };
                 fd.set_item("window", w)?;
                 fd.set_item("hop", format_duration(f.hop))?;
+                fd.set_item("half_life", f.agg.half_life().map(format_duration))?;
                 features.append(fd)?;
             }
             d.set_item("features", features)?;

@@ -14,9 +14,10 @@ import pyarrow as pa
 LATENESS_MS = 3_000
 BASE_MS = 1_767_225_600_000  # 2026-01-01
 
-# name, agg, column, window (ms, None = lifetime), hop (ms): every aggregation, with
-# sliding, tumbling (hop = window) and lifetime windows.
-FEATURES = [
+# name, agg, column, window (ms, None = lifetime), hop (ms), half-life (ms, decayed
+# aggregations only): every aggregation, with sliding, tumbling (hop = window) and
+# lifetime windows.
+FEATURES: list[tuple] = [
     ("rows_1m", "count", None, 60_000, 10_000),
     ("amount_sum_1m", "sum", "amount", 60_000, 10_000),
     ("amount_mean_5m", "mean", "amount", 300_000, 60_000),
@@ -27,6 +28,12 @@ FEATURES = [
     ("amount_last", "last", "amount", None, 10_000),
     ("amount_count_lifetime", "count", "amount", None, 10_000),
     ("amount_sum_10s_tumbling", "sum", "amount", 10_000, 10_000),
+    ("amount_first_5m", "first", "amount", 300_000, 60_000),
+    ("amount_first", "first", "amount", None, 10_000),
+    ("amount_decayed_sum_1h", "decayed_sum", "amount", 3_600_000, 300_000, 600_000),
+    ("amount_decayed_sum_tumbling", "decayed_sum", "amount", 60_000, 60_000, 20_000),
+    ("rows_decayed_count_lifetime", "decayed_count", None, None, 10_000, 45_000),
+    ("amount_decayed_count_1m", "decayed_count", "amount", 60_000, 10_000, 600_000),
 ]
 
 SQL_AGG = {
@@ -40,9 +47,15 @@ SQL_AGG = {
     ("std", "amount"): "stddev_samp(a.amount)",
     # Greatest time, ties to the event that arrived last; nulls skipped.
     ("last", "amount"): "arg_max(a.amount, a.t::HUGEINT * 100000000 + a.seq) FILTER (WHERE a.amount IS NOT NULL)",
+    # Smallest time, ties to the event that arrived first.
+    ("first", "amount"): "arg_min(a.amount, a.t::HUGEINT * 100000000 + a.seq) FILTER (WHERE a.amount IS NOT NULL)",
+    # Σ v · 2^(−(t − ts) / half_life), DESIGN §3b; 0 when empty.
+    ("decayed_sum", "amount"): "coalesce(sum(a.amount * pow(2.0, -(s.at - a.t) / {h}.0)), 0)",
+    ("decayed_count", None): "coalesce(sum(pow(2.0, -(s.at - a.t) / {h}.0)), 0)",
+    ("decayed_count", "amount"): "coalesce(sum(pow(2.0, -(s.at - a.t) / {h}.0)) FILTER (WHERE a.amount IS NOT NULL), 0)",
 }
 
-EXACT_AGGS = ("count", "min", "max", "last")
+EXACT_AGGS = ("count", "min", "max", "last", "first")
 
 
 def feature_file() -> str:
@@ -55,10 +68,12 @@ def feature_file() -> str:
         'pane = "10s"',
         f'allowed_lateness = "{LATENESS_MS}ms"',
     ]
-    for name, agg, column, window, hop in FEATURES:
+    for name, agg, column, window, hop, *half_life in FEATURES:
         out += ["", "[[views.features]]", f'name = "{name}"', f'agg = "{agg}"']
         if column:
             out.append(f'column = "{column}"')
+        if half_life:
+            out.append(f'half_life = "{half_life[0]}ms"')
         out.append(f'window = "{window}ms"' if window else 'window = "lifetime"')
         out.append(f'hop = "{hop}ms"')
     return "\n".join(out) + "\n"
@@ -121,13 +136,13 @@ def oracle(events: pa.Table, spine: pa.Table) -> dict[str, np.ndarray]:
     )
     rows_n = spine.num_rows
     out = {}
-    for name, agg, column, window, hop in FEATURES:
+    for name, agg, column, window, hop, *half_life in FEATURES:
         cond = "a.t <= s.at"
         if window:
             cond += f" AND a.t // {hop} >= s.at // {hop} - {window // hop} + 1"
         rows = con.execute(
             f"""
-            SELECT s.label, {SQL_AGG[(agg, column)]} AS v
+            SELECT s.label, {SQL_AGG[(agg, column)].format(h=half_life[0] if half_life else 0)} AS v
             FROM spine s LEFT JOIN acc a ON a.card = s.card AND {cond}
             WHERE s.at IS NOT NULL
             GROUP BY s.label

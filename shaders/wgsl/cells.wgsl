@@ -9,11 +9,17 @@ struct Col {
     min: u32,
     max: u32,
     last: u32,
+    first: u32,
+    decay: u32,
+    // Of the decayed sums, ms.
+    half_life: f64,
 }
 
 fn col(c: u32) -> Col {
     let o = c * COL_FIELDS;
-    return Col(cols[o], cols[o + 1u], cols[o + 2u], cols[o + 3u], cols[o + 4u], cols[o + 5u]);
+    let half_life = f64(cols[o + 8u]) + f64(cols[o + 9u]) * 4294967296.0lf;
+    return Col(cols[o], cols[o + 1u], cols[o + 2u], cols[o + 3u], cols[o + 4u], cols[o + 5u],
+        cols[o + 6u], cols[o + 7u], half_life);
 }
 
 // The moments of column `k` of the cell at word `cell` (shift K, Σ(x−K), Σ(x−K)²).

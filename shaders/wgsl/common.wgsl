@@ -2,21 +2,28 @@
 // kernel's source (WGSL has no includes); mirrors `panes_kernels::level`.
 //
 // A cell is `stride` f64 words: [tag, rows, max_ts | per value column: count, sum,
-// K, Σ(x−K), Σ(x−K)², min, max, last, last_ts (present fields only)]. Integer
-// fields (pane tag, times) are the bits of an i64 stored in an f64 word.
+// K, Σ(x−K), Σ(x−K)², min, max, last, last_ts, first, first_ts, decay_ts, Σw, Σxw
+// (present fields only)]. Integer fields (pane tag, times) are the bits of an i64
+// stored in an f64 word.
 
 const TAG: u32 = 0u;
 const ROWS: u32 = 1u;
 const MAX_TS: u32 = 2u;
 // Word offset of an absent field in `cols`.
 const ABSENT: u32 = 0xffffffffu;
-// Fields per column in `cols`: count, sum, moments, min, max, last.
-const COL_FIELDS: u32 = 6u;
+// Words per column in `cols`: the offsets of count, sum, moments, min, max, last,
+// first and decay, then the half-life in ms as two u32 halves (low first).
+const COL_FIELDS: u32 = 10u;
 
 // Tag of a cell never written (i64::MIN; naga's constant evaluator has no i64
 // arithmetic, so it is a function).
 fn empty_pane() -> i64 {
     return bitcast<i64>(0x8000000000000000lu);
+}
+
+// The `first_ts` of a cell with no value (i64::MAX).
+fn no_first() -> i64 {
+    return bitcast<i64>(0x7ffffffffffffffflu);
 }
 
 fn as_int(x: f64) -> i64 {
@@ -63,6 +70,62 @@ fn rem_euclid(a: i64, b: i64) -> i64 {
         return r + b;
     }
     return r;
+}
+
+// 2^n for an integer n in [−1022, 1023], from its bits.
+fn pow2i(n: i32) -> f64 {
+    return bitcast<f64>(u64(u32(n + 1023)) << 52u);
+}
+
+// 2^x in f64 (WGSL has no f64 `exp2`): x = n + f with n an integer and |f| ≤ 1/2, then
+// e^(f·ln 2) by its Taylor series to the 13th power (truncation below 1e-17) and the
+// exponent put in from n's bits. Agrees with the CPU's `exp2` to an ulp or two.
+fn exp2_f64(x: f64) -> f64 {
+    if (x < -1080.0lf) {
+        return 0.0lf;
+    }
+    if (x > 1023.0lf) {
+        return bitcast<f64>(0x7ff0000000000000lu);
+    }
+    let n = floor(x + 0.5lf);
+    let y = (x - n) * 0.6931471805599453lf;
+    var r = 1.0lf;
+    for (var k = 13; k >= 1; k--) {
+        r = 1.0lf + r * y / f64(k);
+    }
+    let ni = i32(n);
+    if (ni < -1022) {
+        return r * pow2i(ni + 60) * pow2i(-60);
+    }
+    return r * pow2i(ni);
+}
+
+// `level::decay_weight`: 2^(−delta / half_life).
+fn decay_weight(delta: i64, half_life: f64) -> f64 {
+    return exp2_f64(-f64(delta) / half_life);
+}
+
+// Decayed sums: reference time (the latest added), Σ 2^(−(r − ts)/h), Σ x·2^(−(r − ts)/h).
+struct Decay {
+    r: i64,
+    w: f64,
+    xw: f64,
+}
+
+// `level::decay_merge`: `b` merged into `a`, both rescaled to the later reference.
+fn decay_merge(a: Decay, b: Decay, half_life: f64) -> Decay {
+    if (b.r == empty_pane()) {
+        return a;
+    }
+    if (a.r == empty_pane()) {
+        return b;
+    }
+    if (b.r > a.r) {
+        let s = decay_weight(b.r - a.r, half_life);
+        return Decay(b.r, a.w * s + b.w, a.xw * s + b.xw);
+    }
+    let s = decay_weight(a.r - b.r, half_life);
+    return Decay(a.r, a.w + b.w * s, a.xw + b.xw * s);
 }
 
 // Count, mean and centred second moment of some values (Chan et al.).

@@ -84,6 +84,17 @@ fn moments_of(q: bool, k: Col, cell: u32) -> Moments {
     return Moments(n, ld(q, cell + k.moments) + m1 / n, centred_m2(ld(q, cell + k.moments + 2u), m1, n));
 }
 
+// The decay group at word `d` of the cells, or of the partials (q = true).
+fn decay_of(q: bool, d: u32) -> Decay {
+    return Decay(as_int(ld(q, d)), ld(q, d + 1u), ld(q, d + 2u));
+}
+
+fn store_decay(q: bool, d: u32, g: Decay) {
+    st(q, d, as_word(g.r));
+    st(q, d + 1u, g.w);
+    st(q, d + 2u, g.xw);
+}
+
 // Adds event e (time t) to the cell at word `cell` of the cells, or of the partials
 // (q = true) (`level::add`).
 fn add(q: bool, cell: u32, t: i64, e: u32) {
@@ -123,6 +134,14 @@ fn add(q: bool, cell: u32, t: i64, e: u32) {
             st(q, cell + k.last, x);
             st(q, cell + k.last + 1u, as_word(t));
         }
+        if (k.first != ABSENT && t < as_int(ld(q, cell + k.first + 1u))) {
+            st(q, cell + k.first, x);
+            st(q, cell + k.first + 1u, as_word(t));
+        }
+        if (k.decay != ABSENT) {
+            let d = cell + k.decay;
+            store_decay(q, d, decay_merge(decay_of(q, d), Decay(t, 1.0lf, x), k.half_life));
+        }
     }
 }
 
@@ -155,6 +174,14 @@ fn merge_into(dst: u32, q: bool, src: u32) {
         if (k.last != ABSENT && as_int(ld(q, src + k.last + 1u)) >= as_int(cells[dst + k.last + 1u])) {
             cells[dst + k.last] = ld(q, src + k.last);
             cells[dst + k.last + 1u] = ld(q, src + k.last + 1u);
+        }
+        if (k.first != ABSENT && as_int(ld(q, src + k.first + 1u)) < as_int(cells[dst + k.first + 1u])) {
+            cells[dst + k.first] = ld(q, src + k.first);
+            cells[dst + k.first + 1u] = ld(q, src + k.first + 1u);
+        }
+        if (k.decay != ABSENT) {
+            let merged = decay_merge(decay_of(false, dst + k.decay), decay_of(q, src + k.decay), k.half_life);
+            store_decay(false, dst + k.decay, merged);
         }
     }
 }

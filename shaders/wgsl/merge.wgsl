@@ -34,6 +34,9 @@ const MAX: u32 = 4u;
 const VAR: u32 = 5u;
 const STD: u32 = 6u;
 const LAST: u32 = 7u;
+const FIRST: u32 = 8u;
+const DECAYED_SUM: u32 = 9u;
+const DECAYED_COUNT: u32 = 10u;
 
 // Read statuses, by severity (ReadStatus).
 const PANE_HOLDS_LATER_EVENTS: u32 = 1u;
@@ -61,6 +64,9 @@ struct Acc {
     hi: f64,
     last: f64,
     last_ts: i64,
+    first: f64,
+    first_ts: i64,
+    decay: Decay,
 }
 
 fn add_cell(acc: ptr<function, Acc>, cell: u32, column: u32) {
@@ -90,6 +96,15 @@ fn add_cell(acc: ptr<function, Acc>, cell: u32, column: u32) {
         (*acc).last_ts = as_int(cells[cell + k.last + 1u]);
         (*acc).last = cells[cell + k.last];
     }
+    if (k.first != ABSENT && as_int(cells[cell + k.first + 1u]) < (*acc).first_ts) {
+        (*acc).first_ts = as_int(cells[cell + k.first + 1u]);
+        (*acc).first = cells[cell + k.first];
+    }
+    if (k.decay != ABSENT) {
+        let d = cell + k.decay;
+        let g = Decay(as_int(cells[d]), cells[d + 1u], cells[d + 2u]);
+        (*acc).decay = decay_merge((*acc).decay, g, k.half_life);
+    }
 }
 
 // Writes one output value; an invalid one is NaN, as on every backend.
@@ -112,14 +127,15 @@ fn merge(
     let f = features[t % p.features];
     let out = key * p.row + f.out;
     let slot = ids[key];
-    let zero_when_empty = f.agg == COUNT || f.agg == SUM;
+    let zero_when_empty = f.agg == COUNT || f.agg == SUM || f.agg == DECAYED_SUM || f.agg == DECAYED_COUNT;
     let nan = bitcast<f64>(0x7ff8000000000000lu);
     if (slot >= p.cap) {
         write(out, select(nan, 0.0lf, zero_when_empty), zero_when_empty);
         return;
     }
     let inf = bitcast<f64>(0x7ff0000000000000lu);
-    var acc = Acc(0.0lf, 0.0lf, 0.0lf, Moments(0.0lf, 0.0lf, 0.0lf), inf, -inf, nan, empty_pane());
+    var acc = Acc(0.0lf, 0.0lf, 0.0lf, Moments(0.0lf, 0.0lf, 0.0lf), inf, -inf, nan, empty_pane(),
+        nan, no_first(), Decay(empty_pane(), 0.0lf, 0.0lf));
     var status = 0u;
     let p_t = div_euclid(p.at, p.hop);
     var lo = empty_pane() + 1li;
@@ -175,8 +191,19 @@ fn merge(
             }
             write(out, v, n >= 2.0lf);
         }
-        default: {
+        case LAST: {
             write(out, acc.last, n > 0.0lf);
+        }
+        case FIRST: {
+            write(out, acc.first, n > 0.0lf);
+        }
+        default: {
+            // DECAYED_SUM, DECAYED_COUNT: rescaled from the reference time to `at`.
+            var s = 0.0lf;
+            if (acc.decay.r != empty_pane()) {
+                s = decay_weight(p.at - acc.decay.r, col(f.column).half_life);
+            }
+            write(out, select(acc.decay.w, acc.decay.xw, f.agg == DECAYED_SUM) * s, true);
         }
     }
 }

@@ -58,9 +58,10 @@ fn same(agg: Agg, a: f64, b: f64) -> bool {
     if a.is_nan() || b.is_nan() {
         return a.is_nan() && b.is_nan();
     }
-    match agg {
-        Agg::Count | Agg::Min | Agg::Max | Agg::Last => a == b,
-        _ => (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1e-3),
+    if agg.bitwise() {
+        a == b
+    } else {
+        (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1e-3)
     }
 }
 

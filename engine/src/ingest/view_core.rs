@@ -12,7 +12,7 @@ use super::keys::{KeyIndex, NewKey};
 use super::{Decoded, KeyCap, PushReport, ViewCounters, ingest};
 use crate::error::{PanesError, Result};
 use crate::histogram::Histogram;
-use crate::spec::CompiledView;
+use crate::spec::{CompiledView, state_values};
 
 /// The mutable part of a view.
 #[derive(Debug)]
@@ -45,6 +45,10 @@ pub(crate) struct ViewCore {
     /// Micro-batches this replica caught up with by replaying a fold log, and by
     /// folding them again.
     pub caught_up: (u64, u64),
+    /// The view's [`CompiledView::sources`]: the state columns of a decoded batch.
+    sources: Vec<Option<usize>>,
+    /// The column of ones of the state columns that count rows.
+    ones: Vec<f64>,
 }
 
 /// A folded micro-batch and the log of its fold (incomplete when the backend does
@@ -90,6 +94,8 @@ impl ViewCore {
             spare: Vec::new(),
             spare_logs: Vec::new(),
             caught_up: (0, 0),
+            sources: view.sources.clone(),
+            ones: Vec::new(),
         })
     }
 
@@ -231,7 +237,7 @@ impl ViewCore {
         batch: &Decoded,
         log: Option<&mut FoldLog>,
     ) -> Result<()> {
-        let values: Vec<&[f64]> = batch.values.iter().map(Vec::as_slice).collect();
+        let values = state_values(&self.sources, &batch.values, 0..batch.len(), &mut self.ones);
         let fold = FoldBatch {
             ids: &batch.ids,
             ts: &batch.ts,

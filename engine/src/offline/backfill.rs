@@ -25,7 +25,7 @@ use crate::ingest::ViewCore;
 use crate::ingest::keys::KeyColumn;
 use crate::ingest::{Decoded, KeyCap, PushReport, TimeColumn, ViewCounters};
 use crate::online::{feature_column, feature_field};
-use crate::spec::CompiledView;
+use crate::spec::{CompiledView, state_values};
 use crate::spec::{FeatureFile, ViewSpec};
 
 /// How a backfill runs.
@@ -296,6 +296,7 @@ fn replay(
     };
     let mut out = MergeOutput::default();
     let mut group_ids = Vec::new();
+    let mut ones = Vec::new();
     let mut folded = 0usize;
     let mut g = 0;
     while g < order.len() {
@@ -303,7 +304,7 @@ fn replay(
         let h = g + order[g..].partition_point(|&r| at[r as usize] == Some(t));
         let end = folded + events.ts[folded..].partition_point(|&ts| ts <= t);
         if end > folded {
-            let vals: Vec<&[f64]> = events.values.iter().map(|v| &v[folded..end]).collect();
+            let vals = state_values(&view.sources, &events.values, folded..end, &mut ones);
             let batch = FoldBatch {
                 ids: &events.ids[folded..end],
                 ts: &events.ts[folded..end],

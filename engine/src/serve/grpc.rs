@@ -109,6 +109,7 @@ pub(crate) fn describe(engine: &Engine, spec: &ViewSpec) -> ViewDescription {
                     Window::Lifetime => 0,
                 },
                 hop_ms: f.hop,
+                half_life_ms: f.agg.half_life().unwrap_or(0),
                 dtype: if f.agg == panes_kernels::Agg::Count {
                     "int64"
                 } else {

@@ -15,8 +15,14 @@ use crate::error::{PanesError, Result};
 pub struct CompiledView {
     /// The definition.
     pub spec: ViewSpec,
-    /// Distinct value columns, in order of first use.
+    /// Distinct value columns the view decodes, in order of first use.
     pub columns: Vec<String>,
+    /// The state's value columns (a fold batch's `values`): for each, the index in
+    /// `columns` of the decoded column it reads, or `None` for a column of ones (the
+    /// rows a `decayed_count` without a column counts). A state column keeps one
+    /// half-life, so each half-life of a column has a state column of its own; without
+    /// decayed features this is `0, 1, 2, …`.
+    pub sources: Vec<Option<usize>>,
     /// The pane-state shape.
     pub state: StateSpec,
     /// How to compute each feature of `spec.features` (same order).
@@ -38,6 +44,23 @@ impl CompiledView {
                 columns.push(c.clone());
             }
         }
+        // State columns: (decoded column, half-life).
+        let mut state_columns: Vec<(Option<usize>, Option<i64>)> = Vec::new();
+        let state_column = |f: &super::FeatureSpec| {
+            let source = f
+                .column
+                .as_ref()
+                .and_then(|c| columns.iter().position(|x| x == c));
+            let key = (source, f.agg.half_life());
+            (key != (None, None)).then_some(key)
+        };
+        for f in &spec.features {
+            if let Some(key) = state_column(f)
+                && !state_columns.contains(&key)
+            {
+                state_columns.push(key);
+            }
+        }
         let mut hops: Vec<i64> = Vec::new();
         for f in &spec.features {
             if !hops.contains(&f.hop) {
@@ -52,7 +75,7 @@ impl CompiledView {
                 LevelSpec {
                     hop,
                     ring: late_panes as usize,
-                    columns: vec![ColumnFields::default(); columns.len()],
+                    columns: vec![ColumnFields::default(); state_columns.len()],
                     lifetime: false,
                 }
             })
@@ -61,10 +84,8 @@ impl CompiledView {
         for f in &spec.features {
             let level = hops.iter().position(|&h| h == f.hop).unwrap_or_default();
             let l = &mut levels[level];
-            let column = f
-                .column
-                .as_ref()
-                .and_then(|c| columns.iter().position(|x| x == c));
+            let column =
+                state_column(f).and_then(|key| state_columns.iter().position(|k| *k == key));
             if let Some(c) = column {
                 l.columns[c] = l.columns[c].union(f.agg.fields());
             }
@@ -88,6 +109,7 @@ impl CompiledView {
         }
         CompiledView {
             spec: spec.clone(),
+            sources: state_columns.iter().map(|(source, _)| *source).collect(),
             columns,
             state: StateSpec { levels, shards },
             merges,
@@ -160,4 +182,29 @@ impl CompiledView {
             reason,
         })
     }
+}
+
+/// The state columns (a fold batch's `values`) of rows `rows` of the decoded columns
+/// `decoded`, for a view whose [`CompiledView::sources`] are `sources`; `ones` holds the
+/// column of ones when a state column counts rows.
+pub(crate) fn state_values<'a>(
+    sources: &[Option<usize>],
+    decoded: &'a [Vec<f64>],
+    rows: std::ops::Range<usize>,
+    ones: &'a mut Vec<f64>,
+) -> Vec<&'a [f64]> {
+    let ones: &'a [f64] = if sources.contains(&None) {
+        ones.clear();
+        ones.resize(rows.len(), 1.0);
+        ones
+    } else {
+        &[]
+    };
+    sources
+        .iter()
+        .map(|s| match s {
+            Some(c) => &decoded[*c][rows.clone()],
+            None => ones,
+        })
+        .collect()
 }

@@ -25,6 +25,7 @@ use std::path::Path;
 use panes_kernels::Agg;
 
 pub use compile::CompiledView;
+pub(crate) use compile::state_values;
 
 use crate::error::{Result, SpecError, SpecIssue};
 
@@ -291,6 +292,9 @@ impl FeatureFile {
                 let _ = writeln!(s, "[[views.features]]");
                 let _ = writeln!(s, "name = {}", q(&f.name));
                 let _ = writeln!(s, "agg = {:?}", f.agg.name());
+                if let Some(h) = f.agg.half_life() {
+                    let _ = writeln!(s, "half_life = {:?}", format_duration(h));
+                }
                 if let Some(c) = &f.column {
                     let _ = writeln!(s, "column = {}", q(c));
                 }
@@ -509,6 +513,53 @@ window = "lifetime"
         let e = err(&GOOD.replace("key = \"tailnum\"\n", ""));
         assert!(
             e.contains("view \"flights\", field `key`: is required"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn half_life_is_checked_and_kept() {
+        let decayed = GOOD.replace(
+            "agg = \"mean\"",
+            "agg = \"decayed_sum\"\nhalf_life = \"90m\"",
+        );
+        let f = FeatureFile::parse(&decayed, "f.toml").unwrap();
+        assert_eq!(
+            f.views[0].features[0].agg,
+            Agg::DecayedSum {
+                half_life: 90 * 60_000
+            }
+        );
+        assert_eq!(FeatureFile::parse(&f.to_toml(), "again").unwrap(), f);
+        // Rows, without a column, as `count`.
+        let rows = decayed
+            .replace("decayed_sum", "decayed_count")
+            .replace("column = \"dep_delay\"\n", "");
+        let f = FeatureFile::parse(&rows, "f.toml").unwrap();
+        assert_eq!(f.views[0].features[0].column, None);
+
+        let field = "view \"flights\" feature \"dep_delay_mean_3h\", field `half_life`";
+        let e = err(&decayed.replace("half_life = \"90m\"\n", ""));
+        assert!(
+            e.contains(&format!("{field}: `decayed_sum` needs a `half_life`")),
+            "{e}"
+        );
+        let e = err(&decayed.replace("\"90m\"", "\"0s\""));
+        assert!(e.contains(&format!("{field}: must be positive")), "{e}");
+        let e = err(&decayed.replace("\"90m\"", "\"soon\""));
+        assert!(
+            e.contains(&format!("{field}: bad duration \"soon\"")),
+            "{e}"
+        );
+        assert!(
+            !e.contains("problems"),
+            "one message for a bad half-life: {e}"
+        );
+        let e = err(&GOOD.replace("agg = \"mean\"", "agg = \"mean\"\nhalf_life = \"1h\""));
+        assert!(
+            e.contains(&format!(
+                "{field}: `half_life` applies to decayed_sum and decayed_count, not to `mean`"
+            )),
             "{e}"
         );
     }

@@ -55,6 +55,7 @@ struct RawFeature {
     column: Option<String>,
     window: Option<String>,
     hop: Option<String>,
+    half_life: Option<String>,
 }
 /// Parses and validates feature definitions; `origin` names them in errors.
 pub(super) fn parse(text: &str, origin: &str) -> Result<FeatureFile> {
@@ -292,11 +293,15 @@ impl Collector {
             );
         }
         let agg_s = self.required(&floc, "agg", rf.agg);
-        let agg = match agg_s.parse::<Agg>() {
+        // 0: absent, or malformed (already reported).
+        let half_life = self.duration(&floc, "half_life", rf.half_life.as_deref(), 0, true);
+        let agg = match Agg::with_params(&agg_s, (half_life > 0).then_some(half_life)) {
             Ok(a) => Some(a),
+            Err(_) if rf.half_life.is_some() && half_life == 0 => None,
             Err(e) => {
+                let known = Agg::ALL.iter().any(|a| a.name() == agg_s);
                 if !agg_s.is_empty() {
-                    self.push(&floc, "agg", e);
+                    self.push(&floc, if known { "half_life" } else { "agg" }, e);
                 }
                 None
             }

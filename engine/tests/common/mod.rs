@@ -57,9 +57,20 @@ pub fn feature(
         .iter()
         .filter(|(_, e)| e.key == Some(key) && in_window(e.ts.unwrap()))
         .collect();
+    // 2^(−(t − ts)/h), as DESIGN §3b states it.
+    let decayed = |half_life: i64, vals: &mut dyn Iterator<Item = (i64, f64)>| {
+        vals.map(|(ts, v)| v * (-((t - ts) as f64) / half_life as f64).exp2())
+            .sum::<f64>()
+    };
     let Some(c) = column else {
-        assert_eq!(f.agg, Agg::Count);
-        return Some(evs.len() as f64);
+        return match f.agg {
+            Agg::Count => Some(evs.len() as f64),
+            Agg::DecayedCount { half_life } => Some(decayed(
+                half_life,
+                &mut evs.iter().map(|(_, e)| (e.ts.unwrap(), 1.0)),
+            )),
+            a => panic!("{a} without a column"),
+        };
     };
     let vals: Vec<(usize, i64, f64)> = evs
         .iter()
@@ -84,6 +95,14 @@ pub fn feature(
         }),
         // Greatest ts; ties: the one that arrived last.
         Agg::Last => vals.iter().max_by_key(|x| (x.1, x.0)).map(|x| x.2),
+        // Smallest ts; ties: the one that arrived first.
+        Agg::First => vals.iter().min_by_key(|x| (x.1, x.0)).map(|x| x.2),
+        Agg::DecayedSum { half_life } => {
+            Some(decayed(half_life, &mut vals.iter().map(|x| (x.1, x.2))))
+        }
+        Agg::DecayedCount { half_life } => {
+            Some(decayed(half_life, &mut vals.iter().map(|x| (x.1, 1.0))))
+        }
     }
 }
 
@@ -128,7 +147,9 @@ pub fn scale(
     };
     let n = feature(&cnt, column, acc, key, t).unwrap_or(0.0).max(1.0);
     match agg {
-        Agg::Sum => s,
+        // Every weight is at most 2^(window / half_life) ≥ 1 times the value's own.
+        Agg::Sum | Agg::DecayedSum { .. } => s,
+        Agg::DecayedCount { .. } => n,
         Agg::Mean => s / n,
         Agg::Var | Agg::Std => (s / n).powi(2),
         _ => 0.0,
@@ -148,12 +169,14 @@ pub fn assert_close(
         (None, None) => {}
         (Some(g), Some(w)) => {
             let ok = match agg {
-                Agg::Count | Agg::Min | Agg::Max | Agg::Last => {
-                    g == w || (g.is_nan() && w.is_nan())
-                }
+                a if a.bitwise() => g == w || (g.is_nan() && w.is_nan()),
                 Agg::Sum | Agg::Mean => (g - w).abs() <= 1e-9 * scale.max(w.abs()),
+                Agg::DecayedSum { .. } | Agg::DecayedCount { .. } => {
+                    (g - w).abs() <= 1e-9 * scale.max(w.abs())
+                }
                 Agg::Var => (g - w).abs() <= 1e-9 * scale.max(w.abs()),
                 Agg::Std => (g * g - w * w).abs() <= 1e-9 * scale.max(w * w),
+                _ => unreachable!("{agg} is bitwise"),
             };
             assert!(ok, "{}: {agg} got {g:?}, want {w:?}", ctx());
         }

@@ -66,7 +66,7 @@ pub(super) struct FeatureDesc {
 }
 
 pub(super) fn agg_code(a: crate::Agg) -> u32 {
-    crate::Agg::ALL.iter().position(|x| *x == a).unwrap_or(0) as u32
+    a.code()
 }
 
 #[cfg(test)]

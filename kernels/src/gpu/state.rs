@@ -151,11 +151,18 @@ impl DeviceState {
         layout: &Layout,
         cells: wgpu::Buffer,
     ) -> DeviceLevel {
-        let mut cols: Vec<u32> = Vec::with_capacity(layout.cols.len() * 6);
+        // COL_FIELDS words per column (cells.wgsl): the fields' word offsets, then the
+        // half-life in ms as two u32 halves.
+        let mut cols: Vec<u32> = Vec::with_capacity(layout.cols.len() * 10);
         for c in &layout.cols {
-            for f in [c.count, c.sum, c.moments, c.min, c.max, c.last] {
+            let fields = [
+                c.count, c.sum, c.moments, c.min, c.max, c.last, c.first, c.decay,
+            ];
+            for f in fields {
                 cols.push(if f == ABSENT { u32::MAX } else { f as u32 });
             }
+            let h = c.half_life as u64;
+            cols.extend([h as u32, (h >> 32) as u32]);
         }
         cols.push(0); // never an empty buffer
         let init = |label, contents: &[u8]| {
