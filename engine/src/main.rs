@@ -11,8 +11,8 @@ use panes_engine::offline::io;
 use panes_engine::sources::synth::{Synth, SynthConfig};
 use panes_engine::spec::{Window, format_duration};
 use panes_engine::{
-    BackendKind, BackfillOptions, CompiledView, DEMO_FEATURES, Engine, EngineOptions, FeatureFile,
-    PanesError, PushReport, RejectReason, Result,
+    Agg, BackendKind, BackfillOptions, CompiledView, DEMO_FEATURES, Engine, EngineOptions,
+    FeatureFile, PanesError, PushReport, RejectReason, Result,
 };
 
 #[derive(Parser, Debug)]
@@ -421,10 +421,14 @@ fn describe(file: &FeatureFile) {
                 Window::Lifetime => "lifetime".into(),
             };
             let col = f.column.as_deref().unwrap_or("*");
-            let half_life = f.agg.half_life().map_or(String::new(), |h| {
-                format!(", half-life {}", format_duration(h))
-            });
-            println!("  {:<28} {}({col}) over {w}{half_life}", f.name, f.agg);
+            let param = match f.agg {
+                Agg::DecayedSum { half_life } | Agg::DecayedCount { half_life } => {
+                    format!(", half-life {}", format_duration(half_life))
+                }
+                Agg::ApproxDistinct { precision } => format!(", precision {precision}"),
+                _ => String::new(),
+            };
+            println!("  {:<28} {}({col}) over {w}{param}", f.name, f.agg);
         }
     }
 }

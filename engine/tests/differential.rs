@@ -27,7 +27,9 @@ const KEY_TYPES: [&str; 6] = ["i64", "u32", "utf8", "dict", "view", "i32"];
 const TIME_TYPES: [&str; 4] = ["i64ms", "tsms", "tsus", "tsns"];
 const VALUE_TYPES: [&str; 4] = ["f64", "f32", "i64", "i16"];
 
-fn feature_file(lateness_ms: i64) -> String {
+/// Every aggregation over every window kind; without `sketches`, no `approx_distinct`
+/// (which the `Gpu` backend refuses).
+fn feature_file(lateness_ms: i64, sketches: bool) -> String {
     let mut s = format!(
         "[[views]]\nname = \"v\"\nkey = \"k\"\ntime = \"ts\"\npane = \"1s\"\nallowed_lateness = \"{lateness_ms}ms\"\n"
     );
@@ -37,7 +39,10 @@ fn feature_file(lateness_ms: i64) -> String {
         ("tumble", "window = \"3s\"\nhop = \"3s\""),
         ("life", "window = \"lifetime\""),
     ];
-    for agg in Agg::ALL {
+    let aggs = Agg::ALL
+        .into_iter()
+        .filter(|a| sketches || !matches!(a, Agg::ApproxDistinct { .. }));
+    for agg in aggs {
         for (wname, w) in windows {
             let column = if agg == Agg::Count {
                 ""
@@ -312,7 +317,7 @@ fn check_read_all(engine: &Engine, file: &FeatureFile, stream: &Stream, ctx: &st
 fn run_case(seed: u64, backend: BackendKind, events: usize, keys: i64, reads: usize) {
     let mut rng = StdRng::seed_from_u64(seed);
     let lateness = [0, 2_000, 10_000][rng.random_range(0..3)];
-    let text = feature_file(lateness);
+    let text = feature_file(lateness, backend != BackendKind::Gpu);
     let file = FeatureFile::parse(&text, "differential").unwrap();
     let stream = gen_stream(&mut rng, events, keys);
     let options = EngineOptions {
@@ -413,9 +418,33 @@ fn cpu_parallel_fold_matches_oracle() {
 }
 
 #[test]
+fn the_gpu_backend_refuses_sketches_at_load_and_auto_takes_them() {
+    let file = FeatureFile::parse(&feature_file(0, true), "sketches").unwrap();
+    let options = |backend| EngineOptions {
+        backend: Some(backend),
+        ..Default::default()
+    };
+    if common::gpu_available() {
+        let Err(err) = Engine::new(&file, options(BackendKind::Gpu)) else {
+            panic!("the GPU backend refuses approx_distinct")
+        };
+        let err = err.to_string();
+        assert!(
+            err.contains("view \"v\"") && err.contains("approx_distinct"),
+            "{err}"
+        );
+    }
+    let engine = Engine::new(&file, options(BackendKind::Auto)).unwrap();
+    let mut rng = StdRng::seed_from_u64(3);
+    let stream = gen_stream(&mut rng, 5_000, 20);
+    engine.push("v", &batch(&stream)).unwrap();
+}
+
+#[test]
 fn results_do_not_depend_on_batch_splits_or_backend() {
     let mut rng = StdRng::seed_from_u64(7);
-    let file = FeatureFile::parse(&feature_file(2_000), "splits").unwrap();
+    let full = FeatureFile::parse(&feature_file(2_000, true), "splits").unwrap();
+    let plain = FeatureFile::parse(&feature_file(2_000, false), "splits").unwrap();
     let stream = gen_stream(&mut rng, 20_000, 50);
     let all = batch(&stream);
     let mut frames = Vec::new();
@@ -432,8 +461,13 @@ fn results_do_not_depend_on_batch_splits_or_backend() {
         ]);
     }
     for (backend, split, rows) in runs {
+        let file = if backend == BackendKind::Gpu {
+            &plain
+        } else {
+            &full
+        };
         let engine = Engine::new(
-            &file,
+            file,
             EngineOptions {
                 backend: Some(backend),
                 batch_rows: rows,
@@ -449,14 +483,23 @@ fn results_do_not_depend_on_batch_splits_or_backend() {
         let keys = key_array(stream.key_type, &(0..60).map(Some).collect::<Vec<_>>());
         frames.push(engine.read("v", keys.as_ref(), None, None).unwrap());
     }
-    let view = &file.views[0];
+    let view = &full.views[0];
+    let first = &frames[0];
     for fr in &frames[1..] {
-        assert_eq!(fr.valid, frames[0].valid);
-        for ((idx, a), b) in fr.values.indexed_iter().zip(frames[0].values.iter()) {
-            let agg = view.features[idx.1].agg;
+        // Feature j of `fr` is feature `of[j]` of the first frame (the full file's).
+        let of: Vec<usize> = fr
+            .names
+            .iter()
+            .map(|n| first.names.iter().position(|m| m == n).unwrap())
+            .collect();
+        for ((k, j), a) in fr.values.indexed_iter() {
+            let (b, valid) = (first.values[[k, of[j]]], first.valid[[k, of[j]]]);
+            assert_eq!(fr.valid[[k, j]], valid, "{} of key {k}", fr.names[j]);
+            let idx = (k, of[j]);
+            let agg = view.features[of[j]].agg;
             if agg.bitwise() {
                 assert!(
-                    a == b || (a.is_nan() && b.is_nan()),
+                    *a == b || (a.is_nan() && b.is_nan()),
                     "{agg} {idx:?}: {a} vs {b}"
                 );
             } else {

@@ -41,12 +41,28 @@ pub enum Agg {
         /// Half-life in milliseconds (> 0).
         half_life: i64,
     },
+    /// Number of distinct values: exact for few, then a HyperLogLog estimate (see
+    /// [`crate::hll`]); the column carries each value's hash as [`crate::hll::value`].
+    ApproxDistinct {
+        /// Registers `2^precision`, `precision` in [`crate::hll::PRECISIONS`].
+        precision: u8,
+    },
+}
+
+/// The parameters of a feature's aggregation, as given; [`Agg::with_params`] checks
+/// them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AggParams {
+    /// `half_life` of `decayed_sum` and `decayed_count`, ms.
+    pub half_life: Option<i64>,
+    /// `precision` of `approx_distinct`.
+    pub precision: Option<i64>,
 }
 
 impl Agg {
     /// Every aggregation, in a fixed order (tests and docs iterate it); the decayed
     /// ones with a half-life of one hour.
-    pub const ALL: [Agg; 11] = [
+    pub const ALL: [Agg; 12] = [
         Agg::Count,
         Agg::Sum,
         Agg::Mean,
@@ -62,35 +78,78 @@ impl Agg {
         Agg::DecayedCount {
             half_life: 3_600_000,
         },
+        Agg::ApproxDistinct { precision: 12 },
     ];
 
     /// The aggregation named `name`, with its parameters.
     ///
     /// # Errors
-    /// A message for an unknown name, a missing or non-positive `half_life` of a
-    /// decayed aggregation, or a `half_life` given to any other aggregation.
-    pub fn with_params(name: &str, half_life: Option<i64>) -> Result<Agg, String> {
+    /// The field at fault (`agg` or a parameter's name) and a message: an unknown
+    /// name, a missing or out-of-range parameter, or a parameter the aggregation does
+    /// not take.
+    pub fn with_params(name: &str, params: &AggParams) -> Result<Agg, (&'static str, String)> {
         let Some(kind) = Agg::ALL.into_iter().find(|a| a.name() == name) else {
             let names: Vec<_> = Agg::ALL.iter().map(|a| a.name()).collect();
-            return Err(format!(
-                "unknown aggregation {name:?}; expected one of {}",
-                names.join(", ")
+            return Err((
+                "agg",
+                format!(
+                    "unknown aggregation {name:?}; expected one of {}",
+                    names.join(", ")
+                ),
             ));
         };
-        match (kind, half_life) {
-            (Agg::DecayedSum { .. } | Agg::DecayedCount { .. }, None) => Err(format!(
-                "`{name}` needs a `half_life`, e.g. half_life = \"1h\""
-            )),
-            (Agg::DecayedSum { .. } | Agg::DecayedCount { .. }, Some(h)) if h <= 0 => {
-                Err(format!("`half_life` must be positive, got {h} ms"))
-            }
-            (Agg::DecayedSum { .. }, Some(half_life)) => Ok(Agg::DecayedSum { half_life }),
-            (Agg::DecayedCount { .. }, Some(half_life)) => Ok(Agg::DecayedCount { half_life }),
-            (_, Some(_)) => Err(format!(
-                "`half_life` applies to decayed_sum and decayed_count, not to `{name}`"
-            )),
-            (a, None) => Ok(a),
+        let AggParams {
+            half_life,
+            precision,
+        } = *params;
+        let decayed = matches!(kind, Agg::DecayedSum { .. } | Agg::DecayedCount { .. });
+        let distinct = matches!(kind, Agg::ApproxDistinct { .. });
+        let not_for = |field: &'static str, for_: &str| {
+            Err((
+                field,
+                format!("`{field}` applies to {for_}, not to `{name}`"),
+            ))
+        };
+        if half_life.is_some() && !decayed {
+            return not_for("half_life", "decayed_sum and decayed_count");
         }
+        if precision.is_some() && !distinct {
+            return not_for("precision", "approx_distinct");
+        }
+        let half_life = || match half_life {
+            None => Err((
+                "half_life",
+                format!("`{name}` needs a `half_life`, e.g. half_life = \"1h\""),
+            )),
+            Some(h) if h <= 0 => Err(("half_life", format!("must be positive, got {h} ms"))),
+            Some(h) => Ok(h),
+        };
+        Ok(match kind {
+            Agg::DecayedSum { .. } => Agg::DecayedSum {
+                half_life: half_life()?,
+            },
+            Agg::DecayedCount { .. } => Agg::DecayedCount {
+                half_life: half_life()?,
+            },
+            Agg::ApproxDistinct { precision: default } => {
+                let p = precision.unwrap_or(i64::from(default));
+                let range = crate::hll::PRECISIONS;
+                match u8::try_from(p).ok().filter(|p| range.contains(p)) {
+                    Some(precision) => Agg::ApproxDistinct { precision },
+                    None => {
+                        return Err((
+                            "precision",
+                            format!(
+                                "must be from {} to {} (2^precision registers), got {p}",
+                                range.start(),
+                                range.end()
+                            ),
+                        ));
+                    }
+                }
+            }
+            a => a,
+        })
     }
 
     /// Position of the aggregation's kind in [`Agg::ALL`] (the shaders' code for it).
@@ -107,6 +166,7 @@ impl Agg {
             Agg::First => 8,
             Agg::DecayedSum { .. } => 9,
             Agg::DecayedCount { .. } => 10,
+            Agg::ApproxDistinct { .. } => 11,
         }
     }
 
@@ -132,6 +192,7 @@ impl Agg {
             Agg::First => "first",
             Agg::DecayedSum { .. } => "decayed_sum",
             Agg::DecayedCount { .. } => "decayed_count",
+            Agg::ApproxDistinct { .. } => "approx_distinct",
         }
     }
 
@@ -147,15 +208,24 @@ impl Agg {
     pub fn bitwise(self) -> bool {
         matches!(
             self,
-            Agg::Count | Agg::Min | Agg::Max | Agg::Last | Agg::First
+            Agg::Count | Agg::Min | Agg::Max | Agg::Last | Agg::First | Agg::ApproxDistinct { .. }
         )
+    }
+
+    /// Whether the values are whole numbers, given as Int64 (`count`, `approx_distinct`).
+    pub fn integer_valued(self) -> bool {
+        matches!(self, Agg::Count | Agg::ApproxDistinct { .. })
     }
 
     /// Whether an empty window yields a value (0) rather than null.
     pub fn zero_when_empty(self) -> bool {
         matches!(
             self,
-            Agg::Count | Agg::Sum | Agg::DecayedSum { .. } | Agg::DecayedCount { .. }
+            Agg::Count
+                | Agg::Sum
+                | Agg::DecayedSum { .. }
+                | Agg::DecayedCount { .. }
+                | Agg::ApproxDistinct { .. }
         )
     }
 
@@ -176,6 +246,7 @@ impl Agg {
             Agg::DecayedSum { half_life } | Agg::DecayedCount { half_life } => {
                 f.decay = Some(half_life)
             }
+            Agg::ApproxDistinct { precision } => f.hll = Some(precision),
         }
         f
     }
@@ -190,9 +261,9 @@ impl fmt::Display for Agg {
 impl FromStr for Agg {
     type Err = String;
 
-    /// An aggregation without parameters (see [`Agg::with_params`]).
+    /// An aggregation with its default parameters (see [`Agg::with_params`]).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Agg::with_params(s, None)
+        Agg::with_params(s, &AggParams::default()).map_err(|(_, e)| e)
     }
 }
 
@@ -220,6 +291,9 @@ pub struct ColumnFields {
     /// sums of `2^(−(latest − e.ts) / half_life)` and of `v` times it. A view gives each
     /// half-life of a column its own value column.
     pub decay: Option<i64>,
+    /// Precision of the HyperLogLog sketch kept for the column (its values are
+    /// [`crate::hll::value`]s); a view gives each precision of a column its own column.
+    pub hll: Option<u8>,
 }
 
 impl ColumnFields {
@@ -234,6 +308,7 @@ impl ColumnFields {
             last: self.last | o.last,
             first: self.first | o.first,
             decay: self.decay.or(o.decay),
+            hll: self.hll.or(o.hll),
         }
     }
 
@@ -251,7 +326,8 @@ impl ColumnFields {
             + self.max as usize
             + 2 * self.last as usize
             + 2 * self.first as usize
-            + 3 * self.decay.is_some() as usize)
+            + 3 * self.decay.is_some() as usize
+            + self.hll.map_or(0, crate::hll::words))
     }
 }
 
@@ -270,23 +346,62 @@ mod tests {
     }
 
     #[test]
-    fn half_life_goes_with_the_decayed_aggregations_only() {
+    fn parameters_go_with_their_aggregations_only() {
+        let params = |a: Agg| AggParams {
+            half_life: a.half_life(),
+            precision: match a {
+                Agg::ApproxDistinct { precision } => Some(i64::from(precision)),
+                _ => None,
+            },
+        };
         for (i, a) in Agg::ALL.into_iter().enumerate() {
             assert_eq!(a.code() as usize, i);
-            let parsed = Agg::with_params(a.name(), a.half_life()).unwrap();
-            assert_eq!(parsed, a);
-            let wrong = Agg::with_params(a.name(), a.half_life().xor(Some(1)));
-            assert!(wrong.is_err(), "{a}");
+            assert_eq!(Agg::with_params(a.name(), &params(a)), Ok(a));
+            let mut wrong = params(a);
+            wrong.half_life = wrong.half_life.xor(Some(1));
+            assert!(Agg::with_params(a.name(), &wrong).is_err(), "{a}");
         }
+        let with = |name, half_life, precision| {
+            Agg::with_params(
+                name,
+                &AggParams {
+                    half_life,
+                    precision,
+                },
+            )
+        };
         assert_eq!(
-            Agg::with_params("decayed_sum", Some(5)),
+            with("decayed_sum", Some(5), None),
             Ok(Agg::DecayedSum { half_life: 5 })
         );
-        let err = Agg::with_params("decayed_count", Some(0)).unwrap_err();
-        assert!(err.contains("must be positive"), "{err}");
+        let (field, err) = with("decayed_count", Some(0), None).unwrap_err();
+        assert!(
+            field == "half_life" && err.contains("must be positive"),
+            "{err}"
+        );
         let err = "decayed_sum".parse::<Agg>().unwrap_err();
         assert!(err.contains("needs a `half_life`"), "{err}");
-        let err = Agg::with_params("mean", Some(1)).unwrap_err();
-        assert!(err.contains("not to `mean`"), "{err}");
+        let (field, err) = with("mean", Some(1), None).unwrap_err();
+        assert!(
+            field == "half_life" && err.contains("not to `mean`"),
+            "{err}"
+        );
+        assert_eq!(
+            "approx_distinct".parse::<Agg>(),
+            Ok(Agg::ApproxDistinct { precision: 12 })
+        );
+        assert_eq!(
+            with("approx_distinct", None, Some(18)),
+            Ok(Agg::ApproxDistinct { precision: 18 })
+        );
+        for p in [3, 19, -1, 1 << 40] {
+            let (field, err) = with("approx_distinct", None, Some(p)).unwrap_err();
+            assert!(
+                field == "precision" && err.contains("from 4 to 18"),
+                "{err}"
+            );
+        }
+        let (field, _) = with("sum", None, Some(12)).unwrap_err();
+        assert_eq!(field, "precision");
     }
 }

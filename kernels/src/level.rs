@@ -44,6 +44,7 @@
 
 use crate::agg::ColumnFields;
 use crate::error::KernelError;
+use crate::hll;
 
 /// Tag of a ring cell that has never been written.
 pub const EMPTY_PANE: i64 = i64::MIN;
@@ -88,6 +89,16 @@ impl LevelSpec {
                 "half-life must be positive, got {h}"
             )));
         }
+        if let Some(p) = self
+            .columns
+            .iter()
+            .find_map(|c| c.hll.filter(|p| !crate::hll::PRECISIONS.contains(p)))
+        {
+            return Err(KernelError::InvalidSpec(format!(
+                "HyperLogLog precision must be in {:?}, got {p}",
+                crate::hll::PRECISIONS
+            )));
+        }
         Ok(())
     }
 
@@ -121,6 +132,10 @@ pub(crate) struct ColLayout {
     pub decay: usize,
     /// The half-life `h` of the decayed sums, ms (0 without them).
     pub half_life: f64,
+    /// A HyperLogLog sketch (`crate::hll`), `hll::words(precision)` words.
+    pub hll: usize,
+    /// Their precision (0 without them).
+    pub precision: u8,
 }
 
 pub(crate) const ABSENT: usize = usize::MAX;
@@ -158,6 +173,8 @@ impl Layout {
                 first: ABSENT,
                 decay: ABSENT,
                 half_life: f.decay.unwrap_or(0) as f64,
+                hll: ABSENT,
+                precision: f.hll.unwrap_or(0),
             };
             let mut field = |on: bool, init: &[f64]| {
                 if !on {
@@ -176,6 +193,7 @@ impl Layout {
                 c.last = field(f.last, &[f64::NAN, bits(EMPTY_PANE)]);
                 c.first = field(f.first, &[f64::NAN, bits(i64::MAX)]);
                 c.decay = field(f.decay.is_some(), &DECAY_IDENTITY);
+                c.hll = field(f.hll.is_some(), &vec![0.0; f.hll.map_or(0, hll::words)]);
             }
             cols.push(c);
         }
@@ -452,6 +470,10 @@ pub(crate) fn add(layout: &Layout, cell: &mut [f64], ts: i64, values: &[&[f64]],
         if col.decay != ABSENT {
             decay_merge(&mut cell[col.decay..], ts, 1.0, x, col.half_life);
         }
+        if col.hll != ABSENT {
+            let p = col.precision;
+            hll::add(&mut cell[col.hll..col.hll + hll::words(p)], x, p);
+        }
     }
 }
 
@@ -526,6 +548,10 @@ fn merge_cells<const KEEP_SHIFT: bool>(layout: &Layout, dst: &mut [f64], src: &[
                 src[d + 2],
                 col.half_life,
             );
+        }
+        if col.hll != ABSENT {
+            let r = col.hll..col.hll + hll::words(col.precision);
+            hll::merge(&mut dst[r.clone()], &src[r], col.precision);
         }
     }
 }
@@ -996,7 +1022,7 @@ impl Moments {
 }
 
 /// Accumulated partial aggregate of one column (or of rows) over a set of cells.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Acc {
     pub rows: f64,
     pub count: f64,
@@ -1010,6 +1036,8 @@ pub(crate) struct Acc {
     pub first_ts: i64,
     /// A decay group (`decay_merge`).
     pub decay: [f64; 3],
+    /// The union of the cells' HyperLogLog sketches (empty until a cell has one).
+    pub hll: Vec<f64>,
 }
 
 impl Acc {
@@ -1029,6 +1057,7 @@ impl Acc {
         first: f64::NAN,
         first_ts: i64::MAX,
         decay: DECAY_IDENTITY,
+        hll: Vec::new(),
     };
 
     /// Adds a cell, for column `column` (or rows only).
@@ -1067,6 +1096,14 @@ impl Acc {
             let (r, w, xw) = (int(cell[d]), cell[d + 1], cell[d + 2]);
             decay_merge(&mut self.decay, r, w, xw, col.half_life);
         }
+        if col.hll != ABSENT {
+            let sketch = &cell[col.hll..col.hll + hll::words(col.precision)];
+            if self.hll.is_empty() {
+                self.hll.extend_from_slice(sketch);
+            } else {
+                hll::merge(&mut self.hll, sketch, col.precision);
+            }
+        }
     }
 }
 
@@ -1097,6 +1134,11 @@ pub(crate) fn finalize(agg: crate::Agg, column: Option<usize>, a: &Acc, at: i64)
         First => (n > 0.0).then_some(a.first),
         DecayedSum { half_life } => Some(decayed(2, half_life)),
         DecayedCount { half_life } => Some(decayed(1, half_life)),
+        ApproxDistinct { precision } => Some(if a.hll.is_empty() {
+            0.0
+        } else {
+            hll::estimate(&a.hll, precision)
+        }),
     }
 }
 

@@ -71,12 +71,13 @@ pub mod cpu;
 pub mod error;
 #[cfg(feature = "gpu")]
 pub mod gpu;
+pub mod hll;
 pub mod level;
 mod preagg;
 pub mod scalar;
 pub mod state;
 
-pub use agg::{Agg, ColumnFields};
+pub use agg::{Agg, AggParams, ColumnFields};
 #[cfg(feature = "gpu")]
 pub use auto::{Auto, Calibration};
 pub use backend::{Backend, BackendKind};

@@ -15,6 +15,19 @@ pub struct StateSpec {
     pub shards: usize,
 }
 
+impl StateSpec {
+    /// Why the `Gpu` backend cannot fold this state, if it cannot (`Auto` then folds it
+    /// on the CPU).
+    pub fn gpu_unsupported(&self) -> Option<String> {
+        let columns = || self.levels.iter().flat_map(|l| &l.columns);
+        columns().any(|c| c.hll.is_some()).then(|| {
+            "approx_distinct (HyperLogLog registers) does not run on the GPU backend yet; \
+             use the cpu or auto backend"
+                .to_string()
+        })
+    }
+}
+
 /// One hop level of one key shard as plain buffers: what a checkpoint stores.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LevelImage {
@@ -459,8 +472,10 @@ pub(crate) fn check_features(
             }
             Some(c) => {
                 let stored = level.columns.get(c).copied().unwrap_or_default();
-                let wrong_half_life = f.agg.half_life().is_some_and(|h| stored.decay != Some(h));
-                if stored.union(f.agg.fields()) != stored || wrong_half_life {
+                let wanted = f.agg.fields();
+                let wrong_param = (wanted.decay.is_some() && wanted.decay != stored.decay)
+                    || (wanted.hll.is_some() && wanted.hll != stored.hll);
+                if stored.union(wanted) != stored || wrong_param {
                     return Err(KernelError::Shape(format!(
                         "feature {i}: level {} does not store the fields of {} for column {c}",
                         f.level, f.agg

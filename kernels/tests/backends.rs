@@ -3,8 +3,8 @@
 //! features) must agree: count/min/max/last identically, sums and moments to 1e-9.
 
 use panes_kernels::{
-    Agg, Backend, ColumnFields, Cpu, FeatureMerge, FoldBatch, FoldLog, LevelSpec, MergeOutput,
-    PaneState, ReadStatus, Scalar, StateSpec,
+    Agg, Backend, BackendKind, ColumnFields, Cpu, FeatureMerge, FoldBatch, FoldLog, LevelSpec,
+    MergeOutput, PaneState, ReadStatus, Scalar, StateSpec, hll,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -18,7 +18,18 @@ struct Case {
 }
 
 fn gen_case(rng: &mut StdRng) -> Case {
+    gen_case_with(rng, true)
+}
+
+/// A random case; with `sketches`, some columns carry HyperLogLog codes for
+/// `approx_distinct` (which the `Gpu` backend does not fold).
+fn gen_case_with(rng: &mut StdRng, sketches: bool) -> Case {
     let columns = rng.random_range(1..=3);
+    // Columns of hashes, sketched at one precision each (a view gives each precision
+    // of a column its own state column).
+    let precisions: Vec<Option<u8>> = (0..columns)
+        .map(|_| (sketches && rng.random_bool(0.5)).then(|| [4, 8, 12, 14][rng.random_range(0..4)]))
+        .collect();
     let nlevels = rng.random_range(1..=3);
     let mut levels = Vec::new();
     let mut features = Vec::new();
@@ -33,6 +44,7 @@ fn gen_case(rng: &mut StdRng) -> Case {
                 (agg != Agg::Count || rng.random_bool(0.5)).then(|| rng.random_range(0..columns));
             // A column keeps one half-life (a view gives each its own column).
             let agg = with_half_life(agg, column.and_then(|c| cols[c].decay), rng);
+            let agg = with_precision(agg, column.and_then(|c| precisions[c]));
             if let Some(c) = column {
                 cols[c] = cols[c].union(agg.fields());
             }
@@ -52,6 +64,7 @@ fn gen_case(rng: &mut StdRng) -> Case {
             if let Some(c) = column.filter(|_| rng.random_bool(0.4)) {
                 let agg = Agg::ALL[rng.random_range(0..Agg::ALL.len())];
                 let agg = with_half_life(agg, cols[c].decay, rng);
+                let agg = with_precision(agg, precisions[c]);
                 cols[c] = cols[c].union(agg.fields());
                 features.push(FeatureMerge {
                     level: l,
@@ -85,7 +98,17 @@ fn gen_case(rng: &mut StdRng) -> Case {
         });
     }
     let values = (0..columns)
-        .map(|_| {
+        .map(|c| {
+            // A few thousand distinct hashes (and nulls).
+            if precisions[c].is_some() {
+                let distinct = rng.random_range(1..5_000u64);
+                return (0..n)
+                    .map(|_| match rng.random_range(0..30) {
+                        0 => f64::NAN,
+                        _ => hll::value(mix(rng.random_range(0..distinct))),
+                    })
+                    .collect();
+            }
             (0..n)
                 .map(|_| match rng.random_range(0..30) {
                     0 => f64::NAN,
@@ -116,6 +139,23 @@ fn with_half_life(agg: Agg, kept: Option<i64>, rng: &mut StdRng) -> Agg {
         Agg::DecayedCount { .. } => Agg::DecayedCount { half_life: h },
         a => a,
     }
+}
+
+/// `approx_distinct` at the column's precision, or `sum` for a column without codes.
+fn with_precision(agg: Agg, precision: Option<u8>) -> Agg {
+    match (agg, precision) {
+        (Agg::ApproxDistinct { .. }, Some(precision)) => Agg::ApproxDistinct { precision },
+        (Agg::ApproxDistinct { .. }, None) => Agg::Sum,
+        (a, _) => a,
+    }
+}
+
+/// SplitMix64's finaliser: a hash for test values.
+fn mix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 fn fold_split(backend: &dyn Backend, case: &Case, rng: &mut StdRng, split: bool) -> PaneState {
@@ -150,6 +190,9 @@ fn fold_turns(backends: &[&dyn Backend], case: &Case, rng: &mut StdRng, split: b
 }
 
 fn same(agg: Agg, a: f64, b: f64) -> bool {
+    if a == b {
+        return true;
+    }
     if a.is_nan() || b.is_nan() {
         return a.is_nan() && b.is_nan();
     }
@@ -168,7 +211,8 @@ fn check(backend: &dyn Backend, seeds: std::ops::Range<u64>) {
 fn check_turns(folders: &[&dyn Backend], backend: &dyn Backend, seeds: std::ops::Range<u64>) {
     for seed in seeds {
         let mut rng = StdRng::seed_from_u64(seed);
-        let case = gen_case(&mut rng);
+        let on_gpu = folders.iter().any(|b| b.kind() == BackendKind::Gpu);
+        let case = gen_case_with(&mut rng, !on_gpu);
         let reference = fold_split(&Scalar, &case, &mut rng, false);
         let state = fold_turns(folders, &case, &mut rng, true);
         let max_t = case.ts.iter().copied().max().unwrap_or(0);
@@ -464,6 +508,55 @@ fn gpu_matches_scalar() {
 
 #[cfg(feature = "gpu")]
 #[test]
+fn the_gpu_refuses_sketches_and_auto_folds_them_on_the_cpu() {
+    use panes_kernels::{Auto, Calibration, KernelError};
+    use std::sync::Arc;
+    let Some(g) = gpu() else { return };
+    let mut rng = StdRng::seed_from_u64(17);
+    let mut case = gen_case_with(&mut rng, true);
+    while case.spec.gpu_unsupported().is_none() || case.ids.len() < 1_000 {
+        case = gen_case_with(&mut rng, true);
+    }
+    let vals: Vec<&[f64]> = case.values.iter().map(Vec::as_slice).collect();
+    let batch = FoldBatch {
+        ids: &case.ids,
+        ts: &case.ts,
+        values: &vals,
+    };
+    let mut state = PaneState::new(case.spec.clone()).unwrap();
+    let err = g.fold(&mut state, &batch).unwrap_err();
+    assert!(matches!(err, KernelError::Unavailable(_)), "{err}");
+    assert!(err.to_string().contains("approx_distinct"), "{err}");
+    // Auto, even past its crossover, folds on the host.
+    let c = Calibration {
+        sizes: vec![],
+        cpu_s: vec![],
+        gpu_s: vec![],
+        crossover: Some(1),
+        transfer_bytes_per_s: 1e8,
+    };
+    let auto = Auto::new(Cpu::new(), g, Arc::new(c), 1);
+    let mut reference = PaneState::new(case.spec.clone()).unwrap();
+    auto.fold(&mut state, &batch).unwrap();
+    Scalar.fold(&mut reference, &batch).unwrap();
+    assert!(!state.on_device());
+    let ids: Vec<Option<u32>> = (0..600).map(Some).collect();
+    let at = case.ts.iter().copied().max().unwrap();
+    let (mut want, mut got) = (MergeOutput::default(), MergeOutput::default());
+    Scalar
+        .merge(&reference, &case.features, &ids, at, &mut want)
+        .unwrap();
+    auto.merge(&state, &case.features, &ids, at, &mut got)
+        .unwrap();
+    let nf = case.features.len();
+    for (i, (g, w)) in got.values.iter().zip(&want.values).enumerate() {
+        let f = &case.features[i % nf];
+        assert!(same(f.agg, *g, *w), "key {} {f:?}: {g} vs {w}", i / nf);
+    }
+}
+
+#[cfg(feature = "gpu")]
+#[test]
 fn gpu_and_cpu_take_turns_on_one_state() {
     // The state moves between host and device as the backends alternate; reads go
     // through either backend, whichever side the state is on.
@@ -639,9 +732,9 @@ fn auto_sends_large_batches_to_the_gpu_and_brings_the_state_back() {
     };
     let auto = Auto::new(Cpu::new(), g, Arc::new(c), 5_000);
     let mut rng = StdRng::seed_from_u64(7);
-    let mut case = gen_case(&mut rng);
+    let mut case = gen_case_with(&mut rng, false);
     while case.ids.len() < 30_000 {
-        case = gen_case(&mut rng);
+        case = gen_case_with(&mut rng, false);
     }
     let mut state = PaneState::new(case.spec.clone()).unwrap();
     let mut reference = PaneState::new(case.spec.clone()).unwrap();

@@ -42,7 +42,7 @@ class Feature:
 
     Build features with :func:`count`, :func:`sum`, :func:`mean`, :func:`min`,
     :func:`max`, :func:`var`, :func:`std`, :func:`last`, :func:`first`,
-    :func:`decayed_sum` and :func:`decayed_count`.
+    :func:`decayed_sum`, :func:`decayed_count` and :func:`approx_distinct`.
     """
 
     name: str
@@ -51,6 +51,7 @@ class Feature:
     window: str
     hop: str | None = None
     half_life: str | None = None
+    precision: int | None = None
 
     def to_toml(self) -> str:
         """The feature as a ``[[views.features]]`` table."""
@@ -62,13 +63,16 @@ class Feature:
             lines.append(f"hop = {_q(self.hop)}")
         if self.half_life is not None:
             lines.append(f"half_life = {_q(self.half_life)}")
+        if self.precision is not None:
+            lines.append(f"precision = {self.precision}")
         return "\n".join(lines) + "\n"
 
     def __repr__(self) -> str:
         what = f"{self.agg}({self.column})" if self.column else f"{self.agg}()"
         hop = f", hop={self.hop}" if self.hop else ""
         half_life = f", half_life={self.half_life}" if self.half_life else ""
-        return f"<Feature {self.name}: {what} over {self.window}{hop}{half_life}>"
+        precision = f", precision={self.precision}" if self.precision is not None else ""
+        return f"<Feature {self.name}: {what} over {self.window}{hop}{half_life}{precision}>"
 
 
 def _feature(
@@ -78,13 +82,14 @@ def _feature(
     hop: Duration | None,
     name: str | None,
     half_life: Duration | None = None,
+    precision: int | None = None,
 ) -> Feature:
     w = _duration(window, "window")
     h = None if hop is None else _duration(hop, "hop")
     hl = None if half_life is None else _duration(half_life, "half_life")
     if name is None:
         name = f"{agg}_{w}" if column is None else f"{column}_{agg}_{w}"
-    return Feature(name=name, agg=agg, column=column, window=w, hop=h, half_life=hl)
+    return Feature(name=name, agg=agg, column=column, window=w, hop=h, half_life=hl, precision=precision)
 
 
 def count(
@@ -203,6 +208,29 @@ def decayed_count(
     <Feature decayed_count_lifetime: decayed_count() over lifetime, half_life=30m>
     """
     return _feature("decayed_count", column, window, hop, name, half_life)
+
+
+def approx_distinct(
+    column: str,
+    *,
+    window: Duration,
+    precision: int | None = None,
+    hop: Duration | None = None,
+    name: str | None = None,
+) -> Feature:
+    """Number of distinct values of ``column`` in the window (integers, floats,
+    decimals or strings; 0 when empty).
+
+    Exact while the window holds at most ``max(64, min(2**precision / 8, 1024))``
+    distinct values; beyond, a HyperLogLog estimate whose error is within three
+    standard errors, ``3 · 1.04 / sqrt(2**precision)`` of the count. ``precision`` is
+    4 to 18 (default 12); each pane of each key costs about ``2**precision`` bytes.
+
+    >>> import panes
+    >>> panes.approx_distinct("merchant", window="1d", hop="1h")
+    <Feature merchant_approx_distinct_1d: approx_distinct(merchant) over 1d, hop=1h>
+    """
+    return _feature("approx_distinct", column, window, hop, name, precision=precision)
 
 
 @dataclass(frozen=True)

@@ -280,6 +280,7 @@ def _view_dict(v: pb.ViewDescription) -> dict[str, Any]:
                 "window_ms": f.window_ms or None,
                 "hop_ms": f.hop_ms,
                 "half_life_ms": f.half_life_ms or None,
+                "precision": f.precision or None,
                 "dtype": f.dtype,
             }
             for f in v.features

@@ -158,8 +158,9 @@ impl PyEngine {
     }
 
     /// The views as plain data: `[{name, key, time, pane, allowed_lateness, read_time,
-    /// features: [{name, agg, column, window, hop, half_life}]}]`, durations formatted
-    /// (`half_life` is None but for decayed sums and counts).
+    /// features: [{name, agg, column, window, hop, half_life, precision}]}]`, durations
+    /// formatted (`half_life` is None but for decayed sums and counts, `precision` but
+    /// for approx_distinct).
     fn views<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let out = PyList::empty(py);
         for v in &self.inner.file().views {
@@ -187,6 +188,11 @@ impl PyEngine {
                 fd.set_item("window", w)?;
                 fd.set_item("hop", format_duration(f.hop))?;
                 fd.set_item("half_life", f.agg.half_life().map(format_duration))?;
+                let precision = match f.agg {
+                    panes_engine::Agg::ApproxDistinct { precision } => Some(precision),
+                    _ => None,
+                };
+                fd.set_item("precision", precision)?;
                 features.append(fd)?;
             }
             d.set_item("features", features)?;

@@ -14,9 +14,9 @@ import pyarrow as pa
 LATENESS_MS = 3_000
 BASE_MS = 1_767_225_600_000  # 2026-01-01
 
-# name, agg, column, window (ms, None = lifetime), hop (ms), half-life (ms, decayed
-# aggregations only): every aggregation, with sliding, tumbling (hop = window) and
-# lifetime windows.
+# name, agg, column, window (ms, None = lifetime), hop (ms), parameter (half-life in ms
+# of the decayed aggregations, precision of approx_distinct): every aggregation, with
+# sliding, tumbling (hop = window) and lifetime windows.
 FEATURES: list[tuple] = [
     ("rows_1m", "count", None, 60_000, 10_000),
     ("amount_sum_1m", "sum", "amount", 60_000, 10_000),
@@ -34,6 +34,12 @@ FEATURES: list[tuple] = [
     ("amount_decayed_sum_tumbling", "decayed_sum", "amount", 60_000, 60_000, 20_000),
     ("rows_decayed_count_lifetime", "decayed_count", None, None, 10_000, 45_000),
     ("amount_decayed_count_1m", "decayed_count", "amount", 60_000, 10_000, 600_000),
+    # Precision 12 stays exact here (at most 512 distinct values per key); precision 4
+    # turns dense past 64 and is held to three standard errors.
+    ("amount_distinct_1h", "approx_distinct", "amount", 3_600_000, 300_000, 12),
+    ("merchant_distinct", "approx_distinct", "merchant", None, 10_000, 12),
+    ("merchant_distinct_p4", "approx_distinct", "merchant", None, 10_000, 4),
+    ("amount_distinct_p4_5m", "approx_distinct", "amount", 300_000, 60_000, 4),
 ]
 
 SQL_AGG = {
@@ -53,6 +59,8 @@ SQL_AGG = {
     ("decayed_sum", "amount"): "coalesce(sum(a.amount * pow(2.0, -(s.at - a.t) / {h}.0)), 0)",
     ("decayed_count", None): "coalesce(sum(pow(2.0, -(s.at - a.t) / {h}.0)), 0)",
     ("decayed_count", "amount"): "coalesce(sum(pow(2.0, -(s.at - a.t) / {h}.0)) FILTER (WHERE a.amount IS NOT NULL), 0)",
+    ("approx_distinct", "amount"): "count(DISTINCT a.amount)",
+    ("approx_distinct", "merchant"): "count(DISTINCT a.merchant)",
 }
 
 EXACT_AGGS = ("count", "min", "max", "last", "first")
@@ -72,7 +80,9 @@ def feature_file() -> str:
         out += ["", "[[views.features]]", f'name = "{name}"', f'agg = "{agg}"']
         if column:
             out.append(f'column = "{column}"')
-        if half_life:
+        if half_life and agg == "approx_distinct":
+            out.append(f"precision = {half_life[0]}")
+        elif half_life:
             out.append(f'half_life = "{half_life[0]}ms"')
         out.append(f'window = "{window}ms"' if window else 'window = "lifetime"')
         out.append(f'hop = "{hop}ms"')
@@ -93,6 +103,7 @@ def make_events(rng: np.random.Generator, n: int, keys: int = 500, bad: bool = T
             "card": pa.array(card, pa.int64(), mask=rng.random(n) < p),
             "ts": pa.array(ts, pa.int64(), mask=rng.random(n) < p).cast(pa.timestamp("ms", tz="UTC")),
             "amount": pa.array(np.round(rng.normal(100, 30, n), 2), mask=rng.random(n) < 20 * p),
+            "merchant": pa.array([f"m{m}" for m in rng.zipf(1.2, n) % 5_000], mask=rng.random(n) < 20 * p),
         }
     )
 
@@ -120,14 +131,14 @@ def oracle(events: pa.Table, spine: pa.Table) -> dict[str, np.ndarray]:
         f"""
         CREATE TABLE acc AS
         WITH valid AS (
-            SELECT seq, card, epoch_ms(ts) AS t, amount
+            SELECT seq, card, epoch_ms(ts) AS t, amount, merchant
             FROM events_in
             WHERE card IS NOT NULL AND ts IS NOT NULL
         ), marked AS (
             SELECT *, max(t) OVER (ORDER BY seq ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev_max
             FROM valid
         )
-        SELECT seq, card, t, amount FROM marked
+        SELECT seq, card, t, amount, merchant FROM marked
         WHERE prev_max IS NULL OR t >= prev_max - {LATENESS_MS}
         """
     )
@@ -156,8 +167,9 @@ def oracle(events: pa.Table, spine: pa.Table) -> dict[str, np.ndarray]:
 
 
 def assert_features_equal(got: dict[str, np.ndarray], want: dict[str, np.ndarray], what: str) -> None:
-    """Exact for count/min/max/last, 1e-9 relative for the rest; same nulls."""
-    for name, agg, *_ in FEATURES:
+    """Exact for count/min/max/last/first, approx_distinct within three standard
+    errors of the exact count (DESIGN §3b), 1e-9 relative for the rest; same nulls."""
+    for name, agg, _, _, _, *param in FEATURES:
         g = np.asarray(got[name], dtype=float)
         w = want[name]
         assert g.shape == w.shape, f"{what} {name}: {g.shape} rows, expected {w.shape}"
@@ -165,5 +177,18 @@ def assert_features_equal(got: dict[str, np.ndarray], want: dict[str, np.ndarray
         ok = ~np.isnan(w)
         if agg in EXACT_AGGS:
             np.testing.assert_array_equal(g[ok], w[ok], err_msg=f"{what} {name}")
+        elif agg == "approx_distinct":
+            bound = np.maximum(3 * 1.04 / np.sqrt(2.0 ** param[0]) * w[ok], 3)
+            over = np.abs(g[ok] - w[ok]) > bound
+            if param[0] >= 10:
+                assert not np.any(over), f"{what} {name}: {np.sum(over)} estimates past the bound"
+            else:
+                # With few registers HyperLogLog's error is above 1.04/√m (Flajolet et
+                # al.: 1.106/√m at m = 16) and skewed: a few percent pass three of them.
+                assert np.mean(over) <= 0.03, f"{what} {name}: {np.mean(over):.1%} of estimates past the bound"
+            # Exact while the window holds at most the sparse capacity.
+            small = w[ok] <= min(max(2 ** param[0] // 8, 64), 1024)
+            np.testing.assert_array_equal(g[ok][small], w[ok][small], err_msg=f"{what} {name}: exact while sparse")
+            assert np.any(~small) or param[0] == 12, f"{what} {name}: some windows are past the sparse capacity"
         else:
             np.testing.assert_allclose(g[ok], w[ok], rtol=1e-9, atol=1e-9, err_msg=f"{what} {name}")

@@ -13,6 +13,7 @@ use arrow_array::{Array, RecordBatch};
 use arrow_schema::{DataType, TimeUnit};
 
 mod cap;
+pub mod distinct;
 pub mod ipc;
 pub mod keys;
 mod view_core;
@@ -393,12 +394,27 @@ pub(crate) fn ingest(
         Ok(t) => t,
         Err(e) => return schema_error(counters, e),
     };
-    let mut value_cols = Vec::with_capacity(view.columns.len());
-    for name in &view.columns {
+    let mut value_cols = Vec::with_capacity(view.decoded.len());
+    for d in &view.decoded {
+        let name = &view.columns[d.column];
         let array = match column(view, batch, name, "value") {
             Ok(a) => a,
             Err(e) => return schema_error(counters, e),
         };
+        if d.hashed {
+            match distinct::hashes(array) {
+                Ok(codes) => value_cols.push(codes),
+                Err(message) => {
+                    let e = PanesError::Schema {
+                        view: spec.name.clone(),
+                        column: name.clone(),
+                        message,
+                    };
+                    return schema_error(counters, e);
+                }
+            }
+            continue;
+        }
         if !array.data_type().is_numeric() {
             let e = PanesError::Schema {
                 view: spec.name.clone(),

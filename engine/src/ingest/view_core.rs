@@ -82,7 +82,7 @@ impl ViewCore {
             state: PaneState::new(view.state.clone())?,
             max_ts: None,
             counters: ViewCounters::default(),
-            pending: Decoded::new(view.columns.len()),
+            pending: Decoded::new(view.decoded.len()),
             pending_since: None,
             latest: Vec::new(),
             folded: 0,

@@ -147,6 +147,7 @@ pub fn backfill(
     for spec in views {
         progress.set_message(format!("view {}", spec.name));
         let view = CompiledView::new(spec, options.shards);
+        view.check_backend(backend.kind())?;
         let mut core = ViewCore::new(&view)?;
         // Reads here come between folds, in time order: the key-major read copy
         // serving keeps would cost memory and copying and rarely be used.
@@ -283,7 +284,7 @@ fn replay(
     backend: &dyn Backend,
     progress: &ProgressBar,
 ) -> Result<SpineValues> {
-    let events = std::mem::replace(&mut core.pending, Decoded::new(view.columns.len()));
+    let events = std::mem::replace(&mut core.pending, Decoded::new(view.decoded.len()));
     core.pending_since = None;
     let events = sort_by_time(events);
     let ids = spine_ids(core, view, spine)?;

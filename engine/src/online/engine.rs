@@ -176,6 +176,7 @@ impl Engine {
             .iter()
             .map(|v| {
                 let compiled = CompiledView::new(v, options.shards);
+                compiled.check_backend(backend.kind())?;
                 let fold_time = Arc::new(Histogram::default());
                 let replica = || -> Result<RwLock<ViewCore>> {
                     let mut core = ViewCore::new(&compiled)?;

@@ -24,10 +24,10 @@ pub struct FeatureFrame {
     pub at: i64,
 }
 
-/// The output field of a feature: `count` as Int64, every other aggregation as
-/// Float64; nullable.
+/// The output field of a feature: `count` and `approx_distinct` as Int64, every other
+/// aggregation as Float64; nullable.
 pub fn feature_field(name: &str, agg: Agg) -> Field {
-    let ty = if agg == Agg::Count {
+    let ty = if agg.integer_valued() {
         DataType::Int64
     } else {
         DataType::Float64
@@ -38,7 +38,7 @@ pub fn feature_field(name: &str, agg: Agg) -> Field {
 /// The output column of a feature from `(value, valid)` pairs, typed as
 /// [`feature_field`]; null where not valid.
 pub fn feature_column(agg: Agg, rows: impl Iterator<Item = (f64, bool)>) -> ArrayRef {
-    if agg == Agg::Count {
+    if agg.integer_valued() {
         Arc::new(Int64Array::from_iter(
             rows.map(|(v, ok)| ok.then_some(v as i64)),
         ))

@@ -110,7 +110,11 @@ pub(crate) fn describe(engine: &Engine, spec: &ViewSpec) -> ViewDescription {
                 },
                 hop_ms: f.hop,
                 half_life_ms: f.agg.half_life().unwrap_or(0),
-                dtype: if f.agg == panes_kernels::Agg::Count {
+                precision: match f.agg {
+                    panes_kernels::Agg::ApproxDistinct { precision } => u32::from(precision),
+                    _ => 0,
+                },
+                dtype: if f.agg.integer_valued() {
                     "int64"
                 } else {
                     "float64"

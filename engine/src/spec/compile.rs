@@ -5,23 +5,40 @@
 //! Part of `spec/` because it is a pure function of the definition: ingest, the
 //! engine, backfill, checkpoints and sources all read it, and none of them changes it.
 
-use panes_kernels::{ColumnFields, FeatureMerge, LevelSpec, MergeOutput, ReadStatus, StateSpec};
+use panes_kernels::{
+    Agg, BackendKind, ColumnFields, FeatureMerge, KernelError, LevelSpec, MergeOutput, ReadStatus,
+    StateSpec,
+};
 
 use super::{ViewSpec, Window, format_duration};
 use crate::error::{PanesError, Result};
+
+/// One decoded column: a value column as numbers, or as hashes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decode {
+    /// Index in [`CompiledView::columns`].
+    pub column: usize,
+    /// Whether each value is hashed (`panes_kernels::hll::value`, for
+    /// `approx_distinct`: integers, floats, decimals and strings) rather than taken as
+    /// an f64 (numbers only).
+    pub hashed: bool,
+}
 
 /// A view with its state layout: one level per distinct hop.
 #[derive(Clone, Debug)]
 pub struct CompiledView {
     /// The definition.
     pub spec: ViewSpec,
-    /// Distinct value columns the view decodes, in order of first use.
+    /// Distinct value columns the view reads, in order of first use.
     pub columns: Vec<String>,
+    /// What ingest decodes from them into a micro-batch, in order (`Decoded::values`).
+    pub decoded: Vec<Decode>,
     /// The state's value columns (a fold batch's `values`): for each, the index in
-    /// `columns` of the decoded column it reads, or `None` for a column of ones (the
-    /// rows a `decayed_count` without a column counts). A state column keeps one
-    /// half-life, so each half-life of a column has a state column of its own; without
-    /// decayed features this is `0, 1, 2, …`.
+    /// `decoded` of the column it reads, or `None` for a column of ones (the rows a
+    /// `decayed_count` without a column counts). A state column keeps one half-life
+    /// and one sketch precision, so each has a state column of its own; without
+    /// decayed or sketch features, `columns`, `decoded` and `sources` line up one to
+    /// one.
     pub sources: Vec<Option<usize>>,
     /// The pane-state shape.
     pub state: StateSpec,
@@ -44,16 +61,24 @@ impl CompiledView {
                 columns.push(c.clone());
             }
         }
-        // State columns: (decoded column, half-life).
-        let mut state_columns: Vec<(Option<usize>, Option<i64>)> = Vec::new();
-        let state_column = |f: &super::FeatureSpec| {
-            let source = f
-                .column
-                .as_ref()
-                .and_then(|c| columns.iter().position(|x| x == c));
-            let key = (source, f.agg.half_life());
-            (key != (None, None)).then_some(key)
+        let decode_of = |f: &super::FeatureSpec| {
+            let column = columns.iter().position(|x| Some(x) == f.column.as_ref())?;
+            let hashed = matches!(f.agg, Agg::ApproxDistinct { .. });
+            Some(Decode { column, hashed })
         };
+        let mut decoded: Vec<Decode> = Vec::new();
+        for d in spec.features.iter().filter_map(decode_of) {
+            if !decoded.contains(&d) {
+                decoded.push(d);
+            }
+        }
+        // State columns: (decoded column, half-life, precision).
+        let state_column = |f: &super::FeatureSpec| {
+            let source = decode_of(f).and_then(|d| decoded.iter().position(|x| *x == d));
+            let key = (source, f.agg.half_life(), f.agg.fields().hll);
+            (key != (None, None, None)).then_some(key)
+        };
+        let mut state_columns: Vec<(Option<usize>, Option<i64>, Option<u8>)> = Vec::new();
         for f in &spec.features {
             if let Some(key) = state_column(f)
                 && !state_columns.contains(&key)
@@ -109,10 +134,25 @@ impl CompiledView {
         }
         CompiledView {
             spec: spec.clone(),
-            sources: state_columns.iter().map(|(source, _)| *source).collect(),
+            sources: state_columns.iter().map(|(source, ..)| *source).collect(),
             columns,
+            decoded,
             state: StateSpec { levels, shards },
             merges,
+        }
+    }
+
+    /// Refuses a backend that cannot fold this view (the `Gpu` backend and sketches),
+    /// naming the view; `auto` folds such a view on the CPU.
+    ///
+    /// # Errors
+    /// [`PanesError::Kernel`] with `Unavailable`.
+    pub fn check_backend(&self, kind: BackendKind) -> Result<()> {
+        match self.state.gpu_unsupported() {
+            Some(why) if kind == BackendKind::Gpu => Err(PanesError::Kernel(
+                KernelError::Unavailable(format!("view {:?}: {why}", self.spec.name)),
+            )),
+            _ => Ok(()),
         }
     }
 

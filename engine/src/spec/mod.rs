@@ -24,8 +24,8 @@ use std::path::Path;
 
 use panes_kernels::Agg;
 
-pub use compile::CompiledView;
 pub(crate) use compile::state_values;
+pub use compile::{CompiledView, Decode};
 
 use crate::error::{Result, SpecError, SpecIssue};
 
@@ -295,6 +295,9 @@ impl FeatureFile {
                 if let Some(h) = f.agg.half_life() {
                     let _ = writeln!(s, "half_life = {:?}", format_duration(h));
                 }
+                if let Agg::ApproxDistinct { precision } = f.agg {
+                    let _ = writeln!(s, "precision = {precision}");
+                }
                 if let Some(c) = &f.column {
                     let _ = writeln!(s, "column = {}", q(c));
                 }
@@ -562,6 +565,36 @@ window = "lifetime"
             )),
             "{e}"
         );
+    }
+
+    #[test]
+    fn precision_is_checked_and_kept() {
+        let distinct = GOOD.replace(
+            "agg = \"mean\"",
+            "agg = \"approx_distinct\"\nprecision = 14",
+        );
+        let f = FeatureFile::parse(&distinct, "f.toml").unwrap();
+        assert_eq!(
+            f.views[0].features[0].agg,
+            Agg::ApproxDistinct { precision: 14 }
+        );
+        assert_eq!(FeatureFile::parse(&f.to_toml(), "again").unwrap(), f);
+        let default = GOOD.replace("agg = \"mean\"", "agg = \"approx_distinct\"");
+        let f = FeatureFile::parse(&default, "f.toml").unwrap();
+        assert_eq!(
+            f.views[0].features[0].agg,
+            Agg::ApproxDistinct { precision: 12 }
+        );
+        let field = "view \"flights\" feature \"dep_delay_mean_3h\", field `precision`";
+        let e = err(&distinct.replace("precision = 14", "precision = 19"));
+        assert!(e.contains(&format!("{field}: must be from 4 to 18")), "{e}");
+        let e = err(&GOOD.replace("agg = \"mean\"", "agg = \"sum\"\nprecision = 12"));
+        assert!(
+            e.contains("field `precision`: `precision` applies to approx_distinct, not to `sum`"),
+            "{e}"
+        );
+        let e = err(&distinct.replace("precision = 14", "precision = \"high\""));
+        assert!(e.contains("precision"), "{e}");
     }
 
     #[test]

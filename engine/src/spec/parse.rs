@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 
-use panes_kernels::Agg;
+use panes_kernels::{Agg, AggParams};
 use serde::Deserialize;
 
 use super::{
@@ -56,6 +56,7 @@ struct RawFeature {
     window: Option<String>,
     hop: Option<String>,
     half_life: Option<String>,
+    precision: Option<i64>,
 }
 /// Parses and validates feature definitions; `origin` names them in errors.
 pub(super) fn parse(text: &str, origin: &str) -> Result<FeatureFile> {
@@ -295,13 +296,16 @@ impl Collector {
         let agg_s = self.required(&floc, "agg", rf.agg);
         // 0: absent, or malformed (already reported).
         let half_life = self.duration(&floc, "half_life", rf.half_life.as_deref(), 0, true);
-        let agg = match Agg::with_params(&agg_s, (half_life > 0).then_some(half_life)) {
+        let params = AggParams {
+            half_life: (half_life > 0).then_some(half_life),
+            precision: rf.precision,
+        };
+        let agg = match Agg::with_params(&agg_s, &params) {
             Ok(a) => Some(a),
             Err(_) if rf.half_life.is_some() && half_life == 0 => None,
-            Err(e) => {
-                let known = Agg::ALL.iter().any(|a| a.name() == agg_s);
+            Err((field, e)) => {
                 if !agg_s.is_empty() {
-                    self.push(&floc, if known { "half_life" } else { "agg" }, e);
+                    self.push(&floc, field, e);
                 }
                 None
             }

@@ -103,6 +103,14 @@ pub fn feature(
         Agg::DecayedCount { half_life } => {
             Some(decayed(half_life, &mut vals.iter().map(|x| (x.1, 1.0))))
         }
+        // The exact number of distinct values (−0.0 is 0.0); `assert_close` holds the
+        // estimate to the bound of DESIGN §3b.
+        Agg::ApproxDistinct { .. } => {
+            let mut v: Vec<u64> = vals.iter().map(|x| (x.2 + 0.0).to_bits()).collect();
+            v.sort_unstable();
+            v.dedup();
+            Some(v.len() as f64)
+        }
     }
 }
 
@@ -169,6 +177,10 @@ pub fn assert_close(
         (None, None) => {}
         (Some(g), Some(w)) => {
             let ok = match agg {
+                Agg::ApproxDistinct { precision } => {
+                    let se = 1.04 / f64::from(1u32 << precision).sqrt();
+                    (g - w).abs() <= (3.0 * se * w).max(3.0)
+                }
                 a if a.bitwise() => g == w || (g.is_nan() && w.is_nan()),
                 Agg::Sum | Agg::Mean => (g - w).abs() <= 1e-9 * scale.max(w.abs()),
                 Agg::DecayedSum { .. } | Agg::DecayedCount { .. } => {

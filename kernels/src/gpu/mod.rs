@@ -157,6 +157,9 @@ impl Backend for Gpu {
 
     fn fold(&self, state: &mut PaneState, batch: &FoldBatch<'_>) -> Result<FoldStats, KernelError> {
         state.check(batch)?;
+        if let Some(why) = state.spec.gpu_unsupported() {
+            return Err(KernelError::Unavailable(why));
+        }
         let need = batch.ids.iter().max().map_or(0, |&m| u64::from(m) + 1);
         match &mut state.device {
             Some(d) => d.grow(&state.spec, need)?,
