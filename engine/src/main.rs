@@ -426,6 +426,14 @@ fn describe(file: &FeatureFile) {
                     format!(", half-life {}", format_duration(half_life))
                 }
                 Agg::ApproxDistinct { precision } => format!(", precision {precision}"),
+                Agg::Quantile {
+                    q,
+                    relative_accuracy,
+                } => format!(
+                    ", q {}, relative accuracy {}",
+                    q.get(),
+                    relative_accuracy.get()
+                ),
                 _ => String::new(),
             };
             println!("  {:<28} {}({col}) over {w}{param}", f.name, f.agg);

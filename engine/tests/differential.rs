@@ -41,7 +41,7 @@ fn feature_file(lateness_ms: i64, sketches: bool) -> String {
     ];
     let aggs = Agg::ALL
         .into_iter()
-        .filter(|a| sketches || !matches!(a, Agg::ApproxDistinct { .. }));
+        .filter(|a| sketches || !matches!(a, Agg::ApproxDistinct { .. } | Agg::Quantile { .. }));
     for agg in aggs {
         for (wname, w) in windows {
             let column = if agg == Agg::Count {
@@ -49,9 +49,13 @@ fn feature_file(lateness_ms: i64, sketches: bool) -> String {
             } else {
                 "column = \"v\"\n"
             };
-            let half_life = agg
-                .half_life()
-                .map_or(String::new(), |h| format!("half_life = \"{h}ms\"\n"));
+            let half_life = match agg {
+                Agg::DecayedSum { half_life } | Agg::DecayedCount { half_life } => {
+                    format!("half_life = \"{half_life}ms\"\n")
+                }
+                Agg::Quantile { q, .. } => format!("q = {:?}\n", q.get()),
+                _ => String::new(),
+            };
             s += &format!(
                 "\n[[views.features]]\nname = \"{agg}_{wname}\"\nagg = \"{agg}\"\n{column}{half_life}{w}\n"
             );
@@ -63,6 +67,12 @@ fn feature_file(lateness_ms: i64, sketches: bool) -> String {
     // A second half-life of `v` (a state column of its own), and decayed rows.
     s += "\n[[views.features]]\nname = \"v_decayed_fast\"\nagg = \"decayed_sum\"\ncolumn = \"v\"\nhalf_life = \"3s\"\nwindow = \"12s\"\nhop = \"4s\"\n";
     s += "\n[[views.features]]\nname = \"rows_decayed_life\"\nagg = \"decayed_count\"\nhalf_life = \"1500ms\"\nwindow = \"lifetime\"\n";
+    if sketches {
+        // Other parameters of one column: state columns of their own.
+        s += "\n[[views.features]]\nname = \"v_p90_coarse\"\nagg = \"quantile\"\ncolumn = \"v\"\nq = 0.9\nrelative_accuracy = 0.05\nwindow = \"12s\"\nhop = \"4s\"\n";
+        s += "\n[[views.features]]\nname = \"v_min_q\"\nagg = \"quantile\"\ncolumn = \"v\"\nq = 0\nwindow = \"lifetime\"\n";
+        s += "\n[[views.features]]\nname = \"v_distinct_p6\"\nagg = \"approx_distinct\"\ncolumn = \"v\"\nprecision = 6\nwindow = \"5s\"\nhop = \"1s\"\n";
+    }
     s
 }
 

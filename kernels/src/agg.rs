@@ -47,22 +47,57 @@ pub enum Agg {
         /// Registers `2^precision`, `precision` in [`crate::hll::PRECISIONS`].
         precision: u8,
     },
+    /// The `q`-quantile `v[⌊q · (n − 1)⌋]` of the sorted values, within
+    /// `relative_accuracy · |v|` (a DDSketch, see [`crate::quantile`]).
+    Quantile {
+        /// In [0, 1].
+        q: Param,
+        /// Relative accuracy α, in [`crate::quantile::ACCURACY`].
+        relative_accuracy: Param,
+    },
+}
+
+/// An f64 parameter of an aggregation, kept by its bits so that an [`Agg`] is `Eq` and
+/// `Hash`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Param(u64);
+
+impl Param {
+    /// The parameter `x`.
+    pub const fn new(x: f64) -> Param {
+        Param(x.to_bits())
+    }
+
+    /// Its value.
+    pub const fn get(self) -> f64 {
+        f64::from_bits(self.0)
+    }
+}
+
+impl fmt::Debug for Param {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.get().fmt(f)
+    }
 }
 
 /// The parameters of a feature's aggregation, as given; [`Agg::with_params`] checks
 /// them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct AggParams {
     /// `half_life` of `decayed_sum` and `decayed_count`, ms.
     pub half_life: Option<i64>,
     /// `precision` of `approx_distinct`.
     pub precision: Option<i64>,
+    /// `q` of `quantile`.
+    pub q: Option<f64>,
+    /// `relative_accuracy` of `quantile`.
+    pub relative_accuracy: Option<f64>,
 }
 
 impl Agg {
     /// Every aggregation, in a fixed order (tests and docs iterate it); the decayed
     /// ones with a half-life of one hour.
-    pub const ALL: [Agg; 12] = [
+    pub const ALL: [Agg; 13] = [
         Agg::Count,
         Agg::Sum,
         Agg::Mean,
@@ -79,6 +114,10 @@ impl Agg {
             half_life: 3_600_000,
         },
         Agg::ApproxDistinct { precision: 12 },
+        Agg::Quantile {
+            q: Param::new(0.5),
+            relative_accuracy: Param::new(0.01),
+        },
     ];
 
     /// The aggregation named `name`, with its parameters.
@@ -101,9 +140,12 @@ impl Agg {
         let AggParams {
             half_life,
             precision,
+            q,
+            relative_accuracy,
         } = *params;
         let decayed = matches!(kind, Agg::DecayedSum { .. } | Agg::DecayedCount { .. });
         let distinct = matches!(kind, Agg::ApproxDistinct { .. });
+        let quantile = matches!(kind, Agg::Quantile { .. });
         let not_for = |field: &'static str, for_: &str| {
             Err((
                 field,
@@ -115,6 +157,12 @@ impl Agg {
         }
         if precision.is_some() && !distinct {
             return not_for("precision", "approx_distinct");
+        }
+        if q.is_some() && !quantile {
+            return not_for("q", "quantile");
+        }
+        if relative_accuracy.is_some() && !quantile {
+            return not_for("relative_accuracy", "quantile");
         }
         let half_life = || match half_life {
             None => Err((
@@ -148,6 +196,30 @@ impl Agg {
                     }
                 }
             }
+            Agg::Quantile {
+                relative_accuracy: default,
+                ..
+            } => {
+                let q = match q {
+                    None => {
+                        return Err(("q", "`quantile` needs a `q`, e.g. q = 0.9".to_string()));
+                    }
+                    Some(q) if (0.0..=1.0).contains(&q) => q,
+                    Some(q) => return Err(("q", format!("must be in [0, 1], got {q}"))),
+                };
+                let (lo, hi) = crate::quantile::ACCURACY;
+                let alpha = relative_accuracy.unwrap_or(default.get());
+                if !(lo..=hi).contains(&alpha) {
+                    return Err((
+                        "relative_accuracy",
+                        format!("must be in [{lo}, {hi}], got {alpha}"),
+                    ));
+                }
+                Agg::Quantile {
+                    q: Param::new(q),
+                    relative_accuracy: Param::new(alpha),
+                }
+            }
             a => a,
         })
     }
@@ -167,6 +239,7 @@ impl Agg {
             Agg::DecayedSum { .. } => 9,
             Agg::DecayedCount { .. } => 10,
             Agg::ApproxDistinct { .. } => 11,
+            Agg::Quantile { .. } => 12,
         }
     }
 
@@ -193,6 +266,7 @@ impl Agg {
             Agg::DecayedSum { .. } => "decayed_sum",
             Agg::DecayedCount { .. } => "decayed_count",
             Agg::ApproxDistinct { .. } => "approx_distinct",
+            Agg::Quantile { .. } => "quantile",
         }
     }
 
@@ -208,7 +282,13 @@ impl Agg {
     pub fn bitwise(self) -> bool {
         matches!(
             self,
-            Agg::Count | Agg::Min | Agg::Max | Agg::Last | Agg::First | Agg::ApproxDistinct { .. }
+            Agg::Count
+                | Agg::Min
+                | Agg::Max
+                | Agg::Last
+                | Agg::First
+                | Agg::ApproxDistinct { .. }
+                | Agg::Quantile { .. }
         )
     }
 
@@ -247,6 +327,9 @@ impl Agg {
                 f.decay = Some(half_life)
             }
             Agg::ApproxDistinct { precision } => f.hll = Some(precision),
+            Agg::Quantile {
+                relative_accuracy, ..
+            } => f.quantile = Some(relative_accuracy),
         }
         f
     }
@@ -294,6 +377,9 @@ pub struct ColumnFields {
     /// Precision of the HyperLogLog sketch kept for the column (its values are
     /// [`crate::hll::value`]s); a view gives each precision of a column its own column.
     pub hll: Option<u8>,
+    /// Relative accuracy of the quantile sketch kept for the column (one per column,
+    /// as for `hll`).
+    pub quantile: Option<Param>,
 }
 
 impl ColumnFields {
@@ -309,6 +395,18 @@ impl ColumnFields {
             first: self.first | o.first,
             decay: self.decay.or(o.decay),
             hll: self.hll.or(o.hll),
+            quantile: self.quantile.or(o.quantile),
+        }
+    }
+
+    /// Only the parameters (half-life, precision, accuracy): what tells apart the state
+    /// columns of one value column.
+    pub fn params(self) -> ColumnFields {
+        ColumnFields {
+            decay: self.decay,
+            hll: self.hll,
+            quantile: self.quantile,
+            ..ColumnFields::default()
         }
     }
 
@@ -327,7 +425,8 @@ impl ColumnFields {
             + 2 * self.last as usize
             + 2 * self.first as usize
             + 3 * self.decay.is_some() as usize
-            + self.hll.map_or(0, crate::hll::words))
+            + self.hll.map_or(0, crate::hll::words)
+            + self.quantile.map_or(0, |a| crate::quantile::words(a.get())))
     }
 }
 
@@ -337,7 +436,9 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for a in Agg::ALL.into_iter().filter(|a| a.half_life().is_none()) {
+        let parameterless =
+            |a: &Agg| !matches!(a.name(), "decayed_sum" | "decayed_count" | "quantile");
+        for a in Agg::ALL.into_iter().filter(parameterless) {
             assert_eq!(a.name().parse::<Agg>().unwrap(), a);
         }
         let err = "median".parse::<Agg>().unwrap_err();
@@ -353,6 +454,11 @@ mod tests {
                 Agg::ApproxDistinct { precision } => Some(i64::from(precision)),
                 _ => None,
             },
+            q: match a {
+                Agg::Quantile { q, .. } => Some(q.get()),
+                _ => None,
+            },
+            ..AggParams::default()
         };
         for (i, a) in Agg::ALL.into_iter().enumerate() {
             assert_eq!(a.code() as usize, i);
@@ -367,9 +473,37 @@ mod tests {
                 &AggParams {
                     half_life,
                     precision,
+                    ..AggParams::default()
                 },
             )
         };
+        let quantile = |q, relative_accuracy| {
+            Agg::with_params(
+                "quantile",
+                &AggParams {
+                    q,
+                    relative_accuracy,
+                    ..AggParams::default()
+                },
+            )
+        };
+        assert_eq!(
+            quantile(Some(0.9), None),
+            Ok(Agg::Quantile {
+                q: Param::new(0.9),
+                relative_accuracy: Param::new(0.01)
+            })
+        );
+        for (q, a, field) in [
+            (None, None, "q"),
+            (Some(-0.1), None, "q"),
+            (Some(1.5), None, "q"),
+            (Some(f64::NAN), None, "q"),
+            (Some(0.5), Some(0.0), "relative_accuracy"),
+            (Some(0.5), Some(0.9), "relative_accuracy"),
+        ] {
+            assert_eq!(quantile(q, a).unwrap_err().0, field, "{q:?} {a:?}");
+        }
         assert_eq!(
             with("decayed_sum", Some(5), None),
             Ok(Agg::DecayedSum { half_life: 5 })

@@ -44,7 +44,7 @@
 
 use crate::agg::ColumnFields;
 use crate::error::KernelError;
-use crate::hll;
+use crate::{hll, quantile};
 
 /// Tag of a ring cell that has never been written.
 pub const EMPTY_PANE: i64 = i64::MIN;
@@ -99,6 +99,16 @@ impl LevelSpec {
                 crate::hll::PRECISIONS
             )));
         }
+        let (lo, hi) = crate::quantile::ACCURACY;
+        if let Some(a) = self
+            .columns
+            .iter()
+            .find_map(|c| c.quantile.filter(|a| !(lo..=hi).contains(&a.get())))
+        {
+            return Err(KernelError::InvalidSpec(format!(
+                "relative accuracy must be in [{lo}, {hi}], got {a:?}"
+            )));
+        }
         Ok(())
     }
 
@@ -136,6 +146,10 @@ pub(crate) struct ColLayout {
     pub hll: usize,
     /// Their precision (0 without them).
     pub precision: u8,
+    /// A quantile sketch (`crate::quantile`), `quantile::words(alpha)` words.
+    pub quantile: usize,
+    /// Its relative accuracy (0 without one).
+    pub alpha: f64,
 }
 
 pub(crate) const ABSENT: usize = usize::MAX;
@@ -175,6 +189,8 @@ impl Layout {
                 half_life: f.decay.unwrap_or(0) as f64,
                 hll: ABSENT,
                 precision: f.hll.unwrap_or(0),
+                quantile: ABSENT,
+                alpha: f.quantile.map_or(0.0, |a| a.get()),
             };
             let mut field = |on: bool, init: &[f64]| {
                 if !on {
@@ -194,6 +210,8 @@ impl Layout {
                 c.first = field(f.first, &[f64::NAN, bits(i64::MAX)]);
                 c.decay = field(f.decay.is_some(), &DECAY_IDENTITY);
                 c.hll = field(f.hll.is_some(), &vec![0.0; f.hll.map_or(0, hll::words)]);
+                let quantile_words = f.quantile.map_or(0, |a| quantile::words(a.get()));
+                c.quantile = field(f.quantile.is_some(), &vec![0.0; quantile_words]);
             }
             cols.push(c);
         }
@@ -474,6 +492,14 @@ pub(crate) fn add(layout: &Layout, cell: &mut [f64], ts: i64, values: &[&[f64]],
             let p = col.precision;
             hll::add(&mut cell[col.hll..col.hll + hll::words(p)], x, p);
         }
+        if col.quantile != ABSENT {
+            let a = col.alpha;
+            quantile::add(
+                &mut cell[col.quantile..col.quantile + quantile::words(a)],
+                x,
+                a,
+            );
+        }
     }
 }
 
@@ -552,6 +578,10 @@ fn merge_cells<const KEEP_SHIFT: bool>(layout: &Layout, dst: &mut [f64], src: &[
         if col.hll != ABSENT {
             let r = col.hll..col.hll + hll::words(col.precision);
             hll::merge(&mut dst[r.clone()], &src[r], col.precision);
+        }
+        if col.quantile != ABSENT {
+            let r = col.quantile..col.quantile + quantile::words(col.alpha);
+            quantile::merge(&mut dst[r.clone()], &src[r], col.alpha);
         }
     }
 }
@@ -1038,6 +1068,8 @@ pub(crate) struct Acc {
     pub decay: [f64; 3],
     /// The union of the cells' HyperLogLog sketches (empty until a cell has one).
     pub hll: Vec<f64>,
+    /// The union of the cells' quantile sketches (empty until a cell has one).
+    pub quantile: Vec<f64>,
 }
 
 impl Acc {
@@ -1058,6 +1090,7 @@ impl Acc {
         first_ts: i64::MAX,
         decay: DECAY_IDENTITY,
         hll: Vec::new(),
+        quantile: Vec::new(),
     };
 
     /// Adds a cell, for column `column` (or rows only).
@@ -1104,6 +1137,14 @@ impl Acc {
                 hll::merge(&mut self.hll, sketch, col.precision);
             }
         }
+        if col.quantile != ABSENT {
+            let sketch = &cell[col.quantile..col.quantile + quantile::words(col.alpha)];
+            if self.quantile.is_empty() {
+                self.quantile.extend_from_slice(sketch);
+            } else {
+                quantile::merge(&mut self.quantile, sketch, col.alpha);
+            }
+        }
     }
 }
 
@@ -1139,6 +1180,12 @@ pub(crate) fn finalize(agg: crate::Agg, column: Option<usize>, a: &Acc, at: i64)
         } else {
             hll::estimate(&a.hll, precision)
         }),
+        Quantile {
+            q,
+            relative_accuracy,
+        } => (!a.quantile.is_empty())
+            .then(|| quantile::quantile(&a.quantile, q.get(), relative_accuracy.get()))
+            .flatten(),
     }
 }
 

@@ -74,10 +74,11 @@ pub mod gpu;
 pub mod hll;
 pub mod level;
 mod preagg;
+pub mod quantile;
 pub mod scalar;
 pub mod state;
 
-pub use agg::{Agg, AggParams, ColumnFields};
+pub use agg::{Agg, AggParams, ColumnFields, Param};
 #[cfg(feature = "gpu")]
 pub use auto::{Auto, Calibration};
 pub use backend::{Backend, BackendKind};

@@ -20,11 +20,16 @@ impl StateSpec {
     /// on the CPU).
     pub fn gpu_unsupported(&self) -> Option<String> {
         let columns = || self.levels.iter().flat_map(|l| &l.columns);
-        columns().any(|c| c.hll.is_some()).then(|| {
-            "approx_distinct (HyperLogLog registers) does not run on the GPU backend yet; \
-             use the cpu or auto backend"
-                .to_string()
-        })
+        let what = if columns().any(|c| c.hll.is_some()) {
+            "approx_distinct (HyperLogLog sketches)"
+        } else if columns().any(|c| c.quantile.is_some()) {
+            "quantile (DDSketch sketches)"
+        } else {
+            return None;
+        };
+        Some(format!(
+            "{what} does not run on the GPU backend yet; use the cpu or auto backend"
+        ))
     }
 }
 
@@ -474,7 +479,8 @@ pub(crate) fn check_features(
                 let stored = level.columns.get(c).copied().unwrap_or_default();
                 let wanted = f.agg.fields();
                 let wrong_param = (wanted.decay.is_some() && wanted.decay != stored.decay)
-                    || (wanted.hll.is_some() && wanted.hll != stored.hll);
+                    || (wanted.hll.is_some() && wanted.hll != stored.hll)
+                    || (wanted.quantile.is_some() && wanted.quantile != stored.quantile);
                 if stored.union(wanted) != stored || wrong_param {
                     return Err(KernelError::Shape(format!(
                         "feature {i}: level {} does not store the fields of {} for column {c}",

@@ -4,7 +4,7 @@
 
 use panes_kernels::{
     Agg, Backend, BackendKind, ColumnFields, Cpu, FeatureMerge, FoldBatch, FoldLog, LevelSpec,
-    MergeOutput, PaneState, ReadStatus, Scalar, StateSpec, hll,
+    MergeOutput, PaneState, Param, ReadStatus, Scalar, StateSpec, hll,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -30,6 +30,12 @@ fn gen_case_with(rng: &mut StdRng, sketches: bool) -> Case {
     let precisions: Vec<Option<u8>> = (0..columns)
         .map(|_| (sketches && rng.random_bool(0.5)).then(|| [4, 8, 12, 14][rng.random_range(0..4)]))
         .collect();
+    // Columns with quantile sketches, at one accuracy each.
+    let accuracies: Vec<Option<f64>> = (0..columns)
+        .map(|_| {
+            (sketches && rng.random_bool(0.5)).then(|| [0.01, 0.05, 0.001][rng.random_range(0..3)])
+        })
+        .collect();
     let nlevels = rng.random_range(1..=3);
     let mut levels = Vec::new();
     let mut features = Vec::new();
@@ -45,6 +51,7 @@ fn gen_case_with(rng: &mut StdRng, sketches: bool) -> Case {
             // A column keeps one half-life (a view gives each its own column).
             let agg = with_half_life(agg, column.and_then(|c| cols[c].decay), rng);
             let agg = with_precision(agg, column.and_then(|c| precisions[c]));
+            let agg = with_accuracy(agg, column.and_then(|c| accuracies[c]), rng);
             if let Some(c) = column {
                 cols[c] = cols[c].union(agg.fields());
             }
@@ -65,6 +72,7 @@ fn gen_case_with(rng: &mut StdRng, sketches: bool) -> Case {
                 let agg = Agg::ALL[rng.random_range(0..Agg::ALL.len())];
                 let agg = with_half_life(agg, cols[c].decay, rng);
                 let agg = with_precision(agg, precisions[c]);
+                let agg = with_accuracy(agg, accuracies[c], rng);
                 cols[c] = cols[c].union(agg.fields());
                 features.push(FeatureMerge {
                     level: l,
@@ -147,6 +155,19 @@ fn with_precision(agg: Agg, precision: Option<u8>) -> Agg {
         (Agg::ApproxDistinct { .. }, Some(precision)) => Agg::ApproxDistinct { precision },
         (Agg::ApproxDistinct { .. }, None) => Agg::Sum,
         (a, _) => a,
+    }
+}
+
+/// `quantile` at a random `q` and the column's accuracy, or `max` for a column
+/// without quantile sketches.
+fn with_accuracy(agg: Agg, accuracy: Option<f64>, rng: &mut StdRng) -> Agg {
+    match (agg, accuracy) {
+        (Agg::Quantile { .. }, Some(a)) => Agg::Quantile {
+            q: Param::new([0.0, 0.1, 0.5, 0.9, 0.99, 1.0][rng.random_range(0..6)]),
+            relative_accuracy: Param::new(a),
+        },
+        (Agg::Quantile { .. }, None) => Agg::Max,
+        (a, ..) => a,
     }
 }
 
@@ -526,7 +547,10 @@ fn the_gpu_refuses_sketches_and_auto_folds_them_on_the_cpu() {
     let mut state = PaneState::new(case.spec.clone()).unwrap();
     let err = g.fold(&mut state, &batch).unwrap_err();
     assert!(matches!(err, KernelError::Unavailable(_)), "{err}");
-    assert!(err.to_string().contains("approx_distinct"), "{err}");
+    assert!(
+        err.to_string().contains("does not run on the GPU backend"),
+        "{err}"
+    );
     // Auto, even past its crossover, folds on the host.
     let c = Calibration {
         sizes: vec![],

@@ -42,7 +42,8 @@ class Feature:
 
     Build features with :func:`count`, :func:`sum`, :func:`mean`, :func:`min`,
     :func:`max`, :func:`var`, :func:`std`, :func:`last`, :func:`first`,
-    :func:`decayed_sum`, :func:`decayed_count` and :func:`approx_distinct`.
+    :func:`decayed_sum`, :func:`decayed_count`, :func:`approx_distinct` and
+    :func:`quantile`.
     """
 
     name: str
@@ -52,6 +53,8 @@ class Feature:
     hop: str | None = None
     half_life: str | None = None
     precision: int | None = None
+    q: float | None = None
+    relative_accuracy: float | None = None
 
     def to_toml(self) -> str:
         """The feature as a ``[[views.features]]`` table."""
@@ -65,14 +68,22 @@ class Feature:
             lines.append(f"half_life = {_q(self.half_life)}")
         if self.precision is not None:
             lines.append(f"precision = {self.precision}")
+        if self.q is not None:
+            lines.append(f"q = {float(self.q)!r}")
+        if self.relative_accuracy is not None:
+            lines.append(f"relative_accuracy = {float(self.relative_accuracy)!r}")
         return "\n".join(lines) + "\n"
 
     def __repr__(self) -> str:
         what = f"{self.agg}({self.column})" if self.column else f"{self.agg}()"
         hop = f", hop={self.hop}" if self.hop else ""
-        half_life = f", half_life={self.half_life}" if self.half_life else ""
-        precision = f", precision={self.precision}" if self.precision is not None else ""
-        return f"<Feature {self.name}: {what} over {self.window}{hop}{half_life}{precision}>"
+        params = "".join(
+            f", {k}={v}"
+            for k, v in [("half_life", self.half_life), ("precision", self.precision), ("q", self.q),
+                         ("relative_accuracy", self.relative_accuracy)]
+            if v is not None
+        )
+        return f"<Feature {self.name}: {what} over {self.window}{hop}{params}>"
 
 
 def _feature(
@@ -83,13 +94,16 @@ def _feature(
     name: str | None,
     half_life: Duration | None = None,
     precision: int | None = None,
+    q: float | None = None,
+    relative_accuracy: float | None = None,
 ) -> Feature:
     w = _duration(window, "window")
     h = None if hop is None else _duration(hop, "hop")
     hl = None if half_life is None else _duration(half_life, "half_life")
     if name is None:
         name = f"{agg}_{w}" if column is None else f"{column}_{agg}_{w}"
-    return Feature(name=name, agg=agg, column=column, window=w, hop=h, half_life=hl, precision=precision)
+    return Feature(name=name, agg=agg, column=column, window=w, hop=h, half_life=hl, precision=precision,
+                   q=q, relative_accuracy=relative_accuracy)
 
 
 def count(
@@ -231,6 +245,30 @@ def approx_distinct(
     <Feature merchant_approx_distinct_1d: approx_distinct(merchant) over 1d, hop=1h>
     """
     return _feature("approx_distinct", column, window, hop, name, precision=precision)
+
+
+def quantile(
+    column: str,
+    q: float,
+    *,
+    window: Duration,
+    relative_accuracy: float | None = None,
+    hop: Duration | None = None,
+    name: str | None = None,
+) -> Feature:
+    """The ``q``-quantile of ``column`` in the window: the value of rank
+    ``floor(q · (n − 1))`` of the sorted values, within ``relative_accuracy · |value|``
+    (default 0.01; null when empty).
+
+    A DDSketch per pane: about ``8 · ln(1e12) / ln((1 + α) / (1 − α))`` bytes (11 KiB at
+    α = 0.01) per pane of each key; values spanning more than twelve decades (both
+    signs together) lose accuracy at the low end.
+
+    >>> import panes
+    >>> panes.quantile("trip_s", 0.9, window="7d", hop="1d", name="trip_p90_7d")
+    <Feature trip_p90_7d: quantile(trip_s) over 7d, hop=1d, q=0.9>
+    """
+    return _feature("quantile", column, window, hop, name, q=q, relative_accuracy=relative_accuracy)
 
 
 @dataclass(frozen=True)

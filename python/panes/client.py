@@ -281,6 +281,8 @@ def _view_dict(v: pb.ViewDescription) -> dict[str, Any]:
                 "hop_ms": f.hop_ms,
                 "half_life_ms": f.half_life_ms or None,
                 "precision": f.precision or None,
+                "q": f.q if f.agg == "quantile" else None,
+                "relative_accuracy": f.relative_accuracy or None,
                 "dtype": f.dtype,
             }
             for f in v.features

@@ -158,9 +158,9 @@ impl PyEngine {
     }
 
     /// The views as plain data: `[{name, key, time, pane, allowed_lateness, read_time,
-    /// features: [{name, agg, column, window, hop, half_life, precision}]}]`, durations
-    /// formatted (`half_life` is None but for decayed sums and counts, `precision` but
-    /// for approx_distinct).
+    /// features: [{name, agg, column, window, hop, half_life, precision, q,
+    /// relative_accuracy}]}]`, durations formatted (each parameter None but for the
+    /// aggregations that take it).
     fn views<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let out = PyList::empty(py);
         for v in &self.inner.file().views {
@@ -193,6 +193,15 @@ impl PyEngine {
                     _ => None,
                 };
                 fd.set_item("precision", precision)?;
+                let (q, accuracy) = match f.agg {
+                    panes_engine::Agg::Quantile {
+                        q,
+                        relative_accuracy,
+                    } => (Some(q.get()), Some(relative_accuracy.get())),
+                    _ => (None, None),
+                };
+                fd.set_item("q", q)?;
+                fd.set_item("relative_accuracy", accuracy)?;
                 features.append(fd)?;
             }
             d.set_item("features", features)?;

@@ -40,6 +40,10 @@ FEATURES: list[tuple] = [
     ("merchant_distinct", "approx_distinct", "merchant", None, 10_000, 12),
     ("merchant_distinct_p4", "approx_distinct", "merchant", None, 10_000, 4),
     ("amount_distinct_p4_5m", "approx_distinct", "amount", 300_000, 60_000, 4),
+    # (q, relative accuracy)
+    ("amount_p90_1h", "quantile", "amount", 3_600_000, 300_000, (0.9, 0.01)),
+    ("amount_median", "quantile", "amount", None, 10_000, (0.5, 0.001)),
+    ("amount_min_q_5m", "quantile", "amount", 300_000, 60_000, (0.0, 0.05)),
 ]
 
 SQL_AGG = {
@@ -61,9 +65,19 @@ SQL_AGG = {
     ("decayed_count", "amount"): "coalesce(sum(pow(2.0, -(s.at - a.t) / {h}.0)) FILTER (WHERE a.amount IS NOT NULL), 0)",
     ("approx_distinct", "amount"): "count(DISTINCT a.amount)",
     ("approx_distinct", "merchant"): "count(DISTINCT a.merchant)",
+    # v[⌊q · (n − 1)⌋] of the sorted values (lists are 1-based).
+    ("quantile", "amount"): "list_sort(list(a.amount) FILTER (WHERE a.amount IS NOT NULL))"
+    "[floor({q} * (count(a.amount) - 1))::BIGINT + 1]",
 }
 
 EXACT_AGGS = ("count", "min", "max", "last", "first")
+
+
+def sql(agg: str, column: str | None, param: list) -> str:
+    """The SQL of one feature, its parameter filled in."""
+    if agg == "quantile":
+        return SQL_AGG[(agg, column)].format(q=param[0][0])
+    return SQL_AGG[(agg, column)].format(h=param[0] if param else 0)
 
 
 def feature_file() -> str:
@@ -82,6 +96,9 @@ def feature_file() -> str:
             out.append(f'column = "{column}"')
         if half_life and agg == "approx_distinct":
             out.append(f"precision = {half_life[0]}")
+        elif half_life and agg == "quantile":
+            out.append(f"q = {half_life[0][0]}")
+            out.append(f"relative_accuracy = {half_life[0][1]}")
         elif half_life:
             out.append(f'half_life = "{half_life[0]}ms"')
         out.append(f'window = "{window}ms"' if window else 'window = "lifetime"')
@@ -153,7 +170,7 @@ def oracle(events: pa.Table, spine: pa.Table) -> dict[str, np.ndarray]:
             cond += f" AND a.t // {hop} >= s.at // {hop} - {window // hop} + 1"
         rows = con.execute(
             f"""
-            SELECT s.label, {SQL_AGG[(agg, column)].format(h=half_life[0] if half_life else 0)} AS v
+            SELECT s.label, {sql(agg, column, half_life)} AS v
             FROM spine s LEFT JOIN acc a ON a.card = s.card AND {cond}
             WHERE s.at IS NOT NULL
             GROUP BY s.label
@@ -177,6 +194,10 @@ def assert_features_equal(got: dict[str, np.ndarray], want: dict[str, np.ndarray
         ok = ~np.isnan(w)
         if agg in EXACT_AGGS:
             np.testing.assert_array_equal(g[ok], w[ok], err_msg=f"{what} {name}")
+        elif agg == "quantile":
+            alpha = param[0][1]
+            err = np.abs(g[ok] - w[ok]) - alpha * np.abs(w[ok])
+            assert np.all(err <= 0), f"{what} {name}: {g[ok][np.argmax(err)]} for {w[ok][np.argmax(err)]}"
         elif agg == "approx_distinct":
             bound = np.maximum(3 * 1.04 / np.sqrt(2.0 ** param[0]) * w[ok], 3)
             over = np.abs(g[ok] - w[ok]) > bound

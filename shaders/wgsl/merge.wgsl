@@ -37,8 +37,9 @@ const LAST: u32 = 7u;
 const FIRST: u32 = 8u;
 const DECAYED_SUM: u32 = 9u;
 const DECAYED_COUNT: u32 = 10u;
-// Not folded on the GPU yet (`StateSpec::gpu_unsupported`); its code, for the record.
+// Not folded on the GPU yet (`StateSpec::gpu_unsupported`); their codes, for the record.
 const APPROX_DISTINCT: u32 = 11u;
+const QUANTILE: u32 = 12u;
 
 // Read statuses, by severity (ReadStatus).
 const PANE_HOLDS_LATER_EVENTS: u32 = 1u;

@@ -114,6 +114,16 @@ pub(crate) fn describe(engine: &Engine, spec: &ViewSpec) -> ViewDescription {
                     panes_kernels::Agg::ApproxDistinct { precision } => u32::from(precision),
                     _ => 0,
                 },
+                q: match f.agg {
+                    panes_kernels::Agg::Quantile { q, .. } => q.get(),
+                    _ => 0.0,
+                },
+                relative_accuracy: match f.agg {
+                    panes_kernels::Agg::Quantile {
+                        relative_accuracy, ..
+                    } => relative_accuracy.get(),
+                    _ => 0.0,
+                },
                 dtype: if f.agg.integer_valued() {
                     "int64"
                 } else {

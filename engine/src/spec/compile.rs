@@ -72,13 +72,14 @@ impl CompiledView {
                 decoded.push(d);
             }
         }
-        // State columns: (decoded column, half-life, precision).
+        // State columns: a decoded column (or none, for rows) and the parameters that
+        // shape its state (half-life, precision, accuracy).
         let state_column = |f: &super::FeatureSpec| {
             let source = decode_of(f).and_then(|d| decoded.iter().position(|x| *x == d));
-            let key = (source, f.agg.half_life(), f.agg.fields().hll);
-            (key != (None, None, None)).then_some(key)
+            let key = (source, f.agg.fields().params());
+            (key != (None, ColumnFields::default())).then_some(key)
         };
-        let mut state_columns: Vec<(Option<usize>, Option<i64>, Option<u8>)> = Vec::new();
+        let mut state_columns: Vec<(Option<usize>, ColumnFields)> = Vec::new();
         for f in &spec.features {
             if let Some(key) = state_column(f)
                 && !state_columns.contains(&key)

@@ -295,8 +295,18 @@ impl FeatureFile {
                 if let Some(h) = f.agg.half_life() {
                     let _ = writeln!(s, "half_life = {:?}", format_duration(h));
                 }
-                if let Agg::ApproxDistinct { precision } = f.agg {
-                    let _ = writeln!(s, "precision = {precision}");
+                match f.agg {
+                    Agg::ApproxDistinct { precision } => {
+                        let _ = writeln!(s, "precision = {precision}");
+                    }
+                    Agg::Quantile {
+                        q,
+                        relative_accuracy,
+                    } => {
+                        let _ = writeln!(s, "q = {:?}", q.get());
+                        let _ = writeln!(s, "relative_accuracy = {:?}", relative_accuracy.get());
+                    }
+                    _ => {}
                 }
                 if let Some(c) = &f.column {
                     let _ = writeln!(s, "column = {}", q(c));
@@ -595,6 +605,42 @@ window = "lifetime"
         );
         let e = err(&distinct.replace("precision = 14", "precision = \"high\""));
         assert!(e.contains("precision"), "{e}");
+    }
+
+    #[test]
+    fn quantile_parameters_are_checked_and_kept() {
+        let p90 = GOOD.replace(
+            "agg = \"mean\"",
+            "agg = \"quantile\"\nq = 0.9\nrelative_accuracy = 0.02",
+        );
+        let f = FeatureFile::parse(&p90, "f.toml").unwrap();
+        assert_eq!(
+            f.views[0].features[0].agg,
+            Agg::Quantile {
+                q: panes_kernels::Param::new(0.9),
+                relative_accuracy: panes_kernels::Param::new(0.02)
+            }
+        );
+        assert_eq!(FeatureFile::parse(&f.to_toml(), "again").unwrap(), f);
+        // An integer q; the default accuracy.
+        let max = GOOD.replace("agg = \"mean\"", "agg = \"quantile\"\nq = 1");
+        let f = FeatureFile::parse(&max, "f.toml").unwrap();
+        assert_eq!(FeatureFile::parse(&f.to_toml(), "again").unwrap(), f);
+        let field = |name: &str| format!("feature \"dep_delay_mean_3h\", field `{name}`");
+        let e = err(&p90.replace("q = 0.9", "q = 1.5"));
+        assert!(
+            e.contains(&format!("{}: must be in [0, 1]", field("q"))),
+            "{e}"
+        );
+        let e = err(&p90.replace("q = 0.9\n", ""));
+        assert!(
+            e.contains(&format!("{}: `quantile` needs a `q`", field("q"))),
+            "{e}"
+        );
+        let e = err(&p90.replace("0.02", "0"));
+        assert!(e.contains(&field("relative_accuracy")), "{e}");
+        let e = err(&GOOD.replace("agg = \"mean\"", "agg = \"mean\"\nq = 0.5"));
+        assert!(e.contains("`q` applies to quantile, not to `mean`"), "{e}");
     }
 
     #[test]

@@ -57,6 +57,8 @@ struct RawFeature {
     hop: Option<String>,
     half_life: Option<String>,
     precision: Option<i64>,
+    q: Option<f64>,
+    relative_accuracy: Option<f64>,
 }
 /// Parses and validates feature definitions; `origin` names them in errors.
 pub(super) fn parse(text: &str, origin: &str) -> Result<FeatureFile> {
@@ -299,6 +301,8 @@ impl Collector {
         let params = AggParams {
             half_life: (half_life > 0).then_some(half_life),
             precision: rf.precision,
+            q: rf.q,
+            relative_accuracy: rf.relative_accuracy,
         };
         let agg = match Agg::with_params(&agg_s, &params) {
             Ok(a) => Some(a),

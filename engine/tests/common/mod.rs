@@ -111,6 +111,12 @@ pub fn feature(
             v.dedup();
             Some(v.len() as f64)
         }
+        // The exact v[⌊q · (n − 1)⌋]; `assert_close` holds the sketch to α of it.
+        Agg::Quantile { q, .. } => {
+            let mut v: Vec<f64> = vals.iter().map(|x| x.2).collect();
+            v.sort_by(f64::total_cmp);
+            (!v.is_empty()).then(|| v[(q.get() * (v.len() - 1) as f64).floor() as usize])
+        }
     }
 }
 
@@ -181,6 +187,9 @@ pub fn assert_close(
                     let se = 1.04 / f64::from(1u32 << precision).sqrt();
                     (g - w).abs() <= (3.0 * se * w).max(3.0)
                 }
+                Agg::Quantile {
+                    relative_accuracy, ..
+                } => (g - w).abs() <= relative_accuracy.get() * w.abs(),
                 a if a.bitwise() => g == w || (g.is_nan() && w.is_nan()),
                 Agg::Sum | Agg::Mean => (g - w).abs() <= 1e-9 * scale.max(w.abs()),
                 Agg::DecayedSum { .. } | Agg::DecayedCount { .. } => {

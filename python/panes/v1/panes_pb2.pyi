@@ -145,7 +145,7 @@ class ViewDescription(_message.Message):
     def __init__(self, name: _Optional[str] = ..., key: _Optional[str] = ..., key_kind: _Optional[str] = ..., time: _Optional[str] = ..., allowed_lateness_ms: _Optional[int] = ..., read_time: _Optional[str] = ..., features: _Optional[_Iterable[_Union[FeatureDescription, _Mapping]]] = ...) -> None: ...
 
 class FeatureDescription(_message.Message):
-    __slots__ = ("name", "agg", "column", "window_ms", "hop_ms", "dtype", "half_life_ms", "precision")
+    __slots__ = ("name", "agg", "column", "window_ms", "hop_ms", "dtype", "half_life_ms", "precision", "q", "relative_accuracy")
     NAME_FIELD_NUMBER: _ClassVar[int]
     AGG_FIELD_NUMBER: _ClassVar[int]
     COLUMN_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +154,8 @@ class FeatureDescription(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     HALF_LIFE_MS_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
+    Q_FIELD_NUMBER: _ClassVar[int]
+    RELATIVE_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     name: str
     agg: str
     column: str
@@ -162,4 +164,6 @@ class FeatureDescription(_message.Message):
     dtype: str
     half_life_ms: int
     precision: int
-    def __init__(self, name: _Optional[str] = ..., agg: _Optional[str] = ..., column: _Optional[str] = ..., window_ms: _Optional[int] = ..., hop_ms: _Optional[int] = ..., dtype: _Optional[str] = ..., half_life_ms: _Optional[int] = ..., precision: _Optional[int] = ...) -> None: ...
+    q: float
+    relative_accuracy: float
+    def __init__(self, name: _Optional[str] = ..., agg: _Optional[str] = ..., column: _Optional[str] = ..., window_ms: _Optional[int] = ..., hop_ms: _Optional[int] = ..., dtype: _Optional[str] = ..., half_life_ms: _Optional[int] = ..., precision: _Optional[int] = ..., q: _Optional[float] = ..., relative_accuracy: _Optional[float] = ...) -> None: ...
