@@ -1,5 +1,6 @@
 //! Criterion benchmarks of the two kernels, Scalar vs Cpu (1 and all threads), with
-//! and without nulls.
+//! and without nulls; and the sketches (`approx_distinct`, `quantile`) against a plain
+//! `sum` of the same events in the same run.
 //!
 //! ```text
 //! cargo bench -p panes-bench --bench kernels
@@ -11,7 +12,7 @@ use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, 
 use panes_bench::kernel_inputs;
 use panes_kernels::{
     Agg, Backend, ColumnFields, Cpu, FeatureMerge, FoldBatch, LevelSpec, MergeOutput, PaneState,
-    Scalar, StateSpec,
+    Param, Scalar, StateSpec, hll,
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
@@ -160,5 +161,92 @@ fn merge(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, fold, merge);
+/// Fold and read of one feature over 10 K keys, one 1 h level of 24 panes: `sum` (the
+/// baseline), `first`, `decayed_sum`, `approx_distinct` and `quantile`.
+fn sketches(c: &mut Criterion) {
+    const SKETCH_KEYS: u64 = 10_000;
+    let aggs = [
+        Agg::Sum,
+        Agg::First,
+        Agg::DecayedSum {
+            half_life: 3_600_000,
+        },
+        Agg::ApproxDistinct { precision: 12 },
+        Agg::Quantile {
+            q: Param::new(0.9),
+            relative_accuracy: Param::new(0.01),
+        },
+    ];
+    let n = 1 << 16;
+    let (ids, ts, values) = kernel_inputs(n, SKETCH_KEYS, 0.0, 7);
+    // approx_distinct reads hashes (the engine hashes values at ingest); a few
+    // thousand distinct values, so the sketches of busy keys turn dense.
+    let hashes: Vec<f64> = values
+        .iter()
+        .map(|v| hll::value(mix((v.abs() * 100.0) as u64 % 5_000)))
+        .collect();
+    let cpu = Cpu::with_threads(1).unwrap();
+    let mut g = c.benchmark_group("sketches");
+    for agg in aggs {
+        let spec = StateSpec {
+            levels: vec![LevelSpec {
+                hop: 3_600_000,
+                ring: 24,
+                columns: vec![agg.fields()],
+                lifetime: false,
+            }],
+            shards: 32,
+        };
+        let column = if matches!(agg, Agg::ApproxDistinct { .. }) {
+            hashes.as_slice()
+        } else {
+            values.as_slice()
+        };
+        let vals = [column];
+        let batch = FoldBatch {
+            ids: &ids,
+            ts: &ts,
+            values: &vals,
+        };
+        let mut state = PaneState::new(spec).unwrap();
+        cpu.fold(&mut state, &batch).unwrap();
+        g.throughput(Throughput::Elements(n as u64));
+        g.bench_with_input(
+            BenchmarkId::new("fold", agg.name()),
+            &batch,
+            |bench, batch| bench.iter(|| cpu.fold(&mut state, black_box(batch)).unwrap()),
+        );
+        let features = [FeatureMerge {
+            level: 0,
+            agg,
+            column: Some(0),
+            panes: Some(24),
+        }];
+        let read: Vec<Option<u32>> = (0..1_000).map(Some).collect();
+        let at = *ts.last().unwrap();
+        let mut out = MergeOutput::default();
+        g.throughput(Throughput::Elements(read.len() as u64));
+        g.bench_with_input(
+            BenchmarkId::new("read-1000", agg.name()),
+            &read,
+            |bench, read| {
+                bench.iter(|| {
+                    cpu.merge(&state, &features, black_box(read), at, &mut out)
+                        .unwrap()
+                })
+            },
+        );
+    }
+    g.finish();
+}
+
+/// SplitMix64's finaliser: a hash for bench values.
+fn mix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+criterion_group!(benches, fold, merge, sketches);
 criterion_main!(benches);

@@ -37,7 +37,7 @@ fn gamma(alpha: f64) -> f64 {
 }
 
 /// Bins a sketch of accuracy `alpha` holds: twelve decades of values (both signs
-/// together), between 64 and 4096 bins (1 395 at `alpha` = 0.01).
+/// together), between 64 and 4096 bins (1 382 at `alpha` = 0.01).
 pub fn capacity(alpha: f64) -> usize {
     ((1e12f64).ln() / gamma(alpha).ln())
         .ceil()
