@@ -1131,20 +1131,26 @@ impl Acc {
         }
         if col.hll != ABSENT {
             let sketch = &cell[col.hll..col.hll + hll::words(col.precision)];
-            if self.hll.is_empty() {
-                self.hll.extend_from_slice(sketch);
-            } else {
-                hll::merge(&mut self.hll, sketch, col.precision);
-            }
+            unite(&mut self.hll, sketch, |u, s| {
+                hll::merge(u, s, col.precision)
+            });
         }
         if col.quantile != ABSENT {
             let sketch = &cell[col.quantile..col.quantile + quantile::words(col.alpha)];
-            if self.quantile.is_empty() {
-                self.quantile.extend_from_slice(sketch);
-            } else {
-                quantile::merge(&mut self.quantile, sketch, col.alpha);
-            }
+            unite(&mut self.quantile, sketch, |u, s| {
+                quantile::merge(u, s, col.alpha)
+            });
         }
+    }
+}
+
+/// Adds a cell's sketch to the union of the cells read so far (the first is copied).
+#[inline]
+fn unite(union: &mut Vec<f64>, sketch: &[f64], merge: impl FnOnce(&mut [f64], &[f64])) {
+    if union.is_empty() {
+        union.extend_from_slice(sketch);
+    } else {
+        merge(union, sketch);
     }
 }
 
