@@ -66,6 +66,14 @@ fn hash_of(value: f64) -> Option<u64> {
         .then_some(value as u64)
 }
 
+/// Whether `g` is a sketch of precision `p` as far as reading it safely goes: its
+/// header is dense or a count of at most the sparse capacity (a checkpoint is a file,
+/// and a file may lie).
+pub(crate) fn is_valid(g: &[f64], precision: u8) -> bool {
+    let k = g[0];
+    k == DENSE || (k >= 0.0 && k.fract() == 0.0 && k as usize <= sparse_capacity(precision))
+}
+
 /// Adds a value (from [`value`]) to sketch `g`; other values change nothing.
 #[inline]
 pub(crate) fn add(g: &mut [f64], value: f64, precision: u8) {

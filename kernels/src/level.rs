@@ -223,6 +223,26 @@ impl Layout {
     }
 }
 
+impl Layout {
+    /// Whether the sketches of every cell of `words` (whole cells) have headers that
+    /// can be read without going out of their words.
+    pub(crate) fn sketches_valid(&self, words: &[f64]) -> bool {
+        let sketches: Vec<&ColLayout> = self
+            .cols
+            .iter()
+            .filter(|c| c.hll != ABSENT || c.quantile != ABSENT)
+            .collect();
+        sketches.is_empty()
+            || words.chunks_exact(self.stride).all(|cell| {
+                sketches.iter().all(|c| {
+                    (c.hll == ABSENT || hll::is_valid(&cell[c.hll..], c.precision))
+                        && (c.quantile == ABSENT
+                            || quantile::is_valid(&cell[c.quantile..], c.alpha))
+                })
+            })
+    }
+}
+
 /// A set of cells, each one partial aggregate over some events, in one flat buffer.
 #[derive(Clone, Debug)]
 pub(crate) struct Cells {

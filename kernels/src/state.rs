@@ -210,6 +210,13 @@ impl PaneState {
                     image.slots
                 )));
             }
+            if !level.layout.sketches_valid(&image.ring)
+                || !level.layout.sketches_valid(&image.base)
+            {
+                return Err(KernelError::Shape(format!(
+                    "level image {i}: a sketch's header is out of range"
+                )));
+            }
             level.slots = image.slots;
             level.ring =
                 crate::level::Ring::from_flat(image.ring, level.spec.ring, image.slots, stride);

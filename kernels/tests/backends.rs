@@ -1033,3 +1033,56 @@ fn r18_fold_logs_that_do_not_fit_are_refused() {
     let err = cpu.replay(&mut other, &log).unwrap_err().to_string();
     assert!(err.contains("cannot be replayed"), "{err}");
 }
+
+#[test]
+fn a_checkpoint_image_with_a_sketch_header_out_of_range_is_refused() {
+    let fields = Agg::ApproxDistinct { precision: 8 }.fields().union(
+        Agg::Quantile {
+            q: Param::new(0.5),
+            relative_accuracy: Param::new(0.05),
+        }
+        .fields(),
+    );
+    let spec = StateSpec {
+        levels: vec![LevelSpec {
+            hop: 1_000,
+            ring: 2,
+            columns: vec![fields],
+            lifetime: true,
+        }],
+        shards: 1,
+    };
+    let mut state = PaneState::new(spec.clone()).unwrap();
+    let values: Vec<f64> = (0..100u64).map(|i| hll::value(mix(i))).collect();
+    let batch = FoldBatch {
+        ids: &[0; 100],
+        ts: &(0..100).map(|t| t * 50).collect::<Vec<_>>(),
+        values: &[&values],
+    };
+    Scalar.fold(&mut state, &batch).unwrap();
+    let image = state.export().unwrap();
+    assert!(PaneState::import(spec.clone(), image.clone()).is_ok());
+    // Every word that is a sketch's header, set out of range, in turn.
+    let ring = &image[0].ring;
+    let headers: Vec<usize> = (0..ring.len())
+        .filter(|&i| {
+            let mut bad = image.clone();
+            bad[0].ring[i] = 1e9;
+            PaneState::import(spec.clone(), bad).is_err()
+        })
+        .collect();
+    // Two headers (one per sketch) in every cell, at the same offsets: nothing else
+    // is checked.
+    let stride = headers[2] - headers[0];
+    assert_eq!(headers.len(), 2 * ring.len() / stride, "{headers:?}");
+    assert!(headers.chunks(2).all(|h| h[1] - h[0] == headers[1] - headers[0]));
+    for i in headers {
+        let mut bad = image.clone();
+        bad[0].ring[i] = -2.0;
+        let err = PaneState::import(spec.clone(), bad)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("sketch"), "{err}");
+    }
+}
