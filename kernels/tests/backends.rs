@@ -1075,7 +1075,11 @@ fn a_checkpoint_image_with_a_sketch_header_out_of_range_is_refused() {
     // is checked.
     let stride = headers[2] - headers[0];
     assert_eq!(headers.len(), 2 * ring.len() / stride, "{headers:?}");
-    assert!(headers.chunks(2).all(|h| h[1] - h[0] == headers[1] - headers[0]));
+    assert!(
+        headers
+            .chunks(2)
+            .all(|h| h[1] - h[0] == headers[1] - headers[0])
+    );
     for i in headers {
         let mut bad = image.clone();
         bad[0].ring[i] = -2.0;

@@ -237,7 +237,8 @@ impl Collector {
                 &vloc,
                 "features",
                 format!(
-                    "the view's state needs {} MiB per key; at most {} MiB is allowed: use larger hops or shorter windows",
+                    "the view's state needs {} MiB per key; at most {} MiB is allowed: use larger hops, shorter windows \
+                     or smaller sketches (a lower approx_distinct precision, a coarser quantile relative_accuracy)",
                     per_key >> 20,
                     MAX_STATE_PER_KEY >> 20
                 ),
