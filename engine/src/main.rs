@@ -426,6 +426,7 @@ fn describe(file: &FeatureFile) {
                     format!(", half-life {}", format_duration(half_life))
                 }
                 Agg::ApproxDistinct { precision } => format!(", precision {precision}"),
+                Agg::LastN { n } => format!(", n {n}"),
                 Agg::Quantile {
                     q,
                     relative_accuracy,

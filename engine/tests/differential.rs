@@ -14,9 +14,9 @@ use std::sync::Arc;
 use arrow_array::builder::StringDictionaryBuilder;
 use arrow_array::types::Int32Type;
 use arrow_array::{
-    Array, ArrayRef, Float32Array, Float64Array, Int16Array, Int32Array, Int64Array, RecordBatch,
-    StringArray, StringViewArray, TimestampMicrosecondArray, TimestampMillisecondArray,
-    TimestampNanosecondArray, UInt32Array,
+    Array, ArrayRef, Float32Array, Float64Array, Int16Array, Int32Array, Int64Array, ListArray,
+    RecordBatch, StringArray, StringViewArray, TimestampMicrosecondArray,
+    TimestampMillisecondArray, TimestampNanosecondArray, UInt32Array,
 };
 use common::{Ev, accepted, assert_close, feature, scale};
 use panes_engine::{Agg, BackendKind, Engine, EngineOptions, FeatureFile, PanesError};
@@ -39,9 +39,13 @@ fn feature_file(lateness_ms: i64, sketches: bool) -> String {
         ("tumble", "window = \"3s\"\nhop = \"3s\""),
         ("life", "window = \"lifetime\""),
     ];
-    let aggs = Agg::ALL
-        .into_iter()
-        .filter(|a| sketches || !matches!(a, Agg::ApproxDistinct { .. } | Agg::Quantile { .. }));
+    let aggs = Agg::ALL.into_iter().filter(|a| {
+        sketches
+            || !matches!(
+                a,
+                Agg::ApproxDistinct { .. } | Agg::Quantile { .. } | Agg::LastN { .. }
+            )
+    });
     for agg in aggs {
         for (wname, w) in windows {
             let column = if agg == Agg::Count {
@@ -54,6 +58,7 @@ fn feature_file(lateness_ms: i64, sketches: bool) -> String {
                     format!("half_life = \"{half_life}ms\"\n")
                 }
                 Agg::Quantile { q, .. } => format!("q = {:?}\n", q.get()),
+                Agg::LastN { n } => format!("n = {n}\n"),
                 _ => String::new(),
             };
             s += &format!(
@@ -270,6 +275,15 @@ fn check_read(
             assert_close(spec.agg, got, want, sc, &|| {
                 format!("{ctx}: key {key:?} feature {} at {t}", spec.name)
             });
+            if spec.agg.is_list() {
+                let want = common::feature_list(spec, column, evs, k, t);
+                assert_eq!(
+                    frame.list(r, f),
+                    &want[..],
+                    "{ctx}: key {key:?} feature {} at {t}",
+                    spec.name
+                );
+            }
         }
     }
     Ok(())
@@ -310,6 +324,14 @@ fn check_read_all(engine: &Engine, file: &FeatureFile, stream: &Stream, ctx: &st
     for (j, name) in frame.names.iter().enumerate() {
         let column = all.column(j + 1);
         assert_eq!(all.schema().field(j + 1).name(), name);
+        if let Some(lists) = column.as_any().downcast_ref::<ListArray>() {
+            for r in 0..got.len() {
+                let l = lists.value(r);
+                let l = l.as_any().downcast_ref::<Float64Array>().unwrap();
+                assert_eq!(l.values(), frame.list(r, j), "{ctx}: read of all, {name}");
+            }
+            continue;
+        }
         for r in 0..got.len() {
             let value = match column.as_any().downcast_ref::<Int64Array>() {
                 Some(c) => c.is_valid(r).then(|| (c.value(r) as f64).to_bits()),
@@ -507,6 +529,7 @@ fn results_do_not_depend_on_batch_splits_or_backend() {
             assert_eq!(fr.valid[[k, j]], valid, "{} of key {k}", fr.names[j]);
             let idx = (k, of[j]);
             let agg = view.features[of[j]].agg;
+            assert_eq!(fr.list(k, j), first.list(k, of[j]), "{agg} {idx:?}");
             if agg.bitwise() {
                 assert!(
                     *a == b || (a.is_nan() && b.is_nan()),

@@ -55,6 +55,12 @@ pub enum Agg {
         /// Relative accuracy α, in [`crate::quantile::ACCURACY`].
         relative_accuracy: Param,
     },
+    /// The values of the `n` events with the greatest (time, arrival), newest first: a
+    /// list (see [`crate::lastn`]).
+    LastN {
+        /// 1 to [`crate::lastn::MAX_N`].
+        n: u16,
+    },
 }
 
 /// An f64 parameter of an aggregation, kept by its bits so that an [`Agg`] is `Eq` and
@@ -92,12 +98,14 @@ pub struct AggParams {
     pub q: Option<f64>,
     /// `relative_accuracy` of `quantile`.
     pub relative_accuracy: Option<f64>,
+    /// `n` of `last_n`.
+    pub n: Option<i64>,
 }
 
 impl Agg {
     /// Every aggregation, in a fixed order (tests and docs iterate it); the decayed
     /// ones with a half-life of one hour.
-    pub const ALL: [Agg; 13] = [
+    pub const ALL: [Agg; 14] = [
         Agg::Count,
         Agg::Sum,
         Agg::Mean,
@@ -118,6 +126,7 @@ impl Agg {
             q: Param::new(0.5),
             relative_accuracy: Param::new(0.01),
         },
+        Agg::LastN { n: 5 },
     ];
 
     /// The aggregation named `name`, with its parameters.
@@ -142,6 +151,7 @@ impl Agg {
             precision,
             q,
             relative_accuracy,
+            n,
         } = *params;
         let decayed = matches!(kind, Agg::DecayedSum { .. } | Agg::DecayedCount { .. });
         let distinct = matches!(kind, Agg::ApproxDistinct { .. });
@@ -163,6 +173,9 @@ impl Agg {
         }
         if relative_accuracy.is_some() && !quantile {
             return not_for("relative_accuracy", "quantile");
+        }
+        if n.is_some() && !matches!(kind, Agg::LastN { .. }) {
+            return not_for("n", "last_n");
         }
         let half_life = || match half_life {
             None => Err((
@@ -220,6 +233,19 @@ impl Agg {
                     relative_accuracy: Param::new(alpha),
                 }
             }
+            Agg::LastN { .. } => {
+                let max = crate::lastn::MAX_N;
+                match n.map(|n| u16::try_from(n).ok().filter(|n| (1..=max).contains(n))) {
+                    Some(Some(n)) => Agg::LastN { n },
+                    None => return Err(("n", "`last_n` needs an `n`, e.g. n = 10".to_string())),
+                    Some(None) => {
+                        return Err((
+                            "n",
+                            format!("must be from 1 to {max}, got {}", n.unwrap_or(0)),
+                        ));
+                    }
+                }
+            }
             a => a,
         })
     }
@@ -240,6 +266,7 @@ impl Agg {
             Agg::DecayedCount { .. } => 10,
             Agg::ApproxDistinct { .. } => 11,
             Agg::Quantile { .. } => 12,
+            Agg::LastN { .. } => 13,
         }
     }
 
@@ -267,6 +294,7 @@ impl Agg {
             Agg::DecayedCount { .. } => "decayed_count",
             Agg::ApproxDistinct { .. } => "approx_distinct",
             Agg::Quantile { .. } => "quantile",
+            Agg::LastN { .. } => "last_n",
         }
     }
 
@@ -289,7 +317,14 @@ impl Agg {
                 | Agg::First
                 | Agg::ApproxDistinct { .. }
                 | Agg::Quantile { .. }
+                | Agg::LastN { .. }
         )
+    }
+
+    /// Whether the value is a list (`last_n`): `MergeOutput::lists` holds it, and the
+    /// value is its length.
+    pub fn is_list(self) -> bool {
+        matches!(self, Agg::LastN { .. })
     }
 
     /// Whether the values are whole numbers, given as Int64 (`count`, `approx_distinct`).
@@ -297,7 +332,7 @@ impl Agg {
         matches!(self, Agg::Count | Agg::ApproxDistinct { .. })
     }
 
-    /// Whether an empty window yields a value (0) rather than null.
+    /// Whether an empty window yields a value (0; an empty list) rather than null.
     pub fn zero_when_empty(self) -> bool {
         matches!(
             self,
@@ -306,6 +341,7 @@ impl Agg {
                 | Agg::DecayedSum { .. }
                 | Agg::DecayedCount { .. }
                 | Agg::ApproxDistinct { .. }
+                | Agg::LastN { .. }
         )
     }
 
@@ -330,6 +366,7 @@ impl Agg {
             Agg::Quantile {
                 relative_accuracy, ..
             } => f.quantile = Some(relative_accuracy),
+            Agg::LastN { n } => f.last_n = Some(n),
         }
         f
     }
@@ -380,6 +417,9 @@ pub struct ColumnFields {
     /// Relative accuracy of the quantile sketch kept for the column (one per column,
     /// as for `hll`).
     pub quantile: Option<Param>,
+    /// How many of the newest values are kept for the column (one per column, as for
+    /// `hll`).
+    pub last_n: Option<u16>,
 }
 
 impl ColumnFields {
@@ -396,6 +436,7 @@ impl ColumnFields {
             decay: self.decay.or(o.decay),
             hll: self.hll.or(o.hll),
             quantile: self.quantile.or(o.quantile),
+            last_n: self.last_n.or(o.last_n),
         }
     }
 
@@ -406,6 +447,7 @@ impl ColumnFields {
             decay: self.decay,
             hll: self.hll,
             quantile: self.quantile,
+            last_n: self.last_n,
             ..ColumnFields::default()
         }
     }
@@ -426,7 +468,8 @@ impl ColumnFields {
             + 2 * self.first as usize
             + 3 * self.decay.is_some() as usize
             + self.hll.map_or(0, crate::hll::words)
-            + self.quantile.map_or(0, |a| crate::quantile::words(a.get())))
+            + self.quantile.map_or(0, |a| crate::quantile::words(a.get()))
+            + self.last_n.map_or(0, crate::lastn::words))
     }
 }
 
@@ -436,8 +479,12 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        let parameterless =
-            |a: &Agg| !matches!(a.name(), "decayed_sum" | "decayed_count" | "quantile");
+        let parameterless = |a: &Agg| {
+            !matches!(
+                a.name(),
+                "decayed_sum" | "decayed_count" | "quantile" | "last_n"
+            )
+        };
         for a in Agg::ALL.into_iter().filter(parameterless) {
             assert_eq!(a.name().parse::<Agg>().unwrap(), a);
         }
@@ -456,6 +503,10 @@ mod tests {
             },
             q: match a {
                 Agg::Quantile { q, .. } => Some(q.get()),
+                _ => None,
+            },
+            n: match a {
+                Agg::LastN { n } => Some(i64::from(n)),
                 _ => None,
             },
             ..AggParams::default()
@@ -537,5 +588,18 @@ mod tests {
         }
         let (field, _) = with("sum", None, Some(12)).unwrap_err();
         assert_eq!(field, "precision");
+        let last_n = |n| {
+            Agg::with_params(
+                "last_n",
+                &AggParams {
+                    n,
+                    ..AggParams::default()
+                },
+            )
+        };
+        assert_eq!(last_n(Some(1000)), Ok(Agg::LastN { n: 1000 }));
+        for n in [None, Some(0), Some(1001), Some(-3)] {
+            assert_eq!(last_n(n).unwrap_err().0, "n", "{n:?}");
+        }
     }
 }

@@ -72,7 +72,7 @@ use rayon::prelude::*;
 
 use crate::backend::{Backend, BackendKind};
 use crate::error::KernelError;
-use crate::level::{Acc, EMPTY_PANE, LevelState, finalize, int};
+use crate::level::{Acc, EMPTY_PANE, LevelState, finalize, int, list};
 use crate::preagg::{FoldLog, LogPart, PREAGG_MIN};
 use crate::state::{
     FeatureMerge, FoldBatch, FoldStats, MergeOutput, PaneState, ReadStatus, check_features,
@@ -314,7 +314,7 @@ impl Backend for Cpu {
             return state.with_host(|host| self.merge(host, features, ids, at, out));
         }
         check_features(state, features)?;
-        out.reset(ids.len(), features.len());
+        out.reset_for(ids.len(), features);
         let nf = features.len();
         if nf == 0 {
             return Ok(());
@@ -323,30 +323,46 @@ impl Backend for Cpu {
             values,
             valid,
             status,
+            lists,
             ..
         } = out;
         let plan = ReadPlan::new(features);
-        let rows = |ids: &[Option<u32>], v: &mut [f64], ok: &mut [bool], st: &mut [ReadStatus]| {
+        // `lists` is empty when no feature is a list.
+        let rows = |ids: &[Option<u32>],
+                    v: &mut [f64],
+                    ok: &mut [bool],
+                    st: &mut [ReadStatus],
+                    lists: &mut [Vec<f64>]| {
             let mut accs = vec![(Acc::EMPTY, ReadStatus::Exact); plan.scans.len()];
             for (k, id) in ids.iter().enumerate() {
                 if let Some(&next) = ids.get(k + 1) {
                     plan.prefetch(state, next);
                 }
                 let row = k * nf..(k + 1) * nf;
-                st[k] =
-                    plan.merge_key(state, *id, at, &mut accs, &mut v[row.clone()], &mut ok[row]);
+                let lists = lists.get_mut(row.clone()).unwrap_or_default();
+                st[k] = plan.merge_key(
+                    state,
+                    *id,
+                    at,
+                    &mut accs,
+                    (&mut v[row.clone()], &mut ok[row]),
+                    lists,
+                );
             }
         };
         if ids.len() < PARALLEL_MERGE_MIN || self.threads() < 2 {
-            rows(ids, values, valid, status);
+            rows(ids, values, valid, status, lists);
         } else {
             const KEYS: usize = 256;
+            let mut list_chunks: Vec<&mut [Vec<f64>]> = lists.chunks_mut(KEYS * nf).collect();
+            list_chunks.resize_with(ids.len().div_ceil(KEYS), Default::default);
             self.install(|| {
                 ids.par_chunks(KEYS)
                     .zip(values.par_chunks_mut(KEYS * nf))
                     .zip(valid.par_chunks_mut(KEYS * nf))
                     .zip(status.par_chunks_mut(KEYS))
-                    .for_each(|(((i, v), ok), st)| rows(i, v, ok, st));
+                    .zip(list_chunks.into_par_iter())
+                    .for_each(|((((i, v), ok), st), l)| rows(i, v, ok, st, l));
             });
         }
         Ok(())
@@ -418,16 +434,17 @@ impl<'a> ReadPlan<'a> {
         }
     }
 
-    /// Merges the features of key `id` into `values`/`valid`; `accs` is scratch with
-    /// one entry per scan.
+    /// Merges the features of key `id` into `values`/`valid` (and the lists of
+    /// list-valued features into `lists`, empty when there are none); `accs` is scratch
+    /// with one entry per scan.
     fn merge_key(
         &self,
         state: &PaneState,
         id: Option<u32>,
         at: i64,
         accs: &mut [(Acc, ReadStatus)],
-        values: &mut [f64],
-        valid: &mut [bool],
+        (values, valid): (&mut [f64], &mut [bool]),
+        lists: &mut [Vec<f64>],
     ) -> ReadStatus {
         let Some((shard, slot)) = state.known(id) else {
             write_empty(self.features, values, valid);
@@ -448,6 +465,9 @@ impl<'a> ReadPlan<'a> {
             let (acc, st) = &accs[self.scan_of[f]];
             status = status.worst(*st);
             let v = finalize(fm.agg, fm.column, acc, at);
+            if fm.agg.is_list() {
+                lists[f] = list(fm.agg, acc);
+            }
             values[f] = v.unwrap_or(f64::NAN);
             valid[f] = v.is_some();
         }

@@ -44,7 +44,7 @@
 
 use crate::agg::ColumnFields;
 use crate::error::KernelError;
-use crate::{hll, quantile};
+use crate::{hll, lastn, quantile};
 
 /// Tag of a ring cell that has never been written.
 pub const EMPTY_PANE: i64 = i64::MIN;
@@ -150,6 +150,10 @@ pub(crate) struct ColLayout {
     pub quantile: usize,
     /// Its relative accuracy (0 without one).
     pub alpha: f64,
+    /// The newest values (`crate::lastn`), `lastn::words(n)` words.
+    pub last_n: usize,
+    /// How many (0 without them).
+    pub n: u16,
 }
 
 pub(crate) const ABSENT: usize = usize::MAX;
@@ -191,6 +195,8 @@ impl Layout {
                 precision: f.hll.unwrap_or(0),
                 quantile: ABSENT,
                 alpha: f.quantile.map_or(0.0, |a| a.get()),
+                last_n: ABSENT,
+                n: f.last_n.unwrap_or(0),
             };
             let mut field = |on: bool, init: &[f64]| {
                 if !on {
@@ -212,6 +218,8 @@ impl Layout {
                 c.hll = field(f.hll.is_some(), &vec![0.0; f.hll.map_or(0, hll::words)]);
                 let quantile_words = f.quantile.map_or(0, |a| quantile::words(a.get()));
                 c.quantile = field(f.quantile.is_some(), &vec![0.0; quantile_words]);
+                let last_words = f.last_n.map_or(0, lastn::words);
+                c.last_n = field(f.last_n.is_some(), &vec![0.0; last_words]);
             }
             cols.push(c);
         }
@@ -230,7 +238,7 @@ impl Layout {
         let sketches: Vec<&ColLayout> = self
             .cols
             .iter()
-            .filter(|c| c.hll != ABSENT || c.quantile != ABSENT)
+            .filter(|c| c.hll != ABSENT || c.quantile != ABSENT || c.last_n != ABSENT)
             .collect();
         sketches.is_empty()
             || words.chunks_exact(self.stride).all(|cell| {
@@ -238,6 +246,7 @@ impl Layout {
                     (c.hll == ABSENT || hll::is_valid(&cell[c.hll..], c.precision))
                         && (c.quantile == ABSENT
                             || quantile::is_valid(&cell[c.quantile..], c.alpha))
+                        && (c.last_n == ABSENT || lastn::is_valid(&cell[c.last_n..], c.n))
                 })
             })
     }
@@ -520,6 +529,15 @@ pub(crate) fn add(layout: &Layout, cell: &mut [f64], ts: i64, values: &[&[f64]],
                 a,
             );
         }
+        if col.last_n != ABSENT {
+            let n = col.n;
+            lastn::add(
+                &mut cell[col.last_n..col.last_n + lastn::words(n)],
+                ts,
+                x,
+                n,
+            );
+        }
     }
 }
 
@@ -602,6 +620,10 @@ fn merge_cells<const KEEP_SHIFT: bool>(layout: &Layout, dst: &mut [f64], src: &[
         if col.quantile != ABSENT {
             let r = col.quantile..col.quantile + quantile::words(col.alpha);
             quantile::merge(&mut dst[r.clone()], &src[r], col.alpha);
+        }
+        if col.last_n != ABSENT {
+            let r = col.last_n..col.last_n + lastn::words(col.n);
+            lastn::merge(&mut dst[r.clone()], &src[r], col.n);
         }
     }
 }
@@ -1090,6 +1112,8 @@ pub(crate) struct Acc {
     pub hll: Vec<f64>,
     /// The union of the cells' quantile sketches (empty until a cell has one).
     pub quantile: Vec<f64>,
+    /// The newest values of the cells (empty until a cell has some).
+    pub last_n: Vec<f64>,
 }
 
 impl Acc {
@@ -1111,6 +1135,7 @@ impl Acc {
         decay: DECAY_IDENTITY,
         hll: Vec::new(),
         quantile: Vec::new(),
+        last_n: Vec::new(),
     };
 
     /// Adds a cell, for column `column` (or rows only).
@@ -1160,6 +1185,10 @@ impl Acc {
             unite(&mut self.quantile, sketch, |u, s| {
                 quantile::merge(u, s, col.alpha)
             });
+        }
+        if col.last_n != ABSENT {
+            let newest = &cell[col.last_n..col.last_n + lastn::words(col.n)];
+            unite(&mut self.last_n, newest, |u, s| lastn::merge(u, s, col.n));
         }
     }
 }
@@ -1212,6 +1241,19 @@ pub(crate) fn finalize(agg: crate::Agg, column: Option<usize>, a: &Acc, at: i64)
         } => (!a.quantile.is_empty())
             .then(|| quantile::quantile(&a.quantile, q.get(), relative_accuracy.get()))
             .flatten(),
+        // The length; `list` gives the values.
+        LastN { .. } => Some(a.last_n.first().copied().unwrap_or(0.0)),
+    }
+}
+
+/// The values of a list-valued `agg` over an accumulated window (empty for the
+/// others).
+pub(crate) fn list(agg: crate::Agg, a: &Acc) -> Vec<f64> {
+    match agg {
+        crate::Agg::LastN { .. } if !a.last_n.is_empty() => {
+            lastn::newest_first(&a.last_n).collect()
+        }
+        _ => Vec::new(),
     }
 }
 

@@ -72,6 +72,7 @@ pub mod error;
 #[cfg(feature = "gpu")]
 pub mod gpu;
 pub mod hll;
+pub mod lastn;
 pub mod level;
 mod preagg;
 pub mod quantile;

@@ -3,7 +3,7 @@
 
 use crate::backend::{Backend, BackendKind};
 use crate::error::KernelError;
-use crate::level::{Acc, EMPTY_PANE, LevelState, finalize, fold_into_levels};
+use crate::level::{Acc, EMPTY_PANE, LevelState, finalize, fold_into_levels, list};
 use crate::state::{
     FeatureMerge, FoldBatch, FoldStats, MergeOutput, PaneState, ReadStatus, check_features,
 };
@@ -46,7 +46,7 @@ impl Backend for Scalar {
             return state.with_host(|host| self.merge(host, features, ids, at, out));
         }
         check_features(state, features)?;
-        out.reset(ids.len(), features.len());
+        out.reset_for(ids.len(), features);
         for (k, id) in ids.iter().enumerate() {
             let Some((shard, slot)) = state.known(*id) else {
                 out.write_empty(k, features);
@@ -57,6 +57,9 @@ impl Backend for Scalar {
                 let (acc, status) = window(level, slot, fm, at);
                 let v = finalize(fm.agg, fm.column, &acc, at);
                 let i = k * features.len() + f;
+                if fm.agg.is_list() {
+                    out.lists[i] = list(fm.agg, &acc);
+                }
                 out.values[i] = v.unwrap_or(f64::NAN);
                 out.valid[i] = v.is_some();
                 out.status[k] = out.status[k].worst(status);

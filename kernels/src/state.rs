@@ -24,6 +24,8 @@ impl StateSpec {
             "approx_distinct (HyperLogLog sketches)"
         } else if columns().any(|c| c.quantile.is_some()) {
             "quantile (DDSketch sketches)"
+        } else if columns().any(|c| c.last_n.is_some()) {
+            "last_n (lists)"
         } else {
             return None;
         };
@@ -430,6 +432,9 @@ pub struct MergeOutput {
     pub status: Vec<ReadStatus>,
     /// Number of features (the row length).
     pub features: usize,
+    /// The values of list-valued features (`Agg::is_list`), indexed like `values`
+    /// (whose entry is then the list's length); empty when a read has none.
+    pub lists: Vec<Vec<f64>>,
 }
 
 impl MergeOutput {
@@ -441,6 +446,16 @@ impl MergeOutput {
         self.status.clear();
         self.status.resize(keys, ReadStatus::Exact);
         self.features = features;
+        self.lists.clear();
+    }
+
+    /// [`MergeOutput::reset`], with room for the lists when `features` has list-valued
+    /// ones.
+    pub(crate) fn reset_for(&mut self, keys: usize, features: &[FeatureMerge]) {
+        self.reset(keys, features.len());
+        if features.iter().any(|f| f.agg.is_list()) {
+            self.lists.resize(keys * features.len(), Vec::new());
+        }
     }
 
     /// Writes the empty-window values of every feature in row `k`.
@@ -487,7 +502,8 @@ pub(crate) fn check_features(
                 let wanted = f.agg.fields();
                 let wrong_param = (wanted.decay.is_some() && wanted.decay != stored.decay)
                     || (wanted.hll.is_some() && wanted.hll != stored.hll)
-                    || (wanted.quantile.is_some() && wanted.quantile != stored.quantile);
+                    || (wanted.quantile.is_some() && wanted.quantile != stored.quantile)
+                    || (wanted.last_n.is_some() && wanted.last_n != stored.last_n);
                 if stored.union(wanted) != stored || wrong_param {
                     return Err(KernelError::Shape(format!(
                         "feature {i}: level {} does not store the fields of {} for column {c}",

@@ -36,6 +36,10 @@ fn gen_case_with(rng: &mut StdRng, sketches: bool) -> Case {
             (sketches && rng.random_bool(0.5)).then(|| [0.01, 0.05, 0.001][rng.random_range(0..3)])
         })
         .collect();
+    // Columns keeping their newest values (`last_n`), at one n each.
+    let newest: Vec<Option<u16>> = (0..columns)
+        .map(|_| (sketches && rng.random_bool(0.5)).then(|| [1, 3, 20][rng.random_range(0..3)]))
+        .collect();
     let nlevels = rng.random_range(1..=3);
     let mut levels = Vec::new();
     let mut features = Vec::new();
@@ -52,6 +56,7 @@ fn gen_case_with(rng: &mut StdRng, sketches: bool) -> Case {
             let agg = with_half_life(agg, column.and_then(|c| cols[c].decay), rng);
             let agg = with_precision(agg, column.and_then(|c| precisions[c]));
             let agg = with_accuracy(agg, column.and_then(|c| accuracies[c]), rng);
+            let agg = with_n(agg, column.and_then(|c| newest[c]));
             if let Some(c) = column {
                 cols[c] = cols[c].union(agg.fields());
             }
@@ -73,6 +78,7 @@ fn gen_case_with(rng: &mut StdRng, sketches: bool) -> Case {
                 let agg = with_half_life(agg, cols[c].decay, rng);
                 let agg = with_precision(agg, precisions[c]);
                 let agg = with_accuracy(agg, accuracies[c], rng);
+                let agg = with_n(agg, newest[c]);
                 cols[c] = cols[c].union(agg.fields());
                 features.push(FeatureMerge {
                     level: l,
@@ -171,6 +177,15 @@ fn with_accuracy(agg: Agg, accuracy: Option<f64>, rng: &mut StdRng) -> Agg {
     }
 }
 
+/// `last_n` at the column's n, or `last` for a column without.
+fn with_n(agg: Agg, n: Option<u16>) -> Agg {
+    match (agg, n) {
+        (Agg::LastN { .. }, Some(n)) => Agg::LastN { n },
+        (Agg::LastN { .. }, None) => Agg::Last,
+        (a, _) => a,
+    }
+}
+
 /// SplitMix64's finaliser: a hash for test values.
 fn mix(x: u64) -> u64 {
     let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -256,6 +271,11 @@ fn check_turns(folders: &[&dyn Backend], backend: &dyn Backend, seeds: std::ops:
                     "seed {seed} key {:?} at {at}: status {:?} vs {:?}",
                     ids[k], got.status[k], want.status[k]
                 );
+            }
+            let bits = |l: &[f64]| l.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(got.lists.len(), want.lists.len(), "seed {seed}");
+            for (i, (g, w)) in got.lists.iter().zip(&want.lists).enumerate() {
+                assert_eq!(bits(g), bits(w), "seed {seed} {:?}", case.features[i % nf]);
             }
             for (i, (g, w)) in got.values.iter().zip(&want.values).enumerate() {
                 let f = &case.features[i % nf.max(1)];

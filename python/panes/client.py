@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -56,6 +56,9 @@ class Features:
     """Per key: events in the widest window read."""
     at_ms: int
     state_version: int
+    lists: dict[str, list[list[float]]] = field(default_factory=dict)
+    """List-valued features (``last_n``) by name: one list per key, newest first
+    (``values`` holds their lengths)."""
 
     def to_dict(self) -> dict[str, np.ndarray]:
         """Feature name → column, with null as NaN."""
@@ -191,6 +194,12 @@ class Client:
             window_events=np.array(r.window_events, dtype=np.uint64),
             at_ms=r.at_ms,
             state_version=r.state_version,
+            lists={
+                r.features[lst.feature]: [
+                    list(lst.values[lst.offsets[i]:lst.offsets[i + 1]]) for i in range(r.rows)
+                ]
+                for lst in r.lists
+            },
         )
 
     def ingest(self, view: str, data: Any, *, batch_rows: int = 65_536) -> IngestResult:
@@ -283,6 +292,7 @@ def _view_dict(v: pb.ViewDescription) -> dict[str, Any]:
                 "precision": f.precision or None,
                 "q": f.q if f.agg == "quantile" else None,
                 "relative_accuracy": f.relative_accuracy or None,
+                "n": f.n or None,
                 "dtype": f.dtype,
             }
             for f in v.features

@@ -26,7 +26,7 @@ use panes_engine::{
     BackendKind, BackfillOptions, Engine, EngineOptions, FeatureFile, PanesError, PushReport,
     ReadTime, StateBudget, ViewMetrics, Window,
 };
-use pyo3::exceptions::PyTypeError;
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString};
 use pyo3_arrow::input::AnyRecordBatch;
@@ -159,7 +159,7 @@ impl PyEngine {
 
     /// The views as plain data: `[{name, key, time, pane, allowed_lateness, read_time,
     /// features: [{name, agg, column, window, hop, half_life, precision, q,
-    /// relative_accuracy}]}]`, durations formatted (each parameter None but for the
+    /// relative_accuracy, n}]}]`, durations formatted (each parameter None but for the
     /// aggregations that take it).
     fn views<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let out = PyList::empty(py);
@@ -202,6 +202,11 @@ impl PyEngine {
                 };
                 fd.set_item("q", q)?;
                 fd.set_item("relative_accuracy", accuracy)?;
+                let n = match f.agg {
+                    panes_engine::Agg::LastN { n } => Some(n),
+                    _ => None,
+                };
+                fd.set_item("n", n)?;
                 features.append(fd)?;
             }
             d.set_item("features", features)?;
@@ -297,6 +302,12 @@ impl PyEngine {
         let frame = self.read_with(py, keys, view, features, move |e, view, keys, f| {
             e.read(view, keys.as_ref(), at, f)
         })?;
+        if !frame.lists.is_empty() {
+            return Err(PyValueError::new_err(
+                "a numpy read cannot hold list-valued features (last_n); read them as a \
+                 DataFrame, or leave them out with features=[...]",
+            ));
+        }
         // The matrix moves into numpy without a copy.
         let values = PyArray2::from_owned_array(py, frame.values);
         Ok((values, frame.names, frame.at))

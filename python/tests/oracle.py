@@ -44,6 +44,9 @@ FEATURES: list[tuple] = [
     ("amount_p90_1h", "quantile", "amount", 3_600_000, 300_000, (0.9, 0.01)),
     ("amount_median", "quantile", "amount", None, 10_000, (0.5, 0.001)),
     ("amount_min_q_5m", "quantile", "amount", 300_000, 60_000, (0.0, 0.05)),
+    # n
+    ("amount_last_3_1m", "last_n", "amount", 60_000, 10_000, 3),
+    ("amount_last_20", "last_n", "amount", None, 10_000, 20),
 ]
 
 SQL_AGG = {
@@ -68,6 +71,8 @@ SQL_AGG = {
     # v[⌊q · (n − 1)⌋] of the sorted values (lists are 1-based).
     ("quantile", "amount"): "list_sort(list(a.amount) FILTER (WHERE a.amount IS NOT NULL))"
     "[floor({q} * (count(a.amount) - 1))::BIGINT + 1]",
+    # The n greatest (time, arrival), newest first.
+    ("last_n", "amount"): "coalesce(list(a.amount ORDER BY a.t DESC, a.seq DESC) FILTER (WHERE a.amount IS NOT NULL), [])[1:{h}]",
 }
 
 EXACT_AGGS = ("count", "min", "max", "last", "first")
@@ -96,6 +101,8 @@ def feature_file() -> str:
             out.append(f'column = "{column}"')
         if half_life and agg == "approx_distinct":
             out.append(f"precision = {half_life[0]}")
+        elif half_life and agg == "last_n":
+            out.append(f"n = {half_life[0]}")
         elif half_life and agg == "quantile":
             out.append(f"q = {half_life[0][0]}")
             out.append(f"relative_accuracy = {half_life[0][1]}")
@@ -176,6 +183,12 @@ def oracle(events: pa.Table, spine: pa.Table) -> dict[str, np.ndarray]:
             GROUP BY s.label
             """
         ).fetchall()
+        if agg == "last_n":
+            lists: list = [None] * rows_n
+            for label, value in rows:
+                lists[label] = list(value)
+            out[name] = lists
+            continue
         v = np.full(rows_n, np.nan)
         for label, value in rows:
             v[label] = np.nan if value is None else float(value)
@@ -187,6 +200,16 @@ def assert_features_equal(got: dict[str, np.ndarray], want: dict[str, np.ndarray
     """Exact for count/min/max/last/first, approx_distinct within three standard
     errors of the exact count (DESIGN §3b), 1e-9 relative for the rest; same nulls."""
     for name, agg, _, _, _, *param in FEATURES:
+        if agg == "last_n":
+            # Lists: None for spine rows without a time (no read), else exactly equal.
+            g_lists, w_lists = list(got[name]), want[name]
+            assert len(g_lists) == len(w_lists), f"{what} {name}: row count"
+            for r, (gl, wl) in enumerate(zip(g_lists, w_lists)):
+                if wl is None:
+                    assert gl is None or len(gl) == 0, f"{what} {name} row {r}: {gl}"
+                else:
+                    assert list(gl) == wl, f"{what} {name} row {r}: {list(gl)} vs {wl}"
+            continue
         g = np.asarray(got[name], dtype=float)
         w = want[name]
         assert g.shape == w.shape, f"{what} {name}: {g.shape} rows, expected {w.shape}"

@@ -21,6 +21,14 @@ FORMATS = {
     "pandas": lambda t: t.to_pandas(types_mapper=pd.ArrowDtype),
 }
 NAMES = [f[0] for f in FEATURES]
+LISTS = [f[0] for f in FEATURES if f[1] == "last_n"]
+NUMBERS = [n for n in NAMES if n not in LISTS]
+
+
+def columns(df: pl.DataFrame) -> dict:
+    """Each feature column: lists as Python lists, the rest as float64 with NaN for null."""
+    return {n: df[n].to_list() if n in LISTS else df[n].cast(pl.Float64).fill_null(np.nan).to_numpy()
+            for n in NAMES}
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -33,8 +41,7 @@ def test_backfill_matches_oracle(fmt: str) -> None:
     assert isinstance(got, pl.DataFrame)
     assert got["label"].to_list() == list(range(3_000)), "spine order is kept"
     assert got.columns[: len(spine.column_names)] == spine.column_names
-    cols = {n: got[n].cast(pl.Float64).fill_null(np.nan).to_numpy() for n in NAMES}
-    assert_features_equal(cols, oracle(events, spine), f"backfill[{fmt}]")
+    assert_features_equal(columns(got), oracle(events, spine), f"backfill[{fmt}]")
 
 
 @pytest.mark.parametrize("fmt", ["pyarrow", "polars", "pandas"])
@@ -65,8 +72,7 @@ def test_push_then_read_matches_oracle_at_every_step(fmt: str) -> None:
             }
         )
         want = oracle(events.slice(0, pushed), spine)
-        cols = {n: got[n].cast(pl.Float64).fill_null(np.nan).to_numpy() for n in NAMES}
-        assert_features_equal(cols, want, f"read[{fmt}] after {pushed} events")
+        assert_features_equal(columns(got), want, f"read[{fmt}] after {pushed} events")
     m = engine.metrics()["cards"]
     assert (m["accepted"], m["late"], sum(m["rejected"].values())) == (accepted, late, rejected)
     assert accepted + late + rejected == events.num_rows, "every event is accounted for"
@@ -80,9 +86,12 @@ def test_read_as_numpy_matches_dataframe() -> None:
     engine.push(events)
     keys = list(range(60))
     df = engine.read(keys)
-    arr = engine.read(keys, as_numpy=True)
-    assert arr.shape == (60, len(NAMES)) and arr.dtype == np.float64
-    want = df.select(NAMES).cast(pl.Float64).fill_null(np.nan).to_numpy()
+    with pytest.raises(ValueError, match="list-valued"):
+        engine.read(keys, as_numpy=True)
+    arr = engine.read(keys, features=NUMBERS, as_numpy=True)
+    assert arr.shape == (60, len(NUMBERS)) and arr.dtype == np.float64
+    want = df.select(NUMBERS).cast(pl.Float64).fill_null(np.nan).to_numpy()
     np.testing.assert_array_equal(arr, want)
-    assert np.isnan(arr[55, NAMES.index("amount_mean_5m")]), "unknown key: null mean is NaN"
-    assert arr[55, NAMES.index("rows_1m")] == 0
+    assert np.isnan(arr[55, NUMBERS.index("amount_mean_5m")]), "unknown key: null mean is NaN"
+    assert arr[55, NUMBERS.index("rows_1m")] == 0
+    assert df["amount_last_20"][55].to_list() == [], "unknown key: an empty list"

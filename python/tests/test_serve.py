@@ -41,6 +41,11 @@ VIEWS = [
             panes.sum("amount", window="1m", name="amount_sum_1m"),
             panes.max("amount", window="10m", hop="10s", name="amount_max_10m"),
             panes.mean("amount", window="lifetime", name="amount_mean_life"),
+            panes.first("amount", window="1m", name="amount_first_1m"),
+            panes.decayed_sum("amount", half_life="30s", window="1m", name="amount_decayed_1m"),
+            panes.approx_distinct("amount", window="10m", hop="10s", name="amounts_10m"),
+            panes.quantile("amount", 0.9, window="10m", hop="10s", name="amount_p90_10m"),
+            panes.last_n("amount", 3, window="1m", name="amount_last_3"),
         ],
     ),
     panes.View(
@@ -85,11 +90,17 @@ def events(n: int, seed: int, t0: int) -> pa.Table:
     )
 
 
-def oracle(tables: list[pa.Table], keys: list[int], at_ms: int) -> np.ndarray:
+NUMBERS = [f.name for f in VIEWS[0].features if f.agg != "last_n"]
+
+
+def oracle(tables: list[pa.Table], keys: list[int], at_ms: int, lists: bool = False):
+    """The numeric features of `keys` at `at_ms` (or, with `lists`, the DataFrame)."""
     engine = panes.Engine(VIEWS, backend="scalar")
     for t in tables:
         engine.push(t, view="cards")
-    return engine.read(keys, view="cards", at=at_ms, as_numpy=True)
+    if lists:
+        return engine.read(keys, view="cards", at=at_ms)
+    return engine.read(keys, view="cards", at=at_ms, features=NUMBERS, as_numpy=True)
 
 
 def wait_published(c: Client, version: int = 1) -> None:
@@ -111,10 +122,16 @@ def test_grpc_client_round_trip(server: dict[str, str]) -> None:
         keys = list(range(45))
         at = 10_000_000 + 5_000 * 5 + 1_000
         f = c.get_features("cards", keys, at_ms=at)
-        assert f.names == ["n_1m", "amount_sum_1m", "amount_max_10m", "amount_mean_life"]
-        assert f.values.shape == (45, 4)
+        assert f.names == [*NUMBERS, "amount_last_3"]
+        assert f.values.shape == (45, 9)
         expected = oracle([t], keys, at)
-        np.testing.assert_allclose(np.where(f.valid, f.values, np.nan), expected, rtol=1e-12)
+        # The server folds on the CPU backend, the oracle on Scalar: sums agree to 1e-9.
+        np.testing.assert_allclose(np.where(f.valid, f.values, np.nan)[:, :8], expected, rtol=1e-9)
+        want_lists = oracle([t], keys, at, lists=True)["amount_last_3"].to_list()
+        assert f.lists["amount_last_3"] == want_lists
+        assert list(f.values[:, 8]) == [len(x) for x in want_lists], "values hold the lengths"
+        assert want_lists[0] and want_lists[44] == []
+        assert np.all(f.values[:40, 6] > 0) and np.all(f.values[40:, 6] == 0)
         assert (f.latest_event_ms[:40] > 0).all()
         assert (f.latest_event_ms[40:] == np.iinfo(np.int64).min).all()
         assert int(f.window_events.sum()) == r.accepted
@@ -133,6 +150,10 @@ def test_grpc_client_round_trip(server: dict[str, str]) -> None:
         d = c.describe_view("cards")
         assert (d["key"], d["key_kind"], d["time"]) == ("card", "int", "ts")
         assert d["features"][2]["window_ms"] == 600_000
+        params = [(f["half_life_ms"], f["precision"], f["q"], f["relative_accuracy"], f["n"], f["dtype"])
+                  for f in d["features"][5:]]
+        assert params == [(30_000, None, None, None, None, "float64"), (None, 12, None, None, None, "int64"),
+                          (None, None, 0.9, 0.01, None, "float64"), (None, None, None, None, 3, "list<float64>")]
 
 
 def test_grpc_client_errors(server: dict[str, str]) -> None:
@@ -176,15 +197,19 @@ def test_flight_do_put_and_do_get(server: dict[str, str]) -> None:
     keys = list(range(40))
     ticket = flight.Ticket(json.dumps({"view": "cards", "keys": keys, "at_ms": at}).encode())
     got = client.do_get(ticket).read_all()
-    assert got.column_names == ["card", "n_1m", "amount_sum_1m", "amount_max_10m", "amount_mean_life"]
+    assert got.column_names == ["card", *NUMBERS, "amount_last_3"]
     assert got.column("card").to_pylist() == keys
     assert got.schema.field("n_1m").type == pa.int64()
+    assert got.schema.field("amounts_10m").type == pa.int64()
+    assert got.schema.field("amount_last_3").type == pa.list_(pa.field("item", pa.float64(), nullable=False))
+    assert got.column("amount_last_3").to_pylist() == oracle([t], keys, at, lists=True)["amount_last_3"].to_list()
+    got = got.drop_columns(["amount_last_3"])
     # Windows of 1 m and 10 m see only this batch's minute; the lifetime mean spans
     # every test's events, so it is compared through the gRPC read instead.
     with Client(server["grpc"]) as c:
         f = c.get_features("cards", keys, at_ms=at)
     values = got.drop_columns(["card"]).to_pandas().to_numpy(dtype=np.float64)
-    np.testing.assert_allclose(values, np.where(f.valid, f.values, np.nan), rtol=1e-12)
+    np.testing.assert_allclose(values, np.where(f.valid, f.values, np.nan)[:, :8], rtol=1e-12)
     one_minute = oracle([t], keys, at)[:, :3]
     np.testing.assert_allclose(values[:, :3], one_minute, rtol=1e-12)
 

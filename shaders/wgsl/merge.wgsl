@@ -40,6 +40,7 @@ const DECAYED_COUNT: u32 = 10u;
 // Not folded on the GPU yet (`StateSpec::gpu_unsupported`); their codes, for the record.
 const APPROX_DISTINCT: u32 = 11u;
 const QUANTILE: u32 = 12u;
+const LAST_N: u32 = 13u;
 
 // Read statuses, by severity (ReadStatus).
 const PANE_HOLDS_LATER_EVENTS: u32 = 1u;

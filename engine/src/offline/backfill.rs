@@ -24,7 +24,7 @@ use crate::error::{PanesError, Result};
 use crate::ingest::ViewCore;
 use crate::ingest::keys::KeyColumn;
 use crate::ingest::{Decoded, KeyCap, PushReport, TimeColumn, ViewCounters};
-use crate::online::{feature_column, feature_field};
+use crate::online::{feature_column, feature_field, list_column};
 use crate::spec::{CompiledView, state_values};
 use crate::spec::{FeatureFile, ViewSpec};
 
@@ -175,7 +175,11 @@ pub fn backfill(
             for (b, cols) in spine.iter().zip(columns.iter_mut()) {
                 let range = start..start + b.num_rows();
                 start = range.end;
-                cols.push(feature_column(agg, range.map(|r| values.get(r, f))));
+                cols.push(if agg.is_list() {
+                    list_column(range.map(|r| (values.list(r, f), values.get(r, f).1)))
+                } else {
+                    feature_column(agg, range.map(|r| values.get(r, f)))
+                });
             }
         }
         report
@@ -264,12 +268,20 @@ struct SpineValues {
     features: usize,
     values: Vec<f64>,
     valid: Vec<bool>,
+    /// The lists of list-valued features, row-major; empty when there are none.
+    lists: Vec<Vec<f64>>,
 }
 
 impl SpineValues {
     fn get(&self, row: usize, feature: usize) -> (f64, bool) {
         let i = row * self.features + feature;
         (self.values[i], self.valid[i])
+    }
+
+    fn list(&self, row: usize, feature: usize) -> &[f64] {
+        self.lists
+            .get(row * self.features + feature)
+            .map_or(&[], Vec::as_slice)
     }
 }
 
@@ -294,6 +306,11 @@ fn replay(
         features: nf,
         values: vec![f64::NAN; at.len() * nf],
         valid: vec![false; at.len() * nf],
+        lists: if view.merges.iter().any(|m| m.agg.is_list()) {
+            vec![Vec::new(); at.len() * nf]
+        } else {
+            Vec::new()
+        },
     };
     let mut out = MergeOutput::default();
     let mut group_ids = Vec::new();
@@ -328,7 +345,12 @@ fn replay(
         for (k, &r) in order[g..h].iter().enumerate() {
             let (r, o) = (r as usize * nf..(r as usize + 1) * nf, k * nf..(k + 1) * nf);
             out_values.values[r.clone()].copy_from_slice(&out.values[o.clone()]);
-            out_values.valid[r].copy_from_slice(&out.valid[o]);
+            out_values.valid[r.clone()].copy_from_slice(&out.valid[o.clone()]);
+            if !out.lists.is_empty() {
+                for (dst, src) in out_values.lists[r].iter_mut().zip(&mut out.lists[o]) {
+                    *dst = std::mem::take(src);
+                }
+            }
         }
         progress.inc((h - g) as u64);
         g = h;

@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
-use arrow_array::{ArrayRef, Float64Array, Int64Array};
-use arrow_buffer::NullBuffer;
+use arrow_array::{ArrayRef, Float64Array, Int64Array, ListArray};
+use arrow_buffer::{NullBuffer, OffsetBuffer};
 use arrow_schema::{DataType, Field};
 use ndarray::Array2;
 use panes_kernels::Agg;
@@ -20,19 +20,53 @@ pub struct FeatureFrame {
     pub values: Array2<f64>,
     /// Validity of each value (false = null).
     pub valid: Array2<bool>,
+    /// The values of list-valued features (`last_n`), row-major like `values` (whose
+    /// entry is then the list's length); empty when the frame has none.
+    pub lists: Vec<Vec<f64>>,
     /// The read time, epoch ms.
     pub at: i64,
 }
 
-/// The output field of a feature: `count` and `approx_distinct` as Int64, every other
-/// aggregation as Float64; nullable.
+impl FeatureFrame {
+    /// The list of feature `c` of row `r` (empty unless the feature is a list).
+    pub fn list(&self, r: usize, c: usize) -> &[f64] {
+        self.lists
+            .get(r * self.values.ncols() + c)
+            .map_or(&[], Vec::as_slice)
+    }
+}
+
+/// The output field of a feature: `count` and `approx_distinct` as Int64, `last_n` as
+/// a List of Float64, every other aggregation as Float64; nullable.
 pub fn feature_field(name: &str, agg: Agg) -> Field {
-    let ty = if agg.integer_valued() {
+    let ty = if agg.is_list() {
+        DataType::List(Arc::new(Field::new_list_field(DataType::Float64, false)))
+    } else if agg.integer_valued() {
         DataType::Int64
     } else {
         DataType::Float64
     };
     Field::new(name, ty, true)
+}
+
+/// The output column of a list-valued feature from `(list, valid)` pairs (typed as
+/// [`feature_field`]); null where not valid.
+pub fn list_column<'a>(rows: impl Iterator<Item = (&'a [f64], bool)>) -> ArrayRef {
+    let mut offsets = vec![0i32];
+    let mut values = Vec::new();
+    let mut valid = Vec::new();
+    for (l, ok) in rows {
+        values.extend_from_slice(l);
+        offsets.push(values.len() as i32);
+        valid.push(ok);
+    }
+    let nulls = NullBuffer::from(valid);
+    Arc::new(ListArray::new(
+        Arc::new(Field::new_list_field(DataType::Float64, false)),
+        OffsetBuffer::new(offsets.into()),
+        Arc::new(Float64Array::from(values)),
+        (nulls.null_count() > 0).then_some(nulls),
+    ))
 }
 
 /// The output column of a feature from `(value, valid)` pairs, typed as

@@ -11,4 +11,6 @@ mod read;
 mod replicas;
 
 pub use engine::{Clock, Engine, EngineOptions};
-pub use frame::{FeatureFrame, ServedFrame, ViewMetrics, feature_column, feature_field};
+pub use frame::{
+    FeatureFrame, ServedFrame, ViewMetrics, feature_column, feature_field, list_column,
+};

@@ -8,7 +8,7 @@ use ndarray::Array2;
 use panes_kernels::{Agg, FeatureMerge, MergeOutput};
 
 use super::engine::Engine;
-use super::frame::{FeatureFrame, ServedFrame, feature_column, feature_field};
+use super::frame::{FeatureFrame, ServedFrame, feature_column, feature_field, list_column};
 use super::replicas::{Snapshot, View};
 use crate::error::{PanesError, Result};
 use crate::ingest::keys::{KeyColumn, KeyIndex, KeyValue, key_array};
@@ -204,6 +204,7 @@ impl Engine {
                     .collect(),
                 values,
                 valid,
+                lists: out.lists,
                 at,
             },
             latest_event_ms,
@@ -281,6 +282,13 @@ impl Engine {
         for (j, name) in frame.names.iter().enumerate() {
             let agg = compiled.spec.features[compiled.feature_index(name)?].agg;
             fields.push(feature_field(name, agg));
+            if agg.is_list() {
+                let valid = frame.valid.column(j);
+                columns.push(list_column(
+                    (0..keys.len()).map(|r| (frame.list(r, j), valid[r])),
+                ));
+                continue;
+            }
             let col = frame.values.column(j);
             let valid = frame.valid.column(j);
             columns.push(feature_column(

@@ -124,12 +124,18 @@ pub(crate) fn describe(engine: &Engine, spec: &ViewSpec) -> ViewDescription {
                     } => relative_accuracy.get(),
                     _ => 0.0,
                 },
-                dtype: if f.agg.integer_valued() {
+                dtype: if f.agg.is_list() {
+                    "list<float64>"
+                } else if f.agg.integer_valued() {
                     "int64"
                 } else {
                     "float64"
                 }
                 .to_string(),
+                n: match f.agg {
+                    panes_kernels::Agg::LastN { n } => u32::from(n),
+                    _ => 0,
+                },
             })
             .collect(),
     }
@@ -227,6 +233,27 @@ fn rows_batch(
         .map_err(|e| bad_request("rows", e.to_string()))
 }
 
+/// The lists of the frame's list-valued features that have any.
+fn feature_lists(frame: &crate::online::FeatureFrame) -> Vec<super::proto::FeatureList> {
+    let (rows, nf) = frame.values.dim();
+    (0..nf)
+        .filter(|&c| (0..rows).any(|r| !frame.list(r, c).is_empty()))
+        .map(|c| {
+            let mut offsets = vec![0u32];
+            let mut values = Vec::new();
+            for r in 0..rows {
+                values.extend_from_slice(frame.list(r, c));
+                offsets.push(values.len() as u32);
+            }
+            super::proto::FeatureList {
+                feature: c as u32,
+                offsets,
+                values,
+            }
+        })
+        .collect()
+}
+
 /// Packs validity flags into a bitmap, least significant bit first.
 pub(crate) fn bitmap(valid: impl Iterator<Item = bool>) -> Vec<u8> {
     let mut out = Vec::new();
@@ -275,7 +302,9 @@ impl Features for FeaturesService {
             .zip(frame.valid.iter())
             .map(|(v, ok)| if *ok { *v } else { f64::NAN })
             .collect();
+        let lists = feature_lists(&frame);
         let response = GetFeaturesResponse {
+            lists,
             rows: frame.values.nrows() as u32,
             validity: bitmap(frame.valid.iter().copied()),
             values,

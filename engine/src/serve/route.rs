@@ -220,6 +220,20 @@ fn absorb_reply(
             rows.values[i * f + c] = if ok { r.values[j] } else { f64::NAN };
             rows.valid[i * f + c] = ok;
         }
+        for l in &r.lists {
+            let (c, o) = (l.feature as usize, &l.offsets);
+            let range = o
+                .get(row)
+                .zip(o.get(row + 1))
+                .map(|(a, b)| *a as usize..*b as usize);
+            let Some(values) = range.and_then(|r| l.values.get(r)).filter(|_| c < f) else {
+                return Err(format!("list of feature {c}: offsets out of range"));
+            };
+            if rows.lists.is_empty() {
+                rows.lists.resize(rows.values.len(), Vec::new());
+            }
+            rows.lists[i * f + c] = values.to_vec();
+        }
         rows.latest[i] = r.latest_event_ms.get(row).copied().unwrap_or(i64::MIN);
         rows.window_events[i] = r.window_events.get(row).copied().unwrap_or(0);
     }

@@ -199,6 +199,8 @@ pub struct PartialFrame {
     pub values: Vec<f64>,
     /// Row-major validity.
     pub valid: Vec<bool>,
+    /// Row-major lists of list-valued features (empty until a part has some).
+    pub lists: Vec<Vec<f64>>,
     /// Latest folded event time per row (`i64::MIN`: none).
     pub latest: Vec<i64>,
     /// Events in each row's widest window.
@@ -216,6 +218,7 @@ impl PartialFrame {
             features,
             values: vec![f64::NAN; keys * features],
             valid: vec![false; keys * features],
+            lists: Vec::new(),
             latest: vec![i64::MIN; keys],
             window_events: vec![0; keys],
             at: None,
@@ -226,10 +229,16 @@ impl PartialFrame {
     /// Fills rows `idx` from `s`, whose row `r` is the key of row `idx[r]`.
     pub fn absorb(&mut self, idx: &[usize], s: &ServedFrame) {
         let f = self.features;
+        if !s.frame.lists.is_empty() && self.lists.is_empty() {
+            self.lists.resize(self.values.len(), Vec::new());
+        }
         for (r, &i) in idx.iter().enumerate() {
             for c in 0..f {
                 self.values[i * f + c] = s.frame.values[[r, c]];
                 self.valid[i * f + c] = s.frame.valid[[r, c]];
+                if !s.frame.lists.is_empty() {
+                    self.lists[i * f + c] = s.frame.list(r, c).to_vec();
+                }
             }
             self.latest[i] = s.latest_event_ms[r];
             self.window_events[i] = s.window_events[r];
@@ -246,6 +255,7 @@ impl PartialFrame {
                 names,
                 values: Array2::from_shape_vec((keys, f), self.values).expect("keys × features"),
                 valid: Array2::from_shape_vec((keys, f), self.valid).expect("keys × features"),
+                lists: self.lists,
                 at: self.at.unwrap_or(0),
             },
             latest_event_ms: self.latest,

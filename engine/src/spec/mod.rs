@@ -306,6 +306,9 @@ impl FeatureFile {
                         let _ = writeln!(s, "q = {:?}", q.get());
                         let _ = writeln!(s, "relative_accuracy = {:?}", relative_accuracy.get());
                     }
+                    Agg::LastN { n } => {
+                        let _ = writeln!(s, "n = {n}");
+                    }
                     _ => {}
                 }
                 if let Some(c) = &f.column {
@@ -641,6 +644,23 @@ window = "lifetime"
         assert!(e.contains(&field("relative_accuracy")), "{e}");
         let e = err(&GOOD.replace("agg = \"mean\"", "agg = \"mean\"\nq = 0.5"));
         assert!(e.contains("`q` applies to quantile, not to `mean`"), "{e}");
+    }
+
+    #[test]
+    fn last_n_needs_n() {
+        let last = GOOD.replace("agg = \"mean\"", "agg = \"last_n\"\nn = 10");
+        let f = FeatureFile::parse(&last, "f.toml").unwrap();
+        assert_eq!(f.views[0].features[0].agg, Agg::LastN { n: 10 });
+        assert_eq!(FeatureFile::parse(&f.to_toml(), "again").unwrap(), f);
+        let e = err(&last.replace("n = 10", "n = 0"));
+        assert!(
+            e.contains("field `n`: must be from 1 to 1000, got 0"),
+            "{e}"
+        );
+        let e = err(&last.replace("n = 10\n", ""));
+        assert!(e.contains("field `n`: `last_n` needs an `n`"), "{e}");
+        let e = err(&GOOD.replace("agg = \"mean\"", "agg = \"max\"\nn = 3"));
+        assert!(e.contains("`n` applies to last_n, not to `max`"), "{e}");
     }
 
     #[test]

@@ -59,6 +59,7 @@ struct RawFeature {
     precision: Option<i64>,
     q: Option<f64>,
     relative_accuracy: Option<f64>,
+    n: Option<i64>,
 }
 /// Parses and validates feature definitions; `origin` names them in errors.
 pub(super) fn parse(text: &str, origin: &str) -> Result<FeatureFile> {
@@ -304,6 +305,7 @@ impl Collector {
             precision: rf.precision,
             q: rf.q,
             relative_accuracy: rf.relative_accuracy,
+            n: rf.n,
         };
         let agg = match Agg::with_params(&agg_s, &params) {
             Ok(a) => Some(a),

@@ -43,16 +43,7 @@ pub fn feature(
     key: i64,
     t: i64,
 ) -> Option<f64> {
-    let in_window = |ts: i64| {
-        ts <= t
-            && match f.window {
-                Window::Lifetime => true,
-                Window::Duration(w) => {
-                    let n = w / f.hop;
-                    ts.div_euclid(f.hop) > t.div_euclid(f.hop) - n
-                }
-            }
-    };
+    let in_window = |ts: i64| in_window(f, ts, t);
     let evs: Vec<&(usize, Ev)> = acc
         .iter()
         .filter(|(_, e)| e.key == Some(key) && in_window(e.ts.unwrap()))
@@ -111,6 +102,7 @@ pub fn feature(
             v.dedup();
             Some(v.len() as f64)
         }
+        Agg::LastN { .. } => Some(feature_list(f, column, acc, key, t).len() as f64),
         // The exact v[⌊q · (n − 1)⌋]; `assert_close` holds the sketch to α of it.
         Agg::Quantile { q, .. } => {
             let mut v: Vec<f64> = vals.iter().map(|x| x.2).collect();
@@ -118,6 +110,44 @@ pub fn feature(
             (!v.is_empty()).then(|| v[(q.get() * (v.len() - 1) as f64).floor() as usize])
         }
     }
+}
+
+/// The list a list-valued feature (`last_n`) holds for `key` at `t`: the values of
+/// the `n` events with the greatest (ts, arrival), newest first.
+pub fn feature_list(
+    f: &FeatureSpec,
+    column: Option<usize>,
+    acc: &[(usize, Ev)],
+    key: i64,
+    t: i64,
+) -> Vec<f64> {
+    let Agg::LastN { n } = f.agg else {
+        return Vec::new();
+    };
+    let c = column.expect("last_n has a column");
+    let mut vals: Vec<(i64, usize, f64)> = acc
+        .iter()
+        .filter(|(_, e)| e.key == Some(key) && in_window(f, e.ts.unwrap(), t))
+        .filter_map(|(i, e)| {
+            e.vals[c]
+                .filter(|v| !v.is_nan())
+                .map(|v| (e.ts.unwrap(), *i, v))
+        })
+        .collect();
+    vals.sort_by_key(|&(ts, i, _)| std::cmp::Reverse((ts, i)));
+    vals.iter().take(n.into()).map(|x| x.2).collect()
+}
+
+/// Whether an event at `ts` is in the window of `f` at `t` (DESIGN §3).
+fn in_window(f: &FeatureSpec, ts: i64, t: i64) -> bool {
+    ts <= t
+        && match f.window {
+            Window::Lifetime => true,
+            Window::Duration(w) => {
+                let n = w / f.hop;
+                ts.div_euclid(f.hop) > t.div_euclid(f.hop) - n
+            }
+        }
 }
 
 /// Sum of |x| over the window: the scale of summation error.

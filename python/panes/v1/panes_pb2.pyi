@@ -33,7 +33,7 @@ class IntKeys(_message.Message):
     def __init__(self, keys: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GetFeaturesResponse(_message.Message):
-    __slots__ = ("features", "rows", "values", "validity", "latest_event_ms", "window_events", "at_ms", "state_version")
+    __slots__ = ("features", "rows", "values", "validity", "latest_event_ms", "window_events", "at_ms", "state_version", "lists")
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class GetFeaturesResponse(_message.Message):
     WINDOW_EVENTS_FIELD_NUMBER: _ClassVar[int]
     AT_MS_FIELD_NUMBER: _ClassVar[int]
     STATE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LISTS_FIELD_NUMBER: _ClassVar[int]
     features: _containers.RepeatedScalarFieldContainer[str]
     rows: int
     values: _containers.RepeatedScalarFieldContainer[float]
@@ -50,7 +51,18 @@ class GetFeaturesResponse(_message.Message):
     window_events: _containers.RepeatedScalarFieldContainer[int]
     at_ms: int
     state_version: int
-    def __init__(self, features: _Optional[_Iterable[str]] = ..., rows: _Optional[int] = ..., values: _Optional[_Iterable[float]] = ..., validity: _Optional[bytes] = ..., latest_event_ms: _Optional[_Iterable[int]] = ..., window_events: _Optional[_Iterable[int]] = ..., at_ms: _Optional[int] = ..., state_version: _Optional[int] = ...) -> None: ...
+    lists: _containers.RepeatedCompositeFieldContainer[FeatureList]
+    def __init__(self, features: _Optional[_Iterable[str]] = ..., rows: _Optional[int] = ..., values: _Optional[_Iterable[float]] = ..., validity: _Optional[bytes] = ..., latest_event_ms: _Optional[_Iterable[int]] = ..., window_events: _Optional[_Iterable[int]] = ..., at_ms: _Optional[int] = ..., state_version: _Optional[int] = ..., lists: _Optional[_Iterable[_Union[FeatureList, _Mapping]]] = ...) -> None: ...
+
+class FeatureList(_message.Message):
+    __slots__ = ("feature", "offsets", "values")
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    feature: int
+    offsets: _containers.RepeatedScalarFieldContainer[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, feature: _Optional[int] = ..., offsets: _Optional[_Iterable[int]] = ..., values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class IngestRequest(_message.Message):
     __slots__ = ("view", "arrow_ipc", "rows")
@@ -145,7 +157,7 @@ class ViewDescription(_message.Message):
     def __init__(self, name: _Optional[str] = ..., key: _Optional[str] = ..., key_kind: _Optional[str] = ..., time: _Optional[str] = ..., allowed_lateness_ms: _Optional[int] = ..., read_time: _Optional[str] = ..., features: _Optional[_Iterable[_Union[FeatureDescription, _Mapping]]] = ...) -> None: ...
 
 class FeatureDescription(_message.Message):
-    __slots__ = ("name", "agg", "column", "window_ms", "hop_ms", "dtype", "half_life_ms", "precision", "q", "relative_accuracy")
+    __slots__ = ("name", "agg", "column", "window_ms", "hop_ms", "dtype", "half_life_ms", "precision", "q", "relative_accuracy", "n")
     NAME_FIELD_NUMBER: _ClassVar[int]
     AGG_FIELD_NUMBER: _ClassVar[int]
     COLUMN_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +168,7 @@ class FeatureDescription(_message.Message):
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     Q_FIELD_NUMBER: _ClassVar[int]
     RELATIVE_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
     name: str
     agg: str
     column: str
@@ -166,4 +179,5 @@ class FeatureDescription(_message.Message):
     precision: int
     q: float
     relative_accuracy: float
-    def __init__(self, name: _Optional[str] = ..., agg: _Optional[str] = ..., column: _Optional[str] = ..., window_ms: _Optional[int] = ..., hop_ms: _Optional[int] = ..., dtype: _Optional[str] = ..., half_life_ms: _Optional[int] = ..., precision: _Optional[int] = ..., q: _Optional[float] = ..., relative_accuracy: _Optional[float] = ...) -> None: ...
+    n: int
+    def __init__(self, name: _Optional[str] = ..., agg: _Optional[str] = ..., column: _Optional[str] = ..., window_ms: _Optional[int] = ..., hop_ms: _Optional[int] = ..., dtype: _Optional[str] = ..., half_life_ms: _Optional[int] = ..., precision: _Optional[int] = ..., q: _Optional[float] = ..., relative_accuracy: _Optional[float] = ..., n: _Optional[int] = ...) -> None: ...
