@@ -427,6 +427,7 @@ fn describe(file: &FeatureFile) {
                 }
                 Agg::ApproxDistinct { precision } => format!(", precision {precision}"),
                 Agg::LastN { n } => format!(", n {n}"),
+                Agg::TopK { k, capacity } => format!(", k {k}, capacity {capacity}"),
                 Agg::Quantile {
                     q,
                     relative_accuracy,

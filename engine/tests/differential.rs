@@ -43,15 +43,19 @@ fn feature_file(lateness_ms: i64, sketches: bool) -> String {
         sketches
             || !matches!(
                 a,
-                Agg::ApproxDistinct { .. } | Agg::Quantile { .. } | Agg::LastN { .. }
+                Agg::ApproxDistinct { .. }
+                    | Agg::Quantile { .. }
+                    | Agg::LastN { .. }
+                    | Agg::TopK { .. }
             )
     });
     for agg in aggs {
         for (wname, w) in windows {
-            let column = if agg == Agg::Count {
-                ""
-            } else {
-                "column = \"v\"\n"
+            let column = match agg {
+                Agg::Count => "",
+                // Within capacity (`n` has 100 values): exact.
+                Agg::TopK { .. } => "column = \"n\"\n",
+                _ => "column = \"v\"\n",
             };
             let half_life = match agg {
                 Agg::DecayedSum { half_life } | Agg::DecayedCount { half_life } => {
@@ -59,6 +63,7 @@ fn feature_file(lateness_ms: i64, sketches: bool) -> String {
                 }
                 Agg::Quantile { q, .. } => format!("q = {:?}\n", q.get()),
                 Agg::LastN { n } => format!("n = {n}\n"),
+                Agg::TopK { k, .. } => format!("k = {k}\ncapacity = 128\n"),
                 _ => String::new(),
             };
             s += &format!(

@@ -61,6 +61,15 @@ pub enum Agg {
         /// 1 to [`crate::lastn::MAX_N`].
         n: u16,
     },
+    /// The `k` most frequent values, most frequent first (ties: smaller value first): a
+    /// list, exact while the window holds at most `capacity` distinct values (see
+    /// [`crate::topk`]).
+    TopK {
+        /// 1 to [`crate::topk::MAX_K`].
+        k: u16,
+        /// Counters kept, `k` to [`crate::topk::MAX_CAPACITY`].
+        capacity: u16,
+    },
 }
 
 /// An f64 parameter of an aggregation, kept by its bits so that an [`Agg`] is `Eq` and
@@ -100,12 +109,16 @@ pub struct AggParams {
     pub relative_accuracy: Option<f64>,
     /// `n` of `last_n`.
     pub n: Option<i64>,
+    /// `k` of `top_k`.
+    pub k: Option<i64>,
+    /// `capacity` of `top_k`.
+    pub capacity: Option<i64>,
 }
 
 impl Agg {
     /// Every aggregation, in a fixed order (tests and docs iterate it); the decayed
     /// ones with a half-life of one hour.
-    pub const ALL: [Agg; 14] = [
+    pub const ALL: [Agg; 15] = [
         Agg::Count,
         Agg::Sum,
         Agg::Mean,
@@ -127,6 +140,7 @@ impl Agg {
             relative_accuracy: Param::new(0.01),
         },
         Agg::LastN { n: 5 },
+        Agg::TopK { k: 3, capacity: 64 },
     ];
 
     /// The aggregation named `name`, with its parameters.
@@ -152,6 +166,8 @@ impl Agg {
             q,
             relative_accuracy,
             n,
+            k,
+            capacity,
         } = *params;
         let decayed = matches!(kind, Agg::DecayedSum { .. } | Agg::DecayedCount { .. });
         let distinct = matches!(kind, Agg::ApproxDistinct { .. });
@@ -176,6 +192,12 @@ impl Agg {
         }
         if n.is_some() && !matches!(kind, Agg::LastN { .. }) {
             return not_for("n", "last_n");
+        }
+        if k.is_some() && !matches!(kind, Agg::TopK { .. }) {
+            return not_for("k", "top_k");
+        }
+        if capacity.is_some() && !matches!(kind, Agg::TopK { .. }) {
+            return not_for("capacity", "top_k");
         }
         let half_life = || match half_life {
             None => Err((
@@ -233,6 +255,26 @@ impl Agg {
                     relative_accuracy: Param::new(alpha),
                 }
             }
+            Agg::TopK { .. } => {
+                let (max_k, max_c) = (crate::topk::MAX_K, crate::topk::MAX_CAPACITY);
+                let k = match k {
+                    None => return Err(("k", "`top_k` needs a `k`, e.g. k = 5".to_string())),
+                    Some(k) => match u16::try_from(k).ok().filter(|k| (1..=max_k).contains(k)) {
+                        Some(k) => k,
+                        None => return Err(("k", format!("must be from 1 to {max_k}, got {k}"))),
+                    },
+                };
+                let c = capacity.unwrap_or(i64::from(crate::topk::default_capacity(k)));
+                match u16::try_from(c).ok().filter(|c| (k..=max_c).contains(c)) {
+                    Some(capacity) => Agg::TopK { k, capacity },
+                    None => {
+                        return Err((
+                            "capacity",
+                            format!("must be from k ({k}) to {max_c}, got {c}"),
+                        ));
+                    }
+                }
+            }
             Agg::LastN { .. } => {
                 let max = crate::lastn::MAX_N;
                 match n.map(|n| u16::try_from(n).ok().filter(|n| (1..=max).contains(n))) {
@@ -267,6 +309,7 @@ impl Agg {
             Agg::ApproxDistinct { .. } => 11,
             Agg::Quantile { .. } => 12,
             Agg::LastN { .. } => 13,
+            Agg::TopK { .. } => 14,
         }
     }
 
@@ -295,6 +338,7 @@ impl Agg {
             Agg::ApproxDistinct { .. } => "approx_distinct",
             Agg::Quantile { .. } => "quantile",
             Agg::LastN { .. } => "last_n",
+            Agg::TopK { .. } => "top_k",
         }
     }
 
@@ -324,7 +368,7 @@ impl Agg {
     /// Whether the value is a list (`last_n`): `MergeOutput::lists` holds it, and the
     /// value is its length.
     pub fn is_list(self) -> bool {
-        matches!(self, Agg::LastN { .. })
+        matches!(self, Agg::LastN { .. } | Agg::TopK { .. })
     }
 
     /// Whether the values are whole numbers, given as Int64 (`count`, `approx_distinct`).
@@ -342,6 +386,7 @@ impl Agg {
                 | Agg::DecayedCount { .. }
                 | Agg::ApproxDistinct { .. }
                 | Agg::LastN { .. }
+                | Agg::TopK { .. }
         )
     }
 
@@ -367,6 +412,7 @@ impl Agg {
                 relative_accuracy, ..
             } => f.quantile = Some(relative_accuracy),
             Agg::LastN { n } => f.last_n = Some(n),
+            Agg::TopK { capacity, .. } => f.top_k = Some(capacity),
         }
         f
     }
@@ -420,6 +466,8 @@ pub struct ColumnFields {
     /// How many of the newest values are kept for the column (one per column, as for
     /// `hll`).
     pub last_n: Option<u16>,
+    /// Capacity of the frequent-values summary kept for the column (one per column).
+    pub top_k: Option<u16>,
 }
 
 impl ColumnFields {
@@ -437,6 +485,7 @@ impl ColumnFields {
             hll: self.hll.or(o.hll),
             quantile: self.quantile.or(o.quantile),
             last_n: self.last_n.or(o.last_n),
+            top_k: self.top_k.or(o.top_k),
         }
     }
 
@@ -448,6 +497,7 @@ impl ColumnFields {
             hll: self.hll,
             quantile: self.quantile,
             last_n: self.last_n,
+            top_k: self.top_k,
             ..ColumnFields::default()
         }
     }
@@ -469,7 +519,8 @@ impl ColumnFields {
             + 3 * self.decay.is_some() as usize
             + self.hll.map_or(0, crate::hll::words)
             + self.quantile.map_or(0, |a| crate::quantile::words(a.get()))
-            + self.last_n.map_or(0, crate::lastn::words))
+            + self.last_n.map_or(0, crate::lastn::words)
+            + self.top_k.map_or(0, crate::topk::words))
     }
 }
 
@@ -482,7 +533,7 @@ mod tests {
         let parameterless = |a: &Agg| {
             !matches!(
                 a.name(),
-                "decayed_sum" | "decayed_count" | "quantile" | "last_n"
+                "decayed_sum" | "decayed_count" | "quantile" | "last_n" | "top_k"
             )
         };
         for a in Agg::ALL.into_iter().filter(parameterless) {
@@ -507,6 +558,10 @@ mod tests {
             },
             n: match a {
                 Agg::LastN { n } => Some(i64::from(n)),
+                _ => None,
+            },
+            k: match a {
+                Agg::TopK { k, .. } => Some(i64::from(k)),
                 _ => None,
             },
             ..AggParams::default()
@@ -600,6 +655,33 @@ mod tests {
         assert_eq!(last_n(Some(1000)), Ok(Agg::LastN { n: 1000 }));
         for n in [None, Some(0), Some(1001), Some(-3)] {
             assert_eq!(last_n(n).unwrap_err().0, "n", "{n:?}");
+        }
+        let top_k = |k, capacity| {
+            Agg::with_params(
+                "top_k",
+                &AggParams {
+                    k,
+                    capacity,
+                    ..AggParams::default()
+                },
+            )
+        };
+        assert_eq!(top_k(Some(5), None), Ok(Agg::TopK { k: 5, capacity: 64 }));
+        assert_eq!(
+            top_k(Some(50), None),
+            Ok(Agg::TopK {
+                k: 50,
+                capacity: 200
+            })
+        );
+        for (k, c, field) in [
+            (None, None, "k"),
+            (Some(0), None, "k"),
+            (Some(101), None, "k"),
+            (Some(5), Some(4), "capacity"),
+            (Some(5), Some(10_001), "capacity"),
+        ] {
+            assert_eq!(top_k(k, c).unwrap_err().0, field, "{k:?} {c:?}");
         }
     }
 }

@@ -70,8 +70,7 @@ fn hash_of(value: f64) -> Option<u64> {
 /// header is dense or a count of at most the sparse capacity (a checkpoint is a file,
 /// and a file may lie).
 pub(crate) fn is_valid(g: &[f64], precision: u8) -> bool {
-    let k = g[0];
-    k == DENSE || (k >= 0.0 && k.fract() == 0.0 && k as usize <= sparse_capacity(precision))
+    g[0] == DENSE || crate::level::count_within(g[0], sparse_capacity(precision))
 }
 
 /// Adds a value (from [`value`]) to sketch `g`; other values change nothing.

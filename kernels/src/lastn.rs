@@ -61,8 +61,7 @@ pub fn newest_first(g: &[f64]) -> impl Iterator<Item = f64> + '_ {
 
 /// Whether `g` can be read without going out of its words (a checkpoint may lie).
 pub(crate) fn is_valid(g: &[f64], n: u16) -> bool {
-    let k = g[0];
-    k >= 0.0 && k.fract() == 0.0 && k as usize <= usize::from(n)
+    crate::level::count_within(g[0], usize::from(n))
 }
 
 #[cfg(test)]

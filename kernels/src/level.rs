@@ -44,7 +44,7 @@
 
 use crate::agg::ColumnFields;
 use crate::error::KernelError;
-use crate::{hll, lastn, quantile};
+use crate::{hll, lastn, quantile, topk};
 
 /// Tag of a ring cell that has never been written.
 pub const EMPTY_PANE: i64 = i64::MIN;
@@ -154,6 +154,10 @@ pub(crate) struct ColLayout {
     pub last_n: usize,
     /// How many (0 without them).
     pub n: u16,
+    /// A frequent-values summary (`crate::topk`), `topk::words(capacity)` words.
+    pub top_k: usize,
+    /// Its capacity (0 without one).
+    pub capacity: u16,
 }
 
 pub(crate) const ABSENT: usize = usize::MAX;
@@ -197,6 +201,8 @@ impl Layout {
                 alpha: f.quantile.map_or(0.0, |a| a.get()),
                 last_n: ABSENT,
                 n: f.last_n.unwrap_or(0),
+                top_k: ABSENT,
+                capacity: f.top_k.unwrap_or(0),
             };
             let mut field = |on: bool, init: &[f64]| {
                 if !on {
@@ -220,6 +226,8 @@ impl Layout {
                 c.quantile = field(f.quantile.is_some(), &vec![0.0; quantile_words]);
                 let last_words = f.last_n.map_or(0, lastn::words);
                 c.last_n = field(f.last_n.is_some(), &vec![0.0; last_words]);
+                let top_words = f.top_k.map_or(0, topk::words);
+                c.top_k = field(f.top_k.is_some(), &vec![0.0; top_words]);
             }
             cols.push(c);
         }
@@ -238,7 +246,9 @@ impl Layout {
         let sketches: Vec<&ColLayout> = self
             .cols
             .iter()
-            .filter(|c| c.hll != ABSENT || c.quantile != ABSENT || c.last_n != ABSENT)
+            .filter(|c| {
+                c.hll != ABSENT || c.quantile != ABSENT || c.last_n != ABSENT || c.top_k != ABSENT
+            })
             .collect();
         sketches.is_empty()
             || words.chunks_exact(self.stride).all(|cell| {
@@ -247,9 +257,15 @@ impl Layout {
                         && (c.quantile == ABSENT
                             || quantile::is_valid(&cell[c.quantile..], c.alpha))
                         && (c.last_n == ABSENT || lastn::is_valid(&cell[c.last_n..], c.n))
+                        && (c.top_k == ABSENT || topk::is_valid(&cell[c.top_k..], c.capacity))
                 })
             })
     }
+}
+
+/// Whether `h`, a group's header read from a file, is a count of at most `max`.
+pub(crate) fn count_within(h: f64, max: usize) -> bool {
+    h >= 0.0 && h.fract() == 0.0 && h as usize <= max
 }
 
 /// A set of cells, each one partial aggregate over some events, in one flat buffer.
@@ -538,6 +554,10 @@ pub(crate) fn add(layout: &Layout, cell: &mut [f64], ts: i64, values: &[&[f64]],
                 n,
             );
         }
+        if col.top_k != ABSENT {
+            let c = col.capacity;
+            topk::add(&mut cell[col.top_k..col.top_k + topk::words(c)], x, c);
+        }
     }
 }
 
@@ -624,6 +644,10 @@ fn merge_cells<const KEEP_SHIFT: bool>(layout: &Layout, dst: &mut [f64], src: &[
         if col.last_n != ABSENT {
             let r = col.last_n..col.last_n + lastn::words(col.n);
             lastn::merge(&mut dst[r.clone()], &src[r], col.n);
+        }
+        if col.top_k != ABSENT {
+            let r = col.top_k..col.top_k + topk::words(col.capacity);
+            topk::merge(&mut dst[r.clone()], &src[r], col.capacity);
         }
     }
 }
@@ -1114,6 +1138,8 @@ pub(crate) struct Acc {
     pub quantile: Vec<f64>,
     /// The newest values of the cells (empty until a cell has some).
     pub last_n: Vec<f64>,
+    /// The union of the cells' frequent-values summaries (empty until a cell has one).
+    pub top_k: Vec<f64>,
 }
 
 impl Acc {
@@ -1136,6 +1162,7 @@ impl Acc {
         hll: Vec::new(),
         quantile: Vec::new(),
         last_n: Vec::new(),
+        top_k: Vec::new(),
     };
 
     /// Adds a cell, for column `column` (or rows only).
@@ -1190,6 +1217,12 @@ impl Acc {
             let newest = &cell[col.last_n..col.last_n + lastn::words(col.n)];
             unite(&mut self.last_n, newest, |u, s| lastn::merge(u, s, col.n));
         }
+        if col.top_k != ABSENT {
+            let summary = &cell[col.top_k..col.top_k + topk::words(col.capacity)];
+            unite(&mut self.top_k, summary, |u, s| {
+                topk::merge(u, s, col.capacity)
+            });
+        }
     }
 }
 
@@ -1243,6 +1276,7 @@ pub(crate) fn finalize(agg: crate::Agg, column: Option<usize>, a: &Acc, at: i64)
             .flatten(),
         // The length; `list` gives the values.
         LastN { .. } => Some(a.last_n.first().copied().unwrap_or(0.0)),
+        TopK { k, .. } => Some(a.top_k.first().map_or(0.0, |&m| m.min(f64::from(k)))),
     }
 }
 
@@ -1253,6 +1287,7 @@ pub(crate) fn list(agg: crate::Agg, a: &Acc) -> Vec<f64> {
         crate::Agg::LastN { .. } if !a.last_n.is_empty() => {
             lastn::newest_first(&a.last_n).collect()
         }
+        crate::Agg::TopK { k, .. } if !a.top_k.is_empty() => topk::top(&a.top_k, k),
         _ => Vec::new(),
     }
 }

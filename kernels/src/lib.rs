@@ -78,6 +78,7 @@ mod preagg;
 pub mod quantile;
 pub mod scalar;
 pub mod state;
+pub mod topk;
 
 pub use agg::{Agg, AggParams, ColumnFields, Param};
 #[cfg(feature = "gpu")]

@@ -118,8 +118,7 @@ fn insert(s: &mut [f64], k: i64, count: u64, cap: usize) {
 /// Whether `s` is a sketch of accuracy `alpha` as far as reading it safely goes: it
 /// holds at most its capacity of bins (a checkpoint is a file, and a file may lie).
 pub(crate) fn is_valid(s: &[f64], alpha: f64) -> bool {
-    let k = s[0];
-    k >= 0.0 && k.fract() == 0.0 && k as usize <= capacity(alpha)
+    crate::level::count_within(s[0], capacity(alpha))
 }
 
 /// Adds value `x` to sketch `s` of accuracy `alpha`.

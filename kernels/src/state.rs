@@ -24,8 +24,8 @@ impl StateSpec {
             "approx_distinct (HyperLogLog sketches)"
         } else if columns().any(|c| c.quantile.is_some()) {
             "quantile (DDSketch sketches)"
-        } else if columns().any(|c| c.last_n.is_some()) {
-            "last_n (lists)"
+        } else if columns().any(|c| c.last_n.is_some() || c.top_k.is_some()) {
+            "last_n and top_k (lists)"
         } else {
             return None;
         };
@@ -503,7 +503,8 @@ pub(crate) fn check_features(
                 let wrong_param = (wanted.decay.is_some() && wanted.decay != stored.decay)
                     || (wanted.hll.is_some() && wanted.hll != stored.hll)
                     || (wanted.quantile.is_some() && wanted.quantile != stored.quantile)
-                    || (wanted.last_n.is_some() && wanted.last_n != stored.last_n);
+                    || (wanted.last_n.is_some() && wanted.last_n != stored.last_n)
+                    || (wanted.top_k.is_some() && wanted.top_k != stored.top_k);
                 if stored.union(wanted) != stored || wrong_param {
                     return Err(KernelError::Shape(format!(
                         "feature {i}: level {} does not store the fields of {} for column {c}",

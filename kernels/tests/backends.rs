@@ -40,6 +40,14 @@ fn gen_case_with(rng: &mut StdRng, sketches: bool) -> Case {
     let newest: Vec<Option<u16>> = (0..columns)
         .map(|_| (sketches && rng.random_bool(0.5)).then(|| [1, 3, 20][rng.random_range(0..3)]))
         .collect();
+    // Columns of at most 32 distinct values with frequent-values summaries (within
+    // capacity, where `top_k` is exact and every backend agrees bitwise).
+    let frequent: Vec<Option<u16>> = (0..columns)
+        .map(|c| {
+            (sketches && precisions[c].is_none() && rng.random_bool(0.4))
+                .then(|| [32, 64][rng.random_range(0..2)])
+        })
+        .collect();
     let nlevels = rng.random_range(1..=3);
     let mut levels = Vec::new();
     let mut features = Vec::new();
@@ -57,6 +65,7 @@ fn gen_case_with(rng: &mut StdRng, sketches: bool) -> Case {
             let agg = with_precision(agg, column.and_then(|c| precisions[c]));
             let agg = with_accuracy(agg, column.and_then(|c| accuracies[c]), rng);
             let agg = with_n(agg, column.and_then(|c| newest[c]));
+            let agg = with_capacity(agg, column.and_then(|c| frequent[c]), rng);
             if let Some(c) = column {
                 cols[c] = cols[c].union(agg.fields());
             }
@@ -79,6 +88,7 @@ fn gen_case_with(rng: &mut StdRng, sketches: bool) -> Case {
                 let agg = with_precision(agg, precisions[c]);
                 let agg = with_accuracy(agg, accuracies[c], rng);
                 let agg = with_n(agg, newest[c]);
+                let agg = with_capacity(agg, frequent[c], rng);
                 cols[c] = cols[c].union(agg.fields());
                 features.push(FeatureMerge {
                     level: l,
@@ -113,6 +123,15 @@ fn gen_case_with(rng: &mut StdRng, sketches: bool) -> Case {
     }
     let values = (0..columns)
         .map(|c| {
+            if frequent[c].is_some() {
+                return (0..n)
+                    .map(|_| match rng.random_range(0..30) {
+                        0 => f64::NAN,
+                        1 => -0.0,
+                        _ => rng.random_range(-15..16) as f64,
+                    })
+                    .collect();
+            }
             // A few thousand distinct hashes (and nulls).
             if precisions[c].is_some() {
                 let distinct = rng.random_range(1..5_000u64);
@@ -182,6 +201,18 @@ fn with_n(agg: Agg, n: Option<u16>) -> Agg {
     match (agg, n) {
         (Agg::LastN { .. }, Some(n)) => Agg::LastN { n },
         (Agg::LastN { .. }, None) => Agg::Last,
+        (a, _) => a,
+    }
+}
+
+/// `top_k` at a random `k` and the column's capacity, or `min` for a column without.
+fn with_capacity(agg: Agg, capacity: Option<u16>, rng: &mut StdRng) -> Agg {
+    match (agg, capacity) {
+        (Agg::TopK { .. }, Some(capacity)) => Agg::TopK {
+            k: [1, 3, 32][rng.random_range(0..3)],
+            capacity,
+        },
+        (Agg::TopK { .. }, None) => Agg::Min,
         (a, _) => a,
     }
 }

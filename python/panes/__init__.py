@@ -48,6 +48,7 @@ from ._defs import (
     quantile,
     std,
     sum,
+    top_k,
     var,
 )
 from ._errors import (
@@ -443,5 +444,6 @@ __all__ = [
     "quantile",
     "std",
     "sum",
+    "top_k",
     "var",
 ]

@@ -43,7 +43,7 @@ class Feature:
     Build features with :func:`count`, :func:`sum`, :func:`mean`, :func:`min`,
     :func:`max`, :func:`var`, :func:`std`, :func:`last`, :func:`first`,
     :func:`decayed_sum`, :func:`decayed_count`, :func:`approx_distinct`,
-    :func:`quantile` and :func:`last_n`.
+    :func:`quantile`, :func:`last_n` and :func:`top_k`.
     """
 
     name: str
@@ -56,6 +56,8 @@ class Feature:
     q: float | None = None
     relative_accuracy: float | None = None
     n: int | None = None
+    k: int | None = None
+    capacity: int | None = None
 
     def to_toml(self) -> str:
         """The feature as a ``[[views.features]]`` table."""
@@ -73,8 +75,9 @@ class Feature:
             lines.append(f"q = {float(self.q)!r}")
         if self.relative_accuracy is not None:
             lines.append(f"relative_accuracy = {float(self.relative_accuracy)!r}")
-        if self.n is not None:
-            lines.append(f"n = {int(self.n)}")
+        for key in ("n", "k", "capacity"):
+            if getattr(self, key) is not None:
+                lines.append(f"{key} = {int(getattr(self, key))}")
         return "\n".join(lines) + "\n"
 
     def __repr__(self) -> str:
@@ -83,7 +86,8 @@ class Feature:
         params = "".join(
             f", {k}={v}"
             for k, v in [("half_life", self.half_life), ("precision", self.precision), ("q", self.q),
-                         ("relative_accuracy", self.relative_accuracy), ("n", self.n)]
+                         ("relative_accuracy", self.relative_accuracy), ("n", self.n), ("k", self.k),
+                         ("capacity", self.capacity)]
             if v is not None
         )
         return f"<Feature {self.name}: {what} over {self.window}{hop}{params}>"
@@ -100,6 +104,8 @@ def _feature(
     q: float | None = None,
     relative_accuracy: float | None = None,
     n: int | None = None,
+    k: int | None = None,
+    capacity: int | None = None,
 ) -> Feature:
     w = _duration(window, "window")
     h = None if hop is None else _duration(hop, "hop")
@@ -107,7 +113,7 @@ def _feature(
     if name is None:
         name = f"{agg}_{w}" if column is None else f"{column}_{agg}_{w}"
     return Feature(name=name, agg=agg, column=column, window=w, hop=h, half_life=hl, precision=precision,
-                   q=q, relative_accuracy=relative_accuracy, n=n)
+                   q=q, relative_accuracy=relative_accuracy, n=n, k=k, capacity=capacity)
 
 
 def count(
@@ -288,6 +294,28 @@ def last_n(
     <Feature last_amounts: last_n(amount) over 1d, hop=1h, n=5>
     """
     return _feature("last_n", column, window, hop, name, n=n)
+
+
+def top_k(
+    column: str,
+    k: int,
+    *,
+    window: Duration,
+    capacity: int | None = None,
+    hop: Duration | None = None,
+    name: str | None = None,
+) -> Feature:
+    """The ``k`` most frequent values of ``column`` in the window, most frequent first
+    (ties: smaller value first): a list. Exact while the window holds at most
+    ``capacity`` distinct values (default ``max(64, 4k)``, at most 10 000); beyond, a
+    mergeable Misra–Gries summary that keeps every value more frequent than
+    ``n / (capacity + 1)``. Each pane of each key costs ``8 + 16 · capacity`` bytes.
+
+    >>> import panes
+    >>> panes.top_k("category", 5, window="1d", hop="1h", name="top_categories")
+    <Feature top_categories: top_k(category) over 1d, hop=1h, k=5>
+    """
+    return _feature("top_k", column, window, hop, name, k=k, capacity=capacity)
 
 
 @dataclass(frozen=True)

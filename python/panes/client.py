@@ -293,6 +293,8 @@ def _view_dict(v: pb.ViewDescription) -> dict[str, Any]:
                 "q": f.q if f.agg == "quantile" else None,
                 "relative_accuracy": f.relative_accuracy or None,
                 "n": f.n or None,
+                "k": f.k or None,
+                "capacity": f.capacity or None,
                 "dtype": f.dtype,
             }
             for f in v.features

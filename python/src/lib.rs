@@ -159,7 +159,7 @@ impl PyEngine {
 
     /// The views as plain data: `[{name, key, time, pane, allowed_lateness, read_time,
     /// features: [{name, agg, column, window, hop, half_life, precision, q,
-    /// relative_accuracy, n}]}]`, durations formatted (each parameter None but for the
+    /// relative_accuracy, n, k, capacity}]}]`, durations formatted (each parameter None but for the
     /// aggregations that take it).
     fn views<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let out = PyList::empty(py);
@@ -207,6 +207,12 @@ impl PyEngine {
                     _ => None,
                 };
                 fd.set_item("n", n)?;
+                let (k, capacity) = match f.agg {
+                    panes_engine::Agg::TopK { k, capacity } => (Some(k), Some(capacity)),
+                    _ => (None, None),
+                };
+                fd.set_item("k", k)?;
+                fd.set_item("capacity", capacity)?;
                 features.append(fd)?;
             }
             d.set_item("features", features)?;

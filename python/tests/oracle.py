@@ -47,6 +47,8 @@ FEATURES: list[tuple] = [
     # n
     ("amount_last_3_1m", "last_n", "amount", 60_000, 10_000, 3),
     ("amount_last_20", "last_n", "amount", None, 10_000, 20),
+    # (k, capacity): a capacity above any window's distinct amounts, so exact.
+    ("amount_top_3_1m", "top_k", "amount", 60_000, 10_000, (3, 10_000)),
 ]
 
 SQL_AGG = {
@@ -73,6 +75,8 @@ SQL_AGG = {
     "[floor({q} * (count(a.amount) - 1))::BIGINT + 1]",
     # The n greatest (time, arrival), newest first.
     ("last_n", "amount"): "coalesce(list(a.amount ORDER BY a.t DESC, a.seq DESC) FILTER (WHERE a.amount IS NOT NULL), [])[1:{h}]",
+    # Frequencies; the k most frequent (ties: smaller first) are taken in Python.
+    ("top_k", "amount"): "histogram(a.amount::DOUBLE) FILTER (WHERE a.amount IS NOT NULL)",
 }
 
 EXACT_AGGS = ("count", "min", "max", "last", "first")
@@ -103,6 +107,9 @@ def feature_file() -> str:
             out.append(f"precision = {half_life[0]}")
         elif half_life and agg == "last_n":
             out.append(f"n = {half_life[0]}")
+        elif half_life and agg == "top_k":
+            out.append(f"k = {half_life[0][0]}")
+            out.append(f"capacity = {half_life[0][1]}")
         elif half_life and agg == "quantile":
             out.append(f"q = {half_life[0][0]}")
             out.append(f"relative_accuracy = {half_life[0][1]}")
@@ -189,6 +196,14 @@ def oracle(events: pa.Table, spine: pa.Table) -> dict[str, np.ndarray]:
                 lists[label] = list(value)
             out[name] = lists
             continue
+        if agg == "top_k":
+            k = half_life[0][0]
+            tops: list = [None] * rows_n
+            for label, hist in rows:
+                counts = sorted((hist or {}).items(), key=lambda e: (-e[1], e[0]))
+                tops[label] = [float(v) for v, _ in counts[:k]]
+            out[name] = tops
+            continue
         v = np.full(rows_n, np.nan)
         for label, value in rows:
             v[label] = np.nan if value is None else float(value)
@@ -200,7 +215,7 @@ def assert_features_equal(got: dict[str, np.ndarray], want: dict[str, np.ndarray
     """Exact for count/min/max/last/first, approx_distinct within three standard
     errors of the exact count (DESIGN §3b), 1e-9 relative for the rest; same nulls."""
     for name, agg, _, _, _, *param in FEATURES:
-        if agg == "last_n":
+        if agg in ("last_n", "top_k"):
             # Lists: None for spine rows without a time (no read), else exactly equal.
             g_lists, w_lists = list(got[name]), want[name]
             assert len(g_lists) == len(w_lists), f"{what} {name}: row count"

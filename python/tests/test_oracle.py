@@ -21,7 +21,7 @@ FORMATS = {
     "pandas": lambda t: t.to_pandas(types_mapper=pd.ArrowDtype),
 }
 NAMES = [f[0] for f in FEATURES]
-LISTS = [f[0] for f in FEATURES if f[1] == "last_n"]
+LISTS = [f[0] for f in FEATURES if f[1] in ("last_n", "top_k")]
 NUMBERS = [n for n in NAMES if n not in LISTS]
 
 

@@ -41,6 +41,7 @@ const DECAYED_COUNT: u32 = 10u;
 const APPROX_DISTINCT: u32 = 11u;
 const QUANTILE: u32 = 12u;
 const LAST_N: u32 = 13u;
+const TOP_K: u32 = 14u;
 
 // Read statuses, by severity (ReadStatus).
 const PANE_HOLDS_LATER_EVENTS: u32 = 1u;

@@ -136,6 +136,14 @@ pub(crate) fn describe(engine: &Engine, spec: &ViewSpec) -> ViewDescription {
                     panes_kernels::Agg::LastN { n } => u32::from(n),
                     _ => 0,
                 },
+                k: match f.agg {
+                    panes_kernels::Agg::TopK { k, .. } => u32::from(k),
+                    _ => 0,
+                },
+                capacity: match f.agg {
+                    panes_kernels::Agg::TopK { capacity, .. } => u32::from(capacity),
+                    _ => 0,
+                },
             })
             .collect(),
     }

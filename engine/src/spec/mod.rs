@@ -309,6 +309,9 @@ impl FeatureFile {
                     Agg::LastN { n } => {
                         let _ = writeln!(s, "n = {n}");
                     }
+                    Agg::TopK { k, capacity } => {
+                        let _ = writeln!(s, "k = {k}\ncapacity = {capacity}");
+                    }
                     _ => {}
                 }
                 if let Some(c) = &f.column {
@@ -661,6 +664,18 @@ window = "lifetime"
         assert!(e.contains("field `n`: `last_n` needs an `n`"), "{e}");
         let e = err(&GOOD.replace("agg = \"mean\"", "agg = \"max\"\nn = 3"));
         assert!(e.contains("`n` applies to last_n, not to `max`"), "{e}");
+    }
+
+    #[test]
+    fn top_k_needs_k_and_keeps_a_capacity() {
+        let top = GOOD.replace("agg = \"mean\"", "agg = \"top_k\"\nk = 5");
+        let f = FeatureFile::parse(&top, "f.toml").unwrap();
+        assert_eq!(f.views[0].features[0].agg, Agg::TopK { k: 5, capacity: 64 });
+        assert_eq!(FeatureFile::parse(&f.to_toml(), "again").unwrap(), f);
+        let e = err(&top.replace("k = 5", "k = 5\ncapacity = 2"));
+        assert!(e.contains("field `capacity`: must be from k (5)"), "{e}");
+        let e = err(&top.replace("k = 5\n", ""));
+        assert!(e.contains("field `k`: `top_k` needs a `k`"), "{e}");
     }
 
     #[test]

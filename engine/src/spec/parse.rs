@@ -60,6 +60,8 @@ struct RawFeature {
     q: Option<f64>,
     relative_accuracy: Option<f64>,
     n: Option<i64>,
+    k: Option<i64>,
+    capacity: Option<i64>,
 }
 /// Parses and validates feature definitions; `origin` names them in errors.
 pub(super) fn parse(text: &str, origin: &str) -> Result<FeatureFile> {
@@ -306,6 +308,8 @@ impl Collector {
             q: rf.q,
             relative_accuracy: rf.relative_accuracy,
             n: rf.n,
+            k: rf.k,
+            capacity: rf.capacity,
         };
         let agg = match Agg::with_params(&agg_s, &params) {
             Ok(a) => Some(a),

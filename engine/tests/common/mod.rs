@@ -102,7 +102,9 @@ pub fn feature(
             v.dedup();
             Some(v.len() as f64)
         }
-        Agg::LastN { .. } => Some(feature_list(f, column, acc, key, t).len() as f64),
+        Agg::LastN { .. } | Agg::TopK { .. } => {
+            Some(feature_list(f, column, acc, key, t).len() as f64)
+        }
         // The exact v[⌊q · (n − 1)⌋]; `assert_close` holds the sketch to α of it.
         Agg::Quantile { q, .. } => {
             let mut v: Vec<f64> = vals.iter().map(|x| x.2).collect();
@@ -121,10 +123,28 @@ pub fn feature_list(
     key: i64,
     t: i64,
 ) -> Vec<f64> {
+    let c = column.expect("lists have a column");
+    if let Agg::TopK { k, .. } = f.agg {
+        // Exact frequencies (−0.0 is 0.0), most frequent first, ties to the smaller.
+        let mut counts: Vec<(f64, usize)> = Vec::new();
+        for (_, e) in acc
+            .iter()
+            .filter(|(_, e)| e.key == Some(key) && in_window(f, e.ts.unwrap(), t))
+        {
+            let Some(x) = e.vals[c].filter(|v| !v.is_nan()).map(|v| v + 0.0) else {
+                continue;
+            };
+            match counts.iter_mut().find(|(v, _)| *v == x) {
+                Some(e) => e.1 += 1,
+                None => counts.push((x, 1)),
+            }
+        }
+        counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.total_cmp(&b.0)));
+        return counts.iter().take(k.into()).map(|e| e.0).collect();
+    }
     let Agg::LastN { n } = f.agg else {
         return Vec::new();
     };
-    let c = column.expect("last_n has a column");
     let mut vals: Vec<(i64, usize, f64)> = acc
         .iter()
         .filter(|(_, e)| e.key == Some(key) && in_window(f, e.ts.unwrap(), t))
@@ -221,6 +241,8 @@ pub fn assert_close(
                     relative_accuracy, ..
                 } => (g - w).abs() <= relative_accuracy.get() * w.abs(),
                 a if a.bitwise() => g == w || (g.is_nan() && w.is_nan()),
+                // The list's length; lists are compared apart.
+                Agg::TopK { .. } => g == w,
                 Agg::Sum | Agg::Mean => (g - w).abs() <= 1e-9 * scale.max(w.abs()),
                 Agg::DecayedSum { .. } | Agg::DecayedCount { .. } => {
                     (g - w).abs() <= 1e-9 * scale.max(w.abs())
