@@ -162,7 +162,8 @@ fn merge(c: &mut Criterion) {
 }
 
 /// Fold and read of one feature over 10 K keys, one 1 h level of 24 panes: `sum` (the
-/// baseline), `first`, `decayed_sum`, `approx_distinct` and `quantile`.
+/// baseline), `first`, `decayed_sum`, `approx_distinct`, `quantile`, `last_n` and
+/// `top_k`.
 fn sketches(c: &mut Criterion) {
     const SKETCH_KEYS: u64 = 10_000;
     let aggs = [
@@ -176,6 +177,8 @@ fn sketches(c: &mut Criterion) {
             q: Param::new(0.9),
             relative_accuracy: Param::new(0.01),
         },
+        Agg::LastN { n: 10 },
+        Agg::TopK { k: 5, capacity: 64 },
     ];
     let n = 1 << 16;
     let (ids, ts, values) = kernel_inputs(n, SKETCH_KEYS, 0.0, 7);
