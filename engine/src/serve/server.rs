@@ -120,6 +120,19 @@ impl Shared {
     ) -> Result<crate::online::ServedFrame, Status> {
         self.check_features(features.len())
             .map_err(|e| status(e, "features"))?;
+        if let Ok(compiled) = self.engine.compiled(&view) {
+            let limit = self
+                .options
+                .max_keys
+                .saturating_mul(self.options.max_features);
+            within_limit(
+                reply_values(compiled, keys.len(), &features),
+                limit,
+                "values in the reply (keys × features, a list at its longest)",
+                "ServeOptions::max_keys × max_features, --max-keys × --max-features",
+            )
+            .map_err(|e| status(e, "features"))?;
+        }
         if let Some(source) = self.sources.get(&view) {
             let origin = route::Origin { forwarded, token };
             return route::read(self, source, keys, at, features, origin).await;
@@ -522,6 +535,31 @@ fn open_sources(
 
 /// [`PanesError::ResourceExhausted`] naming the limit and its setting when a request
 /// asks for `n` `what` and `limit` are allowed.
+/// The most values a read of `keys` keys and `features` (all, when empty) of a view can
+/// reply with: one per key and feature, and a list-valued feature's longest list (a
+/// `last_n` of 1 000 turns a reply of numbers into one a thousand times larger).
+/// Unknown features count as numbers: the read refuses them anyway.
+fn reply_values(view: &crate::spec::CompiledView, keys: usize, features: &[String]) -> usize {
+    let longest = |agg: panes_kernels::Agg| match agg {
+        panes_kernels::Agg::LastN { n } => usize::from(n),
+        panes_kernels::Agg::TopK { k, .. } => usize::from(k),
+        _ => 0,
+    };
+    let per_key: usize = if features.is_empty() {
+        view.spec.features.iter().map(|f| 1 + longest(f.agg)).sum()
+    } else {
+        features
+            .iter()
+            .map(|name| {
+                1 + view
+                    .feature_index(name)
+                    .map_or(0, |i| longest(view.spec.features[i].agg))
+            })
+            .sum()
+    };
+    keys.saturating_mul(per_key)
+}
+
 fn within_limit(n: usize, limit: usize, what: &str, setting: &str) -> crate::error::Result<()> {
     if n > limit {
         return Err(PanesError::ResourceExhausted(format!(
@@ -631,5 +669,46 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {}
         () = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reply_counts_lists_at_their_longest() {
+        let text = r#"
+[[views]]
+name = "v"
+key = "k"
+time = "ts"
+
+[[views.features]]
+name = "n"
+agg = "count"
+window = "1m"
+
+[[views.features]]
+name = "last"
+agg = "last_n"
+column = "x"
+n = 1000
+window = "1m"
+"#;
+        let file = crate::spec::FeatureFile::parse(text, "t").unwrap();
+        let view = crate::spec::CompiledView::new(&file.views[0], 1);
+        assert_eq!(reply_values(&view, 10, &[]), 10 * (1 + 1001));
+        assert_eq!(reply_values(&view, 10, &["n".into()]), 10);
+        // A name repeated: counted each time.
+        let many = vec!["last".to_string(); 1_024];
+        assert_eq!(reply_values(&view, 10_000, &many), 10_000 * 1_024 * 1_001);
+        let err = within_limit(
+            reply_values(&view, 10_000, &many),
+            10_000 * 1_024,
+            "values",
+            "x",
+        );
+        assert!(matches!(err, Err(PanesError::ResourceExhausted(_))));
     }
 }
