@@ -229,7 +229,7 @@ fn schema_errors_name_the_column_and_count_the_rows() {
                 ("ts", Arc::new(Int64Array::from(vec![1000, 1000])) as _),
                 ("amount", Arc::new(StringArray::from(vec!["1", "x"])) as _),
             ]),
-            "view \"cards\": column \"amount\": value column has type Utf8; expected an integer, float or decimal type",
+            "view \"cards\": column \"amount\": value column has type Utf8; feature \"amount_sum_10s\" (sum) takes numbers",
         ),
         (
             batch(vec![

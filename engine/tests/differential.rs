@@ -26,6 +26,26 @@ use rand::{Rng, SeedableRng};
 const KEY_TYPES: [&str; 6] = ["i64", "u32", "utf8", "dict", "view", "i32"];
 const TIME_TYPES: [&str; 4] = ["i64ms", "tsms", "tsus", "tsns"];
 const VALUE_TYPES: [&str; 4] = ["f64", "f32", "i64", "i16"];
+const STRING_TYPES: [&str; 4] = ["utf8", "large", "view", "dict"];
+
+/// The string values of column `s`: 40 of them, in an order unlike their numbers,
+/// with the empty string and multi-byte ones.
+fn label(i: usize) -> String {
+    match i {
+        0 => String::new(),
+        1 => "é".into(),
+        2 => "Zürich".into(),
+        _ => format!("{:x}", (i * 7919) % 1000),
+    }
+}
+
+/// The rank of a string among the labels (the oracle's value for it: ties and order
+/// of strings are those of their ranks).
+fn rank(s: &str) -> f64 {
+    let mut all: Vec<String> = (0..40).map(label).collect();
+    all.sort();
+    all.iter().position(|x| x == s).expect("a label") as f64
+}
 
 /// Every aggregation over every window kind; without `sketches`, no `approx_distinct`
 /// (which the `Gpu` backend refuses).
@@ -77,6 +97,26 @@ fn feature_file(lateness_ms: i64, sketches: bool) -> String {
     // A second half-life of `v` (a state column of its own), and decayed rows.
     s += "\n[[views.features]]\nname = \"v_decayed_fast\"\nagg = \"decayed_sum\"\ncolumn = \"v\"\nhalf_life = \"3s\"\nwindow = \"12s\"\nhop = \"4s\"\n";
     s += "\n[[views.features]]\nname = \"rows_decayed_life\"\nagg = \"decayed_count\"\nhalf_life = \"1500ms\"\nwindow = \"lifetime\"\n";
+    // Strings (column `s`): counted, and returned by first and last (every backend),
+    // last_n and top_k.
+    let mut text = vec![
+        ("count", "", "window = \"5s\"\nhop = \"1s\""),
+        ("first", "", "window = \"12s\"\nhop = \"4s\""),
+        ("first", "", "window = \"lifetime\""),
+        ("last", "", "window = \"3s\"\nhop = \"3s\""),
+    ];
+    if sketches {
+        text.extend([
+            ("last_n", "n = 4\n", "window = \"5s\"\nhop = \"1s\""),
+            ("top_k", "k = 3\n", "window = \"12s\"\nhop = \"4s\""),
+            ("top_k", "k = 5\ncapacity = 64\n", "window = \"lifetime\""),
+        ]);
+    }
+    for (i, (agg, params, w)) in text.into_iter().enumerate() {
+        s += &format!(
+            "\n[[views.features]]\nname = \"s_{agg}_{i}\"\nagg = \"{agg}\"\ncolumn = \"s\"\n{params}{w}\n"
+        );
+    }
     if sketches {
         // Other parameters of one column: state columns of their own.
         s += "\n[[views.features]]\nname = \"v_p90_coarse\"\nagg = \"quantile\"\ncolumn = \"v\"\nq = 0.9\nrelative_accuracy = 0.05\nwindow = \"12s\"\nhop = \"4s\"\n";
@@ -91,6 +131,7 @@ struct Stream {
     key_type: &'static str,
     time_type: &'static str,
     value_type: &'static str,
+    string_type: &'static str,
 }
 
 fn gen_stream(rng: &mut StdRng, n: usize, keys: i64) -> Stream {
@@ -146,10 +187,17 @@ fn gen_stream(rng: &mut StdRng, n: usize, keys: i64) -> Stream {
             } else {
                 Some(rng.random_range(0..100) as f64)
             };
+            let sv = if rng.random_bool(0.1) {
+                None
+            } else {
+                // Skewed, so that top_k has clear leaders as well as ties.
+                let u: f64 = rng.random();
+                Some(rank(&label((u * u * 40.0) as usize)))
+            };
             Ev {
                 key,
                 ts,
-                vals: vec![v, nv],
+                vals: vec![v, nv, sv],
             }
         })
         .collect();
@@ -158,6 +206,7 @@ fn gen_stream(rng: &mut StdRng, n: usize, keys: i64) -> Stream {
         key_type: KEY_TYPES[rng.random_range(0..KEY_TYPES.len())],
         time_type: TIME_TYPES[rng.random_range(0..TIME_TYPES.len())],
         value_type,
+        string_type: STRING_TYPES[rng.random_range(0..STRING_TYPES.len())],
     }
 }
 
@@ -232,12 +281,35 @@ fn batch(s: &Stream) -> RecordBatch {
         ("ts", ts),
         ("v", v),
         ("n", Arc::new(Int32Array::from(n)) as ArrayRef),
+        ("s", string_column(s)),
         (
             "unused",
             Arc::new(Int32Array::from(vec![0; s.events.len()])) as ArrayRef,
         ),
     ])
     .unwrap()
+}
+
+/// Column `s` of the stream, in its string type.
+fn string_column(s: &Stream) -> ArrayRef {
+    let mut sorted: Vec<String> = (0..40).map(label).collect();
+    sorted.sort();
+    let v: Vec<Option<String>> = s
+        .events
+        .iter()
+        .map(|e| e.vals[2].map(|r| sorted[r as usize].clone()))
+        .collect();
+    let utf8: ArrayRef = Arc::new(StringArray::from(v));
+    let to = match s.string_type {
+        "utf8" => return utf8,
+        "large" => arrow_schema::DataType::LargeUtf8,
+        "view" => arrow_schema::DataType::Utf8View,
+        _ => arrow_schema::DataType::Dictionary(
+            Box::new(arrow_schema::DataType::Int16),
+            Box::new(arrow_schema::DataType::Utf8),
+        ),
+    };
+    arrow_cast::cast(&utf8, &to).unwrap()
 }
 
 /// Checks a read of every key (plus unseen and null keys) against the oracle.
@@ -273,21 +345,37 @@ fn check_read(
         let evs = key.and_then(|k| by_key.get(&k)).unwrap_or(&empty);
         let k = key.unwrap_or(-1);
         for (f, spec) in view.features.iter().enumerate() {
-            let column = spec.column.as_ref().map(|c| if c == "v" { 0 } else { 1 });
+            let column = spec.column.as_ref().map(|c| match c.as_str() {
+                "v" => 0,
+                "n" => 1,
+                _ => 2,
+            });
             let want = feature(spec, column, evs, k, t);
+            let text = frame.text[f];
+            assert_eq!(
+                text,
+                column == Some(2) && spec.agg != Agg::Count,
+                "{ctx}: {} returns strings",
+                spec.name
+            );
+            // A string's value for the oracle: its rank.
+            let of = |v: f64| {
+                if text {
+                    rank(&frame.strings[v as usize])
+                } else {
+                    v
+                }
+            };
             let got = frame.valid[[r, f]].then(|| frame.values[[r, f]]);
+            let got = if spec.agg.is_list() { got } else { got.map(of) };
             let sc = scale(spec.agg, spec, column, evs, k, t);
             assert_close(spec.agg, got, want, sc, &|| {
                 format!("{ctx}: key {key:?} feature {} at {t}", spec.name)
             });
             if spec.agg.is_list() {
                 let want = common::feature_list(spec, column, evs, k, t);
-                assert_eq!(
-                    frame.list(r, f),
-                    &want[..],
-                    "{ctx}: key {key:?} feature {} at {t}",
-                    spec.name
-                );
+                let got: Vec<f64> = frame.list(r, f).iter().map(|&v| of(v)).collect();
+                assert_eq!(got, want, "{ctx}: key {key:?} feature {} at {t}", spec.name);
             }
         }
     }
@@ -329,11 +417,27 @@ fn check_read_all(engine: &Engine, file: &FeatureFile, stream: &Stream, ctx: &st
     for (j, name) in frame.names.iter().enumerate() {
         let column = all.column(j + 1);
         assert_eq!(all.schema().field(j + 1).name(), name);
+        let text = |v: &f64| frame.strings[*v as usize].clone();
         if let Some(lists) = column.as_any().downcast_ref::<ListArray>() {
             for r in 0..got.len() {
                 let l = lists.value(r);
-                let l = l.as_any().downcast_ref::<Float64Array>().unwrap();
-                assert_eq!(l.values(), frame.list(r, j), "{ctx}: read of all, {name}");
+                if frame.text[j] {
+                    let l = l.as_any().downcast_ref::<StringArray>().unwrap();
+                    let want: Vec<String> = frame.list(r, j).iter().map(text).collect();
+                    let l: Vec<String> = l.iter().map(|s| s.unwrap().to_string()).collect();
+                    assert_eq!(l, want, "{ctx}: read of all, {name}");
+                } else {
+                    let l = l.as_any().downcast_ref::<Float64Array>().unwrap();
+                    assert_eq!(l.values(), frame.list(r, j), "{ctx}: read of all, {name}");
+                }
+            }
+            continue;
+        }
+        if let Some(c) = column.as_any().downcast_ref::<StringArray>() {
+            for r in 0..got.len() {
+                let want = frame.valid[[r, j]].then(|| text(&frame.values[[r, j]]));
+                let value = c.is_valid(r).then(|| c.value(r).to_string());
+                assert_eq!(value, want, "{ctx}: read of all, key {}, {name}", got[r]);
             }
             continue;
         }
@@ -364,8 +468,13 @@ fn run_case(seed: u64, backend: BackendKind, events: usize, keys: i64, reads: us
         ..Default::default()
     };
     let ctx = format!(
-        "seed {seed} backend {backend} lateness {lateness} keys {} time {} values {} shards {} batch_rows {}",
-        stream.key_type, stream.time_type, stream.value_type, options.shards, options.batch_rows
+        "seed {seed} backend {backend} lateness {lateness} keys {} time {} values {} strings {} shards {} batch_rows {}",
+        stream.key_type,
+        stream.time_type,
+        stream.value_type,
+        stream.string_type,
+        options.shards,
+        options.batch_rows
     );
     let engine = Engine::new(&file, options).unwrap();
     let all = batch(&stream);
@@ -534,6 +643,18 @@ fn results_do_not_depend_on_batch_splits_or_backend() {
             assert_eq!(fr.valid[[k, j]], valid, "{} of key {k}", fr.names[j]);
             let idx = (k, of[j]);
             let agg = view.features[of[j]].agg;
+            if fr.text[j] {
+                // Strings are indices into each frame's own strings.
+                let (x, y) = (&fr.strings, &first.strings);
+                let l = |f: &[f64], s: &[String]| -> Vec<String> {
+                    f.iter().map(|&v| s[v as usize].clone()).collect()
+                };
+                assert_eq!(l(fr.list(k, j), x), l(first.list(k, of[j]), y), "{idx:?}");
+                if valid && !agg.is_list() {
+                    assert_eq!(x[*a as usize], y[b as usize], "{agg} {idx:?}");
+                }
+                continue;
+            }
             assert_eq!(fr.list(k, j), first.list(k, of[j]), "{agg} {idx:?}");
             if agg.bitwise() {
                 assert!(

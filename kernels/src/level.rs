@@ -1287,7 +1287,8 @@ pub(crate) fn list(agg: crate::Agg, a: &Acc) -> Vec<f64> {
         crate::Agg::LastN { .. } if !a.last_n.is_empty() => {
             lastn::newest_first(&a.last_n).collect()
         }
-        crate::Agg::TopK { k, .. } if !a.top_k.is_empty() => topk::top(&a.top_k, k),
+        // Pairs with the ties of the k-th (see `topk::ranked`); readers pick the k.
+        crate::Agg::TopK { k, .. } if !a.top_k.is_empty() => topk::ranked(&a.top_k, k),
         _ => Vec::new(),
     }
 }

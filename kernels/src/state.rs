@@ -433,7 +433,9 @@ pub struct MergeOutput {
     /// Number of features (the row length).
     pub features: usize,
     /// The values of list-valued features (`Agg::is_list`), indexed like `values`
-    /// (whose entry is then the list's length); empty when a read has none.
+    /// (whose entry is then the list's length); empty when a read has none. A
+    /// `top_k` list is [`crate::topk::ranked`]'s pairs: [`crate::topk::top_of`] gives
+    /// its values.
     pub lists: Vec<Vec<f64>>,
 }
 

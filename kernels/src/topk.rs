@@ -16,6 +16,8 @@
 //! more frequent than `n / (c + 1)` keeps a counter, each count at most `n / (c + 1)`
 //! below the truth. Past capacity the summary depends on how events were grouped.
 
+use std::cmp::Ordering;
+
 /// Largest `k`.
 pub const MAX_K: u16 = 100;
 /// Largest capacity.
@@ -60,9 +62,9 @@ fn search(g: &[f64], m: usize, x: f64) -> Result<usize, usize> {
     while lo < hi {
         let mid = (lo + hi) / 2;
         match g[1 + 2 * mid].total_cmp(&x) {
-            std::cmp::Ordering::Less => lo = mid + 1,
-            std::cmp::Ordering::Greater => hi = mid,
-            std::cmp::Ordering::Equal => return Ok(mid),
+            Ordering::Less => lo = mid + 1,
+            Ordering::Greater => hi = mid,
+            Ordering::Equal => return Ok(mid),
         }
     }
     Err(lo)
@@ -78,9 +80,9 @@ pub(crate) fn merge(dst: &mut [f64], src: &[f64], capacity: u16) {
     loop {
         let next = match (a.peek(), b.peek()) {
             (Some(x), Some(y)) => match x.0.total_cmp(&y.0) {
-                std::cmp::Ordering::Less => a.next(),
-                std::cmp::Ordering::Greater => b.next(),
-                std::cmp::Ordering::Equal => {
+                Ordering::Less => a.next(),
+                Ordering::Greater => b.next(),
+                Ordering::Equal => {
                     let (v, c) = a.next().expect("peeked");
                     Some((v, c + b.next().expect("peeked").1))
                 }
@@ -118,8 +120,31 @@ fn write(g: &mut [f64], counters: Vec<(f64, f64)>) {
 
 /// The `k` values with the largest counters, largest first (ties: smaller value first).
 pub fn top(g: &[f64], k: u16) -> Vec<f64> {
+    let ranked = ranked(g, k);
+    top_of(&ranked, k, f64::total_cmp)
+}
+
+/// The `k` counters with the largest counts (ties: smaller value first), then every
+/// further counter tied with the k-th, flattened as `[value, count, …]`: what
+/// [`top_of`] needs to pick the `k` in another order of values (strings, which the
+/// state holds as ids, go by their text).
+pub fn ranked(g: &[f64], k: u16) -> Vec<f64> {
     let mut c: Vec<(f64, f64)> = counters(g).collect();
     c.sort_by(|x, y| y.1.total_cmp(&x.1).then(x.0.total_cmp(&y.0)));
+    let k = usize::from(k);
+    if k > 0 && c.len() > k {
+        let kth = c[k - 1].1;
+        let ties = c[k..].iter().take_while(|x| x.1 == kth).count();
+        c.truncate(k + ties);
+    }
+    c.into_iter().flat_map(|(v, n)| [v, n]).collect()
+}
+
+/// The `k` most frequent values of `ranked` (from [`ranked`]), most frequent first,
+/// ties in the order `order` gives.
+pub fn top_of(ranked: &[f64], k: u16, mut order: impl FnMut(&f64, &f64) -> Ordering) -> Vec<f64> {
+    let mut c: Vec<(f64, f64)> = ranked.chunks_exact(2).map(|p| (p[0], p[1])).collect();
+    c.sort_by(|x, y| y.1.total_cmp(&x.1).then_with(|| order(&x.0, &y.0)));
     c.iter().take(usize::from(k)).map(|x| x.0).collect()
 }
 
@@ -180,6 +205,21 @@ mod tests {
             assert_eq!(a, whole, "cut {cut}");
         }
         assert_eq!(top(&summary(&[-0.0, 0.0, 2.0], c), 5), vec![0.0, 2.0]);
+    }
+
+    #[test]
+    fn ranked_keeps_the_ties_of_the_kth_for_another_order() {
+        let g = summary(&[5.0, 5.0, 1.0, 2.0, 3.0, 4.0, 4.0], 64);
+        // Counts: 4 and 5 twice, the rest once; k = 3 ends inside the run of ones.
+        assert_eq!(
+            ranked(&g, 3),
+            vec![4.0, 2.0, 5.0, 2.0, 1.0, 1.0, 2.0, 1.0, 3.0, 1.0]
+        );
+        assert_eq!(top(&g, 3), vec![4.0, 5.0, 1.0]);
+        let descending = top_of(&ranked(&g, 3), 3, |a, b| b.total_cmp(a));
+        assert_eq!(descending, vec![5.0, 4.0, 3.0]);
+        assert_eq!(ranked(&g, 2), vec![4.0, 2.0, 5.0, 2.0]);
+        assert!(ranked(&summary(&[], 64), 3).is_empty());
     }
 
     #[test]

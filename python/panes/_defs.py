@@ -187,14 +187,16 @@ def std(
 def last(
     column: str, *, window: Duration, hop: Duration | None = None, name: str | None = None
 ) -> Feature:
-    """Value of ``column`` of the latest event in the window (ties: the one pushed last)."""
+    """Value of ``column`` of the latest event in the window (ties: the one pushed last):
+    a number, or a string for a string column."""
     return _feature("last", column, window, hop, name)
 
 
 def first(
     column: str, *, window: Duration, hop: Duration | None = None, name: str | None = None
 ) -> Feature:
-    """Value of ``column`` of the earliest event in the window (ties: the one pushed first)."""
+    """Value of ``column`` of the earliest event in the window (ties: the one pushed first):
+    a number, or a string for a string column."""
     return _feature("first", column, window, hop, name)
 
 
@@ -287,7 +289,8 @@ def last_n(
     """The values of ``column`` of the window's ``n`` newest events (greatest time; ties:
     the one pushed last), newest first: a list (an empty one for an empty window).
     ``n`` is 1 to 1000; each pane of each key costs ``8 + 16 n`` bytes. A DataFrame
-    read gives a list column; a numpy read cannot hold it.
+    read gives a list column (of strings for a string column); a numpy read cannot
+    hold it.
 
     >>> import panes
     >>> panes.last_n("amount", 5, window="1d", hop="1h", name="last_amounts")
@@ -306,7 +309,8 @@ def top_k(
     name: str | None = None,
 ) -> Feature:
     """The ``k`` most frequent values of ``column`` in the window, most frequent first
-    (ties: smaller value first): a list. Exact while the window holds at most
+    (ties: smaller value first; strings by code point): a list, of strings for a
+    string column. Exact while the window holds at most
     ``capacity`` distinct values (default ``max(64, 4k)``, at most 10 000); beyond, a
     mergeable Misra–Gries summary that keeps every value more frequent than
     ``n / (capacity + 1)``. Each pane of each key costs ``8 + 16 · capacity`` bytes.

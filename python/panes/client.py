@@ -56,9 +56,12 @@ class Features:
     """Per key: events in the widest window read."""
     at_ms: int
     state_version: int
-    lists: dict[str, list[list[float]]] = field(default_factory=dict)
-    """List-valued features (``last_n``) by name: one list per key, newest first
-    (``values`` holds their lengths)."""
+    lists: dict[str, list[list[float]] | list[list[str]]] = field(default_factory=dict)
+    """List-valued features (``last_n``, ``top_k``) by name: one list per key
+    (``values`` holds their lengths); lists of strings for those of a string column."""
+    strings: dict[str, list[str | None]] = field(default_factory=dict)
+    """String-valued features (``first``, ``last`` of a string column) by name: one
+    value per key, ``None`` where null (``values`` holds NaN for them)."""
 
     def to_dict(self) -> dict[str, np.ndarray]:
         """Feature name → column, with null as NaN."""
@@ -196,9 +199,16 @@ class Client:
             state_version=r.state_version,
             lists={
                 r.features[lst.feature]: [
-                    list(lst.values[lst.offsets[i]:lst.offsets[i + 1]]) for i in range(r.rows)
+                    list((lst.strings or lst.values)[lst.offsets[i] : lst.offsets[i + 1]])
+                    for i in range(r.rows)
                 ]
                 for lst in r.lists
+            },
+            strings={
+                r.features[s.feature]: [
+                    v if valid[i, s.feature] else None for i, v in enumerate(s.values)
+                ]
+                for s in r.strings
             },
         )
 

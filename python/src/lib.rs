@@ -310,9 +310,16 @@ impl PyEngine {
         })?;
         if !frame.lists.is_empty() {
             return Err(PyValueError::new_err(
-                "a numpy read cannot hold list-valued features (last_n); read them as a \
-                 DataFrame, or leave them out with features=[...]",
+                "a numpy read cannot hold list-valued features (last_n, top_k); read them as \
+                 a DataFrame, or leave them out with features=[...]",
             ));
+        }
+        if let Some(c) = frame.text.iter().position(|&t| t) {
+            return Err(PyValueError::new_err(format!(
+                "a numpy float64 read cannot hold feature {:?}, whose values are strings; read \
+                 it as a DataFrame, or leave it out with features=[...]",
+                frame.names[c]
+            )));
         }
         // The matrix moves into numpy without a copy.
         let values = PyArray2::from_owned_array(py, frame.values);

@@ -49,7 +49,20 @@ FEATURES: list[tuple] = [
     ("amount_last_20", "last_n", "amount", None, 10_000, 20),
     # (k, capacity): a capacity above any window's distinct amounts, so exact.
     ("amount_top_3_1m", "top_k", "amount", 60_000, 10_000, (3, 10_000)),
+    # Strings: counted, and returned by first, last, last_n and top_k.
+    ("category_count_1m", "count", "category", 60_000, 10_000),
+    ("category_first_5m", "first", "category", 300_000, 60_000),
+    ("category_last", "last", "category", None, 10_000),
+    ("category_last_3_1m", "last_n", "category", 60_000, 10_000, 3),
+    ("category_top_3_1h", "top_k", "category", 3_600_000, 300_000, (3, 10_000)),
+    ("category_top_2", "top_k", "category", None, 10_000, (2, 64)),
 ]
+
+# Features whose values are strings (lists of strings for last_n and top_k).
+STRINGS = [f[0] for f in FEATURES if f[2] == "category" and f[1] != "count"]
+# Categories: zipf-skewed, so top_k has leaders and ties; with the empty string and
+# multi-byte ones, in an order unlike their frequencies.
+CATEGORIES = ["books", "", "toys", "café", "Zürich", "garden", "a", "ab", "b", "shoes"] + [f"c{i}" for i in range(20)]
 
 SQL_AGG = {
     ("count", None): "count(a.t)",
@@ -77,6 +90,11 @@ SQL_AGG = {
     ("last_n", "amount"): "coalesce(list(a.amount ORDER BY a.t DESC, a.seq DESC) FILTER (WHERE a.amount IS NOT NULL), [])[1:{h}]",
     # Frequencies; the k most frequent (ties: smaller first) are taken in Python.
     ("top_k", "amount"): "histogram(a.amount::DOUBLE) FILTER (WHERE a.amount IS NOT NULL)",
+    ("count", "category"): "count(a.category)",
+    ("first", "category"): "arg_min(a.category, a.t::HUGEINT * 100000000 + a.seq) FILTER (WHERE a.category IS NOT NULL)",
+    ("last", "category"): "arg_max(a.category, a.t::HUGEINT * 100000000 + a.seq) FILTER (WHERE a.category IS NOT NULL)",
+    ("last_n", "category"): "coalesce(list(a.category ORDER BY a.t DESC, a.seq DESC) FILTER (WHERE a.category IS NOT NULL), [])[1:{h}]",
+    ("top_k", "category"): "histogram(a.category) FILTER (WHERE a.category IS NOT NULL)",
 }
 
 EXACT_AGGS = ("count", "min", "max", "last", "first")
@@ -135,6 +153,9 @@ def make_events(rng: np.random.Generator, n: int, keys: int = 500, bad: bool = T
             "ts": pa.array(ts, pa.int64(), mask=rng.random(n) < p).cast(pa.timestamp("ms", tz="UTC")),
             "amount": pa.array(np.round(rng.normal(100, 30, n), 2), mask=rng.random(n) < 20 * p),
             "merchant": pa.array([f"m{m}" for m in rng.zipf(1.2, n) % 5_000], mask=rng.random(n) < 20 * p),
+            "category": pa.array(
+                [CATEGORIES[c] for c in rng.zipf(1.5, n) % len(CATEGORIES)], mask=rng.random(n) < 0.05
+            ),
         }
     )
 
@@ -162,14 +183,14 @@ def oracle(events: pa.Table, spine: pa.Table) -> dict[str, np.ndarray]:
         f"""
         CREATE TABLE acc AS
         WITH valid AS (
-            SELECT seq, card, epoch_ms(ts) AS t, amount, merchant
+            SELECT seq, card, epoch_ms(ts) AS t, amount, merchant, category
             FROM events_in
             WHERE card IS NOT NULL AND ts IS NOT NULL
         ), marked AS (
             SELECT *, max(t) OVER (ORDER BY seq ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev_max
             FROM valid
         )
-        SELECT seq, card, t, amount, merchant FROM marked
+        SELECT seq, card, t, amount, merchant, category FROM marked
         WHERE prev_max IS NULL OR t >= prev_max - {LATENESS_MS}
         """
     )
@@ -201,8 +222,14 @@ def oracle(events: pa.Table, spine: pa.Table) -> dict[str, np.ndarray]:
             tops: list = [None] * rows_n
             for label, hist in rows:
                 counts = sorted((hist or {}).items(), key=lambda e: (-e[1], e[0]))
-                tops[label] = [float(v) for v, _ in counts[:k]]
+                tops[label] = [v if column == "category" else float(v) for v, _ in counts[:k]]
             out[name] = tops
+            continue
+        if name in STRINGS:
+            strings: list = [None] * rows_n
+            for label, value in rows:
+                strings[label] = value
+            out[name] = strings
             continue
         v = np.full(rows_n, np.nan)
         for label, value in rows:
@@ -224,6 +251,10 @@ def assert_features_equal(got: dict[str, np.ndarray], want: dict[str, np.ndarray
                     assert gl is None or len(gl) == 0, f"{what} {name} row {r}: {gl}"
                 else:
                     assert list(gl) == wl, f"{what} {name} row {r}: {list(gl)} vs {wl}"
+            continue
+        if name in STRINGS:
+            # None for null and for spine rows without a time.
+            assert list(got[name]) == want[name], f"{what} {name}"
             continue
         g = np.asarray(got[name], dtype=float)
         w = want[name]

@@ -45,7 +45,8 @@ def test_cli_backfill_matches_duckdb_oracle(tmp_path: Path) -> None:
     assert got.column("label").to_pylist() == list(range(5_000)), "spine order is kept"
     null_at = np.array(got.column("ts").is_null())
     cols = {
-        n: got.column(n).to_pylist() if pa.types.is_list(got.column(n).type)
+        n: got.column(n).to_pylist()
+        if pa.types.is_list(got.column(n).type) or pa.types.is_string(got.column(n).type)
         else got.column(n).to_numpy(zero_copy_only=False).astype(float)
         for n in got.column_names
     }

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 import panes
-from oracle import BASE_MS, FEATURES, assert_features_equal, feature_file, make_events, make_spine, oracle
+from oracle import BASE_MS, FEATURES, STRINGS, assert_features_equal, feature_file, make_events, make_spine, oracle
 
 FORMATS = {
     "pyarrow": lambda t: t,
@@ -22,13 +22,15 @@ FORMATS = {
 }
 NAMES = [f[0] for f in FEATURES]
 LISTS = [f[0] for f in FEATURES if f[1] in ("last_n", "top_k")]
-NUMBERS = [n for n in NAMES if n not in LISTS]
+NUMBERS = [n for n in NAMES if n not in LISTS and n not in STRINGS]
 
 
 def columns(df: pl.DataFrame) -> dict:
     """Each feature column: lists as Python lists, the rest as float64 with NaN for null."""
-    return {n: df[n].to_list() if n in LISTS else df[n].cast(pl.Float64).fill_null(np.nan).to_numpy()
-            for n in NAMES}
+    return {
+        n: df[n].to_list() if n in LISTS or n in STRINGS else df[n].cast(pl.Float64).fill_null(np.nan).to_numpy()
+        for n in NAMES
+    }
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -88,6 +90,10 @@ def test_read_as_numpy_matches_dataframe() -> None:
     df = engine.read(keys)
     with pytest.raises(ValueError, match="list-valued"):
         engine.read(keys, as_numpy=True)
+    with pytest.raises(ValueError, match='"category_first_5m", whose values are strings'):
+        engine.read(keys, features=["rows_1m", "category_first_5m"], as_numpy=True)
+    assert df["category_last"].dtype == pl.String
+    assert df["category_top_2"].dtype == pl.List(pl.String)
     arr = engine.read(keys, features=NUMBERS, as_numpy=True)
     assert arr.shape == (60, len(NUMBERS)) and arr.dtype == np.float64
     want = df.select(NUMBERS).cast(pl.Float64).fill_null(np.nan).to_numpy()

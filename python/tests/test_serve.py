@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
@@ -53,6 +54,17 @@ VIEWS = [
         key="user",
         time="ts",
         features=[panes.count(window="1h", name="clicks_1h")],
+    ),
+    panes.View(
+        "clicks",
+        key="user",
+        time="ts",
+        features=[
+            panes.first("category", window="lifetime", name="first_category"),
+            panes.last_n("category", 3, window="lifetime", name="recent_categories"),
+            panes.top_k("category", 2, window="lifetime", name="top_categories"),
+            panes.count("category", window="lifetime", name="categories"),
+        ],
     ),
 ]
 
@@ -146,7 +158,7 @@ def test_grpc_client_round_trip(server: dict[str, str]) -> None:
         assert rows.rejections[0]["field"] == "user"
 
         views = c.list_features()
-        assert [v["name"] for v in views] == ["cards", "users"]
+        assert [v["name"] for v in views] == ["cards", "users", "clicks"]
         d = c.describe_view("cards")
         assert (d["key"], d["key_kind"], d["time"]) == ("card", "int", "ts")
         assert d["features"][2]["window_ms"] == 600_000
@@ -257,3 +269,44 @@ def test_generated_stubs_match_the_proto(tmp_path: Path) -> None:
     shipped = ROOT / "python" / "panes" / "v1"
     for name in ["panes_pb2.py", "panes_pb2.pyi", "panes_pb2_grpc.py"]:
         assert (tmp_path / "panes" / "v1" / name).read_text() == (shipped / name).read_text(), name
+
+
+def test_string_features_over_grpc_and_flight(server: dict[str, str]) -> None:
+    rng = np.random.default_rng(8)
+    n = 2_000
+    words = ["books", "", "toys", "café", "b", "a"]
+    t = pa.table(
+        {
+            "user": pa.array(rng.integers(0, 30, n), pa.int64()),
+            "ts": pa.array(1_000_000 + np.arange(n) * 3, pa.int64()),
+            "category": pa.array([words[i] for i in rng.integers(0, len(words), n)], mask=rng.random(n) < 0.1),
+        }
+    )
+    keys = list(range(32))
+    local = panes.Engine(VIEWS, backend="scalar")
+    local.push(t, view="clicks")
+    at = 1_000_000 + 3 * n
+    want = local.read(keys, view="clicks", at=at)
+    with Client(server["grpc"]) as c:
+        c.ingest("clicks", t, batch_rows=700)
+        import time
+
+        deadline = time.monotonic() + 10
+        while c.get_features("clicks", [0], at_ms=at).window_events[0] == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        f = c.get_features("clicks", keys, at_ms=at)
+        assert f.strings["first_category"] == want["first_category"].to_list()
+        assert np.all(np.isnan(f.values[:, 0])), "a string's value is NaN"
+        assert f.lists["recent_categories"] == want["recent_categories"].to_list()
+        assert f.lists["top_categories"] == want["top_categories"].to_list()
+        assert want["first_category"][31] is None and want["top_categories"][31].to_list() == []
+        assert list(f.values[:, 3]) == want["categories"].to_list()
+        dtypes = [x["dtype"] for x in c.describe_view("clicks")["features"]]
+        assert dtypes == ["string", "list<string>", "list<string>", "int64"]
+    client = flight.connect(f"grpc://{server['grpc']}")
+    ticket = flight.Ticket(json.dumps({"view": "clicks", "keys": keys, "at_ms": at}).encode())
+    got = client.do_get(ticket).read_all()
+    assert got.schema.field("first_category").type == pa.string()
+    assert got.schema.field("top_categories").type == pa.list_(pa.field("item", pa.string(), nullable=False))
+    assert pl.from_arrow(got).drop("user").equals(want.drop("user"))

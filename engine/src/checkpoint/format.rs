@@ -9,13 +9,14 @@ use super::{CheckpointInfo, SourcePosition};
 use crate::error::Result;
 use crate::ingest::ViewCore;
 use crate::ingest::keys::{KeyImage, KeyIndex};
+use crate::ingest::strings::StringValues;
 use crate::spec::{CompiledView, FeatureFile};
 
 const MAGIC: &[u8; 8] = b"PANESCKP";
 const END: &[u8; 8] = b"PANESEND";
 /// The format version this build writes. Version 1 (four rejection counters, before
 /// `key_limit`) is read too.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 /// FNV-1a over the view's definition (without its source): what a checkpoint must
 /// match to be restored.
@@ -214,6 +215,14 @@ pub(crate) fn encode_at(
         o.f64s(&l.ring);
         o.f64s(&l.base);
     }
+    // Version 3: the string values and each value column's kind.
+    let kinds = core.strings.kinds();
+    o.len(kinds.len());
+    for k in kinds {
+        o.u32(k.map_or(0, |text| 1 + u32::from(text)));
+    }
+    o.len(core.strings.len());
+    core.strings.values().iter().for_each(|v| o.str(v));
     let crc = crc32fast::hash(&o.0);
     o.u32(crc);
     o.0.extend_from_slice(END);
@@ -315,6 +324,28 @@ pub(crate) fn decode(view: &CompiledView, bytes: &[u8]) -> Parse<(ViewCore, Chec
             ring: i.f64s()?,
             base: i.f64s()?,
         });
+    }
+    if version >= 3 {
+        let n = i.count(false, 4)?;
+        let kinds = (0..n)
+            .map(|_| match i.u32()? {
+                0 => Ok(None),
+                k @ (1 | 2) => Ok(Some(k == 2)),
+                k => Err(format!("value column kind {k}")),
+            })
+            .collect::<Parse<Vec<_>>>()?;
+        if kinds.len() != view.decoded.len() {
+            return Err(format!(
+                "{} value column kinds for {} value columns",
+                kinds.len(),
+                view.decoded.len()
+            ));
+        }
+        let n = i.count(false, 4)?;
+        let values = (0..n)
+            .map(|_| i.str().map(Into::into))
+            .collect::<Parse<Vec<Box<str>>>>()?;
+        core.strings = StringValues::from_parts(values, kinds)?;
     }
     if i.at != body.len() {
         return Err(format!(

@@ -193,34 +193,48 @@ window = "lifetime"
     }
 
     #[test]
-    fn version_1_checkpoints_without_the_key_limit_counter_restore() {
+    fn version_1_and_2_checkpoints_restore() {
         let e = engine();
         e.push("cards", &batch(0, 3_000)).unwrap();
-        let v2 = e.checkpoint("cards", &[]).unwrap();
-        // Version 1 is version 2 without the fifth rejection counter: magic, version,
-        // name, fingerprint, creation time, no positions, two watermarks, folded,
-        // accepted, late, four reasons, then the counter to drop.
-        let at = 8 + 4 + (4 + "cards".len()) + 8 + 8 + 4 + 2 * 9 + 8 + 2 * 8 + 4 * 8;
+        let v3 = e.checkpoint("cards", &[]).unwrap();
         let recrc = |bytes: &mut Vec<u8>| {
             let n = bytes.len();
             let crc = crc32fast::hash(&bytes[..n - 12]);
             bytes[n - 12..n - 8].copy_from_slice(&crc.to_le_bytes());
         };
+        // Version 2 is version 3 without the string values (the kinds of the value
+        // columns and no strings) before the checksum.
+        let columns = e.compiled("cards").unwrap().decoded.len();
+        let tail = v3.len() - 12 - (4 + 4 * columns + 4);
+        let mut v2 = [
+            &v3[..8],
+            &2u32.to_le_bytes(),
+            &v3[12..tail],
+            &v3[v3.len() - 12..],
+        ]
+        .concat();
+        recrc(&mut v2);
+        // Version 1 is version 2 without the fifth rejection counter: magic, version,
+        // name, fingerprint, creation time, no positions, two watermarks, folded,
+        // accepted, late, four reasons, then the counter to drop.
+        let at = 8 + 4 + (4 + "cards".len()) + 8 + 8 + 4 + 2 * 9 + 8 + 2 * 8 + 4 * 8;
         let mut v1 = [&v2[..8], &1u32.to_le_bytes(), &v2[12..at], &v2[at + 8..]].concat();
         recrc(&mut v1);
-        let restored = engine();
-        restored.restore("cards", &v1).unwrap();
-        assert!(same(&read(&restored), &read(&e)));
-        assert_eq!(
-            restored.metrics("cards").unwrap().counters,
-            e.metrics("cards").unwrap().counters
-        );
-        let mut v3 = v2.clone();
-        v3[8..12].copy_from_slice(&3u32.to_le_bytes());
-        recrc(&mut v3);
-        let err = restored.restore("cards", &v3).unwrap_err().to_string();
+        for old in [v1, v2] {
+            let restored = engine();
+            restored.restore("cards", &old).unwrap();
+            assert!(same(&read(&restored), &read(&e)));
+            assert_eq!(
+                restored.metrics("cards").unwrap().counters,
+                e.metrics("cards").unwrap().counters
+            );
+        }
+        let mut v4 = v3.clone();
+        v4[8..12].copy_from_slice(&4u32.to_le_bytes());
+        recrc(&mut v4);
+        let err = engine().restore("cards", &v4).unwrap_err().to_string();
         assert!(
-            err.contains("format version 3; this build reads versions 1 to 2"),
+            err.contains("format version 4; this build reads versions 1 to 3"),
             "{err}"
         );
     }

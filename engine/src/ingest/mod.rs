@@ -16,7 +16,14 @@ mod cap;
 pub mod distinct;
 pub mod ipc;
 pub mod keys;
+pub mod strings;
 mod view_core;
+
+/// A decoded value column: numbers (or hashes) as Float64, or strings as Utf8.
+enum Values {
+    Numbers(arrow_array::ArrayRef),
+    Strings(arrow_array::ArrayRef),
+}
 
 pub(crate) use cap::KeyCap;
 pub use cap::{StateBudget, memory_limit};
@@ -28,6 +35,7 @@ pub(crate) use view_core::{Delta, ViewCore};
 use crate::error::{PanesError, Result};
 use crate::spec::CompiledView;
 use keys::{KeyColumn, KeyIndex};
+use strings::StringValues;
 
 /// Why a row was rejected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -376,6 +384,7 @@ pub(crate) fn ingest(
     offset: usize,
     keys: &mut KeyIndex,
     cap: &mut KeyCap<'_>,
+    string_values: &mut StringValues,
     max_ts: &mut Option<i64>,
     out: &mut Decoded,
     counters: &mut ViewCounters,
@@ -395,39 +404,71 @@ pub(crate) fn ingest(
         Err(e) => return schema_error(counters, e),
     };
     let mut value_cols = Vec::with_capacity(view.decoded.len());
-    for d in &view.decoded {
+    for (j, d) in view.decoded.iter().enumerate() {
         let name = &view.columns[d.column];
+        let mistyped = |message: String| PanesError::Schema {
+            view: spec.name.clone(),
+            column: name.clone(),
+            message,
+        };
         let array = match column(view, batch, name, "value") {
             Ok(a) => a,
             Err(e) => return schema_error(counters, e),
         };
         if d.hashed {
             match distinct::hashes(array) {
-                Ok(codes) => value_cols.push(codes),
-                Err(message) => {
-                    let e = PanesError::Schema {
-                        view: spec.name.clone(),
-                        column: name.clone(),
-                        message,
-                    };
-                    return schema_error(counters, e);
-                }
+                Ok(codes) => value_cols.push(Values::Numbers(codes)),
+                Err(message) => return schema_error(counters, mistyped(message)),
             }
             continue;
         }
-        if !array.data_type().is_numeric() {
-            let e = PanesError::Schema {
-                view: spec.name.clone(),
-                column: name.clone(),
-                message: format!(
-                    "value column has type {}; expected an integer, float or decimal type",
-                    array.data_type()
-                ),
-            };
-            return schema_error(counters, e);
+        let ty = array.data_type();
+        let text = strings::is_text(ty);
+        if !text && !ty.is_numeric() {
+            let message = format!(
+                "value column has type {ty}; expected an integer, float or decimal type, or strings"
+            );
+            return schema_error(counters, mistyped(message));
         }
-        let f = arrow_cast::cast(array, &DataType::Float64)?;
-        value_cols.push(f);
+        if text && let Some(f) = view.numeric_reader(j) {
+            let message = format!(
+                "value column has type {ty}; feature {:?} ({}) takes numbers (an integer, float or decimal type)",
+                f.name,
+                f.agg.name()
+            );
+            return schema_error(counters, mistyped(message));
+        }
+        if let Err(m) = string_values.check_kind(j, text) {
+            return schema_error(
+                counters,
+                mistyped(format!("value column has type {ty}: {m}")),
+            );
+        }
+        value_cols.push(if text {
+            Values::Strings(strings::as_utf8(array)?)
+        } else {
+            Values::Numbers(arrow_cast::cast(array, &DataType::Float64)?)
+        });
+    }
+    if value_cols.iter().any(|c| matches!(c, Values::Strings(_)))
+        && string_values.len() + rows * value_cols.len() > strings::MAX_STRINGS
+    {
+        let e = PanesError::Schema {
+            view: spec.name.clone(),
+            column: view.columns[view.decoded[0].column].clone(),
+            message: format!(
+                "the view holds {} distinct string values, near the most it can ({})",
+                string_values.len(),
+                strings::MAX_STRINGS
+            ),
+        };
+        return schema_error(counters, e);
+    }
+    for (j, c) in value_cols.iter().enumerate() {
+        if !view.decoded[j].hashed {
+            // Checked above: cannot fail.
+            let _ = string_values.fix_kind(j, matches!(c, Values::Strings(_)));
+        }
     }
 
     let mut report = PushReport::default();
@@ -525,6 +566,22 @@ pub(crate) fn ingest(
     counters.late += report.late as u64;
     out.ts.extend_from_slice(&accepted_ts);
     for (dst, col) in out.values.iter_mut().zip(&value_cols) {
+        let col = match col {
+            Values::Numbers(col) => col,
+            Values::Strings(col) => {
+                let col = col.as_string::<i32>();
+                dst.reserve(accepted_rows.len());
+                for &i in &accepted_rows {
+                    if col.is_null(i as usize) {
+                        counters.null_values += 1;
+                        dst.push(f64::NAN);
+                    } else {
+                        dst.push(f64::from(string_values.intern(col.value(i as usize))));
+                    }
+                }
+                continue;
+            }
+        };
         let f = col.as_primitive::<Float64Type>();
         let vals = f.values();
         dst.reserve(accepted_rows.len());

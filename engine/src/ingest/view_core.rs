@@ -9,6 +9,7 @@ use arrow_array::RecordBatch;
 use panes_kernels::{Backend, FoldBatch, FoldLog, PaneState};
 
 use super::keys::{KeyIndex, NewKey};
+use super::strings::StringValues;
 use super::{Decoded, KeyCap, PushReport, ViewCounters, ingest};
 use crate::error::{PanesError, Result};
 use crate::histogram::Histogram;
@@ -18,6 +19,8 @@ use crate::spec::{CompiledView, state_values};
 #[derive(Debug)]
 pub(crate) struct ViewCore {
     pub keys: KeyIndex,
+    /// The string values of the view's value columns.
+    pub strings: StringValues,
     pub state: PaneState,
     pub max_ts: Option<i64>,
     pub counters: ViewCounters,
@@ -72,6 +75,7 @@ const LOG_BUDGET: usize = if cfg!(test) { 32 << 10 } else { 256 << 20 };
 #[derive(Debug, Default)]
 pub(crate) struct Delta {
     pub keys: Vec<NewKey>,
+    pub strings: Vec<Box<str>>,
     pub batches: Vec<Folded>,
 }
 
@@ -79,6 +83,7 @@ impl ViewCore {
     pub fn new(view: &CompiledView) -> Result<Self> {
         Ok(ViewCore {
             keys: KeyIndex::new(view.state.shards),
+            strings: StringValues::new(view.decoded.len()),
             state: PaneState::new(view.state.clone())?,
             max_ts: None,
             counters: ViewCounters::default(),
@@ -104,12 +109,14 @@ impl ViewCore {
     pub fn keep_delta(&mut self) {
         self.keep_folded = true;
         self.keys.keep_journal(true);
+        self.strings.keep_journal(true);
     }
 
     /// What this replica took since the last call (see [`ViewCore::keep_delta`]),
     /// moved into `delta`.
     pub fn take_delta(&mut self, delta: &mut Delta) {
         delta.keys.append(&mut self.keys.take_journal());
+        delta.strings.append(&mut self.strings.take_journal());
         delta.batches.append(&mut self.folded_batches);
         self.logged_bytes = 0;
     }
@@ -142,6 +149,11 @@ impl ViewCore {
                 other.keys.len()
             )));
         }
+        self.strings
+            .replay(&delta.strings, other.strings.kinds())
+            .map_err(PanesError::Internal)?;
+        delta.strings.clear();
+        self.strings.take_journal();
         for Folded { batch, log } in std::mem::take(&mut delta.batches) {
             if log.is_complete() {
                 let started = Instant::now();
@@ -187,6 +199,7 @@ impl ViewCore {
             offset,
             &mut self.keys,
             cap,
+            &mut self.strings,
             &mut self.max_ts,
             &mut self.pending,
             &mut self.counters,

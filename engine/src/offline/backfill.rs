@@ -23,8 +23,9 @@ use panes_kernels::{Agg, Backend, FoldBatch, MergeOutput, ReadStatus};
 use crate::error::{PanesError, Result};
 use crate::ingest::ViewCore;
 use crate::ingest::keys::KeyColumn;
+use crate::ingest::strings::finish_lists;
 use crate::ingest::{Decoded, KeyCap, PushReport, TimeColumn, ViewCounters};
-use crate::online::{feature_column, feature_field, list_column};
+use crate::online::{Strings, feature_column, feature_field, list_column};
 use crate::spec::{CompiledView, state_values};
 use crate::spec::{FeatureFile, ViewSpec};
 
@@ -164,21 +165,27 @@ pub fn backfill(
         }
         let values = replay(&view, &mut core, spine, &times, backend.as_ref(), &progress)?;
         progress.inc(report.spine_rows_without_time as u64);
+        let all: Vec<usize> = (0..view.merges.len()).collect();
+        let text = view.text_features(&all, core.strings.kinds());
         for (f, (name, agg)) in spine_features(&view).enumerate() {
+            let strings: Option<&dyn Strings> = text[f].then_some(&core.strings);
             if fields.iter().any(|x| x.name() == &name) {
                 return Err(PanesError::Invalid(format!(
                     "feature {name:?} has the name of a spine column; rename the feature or the column"
                 )));
             }
-            fields.push(feature_field(&name, agg));
+            fields.push(feature_field(&name, agg, text[f]));
             let mut start = 0;
             for (b, cols) in spine.iter().zip(columns.iter_mut()) {
                 let range = start..start + b.num_rows();
                 start = range.end;
                 cols.push(if agg.is_list() {
-                    list_column(range.map(|r| (values.list(r, f), values.get(r, f).1)))
+                    list_column(
+                        range.map(|r| (values.list(r, f), values.get(r, f).1)),
+                        strings,
+                    )
                 } else {
-                    feature_column(agg, range.map(|r| values.get(r, f)))
+                    feature_column(agg, range.map(|r| values.get(r, f)), strings)
                 });
             }
         }
@@ -312,6 +319,8 @@ fn replay(
             Vec::new()
         },
     };
+    let all: Vec<usize> = (0..nf).collect();
+    let text = view.text_features(&all, core.strings.kinds());
     let mut out = MergeOutput::default();
     let mut group_ids = Vec::new();
     let mut ones = Vec::new();
@@ -342,6 +351,7 @@ fn replay(
                 out.status[k]
             )));
         }
+        finish_lists(&view.merges, &text, &core.strings, &mut out);
         for (k, &r) in order[g..h].iter().enumerate() {
             let (r, o) = (r as usize * nf..(r as usize + 1) * nf, k * nf..(k + 1) * nf);
             out_values.values[r.clone()].copy_from_slice(&out.values[o.clone()]);

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use arrow_array::{ArrayRef, Float64Array, Int64Array, ListArray};
+use arrow_array::{ArrayRef, Float64Array, Int64Array, ListArray, StringArray};
 use arrow_buffer::{NullBuffer, OffsetBuffer};
 use arrow_schema::{DataType, Field};
 use ndarray::Array2;
@@ -25,6 +25,14 @@ pub struct FeatureFrame {
     pub lists: Vec<Vec<f64>>,
     /// The read time, epoch ms.
     pub at: i64,
+    /// Per feature: whether its values are strings (`first`, `last`, `last_n` and
+    /// `top_k` of a string column): its entries in `values` (and its list items) are
+    /// then indices into `strings`.
+    pub text: Vec<bool>,
+    /// The strings of string-valued features; empty when the frame has none.
+    pub strings: Vec<String>,
+    /// Per feature: whether it is list-valued (`last_n`, `top_k`).
+    pub is_list: Vec<bool>,
 }
 
 impl FeatureFrame {
@@ -34,13 +42,56 @@ impl FeatureFrame {
             .get(r * self.values.ncols() + c)
             .map_or(&[], Vec::as_slice)
     }
+
+    /// Feature `c` of all rows as an Arrow column, typed as [`feature_field`].
+    pub fn column(&self, c: usize, agg: Agg) -> ArrayRef {
+        let rows = 0..self.values.nrows();
+        let valid = self.valid.column(c);
+        let text = self.text.get(c).copied().unwrap_or(false);
+        let strings: Option<&dyn Strings> = text.then_some(&self.strings);
+        if agg.is_list() {
+            return list_column(rows.map(|r| (self.list(r, c), valid[r])), strings);
+        }
+        let values = self.values.column(c);
+        feature_column(
+            agg,
+            values.iter().zip(valid.iter()).map(|(v, ok)| (*v, *ok)),
+            strings,
+        )
+    }
 }
 
-/// The output field of a feature: `count` and `approx_distinct` as Int64, `last_n` as
-/// a List of Float64, every other aggregation as Float64; nullable.
-pub fn feature_field(name: &str, agg: Agg) -> Field {
+/// Where the values of a string-valued feature point: a frame's strings, or a view's.
+pub trait Strings {
+    /// The string value `v` stands for (empty if it stands for none).
+    fn text(&self, v: f64) -> &str;
+}
+
+impl Strings for Vec<String> {
+    fn text(&self, v: f64) -> &str {
+        self.get(v as usize).map_or("", String::as_str)
+    }
+}
+
+impl Strings for crate::ingest::strings::StringValues {
+    fn text(&self, v: f64) -> &str {
+        self.get(v).unwrap_or_default()
+    }
+}
+
+/// The output field of a feature: `count` and `approx_distinct` as Int64, `last_n` and
+/// `top_k` as a List of Float64, every other aggregation as Float64; nullable. With
+/// `text` (a feature whose values are strings), Utf8 for Float64.
+pub fn feature_field(name: &str, agg: Agg, text: bool) -> Field {
+    let item = if text {
+        DataType::Utf8
+    } else {
+        DataType::Float64
+    };
     let ty = if agg.is_list() {
-        DataType::List(Arc::new(Field::new_list_field(DataType::Float64, false)))
+        DataType::List(Arc::new(Field::new_list_field(item, false)))
+    } else if text {
+        item
     } else if agg.integer_valued() {
         DataType::Int64
     } else {
@@ -50,8 +101,12 @@ pub fn feature_field(name: &str, agg: Agg) -> Field {
 }
 
 /// The output column of a list-valued feature from `(list, valid)` pairs (typed as
-/// [`feature_field`]); null where not valid.
-pub fn list_column<'a>(rows: impl Iterator<Item = (&'a [f64], bool)>) -> ArrayRef {
+/// [`feature_field`]); null where not valid. With `text`, the items are strings, which
+/// `text` gives for each item.
+pub fn list_column<'a>(
+    rows: impl Iterator<Item = (&'a [f64], bool)>,
+    text: Option<&dyn Strings>,
+) -> ArrayRef {
     let mut offsets = vec![0i32];
     let mut values = Vec::new();
     let mut valid = Vec::new();
@@ -61,18 +116,36 @@ pub fn list_column<'a>(rows: impl Iterator<Item = (&'a [f64], bool)>) -> ArrayRe
         valid.push(ok);
     }
     let nulls = NullBuffer::from(valid);
+    let (item, items): (_, ArrayRef) = match text {
+        Some(text) => (
+            DataType::Utf8,
+            Arc::new(StringArray::from_iter_values(
+                values.iter().map(|&v| text.text(v)),
+            )),
+        ),
+        None => (DataType::Float64, Arc::new(Float64Array::from(values))),
+    };
     Arc::new(ListArray::new(
-        Arc::new(Field::new_list_field(DataType::Float64, false)),
+        Arc::new(Field::new_list_field(item, false)),
         OffsetBuffer::new(offsets.into()),
-        Arc::new(Float64Array::from(values)),
+        items,
         (nulls.null_count() > 0).then_some(nulls),
     ))
 }
 
 /// The output column of a feature from `(value, valid)` pairs, typed as
-/// [`feature_field`]; null where not valid.
-pub fn feature_column(agg: Agg, rows: impl Iterator<Item = (f64, bool)>) -> ArrayRef {
-    if agg.integer_valued() {
+/// [`feature_field`]; null where not valid. With `text`, the values are strings, which
+/// `text` gives for each value.
+pub fn feature_column(
+    agg: Agg,
+    rows: impl Iterator<Item = (f64, bool)>,
+    text: Option<&dyn Strings>,
+) -> ArrayRef {
+    if let Some(text) = text {
+        Arc::new(StringArray::from_iter(
+            rows.map(|(v, ok)| ok.then(|| text.text(v))),
+        ))
+    } else if agg.integer_valued() {
         Arc::new(Int64Array::from_iter(
             rows.map(|(v, ok)| ok.then_some(v as i64)),
         ))

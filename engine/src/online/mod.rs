@@ -12,5 +12,5 @@ mod replicas;
 
 pub use engine::{Clock, Engine, EngineOptions};
 pub use frame::{
-    FeatureFrame, ServedFrame, ViewMetrics, feature_column, feature_field, list_column,
+    FeatureFrame, ServedFrame, Strings, ViewMetrics, feature_column, feature_field, list_column,
 };

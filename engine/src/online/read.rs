@@ -8,10 +8,11 @@ use ndarray::Array2;
 use panes_kernels::{Agg, FeatureMerge, MergeOutput};
 
 use super::engine::Engine;
-use super::frame::{FeatureFrame, ServedFrame, feature_column, feature_field, list_column};
+use super::frame::{FeatureFrame, ServedFrame, feature_field};
 use super::replicas::{Snapshot, View};
 use crate::error::{PanesError, Result};
 use crate::ingest::keys::{KeyColumn, KeyIndex, KeyValue, key_array};
+use crate::ingest::strings::finish_lists;
 use crate::spec::ReadTime;
 
 impl Engine {
@@ -161,6 +162,9 @@ impl Engine {
         self.backend
             .merge(&core.state, &merges, ids, at, &mut out)?;
         compiled.check_exact(&out, at, key_of)?;
+        let text = compiled.text_features(&selected, core.strings.kinds());
+        finish_lists(&merges, &text, &core.strings, &mut out);
+        let strings = core.strings.localize(&merges, &text, &mut out);
         let (mut window_events, mut latest_event_ms) = (Vec::new(), Vec::new());
         if meta {
             // Events behind the widest window read: a count of rows over its panes.
@@ -206,6 +210,9 @@ impl Engine {
                 valid,
                 lists: out.lists,
                 at,
+                text,
+                strings,
+                is_list: merges.iter().map(|m| m.agg.is_list()).collect(),
             },
             latest_event_ms,
             window_events,
@@ -279,27 +286,34 @@ impl Engine {
             true,
         )];
         let mut columns = vec![keys.clone()];
+        crate::error::ensure!(
+            frame.values.nrows() == keys.len(),
+            "{} keys for a frame of {} rows",
+            keys.len(),
+            frame.values.nrows()
+        );
         for (j, name) in frame.names.iter().enumerate() {
             let agg = compiled.spec.features[compiled.feature_index(name)?].agg;
-            fields.push(feature_field(name, agg));
-            if agg.is_list() {
-                let valid = frame.valid.column(j);
-                columns.push(list_column(
-                    (0..keys.len()).map(|r| (frame.list(r, j), valid[r])),
-                ));
-                continue;
-            }
-            let col = frame.values.column(j);
-            let valid = frame.valid.column(j);
-            columns.push(feature_column(
-                agg,
-                col.iter().zip(valid.iter()).map(|(v, ok)| (*v, *ok)),
-            ));
+            let text = frame.text.get(j).copied().unwrap_or(false);
+            fields.push(feature_field(name, agg, text));
+            columns.push(frame.column(j, agg));
         }
         Ok(RecordBatch::try_new(
             Arc::new(Schema::new(fields)),
             columns,
         )?)
+    }
+
+    /// Per feature of `view`: whether its values are strings (`first`, `last`,
+    /// `last_n` and `top_k` of a column that has held strings), in its published state.
+    ///
+    /// # Errors
+    /// Unknown view.
+    pub fn text_features(&self, view: &str) -> Result<Vec<bool>> {
+        let v = self.view(view)?;
+        let all: Vec<usize> = (0..v.compiled.merges.len()).collect();
+        Ok(v.compiled
+            .text_features(&all, v.snapshot()?.core.strings.kinds()))
     }
 
     /// The kind of keys `view` holds in its published state: `"int"`, `"string"`, or

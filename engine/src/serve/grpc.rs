@@ -21,7 +21,7 @@ use super::status::{bad_request, status, stream_error};
 use crate::error::PanesError;
 use crate::ingest::PushReport;
 use crate::ingest::keys::KeyValue;
-use crate::online::Engine;
+use crate::online::{Engine, Strings};
 use crate::spec::{ReadTime, ViewSpec, Window};
 
 /// Rejections returned by one `Ingest` call.
@@ -81,6 +81,9 @@ pub(crate) fn check_at(at: Option<i64>) -> Result<(), Status> {
 
 /// The description of a view as served.
 pub(crate) fn describe(engine: &Engine, spec: &ViewSpec) -> ViewDescription {
+    let text = engine
+        .text_features(&spec.name)
+        .unwrap_or_else(|_| vec![false; spec.features.len()]);
     ViewDescription {
         name: spec.name.clone(),
         key: spec.key.clone(),
@@ -100,7 +103,8 @@ pub(crate) fn describe(engine: &Engine, spec: &ViewSpec) -> ViewDescription {
         features: spec
             .features
             .iter()
-            .map(|f| FeatureDescription {
+            .enumerate()
+            .map(|(i, f)| FeatureDescription {
                 name: f.name.clone(),
                 agg: f.agg.name().to_string(),
                 column: f.column.clone().unwrap_or_default(),
@@ -124,8 +128,12 @@ pub(crate) fn describe(engine: &Engine, spec: &ViewSpec) -> ViewDescription {
                     } => relative_accuracy.get(),
                     _ => 0.0,
                 },
-                dtype: if f.agg.is_list() {
+                dtype: if f.agg.is_list() && text[i] {
+                    "list<string>"
+                } else if f.agg.is_list() {
                     "list<float64>"
+                } else if text[i] {
+                    "string"
                 } else if f.agg.integer_valued() {
                     "int64"
                 } else {
@@ -247,17 +255,41 @@ fn feature_lists(frame: &crate::online::FeatureFrame) -> Vec<super::proto::Featu
     (0..nf)
         .filter(|&c| (0..rows).any(|r| !frame.list(r, c).is_empty()))
         .map(|c| {
+            let text = frame.text.get(c).copied().unwrap_or(false);
             let mut offsets = vec![0u32];
-            let mut values = Vec::new();
+            let (mut values, mut strings) = (Vec::new(), Vec::new());
             for r in 0..rows {
-                values.extend_from_slice(frame.list(r, c));
-                offsets.push(values.len() as u32);
+                let list = frame.list(r, c);
+                if text {
+                    strings.extend(list.iter().map(|&v| frame.strings.text(v).to_string()));
+                } else {
+                    values.extend_from_slice(list);
+                }
+                offsets.push((values.len() + strings.len()) as u32);
             }
             super::proto::FeatureList {
                 feature: c as u32,
                 offsets,
                 values,
+                strings,
             }
+        })
+        .collect()
+}
+
+/// The strings of the frame's string-valued features that are not lists.
+fn feature_strings(frame: &crate::online::FeatureFrame) -> Vec<super::proto::FeatureStrings> {
+    let (rows, nf) = frame.values.dim();
+    (0..nf)
+        .filter(|&c| frame.text.get(c) == Some(&true) && frame.is_list.get(c) == Some(&false))
+        .map(|c| super::proto::FeatureStrings {
+            feature: c as u32,
+            values: (0..rows)
+                .map(|r| match frame.valid[[r, c]] {
+                    true => frame.strings.text(frame.values[[r, c]]).to_string(),
+                    false => String::new(),
+                })
+                .collect(),
         })
         .collect()
 }
@@ -304,15 +336,21 @@ impl Features for FeaturesService {
             )
             .await?;
         let frame = served.frame;
+        // A string's value is NaN: its string is in `strings`.
+        let nf = frame.names.len().max(1);
+        let string = |c: usize| frame.text.get(c) == Some(&true) && !frame.is_list[c];
         let values: Vec<f64> = frame
             .values
             .iter()
             .zip(frame.valid.iter())
-            .map(|(v, ok)| if *ok { *v } else { f64::NAN })
+            .enumerate()
+            .map(|(i, (v, ok))| if *ok && !string(i % nf) { *v } else { f64::NAN })
             .collect();
         let lists = feature_lists(&frame);
+        let strings = feature_strings(&frame);
         let response = GetFeaturesResponse {
             lists,
+            strings,
             rows: frame.values.nrows() as u32,
             validity: bitmap(frame.valid.iter().copied()),
             values,

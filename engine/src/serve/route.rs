@@ -210,6 +210,19 @@ fn absorb_reply(
             idx.len(),
         ));
     }
+    // Strings join the frame's strings; values and list items become their indices.
+    let mut strings: Vec<Option<&[String]>> = vec![None; f];
+    for s in &r.strings {
+        let c = s.feature as usize;
+        if c >= f || rows.is_list[c] || s.values.len() != idx.len() {
+            return Err(format!(
+                "strings of feature {c}: {} for {} rows",
+                s.values.len(),
+                idx.len()
+            ));
+        }
+        strings[c] = Some(&s.values);
+    }
     for (row, &i) in idx.iter().enumerate() {
         for c in 0..f {
             let j = row * f + c;
@@ -217,7 +230,15 @@ fn absorb_reply(
                 .validity
                 .get(j / 8)
                 .is_some_and(|b| b & (1 << (j % 8)) != 0);
-            rows.values[i * f + c] = if ok { r.values[j] } else { f64::NAN };
+            rows.values[i * f + c] = match (ok, strings[c]) {
+                (true, Some(s)) => {
+                    rows.text[c] = true;
+                    rows.strings.push(s[row].clone());
+                    (rows.strings.len() - 1) as f64
+                }
+                (true, None) => r.values[j],
+                (false, _) => f64::NAN,
+            };
             rows.valid[i * f + c] = ok;
         }
         for l in &r.lists {
@@ -226,13 +247,24 @@ fn absorb_reply(
                 .get(row)
                 .zip(o.get(row + 1))
                 .map(|(a, b)| *a as usize..*b as usize);
-            let Some(values) = range.and_then(|r| l.values.get(r)).filter(|_| c < f) else {
+            let range = range.filter(|_| c < f);
+            let items = if l.strings.is_empty() {
+                range.and_then(|r| l.values.get(r)).map(<[f64]>::to_vec)
+            } else {
+                range.and_then(|r| l.strings.get(r)).map(|s| {
+                    rows.text[c] = true;
+                    let base = rows.strings.len();
+                    rows.strings.extend_from_slice(s);
+                    (base..rows.strings.len()).map(|i| i as f64).collect()
+                })
+            };
+            let Some(items) = items else {
                 return Err(format!("list of feature {c}: offsets out of range"));
             };
             if rows.lists.is_empty() {
                 rows.lists.resize(rows.values.len(), Vec::new());
             }
-            rows.lists[i * f + c] = values.to_vec();
+            rows.lists[i * f + c] = items;
         }
         rows.latest[i] = r.latest_event_ms.get(row).copied().unwrap_or(i64::MIN);
         rows.window_events[i] = r.window_events.get(row).copied().unwrap_or(0);

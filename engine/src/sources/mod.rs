@@ -195,12 +195,18 @@ pub struct LocalRead {
 pub struct PartialFrame {
     /// Features per row.
     pub features: usize,
+    /// Per feature: whether it is list-valued.
+    pub is_list: Vec<bool>,
     /// Row-major values (`NaN` where invalid).
     pub values: Vec<f64>,
     /// Row-major validity.
     pub valid: Vec<bool>,
     /// Row-major lists of list-valued features (empty until a part has some).
     pub lists: Vec<Vec<f64>>,
+    /// Per feature: whether a part gave it string values (indices into `strings`).
+    pub text: Vec<bool>,
+    /// The strings of string-valued features.
+    pub strings: Vec<String>,
     /// Latest folded event time per row (`i64::MIN`: none).
     pub latest: Vec<i64>,
     /// Events in each row's widest window.
@@ -212,13 +218,17 @@ pub struct PartialFrame {
 }
 
 impl PartialFrame {
-    /// `keys` empty rows of `features` features.
-    pub fn new(keys: usize, features: usize) -> Self {
+    /// `keys` empty rows of features whose list-valuedness `is_list` gives.
+    pub fn new(keys: usize, is_list: Vec<bool>) -> Self {
+        let features = is_list.len();
         PartialFrame {
             features,
+            is_list,
             values: vec![f64::NAN; keys * features],
             valid: vec![false; keys * features],
             lists: Vec::new(),
+            text: vec![false; features],
+            strings: Vec::new(),
             latest: vec![i64::MIN; keys],
             window_events: vec![0; keys],
             at: None,
@@ -232,12 +242,23 @@ impl PartialFrame {
         if !s.frame.lists.is_empty() && self.lists.is_empty() {
             self.lists.resize(self.values.len(), Vec::new());
         }
+        let base = self.strings.len() as f64;
+        self.strings.extend_from_slice(&s.frame.strings);
+        let text = |c: usize| s.frame.text.get(c).copied().unwrap_or(false);
+        for c in (0..f).filter(|&c| text(c)) {
+            self.text[c] = true;
+        }
         for (r, &i) in idx.iter().enumerate() {
             for c in 0..f {
-                self.values[i * f + c] = s.frame.values[[r, c]];
+                let rebase = |v: f64| if text(c) { v + base } else { v };
+                self.values[i * f + c] = if !self.is_list[c] && s.frame.valid[[r, c]] {
+                    rebase(s.frame.values[[r, c]])
+                } else {
+                    s.frame.values[[r, c]]
+                };
                 self.valid[i * f + c] = s.frame.valid[[r, c]];
                 if !s.frame.lists.is_empty() {
-                    self.lists[i * f + c] = s.frame.list(r, c).to_vec();
+                    self.lists[i * f + c] = s.frame.list(r, c).iter().map(|&v| rebase(v)).collect();
                 }
             }
             self.latest[i] = s.latest_event_ms[r];
@@ -257,6 +278,9 @@ impl PartialFrame {
                 valid: Array2::from_shape_vec((keys, f), self.valid).expect("keys × features"),
                 lists: self.lists,
                 at: self.at.unwrap_or(0),
+                text: self.text,
+                strings: self.strings,
+                is_list: self.is_list,
             },
             latest_event_ms: self.latest,
             window_events: self.window_events,

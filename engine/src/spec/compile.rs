@@ -40,6 +40,8 @@ pub struct CompiledView {
     /// decayed or sketch features, `columns`, `decoded` and `sources` line up one to
     /// one.
     pub sources: Vec<Option<usize>>,
+    /// Per feature of `spec.features`: the index in `decoded` of the column it reads.
+    pub feature_decoded: Vec<Option<usize>>,
     /// The pane-state shape.
     pub state: StateSpec,
     /// How to compute each feature of `spec.features` (same order).
@@ -133,8 +135,14 @@ impl CompiledView {
                 panes,
             });
         }
+        let feature_decoded = spec
+            .features
+            .iter()
+            .map(|f| decode_of(f).and_then(|d| decoded.iter().position(|x| *x == d)))
+            .collect();
         CompiledView {
             spec: spec.clone(),
+            feature_decoded,
             sources: state_columns.iter().map(|(source, ..)| *source).collect(),
             columns,
             decoded,
@@ -155,6 +163,31 @@ impl CompiledView {
             )),
             _ => Ok(()),
         }
+    }
+
+    /// The first feature reading decoded column `d` that cannot read strings (see
+    /// [`reads_strings`]), if any.
+    pub fn numeric_reader(&self, d: usize) -> Option<&super::FeatureSpec> {
+        self.spec
+            .features
+            .iter()
+            .zip(&self.feature_decoded)
+            .find(|(f, c)| **c == Some(d) && !reads_strings(f.agg))
+            .map(|(f, _)| f)
+    }
+
+    /// Per feature of `selected` (indices into `spec.features`): whether its values
+    /// are strings, given whether each decoded column held strings (`kinds`, as
+    /// `StringValues::kinds` has them).
+    pub fn text_features(&self, selected: &[usize], kinds: &[Option<bool>]) -> Vec<bool> {
+        selected
+            .iter()
+            .map(|&i| {
+                let d = self.feature_decoded[i];
+                string_valued(self.spec.features[i].agg)
+                    && d.is_some_and(|d| kinds.get(d) == Some(&Some(true)))
+            })
+            .collect()
     }
 
     /// Index of the feature named `name`.
@@ -223,6 +256,20 @@ impl CompiledView {
             reason,
         })
     }
+}
+
+/// Whether `agg` reads a column of strings: `count` counts them; `first`, `last`,
+/// `last_n` and `top_k` return them (see [`string_valued`]).
+pub fn reads_strings(agg: Agg) -> bool {
+    agg == Agg::Count || string_valued(agg)
+}
+
+/// Whether `agg` over a column of strings returns strings.
+pub fn string_valued(agg: Agg) -> bool {
+    matches!(
+        agg,
+        Agg::First | Agg::Last | Agg::LastN { .. } | Agg::TopK { .. }
+    )
 }
 
 /// The state columns (a fold batch's `values`) of rows `rows` of the decoded columns

@@ -25,7 +25,7 @@ use std::path::Path;
 use panes_kernels::Agg;
 
 pub(crate) use compile::state_values;
-pub use compile::{CompiledView, Decode};
+pub use compile::{CompiledView, Decode, reads_strings, string_valued};
 
 use crate::error::{Result, SpecError, SpecIssue};
 

@@ -33,7 +33,7 @@ class IntKeys(_message.Message):
     def __init__(self, keys: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GetFeaturesResponse(_message.Message):
-    __slots__ = ("features", "rows", "values", "validity", "latest_event_ms", "window_events", "at_ms", "state_version", "lists")
+    __slots__ = ("features", "rows", "values", "validity", "latest_event_ms", "window_events", "at_ms", "state_version", "lists", "strings")
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class GetFeaturesResponse(_message.Message):
     AT_MS_FIELD_NUMBER: _ClassVar[int]
     STATE_VERSION_FIELD_NUMBER: _ClassVar[int]
     LISTS_FIELD_NUMBER: _ClassVar[int]
+    STRINGS_FIELD_NUMBER: _ClassVar[int]
     features: _containers.RepeatedScalarFieldContainer[str]
     rows: int
     values: _containers.RepeatedScalarFieldContainer[float]
@@ -52,17 +53,28 @@ class GetFeaturesResponse(_message.Message):
     at_ms: int
     state_version: int
     lists: _containers.RepeatedCompositeFieldContainer[FeatureList]
-    def __init__(self, features: _Optional[_Iterable[str]] = ..., rows: _Optional[int] = ..., values: _Optional[_Iterable[float]] = ..., validity: _Optional[bytes] = ..., latest_event_ms: _Optional[_Iterable[int]] = ..., window_events: _Optional[_Iterable[int]] = ..., at_ms: _Optional[int] = ..., state_version: _Optional[int] = ..., lists: _Optional[_Iterable[_Union[FeatureList, _Mapping]]] = ...) -> None: ...
+    strings: _containers.RepeatedCompositeFieldContainer[FeatureStrings]
+    def __init__(self, features: _Optional[_Iterable[str]] = ..., rows: _Optional[int] = ..., values: _Optional[_Iterable[float]] = ..., validity: _Optional[bytes] = ..., latest_event_ms: _Optional[_Iterable[int]] = ..., window_events: _Optional[_Iterable[int]] = ..., at_ms: _Optional[int] = ..., state_version: _Optional[int] = ..., lists: _Optional[_Iterable[_Union[FeatureList, _Mapping]]] = ..., strings: _Optional[_Iterable[_Union[FeatureStrings, _Mapping]]] = ...) -> None: ...
+
+class FeatureStrings(_message.Message):
+    __slots__ = ("feature", "values")
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    feature: int
+    values: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, feature: _Optional[int] = ..., values: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class FeatureList(_message.Message):
-    __slots__ = ("feature", "offsets", "values")
+    __slots__ = ("feature", "offsets", "values", "strings")
     FEATURE_FIELD_NUMBER: _ClassVar[int]
     OFFSETS_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
+    STRINGS_FIELD_NUMBER: _ClassVar[int]
     feature: int
     offsets: _containers.RepeatedScalarFieldContainer[int]
     values: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, feature: _Optional[int] = ..., offsets: _Optional[_Iterable[int]] = ..., values: _Optional[_Iterable[float]] = ...) -> None: ...
+    strings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, feature: _Optional[int] = ..., offsets: _Optional[_Iterable[int]] = ..., values: _Optional[_Iterable[float]] = ..., strings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class IngestRequest(_message.Message):
     __slots__ = ("view", "arrow_ipc", "rows")

@@ -251,7 +251,16 @@ impl Source for KafkaView {
                 .push(i);
         }
         let mut out = LocalRead {
-            rows: PartialFrame::new(keys.len(), names.len()),
+            rows: PartialFrame::new(
+                keys.len(),
+                names
+                    .iter()
+                    .map(|n| {
+                        let f = self.spec.features.iter().find(|f| &f.name == n);
+                        f.is_some_and(|f| f.agg.is_list())
+                    })
+                    .collect(),
+            ),
             remote: BTreeMap::new(),
         };
         let features: Vec<&str> = names.iter().map(String::as_str).collect();
