@@ -338,6 +338,155 @@ def nexmark_case(bids: pa.Table, view: str, backend: str, repeats: int, peers: b
     return result
 
 
+# --- sketches ----------------------------------------------------------------------
+
+SKETCH_TOML = """
+[[views]]
+name = "cards"
+key = "card"
+time = "ts"
+
+[[views.features]]
+name = "merchants"
+agg = "approx_distinct"
+column = "merchant"
+precision = 12
+window = "10m"
+hop = "1m"
+
+[[views.features]]
+name = "amount_p90"
+agg = "quantile"
+column = "amount"
+q = 0.9
+relative_accuracy = 0.01
+window = "10m"
+hop = "1m"
+
+[[views.features]]
+name = "top_categories"
+agg = "top_k"
+column = "category"
+k = 5
+window = "10m"
+hop = "1m"
+"""
+CATEGORIES = [f"cat-{i:02d}" for i in range(40)]
+
+
+def sketch_events(n: int, keys: int, seed: int = 2) -> pa.Table:
+    """The synthetic transactions with a merchant (Zipf over 20 000 ids) and a category
+    (Zipf over 40 names) per event."""
+    rng = np.random.default_rng(seed)
+    t = events(n, keys, False, seed)
+    merchant = (rng.zipf(1.2, n) - 1) % 20_000
+    category = np.array(CATEGORIES)[(rng.zipf(1.3, n) - 1) % len(CATEGORIES)]
+    return t.append_column("merchant", pa.array(merchant, pa.int64())).append_column(
+        "category", pa.array(category, pa.string()))
+
+
+def sketch_case(n: int, keys: int, repeats: int) -> dict[str, Any]:
+    """`approx_distinct`, `quantile` and `top_k` over 10-minute windows: Panes against
+    the exact answers of DuckDB and polars (count(DISTINCT), quantile_disc / the lower
+    quantile, frequency counts) and DuckDB's and polars' approximate functions, each
+    timed from the same table, with the error of every approximate answer measured
+    against the exact one."""
+    table = sketch_events(n, keys)
+    at = int(pc_max(table.column("ts")))
+    hop, panes_n = 60_000, 10
+    cond = f"t <= {at} AND t // {hop} >= {at} // {hop} - {panes_n - 1}"
+    data = table.drop_columns(["seq"])
+
+    def panes_run() -> pl.DataFrame:
+        engine = panes.Engine.from_toml_str(SKETCH_TOML, backend="cpu", batch_rows=65_536)
+        for b in data.to_batches(max_chunksize=65_536):
+            engine.push(b)
+        return engine.read_all(at=at)
+
+    def duckdb_sql(exact: bool) -> str:
+        if exact:
+            # DESIGN's v[⌊q · (n − 1)⌋] (quantile_disc takes another element for some n).
+            d = "count(DISTINCT merchant)"
+            q = "list_sort(list(amount))[floor(0.9 * (count(amount) - 1))::BIGINT + 1]"
+            top = f"""(SELECT card, list(category ORDER BY n DESC, category)[1:5] AS top_categories
+                       FROM (SELECT card, category, count(*) AS n FROM w GROUP BY card, category)
+                       GROUP BY card)"""
+        else:
+            d, q = "approx_count_distinct(merchant)", "approx_quantile(amount, 0.9)"
+            top = "(SELECT card, approx_top_k(category, 5) AS top_categories FROM w GROUP BY card)"
+        return f"""WITH w AS (SELECT card, merchant, amount, category
+                              FROM (SELECT *, epoch_ms(ts) AS t FROM events) WHERE {cond}),
+                   s AS (SELECT card, {d} AS merchants, {q} AS amount_p90 FROM w GROUP BY card)
+                   SELECT s.card, merchants, amount_p90, top_categories FROM s JOIN {top} USING (card)"""
+
+    def duckdb_run(exact: bool) -> pl.DataFrame:
+        con = duckdb.connect()
+        con.register("events", data)
+        return pl.DataFrame(con.sql(duckdb_sql(exact)).to_arrow_table())
+
+    def polars_run(exact: bool) -> pl.DataFrame:
+        df = pl.from_arrow(data)
+        assert isinstance(df, pl.DataFrame)
+        t = pl.col("ts").dt.epoch("ms")
+        w = df.lazy().filter((t <= at) & (t // hop >= at // hop - panes_n + 1))
+        distinct = pl.col("merchant").n_unique() if exact else pl.col("merchant").approx_n_unique()
+        stats = w.group_by("card").agg(
+            distinct.alias("merchants"),
+            pl.col("amount").quantile(0.9, interpolation="lower").alias("amount_p90"),
+        )
+        top = (
+            w.group_by("card", "category").len()
+            .sort(["card", "len", "category"], descending=[False, True, False])
+            .group_by("card").agg(pl.col("category").head(5).alias("top_categories"))
+        )
+        return stats.join(top, on="card").collect()
+
+    ref, t_panes = timed(panes_run, repeats)
+    exact = duckdb_run(True).sort("card")
+    ref = ref.sort("card")
+    if ref["card"].to_list() != exact["card"].to_list():
+        raise Mismatch("sketches: Panes and DuckDB hold different keys")
+    # Panes within the bounds of DESIGN §3b; the exact peers agree with each other.
+    d_exact = exact["merchants"].to_numpy().astype(float)
+    q_exact = exact["amount_p90"].to_numpy()
+    polars_exact = polars_run(True).sort("card")
+    if not (np.array_equal(polars_exact["merchants"].to_numpy(), d_exact)
+            and np.array_equal(polars_exact["amount_p90"].to_numpy(), q_exact)
+            and polars_exact["top_categories"].to_list() == exact["top_categories"].to_list()):
+        raise Mismatch("sketches: polars' and DuckDB's exact answers differ")
+
+    def errors(frame: pl.DataFrame) -> dict[str, float]:
+        d = frame["merchants"].to_numpy().astype(float)
+        q = frame["amount_p90"].to_numpy().astype(float)
+        top = frame["top_categories"].to_list()
+        return {
+            "distinct_max_rel_error": float(np.max(np.abs(d - d_exact) / d_exact)),
+            "distinct_mean_rel_error": float(np.mean(np.abs(d - d_exact) / d_exact)),
+            "quantile_max_rel_error": float(np.max(np.abs(q - q_exact) / np.abs(q_exact))),
+            "top_k_exact_share": float(np.mean([a == b for a, b in zip(top, exact["top_categories"].to_list())])),
+        }
+
+    result: dict[str, Any] = {"events": n, "keys": ref.height, "engines": {}}
+    cores = os.cpu_count() or 1
+    e = errors(ref)
+    se = 1.04 / np.sqrt(2.0 ** 12)
+    bound = np.maximum(3 * se * d_exact, 3)
+    if np.any(np.abs(ref["merchants"].to_numpy() - d_exact) > bound) or e["quantile_max_rel_error"] > 0.01 \
+            or e["top_k_exact_share"] != 1.0:
+        raise Mismatch(f"sketches: Panes outside its bounds: {e}")
+    result["engines"]["panes-cpu"] = {**_stats_t(n, t_panes), "cores": cores, **e}
+    runs = {
+        "duckdb-exact": lambda: duckdb_run(True),
+        "duckdb-approx": lambda: duckdb_run(False),
+        "polars-exact": lambda: polars_run(True),
+        "polars-approx": lambda: polars_run(False),
+    }
+    for name, fn in runs.items():
+        out, t = timed(fn, repeats)
+        result["engines"][name] = {**_stats_t(n, t), "cores": cores, **errors(out.sort("card"))}
+    return result
+
+
 def pc_max(col: pa.ChunkedArray) -> int:
     import pyarrow.compute as pc
 
@@ -564,7 +713,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--events", type=int, default=None, help="override the events per case")
     ap.add_argument("--keys", type=int, nargs="*", default=None, help="override the key cardinalities")
     ap.add_argument("--skip-nexmark", action="store_true", help="skip the Nexmark queries (they build a Rust generator)")
+    ap.add_argument("--sketches", action="store_true",
+                    help="only the sketch case (approx_distinct, quantile, top_k against exact and approximate peers)")
     args = ap.parse_args(argv)
+    if args.sketches:
+        return sketches_only(args)
     if args.repeats is None:
         args.repeats = 3
     n = args.events or (1_000_000 if args.quick else 10_000_000)
@@ -624,6 +777,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (args.out / "report.md").write_text(markdown(report))
     report["plots"] = plots(report, args.out)
     print(f"wrote {args.out} in {report['seconds']:.0f} s", flush=True)
+    return report
+
+
+def sketches_only(args: argparse.Namespace) -> dict[str, Any]:
+    n = args.events or 1_000_000
+    keys = (args.keys or [10_000])[0]
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {"mode": "sketches", "machine": machine(), "repeats": args.repeats or 3,
+              "sketches": sketch_case(n, keys, args.repeats or 3)}
+    rows = ["| engine | events/s (median) | vs Panes | approx_distinct error, max / mean | quantile error, max | "
+            "top_k exact |", "|---|---|---|---|---|---|"]
+    base = report["sketches"]["engines"]["panes-cpu"]["events_per_s_median"]
+    for name, r in report["sketches"]["engines"].items():
+        rows.append(f"| {name} | {r['events_per_s_median'] / 1e6:.2f} M | {r['events_per_s_median'] / base:.2f}× | "
+                    f"{r['distinct_max_rel_error']:.2%} / {r['distinct_mean_rel_error']:.3%} | "
+                    f"{r['quantile_max_rel_error']:.3%} | {r['top_k_exact_share']:.0%} |")
+    text = (f"Sketch case: {n:,} events, {report['sketches']['keys']:,} keys, "
+            f"{report['machine']['cores']} cores, median of {report['repeats']}.\n\n" + "\n".join(rows) + "\n")
+    (args.out / "report.json").write_text(json.dumps(report, indent=1))
+    (args.out / "report.md").write_text(text)
+    print(text, flush=True)
     return report
 
 
