@@ -45,6 +45,18 @@ pub struct JsonRows {
     text: Vec<bool>,
     ts: Vec<i64>,
     values: Vec<Vec<Option<f64>>>,
+    /// Per value column: its strings, when its values are strings (the first
+    /// non-null value of the rows decides; `first`, `last_n`, … of a string field).
+    strings: Vec<Option<Vec<Option<String>>>>,
+    /// Per value column: `Some(true)` once a row held a string, `Some(false)` a number.
+    kinds: Vec<Option<bool>>,
+}
+
+/// One value of a JSON message.
+enum JsonValue {
+    Null,
+    Number(f64),
+    Text(String),
 }
 
 /// Why a message was not ingested, and the message for the dead-letter header.
@@ -70,15 +82,30 @@ pub fn decode_json(
     let key = json_key(view, m, &object)?;
     let ts = json_time(&spec.time, &object)?;
     let columns = view.columns;
+    if rows.values.is_empty() {
+        rows.values = vec![Vec::new(); columns.len()];
+        rows.strings = vec![None; columns.len()];
+        rows.kinds = vec![None; columns.len()];
+    }
     let mut values = Vec::with_capacity(columns.len());
-    for c in columns {
-        values.push(match object.get(c) {
-            None | Some(Value::Null) => None,
-            Some(Value::Number(n)) => n.as_f64(),
-            Some(other) => {
+    for (j, c) in columns.iter().enumerate() {
+        // A field takes the kind of value (number or string) of the rows so far.
+        let text = rows.kinds[j];
+        values.push(match (object.get(c), text) {
+            (None | Some(Value::Null), _) => JsonValue::Null,
+            (Some(Value::Number(n)), None | Some(false)) => {
+                n.as_f64().map_or(JsonValue::Null, JsonValue::Number)
+            }
+            (Some(Value::String(s)), None | Some(true)) => JsonValue::Text(s.clone()),
+            (Some(other), _) => {
+                let expected = match text {
+                    Some(true) => "a string, as in the messages before it",
+                    Some(false) => "a number, as in the messages before it",
+                    None => "a number or a string",
+                };
                 return Err((
                     BadMessage::WrongType,
-                    format!("field {c:?}: expected a number, got {other}"),
+                    format!("field {c:?}: expected {expected}, got {other}"),
                 ));
             }
         });
@@ -93,9 +120,6 @@ pub fn decode_json(
             ),
         ));
     }
-    if rows.values.is_empty() {
-        rows.values = vec![Vec::new(); columns.len()];
-    }
     match key {
         KeyValue::Str(s) => {
             rows.str_keys.push(Some(s));
@@ -109,8 +133,23 @@ pub fn decode_json(
         }
     }
     rows.ts.push(ts);
-    for (col, v) in rows.values.iter_mut().zip(values) {
-        col.push(v);
+    for (j, v) in values.into_iter().enumerate() {
+        let (number, text) = match v {
+            JsonValue::Null => (None, None),
+            JsonValue::Number(x) => (Some(x), None),
+            JsonValue::Text(t) => (None, Some(t)),
+        };
+        if number.is_some() || text.is_some() {
+            rows.kinds[j] = Some(text.is_some());
+        }
+        if text.is_some() && rows.strings[j].is_none() {
+            // The first string of the field: the rows before it held no value of it.
+            rows.strings[j] = Some(vec![None; rows.values[j].len()]);
+        }
+        rows.values[j].push(number);
+        if let Some(strings) = &mut rows.strings[j] {
+            strings.push(text);
+        }
     }
     Ok(())
 }
@@ -249,10 +288,14 @@ pub fn json_batches(spec: &ViewSpec, columns: &[String], rows: JsonRows) -> Vec<
             Arc::new(Int64Array::from(rows.ts[start..end].to_vec())),
         ];
         for (c, name) in columns.iter().enumerate() {
-            fields.push(Field::new(name, DataType::Float64, true));
-            arrays.push(Arc::new(Float64Array::from(
-                rows.values[c][start..end].to_vec(),
-            )));
+            let array: ArrayRef = match rows.strings.get(c).and_then(Option::as_ref) {
+                Some(strings) => Arc::new(StringArray::from_iter(
+                    strings[start..end].iter().map(Option::as_deref),
+                )),
+                None => Arc::new(Float64Array::from(rows.values[c][start..end].to_vec())),
+            };
+            fields.push(Field::new(name, array.data_type().clone(), true));
+            arrays.push(array);
         }
         out.push(
             RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)
@@ -261,4 +304,67 @@ pub fn json_batches(spec: &ViewSpec, columns: &[String], rows: JsonRows) -> Vec<
         start = end;
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow_array::cast::AsArray;
+
+    use super::*;
+    use crate::sources::SourceStats;
+    use crate::spec::FeatureFile;
+
+    #[test]
+    fn json_fields_of_strings_become_string_columns() {
+        let file = FeatureFile::parse(
+            "[[views]]\nname = \"clicks\"\nkey = \"user\"\ntime = \"ts\"\n\
+             [[views.features]]\nname = \"top\"\nagg = \"top_k\"\ncolumn = \"category\"\nk = 2\nwindow = \"lifetime\"\n\
+             [[views.features]]\nname = \"spent\"\nagg = \"sum\"\ncolumn = \"amount\"\nwindow = \"lifetime\"\n",
+            "test",
+        )
+        .unwrap();
+        let spec = &file.views[0];
+        let columns = vec!["category".to_string(), "amount".to_string()];
+        let stats = SourceStats::default();
+        let decoder = Decoder {
+            spec,
+            columns: &columns,
+            key_from_message: false,
+            stats: &stats,
+        };
+        let mut rows = JsonRows::default();
+        let mut decode = |json: &str| {
+            let m = Payload {
+                value: json.as_bytes(),
+                key: None,
+                partition: 0,
+            };
+            decode_json(&decoder, &m, 1, &mut rows).map_err(|e| e.1)
+        };
+        decode(r#"{"user": 1, "ts": 10, "amount": 2.5}"#).unwrap();
+        decode(r#"{"user": 1, "ts": 11, "category": "books", "amount": null}"#).unwrap();
+        decode(r#"{"user": 2, "ts": 12, "category": "", "amount": 1}"#).unwrap();
+        let e = decode(r#"{"user": 2, "ts": 13, "category": 7}"#).unwrap_err();
+        assert!(
+            e.contains(
+                "field \"category\": expected a string, as in the messages before it, got 7"
+            ),
+            "{e}"
+        );
+        let e = decode(r#"{"user": 2, "ts": 13, "amount": "12"}"#).unwrap_err();
+        assert!(
+            e.contains("expected a number, as in the messages before it"),
+            "{e}"
+        );
+        let e = decode(r#"{"user": 2, "ts": 13, "category": [1]}"#).unwrap_err();
+        assert!(e.contains("got [1]"), "{e}");
+        let batches = json_batches(spec, &columns, rows);
+        assert_eq!(batches.len(), 1);
+        let category = batches[0].column(2).as_string::<i32>();
+        assert_eq!(
+            category.iter().collect::<Vec<_>>(),
+            [None, Some("books"), Some("")]
+        );
+        assert_eq!(batches[0].column(3).data_type(), &DataType::Float64);
+    }
 }
