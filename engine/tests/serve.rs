@@ -265,18 +265,21 @@ async fn every_rpc_health_reflection_and_metrics() {
                 time_ms: 1_030_000,
                 values: vec![1000.0],
                 null_columns: vec![],
+                strings: Default::default(),
             },
             proto::Row {
                 key: None,
                 time_ms: 1_030_001,
                 values: vec![1.0],
                 null_columns: vec![],
+                strings: Default::default(),
             },
             proto::Row {
                 key: Some(proto::row::Key::IntKey(8)),
                 time_ms: 1_030_002,
                 values: vec![0.0],
                 null_columns: vec![0],
+                strings: Default::default(),
             },
         ],
     };

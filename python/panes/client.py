@@ -220,11 +220,11 @@ class Client:
     def ingest_rows(
         self,
         view: str,
-        rows: Iterable[tuple[int | str | None, int, Sequence[float | None]]],
+        rows: Iterable[tuple[int | str | None, int, Sequence[float | str | None]]],
         columns: Sequence[str],
     ) -> IngestResult:
         """Streams typed rows ``(key, time_ms, values)``; ``values`` follow ``columns``,
-        ``None`` for null."""
+        ``None`` for null, strings for a column of strings (``first``, ``top_k``, …)."""
         msg = pb.Rows(columns=list(columns))
         for key, time_ms, values in rows:
             row = msg.rows.add(time_ms=time_ms)
@@ -233,6 +233,10 @@ class Client:
             elif key is not None:
                 row.int_key = key
             for j, v in enumerate(values):
+                if isinstance(v, str):
+                    row.strings[j] = v
+                    row.values.append(float("nan"))
+                    continue
                 row.values.append(float("nan") if v is None else float(v))
                 if v is None:
                     row.null_columns.append(j)

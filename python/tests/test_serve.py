@@ -304,6 +304,16 @@ def test_string_features_over_grpc_and_flight(server: dict[str, str]) -> None:
         assert list(f.values[:, 3]) == want["categories"].to_list()
         dtypes = [x["dtype"] for x in c.describe_view("clicks")["features"]]
         assert dtypes == ["string", "list<string>", "list<string>", "int64"]
+        # Typed rows carry strings too.
+        r = c.ingest_rows("clicks", [(40, at, ["zz"]), (40, at + 1, [None]), (40, at + 2, ["zz"])],
+                          columns=["category"])
+        assert (r.accepted, r.rejected) == (3, 0)
+        deadline = time.monotonic() + 10
+        while c.get_features("clicks", [40], at_ms=at + 2).values[0, 3] < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        f = c.get_features("clicks", [40], at_ms=at + 2)
+        assert f.strings["first_category"] == ["zz"] and f.lists["recent_categories"] == [["zz", "zz"]]
     client = flight.connect(f"grpc://{server['grpc']}")
     ticket = flight.Ticket(json.dumps({"view": "clicks", "keys": keys, "at_ms": at}).encode())
     got = client.do_get(ticket).read_all()

@@ -238,12 +238,29 @@ fn rows_batch(
         if !value_columns.iter().any(|v| v == name) {
             continue;
         }
-        let values = Float64Array::from_iter(rows.rows.iter().map(|r| {
-            let null = r.null_columns.contains(&(c as u32));
-            r.values.get(c).copied().filter(|_| !null)
-        }));
-        fields.push(Field::new(name, DataType::Float64, true));
-        columns.push(Arc::new(values));
+        let c = c as u32;
+        let values: ArrayRef = if rows.rows.iter().any(|r| r.strings.contains_key(&c)) {
+            Arc::new(StringArray::from_iter(rows.rows.iter().map(|r| {
+                let null = r.null_columns.contains(&c);
+                r.strings.get(&c).map(String::as_str).filter(|_| !null)
+            })))
+        } else {
+            Arc::new(Float64Array::from_iter(rows.rows.iter().map(|r| {
+                let null = r.null_columns.contains(&c);
+                r.values.get(c as usize).copied().filter(|_| !null)
+            })))
+        };
+        fields.push(Field::new(name, values.data_type().clone(), true));
+        columns.push(values);
+    }
+    let width = rows.columns.len() as u32;
+    for (i, r) in rows.rows.iter().enumerate() {
+        if let Some(c) = r.strings.keys().find(|&&c| c >= width) {
+            return Err(bad_request(
+                &format!("rows[{i}].strings"),
+                format!("a string for column {c}; the message has {width} columns"),
+            ));
+        }
     }
     RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
         .map_err(|e| bad_request("rows", e.to_string()))
@@ -553,7 +570,44 @@ window = "1m"
             time_ms: 1_000,
             values,
             null_columns: vec![],
+            strings: Default::default(),
         }
+    }
+
+    #[test]
+    fn typed_rows_carry_strings_by_column() {
+        let spec = view();
+        let mut a = row(vec![f64::NAN, 1.0]);
+        a.strings.insert(0, "books".into());
+        let b = row(vec![f64::NAN, 2.0]); // no string: null
+        let mut c = row(vec![f64::NAN, 3.0]);
+        c.strings.insert(0, "toys".into());
+        c.null_columns.push(0); // null wins
+        let rows = proto::Rows {
+            columns: vec!["category".into(), "amount".into()],
+            rows: vec![a.clone(), b, c],
+        };
+        let batch = rows_batch(&spec, &["category".into(), "amount".into()], rows).unwrap();
+        let category = batch.column_by_name("category").unwrap();
+        let category = category.as_any().downcast_ref::<StringArray>().unwrap();
+        assert_eq!(
+            category.iter().collect::<Vec<_>>(),
+            [Some("books"), None, None]
+        );
+        assert_eq!(
+            batch.column_by_name("amount").unwrap().data_type(),
+            &DataType::Float64
+        );
+        a.strings.insert(7, "stray".into());
+        let rows = proto::Rows {
+            columns: vec!["category".into(), "amount".into()],
+            rows: vec![row(vec![0.0, 0.0]), a],
+        };
+        let e = rows_batch(&spec, &["category".into()], rows).unwrap_err();
+        assert!(
+            e.message().contains("rows[1].strings") && e.message().contains("column 7"),
+            "{e:?}"
+        );
     }
 
     #[test]

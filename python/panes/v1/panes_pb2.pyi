@@ -95,18 +95,27 @@ class Rows(_message.Message):
     def __init__(self, columns: _Optional[_Iterable[str]] = ..., rows: _Optional[_Iterable[_Union[Row, _Mapping]]] = ...) -> None: ...
 
 class Row(_message.Message):
-    __slots__ = ("string_key", "int_key", "time_ms", "values", "null_columns")
+    __slots__ = ("string_key", "int_key", "time_ms", "values", "null_columns", "strings")
+    class StringsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: str
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[str] = ...) -> None: ...
     STRING_KEY_FIELD_NUMBER: _ClassVar[int]
     INT_KEY_FIELD_NUMBER: _ClassVar[int]
     TIME_MS_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     NULL_COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    STRINGS_FIELD_NUMBER: _ClassVar[int]
     string_key: str
     int_key: int
     time_ms: int
     values: _containers.RepeatedScalarFieldContainer[float]
     null_columns: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, string_key: _Optional[str] = ..., int_key: _Optional[int] = ..., time_ms: _Optional[int] = ..., values: _Optional[_Iterable[float]] = ..., null_columns: _Optional[_Iterable[int]] = ...) -> None: ...
+    strings: _containers.ScalarMap[int, str]
+    def __init__(self, string_key: _Optional[str] = ..., int_key: _Optional[int] = ..., time_ms: _Optional[int] = ..., values: _Optional[_Iterable[float]] = ..., null_columns: _Optional[_Iterable[int]] = ..., strings: _Optional[_Mapping[int, str]] = ...) -> None: ...
 
 class IngestResponse(_message.Message):
     __slots__ = ("accepted", "late", "rejected", "rejections", "messages")
