@@ -73,7 +73,7 @@ use rayon::prelude::*;
 use crate::backend::{Backend, BackendKind};
 use crate::error::KernelError;
 use crate::level::{Acc, EMPTY_PANE, LevelState, finalize, int, list};
-use crate::preagg::{FoldLog, LogPart, PREAGG_MIN};
+use crate::preagg::{FoldLog, LogPart, preaggregates};
 use crate::state::{
     FeatureMerge, FoldBatch, FoldStats, MergeOutput, PaneState, ReadStatus, check_features,
     write_empty,
@@ -212,8 +212,10 @@ impl Cpu {
         } else {
             1
         };
+        let levels = state.shards.first().map_or(&[][..], Vec::as_slice);
+        let pre = preaggregates(levels, batch.len());
         let (mut members, owned) = split(state, groups);
-        let log = log.filter(|_| batch.len() >= PREAGG_MIN);
+        let log = log.filter(|_| pre);
         let mut parts: Vec<Option<&mut LogPart>> = match log {
             Some(log) => {
                 log.complete = true;
