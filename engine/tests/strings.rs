@@ -177,6 +177,15 @@ fn string_features_return_strings_on_every_backend() {
         );
         let text = e.text_features("clicks").unwrap();
         assert_eq!(text, [true, true, true, true, false, false]);
+        // The string table is part of the state's bytes.
+        let before = e.metrics("clicks").unwrap().state_bytes;
+        let long: Vec<String> = (0..100).map(|i| format!("{i:0>1000}")).collect();
+        let rows: Vec<(i64, i64, Option<&str>)> =
+            long.iter().map(|s| (3, 9_000, Some(s.as_str()))).collect();
+        e.push("clicks", &clicks(&rows)).unwrap();
+        e.read_batch("clicks", &keys, None, None).unwrap();
+        let after = e.metrics("clicks").unwrap().state_bytes;
+        assert!(after >= before + 2 * 100_000, "{before} -> {after}");
     }
 }
 

@@ -421,7 +421,8 @@ impl Engine {
             view: view.to_string(),
             counters: core.counters.clone(),
             keys: core.keys.len(),
-            state_bytes: 2 * core.state.memory_bytes(),
+            // Both replicas, each with its string table.
+            state_bytes: 2 * (core.state.memory_bytes() + core.strings.bytes()),
             max_event_time: core.max_ts,
             watermark: core
                 .max_ts

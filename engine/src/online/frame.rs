@@ -166,7 +166,8 @@ pub struct ViewMetrics {
     pub counters: ViewCounters,
     /// Distinct keys.
     pub keys: usize,
-    /// Bytes of pane state (both replicas, with the `Cpu` backend's read copies).
+    /// Bytes of pane state (both replicas, with the `Cpu` backend's read copies and
+    /// the view's string values).
     pub state_bytes: usize,
     /// Latest accepted event time.
     pub max_event_time: Option<i64>,
