@@ -491,6 +491,16 @@ pub(crate) fn ingest(
     let lateness = spec.allowed_lateness;
     let mut max = *max_ts;
     let known = known_ids(&key_col, keys, rows);
+    let text_cols: Vec<&arrow_array::StringArray> = value_cols
+        .iter()
+        .filter_map(|c| match c {
+            Values::Strings(c) => Some(c.as_string::<i32>()),
+            Values::Numbers(_) => None,
+        })
+        .collect();
+    // Bytes of the new strings of the rows accepted so far (a string new twice counts
+    // twice: the limit is kept, if a little early).
+    let mut added = 0usize;
     for i in 0..rows {
         if key_col.is_null(i) {
             reject(
@@ -529,6 +539,28 @@ pub(crate) fn ingest(
             report.late_rows.push((i + offset) as u32);
             continue;
         }
+        // New strings only while the view's string table has room.
+        let new_bytes: usize = text_cols
+            .iter()
+            .filter(|c| c.is_valid(i) && !string_values.contains(c.value(i)))
+            .map(|c| c.value(i).len())
+            .sum();
+        if new_bytes > 0
+            && string_values.string_bytes() + added + new_bytes > strings::MAX_STRING_BYTES
+        {
+            let message = if report.rejections.len() < MAX_REPORTED {
+                format!(
+                    "row {}: a new string value: the view's string values hold {} bytes, the most it keeps is {}",
+                    i + offset,
+                    string_values.string_bytes() + added,
+                    strings::MAX_STRING_BYTES
+                )
+            } else {
+                String::new()
+            };
+            reject(&mut report, i, RejectReason::KeyLimit, message);
+            continue;
+        }
         // Keys of accepted rows only: rejected and late rows create no state.
         let found = match known.get(i) {
             Some(&Some(id)) => Some(id),
@@ -557,6 +589,7 @@ pub(crate) fn ingest(
                 }
             },
         };
+        added += new_bytes;
         max = Some(max.map_or(ts, |m| m.max(ts)));
         accepted_rows.push(i as u32);
         accepted_ts.push(ts);

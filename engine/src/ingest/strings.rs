@@ -21,6 +21,11 @@ use panes_kernels::{Agg, FeatureMerge, MergeOutput, topk};
 /// Most distinct strings a view holds.
 pub const MAX_STRINGS: usize = 1 << 31;
 
+/// Most bytes of distinct strings a view holds (a test build keeps 1 MiB). A row
+/// with a string the view does not hold yet is refused past it (as `key_limit`): a
+/// producer could otherwise grow the table without bound, one new string per event.
+pub const MAX_STRING_BYTES: usize = if cfg!(test) { 1 << 20 } else { 1 << 30 };
+
 /// Whether a column of type `ty` holds strings (any layout, or a dictionary of them).
 pub fn is_text(ty: &DataType) -> bool {
     match ty {
@@ -84,6 +89,19 @@ impl StringValues {
         }
         self.values.push(s);
         id
+    }
+
+    /// Whether `s` has an id.
+    pub fn contains(&self, s: &str) -> bool {
+        let values = &self.values;
+        self.table
+            .find(self.hasher.hash_one(s), |&i| &*values[i as usize] == s)
+            .is_some()
+    }
+
+    /// Bytes of the strings themselves.
+    pub fn string_bytes(&self) -> usize {
+        self.bytes
     }
 
     /// The string of id `id` (a state value), if it is one.
@@ -304,6 +322,56 @@ mod tests {
         let c = StringValues::from_parts(a.values().to_vec(), a.kinds().to_vec()).unwrap();
         assert_eq!(c.values(), a.values());
         assert!(StringValues::from_parts(vec!["x".into(), "x".into()], vec![]).is_err());
+    }
+
+    #[test]
+    fn rows_with_new_strings_are_refused_once_the_table_is_full() {
+        use std::sync::Arc;
+
+        use arrow_array::{Int64Array, RecordBatch, StringArray};
+
+        use crate::ingest::RejectReason;
+        use crate::{Engine, EngineOptions, FeatureFile};
+
+        let file = FeatureFile::parse(
+            "[[views]]\nname = \"v\"\nkey = \"k\"\ntime = \"ts\"\n\
+             [[views.features]]\nname = \"f\"\nagg = \"first\"\ncolumn = \"s\"\nwindow = \"lifetime\"\n",
+            "test",
+        )
+        .unwrap();
+        let e = Engine::new(&file, EngineOptions::default()).unwrap();
+        // 1 000-byte strings: the test build's table holds 1 MiB, about 1 048 of them.
+        let batch = |from: usize, n: usize| {
+            RecordBatch::try_from_iter([
+                ("k", Arc::new(Int64Array::from(vec![1; n])) as _),
+                ("ts", Arc::new(Int64Array::from(vec![1_000; n])) as _),
+                (
+                    "s",
+                    Arc::new(StringArray::from_iter_values(
+                        (from..from + n).map(|i| format!("{i:0>1000}")),
+                    )) as _,
+                ),
+            ])
+            .unwrap()
+        };
+        let r = e.push("v", &batch(0, 1_000)).unwrap();
+        assert_eq!((r.accepted, r.rejected), (1_000, 0));
+        let r = e.push("v", &batch(1_000, 100)).unwrap();
+        assert_eq!(r.accepted, 48, "up to the limit");
+        assert_eq!(r.rejected, 52);
+        assert_eq!(r.rejections[0].reason, RejectReason::KeyLimit);
+        assert!(
+            r.rejections[0]
+                .message
+                .contains("row 48: a new string value"),
+            "{}",
+            r.rejections[0].message
+        );
+        // Known strings are still taken.
+        let r = e.push("v", &batch(0, 100)).unwrap();
+        assert_eq!((r.accepted, r.rejected), (100, 0));
+        let m = e.metrics("v").unwrap();
+        assert_eq!(m.counters.rejected(RejectReason::KeyLimit), 52);
     }
 
     #[test]
