@@ -273,3 +273,74 @@ fn absorb_reply(
     rows.version += r.state_version;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::serve::proto::{FeatureList, FeatureStrings};
+
+    /// A reply for 2 keys of two features: `first` of strings and a `top_k` list of
+    /// strings.
+    fn reply() -> GetFeaturesResponse {
+        GetFeaturesResponse {
+            features: vec!["first".into(), "top".into()],
+            rows: 2,
+            values: vec![f64::NAN, 2.0, f64::NAN, 0.0],
+            // Row 0: both valid; row 1: `first` null, the list valid (empty).
+            validity: vec![0b1011],
+            latest_event_ms: vec![5, i64::MIN],
+            window_events: vec![3, 0],
+            at_ms: 9,
+            state_version: 1,
+            lists: vec![FeatureList {
+                feature: 1,
+                offsets: vec![0, 2, 2],
+                values: vec![],
+                strings: vec!["b".into(), "".into()],
+            }],
+            strings: vec![FeatureStrings {
+                feature: 0,
+                values: vec!["é".into(), String::new()],
+            }],
+        }
+    }
+
+    #[test]
+    fn a_reply_s_strings_join_the_frame() {
+        let mut rows = PartialFrame::new(3, vec![false, true]);
+        // Another part's string first, so the reply's must be rebased.
+        rows.strings.push("x".into());
+        absorb_reply(&mut rows, &[2, 0], &reply()).unwrap();
+        let frame = rows.into_served(vec!["first".into(), "top".into()]).frame;
+        assert_eq!(frame.text, [true, true]);
+        let text = |v: f64| frame.strings[v as usize].as_str();
+        assert!(frame.valid[[2, 0]] && !frame.valid[[0, 0]]);
+        assert_eq!(text(frame.values[[2, 0]]), "é");
+        let list = |r: usize| {
+            frame
+                .list(r, 1)
+                .iter()
+                .map(|&v| text(v))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(list(2), ["b", ""]);
+        assert!(list(0).is_empty());
+        assert_eq!(frame.values[[2, 1]], 2.0, "a list's length");
+    }
+
+    #[test]
+    fn a_reply_with_strings_out_of_shape_is_refused() {
+        let mut r = reply();
+        r.strings[0].values.pop();
+        let mut rows = PartialFrame::new(2, vec![false, true]);
+        let e = absorb_reply(&mut rows, &[0, 1], &r).unwrap_err();
+        assert!(e.contains("strings of feature 0: 1 for 2 rows"), "{e}");
+        let mut r = reply();
+        r.strings[0].feature = 1; // a list-valued feature
+        assert!(absorb_reply(&mut rows, &[0, 1], &r).is_err());
+        let mut r = reply();
+        r.lists[0].offsets = vec![0, 3, 3];
+        let e = absorb_reply(&mut rows, &[0, 1], &r).unwrap_err();
+        assert!(e.contains("offsets out of range"), "{e}");
+    }
+}
