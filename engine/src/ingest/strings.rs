@@ -70,12 +70,19 @@ impl StringValues {
     /// (see [`MAX_STRINGS`]).
     pub fn intern(&mut self, s: &str) -> u32 {
         let hash = self.hasher.hash_one(s);
-        let values = &self.values;
-        if let Some(&id) = self.table.find(hash, |&i| &*values[i as usize] == s) {
+        if let Some(id) = self.find(hash, s) {
             return id;
         }
         debug_assert!(self.values.len() < MAX_STRINGS);
         self.push(s.into(), hash)
+    }
+
+    /// The id of `s`, whose hash is `hash`, if it has one.
+    fn find(&self, hash: u64, s: &str) -> Option<u32> {
+        let values = &self.values;
+        self.table
+            .find(hash, |&i| &*values[i as usize] == s)
+            .copied()
     }
 
     fn push(&mut self, s: Box<str>, hash: u64) -> u32 {
@@ -93,10 +100,7 @@ impl StringValues {
 
     /// Whether `s` has an id.
     pub fn contains(&self, s: &str) -> bool {
-        let values = &self.values;
-        self.table
-            .find(self.hasher.hash_one(s), |&i| &*values[i as usize] == s)
-            .is_some()
+        self.find(self.hasher.hash_one(s), s).is_some()
     }
 
     /// Bytes of the strings themselves.
@@ -191,12 +195,7 @@ impl StringValues {
     ) -> Result<(), String> {
         for s in added {
             let hash = self.hasher.hash_one(&**s);
-            let values = &self.values;
-            if self
-                .table
-                .find(hash, |&i| values[i as usize] == *s)
-                .is_some()
-            {
+            if self.find(hash, s).is_some() {
                 return Err(format!("string {s:?} is in both replicas already"));
             }
             self.push(s.clone(), hash);
