@@ -6,11 +6,12 @@
 //! value types, and are pushed as random slices (non-zero offsets) of one big batch,
 //! with random micro-batch sizes.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::common::{Ev, accepted, assert_close, feature, scale};
 use arrow_array::builder::StringDictionaryBuilder;
 use arrow_array::types::Int32Type;
 use arrow_array::{
@@ -18,7 +19,6 @@ use arrow_array::{
     RecordBatch, StringArray, StringViewArray, TimestampMicrosecondArray,
     TimestampMillisecondArray, TimestampNanosecondArray, UInt32Array,
 };
-use common::{Ev, accepted, assert_close, feature, scale};
 use panes_engine::{Agg, BackendKind, Engine, EngineOptions, FeatureFile, PanesError};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

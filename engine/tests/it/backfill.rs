@@ -1,12 +1,13 @@
 //! Backfill through the `panes` command, checked against the naive oracle.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
+use crate::common::{Ev, accepted, assert_close, feature, scale};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, Int64Type};
 use arrow_array::{
@@ -14,7 +15,6 @@ use arrow_array::{
     TimestampMillisecondArray,
 };
 use arrow_schema::DataType;
-use common::{Ev, accepted, assert_close, feature, scale};
 use panes_engine::offline::io::{read_file, write_file};
 use panes_engine::{FeatureFile, Window};
 use rand::rngs::StdRng;

@@ -3,8 +3,6 @@
 //! oversized reads, 500 silent connections and 10 000 concurrent streams. It must keep
 //! serving (health SERVING), keep its reads exact, and say which limit refused what.
 
-#![cfg(target_os = "linux")]
-
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};

@@ -14,7 +14,7 @@ use panes_engine::{BackendKind, Engine, EngineOptions, FeatureFile};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-const FEATURES: &str = include_str!("data/fold_paths.toml");
+const FEATURES: &str = include_str!("../data/fold_paths.toml");
 
 /// Names of the features compared bit for bit.
 const EXACT: [&str; 5] = ["n", "nx", "lo", "hi", "last"];

@@ -3,13 +3,13 @@
 //! out (or the read is refused when now's pane holds them: it cannot be split); keys
 //! that go idle see their windows empty as time passes, lifetime features stay.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
+use crate::common::{Ev, accepted, assert_close, feature, scale};
 use arrow_array::{Float64Array, Int64Array, RecordBatch};
-use common::{Ev, accepted, assert_close, feature, scale};
 use panes_engine::{BackendKind, Clock, Engine, EngineOptions, FeatureFile, PanesError};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
