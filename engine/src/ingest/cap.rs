@@ -9,6 +9,11 @@
 //! `max_keys` or when the budget cannot pay for the key; rows of known keys are always
 //! taken.
 //!
+//! New string values (see [`super::strings`]) are charged too: a view's string table
+//! lives in both replicas, so each new string costs the budget its bytes and its
+//! table entry twice ([`string_charge`]). A row whose new strings the budget cannot
+//! pay for is refused like a row with a new key, and its key is not created.
+//!
 //! A refusal is *sticky* for the rest of a push: once one new key is refused, every
 //! later new key of the same push is too. The keys a push creates are then the first
 //! `n` new keys in row order, whatever other views do to the budget meanwhile, and the
@@ -97,8 +102,19 @@ pub(crate) struct KeyCap<'a> {
     max_keys: usize,
     budget: Option<(&'a StateBudget, u64)>,
     refused: bool,
+    strings_refused: bool,
     /// Keys charged to the budget by this push.
     pub charged: u64,
+    /// Bytes charged to the budget for new strings by this push.
+    pub charged_strings: u64,
+}
+
+/// What the strings of a view's string table cost the budget, both replicas
+/// together: `bytes` of `count` strings, each with its table entry (a boxed string
+/// and its index slot).
+pub(crate) fn string_charge(bytes: usize, count: usize) -> u64 {
+    const ENTRY: u64 = 24;
+    2 * (bytes as u64 + count as u64 * ENTRY)
 }
 
 impl<'a> KeyCap<'a> {
@@ -108,7 +124,9 @@ impl<'a> KeyCap<'a> {
             max_keys: max_keys.unwrap_or(usize::MAX),
             budget: None,
             refused: false,
+            strings_refused: false,
             charged: 0,
+            charged_strings: 0,
         }
     }
 
@@ -140,6 +158,34 @@ impl<'a> KeyCap<'a> {
             self.charged += 1;
         }
         Ok(())
+    }
+
+    /// Charges `bytes` (from [`string_charge`]) for a row's new strings if the budget
+    /// can pay, else says so; once refused, the rest of the push is.
+    pub fn admit_strings(&mut self, bytes: u64) -> std::result::Result<(), String> {
+        let Some((budget, _)) = self.budget else {
+            return Ok(());
+        };
+        if self.strings_refused || !budget.try_charge(bytes) {
+            self.strings_refused = true;
+            return Err(format!(
+                "the state memory budget ({} MiB, {} MiB used) cannot pay for {bytes} bytes of new strings",
+                budget.limit() >> 20,
+                budget.used() >> 20
+            ));
+        }
+        self.charged_strings += bytes;
+        Ok(())
+    }
+
+    /// Gives back `bytes` of string charges (the row was refused after all: its key
+    /// could not be created).
+    pub fn refund_strings(&mut self, bytes: u64) {
+        if let Some((budget, _)) = self.budget {
+            let bytes = bytes.min(self.charged_strings);
+            budget.release(bytes);
+            self.charged_strings -= bytes;
+        }
     }
 
     /// Gives back the charge of the key last admitted (it could not be created).
@@ -184,6 +230,27 @@ mod tests {
         assert!(next.admit(2).is_ok());
         budget.charge(10_000);
         assert_eq!(budget.used(), 10_400);
+    }
+
+    #[test]
+    fn strings_are_charged_and_refunded() {
+        let budget = StateBudget::new(1000);
+        let mut cap = KeyCap::keys(None).with_budget(Some(&budget), 400);
+        assert_eq!(string_charge(100, 2), 296);
+        assert!(cap.admit_strings(296).is_ok());
+        assert!(cap.admit(0).is_ok());
+        let e = cap.admit_strings(400).unwrap_err();
+        assert!(e.contains("400 bytes of new strings"), "{e}");
+        // Refused strings stick for the push; keys are refused on their own account.
+        budget.release(696);
+        assert!(cap.admit_strings(1).is_err());
+        budget.charge(696);
+        cap.refund_strings(1000);
+        assert_eq!((budget.used(), cap.charged_strings), (400, 0));
+        // Without a budget nothing is charged.
+        let mut free = KeyCap::keys(None);
+        assert!(free.admit_strings(1 << 40).is_ok());
+        assert_eq!(free.charged_strings, 0);
     }
 
     #[cfg(target_os = "linux")]

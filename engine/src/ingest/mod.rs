@@ -7,9 +7,12 @@
 //! same batch are accepted. Null and NaN values are not rejections: the event counts
 //! (e.g. for `count` of rows) and the value is skipped by value aggregations.
 
+use std::collections::HashSet;
+use std::sync::Arc;
+
 use arrow_array::cast::AsArray;
 use arrow_array::types::*;
-use arrow_array::{Array, RecordBatch};
+use arrow_array::{Array, Float64Array, RecordBatch};
 use arrow_schema::{DataType, TimeUnit};
 
 mod cap;
@@ -25,7 +28,7 @@ enum Values {
     Strings(arrow_array::ArrayRef),
 }
 
-pub(crate) use cap::KeyCap;
+pub(crate) use cap::{KeyCap, string_charge};
 pub use cap::{StateBudget, memory_limit};
 
 use panes_kernels::MAX_TIME_MS;
@@ -404,6 +407,7 @@ pub(crate) fn ingest(
         Err(e) => return schema_error(counters, e),
     };
     let mut value_cols = Vec::with_capacity(view.decoded.len());
+    let mut nulls_only = vec![false; view.decoded.len()];
     for (j, d) in view.decoded.iter().enumerate() {
         let name = &view.columns[d.column];
         let mistyped = |message: String| PanesError::Schema {
@@ -415,6 +419,16 @@ pub(crate) fn ingest(
             Ok(a) => a,
             Err(e) => return schema_error(counters, e),
         };
+        // A column of nulls only has no kind: a null is a null of numbers or of
+        // strings alike (a JSON field null in every message of a batch, a pyarrow
+        // column of `None`s), so it neither fixes nor contradicts the column's kind.
+        if array.logical_null_count() == array.len() {
+            value_cols.push(Values::Numbers(Arc::new(Float64Array::new_null(
+                array.len(),
+            ))));
+            nulls_only[j] = true;
+            continue;
+        }
         if d.hashed {
             match distinct::hashes(array) {
                 Ok(codes) => value_cols.push(Values::Numbers(codes)),
@@ -465,7 +479,7 @@ pub(crate) fn ingest(
         return schema_error(counters, e);
     }
     for (j, c) in value_cols.iter().enumerate() {
-        if !view.decoded[j].hashed {
+        if !view.decoded[j].hashed && !nulls_only[j] {
             // Checked above: cannot fail.
             let _ = string_values.fix_kind(j, matches!(c, Values::Strings(_)));
         }
@@ -498,9 +512,16 @@ pub(crate) fn ingest(
             Values::Numbers(_) => None,
         })
         .collect();
-    // Bytes of the new strings of the rows accepted so far (a string new twice counts
-    // twice: the limit is kept, if a little early).
+    // Per string column, the ids of the accepted rows' strings, looked up once in the
+    // loop below; `NEW_STRING` for a null or a string new to the table (interned after).
+    const NEW_STRING: u32 = u32::MAX;
+    let mut row_ids = vec![NEW_STRING; text_cols.len()];
+    let mut text_ids: Vec<Vec<u32>> = text_cols.iter().map(|_| Vec::with_capacity(rows)).collect();
+    // The new strings of the rows accepted so far (interned after the loop), and
+    // their bytes: a later row with one of them adds nothing new.
+    let mut fresh: HashSet<&str> = HashSet::new();
     let mut added = 0usize;
+    let mut row_new: Vec<&str> = Vec::new();
     for i in 0..rows {
         if key_col.is_null(i) {
             reject(
@@ -540,11 +561,20 @@ pub(crate) fn ingest(
             continue;
         }
         // New strings only while the view's string table has room.
-        let new_bytes: usize = text_cols
-            .iter()
-            .filter(|c| c.is_valid(i) && !string_values.contains(c.value(i)))
-            .map(|c| c.value(i).len())
-            .sum();
+        row_new.clear();
+        for (t, c) in text_cols.iter().enumerate() {
+            row_ids[t] = NEW_STRING;
+            if c.is_valid(i) {
+                let v = c.value(i);
+                match string_values.id(v) {
+                    Some(id) => row_ids[t] = id,
+                    None if !fresh.contains(v) && !row_new.contains(&v) => row_new.push(v),
+                    None => {}
+                }
+            }
+        }
+        let new_bytes: usize = row_new.iter().map(|v| v.len()).sum();
+        let new_strings = row_new.len();
         if new_bytes > 0
             && string_values.string_bytes() + added + new_bytes > strings::MAX_STRING_BYTES
         {
@@ -555,6 +585,19 @@ pub(crate) fn ingest(
                     string_values.string_bytes() + added,
                     strings::MAX_STRING_BYTES
                 )
+            } else {
+                String::new()
+            };
+            reject(&mut report, i, RejectReason::KeyLimit, message);
+            continue;
+        }
+        // The budget pays for the new strings before the key is created.
+        let strings_charge = string_charge(new_bytes, new_strings);
+        if new_strings > 0
+            && let Err(why) = cap.admit_strings(strings_charge)
+        {
+            let message = if report.rejections.len() < MAX_REPORTED {
+                format!("row {}: a new string value: {why}", i + offset)
             } else {
                 String::new()
             };
@@ -576,6 +619,9 @@ pub(crate) fn ingest(
             }) {
                 Ok(id) => id,
                 Err(why) => {
+                    if new_strings > 0 {
+                        cap.refund_strings(strings_charge);
+                    }
                     // Formatting is skipped for rows past the reported ones: a hostile
                     // message may carry millions of new keys.
                     let message = if report.rejections.len() < MAX_REPORTED {
@@ -590,6 +636,10 @@ pub(crate) fn ingest(
             },
         };
         added += new_bytes;
+        fresh.extend(row_new.iter().copied());
+        for (ids, &id) in text_ids.iter_mut().zip(&row_ids) {
+            ids.push(id);
+        }
         max = Some(max.map_or(ts, |m| m.max(ts)));
         accepted_rows.push(i as u32);
         accepted_ts.push(ts);
@@ -598,18 +648,23 @@ pub(crate) fn ingest(
     *max_ts = max;
     counters.late += report.late as u64;
     out.ts.extend_from_slice(&accepted_ts);
+    let mut text_ids = text_ids.into_iter();
     for (dst, col) in out.values.iter_mut().zip(&value_cols) {
         let col = match col {
             Values::Numbers(col) => col,
             Values::Strings(col) => {
                 let col = col.as_string::<i32>();
+                let ids = text_ids.next().expect("one id list per string column");
                 dst.reserve(accepted_rows.len());
-                for &i in &accepted_rows {
-                    if col.is_null(i as usize) {
+                for (&i, id) in accepted_rows.iter().zip(ids) {
+                    let i = i as usize;
+                    if col.is_null(i) {
                         counters.null_values += 1;
                         dst.push(f64::NAN);
+                    } else if id == NEW_STRING {
+                        dst.push(f64::from(string_values.intern(col.value(i))));
                     } else {
-                        dst.push(f64::from(string_values.intern(col.value(i as usize))));
+                        dst.push(f64::from(id));
                     }
                 }
                 continue;

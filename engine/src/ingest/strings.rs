@@ -98,9 +98,9 @@ impl StringValues {
         id
     }
 
-    /// Whether `s` has an id.
-    pub fn contains(&self, s: &str) -> bool {
-        self.find(self.hasher.hash_one(s), s).is_some()
+    /// The id of `s`, if it has one.
+    pub fn id(&self, s: &str) -> Option<u32> {
+        self.find(self.hasher.hash_one(s), s)
     }
 
     /// Bytes of the strings themselves.

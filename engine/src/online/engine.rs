@@ -289,6 +289,7 @@ impl Engine {
         back.take_delta(&mut writer.delta);
         drop(back);
         writer.charged += cap.charged;
+        writer.charged_strings += cap.charged_strings;
         writer.pushed = true;
         if let Err(e) = &result
             && !matches!(e, PanesError::Schema { .. } | PanesError::Invalid(_))
@@ -383,7 +384,7 @@ impl Engine {
         let (a, info) = decode().map_err(invalid)?;
         let (b, _) = decode().map_err(invalid)?;
         let mut writer = v.writer.lock().map_err(|_| poisoned(view))?;
-        v.recharge(&mut writer, &self.options, a.keys.len());
+        v.recharge(&mut writer, &self.options, a.keys.len(), &a.strings);
         let front = v.front.load(Ordering::Acquire);
         *v.replicas[1 - front].write().map_err(|_| poisoned(view))? = b;
         *v.replicas[front].write().map_err(|_| poisoned(view))? = a;

@@ -10,8 +10,9 @@ use panes_kernels::Backend;
 use super::engine::EngineOptions;
 use crate::error::{PanesError, Result};
 use crate::histogram::Histogram;
+use crate::ingest::strings::StringValues;
 use crate::ingest::{Delta, ViewCore};
-use crate::ingest::{KeyCap, PushReport, RejectReason, StateBudget};
+use crate::ingest::{KeyCap, PushReport, RejectReason, StateBudget, string_charge};
 use crate::spec::CompiledView;
 
 /// One view: its definition, two replicas of its core, and the writer's log.
@@ -42,6 +43,8 @@ pub(super) struct Writer {
     pub(super) delta: Delta,
     /// Keys this view charged to the engine's state budget.
     pub(super) charged: u64,
+    /// Bytes its string table charged to the budget (see `ingest::string_charge`).
+    pub(super) charged_strings: u64,
     /// Set when a replay failed and the replicas may differ: the view refuses writes.
     pub(super) broken: Option<String>,
 }
@@ -130,20 +133,28 @@ impl View {
             .with_budget(options.state_budget.as_deref(), self.key_charge(options))
     }
 
-    /// Sets the keys charged to the budget to `keys` (after a restore).
-    pub(super) fn recharge(&self, writer: &mut Writer, options: &EngineOptions, keys: usize) {
+    /// Sets what the view charges the budget to `keys` keys and the strings of
+    /// `strings` (after a restore).
+    pub(super) fn recharge(
+        &self,
+        writer: &mut Writer,
+        options: &EngineOptions,
+        keys: usize,
+        strings: &StringValues,
+    ) {
         if let Some(budget) = options.state_budget.as_deref() {
             let per_key = self.key_charge(options);
-            budget.release(writer.charged * per_key);
-            budget.charge(keys as u64 * per_key);
+            budget.release(writer.charged * per_key + writer.charged_strings);
             writer.charged = keys as u64;
+            writer.charged_strings = string_charge(strings.string_bytes(), strings.len());
+            budget.charge(writer.charged * per_key + writer.charged_strings);
         }
     }
 
-    /// Gives the keys charged to the budget back (the engine is dropped).
+    /// Gives what the view charged to the budget back (the engine is dropped).
     pub(super) fn release(&self, options: &EngineOptions, budget: &StateBudget) {
         if let Ok(writer) = self.writer.lock() {
-            budget.release(writer.charged * self.key_charge(options));
+            budget.release(writer.charged * self.key_charge(options) + writer.charged_strings);
         }
     }
 

@@ -269,3 +269,125 @@ fn a_column_of_numbers_stays_numbers_and_numeric_features_refuse_strings() {
     e.read_batch("clicks", &keys, None, None).unwrap(); // publishes
     assert!(e.text_features("clicks").unwrap()[0]);
 }
+
+/// A column of nulls only (a batch whose string field was null in every message, a
+/// column of `None`s typed `Null`, `Float64` or `Utf8`) has no kind: it neither fixes
+/// the column's kind nor contradicts it, and its rows count as null values.
+#[test]
+fn a_column_of_nulls_only_has_no_kind() {
+    use arrow_array::NullArray;
+    let e = engine(BackendKind::Cpu);
+    let nulls = |category: ArrayRef, amount: ArrayRef| {
+        RecordBatch::try_from_iter([
+            ("user", Arc::new(Int64Array::from(vec![1, 2])) as ArrayRef),
+            ("ts", Arc::new(Int64Array::from(vec![500, 600])) as _),
+            ("category", category),
+            ("amount", amount),
+        ])
+        .unwrap()
+    };
+    let f64_nulls: ArrayRef = Arc::new(Float64Array::from(vec![None, None]));
+    let str_nulls: ArrayRef = Arc::new(StringArray::from(vec![None::<&str>, None]));
+    let null_type: ArrayRef = Arc::new(NullArray::new(2));
+    // Before any kind: nulls typed as numbers, then as the Null type.
+    e.push("clicks", &nulls(f64_nulls.clone(), f64_nulls.clone()))
+        .unwrap();
+    e.push("clicks", &nulls(null_type.clone(), null_type.clone()))
+        .unwrap();
+    // Strings for the category, and strings of nulls for the numeric amount.
+    e.push("clicks", &clicks(&stream())).unwrap();
+    e.push("clicks", &nulls(f64_nulls, str_nulls.clone()))
+        .unwrap();
+    e.push("clicks", &nulls(str_nulls, null_type)).unwrap();
+    let keys: ArrayRef = Arc::new(Int64Array::from(vec![1, 2]));
+    let (batch, _) = e.read_batch("clicks", &keys, None, None).unwrap();
+    assert_eq!(
+        e.text_features("clicks").unwrap(),
+        [true, true, true, true, false, false]
+    );
+    assert_eq!(
+        strings(batch.column_by_name("last_category").unwrap()),
+        [Some("garden".to_string()), Some("é".to_string())]
+    );
+    let m = e.metrics("clicks").unwrap();
+    // Two null rows per all-null batch and column read, four batches, two columns,
+    // plus the stream's own null category.
+    assert_eq!(m.counters.null_values, 4 * 2 * 2 + 1);
+    assert_eq!(m.counters.accepted, 4 * 2 + stream().len() as u64);
+}
+
+/// A view's string table is charged to the state budget (both replicas' copies): rows
+/// whose new strings the budget cannot pay for are refused as `key_limit`, rows of
+/// known strings are taken, a restore charges the restored table and dropping the
+/// engine gives it all back.
+#[test]
+fn the_string_table_is_charged_to_the_state_budget() {
+    use panes_engine::{RejectReason, StateBudget};
+    let file = FeatureFile::parse(FILE, "strings").unwrap();
+    let with = |budget: &Arc<StateBudget>| {
+        let options = EngineOptions {
+            backend: Some(BackendKind::Cpu),
+            state_budget: Some(budget.clone()),
+            ..Default::default()
+        };
+        Engine::new(&file, options).unwrap()
+    };
+    let long = |i: usize| format!("{i:04}{}", "x".repeat(996));
+    let rows = |n: usize| -> Vec<(i64, i64, Option<String>)> {
+        (0..n)
+            .map(|i| (1, 1_000 + i as i64, Some(long(i))))
+            .collect()
+    };
+    let batch = |rows: &[(i64, i64, Option<String>)]| {
+        let r: Vec<(i64, i64, Option<&str>)> =
+            rows.iter().map(|r| (r.0, r.1, r.2.as_deref())).collect();
+        clicks(&r)
+    };
+    // What one key costs, then ten strings of 1 000 bytes.
+    let budget = Arc::new(StateBudget::new(u64::MAX / 2));
+    let e = with(&budget);
+    e.push("clicks", &batch(&[(1, 500, None)])).unwrap();
+    let key = budget.used();
+    e.push("clicks", &batch(&rows(10))).unwrap();
+    let ten = budget.used() - key;
+    assert!(
+        (2 * 10_000..2 * 11_000).contains(&ten),
+        "ten strings of 1000 bytes, twice: {ten}"
+    );
+    drop(e);
+    assert_eq!(budget.used(), 0);
+
+    // Room for the key and about half the strings: the rest are refused, a row of a
+    // known string after them is taken.
+    let budget = Arc::new(StateBudget::new(key + ten / 2));
+    let e = with(&budget);
+    let mut stream = rows(10);
+    stream.insert(0, (1, 500, None));
+    stream.push((1, 5_000, Some(long(0))));
+    let r = e.push("clicks", &batch(&stream)).unwrap();
+    assert_eq!(
+        (r.accepted, r.rejected),
+        (1 + 5 + 1, 5),
+        "{:?}",
+        r.rejections
+    );
+    assert!(
+        r.rejected_rows
+            .iter()
+            .all(|&(_, why)| why == RejectReason::KeyLimit)
+    );
+    let why = &r.rejections[0].message;
+    assert!(
+        why.contains("row 6: a new string value") && why.contains("bytes of new strings"),
+        "{why}"
+    );
+    let used = budget.used();
+    assert_eq!(used, key + ten / 2, "the budget is spent");
+
+    // A restore charges the restored table in place of the old charge.
+    let ckpt = e.checkpoint("clicks", &[]).unwrap();
+    e.restore("clicks", &ckpt).unwrap();
+    assert_eq!(budget.used(), used);
+    drop(e);
+    assert_eq!(budget.used(), 0);
+}
