@@ -80,19 +80,22 @@ pub(crate) fn check_at(at: Option<i64>) -> Result<(), Status> {
 }
 
 /// The description of a view as served.
-pub(crate) fn describe(engine: &Engine, spec: &ViewSpec) -> ViewDescription {
-    let text = engine
-        .text_features(&spec.name)
-        .unwrap_or_else(|_| vec![false; spec.features.len()]);
+///
+/// The dtypes of string features and the key kind come from the view's state: the
+/// engine's, or for a view fed by a partitioned source, its partitions owned here.
+pub(crate) fn describe(shared: &Shared, spec: &ViewSpec) -> ViewDescription {
+    let (text, key_kind) = match shared.sources.get(&spec.name) {
+        Some(source) => (source.text_features(), source.key_kind()),
+        None => (
+            shared.engine.text_features(&spec.name),
+            shared.engine.key_kind(&spec.name),
+        ),
+    };
+    let text = text.unwrap_or_else(|_| vec![false; spec.features.len()]);
     ViewDescription {
         name: spec.name.clone(),
         key: spec.key.clone(),
-        key_kind: engine
-            .key_kind(&spec.name)
-            .ok()
-            .flatten()
-            .unwrap_or_default()
-            .to_string(),
+        key_kind: key_kind.ok().flatten().unwrap_or_default().to_string(),
         time: spec.time.clone(),
         allowed_lateness_ms: spec.allowed_lateness,
         read_time: match spec.read_time {
@@ -365,9 +368,14 @@ impl Features for FeaturesService {
             .collect();
         let lists = feature_lists(&frame);
         let strings = feature_strings(&frame);
+        let string_features = (0..frame.names.len())
+            .filter(|&c| frame.text.get(c) == Some(&true))
+            .map(|c| c as u32)
+            .collect();
         let response = GetFeaturesResponse {
             lists,
             strings,
+            string_features,
             rows: frame.values.nrows() as u32,
             validity: bitmap(frame.valid.iter().copied()),
             values,
@@ -495,7 +503,7 @@ impl Features for FeaturesService {
         let views = engine
             .views()
             .filter(|v| caller.may(Scope::Read, &v.spec.name))
-            .map(|v| describe(engine, &v.spec))
+            .map(|v| describe(&self.shared, &v.spec))
             .collect();
         Ok(Response::new(ListFeaturesResponse { views }))
     }
@@ -509,7 +517,7 @@ impl Features for FeaturesService {
         caller.check(Scope::Read, &name)?;
         let engine = &self.shared.engine;
         let compiled = engine.compiled(&name).map_err(|e| status(e, "view"))?;
-        Ok(Response::new(describe(engine, &compiled.spec)))
+        Ok(Response::new(describe(&self.shared, &compiled.spec)))
     }
 }
 

@@ -223,6 +223,14 @@ fn absorb_reply(
         }
         strings[c] = Some(&s.values);
     }
+    // The string-valued features are strings whether or not these rows have any.
+    for &c in &r.string_features {
+        let c = c as usize;
+        if c >= f {
+            return Err(format!("string feature {c} of {f} features"));
+        }
+        rows.text[c] = true;
+    }
     for (row, &i) in idx.iter().enumerate() {
         for c in 0..f {
             let j = row * f + c;
@@ -302,6 +310,7 @@ mod tests {
                 feature: 0,
                 values: vec!["é".into(), String::new()],
             }],
+            string_features: vec![0, 1],
         }
     }
 
@@ -342,5 +351,25 @@ mod tests {
         r.lists[0].offsets = vec![0, 3, 3];
         let e = absorb_reply(&mut rows, &[0, 1], &r).unwrap_err();
         assert!(e.contains("offsets out of range"), "{e}");
+        let mut r = reply();
+        r.string_features.push(2);
+        let e = absorb_reply(&mut rows, &[0, 1], &r).unwrap_err();
+        assert!(e.contains("string feature 2 of 2"), "{e}");
+    }
+
+    /// Features of strings stay strings when no row of the reply has one: a null
+    /// `first`, empty `top_k` lists (the owner sends no list then).
+    #[test]
+    fn string_features_without_values_are_still_strings() {
+        let mut r = reply();
+        r.values = vec![f64::NAN, 0.0, f64::NAN, 0.0];
+        r.validity = vec![0b1010];
+        r.lists.clear();
+        r.strings[0].values = vec![String::new(); 2];
+        let mut rows = PartialFrame::new(2, vec![false, true]);
+        absorb_reply(&mut rows, &[0, 1], &r).unwrap();
+        let frame = rows.into_served(vec!["first".into(), "top".into()]).frame;
+        assert_eq!(frame.text, [true, true]);
+        assert!(frame.strings.is_empty());
     }
 }

@@ -38,6 +38,20 @@ pub trait Source: Send + Sync + fmt::Debug {
     /// A partition's engine fails to report (a bug).
     fn metrics(&self) -> Result<ViewMetrics>;
 
+    /// Per feature: whether its values are strings, in any partition owned now (see
+    /// [`Engine::text_features`](crate::Engine::text_features)).
+    ///
+    /// # Errors
+    /// A partition's engine fails to report (a bug).
+    fn text_features(&self) -> Result<Vec<bool>>;
+
+    /// The kind of keys the partitions owned now hold: `"int"`, `"string"`, or `None`
+    /// before any.
+    ///
+    /// # Errors
+    /// A partition's engine fails to report (a bug).
+    fn key_kind(&self) -> Result<Option<&'static str>>;
+
     /// The source's own counters (messages, bad messages, checkpoints).
     fn stats(&self) -> &SourceStats;
 

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use arrow_array::{Float64Array, RecordBatch, StringArray, TimestampMillisecondArray};
 use panes_engine::serve::proto::features_client::FeaturesClient;
 use panes_engine::serve::proto::get_features_request::Keys;
-use panes_engine::serve::proto::{GetFeaturesRequest, StringKeys};
+use panes_engine::serve::proto::{GetFeaturesRequest, GetFeaturesResponse, StringKeys};
 use panes_engine::sources::kafka::partition_for;
 use panes_engine::{Engine, EngineOptions, FeatureFile};
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -88,6 +88,12 @@ name = "amount_last"
 agg = "last"
 column = "amount"
 window = "lifetime"
+
+[[views.features]]
+name = "merchant_last"
+agg = "last"
+column = "merchant"
+window = "lifetime"
 "#
     )
 }
@@ -98,6 +104,8 @@ struct Event {
     key: String,
     ts: i64,
     amount: Option<f64>,
+    /// A string field, null in some messages.
+    merchant: Option<String>,
 }
 
 /// `n` events over `KEYS` keys, skewed, slightly out of order, some amounts null.
@@ -115,6 +123,8 @@ fn events(n: usize, seed: u64) -> Vec<Event> {
                 ts: T0 + i as i64 * 10 - rng.random_range(0..2_000),
                 amount: (!rng.random_bool(0.01))
                     .then(|| rng.random_range(0..100_000) as f64 / 100.0),
+                merchant: (!rng.random_bool(0.02))
+                    .then(|| format!("shop-{}", rng.random_range(0..40))),
             }
         })
         .collect()
@@ -125,10 +135,8 @@ fn read_time(events: &[Event]) -> i64 {
 }
 
 fn json(e: &Event) -> String {
-    match e.amount {
-        Some(a) => format!(r#"{{"card":"{}","ts":{},"amount":{a}}}"#, e.key, e.ts),
-        None => format!(r#"{{"card":"{}","ts":{},"amount":null}}"#, e.key, e.ts),
-    }
+    serde_json::json!({"card": e.key, "ts": e.ts, "amount": e.amount, "merchant": e.merchant})
+        .to_string()
 }
 
 /// Bad messages mixed into the stream: each is counted and dead-lettered, none stops it.
@@ -138,7 +146,8 @@ const BAD: [&str; 3] = [
     r#"{"card": "card-1", "amount": 1.0}"#,
 ];
 
-/// The oracle: the in-process engine fed every event, read for every key at `at`.
+/// The oracle: the in-process engine fed every event, read for every key at `at`
+/// (NaN for a null, and for a string: [`merchants`] checks those).
 fn oracle(events: &[Event], at: i64) -> Vec<f64> {
     let text = features("x", "x", "x");
     let mut file = FeatureFile::parse(&text, "oracle").unwrap();
@@ -160,6 +169,12 @@ fn oracle(events: &[Event], at: i64) -> Vec<f64> {
                 "amount",
                 Arc::new(Float64Array::from_iter(chunk.iter().map(|e| e.amount))) as _,
             ),
+            (
+                "merchant",
+                Arc::new(StringArray::from_iter(
+                    chunk.iter().map(|e| e.merchant.as_deref()),
+                )) as _,
+            ),
         ])
         .unwrap();
         let report = engine.push("cards", &batch).unwrap();
@@ -167,11 +182,36 @@ fn oracle(events: &[Event], at: i64) -> Vec<f64> {
     }
     let keys = StringArray::from_iter_values(all_keys());
     let frame = engine.read("cards", &keys, Some(at), None).unwrap();
+    let f = features_per_key();
     frame
         .values
         .iter()
         .zip(frame.valid.iter())
-        .map(|(v, ok)| if *ok { *v } else { f64::NAN })
+        .enumerate()
+        .map(|(i, (v, ok))| {
+            if *ok && !frame.text[i % f] {
+                *v
+            } else {
+                f64::NAN
+            }
+        })
+        .collect()
+}
+
+/// `merchant_last` of every key, from the events themselves: the merchant of the key's
+/// latest event (ties: the later arrival) that has one.
+fn merchants(events: &[Event]) -> Vec<Option<String>> {
+    let mut last: Vec<Option<(i64, &str)>> = vec![None; KEYS];
+    for e in events {
+        let k: usize = e.key["card-".len()..].parse().unwrap();
+        if let Some(m) = &e.merchant
+            && last[k].is_none_or(|(ts, _)| e.ts >= ts)
+        {
+            last[k] = Some((e.ts, m));
+        }
+    }
+    last.into_iter()
+        .map(|l| l.map(|(_, m)| m.to_string()))
         .collect()
 }
 
@@ -180,7 +220,7 @@ fn all_keys() -> Vec<String> {
 }
 
 fn features_per_key() -> usize {
-    6
+    7
 }
 
 fn free_port() -> u16 {
@@ -455,38 +495,53 @@ impl Panes {
     /// [`Panes::read`], retried for up to 60 s while the answer is UNAVAILABLE
     /// (partitions moving between instances).
     fn read_settled(&self, keys: &[String], at: i64) -> Vec<f64> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            match self.read(keys, at) {
-                Ok(v) => return v,
-                Err(e) if e.starts_with("Unavailable") && Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-                Err(e) => panic!("{e}"),
-            }
-        }
+        settled(|| self.read(keys, at))
+    }
+
+    /// `merchant_last` of `keys` as of `at` through `GetFeatures` (`None` for null),
+    /// checking that the reply says it is a string feature.
+    fn read_merchants(&self, keys: &[String], at: i64) -> Result<Vec<Option<String>>, String> {
+        let reply = self.get(keys, at, vec!["merchant_last".into()])?;
+        assert_eq!(
+            reply.string_features,
+            [0],
+            "merchant_last is a string feature"
+        );
+        let strings = &reply.strings[0].values;
+        Ok((0..keys.len())
+            .map(|r| (reply.validity[r / 8] & (1 << (r % 8)) != 0).then(|| strings[r].clone()))
+            .collect())
     }
 
     fn read(&self, keys: &[String], at: i64) -> Result<Vec<f64>, String> {
+        Ok(self.get(keys, at, vec![])?.values)
+    }
+
+    /// `GetFeatures` of `features` (empty: all) for `keys` as of `at`.
+    fn get(
+        &self,
+        keys: &[String],
+        at: i64,
+        features: Vec<String>,
+    ) -> Result<GetFeaturesResponse, String> {
         let addr = format!("http://{}", self.grpc);
         runtime().block_on(async move {
             let mut client = FeaturesClient::connect(addr)
                 .await
                 .map_err(|e| e.to_string())?
                 .max_decoding_message_size(usize::MAX);
-            let reply = client
+            Ok(client
                 .get_features(GetFeaturesRequest {
                     view: "cards".into(),
                     keys: Some(Keys::StringKeys(StringKeys {
                         keys: keys.to_vec(),
                     })),
-                    features: vec![],
+                    features,
                     at_ms: Some(at),
                 })
                 .await
                 .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
-                .into_inner();
-            Ok(reply.values)
+                .into_inner())
         })
     }
 }
@@ -495,6 +550,21 @@ impl Drop for Panes {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// `read()`'s answer, retried for up to 60 s while it is UNAVAILABLE (partitions
+/// moving between instances).
+fn settled<T>(read: impl Fn() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match read() {
+            Ok(v) => return v,
+            Err(e) if e.starts_with("Unavailable") && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("{e}"),
+        }
     }
 }
 
@@ -676,6 +746,7 @@ fn tansu_end_to_end_and_exactly_once_through_sigkill() {
 fn scale_out(brokers: &str, topic: &str, events: &[Event], dir: &Path, hard: bool) -> PathBuf {
     let at = read_time(events);
     let want = oracle(events, at);
+    let merchants = merchants(events);
     let f = features_per_key();
     let rows = |values: &[f64], idx: &[usize]| -> Vec<f64> {
         idx.iter()
@@ -699,6 +770,10 @@ fn scale_out(brokers: &str, topic: &str, events: &[Event], dir: &Path, hard: boo
         // says so, and asks for a retry.
         let got = p.read_settled(&asked, at);
         check_oracle(&got, &rows(&want, &idx), &format!("instance {i}"));
+        // Strings too, two thirds of them forwarded to the other instances.
+        let got = settled(|| p.read_merchants(&asked, at));
+        let want: Vec<Option<String>> = idx.iter().map(|&k| merchants[k].clone()).collect();
+        assert_eq!(got, want, "merchant_last at instance {i}");
     }
 
     // Kill one instance; its partitions move to the others, which restore them.

@@ -33,7 +33,7 @@ class IntKeys(_message.Message):
     def __init__(self, keys: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GetFeaturesResponse(_message.Message):
-    __slots__ = ("features", "rows", "values", "validity", "latest_event_ms", "window_events", "at_ms", "state_version", "lists", "strings")
+    __slots__ = ("features", "rows", "values", "validity", "latest_event_ms", "window_events", "at_ms", "state_version", "lists", "strings", "string_features")
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,7 @@ class GetFeaturesResponse(_message.Message):
     STATE_VERSION_FIELD_NUMBER: _ClassVar[int]
     LISTS_FIELD_NUMBER: _ClassVar[int]
     STRINGS_FIELD_NUMBER: _ClassVar[int]
+    STRING_FEATURES_FIELD_NUMBER: _ClassVar[int]
     features: _containers.RepeatedScalarFieldContainer[str]
     rows: int
     values: _containers.RepeatedScalarFieldContainer[float]
@@ -54,7 +55,8 @@ class GetFeaturesResponse(_message.Message):
     state_version: int
     lists: _containers.RepeatedCompositeFieldContainer[FeatureList]
     strings: _containers.RepeatedCompositeFieldContainer[FeatureStrings]
-    def __init__(self, features: _Optional[_Iterable[str]] = ..., rows: _Optional[int] = ..., values: _Optional[_Iterable[float]] = ..., validity: _Optional[bytes] = ..., latest_event_ms: _Optional[_Iterable[int]] = ..., window_events: _Optional[_Iterable[int]] = ..., at_ms: _Optional[int] = ..., state_version: _Optional[int] = ..., lists: _Optional[_Iterable[_Union[FeatureList, _Mapping]]] = ..., strings: _Optional[_Iterable[_Union[FeatureStrings, _Mapping]]] = ...) -> None: ...
+    string_features: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, features: _Optional[_Iterable[str]] = ..., rows: _Optional[int] = ..., values: _Optional[_Iterable[float]] = ..., validity: _Optional[bytes] = ..., latest_event_ms: _Optional[_Iterable[int]] = ..., window_events: _Optional[_Iterable[int]] = ..., at_ms: _Optional[int] = ..., state_version: _Optional[int] = ..., lists: _Optional[_Iterable[_Union[FeatureList, _Mapping]]] = ..., strings: _Optional[_Iterable[_Union[FeatureStrings, _Mapping]]] = ..., string_features: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class FeatureStrings(_message.Message):
     __slots__ = ("feature", "values")

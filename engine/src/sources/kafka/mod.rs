@@ -207,6 +207,26 @@ impl Source for KafkaView {
         Ok(total)
     }
 
+    fn text_features(&self) -> Result<Vec<bool>> {
+        let mut text = vec![false; self.spec.features.len()];
+        for part in self.owned_map().values() {
+            let t = part.engine.text_features(&self.spec.name)?;
+            for (a, b) in text.iter_mut().zip(t) {
+                *a |= b;
+            }
+        }
+        Ok(text)
+    }
+
+    fn key_kind(&self) -> Result<Option<&'static str>> {
+        for part in self.owned_map().values() {
+            if let Some(kind) = part.engine.key_kind(&self.spec.name)? {
+                return Ok(Some(kind));
+            }
+        }
+        Ok(None)
+    }
+
     fn stats(&self) -> &SourceStats {
         &self.stats
     }
