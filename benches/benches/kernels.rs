@@ -186,7 +186,7 @@ fn sketches(c: &mut Criterion) {
     // thousand distinct values, so the sketches of busy keys turn dense.
     let hashes: Vec<f64> = values
         .iter()
-        .map(|v| hll::value(mix((v.abs() * 100.0) as u64 % 5_000)))
+        .map(|v| hll::value(hll::splitmix64((v.abs() * 100.0) as u64 % 5_000)))
         .collect();
     let cpu = Cpu::with_threads(1).unwrap();
     let mut g = c.benchmark_group("sketches");
@@ -241,14 +241,6 @@ fn sketches(c: &mut Criterion) {
         );
     }
     g.finish();
-}
-
-/// SplitMix64's finaliser: a hash for bench values.
-fn mix(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 criterion_group!(benches, fold, merge, sketches);

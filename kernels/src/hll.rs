@@ -59,6 +59,16 @@ pub fn words(precision: u8) -> usize {
     1 + registers_words(precision).max(sparse_capacity(precision))
 }
 
+/// SplitMix64 (one step of Steele, Lea and Flood's generator): a fixed, well-spread
+/// 64-bit hash of an integer. A stand-in for the engine's value hash (XXH64) in tests
+/// and benchmarks of the sketches.
+pub fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// The hash `value` carries, if it is one ([`value`] makes only those).
 #[inline]
 fn hash_of(value: f64) -> Option<u64> {
@@ -218,21 +228,13 @@ fn tau(mut x: f64) -> f64 {
 mod tests {
     use super::*;
 
-    /// A stand-in for the engine's value hash: SplitMix64's finaliser.
-    fn mix(x: u64) -> u64 {
-        let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
     fn bits(g: &[f64]) -> Vec<u64> {
         g.iter().map(|w| w.to_bits()).collect()
     }
 
     #[test]
     fn values_are_exact_and_never_null() {
-        for h in [0, 1, u64::MAX, 1 << 63, mix(7)] {
+        for h in [0, 1, u64::MAX, 1 << 63, splitmix64(7)] {
             let v = value(h);
             assert!(!v.is_nan());
             assert_eq!(hash_of(v), Some(h >> 12));
@@ -246,8 +248,11 @@ mod tests {
     fn max_bytes_is_a_bytewise_maximum() {
         let mut x = 1u64;
         for _ in 0..10_000 {
-            x = mix(x);
-            let (a, b) = (x & 0x3f3f_3f3f_3f3f_3f3f, mix(x) & 0x7f7f_7f7f_7f7f_7f7f);
+            x = splitmix64(x);
+            let (a, b) = (
+                x & 0x3f3f_3f3f_3f3f_3f3f,
+                splitmix64(x) & 0x7f7f_7f7f_7f7f_7f7f,
+            );
             let want = u64::from_le_bytes(std::array::from_fn(|i| {
                 a.to_le_bytes()[i].max(b.to_le_bytes()[i])
             }));
@@ -264,9 +269,9 @@ mod tests {
             let mut n = 0u64;
             for target in [1u64, 2, 3, 10, 64, 65, 100, 1_000, 1_025, 10_000, 100_000] {
                 while n < target {
-                    add(&mut g, value(mix(n)), p);
+                    add(&mut g, value(splitmix64(n)), p);
                     // Repeats change nothing.
-                    add(&mut g, value(mix(n / 2)), p);
+                    add(&mut g, value(splitmix64(n / 2)), p);
                     n += 1;
                 }
                 let e = estimate(&g, p);
@@ -290,7 +295,7 @@ mod tests {
                 let sketch = |range: std::ops::Range<u64>| {
                     let mut g = vec![0.0; words(p)];
                     for i in range {
-                        add(&mut g, value(mix(i)), p);
+                        add(&mut g, value(splitmix64(i)), p);
                     }
                     g
                 };

@@ -142,25 +142,110 @@ pub(crate) struct ColLayout {
     pub decay: usize,
     /// The half-life `h` of the decayed sums, ms (0 without them).
     pub half_life: f64,
-    /// A HyperLogLog sketch (`crate::hll`), `hll::words(precision)` words.
-    pub hll: usize,
-    /// Their precision (0 without them).
-    pub precision: u8,
-    /// A quantile sketch (`crate::quantile`), `quantile::words(alpha)` words.
-    pub quantile: usize,
-    /// Its relative accuracy (0 without one).
-    pub alpha: f64,
-    /// The newest values (`crate::lastn`), `lastn::words(n)` words.
-    pub last_n: usize,
-    /// How many (0 without them).
-    pub n: u16,
-    /// A frequent-values summary (`crate::topk`), `topk::words(capacity)` words.
-    pub top_k: usize,
-    /// Its capacity (0 without one).
-    pub capacity: u16,
+    /// The sketch and list groups, by [`Sketch::slot`] (`None`: absent).
+    pub sketches: [Option<Group>; 4],
 }
 
 pub(crate) const ABSENT: usize = usize::MAX;
+
+/// Slots of the sketch and list groups (see [`Sketch::slot`]).
+const HLL: usize = 0;
+const QUANTILE: usize = 1;
+const LAST_N: usize = 2;
+const TOP_K: usize = 3;
+
+/// A sketch or list group of a column's cells: which one, with its parameter. Each
+/// lives in a module of its own, which this dispatches to.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Sketch {
+    /// `approx_distinct`: a HyperLogLog sketch (`crate::hll`) of this precision.
+    Hll(u8),
+    /// `quantile`: a DDSketch (`crate::quantile`) of this relative accuracy.
+    Quantile(f64),
+    /// `last_n`: the newest values (`crate::lastn`), this many.
+    LastN(u16),
+    /// `top_k`: a frequent-values summary (`crate::topk`) of this capacity.
+    TopK(u16),
+}
+
+impl Sketch {
+    /// The groups `f` asks for, each at its [`Sketch::slot`]: the order of the groups
+    /// in a cell.
+    fn of(f: &ColumnFields) -> [Option<Sketch>; 4] {
+        [
+            f.hll.map(Sketch::Hll),
+            f.quantile.map(|a| Sketch::Quantile(a.get())),
+            f.last_n.map(Sketch::LastN),
+            f.top_k.map(Sketch::TopK),
+        ]
+    }
+
+    /// Where a group of this kind sits in [`ColLayout::sketches`] and [`Acc::sketches`].
+    const fn slot(self) -> usize {
+        match self {
+            Sketch::Hll(_) => HLL,
+            Sketch::Quantile(_) => QUANTILE,
+            Sketch::LastN(_) => LAST_N,
+            Sketch::TopK(_) => TOP_K,
+        }
+    }
+
+    fn words(self) -> usize {
+        match self {
+            Sketch::Hll(p) => hll::words(p),
+            Sketch::Quantile(a) => quantile::words(a),
+            Sketch::LastN(n) => lastn::words(n),
+            Sketch::TopK(c) => topk::words(c),
+        }
+    }
+
+    /// Adds value `x` of time `ts` to group `g`.
+    #[inline]
+    fn add(self, g: &mut [f64], ts: i64, x: f64) {
+        match self {
+            Sketch::Hll(p) => hll::add(g, x, p),
+            Sketch::Quantile(a) => quantile::add(g, x, a),
+            Sketch::LastN(n) => lastn::add(g, ts, x, n),
+            Sketch::TopK(c) => topk::add(g, x, c),
+        }
+    }
+
+    /// Merges group `src` into `dst`.
+    #[inline]
+    fn merge(self, dst: &mut [f64], src: &[f64]) {
+        match self {
+            Sketch::Hll(p) => hll::merge(dst, src, p),
+            Sketch::Quantile(a) => quantile::merge(dst, src, a),
+            Sketch::LastN(n) => lastn::merge(dst, src, n),
+            Sketch::TopK(c) => topk::merge(dst, src, c),
+        }
+    }
+
+    /// Whether group `g`, read from a file, can be read without going out of its words.
+    fn is_valid(self, g: &[f64]) -> bool {
+        match self {
+            Sketch::Hll(p) => hll::is_valid(g, p),
+            Sketch::Quantile(a) => quantile::is_valid(g, a),
+            Sketch::LastN(n) => lastn::is_valid(g, n),
+            Sketch::TopK(c) => topk::is_valid(g, c),
+        }
+    }
+}
+
+/// A sketch or list group of a cell: its kind and its words.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Group {
+    pub sketch: Sketch,
+    pub at: usize,
+    pub words: usize,
+}
+
+impl Group {
+    #[inline]
+    fn range(&self) -> std::ops::Range<usize> {
+        self.at..self.at + self.words
+    }
+}
 
 /// Where each field lives in a cell, and the identity cell.
 #[derive(Clone, Debug)]
@@ -195,14 +280,7 @@ impl Layout {
                 first: ABSENT,
                 decay: ABSENT,
                 half_life: f.decay.unwrap_or(0) as f64,
-                hll: ABSENT,
-                precision: f.hll.unwrap_or(0),
-                quantile: ABSENT,
-                alpha: f.quantile.map_or(0.0, |a| a.get()),
-                last_n: ABSENT,
-                n: f.last_n.unwrap_or(0),
-                top_k: ABSENT,
-                capacity: f.top_k.unwrap_or(0),
+                sketches: [None; 4],
             };
             let mut field = |on: bool, init: &[f64]| {
                 if !on {
@@ -221,13 +299,11 @@ impl Layout {
                 c.last = field(f.last, &[f64::NAN, bits(EMPTY_PANE)]);
                 c.first = field(f.first, &[f64::NAN, bits(i64::MAX)]);
                 c.decay = field(f.decay.is_some(), &DECAY_IDENTITY);
-                c.hll = field(f.hll.is_some(), &vec![0.0; f.hll.map_or(0, hll::words)]);
-                let quantile_words = f.quantile.map_or(0, |a| quantile::words(a.get()));
-                c.quantile = field(f.quantile.is_some(), &vec![0.0; quantile_words]);
-                let last_words = f.last_n.map_or(0, lastn::words);
-                c.last_n = field(f.last_n.is_some(), &vec![0.0; last_words]);
-                let top_words = f.top_k.map_or(0, topk::words);
-                c.top_k = field(f.top_k.is_some(), &vec![0.0; top_words]);
+                for sketch in Sketch::of(f).into_iter().flatten() {
+                    let words = sketch.words();
+                    let at = field(true, &vec![0.0; words]);
+                    c.sketches[sketch.slot()] = Some(Group { sketch, at, words });
+                }
             }
             cols.push(c);
         }
@@ -243,23 +319,15 @@ impl Layout {
     /// Whether the sketches of every cell of `words` (whole cells) have headers that
     /// can be read without going out of their words.
     pub(crate) fn sketches_valid(&self, words: &[f64]) -> bool {
-        let sketches: Vec<&ColLayout> = self
+        let groups: Vec<Group> = self
             .cols
             .iter()
-            .filter(|c| {
-                c.hll != ABSENT || c.quantile != ABSENT || c.last_n != ABSENT || c.top_k != ABSENT
-            })
+            .flat_map(|c| c.sketches.iter().flatten().copied())
             .collect();
-        sketches.is_empty()
-            || words.chunks_exact(self.stride).all(|cell| {
-                sketches.iter().all(|c| {
-                    (c.hll == ABSENT || hll::is_valid(&cell[c.hll..], c.precision))
-                        && (c.quantile == ABSENT
-                            || quantile::is_valid(&cell[c.quantile..], c.alpha))
-                        && (c.last_n == ABSENT || lastn::is_valid(&cell[c.last_n..], c.n))
-                        && (c.top_k == ABSENT || topk::is_valid(&cell[c.top_k..], c.capacity))
-                })
-            })
+        groups.is_empty()
+            || words
+                .chunks_exact(self.stride)
+                .all(|cell| groups.iter().all(|g| g.sketch.is_valid(&cell[g.range()])))
     }
 }
 
@@ -533,30 +601,8 @@ pub(crate) fn add(layout: &Layout, cell: &mut [f64], ts: i64, values: &[&[f64]],
         if col.decay != ABSENT {
             decay_merge(&mut cell[col.decay..], ts, 1.0, x, col.half_life);
         }
-        if col.hll != ABSENT {
-            let p = col.precision;
-            hll::add(&mut cell[col.hll..col.hll + hll::words(p)], x, p);
-        }
-        if col.quantile != ABSENT {
-            let a = col.alpha;
-            quantile::add(
-                &mut cell[col.quantile..col.quantile + quantile::words(a)],
-                x,
-                a,
-            );
-        }
-        if col.last_n != ABSENT {
-            let n = col.n;
-            lastn::add(
-                &mut cell[col.last_n..col.last_n + lastn::words(n)],
-                ts,
-                x,
-                n,
-            );
-        }
-        if col.top_k != ABSENT {
-            let c = col.capacity;
-            topk::add(&mut cell[col.top_k..col.top_k + topk::words(c)], x, c);
+        for g in col.sketches.iter().flatten() {
+            g.sketch.add(&mut cell[g.range()], ts, x);
         }
     }
 }
@@ -633,21 +679,8 @@ fn merge_cells<const KEEP_SHIFT: bool>(layout: &Layout, dst: &mut [f64], src: &[
                 col.half_life,
             );
         }
-        if col.hll != ABSENT {
-            let r = col.hll..col.hll + hll::words(col.precision);
-            hll::merge(&mut dst[r.clone()], &src[r], col.precision);
-        }
-        if col.quantile != ABSENT {
-            let r = col.quantile..col.quantile + quantile::words(col.alpha);
-            quantile::merge(&mut dst[r.clone()], &src[r], col.alpha);
-        }
-        if col.last_n != ABSENT {
-            let r = col.last_n..col.last_n + lastn::words(col.n);
-            lastn::merge(&mut dst[r.clone()], &src[r], col.n);
-        }
-        if col.top_k != ABSENT {
-            let r = col.top_k..col.top_k + topk::words(col.capacity);
-            topk::merge(&mut dst[r.clone()], &src[r], col.capacity);
+        for g in col.sketches.iter().flatten() {
+            g.sketch.merge(&mut dst[g.range()], &src[g.range()]);
         }
     }
 }
@@ -1132,14 +1165,9 @@ pub(crate) struct Acc {
     pub first_ts: i64,
     /// A decay group (`decay_merge`).
     pub decay: [f64; 3],
-    /// The union of the cells' HyperLogLog sketches (empty until a cell has one).
-    pub hll: Vec<f64>,
-    /// The union of the cells' quantile sketches (empty until a cell has one).
-    pub quantile: Vec<f64>,
-    /// The newest values of the cells (empty until a cell has some).
-    pub last_n: Vec<f64>,
-    /// The union of the cells' frequent-values summaries (empty until a cell has one).
-    pub top_k: Vec<f64>,
+    /// The union of the cells' sketch and list groups, by [`Sketch::slot`] (each
+    /// empty until a cell has one).
+    pub sketches: [Vec<f64>; 4],
 }
 
 impl Acc {
@@ -1159,10 +1187,7 @@ impl Acc {
         first: f64::NAN,
         first_ts: i64::MAX,
         decay: DECAY_IDENTITY,
-        hll: Vec::new(),
-        quantile: Vec::new(),
-        last_n: Vec::new(),
-        top_k: Vec::new(),
+        sketches: [Vec::new(), Vec::new(), Vec::new(), Vec::new()],
     };
 
     /// Adds a cell, for column `column` (or rows only).
@@ -1201,38 +1226,15 @@ impl Acc {
             let (r, w, xw) = (int(cell[d]), cell[d + 1], cell[d + 2]);
             decay_merge(&mut self.decay, r, w, xw, col.half_life);
         }
-        if col.hll != ABSENT {
-            let sketch = &cell[col.hll..col.hll + hll::words(col.precision)];
-            unite(&mut self.hll, sketch, |u, s| {
-                hll::merge(u, s, col.precision)
-            });
+        // Each group joins the union of the cells read so far (the first is copied).
+        for g in col.sketches.iter().flatten() {
+            let union = &mut self.sketches[g.sketch.slot()];
+            if union.is_empty() {
+                union.extend_from_slice(&cell[g.range()]);
+            } else {
+                g.sketch.merge(union, &cell[g.range()]);
+            }
         }
-        if col.quantile != ABSENT {
-            let sketch = &cell[col.quantile..col.quantile + quantile::words(col.alpha)];
-            unite(&mut self.quantile, sketch, |u, s| {
-                quantile::merge(u, s, col.alpha)
-            });
-        }
-        if col.last_n != ABSENT {
-            let newest = &cell[col.last_n..col.last_n + lastn::words(col.n)];
-            unite(&mut self.last_n, newest, |u, s| lastn::merge(u, s, col.n));
-        }
-        if col.top_k != ABSENT {
-            let summary = &cell[col.top_k..col.top_k + topk::words(col.capacity)];
-            unite(&mut self.top_k, summary, |u, s| {
-                topk::merge(u, s, col.capacity)
-            });
-        }
-    }
-}
-
-/// Adds a cell's sketch to the union of the cells read so far (the first is copied).
-#[inline]
-fn unite(union: &mut Vec<f64>, sketch: &[f64], merge: impl FnOnce(&mut [f64], &[f64])) {
-    if union.is_empty() {
-        union.extend_from_slice(sketch);
-    } else {
-        merge(union, sketch);
     }
 }
 
@@ -1263,32 +1265,38 @@ pub(crate) fn finalize(agg: crate::Agg, column: Option<usize>, a: &Acc, at: i64)
         First => (n > 0.0).then_some(a.first),
         DecayedSum { half_life } => Some(decayed(2, half_life)),
         DecayedCount { half_life } => Some(decayed(1, half_life)),
-        ApproxDistinct { precision } => Some(if a.hll.is_empty() {
-            0.0
-        } else {
-            hll::estimate(&a.hll, precision)
+        ApproxDistinct { precision } => Some(match &a.sketches[HLL] {
+            s if s.is_empty() => 0.0,
+            s => hll::estimate(s, precision),
         }),
         Quantile {
             q,
             relative_accuracy,
-        } => (!a.quantile.is_empty())
-            .then(|| quantile::quantile(&a.quantile, q.get(), relative_accuracy.get()))
-            .flatten(),
+        } => {
+            let s = &a.sketches[QUANTILE];
+            (!s.is_empty())
+                .then(|| quantile::quantile(s, q.get(), relative_accuracy.get()))
+                .flatten()
+        }
         // The length; `list` gives the values.
-        LastN { .. } => Some(a.last_n.first().copied().unwrap_or(0.0)),
-        TopK { k, .. } => Some(a.top_k.first().map_or(0.0, |&m| m.min(f64::from(k)))),
+        LastN { .. } => Some(a.sketches[LAST_N].first().copied().unwrap_or(0.0)),
+        TopK { k, .. } => Some(
+            a.sketches[TOP_K]
+                .first()
+                .map_or(0.0, |&m| m.min(f64::from(k))),
+        ),
     }
 }
 
 /// The values of a list-valued `agg` over an accumulated window (empty for the
 /// others).
 pub(crate) fn list(agg: crate::Agg, a: &Acc) -> Vec<f64> {
+    let last_n = &a.sketches[LAST_N];
+    let top_k = &a.sketches[TOP_K];
     match agg {
-        crate::Agg::LastN { .. } if !a.last_n.is_empty() => {
-            lastn::newest_first(&a.last_n).collect()
-        }
+        crate::Agg::LastN { .. } if !last_n.is_empty() => lastn::newest_first(last_n).collect(),
         // Pairs with the ties of the k-th (see `topk::ranked`); readers pick the k.
-        crate::Agg::TopK { k, .. } if !a.top_k.is_empty() => topk::ranked(&a.top_k, k),
+        crate::Agg::TopK { k, .. } if !top_k.is_empty() => topk::ranked(top_k, k),
         _ => Vec::new(),
     }
 }

@@ -138,7 +138,7 @@ fn gen_case_with(rng: &mut StdRng, sketches: bool) -> Case {
                 return (0..n)
                     .map(|_| match rng.random_range(0..30) {
                         0 => f64::NAN,
-                        _ => hll::value(mix(rng.random_range(0..distinct))),
+                        _ => hll::value(hll::splitmix64(rng.random_range(0..distinct))),
                     })
                     .collect();
             }
@@ -215,14 +215,6 @@ fn with_capacity(agg: Agg, capacity: Option<u16>, rng: &mut StdRng) -> Agg {
         (Agg::TopK { .. }, None) => Agg::Min,
         (a, _) => a,
     }
-}
-
-/// SplitMix64's finaliser: a hash for test values.
-fn mix(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 fn fold_split(backend: &dyn Backend, case: &Case, rng: &mut StdRng, split: bool) -> PaneState {
@@ -1106,7 +1098,9 @@ fn a_checkpoint_image_with_a_sketch_header_out_of_range_is_refused() {
         shards: 1,
     };
     let mut state = PaneState::new(spec.clone()).unwrap();
-    let values: Vec<f64> = (0..100u64).map(|i| hll::value(mix(i))).collect();
+    let values: Vec<f64> = (0..100u64)
+        .map(|i| hll::value(hll::splitmix64(i)))
+        .collect();
     let batch = FoldBatch {
         ids: &[0; 100],
         ts: &(0..100).map(|t| t * 50).collect::<Vec<_>>(),
