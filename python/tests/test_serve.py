@@ -147,6 +147,9 @@ def test_grpc_client_round_trip(server: dict[str, str]) -> None:
         assert (f.latest_event_ms[:40] > 0).all()
         assert (f.latest_event_ms[40:] == np.iinfo(np.int64).min).all()
         assert int(f.window_events.sum()) == r.accepted
+        # Keys with no events: every list feature is there, with empty lists.
+        f = c.get_features("cards", [41, 44], at_ms=at)
+        assert f.lists == {"amount_last_3": [[], []]}
 
         sub = c.get_features("cards", [1, 2], features=["amount_mean_life"], at_ms=at)
         assert sub.names == ["amount_mean_life"]
@@ -314,6 +317,10 @@ def test_string_features_over_grpc_and_flight(server: dict[str, str]) -> None:
             time.sleep(0.005)
         f = c.get_features("clicks", [40], at_ms=at + 2)
         assert f.strings["first_category"] == ["zz"] and f.lists["recent_categories"] == [["zz", "zz"]]
+        # A key with no events: its string features are null, its lists empty.
+        f = c.get_features("clicks", [31], at_ms=at)
+        assert f.strings["first_category"] == [None]
+        assert f.lists == {"recent_categories": [[]], "top_categories": [[]]}
     client = flight.connect(f"grpc://{server['grpc']}")
     ticket = flight.Ticket(json.dumps({"view": "clicks", "keys": keys, "at_ms": at}).encode())
     got = client.do_get(ticket).read_all()

@@ -269,11 +269,12 @@ fn rows_batch(
         .map_err(|e| bad_request("rows", e.to_string()))
 }
 
-/// The lists of the frame's list-valued features that have any.
+/// The lists of the frame's list-valued features (empty ones too: a client finds
+/// every list feature in `lists`).
 fn feature_lists(frame: &crate::online::FeatureFrame) -> Vec<super::proto::FeatureList> {
     let (rows, nf) = frame.values.dim();
     (0..nf)
-        .filter(|&c| (0..rows).any(|r| !frame.list(r, c).is_empty()))
+        .filter(|&c| frame.is_list.get(c) == Some(&true))
         .map(|c| {
             let text = frame.text.get(c).copied().unwrap_or(false);
             let mut offsets = vec![0u32];
