@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use arrow_array::{Float64Array, RecordBatch, StringArray, TimestampMillisecondArray};
 use panes_engine::serve::proto::features_client::FeaturesClient;
 use panes_engine::serve::proto::get_features_request::Keys;
-use panes_engine::serve::proto::{GetFeaturesRequest, GetFeaturesResponse, StringKeys};
+use panes_engine::serve::proto::{
+    DescribeViewRequest, GetFeaturesRequest, GetFeaturesResponse, StringKeys,
+};
 use panes_engine::sources::kafka::partition_for;
 use panes_engine::{Engine, EngineOptions, FeatureFile};
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -517,6 +519,25 @@ impl Panes {
         Ok(self.get(keys, at, vec![])?.values)
     }
 
+    /// The key kind and the feature dtypes `DescribeView` gives.
+    fn describe(&self) -> (String, Vec<String>) {
+        let addr = format!("http://{}", self.grpc);
+        runtime().block_on(async move {
+            let mut client = FeaturesClient::connect(addr).await.unwrap();
+            let d = client
+                .describe_view(DescribeViewRequest {
+                    view: "cards".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            (
+                d.key_kind,
+                d.features.into_iter().map(|f| f.dtype).collect(),
+            )
+        })
+    }
+
     /// `GetFeatures` of `features` (empty: all) for `keys` as of `at`.
     fn get(
         &self,
@@ -774,6 +795,14 @@ fn scale_out(brokers: &str, topic: &str, events: &[Event], dir: &Path, hard: boo
         let got = settled(|| p.read_merchants(&asked, at));
         let want: Vec<Option<String>> = idx.iter().map(|&k| merchants[k].clone()).collect();
         assert_eq!(got, want, "merchant_last at instance {i}");
+        // The description comes from the partitions owned here.
+        let (key_kind, dtypes) = p.describe();
+        assert_eq!(key_kind, "string");
+        assert_eq!(
+            dtypes.last().map(String::as_str),
+            Some("string"),
+            "{dtypes:?}"
+        );
     }
 
     // Kill one instance; its partitions move to the others, which restore them.
