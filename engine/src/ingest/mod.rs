@@ -22,10 +22,12 @@ pub mod keys;
 pub mod strings;
 mod view_core;
 
-/// A decoded value column: numbers (or hashes) as Float64, or strings as Utf8.
+/// A decoded value column: numbers (or hashes) as Float64, strings as Utf8, or nulls
+/// only (as Float64), which have no kind.
 enum Values {
     Numbers(arrow_array::ArrayRef),
     Strings(arrow_array::ArrayRef),
+    Nulls(arrow_array::ArrayRef),
 }
 
 pub(crate) use cap::{KeyCap, string_charge};
@@ -407,7 +409,6 @@ pub(crate) fn ingest(
         Err(e) => return schema_error(counters, e),
     };
     let mut value_cols = Vec::with_capacity(view.decoded.len());
-    let mut nulls_only = vec![false; view.decoded.len()];
     for (j, d) in view.decoded.iter().enumerate() {
         let name = &view.columns[d.column];
         let mistyped = |message: String| PanesError::Schema {
@@ -423,10 +424,7 @@ pub(crate) fn ingest(
         // strings alike (a JSON field null in every message of a batch, a pyarrow
         // column of `None`s), so it neither fixes nor contradicts the column's kind.
         if array.logical_null_count() == array.len() {
-            value_cols.push(Values::Numbers(Arc::new(Float64Array::new_null(
-                array.len(),
-            ))));
-            nulls_only[j] = true;
+            value_cols.push(Values::Nulls(Arc::new(Float64Array::new_null(array.len()))));
             continue;
         }
         if d.hashed {
@@ -479,9 +477,14 @@ pub(crate) fn ingest(
         return schema_error(counters, e);
     }
     for (j, c) in value_cols.iter().enumerate() {
-        if !view.decoded[j].hashed && !nulls_only[j] {
+        let text = match c {
+            Values::Strings(_) => true,
+            Values::Numbers(_) => false,
+            Values::Nulls(_) => continue,
+        };
+        if !view.decoded[j].hashed {
             // Checked above: cannot fail.
-            let _ = string_values.fix_kind(j, matches!(c, Values::Strings(_)));
+            let _ = string_values.fix_kind(j, text);
         }
     }
 
@@ -509,7 +512,7 @@ pub(crate) fn ingest(
         .iter()
         .filter_map(|c| match c {
             Values::Strings(c) => Some(c.as_string::<i32>()),
-            Values::Numbers(_) => None,
+            Values::Numbers(_) | Values::Nulls(_) => None,
         })
         .collect();
     // Per string column, the ids of the accepted rows' strings, looked up once in the
@@ -575,27 +578,21 @@ pub(crate) fn ingest(
         }
         let new_bytes: usize = row_new.iter().map(|v| v.len()).sum();
         let new_strings = row_new.len();
-        if new_bytes > 0
-            && string_values.string_bytes() + added + new_bytes > strings::MAX_STRING_BYTES
-        {
-            let message = if report.rejections.len() < MAX_REPORTED {
-                format!(
-                    "row {}: a new string value: the view's string values hold {} bytes, the most it keeps is {}",
-                    i + offset,
-                    string_values.string_bytes() + added,
-                    strings::MAX_STRING_BYTES
-                )
-            } else {
-                String::new()
-            };
-            reject(&mut report, i, RejectReason::KeyLimit, message);
-            continue;
-        }
-        // The budget pays for the new strings before the key is created.
+        // The table must have room for them, and the budget pays for them before the
+        // key is created.
         let strings_charge = string_charge(new_bytes, new_strings);
-        if new_strings > 0
-            && let Err(why) = cap.admit_strings(strings_charge)
-        {
+        let room = if new_strings == 0 {
+            Ok(())
+        } else if string_values.string_bytes() + added + new_bytes > strings::MAX_STRING_BYTES {
+            Err(format!(
+                "the view's string values hold {} bytes, the most it keeps is {}",
+                string_values.string_bytes() + added,
+                strings::MAX_STRING_BYTES
+            ))
+        } else {
+            cap.admit_strings(strings_charge)
+        };
+        if let Err(why) = room {
             let message = if report.rejections.len() < MAX_REPORTED {
                 format!("row {}: a new string value: {why}", i + offset)
             } else {
@@ -651,7 +648,7 @@ pub(crate) fn ingest(
     let mut text_ids = text_ids.into_iter();
     for (dst, col) in out.values.iter_mut().zip(&value_cols) {
         let col = match col {
-            Values::Numbers(col) => col,
+            Values::Numbers(col) | Values::Nulls(col) => col,
             Values::Strings(col) => {
                 let col = col.as_string::<i32>();
                 let ids = text_ids.next().expect("one id list per string column");

@@ -358,7 +358,8 @@ mod tests {
     }
 
     /// Features of strings stay strings when no row of the reply has one: a null
-    /// `first`, empty `top_k` lists (the owner sends no list then).
+    /// `first`, and a `top_k` with no list at all (as an owner that sends lists only
+    /// when some row has an item would reply).
     #[test]
     fn string_features_without_values_are_still_strings() {
         let mut r = reply();
