@@ -75,6 +75,7 @@
 
 pub mod checkpoint;
 pub mod error;
+pub mod expr;
 #[cfg(fuzzing)]
 #[doc(hidden)]
 pub mod fuzz;

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use arrow_array::Int64Array;
 use clap::{Parser, Subcommand};
-use panes_engine::error::ErrorDomain;
+use panes_engine::error::{ErrorDomain, SpecError, SpecIssue};
 use panes_engine::offline::io;
 use panes_engine::sources::synth::{Synth, SynthConfig};
 use panes_engine::spec::{Window, format_duration};
@@ -79,6 +79,10 @@ enum Command {
     Check {
         /// Feature file (TOML).
         features: PathBuf,
+        /// An events file (Parquet, CSV or Arrow IPC): also check each view's
+        /// expressions (derived columns, filters) against its columns and types.
+        #[arg(long)]
+        events: Option<PathBuf>,
     },
 }
 
@@ -111,7 +115,7 @@ fn main() -> ExitCode {
             backend,
         ),
         Command::Serve(args) => serve(*args),
-        Command::Check { features } => check(&features),
+        Command::Check { features, events } => check(&features, events.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -443,8 +447,30 @@ fn describe(file: &FeatureFile) {
     }
 }
 
-fn check(path: &Path) -> Result<()> {
+fn check(path: &Path, events: Option<&Path>) -> Result<()> {
     let file = FeatureFile::from_path(path)?;
+    if let Some(events) = events {
+        let (schema, _) = io::read_file(events)?;
+        let issues: Vec<SpecIssue> = file
+            .views
+            .iter()
+            .filter_map(|v| {
+                let e = CompiledView::new(v, 1).exprs.check(&schema).err()?;
+                Some(SpecIssue {
+                    location: format!("view {:?}", v.name),
+                    field: e.field,
+                    message: format!("{} (events {})", e.error, events.display()),
+                })
+            })
+            .collect();
+        if !issues.is_empty() {
+            return Err(SpecError {
+                origin: path.display().to_string(),
+                issues,
+            }
+            .into());
+        }
+    }
     describe(&file);
     for v in &file.views {
         let per_key = CompiledView::new(v, 1).bytes_per_key();
@@ -643,7 +669,7 @@ fn demo(
         pushed as f64 / busy.as_secs_f64().max(1e-9) / 1e6
     );
     println!(
-        "accepted {}, late {}, rejected {} ({}); null amounts skipped {}",
+        "accepted {}, late {}, rejected {} ({}); null amounts skipped {}{}",
         m.counters.accepted,
         m.counters.late,
         m.counters.rejected_total(),
@@ -652,7 +678,15 @@ fn demo(
             .map(|(r, n)| format!("{r} {n}"))
             .collect::<Vec<_>>()
             .join(", "),
-        m.counters.null_values
+        m.counters.null_values,
+        if m.counters.filtered + m.counters.expr_errors > 0 {
+            format!(
+                "; filtered {}, expression errors {}",
+                m.counters.filtered, m.counters.expr_errors
+            )
+        } else {
+            String::new()
+        }
     );
     for r in total.rejections.iter().take(3) {
         println!("  e.g. {}", r.message);

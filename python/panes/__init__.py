@@ -254,6 +254,8 @@ class Engine:
                 allowed_lateness=v["allowed_lateness"],
                 read_time=v["read_time"],
                 features=[Feature(**f) for f in v["features"]],
+                filter=v["filter"],
+                columns=v["columns"],
             )
             for v in self._core.views()
         ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import builtins
 import datetime as _dt
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 Duration = str | int | _dt.timedelta
@@ -58,6 +58,7 @@ class Feature:
     n: int | None = None
     k: int | None = None
     capacity: int | None = None
+    filter: str | None = None
 
     def to_toml(self) -> str:
         """The feature as a ``[[views.features]]`` table."""
@@ -78,6 +79,8 @@ class Feature:
         for key in ("n", "k", "capacity"):
             if getattr(self, key) is not None:
                 lines.append(f"{key} = {int(getattr(self, key))}")
+        if self.filter is not None:
+            lines.append(f"filter = {_q(self.filter)}")
         return "\n".join(lines) + "\n"
 
     def __repr__(self) -> str:
@@ -90,7 +93,8 @@ class Feature:
                          ("capacity", self.capacity)]
             if v is not None
         )
-        return f"<Feature {self.name}: {what} over {self.window}{hop}{params}>"
+        where = f" where {self.filter}" if self.filter is not None else ""
+        return f"<Feature {self.name}: {what} over {self.window}{hop}{params}{where}>"
 
 
 def _feature(
@@ -106,6 +110,7 @@ def _feature(
     n: int | None = None,
     k: int | None = None,
     capacity: int | None = None,
+    filter: str | None = None,
 ) -> Feature:
     w = _duration(window, "window")
     h = None if hop is None else _duration(hop, "hop")
@@ -113,7 +118,7 @@ def _feature(
     if name is None:
         name = f"{agg}_{w}" if column is None else f"{column}_{agg}_{w}"
     return Feature(name=name, agg=agg, column=column, window=w, hop=h, half_life=hl, precision=precision,
-                   q=q, relative_accuracy=relative_accuracy, n=n, k=k, capacity=capacity)
+                   q=q, relative_accuracy=relative_accuracy, n=n, k=k, capacity=capacity, filter=filter)
 
 
 def count(
@@ -121,7 +126,7 @@ def count(
     *,
     window: Duration,
     hop: Duration | None = None,
-    name: str | None = None,
+    name: str | None = None, filter: str | None = None,
 ) -> Feature:
     """Number of events in the window; with ``column``, of its non-null, non-NaN values.
 
@@ -129,11 +134,11 @@ def count(
     >>> panes.count(window="5m")
     <Feature count_5m: count() over 5m>
     """
-    return _feature("count", column, window, hop, name)
+    return _feature("count", column, window, hop, name, filter=filter)
 
 
 def sum(
-    column: str, *, window: Duration, hop: Duration | None = None, name: str | None = None
+    column: str, *, window: Duration, hop: Duration | None = None, name: str | None = None, filter: str | None = None
 ) -> Feature:
     """Sum of ``column`` over the window (0 when empty).
 
@@ -141,11 +146,11 @@ def sum(
     >>> panes.sum("amount", window="1h", hop="5m")
     <Feature amount_sum_1h: sum(amount) over 1h, hop=5m>
     """
-    return _feature("sum", column, window, hop, name)
+    return _feature("sum", column, window, hop, name, filter=filter)
 
 
 def mean(
-    column: str, *, window: Duration, hop: Duration | None = None, name: str | None = None
+    column: str, *, window: Duration, hop: Duration | None = None, name: str | None = None, filter: str | None = None
 ) -> Feature:
     """Mean of ``column`` over the window (null when empty).
 
@@ -153,51 +158,51 @@ def mean(
     >>> panes.mean("amount", window="1h", hop="1m", name="amount_mean_1h")
     <Feature amount_mean_1h: mean(amount) over 1h, hop=1m>
     """
-    return _feature("mean", column, window, hop, name)
+    return _feature("mean", column, window, hop, name, filter=filter)
 
 
 def min(
-    column: str, *, window: Duration, hop: Duration | None = None, name: str | None = None
+    column: str, *, window: Duration, hop: Duration | None = None, name: str | None = None, filter: str | None = None
 ) -> Feature:
     """Smallest value of ``column`` in the window (null when empty)."""
-    return _feature("min", column, window, hop, name)
+    return _feature("min", column, window, hop, name, filter=filter)
 
 
 def max(
-    column: str, *, window: Duration, hop: Duration | None = None, name: str | None = None
+    column: str, *, window: Duration, hop: Duration | None = None, name: str | None = None, filter: str | None = None
 ) -> Feature:
     """Largest value of ``column`` in the window (null when empty)."""
-    return _feature("max", column, window, hop, name)
+    return _feature("max", column, window, hop, name, filter=filter)
 
 
 def var(
-    column: str, *, window: Duration, hop: Duration | None = None, name: str | None = None
+    column: str, *, window: Duration, hop: Duration | None = None, name: str | None = None, filter: str | None = None
 ) -> Feature:
     """Sample variance (n − 1) of ``column`` in the window (null for fewer than 2 values)."""
-    return _feature("var", column, window, hop, name)
+    return _feature("var", column, window, hop, name, filter=filter)
 
 
 def std(
-    column: str, *, window: Duration, hop: Duration | None = None, name: str | None = None
+    column: str, *, window: Duration, hop: Duration | None = None, name: str | None = None, filter: str | None = None
 ) -> Feature:
     """Sample standard deviation of ``column`` in the window (null for fewer than 2 values)."""
-    return _feature("std", column, window, hop, name)
+    return _feature("std", column, window, hop, name, filter=filter)
 
 
 def last(
-    column: str, *, window: Duration, hop: Duration | None = None, name: str | None = None
+    column: str, *, window: Duration, hop: Duration | None = None, name: str | None = None, filter: str | None = None
 ) -> Feature:
     """Value of ``column`` of the latest event in the window (ties: the one pushed last):
     a number, or a string for a string column."""
-    return _feature("last", column, window, hop, name)
+    return _feature("last", column, window, hop, name, filter=filter)
 
 
 def first(
-    column: str, *, window: Duration, hop: Duration | None = None, name: str | None = None
+    column: str, *, window: Duration, hop: Duration | None = None, name: str | None = None, filter: str | None = None
 ) -> Feature:
     """Value of ``column`` of the earliest event in the window (ties: the one pushed first):
     a number, or a string for a string column."""
-    return _feature("first", column, window, hop, name)
+    return _feature("first", column, window, hop, name, filter=filter)
 
 
 def decayed_sum(
@@ -206,7 +211,7 @@ def decayed_sum(
     half_life: Duration,
     window: Duration,
     hop: Duration | None = None,
-    name: str | None = None,
+    name: str | None = None, filter: str | None = None,
 ) -> Feature:
     """Exponentially decayed sum of ``column`` over the window, as of the read time t:
     ``Σ v · 2^(−(t − ts) / half_life)`` (0 when empty; within 1e-9 relative).
@@ -215,7 +220,7 @@ def decayed_sum(
     >>> panes.decayed_sum("amount", half_life="1h", window="1d", hop="10m")
     <Feature amount_decayed_sum_1d: decayed_sum(amount) over 1d, hop=10m, half_life=1h>
     """
-    return _feature("decayed_sum", column, window, hop, name, half_life)
+    return _feature("decayed_sum", column, window, hop, name, half_life, filter=filter)
 
 
 def decayed_count(
@@ -224,7 +229,7 @@ def decayed_count(
     half_life: Duration,
     window: Duration,
     hop: Duration | None = None,
-    name: str | None = None,
+    name: str | None = None, filter: str | None = None,
 ) -> Feature:
     """Exponentially decayed count of the window's events (with ``column``, of its
     non-null, non-NaN values), as of the read time t: ``Σ 2^(−(t − ts) / half_life)``.
@@ -233,7 +238,7 @@ def decayed_count(
     >>> panes.decayed_count(half_life="30m", window="lifetime")
     <Feature decayed_count_lifetime: decayed_count() over lifetime, half_life=30m>
     """
-    return _feature("decayed_count", column, window, hop, name, half_life)
+    return _feature("decayed_count", column, window, hop, name, half_life, filter=filter)
 
 
 def approx_distinct(
@@ -242,7 +247,7 @@ def approx_distinct(
     window: Duration,
     precision: int | None = None,
     hop: Duration | None = None,
-    name: str | None = None,
+    name: str | None = None, filter: str | None = None,
 ) -> Feature:
     """Number of distinct values of ``column`` in the window (integers, floats,
     decimals or strings; 0 when empty).
@@ -256,7 +261,7 @@ def approx_distinct(
     >>> panes.approx_distinct("merchant", window="1d", hop="1h")
     <Feature merchant_approx_distinct_1d: approx_distinct(merchant) over 1d, hop=1h>
     """
-    return _feature("approx_distinct", column, window, hop, name, precision=precision)
+    return _feature("approx_distinct", column, window, hop, name, precision=precision, filter=filter)
 
 
 def quantile(
@@ -266,7 +271,7 @@ def quantile(
     window: Duration,
     relative_accuracy: float | None = None,
     hop: Duration | None = None,
-    name: str | None = None,
+    name: str | None = None, filter: str | None = None,
 ) -> Feature:
     """The ``q``-quantile of ``column`` in the window: the value of rank
     ``floor(q · (n − 1))`` of the sorted values, within ``relative_accuracy · |value|``
@@ -280,11 +285,11 @@ def quantile(
     >>> panes.quantile("trip_s", 0.9, window="7d", hop="1d", name="trip_p90_7d")
     <Feature trip_p90_7d: quantile(trip_s) over 7d, hop=1d, q=0.9>
     """
-    return _feature("quantile", column, window, hop, name, q=q, relative_accuracy=relative_accuracy)
+    return _feature("quantile", column, window, hop, name, q=q, relative_accuracy=relative_accuracy, filter=filter)
 
 
 def last_n(
-    column: str, n: int, *, window: Duration, hop: Duration | None = None, name: str | None = None
+    column: str, n: int, *, window: Duration, hop: Duration | None = None, name: str | None = None, filter: str | None = None
 ) -> Feature:
     """The values of ``column`` of the window's ``n`` newest events (greatest time; ties:
     the one pushed last), newest first: a list (an empty one for an empty window).
@@ -296,7 +301,7 @@ def last_n(
     >>> panes.last_n("amount", 5, window="1d", hop="1h", name="last_amounts")
     <Feature last_amounts: last_n(amount) over 1d, hop=1h, n=5>
     """
-    return _feature("last_n", column, window, hop, name, n=n)
+    return _feature("last_n", column, window, hop, name, n=n, filter=filter)
 
 
 def top_k(
@@ -306,7 +311,7 @@ def top_k(
     window: Duration,
     capacity: int | None = None,
     hop: Duration | None = None,
-    name: str | None = None,
+    name: str | None = None, filter: str | None = None,
 ) -> Feature:
     """The ``k`` most frequent values of ``column`` in the window, most frequent first
     (ties: smaller value first; strings by code point): a list, of strings for a
@@ -319,12 +324,18 @@ def top_k(
     >>> panes.top_k("category", 5, window="1d", hop="1h", name="top_categories")
     <Feature top_categories: top_k(category) over 1d, hop=1h, k=5>
     """
-    return _feature("top_k", column, window, hop, name, k=k, capacity=capacity)
+    return _feature("top_k", column, window, hop, name, k=k, capacity=capacity, filter=filter)
 
 
 @dataclass(frozen=True)
 class View:
     """One event stream with one entity key, and its features.
+
+    ``columns`` maps derived column names to SQL expressions over the event's columns
+    (computed in order: later ones may use earlier ones); ``filter`` is a SQL condition,
+    and rows where it is false or null do not belong to the view. A feature's own
+    ``filter`` (``panes.count(window="1h", filter="amount > 100")``) limits what that
+    feature aggregates.
 
     >>> import panes
     >>> v = panes.View("cards", key="card", time="ts", pane="10s",
@@ -341,9 +352,12 @@ class View:
     allowed_lateness: Duration = "0s"
     read_time: str = "event_time"
     max_keys: int | None = None
+    filter: str | None = None
+    columns: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "features", tuple(self.features))
+        object.__setattr__(self, "columns", dict(self.columns))
         object.__setattr__(self, "pane", _duration(self.pane, "pane"))
         object.__setattr__(
             self, "allowed_lateness", _duration(self.allowed_lateness, "allowed_lateness")
@@ -368,7 +382,13 @@ class View:
         ]
         if self.max_keys is not None:
             head.append(f"max_keys = {int(self.max_keys)}")
-        return "\n".join(head) + "\n\n" + "\n".join(f.to_toml() for f in self.features)
+        if self.filter is not None:
+            head.append(f"filter = {_q(self.filter)}")
+        derived = "".join(
+            f"[[views.columns]]\nname = {_q(name)}\nexpr = {_q(expr)}\n\n"
+            for name, expr in self.columns.items()
+        )
+        return "\n".join(head) + "\n\n" + derived + "\n".join(f.to_toml() for f in self.features)
 
     def __repr__(self) -> str:
         lines = [

@@ -213,9 +213,16 @@ impl PyEngine {
                 };
                 fd.set_item("k", k)?;
                 fd.set_item("capacity", capacity)?;
+                fd.set_item("filter", &f.filter)?;
                 features.append(fd)?;
             }
             d.set_item("features", features)?;
+            d.set_item("filter", &v.filter)?;
+            let columns = PyDict::new(py);
+            for c in &v.columns {
+                columns.set_item(&c.name, &c.expr)?;
+            }
+            d.set_item("columns", columns)?;
             out.append(d)?;
         }
         Ok(out)
@@ -550,6 +557,8 @@ fn metrics_dict<'py>(py: Python<'py>, m: &ViewMetrics) -> PyResult<Bound<'py, Py
     d.set_item("null_values", m.counters.null_values)?;
     d.set_item("nan_values", m.counters.nan_values)?;
     d.set_item("expired", m.counters.expired)?;
+    d.set_item("filtered", m.counters.filtered)?;
+    d.set_item("expr_errors", m.counters.expr_errors)?;
     d.set_item("keys", m.keys)?;
     d.set_item("state_bytes", m.state_bytes)?;
     d.set_item("max_event_time", m.max_event_time)?;

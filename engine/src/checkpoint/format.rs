@@ -16,7 +16,7 @@ const MAGIC: &[u8; 8] = b"PANESCKP";
 const END: &[u8; 8] = b"PANESEND";
 /// The format version this build writes. Version 1 (four rejection counters, before
 /// `key_limit`) is read too.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 
 /// FNV-1a over the view's definition (without its source): what a checkpoint must
 /// match to be restored.
@@ -186,6 +186,8 @@ pub(crate) fn encode_at(
         c.null_values,
         c.nan_values,
         c.expired,
+        c.filtered,
+        c.expr_errors,
     ]) {
         o.u64(v);
     }
@@ -296,6 +298,11 @@ pub(crate) fn decode(view: &CompiledView, bytes: &[u8]) -> Parse<(ViewCore, Chec
     c.null_values = i.u64()?;
     c.nan_values = i.u64()?;
     c.expired = i.u64()?;
+    // Versions before 4 have no filters nor derived columns.
+    if version >= 4 {
+        c.filtered = i.u64()?;
+        c.expr_errors = i.u64()?;
+    }
     let mut keys = KeyImage::default();
     let n = i.count(false, 4)?;
     for _ in 0..n {

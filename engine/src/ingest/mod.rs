@@ -93,6 +93,11 @@ pub struct ViewCounters {
     pub null_values: u64,
     /// NaN values met in value columns of accepted events (skipped).
     pub nan_values: u64,
+    /// Rows the view's filter left out (as if they never arrived).
+    pub filtered: u64,
+    /// Rows for which an expression (a derived column or a filter) could not be
+    /// evaluated; the expression is null for them.
+    pub expr_errors: u64,
     /// Accepted event × level pairs whose pane had already been recycled (see
     /// `panes_kernels::FoldStats::expired`); zero unless the ring is undersized.
     pub expired: u64,
@@ -130,6 +135,8 @@ pub struct PushReport {
     pub late: usize,
     /// Rows rejected for a [`RejectReason`].
     pub rejected: usize,
+    /// Rows the view's filter left out.
+    pub filtered: usize,
     /// The first [`MAX_REPORTED`] rejections, with messages.
     pub rejections: Vec<Rejection>,
     /// Row indices of the late rows (for a dead-letter output).
@@ -152,6 +159,7 @@ impl PushReport {
         self.accepted += o.accepted;
         self.late += o.late;
         self.rejected += o.rejected;
+        self.filtered += o.filtered;
         for r in &o.rejections {
             if self.rejections.len() < MAX_REPORTED {
                 self.rejections.push(r.clone());
@@ -400,6 +408,32 @@ pub(crate) fn ingest(
         Err(e)
     };
     let spec = &view.spec;
+    // Derived columns, the view's filter and the features' filters (DESIGN §3b).
+    let applied = if view.exprs.is_empty() {
+        None
+    } else {
+        match view.exprs.apply(batch) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                return schema_error(
+                    counters,
+                    PanesError::Schema {
+                        view: spec.name.clone(),
+                        column: e.field,
+                        message: format!("expression: {}", e.error),
+                    },
+                );
+            }
+        }
+    };
+    let keep = applied.as_ref().and_then(|a| a.keep.as_deref());
+    let mut report = PushReport::default();
+    if let Some(a) = &applied {
+        counters.filtered += a.filtered;
+        counters.expr_errors += a.expr_errors;
+        report.filtered = a.filtered as usize;
+    }
+    let batch = applied.as_ref().map_or(batch, |a| &a.batch);
     let key_col = match typed(view, batch, &spec.key, "key", KeyColumn::new) {
         Ok(k) => k,
         Err(e) => return schema_error(counters, e),
@@ -488,7 +522,6 @@ pub(crate) fn ingest(
         }
     }
 
-    let mut report = PushReport::default();
     let mut accepted_rows: Vec<u32> = Vec::with_capacity(rows);
     let mut accepted_ts: Vec<i64> = Vec::with_capacity(rows);
     let mut reject =
@@ -526,6 +559,10 @@ pub(crate) fn ingest(
     let mut added = 0usize;
     let mut row_new: Vec<&str> = Vec::new();
     for i in 0..rows {
+        // A row the view's filter leaves out is as if it never arrived.
+        if keep.is_some_and(|k| !k[i]) {
+            continue;
+        }
         if key_col.is_null(i) {
             reject(
                 &mut report,
@@ -646,7 +683,14 @@ pub(crate) fn ingest(
     counters.late += report.late as u64;
     out.ts.extend_from_slice(&accepted_ts);
     let mut text_ids = text_ids.into_iter();
-    for (dst, col) in out.values.iter_mut().zip(&value_cols) {
+    for (j, (dst, col)) in out.values.iter_mut().zip(&value_cols).enumerate() {
+        // A feature filter's column is null where its filter fails: not a null value.
+        let mut skipped = ViewCounters::default();
+        let counters = if view.filter_column(j) {
+            &mut skipped
+        } else {
+            &mut *counters
+        };
         let col = match col {
             Values::Numbers(col) | Values::Nulls(col) => col,
             Values::Strings(col) => {

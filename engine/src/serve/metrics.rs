@@ -177,6 +177,20 @@ pub(crate) fn render(shared: &Shared, engine: &crate::online::Engine) -> String 
         "Events rejected as late.",
         &|m| Some(m.counters.late as f64),
     );
+    per_view(
+        &mut out,
+        "panes_events_filtered_total",
+        "counter",
+        "Events the view's filter left out.",
+        &|m| Some(m.counters.filtered as f64),
+    );
+    per_view(
+        &mut out,
+        "panes_expression_errors_total",
+        "counter",
+        "Events for which a derived column or filter could not be evaluated (null for them).",
+        &|m| Some(m.counters.expr_errors as f64),
+    );
     family(
         &mut out,
         "panes_events_rejected_total",

@@ -46,6 +46,18 @@ pub struct CompiledView {
     pub state: StateSpec,
     /// How to compute each feature of `spec.features` (same order).
     pub merges: Vec<FeatureMerge>,
+    /// The view's derived columns and filters, applied to each batch before decoding.
+    pub exprs: std::sync::Arc<crate::expr::Program>,
+}
+
+/// The column a feature reads from a batch once the view's expressions are applied:
+/// its own column, or for a feature with a filter the copy of it (or, counting rows,
+/// a column of ones) that is null where the filter does not hold.
+pub fn read_column(f: &super::FeatureSpec) -> Option<String> {
+    match &f.filter {
+        Some(_) => Some(format!("{}[filter]", f.name)),
+        None => f.column.clone(),
+    }
 }
 
 impl CompiledView {
@@ -57,14 +69,15 @@ impl CompiledView {
     pub fn new(spec: &ViewSpec, shards: usize) -> Self {
         let mut columns: Vec<String> = Vec::new();
         for f in &spec.features {
-            if let Some(c) = &f.column
-                && !columns.contains(c)
+            if let Some(c) = read_column(f)
+                && !columns.contains(&c)
             {
-                columns.push(c.clone());
+                columns.push(c);
             }
         }
         let decode_of = |f: &super::FeatureSpec| {
-            let column = columns.iter().position(|x| Some(x) == f.column.as_ref())?;
+            let c = read_column(f);
+            let column = columns.iter().position(|x| Some(x) == c.as_ref())?;
             let hashed = matches!(f.agg, Agg::ApproxDistinct { .. });
             Some(Decode { column, hashed })
         };
@@ -148,6 +161,21 @@ impl CompiledView {
             decoded,
             state: StateSpec { levels, shards },
             merges,
+            exprs: std::sync::Arc::new(crate::expr::Program::new(
+                spec.columns.clone(),
+                spec.filter.clone(),
+                spec.features
+                    .iter()
+                    .filter_map(|f| {
+                        Some(crate::expr::FeatureFilter {
+                            feature: f.name.clone(),
+                            column: f.column.clone(),
+                            filter: f.filter.clone()?,
+                            column_name: read_column(f)?,
+                        })
+                    })
+                    .collect(),
+            )),
         }
     }
 
@@ -163,6 +191,16 @@ impl CompiledView {
             )),
             _ => Ok(()),
         }
+    }
+
+    /// Whether decoded column `d` is a feature filter's masked column (see
+    /// [`read_column`]).
+    pub fn filter_column(&self, d: usize) -> bool {
+        self.spec
+            .features
+            .iter()
+            .zip(&self.feature_decoded)
+            .any(|(f, c)| *c == Some(d) && f.filter.is_some())
     }
 
     /// The first feature reading decoded column `d` that cannot read strings (see

@@ -95,6 +95,9 @@ pub struct FeatureSpec {
     pub window: Window,
     /// Hop in ms (defaults to the view's pane).
     pub hop: i64,
+    /// Only rows where this SQL condition is true are aggregated into this feature
+    /// (DESIGN §3b); the others still count for the view.
+    pub filter: Option<String>,
 }
 
 /// One view: an event stream with one entity key and its features.
@@ -112,6 +115,11 @@ pub struct ViewSpec {
     pub allowed_lateness: i64,
     /// Default read time.
     pub read_time: ReadTime,
+    /// Derived columns (`[[views.columns]]`), computed in order from each event's
+    /// columns and the derived columns before them.
+    pub columns: Vec<crate::expr::Derived>,
+    /// Only rows where this SQL condition is true belong to the view (DESIGN §3b).
+    pub filter: Option<String>,
     /// The features.
     pub features: Vec<FeatureSpec>,
     /// Where the view's events come from when not pushed (`[views.source]`).
@@ -266,7 +274,15 @@ impl FeatureFile {
             if let Some(n) = v.max_keys {
                 let _ = writeln!(s, "max_keys = {n}");
             }
+            if let Some(f) = &v.filter {
+                let _ = writeln!(s, "filter = {}", q(f));
+            }
             let _ = writeln!(s);
+            for c in &v.columns {
+                let _ = writeln!(s, "[[views.columns]]");
+                let _ = writeln!(s, "name = {}", q(&c.name));
+                let _ = writeln!(s, "expr = {}\n", q(&c.expr));
+            }
             if let Some(src) = &v.source {
                 let _ = writeln!(s, "[views.source]");
                 let _ = writeln!(s, "kind = \"kafka\"");
@@ -316,6 +332,9 @@ impl FeatureFile {
                 }
                 if let Some(c) = &f.column {
                     let _ = writeln!(s, "column = {}", q(c));
+                }
+                if let Some(c) = &f.filter {
+                    let _ = writeln!(s, "filter = {}", q(c));
                 }
                 let w = match f.window {
                     Window::Duration(ms) => format_duration(ms),

@@ -12,6 +12,7 @@ use super::{
     ViewSpec, Window, format_duration, parse_duration,
 };
 use crate::error::{Result, SpecError, SpecIssue};
+use crate::expr::Derived;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -30,7 +31,16 @@ struct RawView {
     read_time: Option<String>,
     max_keys: Option<i64>,
     source: Option<RawSource>,
+    filter: Option<String>,
+    columns: Option<Vec<RawColumn>>,
     features: Option<Vec<RawFeature>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawColumn {
+    name: Option<String>,
+    expr: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -62,6 +72,7 @@ struct RawFeature {
     n: Option<i64>,
     k: Option<i64>,
     capacity: Option<i64>,
+    filter: Option<String>,
 }
 /// Parses and validates feature definitions; `origin` names them in errors.
 pub(super) fn parse(text: &str, origin: &str) -> Result<FeatureFile> {
@@ -150,6 +161,76 @@ impl Collector {
         }
     }
 
+    /// An expression of `field` at `location`: its syntax checked (its columns and types
+    /// are checked against the events' schema, see [`crate::expr`]).
+    fn expression(&mut self, location: &str, field: &str, sql: Option<String>) -> Option<String> {
+        let sql = sql?;
+        if sql.trim().is_empty() {
+            self.push(location, field, "must not be empty");
+            return None;
+        }
+        if sql.len() > MAX_EXPRESSION {
+            self.push(
+                location,
+                field,
+                format!(
+                    "{} bytes long; at most {MAX_EXPRESSION} are allowed",
+                    sql.len()
+                ),
+            );
+            return None;
+        }
+        if let Err(e) = crate::expr::check_syntax(&sql) {
+            self.push(location, field, format!("{e} in {sql:?}"));
+            return None;
+        }
+        Some(sql)
+    }
+
+    /// The derived columns of the view at `vloc`.
+    fn derived(&mut self, vloc: &str, raw: Vec<RawColumn>, key: &str, time: &str) -> Vec<Derived> {
+        let mut names = HashSet::new();
+        let mut out = Vec::new();
+        for (ci, rc) in raw.into_iter().enumerate() {
+            let cloc = match &rc.name {
+                Some(n) => format!("{vloc} column {n:?}"),
+                None => format!("{vloc} column #{}", ci + 1),
+            };
+            let name = self.required(&cloc, "name", rc.name);
+            if name.is_empty() {
+                continue;
+            }
+            if !names.insert(name.clone()) {
+                self.push(&cloc, "name", "duplicate derived column name");
+            }
+            if name == time {
+                self.push(
+                    &cloc,
+                    "name",
+                    "a derived column cannot be the view's time column",
+                );
+            }
+            if name == key {
+                self.push(
+                    &cloc,
+                    "name",
+                    "a derived column cannot be the view's key column",
+                );
+            }
+            if rc.expr.is_none() {
+                self.push(
+                    &cloc,
+                    "expr",
+                    "is required: a SQL expression over the event's columns",
+                );
+            }
+            if let Some(expr) = self.expression(&cloc, "expr", rc.expr) {
+                out.push(Derived { name, expr });
+            }
+        }
+        out
+    }
+
     /// View number `vi` (from 0) of the file.
     fn view(&mut self, vi: usize, rv: RawView) -> ViewSpec {
         let vloc = match &rv.name {
@@ -204,6 +285,8 @@ impl Collector {
             );
         }
         let source = rv.source.map(|rs| self.source(&vloc, rs));
+        let filter = self.expression(&vloc, "filter", rv.filter);
+        let columns = self.derived(&vloc, rv.columns.unwrap_or_default(), &key, &time);
         let raw_features = rv.features.unwrap_or_default();
         if raw_features.is_empty() {
             self.push(
@@ -230,6 +313,8 @@ impl Collector {
             pane,
             allowed_lateness,
             read_time,
+            columns,
+            filter,
             features,
             source,
             max_keys,
@@ -344,12 +429,14 @@ impl Collector {
                 ),
             );
         }
+        let filter = self.expression(&floc, "filter", rf.filter);
         Some(FeatureSpec {
             name,
             agg: agg?,
             column,
             window,
             hop,
+            filter,
         })
     }
 
@@ -413,6 +500,9 @@ struct ViewLimits<'a> {
 /// Most state bytes one key of a view may need (every ring at its length). A million
 /// keys at this size would need 64 TiB: anything near it is a mistake in the hops.
 pub const MAX_STATE_PER_KEY: usize = 64 << 20;
+
+/// Longest expression (filter or derived column), bytes.
+const MAX_EXPRESSION: usize = 16 * 1024;
 
 /// Longest view name.
 const MAX_VIEW_NAME: usize = 128;

@@ -9,6 +9,7 @@ mod bad_input;
 mod differential;
 #[cfg(all(feature = "serve", target_os = "linux"))]
 mod exhaustion;
+mod expressions;
 #[cfg(feature = "kafka")]
 mod kafka;
 mod key_limits;

@@ -196,6 +196,8 @@ impl Source for KafkaView {
             t.null_values += c.null_values;
             t.nan_values += c.nan_values;
             t.expired += c.expired;
+            t.filtered += c.filtered;
+            t.expr_errors += c.expr_errors;
             total.keys += m.keys;
             total.state_bytes += m.state_bytes;
             total.max_event_time = total.max_event_time.max(m.max_event_time);
