@@ -135,6 +135,29 @@ pub fn check_syntax(sql: &str) -> Result<(), ExprError> {
     parse(sql).map(|_| ())
 }
 
+/// The columns `sql` names, in order of first mention (as the planner resolves them:
+/// unquoted names in lower case); none when it does not parse.
+pub fn columns_of(sql: &str) -> Vec<String> {
+    use datafusion_sql::sqlparser::ast::{Expr as Sql, visit_expressions};
+    let Ok(ast) = parse(sql) else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = Vec::new();
+    let _ = visit_expressions(&ast, |e| {
+        if let Sql::Identifier(id) = e {
+            let name = match id.quote_style {
+                Some(_) => id.value.clone(),
+                None => id.value.to_lowercase(),
+            };
+            if !out.contains(&name) {
+                out.push(name);
+            }
+        }
+        std::ops::ControlFlow::<()>::Continue(())
+    });
+    out
+}
+
 /// The scalar functions expressions may call, by every name they go by.
 fn functions() -> &'static HashMap<String, Arc<ScalarUDF>> {
     static FUNCTIONS: std::sync::OnceLock<HashMap<String, Arc<ScalarUDF>>> =
@@ -759,6 +782,15 @@ mod tests {
         assert!(e.message.contains("expression"), "{e:?}");
         let e = check_syntax("a + 1 )").unwrap_err();
         assert_eq!(e.position, Some((1, 7)), "{e:?}");
+    }
+
+    #[test]
+    fn columns_of_lists_the_names_an_expression_reads() {
+        assert_eq!(
+            columns_of("CASE WHEN Amount > 2 THEN upper(\"Status\") ELSE s END || amount"),
+            ["amount", "Status", "s"]
+        );
+        assert!(columns_of("1 + ").is_empty());
     }
 
     /// The functions the README lists are there.

@@ -193,15 +193,24 @@ window = "lifetime"
     }
 
     #[test]
-    fn version_1_and_2_checkpoints_restore() {
+    fn version_1_2_and_3_checkpoints_restore() {
         let e = engine();
         e.push("cards", &batch(0, 3_000)).unwrap();
-        let v3 = e.checkpoint("cards", &[]).unwrap();
+        let v4 = e.checkpoint("cards", &[]).unwrap();
         let recrc = |bytes: &mut Vec<u8>| {
             let n = bytes.len();
             let crc = crc32fast::hash(&bytes[..n - 12]);
             bytes[n - 12..n - 8].copy_from_slice(&crc.to_le_bytes());
         };
+        // Where the counters after `accepted` and `late` start: magic, version, name,
+        // fingerprint, creation time, no positions, two watermarks, folded, accepted,
+        // late.
+        let counters = 8 + 4 + (4 + "cards".len()) + 8 + 8 + 4 + 2 * 9 + 8 + 2 * 8;
+        // Version 3 is version 4 without the `filtered` and `expr_errors` counters,
+        // after the five reasons, nulls, NaNs and expired.
+        let at = counters + 8 * 8;
+        let mut v3 = [&v4[..8], &3u32.to_le_bytes(), &v4[12..at], &v4[at + 16..]].concat();
+        recrc(&mut v3);
         // Version 2 is version 3 without the string values (the kinds of the value
         // columns and no strings) before the checksum.
         let columns = e.compiled("cards").unwrap().decoded.len();
@@ -214,13 +223,11 @@ window = "lifetime"
         ]
         .concat();
         recrc(&mut v2);
-        // Version 1 is version 2 without the fifth rejection counter: magic, version,
-        // name, fingerprint, creation time, no positions, two watermarks, folded,
-        // accepted, late, four reasons, then the counter to drop.
-        let at = 8 + 4 + (4 + "cards".len()) + 8 + 8 + 4 + 2 * 9 + 8 + 2 * 8 + 4 * 8;
+        // Version 1 is version 2 without the fifth rejection counter.
+        let at = counters + 4 * 8;
         let mut v1 = [&v2[..8], &1u32.to_le_bytes(), &v2[12..at], &v2[at + 8..]].concat();
         recrc(&mut v1);
-        for old in [v1, v2] {
+        for old in [v1, v2, v3] {
             let restored = engine();
             restored.restore("cards", &old).unwrap();
             assert!(same(&read(&restored), &read(&e)));
@@ -229,12 +236,12 @@ window = "lifetime"
                 e.metrics("cards").unwrap().counters
             );
         }
-        let mut v4 = v3.clone();
-        v4[8..12].copy_from_slice(&4u32.to_le_bytes());
-        recrc(&mut v4);
-        let err = engine().restore("cards", &v4).unwrap_err().to_string();
+        let mut v5 = v4.clone();
+        v5[8..12].copy_from_slice(&5u32.to_le_bytes());
+        recrc(&mut v5);
+        let err = engine().restore("cards", &v5).unwrap_err().to_string();
         assert!(
-            err.contains("format version 4; this build reads versions 1 to 3"),
+            err.contains("format version 5; this build reads versions 1 to 4"),
             "{err}"
         );
     }

@@ -172,7 +172,11 @@ pub(crate) fn batches_of(
         }
         Some(ingest_request::Payload::Rows(rows)) => {
             let compiled = engine.compiled(view).map_err(|e| status(e, "view"))?;
-            Ok(vec![rows_batch(&compiled.spec, &compiled.columns, rows)?])
+            Ok(vec![rows_batch(
+                &compiled.spec,
+                &compiled.input_columns(),
+                rows,
+            )?])
         }
         None => Err(bad_request("payload", "no payload: set arrow_ipc or rows")),
     }

@@ -193,6 +193,35 @@ impl CompiledView {
         }
     }
 
+    /// The columns a batch of this view's events must carry besides its key and time:
+    /// the columns its features read and its expressions name, less the derived ones.
+    /// A decoder that builds batches from fields (JSON messages, gRPC rows) builds
+    /// these; without expressions they are [`CompiledView::columns`].
+    pub fn input_columns(&self) -> Vec<String> {
+        let spec = &self.spec;
+        let mut named: Vec<String> = Vec::new();
+        let exprs = spec
+            .columns
+            .iter()
+            .map(|c| c.expr.as_str())
+            .chain(spec.filter.as_deref())
+            .chain(spec.features.iter().filter_map(|f| f.filter.as_deref()));
+        for f in &spec.features {
+            named.extend(f.column.clone());
+        }
+        for sql in exprs {
+            named.extend(crate::expr::columns_of(sql));
+        }
+        let mut out: Vec<String> = Vec::new();
+        for c in named {
+            let derived = spec.columns.iter().any(|d| d.name == c);
+            if !derived && c != spec.key && c != spec.time && !out.contains(&c) {
+                out.push(c);
+            }
+        }
+        out
+    }
+
     /// Whether decoded column `d` is a feature filter's masked column (see
     /// [`read_column`]).
     pub fn filter_column(&self, d: usize) -> bool {

@@ -125,11 +125,13 @@ fn batch(evs: &[Ev]) -> RecordBatch {
     .unwrap()
 }
 
+/// An accepted event: card, ts, amount_usd, per_unit, tier, units.
+type Row = (i64, i64, Option<f64>, Option<f64>, String, i64);
+
 /// What the engine should hold: the accepted events (in arrival order) with their
 /// derived columns, and the counters.
 struct Oracle {
-    /// (card, ts, amount_usd, per_unit, tier, units)
-    accepted: Vec<(i64, i64, Option<f64>, Option<f64>, String, i64)>,
+    accepted: Vec<Row>,
     filtered: u64,
     expr_errors: u64,
     late: u64,
@@ -256,6 +258,12 @@ fn filters_and_derived_columns_match_the_oracle_on_every_backend() {
             (o.filtered, o.expr_errors, o.late, o.accepted.len() as u64),
             "{backend:?}, pushes of {chunk}"
         );
+        // The counters survive a checkpoint.
+        let restored = run(backend, &[], 1);
+        restored
+            .restore("cards", &e.checkpoint("cards", &[]).unwrap())
+            .unwrap();
+        assert_eq!(restored.metrics("cards").unwrap().counters, *c);
         for t in [at] {
             let f = e.read("cards", &cards, Some(t), None).unwrap();
             let keys: ArrayRef = Arc::new(cards.clone());

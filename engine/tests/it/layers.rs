@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 /// Layers from the bottom: a file may name its own layer and the ones before it.
 const LAYERS: [&[&str]; 8] = [
-    &["error", "histogram"],
+    &["error", "histogram", "expr"],
     &["spec"],
     &["ingest"],
     &["checkpoint"],

@@ -132,7 +132,7 @@ impl KafkaView {
             file: FeatureFile {
                 views: vec![own.clone()],
             },
-            columns: CompiledView::new(&own, options.shards).columns,
+            columns: CompiledView::new(&own, options.shards).input_columns(),
             spec: own,
             source,
             options,
