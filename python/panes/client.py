@@ -310,7 +310,10 @@ def _view_dict(v: pb.ViewDescription) -> dict[str, Any]:
                 "k": f.k or None,
                 "capacity": f.capacity or None,
                 "dtype": f.dtype,
+                "filter": f.filter or None,
             }
             for f in v.features
         ],
+        "filter": v.filter or None,
+        "columns": {c.name: c.expr for c in v.columns},
     }

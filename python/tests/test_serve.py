@@ -53,7 +53,9 @@ VIEWS = [
         "users",
         key="user",
         time="ts",
-        features=[panes.count(window="1h", name="clicks_1h")],
+        filter="user IS NULL OR user <> 'mallory'",
+        columns={"initial": "upper(left(user, 1))"},
+        features=[panes.count(window="1h", name="clicks_1h", filter="initial <> 'Z'")],
     ),
     panes.View(
         "clicks",
@@ -162,7 +164,12 @@ def test_grpc_client_round_trip(server: dict[str, str]) -> None:
 
         views = c.list_features()
         assert [v["name"] for v in views] == ["cards", "users", "clicks"]
+        users = c.describe_view("users")
+        assert users["filter"] == "user IS NULL OR user <> 'mallory'"
+        assert users["columns"] == {"initial": "upper(left(user, 1))"}
+        assert users["features"][0]["filter"] == "initial <> 'Z'"
         d = c.describe_view("cards")
+        assert (d["filter"], d["columns"]) == (None, {})
         assert (d["key"], d["key_kind"], d["time"]) == ("card", "int", "ts")
         assert d["features"][2]["window_ms"] == 600_000
         params = [(f["half_life_ms"], f["precision"], f["q"], f["relative_accuracy"], f["n"], f["dtype"])

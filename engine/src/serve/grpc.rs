@@ -155,6 +155,16 @@ pub(crate) fn describe(shared: &Shared, spec: &ViewSpec) -> ViewDescription {
                     panes_kernels::Agg::TopK { capacity, .. } => u32::from(capacity),
                     _ => 0,
                 },
+                filter: f.filter.clone().unwrap_or_default(),
+            })
+            .collect(),
+        filter: spec.filter.clone().unwrap_or_default(),
+        columns: spec
+            .columns
+            .iter()
+            .map(|c| proto::DerivedColumn {
+                name: c.name.clone(),
+                expr: c.expr.clone(),
             })
             .collect(),
     }

@@ -58,11 +58,17 @@ window = "lifetime"
 name = "users"
 key = "user"
 time = "ts"
+filter = "page <> 'health'"
+
+[[views.columns]]
+name = "section"
+expr = "split_part(page, '/', 2)"
 
 [[views.features]]
 name = "clicks_1h"
 agg = "count"
 window = "1h"
+filter = "section = 'shop'"
 "#;
 
 fn file() -> FeatureFile {
@@ -432,6 +438,16 @@ async fn every_rpc_health_reflection_and_metrics() {
         (d.features[3].window_ms, d.features[0].dtype.as_str()),
         (0, "int64")
     );
+
+    // Filters and derived columns are described as written.
+    let u = &list.views[1];
+    assert_eq!(u.filter, "page <> 'health'");
+    assert_eq!(
+        (u.columns[0].name.as_str(), u.columns[0].expr.as_str()),
+        ("section", "split_part(page, '/', 2)")
+    );
+    assert_eq!(u.features[0].filter, "section = 'shop'");
+    assert_eq!(d.filter, "");
 
     // Health: the overall server and each service.
     let channel = server.channel().await;

@@ -162,7 +162,7 @@ class DescribeViewRequest(_message.Message):
     def __init__(self, view: _Optional[str] = ...) -> None: ...
 
 class ViewDescription(_message.Message):
-    __slots__ = ("name", "key", "key_kind", "time", "allowed_lateness_ms", "read_time", "features")
+    __slots__ = ("name", "key", "key_kind", "time", "allowed_lateness_ms", "read_time", "features", "filter", "columns")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
     KEY_KIND_FIELD_NUMBER: _ClassVar[int]
@@ -170,6 +170,8 @@ class ViewDescription(_message.Message):
     ALLOWED_LATENESS_MS_FIELD_NUMBER: _ClassVar[int]
     READ_TIME_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
     name: str
     key: str
     key_kind: str
@@ -177,10 +179,20 @@ class ViewDescription(_message.Message):
     allowed_lateness_ms: int
     read_time: str
     features: _containers.RepeatedCompositeFieldContainer[FeatureDescription]
-    def __init__(self, name: _Optional[str] = ..., key: _Optional[str] = ..., key_kind: _Optional[str] = ..., time: _Optional[str] = ..., allowed_lateness_ms: _Optional[int] = ..., read_time: _Optional[str] = ..., features: _Optional[_Iterable[_Union[FeatureDescription, _Mapping]]] = ...) -> None: ...
+    filter: str
+    columns: _containers.RepeatedCompositeFieldContainer[DerivedColumn]
+    def __init__(self, name: _Optional[str] = ..., key: _Optional[str] = ..., key_kind: _Optional[str] = ..., time: _Optional[str] = ..., allowed_lateness_ms: _Optional[int] = ..., read_time: _Optional[str] = ..., features: _Optional[_Iterable[_Union[FeatureDescription, _Mapping]]] = ..., filter: _Optional[str] = ..., columns: _Optional[_Iterable[_Union[DerivedColumn, _Mapping]]] = ...) -> None: ...
+
+class DerivedColumn(_message.Message):
+    __slots__ = ("name", "expr")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    EXPR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    expr: str
+    def __init__(self, name: _Optional[str] = ..., expr: _Optional[str] = ...) -> None: ...
 
 class FeatureDescription(_message.Message):
-    __slots__ = ("name", "agg", "column", "window_ms", "hop_ms", "dtype", "half_life_ms", "precision", "q", "relative_accuracy", "n", "k", "capacity")
+    __slots__ = ("name", "agg", "column", "window_ms", "hop_ms", "dtype", "half_life_ms", "precision", "q", "relative_accuracy", "n", "k", "capacity", "filter")
     NAME_FIELD_NUMBER: _ClassVar[int]
     AGG_FIELD_NUMBER: _ClassVar[int]
     COLUMN_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +206,7 @@ class FeatureDescription(_message.Message):
     N_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
     name: str
     agg: str
     column: str
@@ -207,4 +220,5 @@ class FeatureDescription(_message.Message):
     n: int
     k: int
     capacity: int
-    def __init__(self, name: _Optional[str] = ..., agg: _Optional[str] = ..., column: _Optional[str] = ..., window_ms: _Optional[int] = ..., hop_ms: _Optional[int] = ..., dtype: _Optional[str] = ..., half_life_ms: _Optional[int] = ..., precision: _Optional[int] = ..., q: _Optional[float] = ..., relative_accuracy: _Optional[float] = ..., n: _Optional[int] = ..., k: _Optional[int] = ..., capacity: _Optional[int] = ...) -> None: ...
+    filter: str
+    def __init__(self, name: _Optional[str] = ..., agg: _Optional[str] = ..., column: _Optional[str] = ..., window_ms: _Optional[int] = ..., hop_ms: _Optional[int] = ..., dtype: _Optional[str] = ..., half_life_ms: _Optional[int] = ..., precision: _Optional[int] = ..., q: _Optional[float] = ..., relative_accuracy: _Optional[float] = ..., n: _Optional[int] = ..., k: _Optional[int] = ..., capacity: _Optional[int] = ..., filter: _Optional[str] = ...) -> None: ...
