@@ -123,7 +123,47 @@ fn parse(sql: &str) -> Result<datafusion_sql::sqlparser::ast::Expr, ExprError> {
             position: Some((next.span.start.line, next.span.start.column)),
         });
     }
+    let mut depth = Depth { now: 0 };
+    if datafusion_sql::sqlparser::ast::Visit::visit(&ast, &mut depth).is_break() {
+        return Err(ExprError::new(format!(
+            "the expression nests more than {MAX_DEPTH} levels deep (a chain of {MAX_DEPTH} operators is that deep); split it into derived columns"
+        )));
+    }
     Ok(ast)
+}
+
+/// Deepest expression tree accepted. Planning, coercion and evaluation recurse once
+/// per level; this keeps a tree far inside a server thread's stack (measured: 100
+/// levels compile and run on a 512 KiB stack).
+const MAX_DEPTH: usize = 100;
+
+/// Tracks the depth of an expression tree; breaks past [`MAX_DEPTH`] (so the walk
+/// itself never goes deeper).
+struct Depth {
+    now: usize,
+}
+
+impl datafusion_sql::sqlparser::ast::Visitor for Depth {
+    type Break = ();
+
+    fn pre_visit_expr(
+        &mut self,
+        _: &datafusion_sql::sqlparser::ast::Expr,
+    ) -> std::ops::ControlFlow<()> {
+        self.now += 1;
+        if self.now > MAX_DEPTH {
+            return std::ops::ControlFlow::Break(());
+        }
+        std::ops::ControlFlow::Continue(())
+    }
+
+    fn post_visit_expr(
+        &mut self,
+        _: &datafusion_sql::sqlparser::ast::Expr,
+    ) -> std::ops::ControlFlow<()> {
+        self.now -= 1;
+        std::ops::ControlFlow::Continue(())
+    }
 }
 
 /// Checks that `sql` is one SQL scalar expression (the load-time check: the columns it
@@ -782,6 +822,28 @@ mod tests {
         assert!(e.message.contains("expression"), "{e:?}");
         let e = check_syntax("a + 1 )").unwrap_err();
         assert_eq!(e.position, Some((1, 7)), "{e:?}");
+    }
+
+    /// The deepest expression accepted compiles and runs on a thread with a small
+    /// stack; a deeper one (as long as a file may hold) is refused when it is parsed.
+    #[test]
+    fn deep_expressions_are_refused_and_the_deepest_accepted_runs_on_a_small_stack() {
+        let chain = |n: usize| vec!["a"; n].join("+");
+        let deepest = chain(MAX_DEPTH - 1);
+        let out = std::thread::Builder::new()
+            .stack_size(512 * 1024)
+            .spawn(move || {
+                let p = Program::new(vec![derived("y", &deepest)], None, vec![]);
+                p.apply(&batch()).map(|a| a.batch.num_columns())
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(out.unwrap(), 5);
+        let e = check_syntax(&chain(4_000)).unwrap_err();
+        assert!(e.message.contains("levels deep"), "{e:?}");
+        let e = check_syntax(&format!("{}1{}", "(".repeat(200), ")".repeat(200))).unwrap_err();
+        assert!(!e.message.is_empty());
     }
 
     #[test]

@@ -210,6 +210,6 @@ def test_python_views_carry_filters_and_derived_columns() -> None:
     assert got.filter == "status = 'approved'"
     assert dict(got.columns) == {"amount_usd": "amount * fx"}
     assert got.features[0].filter == "amount_usd > 100"
-    with pytest.raises(panes.SpecError, match="column 8"):
+    with pytest.raises(panes.SpecError, match="column 5"):
         panes.Engine([panes.View("x", key="k", time="ts", filter="a = = 1",
                                  features=[panes.count(window="1m")])])
