@@ -455,7 +455,7 @@ impl fmt::Debug for Program {
 struct Bound {
     derived: Vec<Compiled>,
     filter: Option<Compiled>,
-    features: Vec<Option<Compiled>>,
+    features: Vec<Compiled>,
     schema: SchemaRef,
 }
 
@@ -593,7 +593,7 @@ impl Program {
                 None => DataType::Int64,
             };
             fields.push(Arc::new(Field::new(&f.column_name, data_type, true)));
-            features.push(Some(c));
+            features.push(c);
         }
         Ok(Bound {
             derived,
@@ -640,7 +640,6 @@ impl Program {
         let kept = |i: usize| keep.as_ref().is_none_or(|k| k[i]);
         let mut feature_failed = vec![false; n];
         for (f, c) in self.features.iter().zip(&bound.features) {
-            let c = c.as_ref().expect("compiled");
             let v = c.evaluate(&b, &mut feature_failed);
             let drop: BooleanArray = match v.as_any().downcast_ref::<BooleanArray>() {
                 Some(v) => v.iter().map(|x| Some(x != Some(true))).collect(),
