@@ -20,6 +20,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 
 use arrow_array::{Array, ArrayRef, BooleanArray, Int64Array, RecordBatch, new_null_array};
@@ -38,6 +39,7 @@ use datafusion_expr::{
 use datafusion_optimizer::simplify_expressions::ExprSimplifier;
 use datafusion_physical_expr::{PhysicalExpr, create_physical_expr};
 use datafusion_sql::planner::{ContextProvider, PlannerContext, SqlToRel};
+use datafusion_sql::sqlparser::ast::{Expr as SqlExpr, Spanned, visit_expressions};
 use datafusion_sql::sqlparser::dialect::GenericDialect;
 use datafusion_sql::sqlparser::parser::Parser;
 use datafusion_sql::sqlparser::tokenizer::Token;
@@ -330,6 +332,30 @@ fn divisor() -> Arc<ScalarUDF> {
     }))
 }
 
+/// Where the innermost sub-expression of `ast` that cannot be planned and coerced on
+/// its own begins (1-based line and column), if any does.
+fn failing_part(
+    ast: &SqlExpr,
+    df: &DFSchema,
+    catalog: &Catalog,
+    simplifier: &ExprSimplifier,
+) -> Option<(u64, u64)> {
+    let mut at = None;
+    // Pre-order: a later failing part lies inside an earlier one, or beside it.
+    let _ = visit_expressions(ast, |e: &SqlExpr| {
+        let fails = SqlToRel::new(catalog)
+            .sql_to_expr(e.clone(), df, &mut PlannerContext::new())
+            .and_then(|l| simplifier.coerce(l, df))
+            .is_err();
+        let span = e.span();
+        if fails && span.start.line > 0 {
+            at = Some((span.start.line, span.start.column));
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    at
+}
+
 /// One expression compiled for one input schema.
 #[derive(Debug)]
 struct Compiled {
@@ -341,18 +367,34 @@ impl Compiled {
     fn new(sql: &str, schema: &Schema) -> Result<Self, ExprError> {
         let ast = parse(sql)?;
         let df = DFSchema::try_from(schema.clone()).map_err(|e| ExprError::from_datafusion(&e))?;
-        let catalog = Catalog::new();
-        let err = |e: DataFusionError| ExprError::from_datafusion(&e);
-        let logical = SqlToRel::new(&catalog)
-            .sql_to_expr(ast, &df, &mut PlannerContext::new())
-            .map_err(err)?;
         let df = Arc::new(df);
+        let catalog = Catalog::new();
         let simplifier = ExprSimplifier::new(
             SimplifyContext::builder()
                 .with_schema(Arc::clone(&df))
                 .build(),
         );
-        let logical = simplifier.coerce(logical, &df).map_err(err)?;
+        Self::plan(&ast, &df, &catalog, &simplifier, schema).map_err(|mut e| {
+            // Type errors carry no span: point at the innermost part that fails alone.
+            if e.position.is_none() {
+                e.position = failing_part(&ast, &df, &catalog, &simplifier);
+            }
+            e
+        })
+    }
+
+    fn plan(
+        ast: &SqlExpr,
+        df: &Arc<DFSchema>,
+        catalog: &Catalog,
+        simplifier: &ExprSimplifier,
+        schema: &Schema,
+    ) -> Result<Self, ExprError> {
+        let err = |e: DataFusionError| ExprError::from_datafusion(&e);
+        let logical = SqlToRel::new(catalog)
+            .sql_to_expr(ast.clone(), df, &mut PlannerContext::new())
+            .map_err(err)?;
+        let logical = simplifier.coerce(logical, df).map_err(err)?;
         // Floating-point divisors fail on zero, as integer ones do.
         let logical = logical
             .transform_up(|e| match e {
@@ -815,6 +857,14 @@ mod tests {
         assert!(e.error.message.contains("boolean"), "{e:?}");
         let e = bind(Program::new(vec![], Some("s + 1 > 2".into()), vec![]));
         assert!(e.error.message.contains("Utf8"), "{e:?}");
+        // A type error points at the innermost part that fails.
+        let e = bind(Program::new(
+            vec![derived("z", "1 + (s * 2)")],
+            None,
+            vec![],
+        ));
+        assert!(e.error.message.contains("Utf8"), "{e:?}");
+        assert_eq!(e.error.position, Some((1, 6)), "{e:?}");
         let e = bind(Program::new(vec![derived("a", "b + 1")], None, vec![]));
         assert!(e.error.message.contains("name of a column"), "{e:?}");
         let e = check_syntax("a + ").unwrap_err();
