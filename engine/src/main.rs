@@ -409,9 +409,9 @@ fn describe(file: &FeatureFile) {
     for v in &file.views {
         let c = CompiledView::new(v, 1);
         println!(
-            "view {:?}: key {:?}, time {:?}, pane {}, allowed lateness {}, up to {} B of state per key (once its rings are full)",
+            "view {:?}: key {}, time {:?}, pane {}, allowed lateness {}, up to {} B of state per key (once its rings are full)",
             v.name,
-            v.key,
+            v.key_label(),
             v.time,
             format_duration(v.pane),
             format_duration(v.allowed_lateness),
@@ -454,12 +454,12 @@ fn check(path: &Path, events: Option<&Path>) -> Result<()> {
         let issues: Vec<SpecIssue> = file
             .views
             .iter()
-            .filter_map(|v| {
-                let e = CompiledView::new(v, 1).exprs.check(&schema).err()?;
-                Some(SpecIssue {
+            .flat_map(|v| {
+                let issues = CompiledView::new(v, 1).schema_issues(&schema);
+                issues.into_iter().map(|(field, message)| SpecIssue {
                     location: format!("view {:?}", v.name),
-                    field: e.field,
-                    message: format!("{} (events {})", e.error, events.display()),
+                    field,
+                    message: format!("{message} (events {})", events.display()),
                 })
             })
             .collect();

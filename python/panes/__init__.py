@@ -109,6 +109,17 @@ def _arrow_input(data: object, what: str) -> object:
 
 
 def _keys(keys: object) -> object:
+    # Composite keys: a DataFrame of key columns (matched to the view's key columns by
+    # name), or a sequence of tuples (one value per key column, in the view's order);
+    # both go to the engine as one Arrow struct column.
+    if isinstance(keys, pl.DataFrame):
+        return keys.to_struct("key")
+    if hasattr(keys, "column_names") and hasattr(keys, "__arrow_c_stream__"):
+        return pl.DataFrame(keys).to_struct("key")  # a pyarrow Table or RecordBatch
+    if isinstance(keys, (list, tuple)):
+        first = next((k for k in keys if k is not None), None)
+        if isinstance(first, (tuple, list)):
+            return _tuple_keys(keys, len(first))
     if isinstance(keys, np.ndarray):
         if keys.ndim != 1:
             raise DataError(f"keys: expected a 1-D array, got shape {keys.shape}")
@@ -118,6 +129,32 @@ def _keys(keys: object) -> object:
             return np.ascontiguousarray(keys, dtype=np.int64)
         return keys.tolist()
     return keys
+
+
+def _tuple_keys(keys: Sequence[object], arity: int) -> object:
+    parts: list[list[object]] = [[] for _ in range(arity)]
+    for i, k in enumerate(keys):
+        if k is None:
+            for p in parts:
+                p.append(None)
+            continue
+        if not isinstance(k, (tuple, list)) or len(k) != arity:
+            raise DataError(
+                f"keys[{i}]: expected a tuple of {arity} values like keys[0], got {k!r}"
+            )
+        for p, v in zip(parts, k):
+            p.append(v)
+    columns = {}
+    for j, values in enumerate(parts):
+        kinds = {type(v) for v in values if v is not None}
+        if kinds - {int, str} or len(kinds) > 1:
+            raise DataError(
+                f"keys: part {j} of the tuples holds {sorted(t.__name__ for t in kinds)}; "
+                "each part must be all str or all int (None for null)"
+            )
+        dtype = pl.String if kinds == {str} else pl.Int64
+        columns[str(j)] = pl.Series(str(j), values, dtype=dtype)
+    return pl.DataFrame(columns).to_struct("key")
 
 
 @dataclass(frozen=True)
@@ -317,7 +354,8 @@ class Engine:
         """Feature values of ``keys`` as of ``at`` (default: the view's read time).
 
         ``keys``: a list, numpy array, pyarrow array or polars Series of the view's
-        key type. ``at``: epoch ms, an ISO 8601 string, ``datetime``, ``date`` or
+        key type; for a view with a composite key, a list of tuples (one value per key
+        column, in the view's order) or a DataFrame with the key columns. ``at``: epoch ms, an ISO 8601 string, ``datetime``, ``date`` or
         ``numpy.datetime64``. ``features`` selects and orders features (default: all of the
         view's); ``view`` is needed only when the engine has several views and
         ``features`` does not say which. Unknown keys get empty-window values

@@ -331,6 +331,8 @@ def top_k(
 class View:
     """One event stream with one entity key, and its features.
 
+    ``key`` is a column name, or a list of them for a composite key
+    (``key=["card", "merchant"]``: the entity is the tuple; a null part is a null key).
     ``columns`` maps derived column names to SQL expressions over the event's columns
     (computed in order: later ones may use earlier ones); ``filter`` is a SQL condition,
     and rows where it is false or null do not belong to the view. A feature's own
@@ -345,7 +347,7 @@ class View:
     """
 
     name: str
-    key: str
+    key: str | Sequence[str]
     time: str
     features: Sequence[Feature] = field(default_factory=tuple)
     pane: Duration = "1s"
@@ -356,6 +358,8 @@ class View:
     columns: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.key, str):
+            object.__setattr__(self, "key", tuple(str(k) for k in self.key))
         object.__setattr__(self, "features", tuple(self.features))
         object.__setattr__(self, "columns", dict(self.columns))
         object.__setattr__(self, "pane", _duration(self.pane, "pane"))
@@ -374,7 +378,7 @@ class View:
         head = [
             "[[views]]",
             f"name = {_q(self.name)}",
-            f"key = {_q(self.key)}",
+            f"key = {self._key_toml()}",
             f"time = {_q(self.time)}",
             f"pane = {_q(str(self.pane))}",
             f"allowed_lateness = {_q(str(self.allowed_lateness))}",
@@ -389,6 +393,11 @@ class View:
             for name, expr in self.columns.items()
         )
         return "\n".join(head) + "\n\n" + derived + "\n".join(f.to_toml() for f in self.features)
+
+    def _key_toml(self) -> str:
+        if isinstance(self.key, str):
+            return _q(self.key)
+        return "[" + ", ".join(_q(k) for k in self.key) + "]"
 
     def __repr__(self) -> str:
         lines = [

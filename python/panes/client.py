@@ -168,14 +168,23 @@ class Client:
     def get_features(
         self,
         view: str,
-        keys: Sequence[int] | Sequence[str] | np.ndarray,
+        keys: Sequence[int] | Sequence[str] | Sequence[tuple[int | str, ...]] | np.ndarray,
         features: Sequence[str] | None = None,
         at_ms: int | None = None,
     ) -> Features:
-        """Feature vectors of ``keys`` (all ints or all strings) from ``view``."""
+        """Feature vectors of ``keys`` (all ints or all strings; for a view with a
+        composite key, tuples with one value per key column) from ``view``."""
         keys = list(keys.tolist() if isinstance(keys, np.ndarray) else keys)
         req = pb.GetFeaturesRequest(view=view, features=list(features or []))
-        if keys and isinstance(keys[0], str):
+        if keys and isinstance(keys[0], (tuple, list)):
+            for j in range(len(keys[0])):
+                part = req.composite_keys.parts.add()
+                column = [k[j] for k in keys]
+                if isinstance(column[0], str):
+                    part.strings.keys.extend(column)
+                else:
+                    part.ints.keys.extend(int(v) for v in column)
+        elif keys and isinstance(keys[0], str):
             req.string_keys.keys.extend(keys)
         else:
             req.int_keys.keys.extend(int(k) for k in keys)
@@ -220,15 +229,25 @@ class Client:
     def ingest_rows(
         self,
         view: str,
-        rows: Iterable[tuple[int | str | None, int, Sequence[float | str | None]]],
+        rows: Iterable[
+            tuple[int | str | tuple[int | str, ...] | None, int, Sequence[float | str | None]]
+        ],
         columns: Sequence[str],
     ) -> IngestResult:
         """Streams typed rows ``(key, time_ms, values)``; ``values`` follow ``columns``,
-        ``None`` for null, strings for a column of strings (``first``, ``top_k``, …)."""
+        ``None`` for null, strings for a column of strings (``first``, ``top_k``, …). A
+        composite key is a tuple with one value per key column."""
         msg = pb.Rows(columns=list(columns))
         for key, time_ms, values in rows:
             row = msg.rows.add(time_ms=time_ms)
-            if isinstance(key, str):
+            if isinstance(key, tuple):
+                for kv in key:
+                    part = row.tuple_key.parts.add()
+                    if isinstance(kv, str):
+                        part.string_value = kv
+                    else:
+                        part.int_value = kv
+            elif isinstance(key, str):
                 row.string_key = key
             elif key is not None:
                 row.int_key = key
@@ -290,7 +309,7 @@ def _pem(value: str | os.PathLike[str] | bytes | None) -> bytes | None:
 def _view_dict(v: pb.ViewDescription) -> dict[str, Any]:
     return {
         "name": v.name,
-        "key": v.key,
+        "key": v.key_columns[0] if len(v.key_columns) == 1 else list(v.key_columns),
         "key_kind": v.key_kind,
         "time": v.time,
         "allowed_lateness_ms": v.allowed_lateness_ms,

@@ -166,7 +166,10 @@ impl PyEngine {
         for v in &self.inner.file().views {
             let d = PyDict::new(py);
             d.set_item("name", &v.name)?;
-            d.set_item("key", &v.key)?;
+            match v.key.as_slice() {
+                [one] => d.set_item("key", one)?,
+                parts => d.set_item("key", parts)?,
+            }
             d.set_item("time", &v.time)?;
             d.set_item("pane", format_duration(v.pane))?;
             d.set_item("allowed_lateness", format_duration(v.allowed_lateness))?;
@@ -441,7 +444,7 @@ impl PyEngine {
         let has = |c: &str| schema.field_with_name(c).is_ok();
         let matching: Vec<&str> = views
             .iter()
-            .filter(|v| has(&v.key) && has(&v.time))
+            .filter(|v| v.key.iter().all(|k| has(k)) && has(&v.time))
             .map(|v| v.name.as_str())
             .collect();
         match matching.as_slice() {
@@ -450,7 +453,7 @@ impl PyEngine {
                 "the data has the key and time columns of no view ({}); pass view=",
                 views
                     .iter()
-                    .map(|v| format!("{:?}: {:?} and {:?}", v.name, v.key, v.time))
+                    .map(|v| format!("{:?}: {} and {:?}", v.name, v.key_label(), v.time))
                     .collect::<Vec<_>>()
                     .join(", ")
             ))),

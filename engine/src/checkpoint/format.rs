@@ -14,9 +14,10 @@ use crate::spec::{CompiledView, FeatureFile};
 
 const MAGIC: &[u8; 8] = b"PANESCKP";
 const END: &[u8; 8] = b"PANESEND";
-/// The format version this build writes. Version 1 (four rejection counters, before
-/// `key_limit`) is read too.
-pub const FORMAT_VERSION: u32 = 4;
+/// The format version this build writes. Versions 1 (four rejection counters, before
+/// `key_limit`), 2, 3 (string values) and 4 (filter counters) are read too; 5 adds
+/// composite keys.
+pub const FORMAT_VERSION: u32 = 5;
 
 /// FNV-1a over the view's definition (without its source): what a checkpoint must
 /// match to be restored.
@@ -225,6 +226,13 @@ pub(crate) fn encode_at(
     }
     o.len(core.strings.len());
     core.strings.values().iter().for_each(|v| o.str(v));
+    // Version 5: composite keys, encoded.
+    o.len(keys.tuples.len());
+    for (k, id) in &keys.tuples {
+        o.len(k.len());
+        o.0.extend_from_slice(k);
+        o.u32(*id);
+    }
     let crc = crc32fast::hash(&o.0);
     o.u32(crc);
     o.0.extend_from_slice(END);
@@ -320,7 +328,6 @@ pub(crate) fn decode(view: &CompiledView, bytes: &[u8]) -> Parse<(ViewCore, Chec
     for _ in 0..n {
         keys.strs.push((i.str()?.into(), i.u32()?));
     }
-    core.keys = KeyIndex::from_image(keys, view.state.shards).map_err(|e| e.to_string())?;
     let n = i.count(true, 8)?;
     core.latest = (0..n).map(|_| i.i64()).collect::<Parse<_>>()?;
     let n = i.count(false, 24)?;
@@ -354,6 +361,14 @@ pub(crate) fn decode(view: &CompiledView, bytes: &[u8]) -> Parse<(ViewCore, Chec
             .collect::<Parse<Vec<Box<str>>>>()?;
         core.strings = StringValues::from_parts(values, kinds)?;
     }
+    if version >= 5 {
+        let n = i.count(false, 8)?;
+        for _ in 0..n {
+            let len = i.count(false, 1)?;
+            keys.tuples.push((i.take(len)?.into(), i.u32()?));
+        }
+    }
+    core.keys = KeyIndex::from_image(keys, view.state.shards).map_err(|e| e.to_string())?;
     if i.at != body.len() {
         return Err(format!(
             "{} unread bytes before the checksum",

@@ -355,6 +355,86 @@ fn typed<'b, T>(
     })
 }
 
+/// The view's key column of `batch`, or the parts of its composite key as one tuple
+/// column; says which part is missing or mistyped.
+pub(crate) fn key_column<'b>(view: &CompiledView, batch: &'b RecordBatch) -> Result<KeyColumn<'b>> {
+    let mut parts = Vec::with_capacity(view.spec.key.len());
+    for name in &view.spec.key {
+        let part = typed(view, batch, name, "key", |a| match KeyColumn::new(a) {
+            Ok(KeyColumn::Tuple(..)) => Err(format!(
+                "has type {}; a key column must be {}",
+                a.data_type(),
+                keys::KEY_TYPES
+            )),
+            other => other,
+        })?;
+        parts.push(part);
+    }
+    Ok(if parts.len() == 1 {
+        parts.pop().expect("one part")
+    } else {
+        KeyColumn::tuple(parts)
+    })
+}
+
+impl CompiledView {
+    /// What would stop events of `schema` from being ingested: a key column (each
+    /// part of a composite key) or the time column missing, a key column of a type no
+    /// key can have, an expression that does not fit the columns. Each problem as
+    /// (field of the view, message); `panes check --events` reports them.
+    pub fn schema_issues(&self, schema: &arrow_schema::SchemaRef) -> Vec<(String, String)> {
+        let spec = &self.spec;
+        let mut issues = Vec::new();
+        let have = || {
+            let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+            names.join(", ")
+        };
+        for (p, name) in spec.key.iter().enumerate() {
+            let field = if spec.is_composite() {
+                format!("key[{p}]")
+            } else {
+                "key".to_string()
+            };
+            match schema.field_with_name(name) {
+                Err(_) => issues.push((
+                    field,
+                    format!(
+                        "key column {name:?} is not in the events; they have [{}]",
+                        have()
+                    ),
+                )),
+                Ok(f) => {
+                    let empty = arrow_array::new_empty_array(f.data_type());
+                    if let Err(m) = KeyColumn::new(empty.as_ref()).and_then(|k| match k {
+                        KeyColumn::Tuple(..) => Err(format!(
+                            "has type {}; a key column must be {}",
+                            f.data_type(),
+                            keys::KEY_TYPES
+                        )),
+                        _ => Ok(()),
+                    }) {
+                        issues.push((field, format!("key column {name:?} {m}")));
+                    }
+                }
+            }
+        }
+        if schema.field_with_name(&spec.time).is_err() {
+            issues.push((
+                "time".to_string(),
+                format!(
+                    "time column {:?} is not in the events; they have [{}]",
+                    spec.time,
+                    have()
+                ),
+            ));
+        }
+        if let Err(e) = self.exprs.check(schema) {
+            issues.push((e.field, e.error.to_string()));
+        }
+        issues
+    }
+}
+
 /// Pushes of at least this many rows look up their keys on every core first.
 const PARALLEL_LOOKUP_MIN: usize = 16 * 1024;
 
@@ -434,7 +514,7 @@ pub(crate) fn ingest(
         report.filtered = a.filtered as usize;
     }
     let batch = applied.as_ref().map_or(batch, |a| &a.batch);
-    let key_col = match typed(view, batch, &spec.key, "key", KeyColumn::new) {
+    let key_col = match key_column(view, batch) {
         Ok(k) => k,
         Err(e) => return schema_error(counters, e),
     };
@@ -568,7 +648,11 @@ pub(crate) fn ingest(
                 &mut report,
                 i,
                 RejectReason::NullKey,
-                format!("row {}: key column {:?} is null", i + offset, spec.key),
+                format!(
+                    "row {}: key column {:?} is null",
+                    i + offset,
+                    spec.key[key_col.null_part(i).unwrap_or(0)]
+                ),
             );
             continue;
         }

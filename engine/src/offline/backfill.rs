@@ -231,16 +231,18 @@ impl SpineTimes {
     }
 }
 
-/// The views whose key column the spine has; the others are listed in `report`.
+/// The views whose key columns (every part of a composite key) the spine has; the
+/// others are listed in `report`.
 fn views_on_spine<'a>(
     file: &'a FeatureFile,
     spine_schema: &Schema,
     report: &mut BackfillReport,
 ) -> Result<Vec<&'a ViewSpec>> {
-    let (views, skipped): (Vec<_>, Vec<_>) = file
-        .views
-        .iter()
-        .partition(|v| spine_schema.field_with_name(&v.key).is_ok());
+    let (views, skipped): (Vec<_>, Vec<_>) = file.views.iter().partition(|v| {
+        v.key
+            .iter()
+            .all(|k| spine_schema.field_with_name(k).is_ok())
+    });
     report
         .skipped_views
         .extend(skipped.iter().map(|v| v.name.clone()));
@@ -249,7 +251,7 @@ fn views_on_spine<'a>(
             "the spine has none of the views' key columns ({}); its columns are [{}]",
             file.views
                 .iter()
-                .map(|v| format!("{:?}", v.key))
+                .map(|v| v.key_label())
                 .collect::<Vec<_>>()
                 .join(", "),
             field_names(spine_schema)
@@ -402,18 +404,35 @@ fn spine_ids(
     spine: &[RecordBatch],
 ) -> Result<Vec<Option<u32>>> {
     let mut ids = Vec::new();
+    let label = view.spec.key_label();
     for b in spine {
-        let col = b.column_by_name(&view.spec.key).ok_or_else(|| {
-            PanesError::Invalid(format!("a spine batch has no column {:?}", view.spec.key))
-        })?;
-        let keys = KeyColumn::new(col.as_ref()).map_err(|m| {
-            PanesError::Invalid(format!("spine key column {:?} {m}", view.spec.key))
-        })?;
-        core.keys
-            .check_kind(&view.spec.name, keys.is_text(), col.data_type())
-            .map_err(|e| {
-                PanesError::Invalid(format!("spine key column {:?}: {e}", view.spec.key))
+        let mut parts = Vec::with_capacity(view.spec.key.len());
+        let mut types = Vec::with_capacity(view.spec.key.len());
+        for name in &view.spec.key {
+            let col = b.column_by_name(name).ok_or_else(|| {
+                PanesError::Invalid(format!("a spine batch has no column {name:?}"))
             })?;
+            let part = match KeyColumn::new(col.as_ref()) {
+                Ok(KeyColumn::Tuple(..)) => Err(format!(
+                    "has type {}; a key column must be {}",
+                    col.data_type(),
+                    crate::ingest::keys::KEY_TYPES
+                )),
+                other => other,
+            }
+            .map_err(|m| PanesError::Invalid(format!("spine key column {name:?} {m}")))?;
+            types.push(Field::new(name, col.data_type().clone(), true));
+            parts.push(part);
+        }
+        let (keys, given) = if parts.len() == 1 {
+            let ty = types.pop().expect("one part").data_type().clone();
+            (parts.pop().expect("one part"), ty)
+        } else {
+            (KeyColumn::tuple(parts), DataType::Struct(types.into()))
+        };
+        core.keys
+            .check_kind(&view.spec.name, &keys.kinds(), &given)
+            .map_err(|e| PanesError::Invalid(format!("spine key column {label}: {e}")))?;
         ids.extend((0..b.num_rows()).map(|i| keys.lookup(i, &core.keys)));
     }
     Ok(ids)

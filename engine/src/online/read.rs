@@ -2,8 +2,9 @@
 
 use std::sync::Arc;
 
-use arrow_array::{Array, ArrayRef, RecordBatch};
-use arrow_schema::{DataType, Field, Schema};
+use arrow_array::cast::AsArray;
+use arrow_array::{Array, ArrayRef, BooleanArray, RecordBatch, StructArray};
+use arrow_schema::{DataType, Field, Fields, Schema};
 use ndarray::Array2;
 use panes_kernels::{Agg, FeatureMerge, MergeOutput};
 
@@ -13,11 +14,12 @@ use super::replicas::{Snapshot, View};
 use crate::error::{PanesError, Result};
 use crate::ingest::keys::{KeyColumn, KeyIndex, KeyValue, key_array};
 use crate::ingest::strings::finish_lists;
-use crate::spec::ReadTime;
+use crate::spec::{ReadTime, ViewSpec};
 
 impl Engine {
-    /// Reads the features of `keys` (an Arrow array of any key type) from `view` as of
-    /// `at` (epoch ms; default: the view's read time). `features` selects and orders
+    /// Reads the features of `keys` (an Arrow array of any key type; for a view with a
+    /// composite key, a struct array with one field per key column, in the view's
+    /// order) from `view` as of `at` (epoch ms; default: the view's read time). `features` selects and orders
     /// the features; `None` returns all of the view's.
     ///
     /// Events pushed before are folded and published first, so a read sees every one
@@ -36,15 +38,24 @@ impl Engine {
         at: Option<i64>,
         features: Option<&[&str]>,
     ) -> Result<FeatureFrame> {
+        let spec = &self.compiled(view)?.spec;
+        let projected;
+        let keys = if matches!(keys.data_type(), DataType::Struct(_)) {
+            projected = tuple_keys(spec, &arrow_array::make_array(keys.to_data()));
+            projected.as_ref()
+        } else {
+            keys
+        };
         let col = KeyColumn::new(keys)
             .map_err(|m| PanesError::Invalid(format!("view {view:?}: keys {m}")))?;
+        check_arity(spec, col.arity(), keys.data_type())?;
         self.read_with(
             view,
             at,
             features,
             |index| {
                 if keys.null_count() < keys.len() {
-                    index.check_kind(view, col.is_text(), keys.data_type())?;
+                    index.check_kind(view, &col.kinds(), keys.data_type())?;
                 }
                 Ok((0..keys.len()).map(|i| col.lookup(i, index)).collect())
             },
@@ -66,11 +77,15 @@ impl Engine {
         at: Option<i64>,
         features: Option<&[&str]>,
     ) -> Result<FeatureFrame> {
+        let spec = &self.compiled(view)?.spec;
         self.read_with(
             view,
             at,
             features,
-            |index| Ok(keys.iter().map(|k| index.get(k)).collect()),
+            |index| {
+                check_shape(view, spec, keys, index)?;
+                Ok(keys.iter().map(|k| index.get(k)).collect())
+            },
             |k| keys[k].to_string(),
         )
     }
@@ -90,20 +105,8 @@ impl Engine {
         features: Option<&[&str]>,
     ) -> Result<ServedFrame> {
         let v = self.view(view)?;
-        let text = keys.iter().any(|k| matches!(k, KeyValue::Str(_)));
-        crate::error::ensure!(
-            keys.iter().all(|k| matches!(k, KeyValue::Str(_)) == text),
-            "view {view:?}: keys mix strings and integers"
-        );
         let snap = v.snapshot()?;
-        if !keys.is_empty() {
-            let given = if text {
-                DataType::Utf8
-            } else {
-                DataType::Int64
-            };
-            snap.core.keys.check_kind(view, text, &given)?;
-        }
+        check_shape(view, &v.compiled.spec, keys, &snap.core.keys)?;
         let ids: Vec<Option<u32>> = keys.iter().map(|k| snap.core.keys.get(k)).collect();
         self.merge_at(v, &snap, &ids, at, features, true, |k| keys[k].to_string())
     }
@@ -232,6 +235,7 @@ impl Engine {
         at: Option<i64>,
         features: Option<&[&str]>,
     ) -> Result<(RecordBatch, i64)> {
+        let keys = &tuple_keys(&self.compiled(view)?.spec, keys);
         let frame = self.read(view, keys.as_ref(), at, features)?;
         let batch = self.frame_batch(view, keys, &frame)?;
         Ok((batch, frame.at))
@@ -280,12 +284,41 @@ impl Engine {
         frame: &FeatureFrame,
     ) -> Result<RecordBatch> {
         let compiled = self.compiled(view)?;
-        let mut fields = vec![Field::new(
-            compiled.spec.key.clone(),
-            keys.data_type().clone(),
-            true,
-        )];
-        let mut columns = vec![keys.clone()];
+        let spec = &compiled.spec;
+        let (mut fields, mut columns) = (Vec::new(), Vec::new());
+        match (spec.key.as_slice(), keys.as_struct_opt()) {
+            ([one], _) => {
+                fields.push(Field::new(one, keys.data_type().clone(), true));
+                columns.push(keys.clone());
+            }
+            (parts, Some(tuple)) if tuple.num_columns() == parts.len() => {
+                for (name, part) in parts.iter().zip(tuple.columns()) {
+                    // A null tuple is null in every part.
+                    let part = match tuple.nulls() {
+                        Some(n) if n.null_count() > 0 => arrow_select::nullif::nullif(
+                            part,
+                            &BooleanArray::new(!n.inner(), None),
+                        )?,
+                        _ => part.clone(),
+                    };
+                    fields.push(Field::new(name, part.data_type().clone(), true));
+                    columns.push(part);
+                }
+            }
+            (parts, _) if keys.is_empty() => {
+                for name in parts {
+                    fields.push(Field::new(name, DataType::Int64, true));
+                    columns.push(Arc::new(arrow_array::Int64Array::from(Vec::<i64>::new())));
+                }
+            }
+            (parts, _) => {
+                return Err(PanesError::Invalid(format!(
+                    "view {view:?} has a composite key of {} columns; the keys are {}",
+                    parts.len(),
+                    keys.data_type()
+                )));
+            }
+        }
         crate::error::ensure!(
             frame.values.nrows() == keys.len(),
             "{} keys for a frame of {} rows",
@@ -316,12 +349,117 @@ impl Engine {
             .text_features(&all, v.snapshot()?.core.strings.kinds()))
     }
 
-    /// The kind of keys `view` holds in its published state: `"int"`, `"string"`, or
-    /// `None` before any.
+    /// The kind of keys `view` holds in its published state: `"int"`, `"string"`, for
+    /// a composite key its parts' kinds (`"(string, int)"`), or `None` before any.
     ///
     /// # Errors
     /// Unknown view.
-    pub fn key_kind(&self, view: &str) -> Result<Option<&'static str>> {
+    pub fn key_kind(&self, view: &str) -> Result<Option<String>> {
         Ok(self.view(view)?.snapshot()?.core.keys.kind())
     }
+}
+
+/// For a view with a composite key, struct `keys` whose fields include every key
+/// column by name, projected onto them in the view's order (a DataFrame of key
+/// columns, perhaps among others); any other array as it is (a struct is then taken
+/// by position).
+fn tuple_keys(spec: &ViewSpec, keys: &ArrayRef) -> ArrayRef {
+    let Some(s) = keys.as_struct_opt().filter(|_| spec.is_composite()) else {
+        return keys.clone();
+    };
+    let names = s.column_names();
+    let at: Option<Vec<usize>> = spec
+        .key
+        .iter()
+        .map(|k| names.iter().position(|n| n == k))
+        .collect();
+    match at {
+        Some(at) => {
+            let fields: Fields = at.iter().map(|&i| s.fields()[i].clone()).collect();
+            let columns = at.iter().map(|&i| s.column(i).clone()).collect();
+            Arc::new(StructArray::new(fields, columns, s.nulls().cloned()))
+        }
+        None => keys.clone(),
+    }
+}
+
+/// Per key part whether a key value is a string, and the Arrow type that stands for
+/// such keys in messages.
+fn shape_of(key: &KeyValue) -> (Vec<bool>, DataType) {
+    let kind = |k: &KeyValue| match k {
+        KeyValue::Str(_) => (true, DataType::Utf8),
+        KeyValue::Int(_) | KeyValue::Tuple(_) => (false, DataType::Int64),
+    };
+    match key {
+        KeyValue::Tuple(parts) => {
+            let kinds: Vec<(bool, DataType)> = parts.iter().map(kind).collect();
+            let fields: Vec<Field> = kinds
+                .iter()
+                .enumerate()
+                .map(|(i, (_, t))| Field::new(i.to_string(), t.clone(), true))
+                .collect();
+            (
+                kinds.iter().map(|k| k.0).collect(),
+                DataType::Struct(fields.into()),
+            )
+        }
+        other => {
+            let (text, ty) = kind(other);
+            (vec![text], ty)
+        }
+    }
+}
+
+/// Keys given as values all of one shape, which fits the view: tuples of its length
+/// for a composite key, single values otherwise, each part of the kind the index holds.
+fn check_shape(view: &str, spec: &ViewSpec, keys: &[KeyValue], index: &KeyIndex) -> Result<()> {
+    let Some((kinds, given)) = keys.first().map(shape_of) else {
+        return Ok(());
+    };
+    crate::error::ensure!(
+        keys.iter().all(|k| same_shape(k, &keys[0])),
+        "view {view:?}: keys mix strings and integers, or tuples of different kinds"
+    );
+    let arity = matches!(keys[0], KeyValue::Tuple(_)).then_some(kinds.len());
+    check_arity(spec, arity, &given)?;
+    index.check_kind(view, &kinds, &given)
+}
+
+/// Whether two keys are both strings, both integers, or tuples of the same length
+/// whose parts are alike.
+fn same_shape(a: &KeyValue, b: &KeyValue) -> bool {
+    match (a, b) {
+        (KeyValue::Str(_), KeyValue::Str(_)) | (KeyValue::Int(_), KeyValue::Int(_)) => true,
+        (KeyValue::Tuple(x), KeyValue::Tuple(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(p, q)| same_shape(p, q))
+        }
+        _ => false,
+    }
+}
+
+/// Keys that are tuples of `arity` parts (`None`: single values) for a view: a
+/// composite key takes tuples of its length, a one-column key single values.
+fn check_arity(spec: &ViewSpec, arity: Option<usize>, given: &DataType) -> Result<()> {
+    let fits = match arity {
+        Some(n) => spec.is_composite() && n == spec.key.len(),
+        None => !spec.is_composite(),
+    };
+    if fits {
+        return Ok(());
+    }
+    Err(PanesError::Invalid(if spec.is_composite() {
+        format!(
+            "view {:?} has a composite key {} of {} columns; give each key as a tuple (a struct) of {} values, not {given}",
+            spec.name,
+            spec.key_label(),
+            spec.key.len(),
+            spec.key.len()
+        )
+    } else {
+        format!(
+            "view {:?} has the one key column {}; the keys given are tuples ({given})",
+            spec.name,
+            spec.key_label()
+        )
+    }))
 }

@@ -97,20 +97,43 @@ pub(crate) fn parse_ticket(bytes: &[u8]) -> Result<TicketRead, Status> {
         .get("keys")
         .and_then(|x| x.as_array())
         .ok_or_else(|| bad_request("ticket.keys", "missing or not an array"))?;
+    // A key is a string or an integer, or for a view with a composite key an array of
+    // them (one per key column, in the view's order).
+    let single = |field: &dyn Fn() -> String, k: &serde_json::Value| match k {
+        serde_json::Value::String(s) => Ok(KeyValue::Str(s.clone())),
+        serde_json::Value::Number(n) => n
+            .as_i64()
+            .map(|n| KeyValue::Int(n.into()))
+            .or_else(|| n.as_u64().map(|n| KeyValue::Int(n.into())))
+            .ok_or_else(|| bad_request(&field(), "not an integer")),
+        _ => Err(bad_request(
+            &field(),
+            "keys are strings or integers, or arrays of them for a composite key",
+        )),
+    };
     let keys = raw
         .iter()
         .enumerate()
         .map(|(i, k)| match k {
-            serde_json::Value::String(s) => Ok(KeyValue::Str(s.clone())),
-            serde_json::Value::Number(n) => n
-                .as_i64()
-                .map(|n| KeyValue::Int(n.into()))
-                .or_else(|| n.as_u64().map(|n| KeyValue::Int(n.into())))
-                .ok_or_else(|| bad_request(&format!("ticket.keys[{i}]"), "not an integer")),
-            _ => Err(bad_request(
-                &format!("ticket.keys[{i}]"),
-                "keys are strings or integers",
-            )),
+            serde_json::Value::Array(parts) => {
+                if parts.is_empty() || parts.len() > crate::spec::MAX_KEY_PARTS {
+                    return Err(bad_request(
+                        &format!("ticket.keys[{i}]"),
+                        format!(
+                            "a composite key of {} parts; it has 1 to {}",
+                            parts.len(),
+                            crate::spec::MAX_KEY_PARTS
+                        ),
+                    ));
+                }
+                let parts = parts
+                    .iter()
+                    .enumerate()
+                    .map(|(p, v)| single(&|| format!("ticket.keys[{i}][{p}]"), v))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(KeyValue::Tuple(parts))
+            }
+            k => single(&|| format!("ticket.keys[{i}]"), k),
         })
         .collect::<Result<Vec<_>, _>>()?;
     let features = match v.get("features") {

@@ -59,9 +59,71 @@ pub(crate) fn keys_of(
                 .map(|k| KeyValue::Int(k.into()))
                 .collect()
         }
-        None => return Err(bad_request("keys", "no keys: set string_keys or int_keys")),
+        Some(get_features_request::Keys::CompositeKeys(k)) => composite_keys(shared, k)?,
+        None => {
+            return Err(bad_request(
+                "keys",
+                "no keys: set string_keys, int_keys or composite_keys",
+            ));
+        }
     };
     Ok(keys)
+}
+
+/// Tuples from one column of values per key part, checked against the limits.
+fn composite_keys(shared: &Shared, k: proto::CompositeKeys) -> Result<Vec<KeyValue>, Status> {
+    use proto::key_part_values::Values;
+    let n_parts = k.parts.len();
+    if n_parts == 0 || n_parts > crate::spec::MAX_KEY_PARTS {
+        return Err(bad_request(
+            "composite_keys.parts",
+            format!(
+                "{n_parts} key columns; a composite key has 1 to {}",
+                crate::spec::MAX_KEY_PARTS
+            ),
+        ));
+    }
+    let len = |p: &proto::KeyPartValues| match &p.values {
+        Some(Values::Strings(s)) => Some(s.keys.len()),
+        Some(Values::Ints(i)) => Some(i.keys.len()),
+        None => None,
+    };
+    let mut rows = None;
+    for (i, p) in k.parts.iter().enumerate() {
+        let field = format!("composite_keys.parts[{i}]");
+        let n = len(p).ok_or_else(|| bad_request(&field, "no values: set strings or ints"))?;
+        match rows {
+            None => rows = Some(n),
+            Some(r) if r != n => {
+                return Err(bad_request(
+                    &field,
+                    format!(
+                        "{n} values; key column 0 has {r}: every key column has one value per key"
+                    ),
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    let rows = rows.unwrap_or(0);
+    shared.check_keys(rows).map_err(|e| status(e, "keys"))?;
+    let mut tuples: Vec<Vec<KeyValue>> = (0..rows).map(|_| Vec::with_capacity(n_parts)).collect();
+    for p in k.parts {
+        match p.values {
+            Some(Values::Strings(s)) => {
+                for (t, v) in tuples.iter_mut().zip(s.keys) {
+                    t.push(KeyValue::Str(v));
+                }
+            }
+            Some(Values::Ints(i)) => {
+                for (t, v) in tuples.iter_mut().zip(i.keys) {
+                    t.push(KeyValue::Int(v.into()));
+                }
+            }
+            None => unreachable!("checked above"),
+        }
+    }
+    Ok(tuples.into_iter().map(KeyValue::Tuple).collect())
 }
 
 /// Checks a read time given by a client.
@@ -94,8 +156,9 @@ pub(crate) fn describe(shared: &Shared, spec: &ViewSpec) -> ViewDescription {
     let text = text.unwrap_or_else(|_| vec![false; spec.features.len()]);
     ViewDescription {
         name: spec.name.clone(),
-        key: spec.key.clone(),
-        key_kind: key_kind.ok().flatten().unwrap_or_default().to_string(),
+        key: spec.key.join(", "),
+        key_columns: spec.key.clone(),
+        key_kind: key_kind.ok().flatten().unwrap_or_default(),
         time: spec.time.clone(),
         allowed_lateness_ms: spec.allowed_lateness,
         read_time: match spec.read_time {
@@ -200,6 +263,9 @@ fn rows_batch(
     rows: proto::Rows,
 ) -> Result<RecordBatch, Status> {
     use proto::row::Key;
+    if spec.is_composite() {
+        return rows_batch_with(spec, value_columns, tuple_columns(spec, &rows)?, rows);
+    }
     let text = rows
         .rows
         .iter()
@@ -216,6 +282,7 @@ fn rows_batch(
                     &format!("rows[{i}].int_key"),
                     "integer key in a message whose keys are strings",
                 )),
+                Some(Key::TupleKey(_)) => Err(tuple_for_single(i)),
                 None => Ok(None),
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -231,22 +298,129 @@ fn rows_batch(
                     &format!("rows[{i}].string_key"),
                     "string key in a message whose keys are integers",
                 )),
+                Some(Key::TupleKey(_)) => Err(tuple_for_single(i)),
                 None => Ok(None),
             })
             .collect::<Result<Vec<_>, _>>()?;
         Arc::new(Int64Array::from(keys))
     };
+    rows_batch_with(spec, value_columns, vec![key], rows)
+}
+
+fn tuple_for_single(row: usize) -> Status {
+    bad_request(
+        &format!("rows[{row}].tuple_key"),
+        "a composite key for a view with one key column",
+    )
+}
+
+/// The key columns of rows of a view with a composite key: one per part, strings or
+/// integers as the part's first value is.
+fn tuple_columns(spec: &ViewSpec, rows: &proto::Rows) -> Result<Vec<ArrayRef>, Status> {
+    use proto::key_part::Value;
+    use proto::row::Key;
+    let arity = spec.key.len();
+    let mut parts: Vec<Vec<Option<&Value>>> = vec![Vec::with_capacity(rows.rows.len()); arity];
+    for (i, r) in rows.rows.iter().enumerate() {
+        match &r.key {
+            Some(Key::TupleKey(t)) if t.parts.len() == arity => {
+                for (p, v) in parts.iter_mut().zip(&t.parts) {
+                    p.push(v.value.as_ref());
+                }
+            }
+            Some(Key::TupleKey(t)) => {
+                return Err(bad_request(
+                    &format!("rows[{i}].tuple_key"),
+                    format!(
+                        "{} key parts; view {:?} has the composite key {}",
+                        t.parts.len(),
+                        spec.name,
+                        spec.key_label()
+                    ),
+                ));
+            }
+            Some(Key::StringKey(_) | Key::IntKey(_)) => {
+                return Err(bad_request(
+                    &format!("rows[{i}].key"),
+                    format!(
+                        "a single key for view {:?}, whose key is composite ({}): set tuple_key",
+                        spec.name,
+                        spec.key_label()
+                    ),
+                ));
+            }
+            None => parts.iter_mut().for_each(|p| p.push(None)),
+        }
+    }
+    parts
+        .into_iter()
+        .enumerate()
+        .map(|(p, values)| {
+            let text = values
+                .iter()
+                .flatten()
+                .next()
+                .map(|v| matches!(v, Value::StringValue(_)));
+            let wrong = |i: usize, kind: &str| {
+                bad_request(
+                    &format!("rows[{i}].tuple_key.parts[{p}]"),
+                    format!(
+                        "{kind} in a message whose key column {:?} holds the other kind",
+                        spec.key[p]
+                    ),
+                )
+            };
+            let column: ArrayRef = if text == Some(true) {
+                let v = values
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| match v {
+                        Some(Value::StringValue(s)) => Ok(Some(s.as_str())),
+                        Some(Value::IntValue(_)) => Err(wrong(i, "an integer")),
+                        None => Ok(None),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Arc::new(StringArray::from(v))
+            } else {
+                let v = values
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| match v {
+                        Some(Value::IntValue(k)) => Ok(Some(*k)),
+                        Some(Value::StringValue(_)) => Err(wrong(i, "a string")),
+                        None => Ok(None),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Arc::new(Int64Array::from(v))
+            };
+            Ok(column)
+        })
+        .collect()
+}
+
+/// A record batch of `rows` with the key columns `keys` (one per key column of the
+/// view), the time and the value columns the view reads.
+fn rows_batch_with(
+    spec: &ViewSpec,
+    value_columns: &[String],
+    keys: Vec<ArrayRef>,
+    rows: proto::Rows,
+) -> Result<RecordBatch, Status> {
     let time = Int64Array::from_iter_values(rows.rows.iter().map(|r| r.time_ms));
-    let mut fields = vec![
-        Field::new(&spec.key, key.data_type().clone(), true),
-        Field::new(&spec.time, DataType::Int64, false),
-    ];
-    let mut columns: Vec<ArrayRef> = vec![key, Arc::new(time)];
+    let mut fields: Vec<Field> = spec
+        .key
+        .iter()
+        .zip(&keys)
+        .map(|(name, k)| Field::new(name, k.data_type().clone(), true))
+        .collect();
+    fields.push(Field::new(&spec.time, DataType::Int64, false));
+    let mut columns: Vec<ArrayRef> = keys;
+    columns.push(Arc::new(time));
     // Linear in the message: a set for the names, and only the columns the view reads
     // are built (a message may name any number of others; they are checked, not built).
     let mut seen = HashSet::with_capacity(rows.columns.len());
     for (c, name) in rows.columns.iter().enumerate() {
-        if name == &spec.key || name == &spec.time || !seen.insert(name.as_str()) {
+        if spec.key.contains(name) || name == &spec.time || !seen.insert(name.as_str()) {
             return Err(bad_request(
                 &format!("rows.columns[{c}]"),
                 format!("column {name:?} is given twice or names the key or time column"),

@@ -171,13 +171,38 @@ pub(crate) async fn read(
 /// The keys at `idx`, as a request's keys (all of one kind: the view's key column has
 /// one type).
 fn request_keys(keys: &[KeyValue], idx: &[usize]) -> Keys {
+    use super::proto::{CompositeKeys, KeyPartValues, key_part_values::Values};
+    if let Some(KeyValue::Tuple(first)) = keys.first() {
+        // One column per part, each of one kind (the keys of a read have one shape).
+        let all: Vec<usize> = (0..idx.len()).collect();
+        let parts = (0..first.len())
+            .map(|p| {
+                let part: Vec<KeyValue> = idx
+                    .iter()
+                    .map(|&i| match &keys[i] {
+                        KeyValue::Tuple(t) => t.get(p).cloned().unwrap_or(KeyValue::Int(0)),
+                        other => other.clone(),
+                    })
+                    .collect();
+                let values = match request_keys(&part, &all) {
+                    Keys::StringKeys(s) => Values::Strings(s),
+                    Keys::IntKeys(i) => Values::Ints(i),
+                    Keys::CompositeKeys(_) => unreachable!("parts are not tuples"),
+                };
+                KeyPartValues {
+                    values: Some(values),
+                }
+            })
+            .collect();
+        return Keys::CompositeKeys(CompositeKeys { parts });
+    }
     if matches!(keys.first(), Some(KeyValue::Str(_))) {
         Keys::StringKeys(StringKeys {
             keys: idx
                 .iter()
                 .map(|&i| match &keys[i] {
                     KeyValue::Str(s) => s.clone(),
-                    KeyValue::Int(v) => v.to_string(),
+                    other => other.to_string(),
                 })
                 .collect(),
         })
@@ -187,7 +212,7 @@ fn request_keys(keys: &[KeyValue], idx: &[usize]) -> Keys {
                 .iter()
                 .map(|&i| match &keys[i] {
                     KeyValue::Int(v) => i64::try_from(*v).unwrap_or(i64::MAX),
-                    KeyValue::Str(_) => 0,
+                    KeyValue::Str(_) | KeyValue::Tuple(_) => 0,
                 })
                 .collect(),
         })

@@ -50,7 +50,7 @@ pub trait Source: Send + Sync + fmt::Debug {
     ///
     /// # Errors
     /// A partition's engine fails to report (a bug).
-    fn key_kind(&self) -> Result<Option<&'static str>>;
+    fn key_kind(&self) -> Result<Option<String>>;
 
     /// The source's own counters (messages, bad messages, checkpoints).
     fn stats(&self) -> &SourceStats;

@@ -215,7 +215,7 @@ impl CompiledView {
         let mut out: Vec<String> = Vec::new();
         for c in named {
             let derived = spec.columns.iter().any(|d| d.name == c);
-            if !derived && c != spec.key && c != spec.time && !out.contains(&c) {
+            if !derived && !spec.key.contains(&c) && c != spec.time && !out.contains(&c) {
                 out.push(c);
             }
         }

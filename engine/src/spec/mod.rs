@@ -59,6 +59,35 @@ fn q(v: &str) -> String {
     toml::Value::String(v.to_string()).to_string()
 }
 
+/// Key columns as TOML: a string for one column, an array for a composite key.
+fn key_toml(key: &[String]) -> String {
+    match key {
+        [one] => q(one),
+        parts => format!(
+            "[{}]",
+            parts.iter().map(|p| q(p)).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
+/// Most parts a composite key may have.
+pub const MAX_KEY_PARTS: usize = 8;
+
+impl ViewSpec {
+    /// Whether the key has more than one column.
+    pub fn is_composite(&self) -> bool {
+        self.key.len() > 1
+    }
+
+    /// The key columns for messages: `"card"`, or `["card", "merchant"]`.
+    pub fn key_label(&self) -> String {
+        match self.key.as_slice() {
+            [one] => format!("{one:?}"),
+            parts => format!("{parts:?}"),
+        }
+    }
+}
+
 /// Largest number of panes a window (or the lateness bound) may span at its hop.
 /// Each pane costs `fields × 8` bytes per key, so larger rings are almost always a
 /// mistake (a 30-day window with a 1 s hop); use a coarser hop.
@@ -105,8 +134,9 @@ pub struct FeatureSpec {
 pub struct ViewSpec {
     /// Unique view name.
     pub name: String,
-    /// Entity key column.
-    pub key: String,
+    /// Entity key columns: one, or the parts of a composite key (`key = ["card",
+    /// "merchant"]`: the entity is the tuple; a null part is a null key).
+    pub key: Vec<String>,
     /// Event time column.
     pub time: String,
     /// Default hop of the view's features, ms.
@@ -159,8 +189,10 @@ pub struct SourceSpec {
     pub group: String,
     /// Payload format.
     pub format: PayloadFormat,
-    /// When set, the message key (UTF-8) is this column's value, overriding the payload.
-    pub key_column: Option<String>,
+    /// When set (to the view's key columns), the entity key is the message key, not a
+    /// payload field: a one-column key's UTF-8 value, or a composite key's parts as a
+    /// compact JSON array (`["c1",42]`).
+    pub key_column: Option<Vec<String>>,
     /// Topic that receives messages that cannot be decoded, with the reason in headers.
     pub dead_letter_topic: Option<String>,
     /// Client settings passed to librdkafka as they are (`security.protocol`,
@@ -258,7 +290,7 @@ impl FeatureFile {
         for v in &self.views {
             let _ = writeln!(s, "[[views]]");
             let _ = writeln!(s, "name = {}", q(&v.name));
-            let _ = writeln!(s, "key = {}", q(&v.key));
+            let _ = writeln!(s, "key = {}", key_toml(&v.key));
             let _ = writeln!(s, "time = {}", q(&v.time));
             let _ = writeln!(s, "pane = {:?}", format_duration(v.pane));
             let _ = writeln!(
@@ -291,7 +323,7 @@ impl FeatureFile {
                 let _ = writeln!(s, "group = {}", q(&src.group));
                 let _ = writeln!(s, "format = {:?}", src.format.name());
                 if let Some(k) = &src.key_column {
-                    let _ = writeln!(s, "key_column = {}", q(k));
+                    let _ = writeln!(s, "key_column = {}", key_toml(k));
                 }
                 if let Some(d) = &src.dead_letter_topic {
                     let _ = writeln!(s, "dead_letter_topic = {}", q(d));

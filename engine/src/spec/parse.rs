@@ -8,8 +8,8 @@ use panes_kernels::{Agg, AggParams};
 use serde::Deserialize;
 
 use super::{
-    CompiledView, FeatureFile, FeatureSpec, MAX_PANES, PayloadFormat, ReadTime, SourceSpec,
-    ViewSpec, Window, format_duration, parse_duration,
+    CompiledView, FeatureFile, FeatureSpec, MAX_KEY_PARTS, MAX_PANES, PayloadFormat, ReadTime,
+    SourceSpec, ViewSpec, Window, format_duration, parse_duration,
 };
 use crate::error::{Result, SpecError, SpecIssue};
 use crate::expr::Derived;
@@ -24,7 +24,7 @@ struct RawFile {
 #[serde(deny_unknown_fields)]
 struct RawView {
     name: Option<String>,
-    key: Option<String>,
+    key: Option<toml::Value>,
     time: Option<String>,
     pane: Option<String>,
     allowed_lateness: Option<String>,
@@ -51,7 +51,7 @@ struct RawSource {
     topic: Option<String>,
     group: Option<String>,
     format: Option<String>,
-    key_column: Option<String>,
+    key_column: Option<toml::Value>,
     dead_letter_topic: Option<String>,
     #[serde(default)]
     properties: std::collections::BTreeMap<String, String>,
@@ -125,6 +125,60 @@ impl Collector {
         });
     }
 
+    /// Key columns: a column name, or a list of 1 to [`MAX_KEY_PARTS`] distinct names.
+    fn key_columns(&mut self, location: &str, field: &str, v: Option<toml::Value>) -> Vec<String> {
+        let expected = "expected a column name or a list of column names (a composite key)";
+        let parts = match v {
+            None => {
+                self.push(location, field, "is required");
+                return Vec::new();
+            }
+            Some(toml::Value::String(s)) => vec![s],
+            Some(toml::Value::Array(a)) => {
+                let mut parts = Vec::with_capacity(a.len());
+                for v in a {
+                    match v {
+                        toml::Value::String(s) => parts.push(s),
+                        other => {
+                            self.push(location, field, format!("{expected}; got {other}"));
+                            return Vec::new();
+                        }
+                    }
+                }
+                parts
+            }
+            Some(other) => {
+                self.push(location, field, format!("{expected}; got {other}"));
+                return Vec::new();
+            }
+        };
+        if parts.is_empty() || parts.len() > MAX_KEY_PARTS {
+            self.push(
+                location,
+                field,
+                format!(
+                    "has {} columns; a key has 1 to {MAX_KEY_PARTS}",
+                    parts.len()
+                ),
+            );
+            return Vec::new();
+        }
+        if parts.iter().any(|p| p.trim().is_empty()) {
+            self.push(location, field, "a key column name must not be empty");
+            return Vec::new();
+        }
+        let mut seen = HashSet::new();
+        if let Some(dup) = parts.iter().find(|p| !seen.insert(p.as_str())) {
+            self.push(
+                location,
+                field,
+                format!("column {dup:?} appears twice in the key"),
+            );
+            return Vec::new();
+        }
+        parts
+    }
+
     fn required(&mut self, location: &str, field: &str, v: Option<String>) -> String {
         match v {
             Some(v) if !v.trim().is_empty() => v,
@@ -188,7 +242,13 @@ impl Collector {
     }
 
     /// The derived columns of the view at `vloc`.
-    fn derived(&mut self, vloc: &str, raw: Vec<RawColumn>, key: &str, time: &str) -> Vec<Derived> {
+    fn derived(
+        &mut self,
+        vloc: &str,
+        raw: Vec<RawColumn>,
+        key: &[String],
+        time: &str,
+    ) -> Vec<Derived> {
         let mut names = HashSet::new();
         let mut out = Vec::new();
         for (ci, rc) in raw.into_iter().enumerate() {
@@ -210,11 +270,11 @@ impl Collector {
                     "a derived column cannot be the view's time column",
                 );
             }
-            if name == key {
+            if key.contains(&name) {
                 self.push(
                     &cloc,
                     "name",
-                    "a derived column cannot be the view's key column",
+                    "a derived column cannot be a key column of the view",
                 );
             }
             if rc.expr.is_none() {
@@ -244,7 +304,7 @@ impl Collector {
         if let Err(e) = check_view_name(&name) {
             self.push(&vloc, "name", e);
         }
-        let key = self.required(&vloc, "key", rv.key);
+        let key = self.key_columns(&vloc, "key", rv.key);
         let time = self.required(&vloc, "time", rv.time);
         let pane = self.duration(&vloc, "pane", rv.pane.as_deref(), 1_000, true);
         let allowed_lateness = self.duration(
@@ -277,11 +337,11 @@ impl Collector {
                 None
             }
         });
-        if !key.is_empty() && key == time {
+        if key.contains(&time) {
             self.push(
                 &vloc,
                 "time",
-                "the time column must differ from the key column",
+                "the time column must differ from the key columns",
             );
         }
         let source = rv.source.map(|rs| self.source(&vloc, rs));
@@ -364,7 +424,9 @@ impl Collector {
             topic: self.required(&sloc, "topic", rs.topic),
             group: self.required(&sloc, "group", rs.group),
             format,
-            key_column: rs.key_column,
+            key_column: rs
+                .key_column
+                .map(|k| self.key_columns(&sloc, "key_column", Some(k))),
             dead_letter_topic: rs.dead_letter_topic,
             properties: rs.properties,
         }

@@ -6,6 +6,7 @@ mod common;
 
 mod backfill;
 mod bad_input;
+mod composite_keys;
 mod differential;
 #[cfg(all(feature = "serve", target_os = "linux"))]
 mod exhaustion;

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14panes/v1/panes.proto\x12\x08panes.v1\"\xae\x01\n\x12GetFeaturesRequest\x12\x0c\n\x04view\x18\x01 \x01(\t\x12+\n\x0bstring_keys\x18\x02 \x01(\x0b\x32\x14.panes.v1.StringKeysH\x00\x12%\n\x08int_keys\x18\x03 \x01(\x0b\x32\x11.panes.v1.IntKeysH\x00\x12\x10\n\x08\x66\x65\x61tures\x18\x04 \x03(\t\x12\x12\n\x05\x61t_ms\x18\x05 \x01(\x03H\x01\x88\x01\x01\x42\x06\n\x04keysB\x08\n\x06_at_ms\"\x1a\n\nStringKeys\x12\x0c\n\x04keys\x18\x01 \x03(\t\"\x17\n\x07IntKeys\x12\x0c\n\x04keys\x18\x01 \x03(\x12\"\x97\x02\n\x13GetFeaturesResponse\x12\x10\n\x08\x66\x65\x61tures\x18\x01 \x03(\t\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\x0e\n\x06values\x18\x03 \x03(\x01\x12\x10\n\x08validity\x18\x04 \x01(\x0c\x12\x17\n\x0flatest_event_ms\x18\x05 \x03(\x03\x12\x15\n\rwindow_events\x18\x06 \x03(\x04\x12\r\n\x05\x61t_ms\x18\x07 \x01(\x03\x12\x15\n\rstate_version\x18\x08 \x01(\x04\x12$\n\x05lists\x18\t \x03(\x0b\x32\x15.panes.v1.FeatureList\x12)\n\x07strings\x18\n \x03(\x0b\x32\x18.panes.v1.FeatureStrings\x12\x17\n\x0fstring_features\x18\x0b \x03(\r\"1\n\x0e\x46\x65\x61tureStrings\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\r\x12\x0e\n\x06values\x18\x02 \x03(\t\"P\n\x0b\x46\x65\x61tureList\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\r\x12\x0f\n\x07offsets\x18\x02 \x03(\r\x12\x0e\n\x06values\x18\x03 \x03(\x01\x12\x0f\n\x07strings\x18\x04 \x03(\t\"]\n\rIngestRequest\x12\x0c\n\x04view\x18\x01 \x01(\t\x12\x13\n\tarrow_ipc\x18\x02 \x01(\x0cH\x00\x12\x1e\n\x04rows\x18\x03 \x01(\x0b\x32\x0e.panes.v1.RowsH\x00\x42\t\n\x07payload\"4\n\x04Rows\x12\x0f\n\x07\x63olumns\x18\x01 \x03(\t\x12\x1b\n\x04rows\x18\x02 \x03(\x0b\x32\r.panes.v1.Row\"\xc9\x01\n\x03Row\x12\x14\n\nstring_key\x18\x01 \x01(\tH\x00\x12\x11\n\x07int_key\x18\x02 \x01(\x12H\x00\x12\x0f\n\x07time_ms\x18\x03 \x01(\x03\x12\x0e\n\x06values\x18\x04 \x03(\x01\x12\x14\n\x0cnull_columns\x18\x05 \x03(\r\x12+\n\x07strings\x18\x06 \x03(\x0b\x32\x1a.panes.v1.Row.StringsEntry\x1a.\n\x0cStringsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x05\n\x03key\"}\n\x0eIngestResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x04\x12\x0c\n\x04late\x18\x02 \x01(\x04\x12\x10\n\x08rejected\x18\x03 \x01(\x04\x12\'\n\nrejections\x18\x04 \x03(\x0b\x32\x13.panes.v1.Rejection\x12\x10\n\x08messages\x18\x05 \x01(\x04\"H\n\tRejection\x12\x0f\n\x07message\x18\x01 \x01(\x04\x12\x0b\n\x03row\x18\x02 \x01(\x04\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x15\n\x13ListFeaturesRequest\"@\n\x14ListFeaturesResponse\x12(\n\x05views\x18\x01 \x03(\x0b\x32\x19.panes.v1.ViewDescription\"#\n\x13\x44\x65scribeViewRequest\x12\x0c\n\x04view\x18\x01 \x01(\t\"\xe6\x01\n\x0fViewDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x10\n\x08key_kind\x18\x03 \x01(\t\x12\x0c\n\x04time\x18\x04 \x01(\t\x12\x1b\n\x13\x61llowed_lateness_ms\x18\x05 \x01(\x03\x12\x11\n\tread_time\x18\x06 \x01(\t\x12.\n\x08\x66\x65\x61tures\x18\x07 \x03(\x0b\x32\x1c.panes.v1.FeatureDescription\x12\x0e\n\x06\x66ilter\x18\x08 \x01(\t\x12(\n\x07\x63olumns\x18\t \x03(\x0b\x32\x17.panes.v1.DerivedColumn\"+\n\rDerivedColumn\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x65xpr\x18\x02 \x01(\t\"\xf8\x01\n\x12\x46\x65\x61tureDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x61gg\x18\x02 \x01(\t\x12\x0e\n\x06\x63olumn\x18\x03 \x01(\t\x12\x11\n\twindow_ms\x18\x04 \x01(\x03\x12\x0e\n\x06hop_ms\x18\x05 \x01(\x03\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x14\n\x0chalf_life_ms\x18\x07 \x01(\x03\x12\x11\n\tprecision\x18\x08 \x01(\r\x12\t\n\x01q\x18\t \x01(\x01\x12\x19\n\x11relative_accuracy\x18\n \x01(\x01\x12\t\n\x01n\x18\x0b \x01(\r\x12\t\n\x01k\x18\x0c \x01(\r\x12\x10\n\x08\x63\x61pacity\x18\r \x01(\r\x12\x0e\n\x06\x66ilter\x18\x0e \x01(\t2\xae\x02\n\x08\x46\x65\x61tures\x12J\n\x0bGetFeatures\x12\x1c.panes.v1.GetFeaturesRequest\x1a\x1d.panes.v1.GetFeaturesResponse\x12=\n\x06Ingest\x12\x17.panes.v1.IngestRequest\x1a\x18.panes.v1.IngestResponse(\x01\x12M\n\x0cListFeatures\x12\x1d.panes.v1.ListFeaturesRequest\x1a\x1e.panes.v1.ListFeaturesResponse\x12H\n\x0c\x44\x65scribeView\x12\x1d.panes.v1.DescribeViewRequest\x1a\x19.panes.v1.ViewDescriptionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14panes/v1/panes.proto\x12\x08panes.v1\"\xe1\x01\n\x12GetFeaturesRequest\x12\x0c\n\x04view\x18\x01 \x01(\t\x12+\n\x0bstring_keys\x18\x02 \x01(\x0b\x32\x14.panes.v1.StringKeysH\x00\x12%\n\x08int_keys\x18\x03 \x01(\x0b\x32\x11.panes.v1.IntKeysH\x00\x12\x31\n\x0e\x63omposite_keys\x18\x06 \x01(\x0b\x32\x17.panes.v1.CompositeKeysH\x00\x12\x10\n\x08\x66\x65\x61tures\x18\x04 \x03(\t\x12\x12\n\x05\x61t_ms\x18\x05 \x01(\x03H\x01\x88\x01\x01\x42\x06\n\x04keysB\x08\n\x06_at_ms\"\x1a\n\nStringKeys\x12\x0c\n\x04keys\x18\x01 \x03(\t\"\x17\n\x07IntKeys\x12\x0c\n\x04keys\x18\x01 \x03(\x12\"7\n\rCompositeKeys\x12&\n\x05parts\x18\x01 \x03(\x0b\x32\x17.panes.v1.KeyPartValues\"e\n\rKeyPartValues\x12\'\n\x07strings\x18\x01 \x01(\x0b\x32\x14.panes.v1.StringKeysH\x00\x12!\n\x04ints\x18\x02 \x01(\x0b\x32\x11.panes.v1.IntKeysH\x00\x42\x08\n\x06values\"\x97\x02\n\x13GetFeaturesResponse\x12\x10\n\x08\x66\x65\x61tures\x18\x01 \x03(\t\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\x0e\n\x06values\x18\x03 \x03(\x01\x12\x10\n\x08validity\x18\x04 \x01(\x0c\x12\x17\n\x0flatest_event_ms\x18\x05 \x03(\x03\x12\x15\n\rwindow_events\x18\x06 \x03(\x04\x12\r\n\x05\x61t_ms\x18\x07 \x01(\x03\x12\x15\n\rstate_version\x18\x08 \x01(\x04\x12$\n\x05lists\x18\t \x03(\x0b\x32\x15.panes.v1.FeatureList\x12)\n\x07strings\x18\n \x03(\x0b\x32\x18.panes.v1.FeatureStrings\x12\x17\n\x0fstring_features\x18\x0b \x03(\r\"1\n\x0e\x46\x65\x61tureStrings\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\r\x12\x0e\n\x06values\x18\x02 \x03(\t\"P\n\x0b\x46\x65\x61tureList\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\r\x12\x0f\n\x07offsets\x18\x02 \x03(\r\x12\x0e\n\x06values\x18\x03 \x03(\x01\x12\x0f\n\x07strings\x18\x04 \x03(\t\"]\n\rIngestRequest\x12\x0c\n\x04view\x18\x01 \x01(\t\x12\x13\n\tarrow_ipc\x18\x02 \x01(\x0cH\x00\x12\x1e\n\x04rows\x18\x03 \x01(\x0b\x32\x0e.panes.v1.RowsH\x00\x42\t\n\x07payload\"4\n\x04Rows\x12\x0f\n\x07\x63olumns\x18\x01 \x03(\t\x12\x1b\n\x04rows\x18\x02 \x03(\x0b\x32\r.panes.v1.Row\"\xf2\x01\n\x03Row\x12\x14\n\nstring_key\x18\x01 \x01(\tH\x00\x12\x11\n\x07int_key\x18\x02 \x01(\x12H\x00\x12\'\n\ttuple_key\x18\x07 \x01(\x0b\x32\x12.panes.v1.KeyTupleH\x00\x12\x0f\n\x07time_ms\x18\x03 \x01(\x03\x12\x0e\n\x06values\x18\x04 \x03(\x01\x12\x14\n\x0cnull_columns\x18\x05 \x03(\r\x12+\n\x07strings\x18\x06 \x03(\x0b\x32\x1a.panes.v1.Row.StringsEntry\x1a.\n\x0cStringsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x05\n\x03key\",\n\x08KeyTuple\x12 \n\x05parts\x18\x01 \x03(\x0b\x32\x11.panes.v1.KeyPart\"?\n\x07KeyPart\x12\x16\n\x0cstring_value\x18\x01 \x01(\tH\x00\x12\x13\n\tint_value\x18\x02 \x01(\x12H\x00\x42\x07\n\x05value\"}\n\x0eIngestResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x04\x12\x0c\n\x04late\x18\x02 \x01(\x04\x12\x10\n\x08rejected\x18\x03 \x01(\x04\x12\'\n\nrejections\x18\x04 \x03(\x0b\x32\x13.panes.v1.Rejection\x12\x10\n\x08messages\x18\x05 \x01(\x04\"H\n\tRejection\x12\x0f\n\x07message\x18\x01 \x01(\x04\x12\x0b\n\x03row\x18\x02 \x01(\x04\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x15\n\x13ListFeaturesRequest\"@\n\x14ListFeaturesResponse\x12(\n\x05views\x18\x01 \x03(\x0b\x32\x19.panes.v1.ViewDescription\"#\n\x13\x44\x65scribeViewRequest\x12\x0c\n\x04view\x18\x01 \x01(\t\"\xfb\x01\n\x0fViewDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x10\n\x08key_kind\x18\x03 \x01(\t\x12\x0c\n\x04time\x18\x04 \x01(\t\x12\x1b\n\x13\x61llowed_lateness_ms\x18\x05 \x01(\x03\x12\x11\n\tread_time\x18\x06 \x01(\t\x12.\n\x08\x66\x65\x61tures\x18\x07 \x03(\x0b\x32\x1c.panes.v1.FeatureDescription\x12\x0e\n\x06\x66ilter\x18\x08 \x01(\t\x12(\n\x07\x63olumns\x18\t \x03(\x0b\x32\x17.panes.v1.DerivedColumn\x12\x13\n\x0bkey_columns\x18\n \x03(\t\"+\n\rDerivedColumn\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x65xpr\x18\x02 \x01(\t\"\xf8\x01\n\x12\x46\x65\x61tureDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x61gg\x18\x02 \x01(\t\x12\x0e\n\x06\x63olumn\x18\x03 \x01(\t\x12\x11\n\twindow_ms\x18\x04 \x01(\x03\x12\x0e\n\x06hop_ms\x18\x05 \x01(\x03\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x14\n\x0chalf_life_ms\x18\x07 \x01(\x03\x12\x11\n\tprecision\x18\x08 \x01(\r\x12\t\n\x01q\x18\t \x01(\x01\x12\x19\n\x11relative_accuracy\x18\n \x01(\x01\x12\t\n\x01n\x18\x0b \x01(\r\x12\t\n\x01k\x18\x0c \x01(\r\x12\x10\n\x08\x63\x61pacity\x18\r \x01(\r\x12\x0e\n\x06\x66ilter\x18\x0e \x01(\t2\xae\x02\n\x08\x46\x65\x61tures\x12J\n\x0bGetFeatures\x12\x1c.panes.v1.GetFeaturesRequest\x1a\x1d.panes.v1.GetFeaturesResponse\x12=\n\x06Ingest\x12\x17.panes.v1.IngestRequest\x1a\x18.panes.v1.IngestResponse(\x01\x12M\n\x0cListFeatures\x12\x1d.panes.v1.ListFeaturesRequest\x1a\x1e.panes.v1.ListFeaturesResponse\x12H\n\x0c\x44\x65scribeView\x12\x1d.panes.v1.DescribeViewRequest\x1a\x19.panes.v1.ViewDescriptionb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,41 +34,49 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROW_STRINGSENTRY']._loaded_options = None
   _globals['_ROW_STRINGSENTRY']._serialized_options = b'8\001'
   _globals['_GETFEATURESREQUEST']._serialized_start=35
-  _globals['_GETFEATURESREQUEST']._serialized_end=209
-  _globals['_STRINGKEYS']._serialized_start=211
-  _globals['_STRINGKEYS']._serialized_end=237
-  _globals['_INTKEYS']._serialized_start=239
-  _globals['_INTKEYS']._serialized_end=262
-  _globals['_GETFEATURESRESPONSE']._serialized_start=265
-  _globals['_GETFEATURESRESPONSE']._serialized_end=544
-  _globals['_FEATURESTRINGS']._serialized_start=546
-  _globals['_FEATURESTRINGS']._serialized_end=595
-  _globals['_FEATURELIST']._serialized_start=597
-  _globals['_FEATURELIST']._serialized_end=677
-  _globals['_INGESTREQUEST']._serialized_start=679
-  _globals['_INGESTREQUEST']._serialized_end=772
-  _globals['_ROWS']._serialized_start=774
-  _globals['_ROWS']._serialized_end=826
-  _globals['_ROW']._serialized_start=829
-  _globals['_ROW']._serialized_end=1030
-  _globals['_ROW_STRINGSENTRY']._serialized_start=977
-  _globals['_ROW_STRINGSENTRY']._serialized_end=1023
-  _globals['_INGESTRESPONSE']._serialized_start=1032
-  _globals['_INGESTRESPONSE']._serialized_end=1157
-  _globals['_REJECTION']._serialized_start=1159
-  _globals['_REJECTION']._serialized_end=1231
-  _globals['_LISTFEATURESREQUEST']._serialized_start=1233
-  _globals['_LISTFEATURESREQUEST']._serialized_end=1254
-  _globals['_LISTFEATURESRESPONSE']._serialized_start=1256
-  _globals['_LISTFEATURESRESPONSE']._serialized_end=1320
-  _globals['_DESCRIBEVIEWREQUEST']._serialized_start=1322
-  _globals['_DESCRIBEVIEWREQUEST']._serialized_end=1357
-  _globals['_VIEWDESCRIPTION']._serialized_start=1360
-  _globals['_VIEWDESCRIPTION']._serialized_end=1590
-  _globals['_DERIVEDCOLUMN']._serialized_start=1592
-  _globals['_DERIVEDCOLUMN']._serialized_end=1635
-  _globals['_FEATUREDESCRIPTION']._serialized_start=1638
-  _globals['_FEATUREDESCRIPTION']._serialized_end=1886
-  _globals['_FEATURES']._serialized_start=1889
-  _globals['_FEATURES']._serialized_end=2191
+  _globals['_GETFEATURESREQUEST']._serialized_end=260
+  _globals['_STRINGKEYS']._serialized_start=262
+  _globals['_STRINGKEYS']._serialized_end=288
+  _globals['_INTKEYS']._serialized_start=290
+  _globals['_INTKEYS']._serialized_end=313
+  _globals['_COMPOSITEKEYS']._serialized_start=315
+  _globals['_COMPOSITEKEYS']._serialized_end=370
+  _globals['_KEYPARTVALUES']._serialized_start=372
+  _globals['_KEYPARTVALUES']._serialized_end=473
+  _globals['_GETFEATURESRESPONSE']._serialized_start=476
+  _globals['_GETFEATURESRESPONSE']._serialized_end=755
+  _globals['_FEATURESTRINGS']._serialized_start=757
+  _globals['_FEATURESTRINGS']._serialized_end=806
+  _globals['_FEATURELIST']._serialized_start=808
+  _globals['_FEATURELIST']._serialized_end=888
+  _globals['_INGESTREQUEST']._serialized_start=890
+  _globals['_INGESTREQUEST']._serialized_end=983
+  _globals['_ROWS']._serialized_start=985
+  _globals['_ROWS']._serialized_end=1037
+  _globals['_ROW']._serialized_start=1040
+  _globals['_ROW']._serialized_end=1282
+  _globals['_ROW_STRINGSENTRY']._serialized_start=1229
+  _globals['_ROW_STRINGSENTRY']._serialized_end=1275
+  _globals['_KEYTUPLE']._serialized_start=1284
+  _globals['_KEYTUPLE']._serialized_end=1328
+  _globals['_KEYPART']._serialized_start=1330
+  _globals['_KEYPART']._serialized_end=1393
+  _globals['_INGESTRESPONSE']._serialized_start=1395
+  _globals['_INGESTRESPONSE']._serialized_end=1520
+  _globals['_REJECTION']._serialized_start=1522
+  _globals['_REJECTION']._serialized_end=1594
+  _globals['_LISTFEATURESREQUEST']._serialized_start=1596
+  _globals['_LISTFEATURESREQUEST']._serialized_end=1617
+  _globals['_LISTFEATURESRESPONSE']._serialized_start=1619
+  _globals['_LISTFEATURESRESPONSE']._serialized_end=1683
+  _globals['_DESCRIBEVIEWREQUEST']._serialized_start=1685
+  _globals['_DESCRIBEVIEWREQUEST']._serialized_end=1720
+  _globals['_VIEWDESCRIPTION']._serialized_start=1723
+  _globals['_VIEWDESCRIPTION']._serialized_end=1974
+  _globals['_DERIVEDCOLUMN']._serialized_start=1976
+  _globals['_DERIVEDCOLUMN']._serialized_end=2019
+  _globals['_FEATUREDESCRIPTION']._serialized_start=2022
+  _globals['_FEATUREDESCRIPTION']._serialized_end=2270
+  _globals['_FEATURES']._serialized_start=2273
+  _globals['_FEATURES']._serialized_end=2575
 # @@protoc_insertion_point(module_scope)

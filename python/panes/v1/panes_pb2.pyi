@@ -7,18 +7,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GetFeaturesRequest(_message.Message):
-    __slots__ = ("view", "string_keys", "int_keys", "features", "at_ms")
+    __slots__ = ("view", "string_keys", "int_keys", "composite_keys", "features", "at_ms")
     VIEW_FIELD_NUMBER: _ClassVar[int]
     STRING_KEYS_FIELD_NUMBER: _ClassVar[int]
     INT_KEYS_FIELD_NUMBER: _ClassVar[int]
+    COMPOSITE_KEYS_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     AT_MS_FIELD_NUMBER: _ClassVar[int]
     view: str
     string_keys: StringKeys
     int_keys: IntKeys
+    composite_keys: CompositeKeys
     features: _containers.RepeatedScalarFieldContainer[str]
     at_ms: int
-    def __init__(self, view: _Optional[str] = ..., string_keys: _Optional[_Union[StringKeys, _Mapping]] = ..., int_keys: _Optional[_Union[IntKeys, _Mapping]] = ..., features: _Optional[_Iterable[str]] = ..., at_ms: _Optional[int] = ...) -> None: ...
+    def __init__(self, view: _Optional[str] = ..., string_keys: _Optional[_Union[StringKeys, _Mapping]] = ..., int_keys: _Optional[_Union[IntKeys, _Mapping]] = ..., composite_keys: _Optional[_Union[CompositeKeys, _Mapping]] = ..., features: _Optional[_Iterable[str]] = ..., at_ms: _Optional[int] = ...) -> None: ...
 
 class StringKeys(_message.Message):
     __slots__ = ("keys",)
@@ -31,6 +33,20 @@ class IntKeys(_message.Message):
     KEYS_FIELD_NUMBER: _ClassVar[int]
     keys: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, keys: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class CompositeKeys(_message.Message):
+    __slots__ = ("parts",)
+    PARTS_FIELD_NUMBER: _ClassVar[int]
+    parts: _containers.RepeatedCompositeFieldContainer[KeyPartValues]
+    def __init__(self, parts: _Optional[_Iterable[_Union[KeyPartValues, _Mapping]]] = ...) -> None: ...
+
+class KeyPartValues(_message.Message):
+    __slots__ = ("strings", "ints")
+    STRINGS_FIELD_NUMBER: _ClassVar[int]
+    INTS_FIELD_NUMBER: _ClassVar[int]
+    strings: StringKeys
+    ints: IntKeys
+    def __init__(self, strings: _Optional[_Union[StringKeys, _Mapping]] = ..., ints: _Optional[_Union[IntKeys, _Mapping]] = ...) -> None: ...
 
 class GetFeaturesResponse(_message.Message):
     __slots__ = ("features", "rows", "values", "validity", "latest_event_ms", "window_events", "at_ms", "state_version", "lists", "strings", "string_features")
@@ -97,7 +113,7 @@ class Rows(_message.Message):
     def __init__(self, columns: _Optional[_Iterable[str]] = ..., rows: _Optional[_Iterable[_Union[Row, _Mapping]]] = ...) -> None: ...
 
 class Row(_message.Message):
-    __slots__ = ("string_key", "int_key", "time_ms", "values", "null_columns", "strings")
+    __slots__ = ("string_key", "int_key", "tuple_key", "time_ms", "values", "null_columns", "strings")
     class StringsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -107,17 +123,33 @@ class Row(_message.Message):
         def __init__(self, key: _Optional[int] = ..., value: _Optional[str] = ...) -> None: ...
     STRING_KEY_FIELD_NUMBER: _ClassVar[int]
     INT_KEY_FIELD_NUMBER: _ClassVar[int]
+    TUPLE_KEY_FIELD_NUMBER: _ClassVar[int]
     TIME_MS_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     NULL_COLUMNS_FIELD_NUMBER: _ClassVar[int]
     STRINGS_FIELD_NUMBER: _ClassVar[int]
     string_key: str
     int_key: int
+    tuple_key: KeyTuple
     time_ms: int
     values: _containers.RepeatedScalarFieldContainer[float]
     null_columns: _containers.RepeatedScalarFieldContainer[int]
     strings: _containers.ScalarMap[int, str]
-    def __init__(self, string_key: _Optional[str] = ..., int_key: _Optional[int] = ..., time_ms: _Optional[int] = ..., values: _Optional[_Iterable[float]] = ..., null_columns: _Optional[_Iterable[int]] = ..., strings: _Optional[_Mapping[int, str]] = ...) -> None: ...
+    def __init__(self, string_key: _Optional[str] = ..., int_key: _Optional[int] = ..., tuple_key: _Optional[_Union[KeyTuple, _Mapping]] = ..., time_ms: _Optional[int] = ..., values: _Optional[_Iterable[float]] = ..., null_columns: _Optional[_Iterable[int]] = ..., strings: _Optional[_Mapping[int, str]] = ...) -> None: ...
+
+class KeyTuple(_message.Message):
+    __slots__ = ("parts",)
+    PARTS_FIELD_NUMBER: _ClassVar[int]
+    parts: _containers.RepeatedCompositeFieldContainer[KeyPart]
+    def __init__(self, parts: _Optional[_Iterable[_Union[KeyPart, _Mapping]]] = ...) -> None: ...
+
+class KeyPart(_message.Message):
+    __slots__ = ("string_value", "int_value")
+    STRING_VALUE_FIELD_NUMBER: _ClassVar[int]
+    INT_VALUE_FIELD_NUMBER: _ClassVar[int]
+    string_value: str
+    int_value: int
+    def __init__(self, string_value: _Optional[str] = ..., int_value: _Optional[int] = ...) -> None: ...
 
 class IngestResponse(_message.Message):
     __slots__ = ("accepted", "late", "rejected", "rejections", "messages")
@@ -162,7 +194,7 @@ class DescribeViewRequest(_message.Message):
     def __init__(self, view: _Optional[str] = ...) -> None: ...
 
 class ViewDescription(_message.Message):
-    __slots__ = ("name", "key", "key_kind", "time", "allowed_lateness_ms", "read_time", "features", "filter", "columns")
+    __slots__ = ("name", "key", "key_kind", "time", "allowed_lateness_ms", "read_time", "features", "filter", "columns", "key_columns")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
     KEY_KIND_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +204,7 @@ class ViewDescription(_message.Message):
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
     COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    KEY_COLUMNS_FIELD_NUMBER: _ClassVar[int]
     name: str
     key: str
     key_kind: str
@@ -181,7 +214,8 @@ class ViewDescription(_message.Message):
     features: _containers.RepeatedCompositeFieldContainer[FeatureDescription]
     filter: str
     columns: _containers.RepeatedCompositeFieldContainer[DerivedColumn]
-    def __init__(self, name: _Optional[str] = ..., key: _Optional[str] = ..., key_kind: _Optional[str] = ..., time: _Optional[str] = ..., allowed_lateness_ms: _Optional[int] = ..., read_time: _Optional[str] = ..., features: _Optional[_Iterable[_Union[FeatureDescription, _Mapping]]] = ..., filter: _Optional[str] = ..., columns: _Optional[_Iterable[_Union[DerivedColumn, _Mapping]]] = ...) -> None: ...
+    key_columns: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., key: _Optional[str] = ..., key_kind: _Optional[str] = ..., time: _Optional[str] = ..., allowed_lateness_ms: _Optional[int] = ..., read_time: _Optional[str] = ..., features: _Optional[_Iterable[_Union[FeatureDescription, _Mapping]]] = ..., filter: _Optional[str] = ..., columns: _Optional[_Iterable[_Union[DerivedColumn, _Mapping]]] = ..., key_columns: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DerivedColumn(_message.Message):
     __slots__ = ("name", "expr")

@@ -39,10 +39,8 @@ pub struct Payload<'a> {
 /// Rows of one partition decoded from JSON messages, waiting to be pushed.
 #[derive(Debug, Default)]
 pub struct JsonRows {
-    str_keys: Vec<Option<String>>,
-    int_keys: Vec<Option<i64>>,
-    /// Whether each row's key is a string (runs of one kind are pushed together).
-    text: Vec<bool>,
+    /// Per row, its key's parts (one unless the view's key is composite).
+    keys: Vec<Vec<KeyValue>>,
     ts: Vec<i64>,
     values: Vec<Vec<Option<f64>>>,
     /// Per value column: its strings, when its values are strings (the first
@@ -120,18 +118,10 @@ pub fn decode_json(
             ),
         ));
     }
-    match key {
-        KeyValue::Str(s) => {
-            rows.str_keys.push(Some(s));
-            rows.int_keys.push(None);
-            rows.text.push(true);
-        }
-        KeyValue::Int(v) => {
-            rows.str_keys.push(None);
-            rows.int_keys.push(Some(v as i64));
-            rows.text.push(false);
-        }
-    }
+    rows.keys.push(match key {
+        KeyValue::Tuple(parts) => parts,
+        single => vec![single],
+    });
     rows.ts.push(ts);
     for (j, v) in values.into_iter().enumerate() {
         let (number, text) = match v {
@@ -154,8 +144,8 @@ pub fn decode_json(
     Ok(())
 }
 
-/// The entity key of a JSON message: its Kafka key where the source maps one, else
-/// the object's key field.
+/// The entity key of a JSON message: its Kafka key where the source maps one (a
+/// composite key's parts as a JSON array), else the object's key field(s).
 fn json_key(
     view: &Decoder<'_>,
     m: &Payload<'_>,
@@ -166,6 +156,35 @@ fn json_key(
         let k = m
             .key
             .ok_or((BadMessage::MissingKey, "the message has no key".to_string()))?;
+        if spec.is_composite() {
+            let parts: Vec<Value> = serde_json::from_slice(k).map_err(|e| {
+                (
+                    BadMessage::MissingKey,
+                    format!(
+                        "the message key is not a JSON array of the key {} ({e})",
+                        spec.key_label()
+                    ),
+                )
+            })?;
+            if parts.len() != spec.key.len() {
+                return Err((
+                    BadMessage::MissingKey,
+                    format!(
+                        "the message key has {} parts; the key {} has {}",
+                        parts.len(),
+                        spec.key_label(),
+                        spec.key.len()
+                    ),
+                ));
+            }
+            let parts = spec
+                .key
+                .iter()
+                .zip(&parts)
+                .map(|(name, v)| key_part(&format!("message key part {name:?}"), Some(v)))
+                .collect::<std::result::Result<_, _>>()?;
+            return Ok(KeyValue::Tuple(parts));
+        }
         let k = std::str::from_utf8(k).map_err(|_| {
             (
                 BadMessage::MissingKey,
@@ -174,23 +193,33 @@ fn json_key(
         })?;
         Ok(KeyValue::Str(k.to_string()))
     } else {
-        match object.get(&spec.key) {
-            Some(Value::String(s)) => Ok(KeyValue::Str(s.clone())),
-            Some(Value::Number(n)) if n.as_i64().is_some() => {
-                Ok(KeyValue::Int(n.as_i64().expect("checked").into()))
-            }
-            None | Some(Value::Null) => Err((
-                BadMessage::MissingKey,
-                format!("field {:?} (the key) is missing or null", spec.key),
-            )),
-            Some(other) => Err((
-                BadMessage::WrongType,
-                format!(
-                    "field {:?} (the key): expected a string or an integer, got {other}",
-                    spec.key
-                ),
-            )),
+        let mut parts = spec
+            .key
+            .iter()
+            .map(|name| key_part(&format!("field {name:?} (the key)"), object.get(name)))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(if parts.len() == 1 {
+            parts.pop().expect("one part")
+        } else {
+            KeyValue::Tuple(parts)
+        })
+    }
+}
+
+/// One key value of a JSON message (a field, or a part of the message key).
+fn key_part(what: &str, v: Option<&Value>) -> std::result::Result<KeyValue, Bad> {
+    match v {
+        Some(Value::String(s)) => Ok(KeyValue::Str(s.clone())),
+        Some(Value::Number(n)) if n.as_i64().is_some() => {
+            Ok(KeyValue::Int(n.as_i64().expect("checked").into()))
         }
+        None | Some(Value::Null) => {
+            Err((BadMessage::MissingKey, format!("{what} is missing or null")))
+        }
+        Some(other) => Err((
+            BadMessage::WrongType,
+            format!("{what}: expected a string or an integer, got {other}"),
+        )),
     }
 }
 
@@ -236,9 +265,23 @@ pub fn decode_ipc(
         // Rows whose key belongs in another partition are dropped and counted. A batch
         // without a key column of a key type is pushed as it is: the engine rejects it
         // and says why.
-        let keys = batch
-            .column_by_name(&view.spec.key)
-            .and_then(|col| KeyColumn::new(col.as_ref()).ok());
+        let keys = view
+            .spec
+            .key
+            .iter()
+            .map(|k| {
+                batch
+                    .column_by_name(k)
+                    .and_then(|col| KeyColumn::new(col.as_ref()).ok())
+            })
+            .collect::<Option<Vec<_>>>()
+            .map(|mut parts| {
+                if parts.len() == 1 {
+                    parts.pop().expect("one part")
+                } else {
+                    KeyColumn::tuple(parts)
+                }
+            });
         let Some(keys) = keys else {
             out.push(batch);
             continue;
@@ -263,30 +306,37 @@ pub fn decode_ipc(
     Ok(())
 }
 
-/// Record batches of decoded JSON rows: one per run of keys of one kind.
+/// Record batches of decoded JSON rows: one per run of keys of one kind (per part).
 pub fn json_batches(spec: &ViewSpec, columns: &[String], rows: JsonRows) -> Vec<RecordBatch> {
+    let kinds =
+        |k: &[KeyValue]| -> Vec<bool> { k.iter().map(|p| matches!(p, KeyValue::Str(_))).collect() };
     let mut out = Vec::new();
     let mut start = 0;
     while start < rows.ts.len() {
-        let text = rows.text[start];
+        let run = kinds(&rows.keys[start]);
         let end = (start..rows.ts.len())
-            .find(|&i| rows.text[i] != text)
+            .find(|&i| kinds(&rows.keys[i]) != run)
             .unwrap_or(rows.ts.len());
-        let key: ArrayRef = if text {
-            Arc::new(StringArray::from_iter(
-                rows.str_keys[start..end].iter().map(Option::as_deref),
-            ))
-        } else {
-            Arc::new(Int64Array::from(rows.int_keys[start..end].to_vec()))
-        };
-        let mut fields = vec![
-            Field::new(&spec.key, key.data_type().clone(), true),
-            Field::new(&spec.time, DataType::Int64, false),
-        ];
-        let mut arrays: Vec<ArrayRef> = vec![
-            key,
-            Arc::new(Int64Array::from(rows.ts[start..end].to_vec())),
-        ];
+        let keys = &rows.keys[start..end];
+        let mut fields = Vec::with_capacity(spec.key.len() + 1 + columns.len());
+        let mut arrays: Vec<ArrayRef> = Vec::with_capacity(fields.capacity());
+        for (p, (name, &text)) in spec.key.iter().zip(&run).enumerate() {
+            let key: ArrayRef = if text {
+                Arc::new(StringArray::from_iter(keys.iter().map(|k| match &k[p] {
+                    KeyValue::Str(s) => Some(s.as_str()),
+                    _ => None,
+                })))
+            } else {
+                Arc::new(Int64Array::from_iter(keys.iter().map(|k| match &k[p] {
+                    KeyValue::Int(v) => i64::try_from(*v).ok(),
+                    _ => None,
+                })))
+            };
+            fields.push(Field::new(name, key.data_type().clone(), true));
+            arrays.push(key);
+        }
+        fields.push(Field::new(&spec.time, DataType::Int64, false));
+        arrays.push(Arc::new(Int64Array::from(rows.ts[start..end].to_vec())));
         for (c, name) in columns.iter().enumerate() {
             let array: ArrayRef = match rows.strings.get(c).and_then(Option::as_ref) {
                 Some(strings) => Arc::new(StringArray::from_iter(
@@ -366,5 +416,53 @@ mod tests {
             [None, Some("books"), Some("")]
         );
         assert_eq!(batches[0].column(3).data_type(), &DataType::Float64);
+    }
+
+    #[test]
+    fn composite_keys_come_from_fields_or_a_json_array_message_key() {
+        let file = FeatureFile::parse(
+            "[[views]]\nname = \"pairs\"\nkey = [\"merchant\", \"card\"]\ntime = \"ts\"\n\
+             [[views.features]]\nname = \"n\"\nagg = \"count\"\nwindow = \"lifetime\"\n",
+            "test",
+        )
+        .unwrap();
+        let spec = &file.views[0];
+        let stats = SourceStats::default();
+        for from_message in [false, true] {
+            let decoder = Decoder {
+                spec,
+                columns: &[],
+                key_from_message: from_message,
+                stats: &stats,
+            };
+            let mut rows = JsonRows::default();
+            let mut decode = |json: &str, key: &str| {
+                let m = Payload {
+                    value: json.as_bytes(),
+                    key: Some(key.as_bytes()),
+                    partition: 0,
+                };
+                decode_json(&decoder, &m, 1, &mut rows).map_err(|e| e.1)
+            };
+            decode(r#"{"merchant": "m1", "card": 7, "ts": 1}"#, r#"["m1",7]"#).unwrap();
+            decode(r#"{"merchant": "m2", "card": 8, "ts": 2}"#, r#"["m2",8]"#).unwrap();
+            let e = decode(r#"{"merchant": "m2", "ts": 2}"#, r#"["m2"]"#).unwrap_err();
+            if from_message {
+                assert!(e.contains("the message key has 1 parts"), "{e}");
+            } else {
+                assert!(e.contains("field \"card\" (the key) is missing"), "{e}");
+            }
+            let batches = json_batches(spec, &[], rows);
+            assert_eq!(batches.len(), 1);
+            let b = &batches[0];
+            assert_eq!(b.schema().field(0).name(), "merchant");
+            assert_eq!(b.column(0).as_string::<i32>().value(1), "m2");
+            assert_eq!(
+                b.column(1)
+                    .as_primitive::<arrow_array::types::Int64Type>()
+                    .value(0),
+                7
+            );
+        }
     }
 }

@@ -220,7 +220,7 @@ impl Source for KafkaView {
         Ok(text)
     }
 
-    fn key_kind(&self) -> Result<Option<&'static str>> {
+    fn key_kind(&self) -> Result<Option<String>> {
         for part in self.owned_map().values() {
             if let Some(kind) = part.engine.key_kind(&self.spec.name)? {
                 return Ok(Some(kind));

@@ -37,11 +37,32 @@ pub fn partition_for(key: &[u8], partitions: i32) -> i32 {
     ((murmur2(key) & 0x7fff_ffff) % partitions.max(1) as u32) as i32
 }
 
-/// The message-key bytes of an entity key: a string's UTF-8, an integer's decimal text.
+/// The message-key bytes of an entity key: a string's UTF-8, an integer's decimal text;
+/// a composite key's parts as a compact JSON array (`["c1",42]`: no spaces, strings as
+/// JSON strings with non-ASCII characters as they are, as Python's
+/// `json.dumps(parts, separators=(",", ":"), ensure_ascii=False)` writes them).
 pub fn key_bytes(key: &KeyValue) -> Vec<u8> {
     match key {
         KeyValue::Str(s) => s.as_bytes().to_vec(),
         KeyValue::Int(i) => i.to_string().into_bytes(),
+        KeyValue::Tuple(parts) => {
+            let mut out = vec![b'['];
+            for (n, p) in parts.iter().enumerate() {
+                if n > 0 {
+                    out.push(b',');
+                }
+                match p {
+                    KeyValue::Str(s) => out.extend(
+                        serde_json::to_string(s)
+                            .expect("a string serializes")
+                            .bytes(),
+                    ),
+                    other => out.extend(key_bytes(other)),
+                }
+            }
+            out.push(b']');
+            out
+        }
     }
 }
 
@@ -80,5 +101,13 @@ mod tests {
             assert!((0..6).contains(&p));
         }
         assert_eq!(key_bytes(&KeyValue::Int(-42)), b"-42");
+        let tuple = KeyValue::Tuple(vec![
+            KeyValue::Str("caf\u{e9} \"1\"\n".into()),
+            KeyValue::Int(42),
+        ]);
+        assert_eq!(
+            String::from_utf8(key_bytes(&tuple)).unwrap(),
+            "[\"caf\u{e9} \\\"1\\\"\\n\",42]"
+        );
     }
 }
