@@ -416,7 +416,7 @@ impl Compiled {
         let logical = simplifier.simplify(logical).map_err(err)?;
         let expr = create_physical_expr(
             &logical,
-            &df,
+            df,
             &ExecutionProps::new(),
             &PhysicalPlanningContext::default(),
         )
