@@ -120,7 +120,8 @@ fn composite_keys(shared: &Shared, k: proto::CompositeKeys) -> Result<Vec<KeyVal
                     t.push(KeyValue::Int(v.into()));
                 }
             }
-            None => unreachable!("checked above"),
+            // Every part was checked to hold values above.
+            None => {}
         }
     }
     Ok(tuples.into_iter().map(KeyValue::Tuple).collect())
