@@ -11,7 +11,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-log() { printf '\n== %s\n' "$*"; }
+# Each step with the wall time since the start, so a slow CI run shows where it went.
+log() { printf '\n== [%s, +%d s] %s\n' "$(date -u +%T)" "$SECONDS" "$*"; }
 
 # System packages the tests need.
 missing=()
@@ -61,6 +62,7 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --locked --no-fail-fast "${features[@]}"
 fi
+log "doc tests"
 cargo test --workspace --doc --locked "${features[@]}"
 
 log "fuzz targets, 60 s each (scripts/fuzz.sh 1800 runs them for 30 minutes)"
@@ -81,4 +83,6 @@ log "pip install ./python (the extension module)"
 # The suite checks answers, not speed: the wheel is built in the dev profile, reusing
 # most of the tests' build instead of compiling every crate again in release.
 MATURIN_PEP517_ARGS="--profile dev" .venv/bin/pip install -q --disable-pip-version-check --force-reinstall --no-deps ./python
+log "Python suite"
 PANES_BIN="$PWD/target/debug/panes" .venv/bin/python -m pytest -q python/tests
+log "all tests passed"
