@@ -37,12 +37,43 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
 
-# The Kafka tests run against tansu, a Kafka-protocol broker (built once, ~10 min).
+# Two slow installs run in the background, beside formatting, lints and the tests'
+# build (a build on two cores leaves one idle at times: build scripts, links), each into
+# a log under target/, and are waited for where they are first needed: the tansu broker
+# of the Kafka tests (built once, ~10 min of CPU) and the Python venv with the suite's
+# oracles (downloads).
 export PATH="$HOME/.cargo/bin:$PATH"
+mkdir -p target
+background() {
+  local name=$1
+  shift
+  log "$name, in the background (log: target/$name.log)"
+  "$@" >"target/$name.log" 2>&1 &
+  bg_pids[$name]=$!
+}
+# Waits for background job NAME (when started); its log is shown if it failed.
+await() {
+  local name=$1
+  [[ -n ${bg_pids[$name]:-} ]] || return 0
+  log "waiting for $name"
+  if ! wait "${bg_pids[$name]}"; then
+    tail -n 60 "target/$name.log" >&2
+    echo "$name failed (log: target/$name.log)" >&2
+    exit 1
+  fi
+  unset "bg_pids[$name]"
+}
+declare -A bg_pids=()
+# A failing step stops what still runs in the background.
+trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
 if ! command -v tansu >/dev/null; then
-  log "cargo install tansu (the Kafka tests' broker)"
-  cargo install tansu --version 0.6.0 --features dynostore --locked
+  background tansu-install cargo install tansu --version 0.6.0 --features dynostore --locked
 fi
+python_env() {
+  [[ -x .venv/bin/python ]] || python3 -m venv .venv
+  .venv/bin/pip install --disable-pip-version-check -r python/requirements-test.txt
+}
+background python-env python_env
 
 # No adapter is a test failure, not a skipped GPU test.
 export PANES_REQUIRE_GPU=1
@@ -56,8 +87,17 @@ cargo fmt --all -- --check
 log "cargo clippy"
 cargo clippy --workspace --all-targets --locked "${features[@]}" -- -D warnings
 
+log "Rust tests: build"
+nextest=0
+cargo nextest --version >/dev/null 2>&1 && nextest=1
+if ((nextest)); then
+  cargo nextest run --workspace --locked --no-run "${features[@]}"
+else
+  cargo test --workspace --locked --no-run "${features[@]}"
+fi
+await tansu-install
 log "Rust tests"
-if cargo nextest --version >/dev/null 2>&1; then
+if ((nextest)); then
   cargo nextest run --workspace --locked --no-fail-fast "${features[@]}"
 else
   cargo test --workspace --locked --no-fail-fast "${features[@]}"
@@ -74,15 +114,12 @@ log "demo smoke run"
 test -x target/debug/panes
 target/debug/panes demo --events 200000 >/dev/null
 
-log "Python tests"
-if [[ ! -x .venv/bin/python ]]; then
-  python3 -m venv .venv
-fi
-.venv/bin/pip install -q --disable-pip-version-check -r python/requirements-test.txt
+await python-env
 log "pip install ./python (the extension module)"
-# The suite checks answers, not speed: the wheel is built in the dev profile, reusing
-# most of the tests' build instead of compiling every crate again in release.
-MATURIN_PEP517_ARGS="--profile dev" .venv/bin/pip install -q --disable-pip-version-check --force-reinstall --no-deps ./python
+# The suite checks answers, not speed: the wheel is built in the dev profile, with the
+# features of the tests' build (python/Cargo.toml, `test-build`), so that it reuses that
+# build instead of compiling every crate again.
+MATURIN_PEP517_ARGS="--profile dev --features test-build" .venv/bin/pip install -q --disable-pip-version-check --force-reinstall --no-deps ./python
 log "Python suite"
 PANES_BIN="$PWD/target/debug/panes" .venv/bin/python -m pytest -q python/tests
 log "all tests passed"
