@@ -154,10 +154,9 @@ fn restore(data: &[u8]) {
 /// A Kafka message: the first byte picks the payload format (JSON or Arrow IPC),
 /// whether the key is the message's, the partition and the partition count; the
 /// second and third bytes the length of the message key; the rest is key and value.
-#[cfg(feature = "kafka")]
 pub fn kafka_message(data: &[u8]) {
     use crate::sources::SourceStats;
-    use crate::sources::kafka::decode::{
+    use crate::sources::decode::{
         Decoder, JsonRows, Payload, decode_ipc, decode_json, json_batches,
     };
 

@@ -8,8 +8,10 @@
 //! source never imports the serving layer; routing a read to another instance is the
 //! server's job (`serve::route`).
 
+pub mod decode;
 #[cfg(feature = "kafka")]
 pub mod kafka;
+pub mod partitioner;
 pub mod synth;
 
 use std::collections::BTreeMap;

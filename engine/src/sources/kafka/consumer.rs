@@ -17,9 +17,9 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::KafkaView;
-use super::decode::{JsonRows, Payload, decode_ipc, decode_json, json_batches};
 use crate::error::{PanesError, Result};
 use crate::sources::Source;
+use crate::sources::decode::{JsonRows, Payload, decode_ipc, decode_json, json_batches};
 use crate::sources::{BadMessage, SourceHandle};
 use crate::spec::PayloadFormat;
 

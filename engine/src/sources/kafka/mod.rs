@@ -27,9 +27,7 @@
 //! from the checkpoint's offset rebuilds.
 
 mod consumer;
-pub mod decode;
 mod ownership;
-mod partitioner;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -41,7 +39,9 @@ use panes_kernels::Backend;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{DefaultProducerContext, ThreadedProducer};
 
-pub use partitioner::{key_bytes, murmur2, partition_for};
+pub use crate::sources::partitioner::{key_bytes, murmur2, partition_for};
+
+use crate::sources::decode;
 
 use crate::error::{PanesError, Result};
 use crate::ingest::keys::KeyValue;

@@ -1,5 +1,6 @@
 //! Decoding Kafka messages (JSON objects or Arrow IPC streams) into rows of the view,
-//! counting and explaining the ones that cannot be ingested.
+//! counting and explaining the ones that cannot be ingested. It needs no Kafka client
+//! (built without the `kafka` feature too, for the fuzz targets).
 
 use std::sync::Arc;
 
