@@ -18,6 +18,14 @@
 //! the last large batch exceeds the estimated cost of copying the state back, the
 //! state moves back to the host. That keeps the total within twice the best choice
 //! made in hindsight, whatever the mix of batch sizes.
+//!
+//! # Fold logs
+//! A batch folded on the host is folded by the CPU backend with its fold log
+//! ([`Backend::fold_logged`]), so a served view's second replica replays it instead of
+//! folding it again; a batch folded on the GPU leaves the log incomplete (the replica
+//! folds it). A replay takes the same decision as the fold it replays, rent included:
+//! the decision depends only on the batch size and the state's side and rent, which
+//! the two replicas share.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -26,7 +34,7 @@ use crate::backend::{Backend, BackendKind};
 use crate::error::KernelError;
 use crate::gpu::Gpu;
 use crate::state::{FeatureMerge, FoldBatch, FoldStats, MergeOutput, PaneState};
-use crate::{Agg, Cpu, LevelSpec, StateSpec};
+use crate::{Agg, Cpu, FoldLog, LevelSpec, StateSpec};
 
 /// Measured fold times of both backends by batch size.
 #[derive(Clone, Debug, PartialEq)]
@@ -225,34 +233,87 @@ impl Auto {
     }
 }
 
-impl Backend for Auto {
-    fn kind(&self) -> BackendKind {
-        BackendKind::Auto
-    }
-
-    fn fold(&self, state: &mut PaneState, batch: &FoldBatch<'_>) -> Result<FoldStats, KernelError> {
-        let n = batch.len();
+impl Auto {
+    /// Where a batch of `n` events is folded, charging the rent of a state on the GPU
+    /// (see the module docs).
+    fn side(&self, state: &mut PaneState, n: usize) -> Side {
         if n >= self.crossover {
             if let Some(rent) = state.gpu_rent() {
                 *rent = 0.0;
             }
-            return match self.gpu.fold(state, batch) {
-                // Too large for the device: stay on the host.
-                Err(KernelError::Unavailable(_)) if !state.on_device() => {
-                    self.cpu.fold(state, batch)
-                }
-                r => r,
-            };
+            return Side::Gpu;
         }
         let c = &self.calibration;
         let copy_back = state.cell_bytes() as f64 / c.transfer_bytes_per_s.max(1.0);
         if let Some(rent) = state.gpu_rent() {
             *rent += (c.estimate(&c.gpu_s, n) - c.estimate(&c.cpu_s, n)).max(0.0);
             if *rent < copy_back {
-                return self.gpu.fold(state, batch);
+                return Side::Gpu;
             }
         }
-        self.cpu.fold(state, batch)
+        Side::Host
+    }
+
+    /// Folds on the GPU; a batch too large for the device while the state is on the
+    /// host stays on the host.
+    fn fold_on_gpu(
+        &self,
+        state: &mut PaneState,
+        batch: &FoldBatch<'_>,
+    ) -> Result<FoldStats, KernelError> {
+        match self.gpu.fold(state, batch) {
+            Err(KernelError::Unavailable(_)) if !state.on_device() => self.cpu.fold(state, batch),
+            r => r,
+        }
+    }
+}
+
+/// Where [`Auto`] folds a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Side {
+    Host,
+    Gpu,
+}
+
+impl Backend for Auto {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Auto
+    }
+
+    fn fold(&self, state: &mut PaneState, batch: &FoldBatch<'_>) -> Result<FoldStats, KernelError> {
+        match self.side(state, batch.len()) {
+            Side::Gpu => self.fold_on_gpu(state, batch),
+            Side::Host => self.cpu.fold(state, batch),
+        }
+    }
+
+    fn fold_logged(
+        &self,
+        state: &mut PaneState,
+        batch: &FoldBatch<'_>,
+        log: &mut FoldLog,
+    ) -> Result<FoldStats, KernelError> {
+        match self.side(state, batch.len()) {
+            Side::Gpu => {
+                log.clear();
+                self.fold_on_gpu(state, batch)
+            }
+            Side::Host => self.cpu.fold_logged(state, batch, log),
+        }
+    }
+
+    fn replay(&self, state: &mut PaneState, log: &FoldLog) -> Result<FoldStats, KernelError> {
+        if !log.is_complete() {
+            // Refused, with the CPU backend's message.
+            return self.cpu.replay(state, log);
+        }
+        match self.side(state, log.events) {
+            Side::Host => self.cpu.replay(state, log),
+            Side::Gpu => Err(KernelError::Shape(format!(
+                "a fold log of {} events folded on the host cannot be replayed into a state on which the auto backend folds them on the GPU",
+                log.events
+            ))),
+        }
     }
 
     fn merge(

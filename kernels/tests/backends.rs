@@ -849,6 +849,102 @@ fn auto_sends_large_batches_to_the_gpu_and_brings_the_state_back() {
     }
 }
 
+/// `auto` logs the batches it folds on the host: a second state that replays those
+/// logs, and folds the batches that went to the GPU, stays bitwise equal to the first
+/// one and on the same side, as the state moves to the GPU and back.
+#[cfg(feature = "gpu")]
+#[test]
+fn r18_auto_logs_its_host_folds_for_a_replica() {
+    use panes_kernels::{Auto, Calibration};
+    use std::sync::Arc;
+    let Some(g) = gpu() else { return };
+    // The made-up calibration of the test above: the GPU wins from 5 000 events.
+    let c = Calibration {
+        sizes: vec![1_000, 100_000],
+        cpu_s: vec![0.001, 0.1],
+        gpu_s: vec![0.005, 0.02],
+        crossover: Some(5_000),
+        transfer_bytes_per_s: 1e8,
+    };
+    let auto = Auto::new(Cpu::new(), g, Arc::new(c), 5_000);
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut log = FoldLog::new();
+    // A case the CPU backend logs (cells narrow enough to pre-aggregate).
+    let logged = |case: &Case, log: &mut FoldLog| {
+        let vals: Vec<&[f64]> = case.values.iter().map(|v| &v[..300]).collect();
+        let batch = FoldBatch {
+            ids: &case.ids[..300],
+            ts: &case.ts[..300],
+            values: &vals,
+        };
+        let mut s = PaneState::new(case.spec.clone()).unwrap();
+        Cpu::new().fold_logged(&mut s, &batch, log).unwrap();
+        log.is_complete()
+    };
+    let mut case = gen_case_with(&mut rng, false);
+    while case.ids.len() < 30_000 || !logged(&case, &mut log) {
+        case = gen_case_with(&mut rng, false);
+    }
+    let mut a = PaneState::new(case.spec.clone()).unwrap();
+    let mut b = PaneState::new(case.spec.clone()).unwrap();
+    let (mut replayed, mut folded_again, mut on_gpu) = (0, 0, 0);
+    let mut start = 0;
+    for len in [
+        300, 1_000, 10_000, 300, 300, 300, 300, 300, 300, 300, 300, 300, 300, 100,
+    ] {
+        let vals: Vec<&[f64]> = case.values.iter().map(|v| &v[start..start + len]).collect();
+        let batch = FoldBatch {
+            ids: &case.ids[start..start + len],
+            ts: &case.ts[start..start + len],
+            values: &vals,
+        };
+        let stats = auto.fold_logged(&mut a, &batch, &mut log).unwrap();
+        on_gpu += a.on_device() as usize;
+        if log.is_complete() {
+            assert_eq!(auto.replay(&mut b, &log).unwrap(), stats);
+            replayed += 1;
+        } else {
+            assert_eq!(auto.fold(&mut b, &batch).unwrap(), stats);
+            folded_again += 1;
+        }
+        assert_eq!(a.on_device(), b.on_device(), "after {start} events");
+        assert!(
+            bits_of(&a) == bits_of(&b),
+            "after {start} events: states differ"
+        );
+        start += len;
+    }
+    assert!(!a.on_device(), "the small batches brought the state back");
+    assert!(
+        replayed >= 4 && folded_again >= 2 && on_gpu >= 1,
+        "{replayed} replayed, {folded_again} folded again, {on_gpu} on the GPU"
+    );
+    // A log of a host fold does not replay where `auto` folds on the GPU.
+    let vals: Vec<&[f64]> = case.values.iter().map(|v| &v[..300]).collect();
+    let small = FoldBatch {
+        ids: &case.ids[..300],
+        ts: &case.ts[..300],
+        values: &vals,
+    };
+    let mut c = PaneState::new(case.spec.clone()).unwrap();
+    auto.fold_logged(&mut c, &small, &mut log).unwrap();
+    assert!(log.is_complete());
+    let big: Vec<&[f64]> = case.values.iter().map(|v| &v[..10_000]).collect();
+    let mut d = PaneState::new(case.spec.clone()).unwrap();
+    auto.fold(
+        &mut d,
+        &FoldBatch {
+            ids: &case.ids[..10_000],
+            ts: &case.ts[..10_000],
+            values: &big,
+        },
+    )
+    .unwrap();
+    assert!(d.on_device());
+    let err = auto.replay(&mut d, &log).unwrap_err().to_string();
+    assert!(err.contains("on the GPU"), "{err}");
+}
+
 #[cfg(feature = "gpu")]
 #[test]
 fn calibration_measures_both_backends() {
