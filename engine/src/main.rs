@@ -86,7 +86,26 @@ enum Command {
     },
 }
 
+/// Keeps a GPU probe on a machine without a desktop session (a server, a container, CI)
+/// from printing errors that are not ones.
+///
+/// When Vulkan enumerates GPUs, Mesa's device-select layer looks for the session's
+/// Wayland compositor to put its GPU first, and libwayland then prints "error:
+/// XDG_RUNTIME_DIR is invalid or not set in the environment." to stderr: the first two
+/// lines `panes demo` showed on such a machine. Without a session there is no display
+/// to choose by (and the GPU backend picks its adapter by power preference, not by the
+/// layer's order), so the layer is turned off for this process with its own switch,
+/// `NODEVICE_SELECT=1`, unless the environment already sets that.
+fn quiet_vulkan_probe() {
+    let session = std::env::var_os("XDG_RUNTIME_DIR").is_some_and(|d| Path::new(&d).is_dir());
+    if !session && std::env::var_os("NODEVICE_SELECT").is_none() {
+        // SAFETY: the first thing `main` does, before any thread exists.
+        unsafe { std::env::set_var("NODEVICE_SELECT", "1") };
+    }
+}
+
 fn main() -> ExitCode {
+    quiet_vulkan_probe();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo {

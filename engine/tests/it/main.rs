@@ -11,6 +11,7 @@ mod differential;
 #[cfg(all(feature = "serve", target_os = "linux"))]
 mod exhaustion;
 mod expressions;
+mod first_screen;
 #[cfg(feature = "kafka")]
 mod kafka;
 mod key_limits;
