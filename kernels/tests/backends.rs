@@ -782,22 +782,26 @@ fn gpu_hot_key_longer_than_a_thread_segment() {
     }
 }
 
+/// `auto` on `g` with a made-up calibration: the GPU wins from 5 000 events; copying
+/// state is slow enough that a few small batches are folded on the GPU before it
+/// moves back.
 #[cfg(feature = "gpu")]
-#[test]
-fn auto_sends_large_batches_to_the_gpu_and_brings_the_state_back() {
-    use panes_kernels::{Auto, Calibration};
-    use std::sync::Arc;
-    let Some(g) = gpu() else { return };
-    // A made-up calibration: the GPU wins from 5 000 events; copying state is slow
-    // enough that a few small batches are folded on the GPU before it moves back.
-    let c = Calibration {
+fn made_up_auto(g: panes_kernels::Gpu) -> panes_kernels::Auto {
+    let c = panes_kernels::Calibration {
         sizes: vec![1_000, 100_000],
         cpu_s: vec![0.001, 0.1],
         gpu_s: vec![0.005, 0.02],
         crossover: Some(5_000),
         transfer_bytes_per_s: 1e8,
     };
-    let auto = Auto::new(Cpu::new(), g, Arc::new(c), 5_000);
+    panes_kernels::Auto::new(Cpu::new(), g, std::sync::Arc::new(c), 5_000)
+}
+
+#[cfg(feature = "gpu")]
+#[test]
+fn auto_sends_large_batches_to_the_gpu_and_brings_the_state_back() {
+    let Some(g) = gpu() else { return };
+    let auto = made_up_auto(g);
     let mut rng = StdRng::seed_from_u64(7);
     let mut case = gen_case_with(&mut rng, false);
     while case.ids.len() < 30_000 {
@@ -855,18 +859,8 @@ fn auto_sends_large_batches_to_the_gpu_and_brings_the_state_back() {
 #[cfg(feature = "gpu")]
 #[test]
 fn r18_auto_logs_its_host_folds_for_a_replica() {
-    use panes_kernels::{Auto, Calibration};
-    use std::sync::Arc;
     let Some(g) = gpu() else { return };
-    // The made-up calibration of the test above: the GPU wins from 5 000 events.
-    let c = Calibration {
-        sizes: vec![1_000, 100_000],
-        cpu_s: vec![0.001, 0.1],
-        gpu_s: vec![0.005, 0.02],
-        crossover: Some(5_000),
-        transfer_bytes_per_s: 1e8,
-    };
-    let auto = Auto::new(Cpu::new(), g, Arc::new(c), 5_000);
+    let auto = made_up_auto(g);
     let mut rng = StdRng::seed_from_u64(7);
     let mut log = FoldLog::new();
     // A case the CPU backend logs (cells narrow enough to pre-aggregate).
