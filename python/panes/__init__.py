@@ -30,6 +30,15 @@ from typing import Any, Literal, overload
 import numpy as np
 import polars as pl
 
+# Without a desktop session (a server, a container, a notebook host), Mesa's Vulkan
+# device-select layer looks for a Wayland compositor while the ``auto`` and ``gpu``
+# backends enumerate GPUs, and libwayland prints "error: XDG_RUNTIME_DIR is invalid or
+# not set in the environment." to stderr. With no session the layer has nothing to
+# choose by (the GPU backend picks its adapter by power preference), so it is switched
+# off with its own variable, as the ``panes`` command does, unless that is set already.
+if not os.path.isdir(os.environ.get("XDG_RUNTIME_DIR", "")):
+    os.environ.setdefault("NODEVICE_SELECT", "1")
+
 from . import _core
 from ._defs import (
     Duration,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,25 @@ def test_package_type_checks_strictly() -> None:
         timeout=600,
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_a_gpu_probe_without_a_desktop_session_prints_no_errors() -> None:
+    """Before, an ``auto`` engine on a machine without a desktop session printed
+    libwayland's "error: XDG_RUNTIME_DIR is invalid or not set in the environment."
+    twice (Mesa's Vulkan device-select layer, probing for a compositor)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("XDG_RUNTIME_DIR", "NODEVICE_SELECT", "PANES_BACKEND")}
+    code = (
+        "import panes\n"
+        "engine = panes.Engine([panes.View('cards', key='card', time='ts', pane='10s',\n"
+        "    features=[panes.count(window='5m', name='n_5m')])], backend='auto')\n"
+        "print(engine.backend)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "XDG_RUNTIME_DIR" not in out.stderr, out.stderr
+    assert all(line.startswith("panes: ") for line in out.stderr.splitlines()), out.stderr
 
 
 def test_py_typed_is_installed() -> None:
