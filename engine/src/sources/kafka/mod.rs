@@ -41,12 +41,12 @@ use rdkafka::producer::{DefaultProducerContext, ThreadedProducer};
 
 pub use crate::sources::partitioner::{key_bytes, murmur2, partition_for};
 
-use crate::sources::decode;
-
 use crate::error::{PanesError, Result};
 use crate::ingest::keys::KeyValue;
 use crate::online::{EngineOptions, ViewMetrics};
-use crate::sources::{LocalRead, PartialFrame, Source, SourceHandle, SourceOptions, SourceStats};
+use crate::sources::{
+    LocalRead, PartialFrame, Source, SourceHandle, SourceOptions, SourceStats, decode,
+};
 use crate::spec::{CompiledView, FeatureFile, SourceSpec, ViewSpec};
 use ownership::Partition;
 
