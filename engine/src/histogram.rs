@@ -39,6 +39,35 @@ impl Histogram {
         self.count.load(Ordering::Relaxed)
     }
 
+    /// The `q`-quantile in seconds, interpolated linearly inside its bucket as
+    /// Prometheus' `histogram_quantile` does (the last finite bound for the overflow
+    /// bucket); `None` before the first observation.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = q.clamp(0.0, 1.0) * total as f64;
+        let mut below = 0u64;
+        for (i, &n) in counts.iter().enumerate() {
+            if n > 0 && (below + n) as f64 >= rank {
+                let Some(&upper) = BUCKETS.get(i) else {
+                    return BUCKETS.last().copied();
+                };
+                let lower = if i == 0 { 0.0 } else { BUCKETS[i - 1] };
+                let within = ((rank - below as f64) / n as f64).clamp(0.0, 1.0);
+                return Some(lower + (upper - lower) * within);
+            }
+            below += n;
+        }
+        BUCKETS.last().copied()
+    }
+
     /// Writes the histogram as Prometheus text: `name_bucket{labels,le=..}`, `_sum`,
     /// `_count`. `labels` is empty or `key="value",...` without braces.
     pub fn write_prometheus(&self, out: &mut String, name: &str, labels: &str) {
@@ -67,6 +96,29 @@ impl Histogram {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quantiles_interpolate_inside_their_bucket() {
+        let h = Histogram::default();
+        assert_eq!(h.quantile(0.5), None);
+        // 100 observations in (1 ms, 2.5 ms], one in (5 s, 10 s].
+        for _ in 0..100 {
+            h.record(Duration::from_micros(2_000));
+        }
+        h.record(Duration::from_secs(7));
+        let p50 = h.quantile(0.5).unwrap();
+        assert!(
+            (p50 - (1e-3 + 1.5e-3 * 50.5 / 100.0)).abs() < 1e-12,
+            "{p50}"
+        );
+        assert_eq!(h.quantile(1.0), Some(10.0));
+        h.record(Duration::from_secs(60));
+        assert_eq!(
+            h.quantile(1.0),
+            Some(10.0),
+            "overflow: the last finite bound"
+        );
+    }
 
     #[test]
     fn buckets_are_cumulative_and_inf_counts_everything() {

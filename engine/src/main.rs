@@ -24,6 +24,42 @@ use panes_engine::{
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines as `text` (time, level, target, message, fields) or `json` (one object
+    /// per line). Which lines: $PANES_LOG, else $RUST_LOG (filters such as
+    /// `info,panes_engine::sources=debug`), else Panes' own at `info` and other
+    /// crates' at `warn`.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// How log lines are written (to stderr).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The log filter when neither `PANES_LOG` nor `RUST_LOG` is set.
+const DEFAULT_LOG_FILTER: &str = "warn,panes=info,panes_engine=info,panes_kernels=info";
+
+/// Sends the engine's log events (`tracing`) to stderr in `format`, filtered by
+/// `PANES_LOG`, else `RUST_LOG`, else [`DEFAULT_LOG_FILTER`].
+fn init_logs(format: LogFormat) -> Result<()> {
+    use std::io::IsTerminal;
+    let (var, filter) = ["PANES_LOG", "RUST_LOG"]
+        .into_iter()
+        .find_map(|v| std::env::var(v).ok().map(|f| (v, f)))
+        .unwrap_or(("", DEFAULT_LOG_FILTER.to_string()));
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .map_err(|e| PanesError::Invalid(format!("{var} {filter:?}: not a log filter: {e}")))?;
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let set = match format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).try_init(),
+        LogFormat::Json => logs.json().with_ansi(false).try_init(),
+    };
+    set.map_err(|e| PanesError::Internal(format!("cannot start the log: {e}")))
 }
 
 #[derive(Subcommand, Debug)]
@@ -107,6 +143,11 @@ fn quiet_vulkan_probe() {
 fn main() -> ExitCode {
     quiet_vulkan_probe();
     let cli = Cli::parse();
+    let json = cli.log_format == LogFormat::Json;
+    if let Err(e) = init_logs(cli.log_format) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let result = match cli.command {
         Command::Demo {
             features,
@@ -139,7 +180,11 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            if json {
+                tracing::error!(error = %e, "stopped by an error");
+            } else {
+                eprintln!("error: {e}");
+            }
             match e.domain() {
                 ErrorDomain::User => ExitCode::from(2),
                 _ => ExitCode::from(1),
@@ -195,6 +240,11 @@ struct ServeArgs {
     /// Write the final counters of every view here (JSON) on shutdown.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Feed the first view with this many synthetic card transactions per second (event
+    /// time = wall clock), as `panes demo` does: a server with live numbers on its status
+    /// page and in its reads, without a producer.
+    #[arg(long)]
+    demo_rate: Option<u64>,
     /// Backend: scalar, cpu, gpu or auto (default: $PANES_BACKEND, else auto).
     #[arg(long)]
     backend: Option<BackendKind>,
@@ -310,6 +360,17 @@ fn serve(args: ServeArgs) -> Result<()> {
             PanesError::Invalid(format!("--metrics {a:?}: not an address or `off`: {e}"))
         })?),
     };
+    // Each view in one log line once serving: name, key, features, where events come from.
+    let view_lines: Vec<(String, String, usize, String)> = file
+        .views
+        .iter()
+        .map(|v| {
+            let source = v.source.as_ref().map_or("pushed".to_string(), |s| {
+                format!("kafka topic {:?} group {:?}", s.topic, s.group)
+            });
+            (v.name.clone(), v.key_label(), v.features.len(), source)
+        })
+        .collect();
     let engine = Engine::new(
         &file,
         EngineOptions {
@@ -369,31 +430,66 @@ fn serve(args: ServeArgs) -> Result<()> {
         .map_err(|e| PanesError::Internal(format!("cannot start the runtime: {e}")))?;
     let report = runtime.block_on(async {
         let backend = engine.backend().kind().name();
-        let server = Server::bind(std::sync::Arc::new(engine), options, args.listen, metrics).await?;
+        let engine = std::sync::Arc::new(engine);
+        let server = Server::bind(engine.clone(), options, args.listen, metrics).await?;
         let grpc = server.grpc_addr().map_err(|e| PanesError::Internal(e.to_string()))?;
-        let (tls, scheme) = if tls { (" (TLS)", "https") } else { ("", "http") };
+        let (suffix, scheme) = if tls { (" (TLS)", "https") } else { ("", "http") };
+        // The first line, which scripts read the addresses from.
         match server.metrics_addr() {
-            Some(Ok(m)) => eprintln!(
-                "panes serve: gRPC + Flight on {grpc}{tls}, metrics on {scheme}://{m}/metrics, backend {backend}"
+            Some(Ok(m)) => tracing::info!(
+                %grpc,
+                metrics = %format!("{scheme}://{m}/metrics"),
+                backend,
+                tls,
+                "panes serve: gRPC + Flight on {grpc}{suffix}, metrics on {scheme}://{m}/metrics, backend {backend}"
             ),
-            _ => eprintln!("panes serve: gRPC + Flight on {grpc}{tls}, backend {backend}"),
+            _ => tracing::info!(
+                %grpc,
+                backend,
+                tls,
+                "panes serve: gRPC + Flight on {grpc}{suffix}, backend {backend}"
+            ),
         }
-        server.run(shutdown_signal()).await
+        tracing::info!(
+            tokens = args.tokens.is_some(),
+            checkpoint_dir = %args
+                .checkpoint_dir
+                .as_deref()
+                .map_or("off".into(), |p| p.display().to_string()),
+            checkpoint_interval_ms = args.checkpoint_interval_ms,
+            max_connections = args.max_connections,
+            max_keys = args.max_keys,
+            max_message_bytes = args.max_message_bytes,
+            read_priority = ?args.read_priority,
+            write_priority = ?args.write_priority,
+            "configuration"
+        );
+        for v in &view_lines {
+            tracing::info!(view = %v.0, key = %v.1, features = v.2, source = %v.3, "view");
+        }
+        let feeder = args.demo_rate.map(|rate| DemoFeed::start(engine, rate));
+        server
+            .run(async move {
+                shutdown_signal().await;
+                // Stop feeding before the server's final fold and checkpoint.
+                if let Some(f) = feeder {
+                    let _ = tokio::task::spawn_blocking(move || f.stop()).await;
+                }
+            })
+            .await
     })?;
     for m in &report.views {
-        eprintln!(
-            "panes serve: stopped; view {:?}: {} accepted, {} folded, {} pending, {} late, {} rejected{}",
-            m.view,
-            m.counters.accepted,
-            m.folded,
-            m.pending,
-            m.counters.late,
-            m.counters.rejected_total(),
-            if report.cut_off {
-                " (in-flight requests cut off at the grace deadline)"
-            } else {
-                ""
-            }
+        tracing::info!(
+            view = %m.view,
+            accepted = m.counters.accepted,
+            folded = m.folded,
+            pending = m.pending,
+            late = m.counters.late,
+            rejected = m.counters.rejected_total(),
+            filtered = m.counters.filtered,
+            keys = m.keys,
+            cut_off = report.cut_off,
+            "stopped"
         );
     }
     if let Some(path) = &args.report {
@@ -422,6 +518,56 @@ fn serve(args: ServeArgs) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// `panes serve --demo-rate`: synthetic card transactions pushed into the first view.
+struct DemoFeed {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl DemoFeed {
+    /// Pushes `rate` events per second, a tenth of a second's worth at a time.
+    fn start(engine: std::sync::Arc<Engine>, rate: u64) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let Some(view) = engine.views().next().map(|v| v.spec.name.clone()) else {
+                return;
+            };
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            let mut synth = Synth::new(SynthConfig {
+                start_ms: now,
+                events_per_second: rate.max(1) as f64,
+                ..Default::default()
+            });
+            let per_tick = (rate / 10).max(1) as usize;
+            let started = Instant::now();
+            let mut sent = 0u64;
+            tracing::info!(view = %view, rate, "demo feed started");
+            while !flag.load(Ordering::Acquire) {
+                if let Err(e) = engine.push(&view, &synth.next_batch(per_tick)) {
+                    tracing::error!(view = %view, error = %e, "demo feed stopped");
+                    return;
+                }
+                sent += per_tick as u64;
+                // Keep to the rate over the whole run, not per tick.
+                let due = Duration::from_secs_f64(sent as f64 / rate.max(1) as f64);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
+        });
+        DemoFeed { stop, thread }
+    }
+
+    fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        let _ = self.thread.join();
+    }
 }
 
 fn describe(file: &FeatureFile) {

@@ -204,10 +204,10 @@ impl Auto {
                 .map_err(|e| format!("calibrating the GPU failed ({e})"))?;
             match c.crossover {
                 Some(n) => {
-                    eprintln!(
+                    say(format!(
                         "panes: auto backend: batches of {n} events or more go to the GPU {}",
                         gpu.info()
-                    );
+                    ));
                     Ok((gpu, Arc::new(c)))
                 }
                 None => Err(format!(
@@ -226,7 +226,9 @@ impl Auto {
             )),
             Err(why) => {
                 static SAID: OnceLock<()> = OnceLock::new();
-                SAID.get_or_init(|| eprintln!("panes: auto backend uses the cpu backend: {why}"));
+                SAID.get_or_init(|| {
+                    say(format!("panes: auto backend uses the cpu backend: {why}"))
+                });
                 Arc::new(Cpu::new())
             }
         }
@@ -329,5 +331,16 @@ impl Backend for Auto {
         } else {
             self.cpu.merge(state, features, ids, at, out)
         }
+    }
+}
+
+/// Says which backend `auto` chose, once per process: as a log event where the program
+/// has a `tracing` subscriber (the `panes` command, whose `--log-format json` keeps
+/// stderr one JSON object per line), else on stderr (Python, a program of a user's).
+fn say(line: String) {
+    if tracing::dispatcher::has_been_set() {
+        tracing::info!("{line}");
+    } else {
+        eprintln!("{line}");
     }
 }

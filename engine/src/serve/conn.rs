@@ -67,11 +67,11 @@ pub(crate) fn incoming(
                     Err(e) => {
                         stats.accept_errors.fetch_add(1, Ordering::Relaxed);
                         if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-                            eprintln!(
-                                "panes serve: accepting a connection failed ({e}); {} open now, \
-                                 {} failures so far; backing off",
-                                stats.open.load(Ordering::Relaxed),
-                                stats.accept_errors.load(Ordering::Relaxed)
+                            tracing::warn!(
+                                error = %e,
+                                open = stats.open.load(Ordering::Relaxed),
+                                failures = stats.accept_errors.load(Ordering::Relaxed),
+                                "accepting a connection failed; backing off"
                             );
                             last_warning = Some(Instant::now());
                         }

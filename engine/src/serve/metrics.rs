@@ -1,40 +1,72 @@
-//! The Prometheus text endpoint (`GET /metrics`), a minimal HTTP/1.1 responder: one
-//! request per connection, no body, no keep-alive.
+//! The HTTP port (`--metrics`): `GET /metrics`, the Prometheus text of every view, and
+//! the status page (`GET /`, `/status.json`, `/lookup`: see [`super::page`]).
+//!
+//! Served by hyper (HTTP/1.1, one request per connection) behind limits that a slow or hostile client
+//! cannot get around: at most [`MAX_CONNECTIONS`] connections at once (more are
+//! closed on accept, so that a flood cannot take the descriptors the gRPC port
+//! needs), a request head must arrive whole within [`HEAD_TIMEOUT`] of the connection
+//! opening (an idle or trickling client is closed), a head
+//! is at most [`MAX_HEAD_BYTES`], a TLS handshake must finish within [`HEAD_TIMEOUT`],
+//! and no connection lives longer than [`CONNECTION_LIFETIME`]. Malformed requests
+//! get hyper's `400` and the connection is closed.
 
+use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use bytes::Bytes;
+use http::{Method, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 
 use super::auth::TlsFiles;
 use super::server::Shared;
 
-/// Most metrics connections served at once.
-const MAX_SCRAPES: usize = 16;
+/// Most connections open at once on the HTTP port.
+pub(crate) const MAX_CONNECTIONS: usize = 1_024;
+/// Longest wait for a request head (or a TLS handshake), from the connection opening.
+pub(crate) const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest life of one connection, however busy.
+pub(crate) const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// Largest request head, bytes (hyper's smallest read buffer).
+pub(crate) const MAX_HEAD_BYTES: usize = 8_192;
 
-/// Accepts scrapes until the task is aborted: over TLS when the server has it, and
-/// with an `admin` token when it has tokens.
+/// Connections of the HTTP port, for its own metrics.
+#[derive(Debug, Default)]
+pub(crate) struct HttpStats {
+    /// Connections open now.
+    pub open: AtomicU64,
+    /// Connections closed on accept at [`MAX_CONNECTIONS`].
+    pub refused: AtomicU64,
+    /// Connections that ended in an error: a malformed request, a head over the
+    /// limit or late, a failed TLS handshake, a reset.
+    pub failed: AtomicU64,
+}
+
+/// Accepts connections until the task is aborted: over TLS when the server has it,
+/// and with an `admin` token when it has tokens.
 pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     let tls = match shared.options.tls.as_ref().map(TlsFiles::rustls) {
         None => None,
         Some(Ok(config)) => Some(tokio_rustls::TlsAcceptor::from(config)),
         Some(Err(e)) => {
-            eprintln!("panes serve: metrics endpoint off: {e}");
+            tracing::error!(error = %e, "the metrics endpoint is off");
             return;
         }
     };
-    // Scrapes at once; more connections are closed on accept, so that a flood of them
-    // cannot take the descriptors the gRPC port needs.
-    let scrapes = Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES));
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok((socket, _)) = listener.accept().await else {
             // Descriptors exhausted: do not spin.
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let Ok(permit) = scrapes.clone().try_acquire_owned() else {
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            shared.http.refused.fetch_add(1, Ordering::Relaxed);
             drop(socket);
             continue;
         };
@@ -42,78 +74,144 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         let tls = tls.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let scrape = async move {
+            let stats = shared.clone();
+            stats.http.open.fetch_add(1, Ordering::Relaxed);
+            let connection = async move {
                 match tls {
-                    Some(tls) => match tls.accept(socket).await {
-                        Ok(stream) => answer(stream, shared).await,
-                        Err(_) => Ok(()),
+                    Some(tls) => match tokio::time::timeout(HEAD_TIMEOUT, tls.accept(socket)).await
+                    {
+                        Ok(Ok(stream)) => connection(stream, shared).await,
+                        _ => false,
                     },
-                    None => answer(socket, shared).await,
+                    None => connection(socket, shared).await,
                 }
             };
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), scrape).await;
+            let ok = tokio::time::timeout(CONNECTION_LIFETIME, connection)
+                .await
+                .unwrap_or(true);
+            if !ok {
+                stats.http.failed.fetch_add(1, Ordering::Relaxed);
+            }
+            stats.http.open.fetch_sub(1, Ordering::Relaxed);
         });
     }
 }
 
-async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
-    mut socket: S,
-    shared: Arc<Shared>,
-) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = socket.read(&mut buf).await?;
-        if n == 0 || head.len() > 16 * 1024 {
-            return Ok(());
+/// Serves the requests of one connection; whether it ended without an error.
+async fn connection<S>(stream: S, shared: Arc<Shared>) -> bool
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service =
+        hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+            let shared = shared.clone();
+            // The body is not read: every route is a GET.
+            let (request, _body) = request.into_parts();
+            async move { Ok::<_, Infallible>(respond(request, shared).await) }
+        });
+    hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), service)
+        .await
+        .is_ok()
+}
+
+/// The response to one request.
+async fn respond(request: http::request::Parts, shared: Arc<Shared>) -> Response<Full<Bytes>> {
+    let authorization = request
+        .headers
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    if let Some(tokens) = &shared.options.tokens {
+        match tokens.authenticate(authorization) {
+            Ok(caller) if caller.is_admin() => {}
+            Ok(_) => {
+                return text(
+                    StatusCode::FORBIDDEN,
+                    "the metrics need a token with the admin scope\n".into(),
+                );
+            }
+            Err(_) => {
+                return text(
+                    StatusCode::UNAUTHORIZED,
+                    "send `Authorization: Bearer <token>` (admin scope)\n".into(),
+                );
+            }
         }
-        head.extend_from_slice(&buf[..n]);
     }
-    let text = String::from_utf8_lossy(&head);
-    let mut parts = text.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let authorization = text.lines().skip(1).find_map(|l| {
-        let (name, value) = l.split_once(':')?;
-        name.trim()
-            .eq_ignore_ascii_case("authorization")
-            .then(|| value.trim().as_bytes().to_vec())
-    });
-    let allowed = match &shared.options.tokens {
-        None => Ok(()),
-        Some(tokens) => match tokens.authenticate(authorization.as_deref()) {
-            Ok(caller) if caller.is_admin() => Ok(()),
-            Ok(_) => Err((
-                "403 Forbidden",
-                "the metrics need a token with the admin scope\n",
-            )),
-            Err(_) => Err((
-                "401 Unauthorized",
-                "send `Authorization: Bearer <token>` (admin scope)\n",
-            )),
-        },
-    };
-    let (code, body) = if let Err((code, why)) = allowed {
-        (code, why.to_string())
-    } else if method == "GET" && (path == "/metrics" || path.starts_with("/metrics?")) {
-        let engine = shared.engine.clone();
-        let shared2 = shared.clone();
-        match shared.on_writes(move || render(&shared2, &engine)).await {
-            Ok(body) => ("200 OK", body),
-            Err(s) => ("500 Internal Server Error", s.message().to_string()),
+    let path = request.uri.path();
+    if request.method != Method::GET {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET is served here\n".into(),
+        );
+    }
+    let query = request.uri.query().unwrap_or("").to_string();
+    // The counters are read on a write thread, as a fold would: never beside one.
+    let s = shared.clone();
+    let answer = match path {
+        "/metrics" => {
+            shared
+                .on_writes(move || text(StatusCode::OK, render(&s, &s.engine)))
+                .await
         }
-    } else {
-        (
-            "404 Not Found",
-            "only GET /metrics is served here\n".to_string(),
-        )
+        "/status.json" => {
+            shared
+                .on_writes(move || json(StatusCode::OK, &super::page::status(&s)))
+                .await
+        }
+        "/lookup" => {
+            shared
+                .on_reads(move || match super::page::lookup(&s, &query) {
+                    Ok(v) => json(StatusCode::OK, &v),
+                    Err((unknown, why)) => {
+                        let code = if unknown {
+                            StatusCode::NOT_FOUND
+                        } else {
+                            StatusCode::BAD_REQUEST
+                        };
+                        json(code, &serde_json::json!({ "error": why }))
+                    }
+                })
+                .await
+        }
+        "/" => Ok(typed(
+            StatusCode::OK,
+            super::page::PAGE.into(),
+            "text/html; charset=utf-8",
+        )),
+        _ => Ok(text(
+            StatusCode::NOT_FOUND,
+            "served here: GET /, /status.json, /lookup?view=V&key=K, /metrics\n".into(),
+        )),
     };
-    let response = format!(
-        "HTTP/1.1 {code}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
+    answer.unwrap_or_else(|s| text(StatusCode::INTERNAL_SERVER_ERROR, s.message().to_string()))
+}
+
+fn typed(code: StatusCode, body: String, content_type: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = code;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
     );
-    socket.write_all(response.as_bytes()).await?;
-    socket.shutdown().await
+    headers.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    response
+}
+
+fn text(code: StatusCode, body: String) -> Response<Full<Bytes>> {
+    typed(code, body, "text/plain; version=0.0.4; charset=utf-8")
+}
+
+fn json(code: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
+    typed(code, value.to_string(), "application/json")
 }
 
 fn escape(v: &str) -> String {
@@ -340,6 +438,35 @@ fn render_checkpoints(out: &mut String, shared: &Shared) {
             let _ = writeln!(out, "{name}{{view=\"{}\"}} {n}", escape(view));
         }
     }
+    // The last checkpoint of each pushed view (a Kafka view's are per partition).
+    let mut pushed: Vec<_> = shared.checkpoints.iter().collect();
+    pushed.sort_unstable_by_key(|(v, _)| v.as_str());
+    let _ = writeln!(
+        out,
+        "# HELP panes_checkpoint_last_bytes Size of the view's last checkpoint.\n\
+         # TYPE panes_checkpoint_last_bytes gauge"
+    );
+    for (view, c) in &pushed {
+        let bytes = c.last_bytes.load(Relaxed);
+        let _ = writeln!(
+            out,
+            "panes_checkpoint_last_bytes{{view=\"{}\"}} {bytes}",
+            escape(view)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP panes_checkpoint_last_duration_seconds Time the view's last checkpoint took \
+         (encode and write).\n# TYPE panes_checkpoint_last_duration_seconds gauge"
+    );
+    for (view, c) in &pushed {
+        let seconds = c.last_micros.load(Relaxed) as f64 / 1e6;
+        let _ = writeln!(
+            out,
+            "panes_checkpoint_last_duration_seconds{{view=\"{}\"}} {seconds}",
+            escape(view)
+        );
+    }
 }
 
 /// Counters of the views fed by sources (Kafka: the metric names say so).
@@ -422,15 +549,18 @@ fn render_sources(out: &mut String, shared: &Shared) {
     }
 }
 
-/// Counters of the gRPC port's connections.
+/// Counters of the gRPC port's connections and of the HTTP port's.
 fn render_connections(out: &mut String, shared: &Shared) {
     use std::sync::atomic::Ordering::Relaxed;
-    let c = &shared.conns;
+    let (c, h) = (&shared.conns, &shared.http);
     let _ = writeln!(
         out,
         "# HELP panes_connections_open Connections open on the gRPC port.\n\
-         # TYPE panes_connections_open gauge\npanes_connections_open {}",
-        c.open.load(Relaxed)
+         # TYPE panes_connections_open gauge\npanes_connections_open {}\n\
+         # HELP panes_http_connections_open Connections open on the metrics (HTTP) port.\n\
+         # TYPE panes_http_connections_open gauge\npanes_http_connections_open {}",
+        c.open.load(Relaxed),
+        h.open.load(Relaxed)
     );
     let counters = [
         (
@@ -447,6 +577,17 @@ fn render_connections(out: &mut String, shared: &Shared) {
             "panes_accept_errors_total",
             "Failed accepts (such as file descriptors exhausted).",
             &c.accept_errors,
+        ),
+        (
+            "panes_http_connections_refused_total",
+            "Connections closed on accept at the metrics port's connection limit.",
+            &h.refused,
+        ),
+        (
+            "panes_http_connection_errors_total",
+            "Metrics-port connections that ended in an error (malformed or late request, \
+             failed TLS handshake, reset).",
+            &h.failed,
         ),
     ];
     for (name, help, value) in counters {

@@ -41,6 +41,7 @@ pub(crate) mod flight;
 pub(crate) mod grpc;
 mod metrics;
 mod options;
+mod page;
 mod route;
 mod server;
 mod status;

@@ -189,7 +189,11 @@ impl ReadPriority {
         if let Err(e) = self.apply()
             && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed)
         {
-            eprintln!("panes serve: read priority {self:?}: {e}; reads run at normal priority");
+            tracing::warn!(
+                priority = ?self,
+                error = %e,
+                "cannot set the read priority; reads run at normal priority"
+            );
         }
     }
 }

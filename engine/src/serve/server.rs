@@ -48,6 +48,13 @@ pub(crate) struct Shared {
     pub peers: Peers,
     /// Connections of the gRPC port.
     pub conns: Arc<ConnStats>,
+    /// Connections of the HTTP (metrics) port.
+    pub http: metrics::HttpStats,
+    /// When the server was built, epoch ms.
+    pub started_ms: i64,
+    /// Per view, the status page's last sample of accepted events (time, count) and the
+    /// rate measured between the last two samples at least a second apart.
+    pub rates: std::sync::Mutex<HashMap<String, super::page::RateSample>>,
     /// Checkpoints of pushed views, per view.
     pub checkpoints: HashMap<String, CheckpointCounters>,
 }
@@ -57,6 +64,10 @@ pub(crate) struct Shared {
 pub(crate) struct CheckpointCounters {
     pub written: AtomicU64,
     pub failed: AtomicU64,
+    /// Size of the last checkpoint written, bytes.
+    pub last_bytes: AtomicU64,
+    /// Time the last checkpoint written took (state encoded and written), microseconds.
+    pub last_micros: AtomicU64,
 }
 
 impl Shared {
@@ -193,17 +204,33 @@ impl Shared {
             if done.get(name) == Some(&version) {
                 continue;
             }
+            let started = std::time::Instant::now();
             let written = self.engine.checkpoint(name, &[]).and_then(|bytes| {
-                crate::checkpoint::CheckpointDir::new(root.join(name), 3).write(&bytes)
+                crate::checkpoint::CheckpointDir::new(root.join(name), 3)
+                    .write(&bytes)
+                    .map(|path| (path, bytes.len()))
             });
             let counters = self.checkpoints.get(name);
             match written {
-                Ok(_) => {
+                Ok((path, bytes)) => {
+                    let took = started.elapsed();
                     done.insert(name.clone(), version);
-                    counters.map(|c| c.written.fetch_add(1, Ordering::Relaxed));
+                    if let Some(c) = counters {
+                        c.written.fetch_add(1, Ordering::Relaxed);
+                        c.last_bytes.store(bytes as u64, Ordering::Relaxed);
+                        c.last_micros
+                            .store(took.as_micros() as u64, Ordering::Relaxed);
+                    }
+                    tracing::info!(
+                        view = %name,
+                        path = %path.display(),
+                        bytes,
+                        ms = took.as_secs_f64() * 1e3,
+                        "checkpoint written"
+                    );
                 }
                 Err(e) => {
-                    eprintln!("panes serve: view {name:?}: checkpoint failed: {e}");
+                    tracing::error!(view = %name, error = %e, "checkpoint failed");
                     counters.map(|c| c.failed.fetch_add(1, Ordering::Relaxed));
                     failures.push(format!("view {name:?}: {e}"));
                 }
@@ -274,9 +301,11 @@ impl Server {
             .filter_map(|(missing, what)| missing.then_some(what))
             .collect();
             if !addr.ip().is_loopback() && !missing.is_empty() {
-                eprintln!(
-                    "panes serve: warning: listening on {addr}, beyond this machine, without {}: \
-                     anyone who reaches the port can read and write every view",
+                tracing::warn!(
+                    %addr,
+                    missing = %missing.join(" or "),
+                    "listening beyond this machine without {}: anyone who reaches the port \
+                     can read and write every view",
                     missing.join(" or ")
                 );
             }
@@ -334,6 +363,11 @@ impl Server {
             sources,
             peers,
             conns: Arc::default(),
+            http: metrics::HttpStats::default(),
+            started_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64),
+            rates: std::sync::Mutex::default(),
             checkpoints,
         });
         Ok(Server {
@@ -460,7 +494,7 @@ impl Server {
         }
         for source in sources {
             if !source.stop(shared.options.shutdown_grace.max(Duration::from_secs(10))) {
-                eprintln!("panes serve: a source did not finish its final checkpoint in time");
+                tracing::warn!("a source did not finish its final checkpoint in time");
             }
         }
         let s = shared.clone();
@@ -580,8 +614,8 @@ fn spawn_ticker(shared: Arc<Shared>) -> tokio::task::JoinHandle<()> {
             let engine = shared.engine.clone();
             match shared.on_writes(move || engine.fold_due()).await {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => eprintln!("panes serve: a timed fold failed: {e}"),
-                Err(e) => eprintln!("panes serve: {}", e.message()),
+                Ok(Err(e)) => tracing::error!(error = %e, "a timed fold failed"),
+                Err(e) => tracing::error!(error = %e.message(), "a timed fold did not run"),
             }
         }
     })
@@ -633,17 +667,20 @@ fn restore_pushed(engine: &Engine, root: &std::path::Path) -> crate::error::Resu
         let restored = dir.restore_newest(
             |bytes| engine.restore(name, bytes).map_err(|e| e.to_string()),
             |path, why| {
-                eprintln!(
-                    "panes serve: view {name:?}: skipping checkpoint {}: {why}",
-                    path.display()
+                tracing::warn!(
+                    view = %name,
+                    path = %path.display(),
+                    reason = %why,
+                    "skipping checkpoint"
                 );
             },
         )?;
         if let Some((info, path)) = restored {
-            eprintln!(
-                "panes serve: view {name:?}: restored {} ({} events)",
-                path.display(),
-                info.folded
+            tracing::info!(
+                view = %name,
+                path = %path.display(),
+                events = info.folded,
+                "restored from a checkpoint"
             );
         }
     }

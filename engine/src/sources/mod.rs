@@ -328,9 +328,10 @@ impl SourceHandle {
         // Then the consumer leaves its group. A process that exits before the leave
         // is sent keeps its partitions until its session times out.
         if done && self.done.recv_timeout(timeout).is_err() {
-            eprintln!(
-                "panes: a source did not leave its group within {timeout:?}; \
-                 its partitions move when its session times out"
+            tracing::warn!(
+                ?timeout,
+                "a source did not leave its group in time; its partitions move when its \
+                 session times out"
             );
         }
         done

@@ -368,7 +368,7 @@ impl Panes {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if let Some(rest) = line.strip_prefix("panes serve: gRPC + Flight on ") {
+                if let Some((_, rest)) = line.split_once("panes serve: gRPC + Flight on ") {
                     let grpc = rest.split(',').next().unwrap().to_string();
                     let metrics = rest
                         .split("http://")

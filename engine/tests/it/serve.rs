@@ -1240,6 +1240,22 @@ fn spawn_panes(args: &[&str]) -> (std::process::Child, String) {
     (child, line)
 }
 
+/// Ingests 100 random card events into the `panes serve` process at `grpc` and gives
+/// it 400 ms to fold and checkpoint them.
+fn ingest_cards_and_wait(grpc: &str, seed: u64) {
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let mut client = FeaturesClient::connect(format!("http://{grpc}"))
+            .await
+            .unwrap();
+        let b = cards_batch(&mut StdRng::seed_from_u64(seed), 100, 10, 1_000);
+        client
+            .ingest(futures::stream::iter(vec![ipc_message("cards", &b)]))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    });
+}
+
 /// The address after `label` in a start-up line.
 fn address_after(line: &str, label: &str) -> String {
     line.split(label)
@@ -1304,17 +1320,7 @@ fn r17_an_unwritable_checkpoint_directory_is_an_error_and_a_metric() {
     let metrics: SocketAddr = address_after(&line, "metrics on http://").parse().unwrap();
     std::fs::remove_dir_all(root.join("cards")).ok();
     std::fs::write(root.join("cards"), b"not a directory").unwrap();
-    tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let mut client = FeaturesClient::connect(format!("http://{grpc}"))
-            .await
-            .unwrap();
-        let b = cards_batch(&mut StdRng::seed_from_u64(9), 100, 10, 1_000);
-        client
-            .ingest(futures::stream::iter(vec![ipc_message("cards", &b)]))
-            .await
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(400)).await;
-    });
+    ingest_cards_and_wait(&grpc, 9);
     let text = scrape(metrics);
     assert!(
         metric(&text, "panes_checkpoint_failures_total{view=\"cards\"}") >= 1.0,
@@ -1340,44 +1346,311 @@ fn r17_an_unwritable_checkpoint_directory_is_an_error_and_a_metric() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn r17_a_flood_of_metrics_connections_is_capped_and_serving_goes_on() {
-    let server = start(ServeOptions::default(), Duration::from_millis(5), 1024).await;
-    let metrics = server.metrics;
-    let held: Vec<std::net::TcpStream> = (0..200)
+/// Whether the peer closed `s` (or reset it) within its read timeout.
+fn closed_by_peer(s: &std::net::TcpStream) -> bool {
+    match (&*s).read(&mut [0u8; 256]) {
+        Ok(n) => n == 0 || closed_by_peer(s),
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
+#[test]
+fn r26_idle_and_malformed_clients_do_not_stop_the_metrics_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let features = dir.path().join("features.toml");
+    std::fs::write(&features, FEATURES).unwrap();
+    let (mut child, line) = spawn_panes(&[
+        "serve",
+        "--features",
+        features.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics",
+        "127.0.0.1:0",
+        "--backend",
+        "cpu",
+    ]);
+    let metrics: SocketAddr = address_after(&line, "metrics on http://").parse().unwrap();
+    // 500 connections that never send a byte.
+    let idle: Vec<std::net::TcpStream> = (0..500)
         .map(|_| std::net::TcpStream::connect(metrics).unwrap())
         .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Malformed requests: each gets an error status or a closed connection, at once.
+    let long_header = format!("GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(20_000));
+    let malformed: [&[u8]; 6] = [
+        b"GARBAGE\r\n\r\n",
+        long_header.as_bytes(),
+        &[0, 1, 2, 255, 254, 13, 10, 13, 10],
+        b"GET /metrics HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
+        b"GET /metrics HTTP/9.9\r\n\r\n",
+        // A TLS ClientHello's first bytes on the plain port.
+        &[
+            0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+        ],
+    ];
+    for request in malformed {
+        let mut s = std::net::TcpStream::connect(metrics).unwrap();
+        let _ = s.write_all(request);
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 4"),
+            "{:?}: {answer}",
+            String::from_utf8_lossy(&request[..request.len().min(40)])
+        );
+    }
+    // A request that trickles in and never ends holds its connection no longer than
+    // the head timeout either.
+    let mut trickle = std::net::TcpStream::connect(metrics).unwrap();
+    trickle.write_all(b"GET /met").unwrap();
+    // With all of that open, the metrics still answer, and see the idle connections.
+    let text = scrape(metrics);
+    assert!(text.contains("panes_events_accepted_total"), "{text}");
+    assert!(
+        metric(&text, "panes_http_connections_open") >= 501.0,
+        "the idle connections are open: {text}"
+    );
+    // The server closes every idle and trickling connection after its head timeout
+    // (5 s); none is left waiting beyond it.
+    let started = Instant::now();
+    let held: Vec<&std::net::TcpStream> = idle.iter().chain([&trickle]).collect();
+    for s in &held {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    }
+    let closed = held.iter().filter(|s| closed_by_peer(s)).count();
+    assert_eq!(closed, held.len(), "closed by the server");
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "closed after {:?}",
+        started.elapsed()
+    );
+    let text = scrape(metrics);
+    assert_eq!(metric(&text, "panes_http_connections_open"), 1.0, "{text}");
+    assert!(
+        metric(&text, "panes_http_connection_errors_total") >= 501.0 + malformed.len() as f64,
+        "idle, trickling and malformed connections are counted: {text}"
+    );
+    assert!(child.try_wait().unwrap().is_none(), "the server exited");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[test]
+fn r26_json_logs_are_one_object_per_line_with_level_target_and_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let features = dir.path().join("features.toml");
+    std::fs::write(&features, FEATURES).unwrap();
+    let root = dir.path().join("ckpt");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_panes"))
+        .args(["serve", "--log-format", "json", "--features"])
+        .arg(&features)
+        .args(["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
+        .args(["--backend", "cpu", "--batch-age-ms", "5"])
+        .args(["--checkpoint-interval-ms", "50", "--checkpoint-dir"])
+        .arg(&root)
+        .env_remove("PANES_LOG")
+        .env_remove("RUST_LOG")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut first = String::new();
+    stderr.read_line(&mut first).unwrap();
+    let ready: serde_json::Value = serde_json::from_str(&first).unwrap();
+    let grpc = ready["fields"]["grpc"].as_str().unwrap().to_string();
+    ingest_cards_and_wait(&grpc, 3);
+    let metrics: SocketAddr = ready["fields"]["metrics"]
+        .as_str()
+        .and_then(|m| address_after(m, "http://").parse().ok())
+        .unwrap();
+    let last_checkpoint_bytes = metric(
+        &scrape(metrics),
+        "panes_checkpoint_last_bytes{view=\"cards\"}",
+    );
+    assert!(last_checkpoint_bytes > 0.0);
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut rest = String::new();
+    stderr.read_to_string(&mut rest).unwrap();
+    assert!(child.wait().unwrap().success());
+    let lines: Vec<serde_json::Value> = std::iter::once(first.as_str())
+        .chain(rest.lines())
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("not one JSON object ({e}): {l:?}"));
+            for key in ["timestamp", "level", "target"] {
+                assert!(v[key].is_string(), "no {key}: {l}");
+            }
+            assert!(v["fields"]["message"].is_string(), "no message: {l}");
+            v
+        })
+        .collect();
+    let find = |message: &str, view: Option<&str>| {
+        lines
+            .iter()
+            .find(|v| {
+                v["fields"]["message"] == message && view.is_none_or(|n| v["fields"]["view"] == n)
+            })
+            .unwrap_or_else(|| panic!("no {message:?} ({view:?}) in {lines:#?}"))
+    };
+    assert_eq!(ready["level"], "INFO");
+    assert_eq!(ready["target"], "panes");
+    assert_eq!(ready["fields"]["backend"], "cpu");
+    assert!(
+        ready["fields"]["metrics"]
+            .as_str()
+            .unwrap()
+            .ends_with("/metrics")
+    );
+    assert_eq!(find("configuration", None)["fields"]["tokens"], false);
+    assert_eq!(find("view", Some("users"))["fields"]["source"], "pushed");
+    let written = find("checkpoint written", Some("cards"));
+    assert!(
+        written["fields"]["bytes"].as_u64().unwrap() > 0,
+        "{written}"
+    );
+    assert_eq!(written["target"], "panes_engine::serve::server");
+    assert!(
+        lines
+            .iter()
+            .any(|v| v["fields"]["message"] == "checkpoint written"
+                && v["fields"]["view"] == "cards"
+                && v["fields"]["bytes"] == last_checkpoint_bytes),
+        "the metric gives a size the log gave: {last_checkpoint_bytes}"
+    );
+    let stopped = find("stopped", Some("cards"));
+    assert_eq!(stopped["fields"]["accepted"], 100, "{stopped}");
+
+    // A filter that does not parse is a start-up error that names the variable.
+    let out = Command::new(env!("CARGO_BIN_EXE_panes"))
+        .args(["check", features.to_str().unwrap()])
+        .env("PANES_LOG", "panes=[")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(said.contains("PANES_LOG"), "{said}");
+}
+
+/// `GET path` on the HTTP port: the status code and the body.
+fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out[9..12].parse().unwrap();
+    let body = out.split_once("\r\n\r\n").unwrap().1.to_string();
+    (code, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r26_status_json_gives_the_numbers_of_the_metrics_and_lookup_the_reads() {
+    let server = start(ServeOptions::default(), Duration::from_millis(5), 1024).await;
     let mut client = server.client().await;
+    let b = cards_batch(&mut StdRng::seed_from_u64(5), 500, 50, 10_000);
+    // A late row and a null key, so that those counters are not zero.
+    let odd = RecordBatch::try_from_iter([
+        (
+            "card",
+            Arc::new(Int64Array::from(vec![Some(1), None])) as ArrayRef,
+        ),
+        (
+            "ts",
+            Arc::new(Int64Array::from(vec![1, 11_000])) as ArrayRef,
+        ),
+        (
+            "amount",
+            Arc::new(Float64Array::from(vec![1.0, 2.0])) as ArrayRef,
+        ),
+    ])
+    .unwrap();
+    let messages = vec![ipc_message("cards", &b), ipc_message("cards", &odd)];
     client
-        .get_features(read("cards", int_keys([1]), None))
+        .ingest(futures::stream::iter(messages))
         .await
         .unwrap();
-    // All but a few were closed by the server at once (they send nothing).
-    let held = tokio::task::spawn_blocking(move || {
-        let closed = held
-            .iter()
-            .filter(|s| {
-                s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-                match (&**s).read(&mut [0u8; 1]) {
-                    Ok(n) => n == 0,
-                    Err(e) => !matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ),
-                }
-            })
-            .count();
-        (closed, held)
+    let want = client
+        .get_features(read("cards", int_keys([3, 999]), None))
+        .await
+        .unwrap()
+        .into_inner();
+    let metrics = server.metrics;
+    let (status, text, found, unknown) = tokio::task::spawn_blocking(move || {
+        (
+            http_get(metrics, "/status.json"),
+            scrape(metrics),
+            http_get(metrics, "/lookup?view=cards&key=3"),
+            http_get(metrics, "/lookup?view=cards&key=999"),
+        )
     })
     .await
     .unwrap();
-    assert!(held.0 >= 150, "{} of 200 closed", held.0);
-    drop(held.1);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let text = tokio::task::spawn_blocking(move || scrape(metrics))
-        .await
-        .unwrap();
-    assert!(text.contains("panes_events_accepted_total"));
+    assert_eq!(status.0, 200);
+    let status: serde_json::Value = serde_json::from_str(&status.1).unwrap();
+    let views = status["views"].as_array().unwrap();
+    assert_eq!(views.len(), 2);
+    for v in views {
+        let name = v["name"].as_str().unwrap();
+        let series = |family: &str| format!("{family}{{view=\"{name}\"}}");
+        for (field, family) in [
+            ("accepted", "panes_events_accepted_total"),
+            ("late", "panes_events_late_total"),
+            ("filtered", "panes_events_filtered_total"),
+            ("expr_errors", "panes_expression_errors_total"),
+            ("folded", "panes_events_folded_total"),
+            ("pending", "panes_events_pending"),
+            ("publishes", "panes_publishes_total"),
+            ("keys", "panes_keys"),
+            ("state_bytes", "panes_state_bytes"),
+        ] {
+            assert_eq!(
+                v[field].as_f64().unwrap(),
+                metric(&text, &series(family)),
+                "{name}: {field}"
+            );
+        }
+        for (reason, n) in v["rejected"].as_object().unwrap() {
+            let s = format!("panes_events_rejected_total{{view=\"{name}\",reason=\"{reason}\"}}");
+            assert_eq!(n.as_f64().unwrap(), metric(&text, &s), "{name}: {reason}");
+        }
+    }
+    let cards = &views[0];
+    assert_eq!(cards["accepted"], 500);
+    assert_eq!(cards["late"], 1);
+    assert_eq!(cards["rejected"]["null_key"], 1);
+    assert_eq!(cards["features"][0]["name"], "n_1m");
+    assert_eq!(cards["features"][0]["window"], "1m");
+    // The lookup gives what GetFeatures gives, feature by feature.
+    assert_eq!(found.0, 200, "{}", found.1);
+    let found: serde_json::Value = serde_json::from_str(&found.1).unwrap();
+    let n = want.features.len();
+    let got: Vec<Option<f64>> = want
+        .features
+        .iter()
+        .map(|f| found["features"][f.as_str()].as_f64())
+        .collect();
+    // (serde_json's parser, without its `float_roundtrip` feature, may miss by an ulp.)
+    assert!(close(&got, &cells(&want)[..n]), "{found}");
+    assert!(found["latest_event_ms"].as_i64().unwrap() >= 10_000 - 500);
+    // A key never seen: the empty-window values, and no latest event.
+    let unknown: serde_json::Value = serde_json::from_str(&unknown.1).unwrap();
+    assert_eq!(unknown["latest_event_ms"], serde_json::Value::Null);
+    let got: Vec<Option<f64>> = want
+        .features
+        .iter()
+        .map(|f| unknown["features"][f.as_str()].as_f64())
+        .collect();
+    assert!(close(&got, &cells(&want)[n..]), "{unknown}");
     server.stop().await;
 }

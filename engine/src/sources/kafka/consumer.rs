@@ -57,29 +57,37 @@ impl ConsumerContext for SourceContext {
                 let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
                 for p in parts {
                     let offset = view.assign(p).unwrap_or_else(|e| {
-                        eprintln!(
-                            "panes: view {:?} partition {p}: cannot restore ({e}); replaying it from the start",
-                            view.spec.name
+                        tracing::warn!(
+                            view = %view.spec.name,
+                            partition = p,
+                            error = %e,
+                            "cannot restore the partition; replaying it from the start"
                         );
                         Offset::Beginning
                     });
                     let _ = tpl.set_partition_offset(&topic, p, offset);
                 }
-                eprintln!(
-                    "panes: view {:?}: assigned partitions {:?}",
-                    view.spec.name,
-                    view.owned()
+                tracing::info!(
+                    view = %view.spec.name,
+                    partitions = ?view.owned(),
+                    "rebalance: assigned partitions"
                 );
                 if let Err(e) = consumer.assign(tpl) {
-                    eprintln!("panes: view {:?}: assign failed: {e}", view.spec.name);
+                    tracing::error!(view = %view.spec.name, error = %e, "assign failed");
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                let revoked: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                tracing::info!(
+                    view = %view.spec.name,
+                    partitions = ?revoked,
+                    "rebalance: revoked partitions"
+                );
                 view.revoke(consumer, tpl);
                 let _ = consumer.unassign();
             }
             e => {
-                eprintln!("panes: view {:?}: rebalance error {e:?}", view.spec.name);
+                tracing::error!(view = %view.spec.name, error = ?e, "rebalance error");
                 let all = {
                     let mut t = TopicPartitionList::new();
                     for p in view.owned() {
@@ -182,6 +190,7 @@ fn consume(view: &KafkaView, consumer: &BaseConsumer<SourceContext>, stop: &Atom
     let mut buffers: BTreeMap<i32, Buffer> = BTreeMap::new();
     let mut last_checkpoint = Instant::now();
     let mut last_error: Option<Instant> = None;
+    let mut bad = BadMessageLog::default();
     while !stop.load(Ordering::Acquire) {
         let mut taken = 0;
         while taken < DRAIN {
@@ -194,21 +203,22 @@ fn consume(view: &KafkaView, consumer: &BaseConsumer<SourceContext>, stop: &Atom
                 None => break,
                 Some(Err(e)) => {
                     if last_error.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-                        eprintln!("panes: view {:?}: Kafka: {e}", view.spec.name);
+                        tracing::warn!(view = %view.spec.name, error = %e, "Kafka");
                         last_error = Some(Instant::now());
                     }
                     break;
                 }
                 Some(Ok(m)) => {
-                    take(view, &m, &mut buffers);
+                    take(view, &m, &mut buffers, &mut bad);
                     taken += 1;
                 }
             }
         }
         push_buffers(view, &mut buffers);
+        bad.flush(&view.spec.name);
         for part in view.owned_map().values() {
             if let Err(e) = part.engine.fold_due() {
-                eprintln!("panes: view {:?}: fold failed: {e}", view.spec.name);
+                tracing::error!(view = %view.spec.name, error = %e, "fold failed");
             }
         }
         if last_checkpoint.elapsed() >= view.checkpoint_every {
@@ -220,8 +230,54 @@ fn consume(view: &KafkaView, consumer: &BaseConsumer<SourceContext>, stop: &Atom
     view.checkpoint_all(consumer, CommitMode::Sync, false);
 }
 
+/// Bad messages in the log without a flood: the first of a burst at once, then at most
+/// one line per [`BadMessageLog::EVERY`] with the count since the last line and the
+/// latest message's reason and place. The counters count every one.
+#[derive(Debug, Default)]
+struct BadMessageLog {
+    last_line: Option<Instant>,
+    /// Bad messages since the last line, and the latest of them.
+    unlogged: u64,
+    latest: Option<(BadMessage, String, i32, i64)>,
+}
+
+impl BadMessageLog {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    fn bad(&mut self, view: &str, why: BadMessage, error: &str, partition: i32, offset: i64) {
+        self.unlogged += 1;
+        self.latest = Some((why, error.to_string(), partition, offset));
+        self.flush(view);
+    }
+
+    /// Writes the line that is due, if any.
+    fn flush(&mut self, view: &str) {
+        if self.unlogged == 0 || self.last_line.is_some_and(|t| t.elapsed() < Self::EVERY) {
+            return;
+        }
+        if let Some((why, error, partition, offset)) = self.latest.take() {
+            tracing::warn!(
+                view,
+                count = self.unlogged,
+                reason = why.name(),
+                error,
+                partition,
+                offset,
+                "bad messages not ingested (the latest named)"
+            );
+        }
+        self.unlogged = 0;
+        self.last_line = Some(Instant::now());
+    }
+}
+
 /// Decodes message `m` into its partition's buffer, or counts (and dead-letters) it.
-fn take(view: &KafkaView, m: &BorrowedMessage<'_>, buffers: &mut BTreeMap<i32, Buffer>) {
+fn take(
+    view: &KafkaView,
+    m: &BorrowedMessage<'_>,
+    buffers: &mut BTreeMap<i32, Buffer>,
+    log: &mut BadMessageLog,
+) {
     view.stats.messages.fetch_add(1, Ordering::Relaxed);
     let p = m.partition();
     let Some(part) = view.owned_map().get(&p).cloned() else {
@@ -256,6 +312,7 @@ fn take(view: &KafkaView, m: &BorrowedMessage<'_>, buffers: &mut BTreeMap<i32, B
     };
     if let Err((why, error)) = result {
         view.stats.bad(why, 1);
+        log.bad(&view.spec.name, why, &error, m.partition(), m.offset());
         view.dead_letter(m, why, &error);
     }
 }
@@ -272,7 +329,7 @@ fn push_buffers(view: &KafkaView, buffers: &mut BTreeMap<i32, Buffer>) {
         let name = &view.spec.name;
         let push = |batch: &RecordBatch| match part.engine.push(name, batch) {
             Ok(_) | Err(PanesError::Schema { .. }) => {}
-            Err(e) => eprintln!("panes: view {name:?} partition {p}: push failed: {e}"),
+            Err(e) => tracing::error!(view = %name, partition = p, error = %e, "push failed"),
         };
         for batch in &buf.batches {
             push(batch);
@@ -316,10 +373,9 @@ impl KafkaView {
             Ok(()) => {
                 self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
             }
-            Err((e, _)) => eprintln!(
-                "panes: view {:?}: dead-letter send failed: {e}",
-                self.spec.name
-            ),
+            Err((e, _)) => {
+                tracing::error!(view = %self.spec.name, error = %e, "dead-letter send failed");
+            }
         }
     }
 }

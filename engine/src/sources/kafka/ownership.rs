@@ -40,9 +40,12 @@ impl KafkaView {
             |bytes| engine.restore(&view, bytes).map_err(|e| e.to_string()),
             |path, why| {
                 self.stats.skipped.fetch_add(1, Ordering::Relaxed);
-                eprintln!(
-                    "panes: view {view:?} partition {p}: skipping checkpoint {}: {why}",
-                    path.display()
+                tracing::warn!(
+                    view = %view,
+                    partition = p,
+                    path = %path.display(),
+                    reason = %why,
+                    "skipping checkpoint"
                 );
             },
         )?;
@@ -54,10 +57,13 @@ impl KafkaView {
                     .iter()
                     .find(|s| s.partition == p)
                     .map_or(0, |s| s.next_offset);
-                eprintln!(
-                    "panes: view {view:?} partition {p}: restored {} ({} events), resuming at offset {next}",
-                    path.display(),
-                    info.folded
+                tracing::info!(
+                    view = %view,
+                    partition = p,
+                    path = %path.display(),
+                    events = info.folded,
+                    offset = next,
+                    "restored from a checkpoint; resuming"
                 );
                 next
             }
@@ -97,23 +103,35 @@ impl KafkaView {
             partition: p,
             next_offset: next,
         };
+        let started = std::time::Instant::now();
         let written = part
             .engine
             .checkpoint(&self.spec.name, &[position])
-            .and_then(|bytes| part.dir.write(&bytes));
+            .and_then(|bytes| part.dir.write(&bytes).map(|path| (path, bytes.len())));
         match written {
-            Ok(_) => {
+            Ok((path, bytes)) => {
                 part.checkpointed.store(next, Ordering::Release);
                 self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    view = %self.spec.name,
+                    partition = p,
+                    path = %path.display(),
+                    bytes,
+                    offset = next,
+                    ms = started.elapsed().as_secs_f64() * 1e3,
+                    "checkpoint written"
+                );
                 Some(position)
             }
             Err(e) => {
                 self.stats
                     .checkpoint_failures
                     .fetch_add(1, Ordering::Relaxed);
-                eprintln!(
-                    "panes: view {:?} partition {p}: checkpoint failed (the previous one stays in force): {e}",
-                    self.spec.name
+                tracing::error!(
+                    view = %self.spec.name,
+                    partition = p,
+                    error = %e,
+                    "checkpoint failed (the previous one stays in force)"
                 );
                 None
             }
@@ -158,10 +176,7 @@ impl KafkaView {
         }
         if let Err(e) = consumer.commit(&tpl, mode) {
             // Only monitoring reads committed offsets; recovery uses the checkpoints.
-            eprintln!(
-                "panes: view {:?}: offset commit failed: {e}",
-                self.spec.name
-            );
+            tracing::warn!(view = %self.spec.name, error = %e, "offset commit failed");
         }
     }
 
