@@ -91,3 +91,19 @@ def test_nexmark_queries_agree_with_the_peers() -> None:
     for view in harness.NEXMARK_QUERIES:
         r = harness.nexmark_case(bids, view, "cpu", 1, peers=True)  # raises on disagreement
         assert {"panes-cpu", "duckdb", "polars"} <= set(r["engines"])
+
+
+def test_plots_of_the_committed_results(tmp_path: Path) -> None:
+    """`benches/plots.py` draws the serving and GPU plots from the committed JSON."""
+    import shutil
+
+    import plots  # noqa: E402  (benches/, on the path above)
+
+    results = Path(harness.__file__).parent / "results"
+    for sub in ("serve", "gpu-h100", "gpu-lavapipe"):
+        shutil.copytree(results / sub, tmp_path / sub)
+    written = plots.main(tmp_path)
+    names = sorted(str(p.relative_to(tmp_path)) for p in written)
+    assert names == ["gpu-h100/throughput.png", "gpu-lavapipe/throughput.png", "serve/latency.png"]
+    for p in written:
+        assert p.stat().st_size > 10_000, p
