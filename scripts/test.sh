@@ -2,7 +2,8 @@
 # Every test of Panes, Rust and Python, on a fresh Debian machine with the Rust
 # toolchain: installs what the tests need (Python venv, Mesa's software Vulkan driver
 # for the GPU tests, Redis for the serving benchmark's reference, cmake and curl's
-# headers for librdkafka, and the tansu broker for the Kafka tests), then formatting,
+# headers for librdkafka, Chromium for the status page's browser test, and the tansu
+# broker for the Kafka tests), then formatting,
 # lints, unit, integration and doc tests (the GPU
 # backend's and the GPU benchmark's on lavapipe, none skipped), every fuzz target for
 # 60 s (cargo-fuzz installed if missing), a demo smoke run, the
@@ -31,6 +32,8 @@ dpkg -s libssl-dev >/dev/null 2>&1 || missing+=(libssl-dev)
 command -v pkg-config >/dev/null || missing+=(pkg-config)
 # The Python TLS tests make their certificates with the openssl command.
 command -v openssl >/dev/null || missing+=(openssl)
+# The status page's test opens it in headless Chromium.
+command -v chromium >/dev/null || missing+=(chromium)
 if ((${#missing[@]})); then
   log "apt-get install ${missing[*]}"
   apt-get update -qq
@@ -123,5 +126,6 @@ log "pip install ./python (the extension module)"
 # build instead of compiling every crate again.
 MATURIN_PEP517_ARGS="--profile dev --features test-build" .venv/bin/pip install -q --disable-pip-version-check --force-reinstall --no-deps ./python
 log "Python suite"
-PANES_BIN="$PWD/target/debug/panes" .venv/bin/python -m pytest -q python/tests
+# No Chromium is a test failure, not a skipped browser test.
+PANES_REQUIRE_BROWSER=1 PANES_BIN="$PWD/target/debug/panes" .venv/bin/python -m pytest -q python/tests
 log "all tests passed"
