@@ -23,15 +23,21 @@ pub struct Histogram {
 impl Histogram {
     /// Records one duration.
     pub fn record(&self, d: Duration) {
+        self.record_n(d, 1);
+    }
+
+    /// Records `n` observations of one duration.
+    pub fn record_n(&self, d: Duration, n: u64) {
         let s = d.as_secs_f64();
         let i = BUCKETS
             .iter()
             .position(|&b| s <= b)
             .unwrap_or(BUCKETS.len());
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
+        self.buckets[i].fetch_add(n, Ordering::Relaxed);
+        self.count.fetch_add(n, Ordering::Relaxed);
+        let ns = d.as_nanos().min(u64::MAX as u128) as u64;
         self.sum_ns
-            .fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
+            .fetch_add(ns.saturating_mul(n), Ordering::Relaxed);
     }
 
     /// Observations so far.

@@ -191,6 +191,7 @@ impl Engine {
                     front: AtomicUsize::new(0),
                     version: AtomicU64::new(0),
                     fold_time,
+                    freshness: Histogram::default(),
                 })
             })
             .collect::<Result<_>>()?;
@@ -271,6 +272,7 @@ impl Engine {
     /// # Errors
     /// As [`Engine::push`].
     pub fn push_at(&self, view: &str, batch: &RecordBatch, first_row: usize) -> Result<PushReport> {
+        let arrived = std::time::Instant::now();
         let v = self.view(view)?;
         let mut writer = v.writer()?;
         let mut back = v.back(&writer)?;
@@ -291,6 +293,11 @@ impl Engine {
         writer.charged += cap.charged;
         writer.charged_strings += cap.charged_strings;
         writer.pushed = true;
+        if let Ok(r) = &result
+            && r.accepted > 0
+        {
+            writer.arrivals.push((arrived, r.accepted as u64));
+        }
         if let Err(e) = &result
             && !matches!(e, PanesError::Schema { .. } | PanesError::Invalid(_))
         {
@@ -407,6 +414,16 @@ impl Engine {
     /// Unknown view.
     pub fn fold_time(&self, view: &str) -> Result<&Histogram> {
         Ok(&self.view(view)?.fold_time)
+    }
+
+    /// Freshness of `view`: per accepted event, the time from the arrival of the push
+    /// that carried it to the publish that made it visible to reads (micro-batching,
+    /// waiting for the writer, the fold and the publish).
+    ///
+    /// # Errors
+    /// Unknown view.
+    pub fn freshness(&self, view: &str) -> Result<&Histogram> {
+        Ok(&self.view(view)?.freshness)
     }
 
     /// Counters and sizes of `view`.

@@ -30,6 +30,9 @@ pub(super) struct View {
     pub(super) version: AtomicU64,
     /// Durations of this view's folds (both replicas).
     pub(super) fold_time: Arc<Histogram>,
+    /// Per accepted event, the time from its push's arrival to the publish that made
+    /// it visible to reads.
+    pub(super) freshness: Histogram,
 }
 
 /// The writer's side of a view: what the back replica has taken since the last
@@ -47,6 +50,8 @@ pub(super) struct Writer {
     pub(super) charged_strings: u64,
     /// Set when a replay failed and the replicas may differ: the view refuses writes.
     pub(super) broken: Option<String>,
+    /// The pushes since the last publish: when each arrived and the events it accepted.
+    pub(super) arrivals: Vec<(std::time::Instant, u64)>,
 }
 
 /// A consistent, published state of a view, held for one read.
@@ -214,6 +219,9 @@ impl View {
         let old = self.front.load(Ordering::Acquire);
         self.front.store(1 - old, Ordering::Release);
         self.version.fetch_add(1, Ordering::AcqRel);
+        for (arrived, events) in writer.arrivals.drain(..) {
+            self.freshness.record_n(arrived.elapsed(), events);
+        }
         // Waits for the reads already inside the old front; new reads use the new one.
         let mut core = self.replicas[old]
             .write()

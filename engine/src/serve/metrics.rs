@@ -25,6 +25,7 @@ use tokio::net::TcpListener;
 
 use super::auth::TlsFiles;
 use super::server::Shared;
+use crate::histogram::Histogram;
 
 /// Most connections open at once on the HTTP port.
 pub(crate) const MAX_CONNECTIONS: usize = 1_024;
@@ -349,19 +350,30 @@ pub(crate) fn render(shared: &Shared, engine: &crate::online::Engine) -> String 
         "Bytes of pane state (both replicas, with their read copies).",
         &|m| Some(m.state_bytes as f64),
     );
-    family(
-        &mut out,
-        "panes_fold_duration_seconds",
-        "histogram",
-        "Duration of micro-batch folds.",
-    );
-    for v in engine.views() {
-        if let Ok(h) = engine.fold_time(&v.spec.name) {
-            h.write_prometheus(
-                &mut out,
-                "panes_fold_duration_seconds",
-                &format!("view=\"{}\"", escape(&v.spec.name)),
-            );
+    type Of = for<'e> fn(&'e crate::online::Engine, &str) -> crate::error::Result<&'e Histogram>;
+    let histograms: [(&str, &str, Of); 2] = [
+        (
+            "panes_fold_duration_seconds",
+            "Duration of micro-batch folds.",
+            crate::online::Engine::fold_time,
+        ),
+        (
+            "panes_freshness_seconds",
+            "Per accepted event, from its push's arrival to its visibility in reads (pushed \
+             views; a Kafka view's partitions are not counted here).",
+            crate::online::Engine::freshness,
+        ),
+    ];
+    for (name, help, of) in histograms {
+        family(&mut out, name, "histogram", help);
+        for v in engine.views() {
+            if let Ok(h) = of(engine, &v.spec.name) {
+                h.write_prometheus(
+                    &mut out,
+                    name,
+                    &format!("view=\"{}\"", escape(&v.spec.name)),
+                );
+            }
         }
     }
     family(
@@ -532,6 +544,24 @@ fn render_sources(out: &mut String, shared: &Shared) {
                 why.name(),
                 v.stats().bad[why as usize].load(Relaxed)
             );
+        }
+    }
+    let name = "panes_kafka_consumer_lag";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Messages between a partition's end (from the client's statistics, \
+         every 5 s) and the next one to ingest, per partition owned.\n# TYPE {name} gauge"
+    );
+    for v in &views {
+        for p in v.positions() {
+            if let Some(lag) = p.lag() {
+                let _ = writeln!(
+                    out,
+                    "{name}{{view=\"{}\",partition=\"{}\"}} {lag}",
+                    escape(&v.spec().name),
+                    p.partition
+                );
+            }
         }
     }
     let name = "panes_kafka_partitions_owned";

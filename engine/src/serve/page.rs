@@ -13,6 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde_json::{Value, json};
 
 use super::server::Shared;
+use crate::histogram::Histogram;
 use crate::ingest::keys::KeyValue;
 use crate::online::ViewMetrics;
 use crate::spec::{FeatureSpec, ViewSpec, Window, format_duration};
@@ -116,15 +117,11 @@ fn view_status(shared: &Shared, spec: &ViewSpec, now: i64) -> Value {
         }
         Err(e) => merge(&mut out, json!({ "error": e.to_string() })),
     }
+    if let Ok(h) = shared.engine.freshness(name) {
+        merge(&mut out, json!({ "freshness": percentiles(h) }));
+    }
     if let Some(h) = shared.read_time.get(name) {
-        merge(
-            &mut out,
-            json!({ "reads": {
-                "count": h.count(),
-                "p50_ms": h.quantile(0.5).map(|s| s * 1e3),
-                "p99_ms": h.quantile(0.99).map(|s| s * 1e3),
-            }}),
-        );
+        merge(&mut out, json!({ "reads": percentiles(h) }));
     }
     if let Some(c) = shared
         .checkpoints
@@ -137,6 +134,7 @@ fn view_status(shared: &Shared, spec: &ViewSpec, now: i64) -> Value {
                 "written": c.written.load(Relaxed),
                 "failed": c.failed.load(Relaxed),
                 "last_bytes": c.last_bytes.load(Relaxed),
+                "last_at_ms": Some(c.last_at_ms.load(Relaxed)).filter(|&t| t > 0),
                 "last_seconds": c.last_micros.load(Relaxed) as f64 / 1e6,
             }}),
         );
@@ -156,7 +154,12 @@ fn view_status(shared: &Shared, spec: &ViewSpec, now: i64) -> Value {
             &mut out,
             json!({ "source": {
                 "kind": "kafka",
-                "partitions": s.owned(),
+                "partitions": s.positions().iter().map(|p| json!({
+                    "partition": p.partition,
+                    "next_offset": p.next_offset,
+                    "end": p.end,
+                    "lag": p.lag(),
+                })).collect::<Vec<_>>(),
                 "messages": stats.messages.load(Relaxed),
                 "bad": bad,
                 "dead_lettered": stats.dead_lettered.load(Relaxed),
@@ -168,6 +171,15 @@ fn view_status(shared: &Shared, spec: &ViewSpec, now: i64) -> Value {
         );
     }
     out
+}
+
+/// Count, median and 99th percentile (ms) of a histogram.
+fn percentiles(h: &Histogram) -> Value {
+    json!({
+        "count": h.count(),
+        "p50_ms": h.quantile(0.5).map(|s| s * 1e3),
+        "p99_ms": h.quantile(0.99).map(|s| s * 1e3),
+    })
 }
 
 fn counters(m: &ViewMetrics, now: i64) -> Value {

@@ -68,6 +68,8 @@ pub(crate) struct CheckpointCounters {
     pub last_bytes: AtomicU64,
     /// Time the last checkpoint written took (state encoded and written), microseconds.
     pub last_micros: AtomicU64,
+    /// When the last checkpoint was written, epoch ms (0: none yet).
+    pub last_at_ms: std::sync::atomic::AtomicI64,
 }
 
 impl Shared {
@@ -220,6 +222,10 @@ impl Shared {
                         c.last_bytes.store(bytes as u64, Ordering::Relaxed);
                         c.last_micros
                             .store(took.as_micros() as u64, Ordering::Relaxed);
+                        let now = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_millis() as i64);
+                        c.last_at_ms.store(now, Ordering::Relaxed);
                     }
                     tracing::info!(
                         view = %name,

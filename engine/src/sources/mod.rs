@@ -29,6 +29,25 @@ use crate::ingest::keys::KeyValue;
 use crate::online::{EngineOptions, FeatureFrame, ServedFrame, ViewMetrics};
 use crate::spec::ViewSpec;
 
+/// Where one partition of a source stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Position {
+    /// The partition.
+    pub partition: i32,
+    /// Offset of the next message to ingest.
+    pub next_offset: i64,
+    /// Offset one past the partition's last message (its high watermark), if known.
+    pub end: Option<i64>,
+}
+
+impl Position {
+    /// Messages between the partition's end and the next one to ingest, if the end is
+    /// known.
+    pub fn lag(&self) -> Option<i64> {
+        self.end.map(|end| (end - self.next_offset).max(0))
+    }
+}
+
 /// A view fed by a partitioned external source, as one instance of its group sees it.
 pub trait Source: Send + Sync + fmt::Debug {
     /// The view's definition.
@@ -59,6 +78,10 @@ pub trait Source: Send + Sync + fmt::Debug {
 
     /// Partitions this instance owns now.
     fn owned(&self) -> Vec<i32>;
+
+    /// Where each partition owned now stands: the next offset to ingest, and the
+    /// partition's end as the client last saw it (unknown before its first statistics).
+    fn positions(&self) -> Vec<Position>;
 
     /// The address of the instance that owns partition `p`, if known.
     fn owner_of(&self, p: i32) -> Option<String>;

@@ -394,6 +394,18 @@ impl Panes {
 
     /// The value of the metric line that starts with `series` (name and labels).
     fn metric(&self, series: &str) -> f64 {
+        self.metric_or_none(series)
+            .unwrap_or_else(|| panic!("no {series} in:\n{}", self.scrape()))
+    }
+
+    /// Like [`Self::metric`], `None` when the series is absent.
+    fn metric_or_none(&self, series: &str) -> Option<f64> {
+        self.scrape()
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+    }
+
+    fn scrape(&self) -> String {
         use std::io::{Read, Write};
         let mut socket = std::net::TcpStream::connect(&self.metrics).unwrap();
         socket
@@ -401,9 +413,7 @@ impl Panes {
             .unwrap();
         let mut text = String::new();
         socket.read_to_string(&mut text).unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+        text
     }
 
     fn log_has(&self, needle: &str) -> usize {
@@ -702,6 +712,20 @@ fn tansu_end_to_end_and_exactly_once_through_sigkill() {
         p.metric("panes_kafka_partitions_owned{view=\"cards\"}"),
         6.0
     );
+    // Every partition consumed to its end: a lag of 0 once the client's statistics
+    // (every 5 s) give the ends.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for part in 0..PARTITIONS {
+        let series = format!("panes_kafka_consumer_lag{{view=\"cards\",partition=\"{part}\"}}");
+        while p.metric_or_none(&series) != Some(0.0) {
+            assert!(
+                Instant::now() < deadline,
+                "{series}: {:?}",
+                p.metric_or_none(&series)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
     p.terminate();
 
     // 2. The same stream, SIGKILLed at random moments and restarted each time.

@@ -71,6 +71,20 @@ window = "1h"
 filter = "section = 'shop'"
 "#;
 
+/// Sends SIGTERM to `child`.
+fn sigterm(child: &std::process::Child) {
+    let pid = child.id().to_string();
+    let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(sent.success());
+}
+
+/// [`FEATURES`] written to `dir/features.toml`, for a `panes serve` process.
+fn features_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("features.toml");
+    std::fs::write(&path, FEATURES).unwrap();
+    path
+}
+
 fn file() -> FeatureFile {
     FeatureFile::parse(FEATURES, "serve test").unwrap()
 }
@@ -843,8 +857,7 @@ async fn prefixes_seen_during_ingest(seed: u64) -> Vec<usize> {
 #[test]
 fn sigterm_during_ingest_loses_no_accepted_event() {
     let dir = tempfile::tempdir().unwrap();
-    let features = dir.path().join("features.toml");
-    std::fs::write(&features, FEATURES).unwrap();
+    let features = features_file(dir.path());
     let report = dir.path().join("report.json");
     let mut child = Command::new(env!("CARGO_BIN_EXE_panes"))
         .args([
@@ -1271,8 +1284,7 @@ fn address_after(line: &str, label: &str) -> String {
 #[test]
 fn r17_an_unwritable_checkpoint_directory_is_an_error_and_a_metric() {
     let dir = tempfile::tempdir().unwrap();
-    let features = dir.path().join("features.toml");
-    std::fs::write(&features, FEATURES).unwrap();
+    let features = features_file(dir.path());
     let features = features.to_str().unwrap();
     // A file where the directory should be: refused at start (exit 2), naming the flag.
     let blocked = dir.path().join("blocked");
@@ -1330,14 +1342,7 @@ fn r17_an_unwritable_checkpoint_directory_is_an_error_and_a_metric() {
         metric(&text, "panes_checkpoint_failures_total{view=\"users\"}"),
         0.0
     );
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    sigterm(&child);
     let status = child.wait().unwrap();
     assert_eq!(
         status.code(),
@@ -1360,8 +1365,7 @@ fn closed_by_peer(s: &std::net::TcpStream) -> bool {
 #[test]
 fn r26_idle_and_malformed_clients_do_not_stop_the_metrics_port() {
     let dir = tempfile::tempdir().unwrap();
-    let features = dir.path().join("features.toml");
-    std::fs::write(&features, FEATURES).unwrap();
+    let features = features_file(dir.path());
     let (mut child, line) = spawn_panes(&[
         "serve",
         "--features",
@@ -1408,7 +1412,15 @@ fn r26_idle_and_malformed_clients_do_not_stop_the_metrics_port() {
     // the head timeout either.
     let mut trickle = std::net::TcpStream::connect(metrics).unwrap();
     trickle.write_all(b"GET /met").unwrap();
-    // With all of that open, the metrics still answer, and see the idle connections.
+    // With all of that open, the status page and the metrics still answer, and see the
+    // idle connections.
+    let (code, page) = http_get(metrics, "/");
+    assert!(
+        code == 200 && page.contains("<title>Panes status</title>"),
+        "{code}"
+    );
+    let (code, status) = http_get(metrics, "/status.json");
+    assert_eq!(code, 200, "{status}");
     let text = scrape(metrics);
     assert!(text.contains("panes_events_accepted_total"), "{text}");
     assert!(
@@ -1443,8 +1455,7 @@ fn r26_idle_and_malformed_clients_do_not_stop_the_metrics_port() {
 #[test]
 fn r26_json_logs_are_one_object_per_line_with_level_target_and_fields() {
     let dir = tempfile::tempdir().unwrap();
-    let features = dir.path().join("features.toml");
-    std::fs::write(&features, FEATURES).unwrap();
+    let features = features_file(dir.path());
     let root = dir.path().join("ckpt");
     let mut child = Command::new(env!("CARGO_BIN_EXE_panes"))
         .args(["serve", "--log-format", "json", "--features"])
@@ -1473,14 +1484,7 @@ fn r26_json_logs_are_one_object_per_line_with_level_target_and_fields() {
         "panes_checkpoint_last_bytes{view=\"cards\"}",
     );
     assert!(last_checkpoint_bytes > 0.0);
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    sigterm(&child);
     let mut rest = String::new();
     stderr.read_to_string(&mut rest).unwrap();
     assert!(child.wait().unwrap().success());
@@ -1627,6 +1631,31 @@ async fn r26_status_json_gives_the_numbers_of_the_metrics_and_lookup_the_reads()
     }
     let cards = &views[0];
     assert_eq!(cards["accepted"], 500);
+    // Every accepted event is counted once in the freshness histogram, when a publish
+    // makes it visible.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let freshness = "panes_freshness_seconds_count{view=\"cards\"}";
+    while metric(
+        &tokio::task::spawn_blocking(move || scrape(metrics))
+            .await
+            .unwrap(),
+        freshness,
+    ) < 500.0
+    {
+        assert!(Instant::now() < deadline, "not every event was published");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let text = tokio::task::spawn_blocking(move || scrape(metrics))
+        .await
+        .unwrap();
+    assert_eq!(metric(&text, freshness), 500.0);
+    let (_, status) = tokio::task::spawn_blocking(move || http_get(metrics, "/status.json"))
+        .await
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let freshness = &status["views"][0]["freshness"];
+    assert_eq!(freshness["count"], 500, "{freshness}");
+    assert!(freshness["p99_ms"].as_f64().unwrap() > 0.0, "{freshness}");
     assert_eq!(cards["late"], 1);
     assert_eq!(cards["rejected"]["null_key"], 1);
     assert_eq!(cards["features"][0]["name"], "n_1m");

@@ -39,7 +39,21 @@ pub struct SourceContext {
     view: Arc<KafkaView>,
 }
 
-impl ClientContext for SourceContext {}
+impl ClientContext for SourceContext {
+    /// Keeps each partition's end (high watermark) for the consumer lag.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let Some(topic) = statistics.topics.get(&self.view.source.topic) else {
+            return;
+        };
+        let mut ends = self.view.ends.lock().unwrap_or_else(|p| p.into_inner());
+        for (&p, part) in &topic.partitions {
+            // librdkafka lists an internal partition -1, and -1001 for an unknown end.
+            if p >= 0 && part.hi_offset >= 0 {
+                ends.insert(p, part.hi_offset);
+            }
+        }
+    }
+}
 
 impl ConsumerContext for SourceContext {
     fn rebalance(
@@ -125,6 +139,8 @@ pub(super) fn start(view: Arc<KafkaView>) -> Result<SourceHandle> {
         .set("client.id", &view.advertise)
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "10000")
+        // Statistics every 5 s: each partition's end, for the consumer lag.
+        .set("statistics.interval.ms", "5000")
         // Bounded prefetch: with folds behind, the consumer stops fetching.
         .set("queued.max.messages.kbytes", "16384");
     for (k, v) in &s.properties {

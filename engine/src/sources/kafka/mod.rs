@@ -45,7 +45,7 @@ use crate::error::{PanesError, Result};
 use crate::ingest::keys::KeyValue;
 use crate::online::{EngineOptions, ViewMetrics};
 use crate::sources::{
-    LocalRead, PartialFrame, Source, SourceHandle, SourceOptions, SourceStats, decode,
+    LocalRead, PartialFrame, Position, Source, SourceHandle, SourceOptions, SourceStats, decode,
 };
 use crate::spec::{CompiledView, FeatureFile, SourceSpec, ViewSpec};
 use ownership::Partition;
@@ -66,6 +66,8 @@ pub struct KafkaView {
     checkpoint_every: Duration,
     partitions: AtomicI32,
     owned: RwLock<BTreeMap<i32, Arc<Partition>>>,
+    /// Each partition's end (high watermark) from the client's last statistics.
+    ends: std::sync::Mutex<BTreeMap<i32, i64>>,
     epoch: AtomicU64,
     /// Counters.
     pub stats: SourceStats,
@@ -142,6 +144,7 @@ impl KafkaView {
             checkpoint_every: kafka.checkpoint_every,
             partitions: AtomicI32::new(0),
             owned: RwLock::new(BTreeMap::new()),
+            ends: std::sync::Mutex::default(),
             epoch: AtomicU64::new(0),
             stats: SourceStats::default(),
             dead_letters,
@@ -235,6 +238,18 @@ impl Source for KafkaView {
 
     fn owned(&self) -> Vec<i32> {
         self.owned_map().keys().copied().collect()
+    }
+
+    fn positions(&self) -> Vec<Position> {
+        let ends = self.ends.lock().unwrap_or_else(|p| p.into_inner());
+        self.owned_map()
+            .iter()
+            .map(|(&partition, part)| Position {
+                partition,
+                next_offset: part.next_offset.load(Ordering::Acquire),
+                end: ends.get(&partition).copied(),
+            })
+            .collect()
     }
 
     /// The address of the instance that last took partition `p` (from the shared
