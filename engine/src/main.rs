@@ -242,8 +242,8 @@ struct ServeArgs {
     report: Option<PathBuf>,
     /// Feed the first view with this many synthetic card transactions per second (event
     /// time = wall clock), as `panes demo` does: a server with live numbers on its status
-    /// page and in its reads, without a producer.
-    #[arg(long)]
+    /// page and in its reads, without a producer (1 to 10 000 000).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     demo_rate: Option<u64>,
     /// Backend: scalar, cpu, gpu or auto (default: $PANES_BACKEND, else auto).
     #[arg(long)]

@@ -257,7 +257,7 @@ impl FlightService for Flight {
             .await?
             .map_err(|e| status(e, "ticket.keys"))?;
         if let Some(h) = self.shared.read_time.get(&view) {
-            h.record(started.elapsed());
+            h.record(batch.num_rows(), started.elapsed());
         }
         let stream = FlightDataEncoderBuilder::new()
             .build(futures::stream::once(async move { Ok(batch) }))

@@ -577,7 +577,7 @@ impl Features for FeaturesService {
         };
         let took = started.elapsed();
         if let Some(h) = self.shared.read_time.get(&view) {
-            h.record(took);
+            h.record(response.rows as usize, took);
         }
         let mut response = Response::new(response);
         response.metadata_mut().insert(

@@ -1,14 +1,14 @@
 //! The HTTP port (`--metrics`): `GET /metrics`, the Prometheus text of every view, and
 //! the status page (`GET /`, `/status.json`, `/lookup`: see [`super::page`]).
 //!
-//! Served by hyper (HTTP/1.1, one request per connection) behind limits that a slow or hostile client
-//! cannot get around: at most [`MAX_CONNECTIONS`] connections at once (more are
-//! closed on accept, so that a flood cannot take the descriptors the gRPC port
-//! needs), a request head must arrive whole within [`HEAD_TIMEOUT`] of the connection
-//! opening (an idle or trickling client is closed), a head
-//! is at most [`MAX_HEAD_BYTES`], a TLS handshake must finish within [`HEAD_TIMEOUT`],
-//! and no connection lives longer than [`CONNECTION_LIFETIME`]. Malformed requests
-//! get hyper's `400` and the connection is closed.
+//! Served by hyper (HTTP/1.1, one request per connection) behind limits that a slow
+//! or hostile client cannot get around: at most [`MAX_CONNECTIONS`] connections at
+//! once (more are closed on accept, so that a flood cannot take the descriptors the
+//! gRPC port needs), a request head must arrive whole within [`HEAD_TIMEOUT`] of the
+//! connection opening (an idle or trickling client is closed), a head is at most
+//! [`MAX_HEAD_BYTES`], a TLS handshake must finish within [`HEAD_TIMEOUT`], and no
+//! connection lives longer than [`CONNECTION_LIFETIME`]. Malformed requests get
+//! hyper's `400` (or `431` for a head too large) and the connection is closed.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -75,8 +75,8 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         let tls = tls.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let _open = OpenConnection::new(shared.clone());
             let stats = shared.clone();
-            stats.http.open.fetch_add(1, Ordering::Relaxed);
             let connection = async move {
                 match tls {
                     Some(tls) => match tokio::time::timeout(HEAD_TIMEOUT, tls.accept(socket)).await
@@ -87,14 +87,30 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                     None => connection(socket, shared).await,
                 }
             };
+            // A connection cut at the end of its life counts as failed too.
             let ok = tokio::time::timeout(CONNECTION_LIFETIME, connection)
                 .await
-                .unwrap_or(true);
+                .unwrap_or(false);
             if !ok {
                 stats.http.failed.fetch_add(1, Ordering::Relaxed);
             }
-            stats.http.open.fetch_sub(1, Ordering::Relaxed);
         });
+    }
+}
+
+/// Counts a connection in [`HttpStats::open`] while it lives.
+struct OpenConnection(Arc<Shared>);
+
+impl OpenConnection {
+    fn new(shared: Arc<Shared>) -> Self {
+        shared.http.open.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(shared)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.http.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -384,11 +400,27 @@ pub(crate) fn render(shared: &Shared, engine: &crate::online::Engine) -> String 
     );
     for v in engine.views() {
         if let Some(h) = shared.read_time.get(&v.spec.name) {
-            h.write_prometheus(
+            h.all.write_prometheus(
                 &mut out,
                 "panes_read_duration_seconds",
                 &format!("view=\"{}\"", escape(&v.spec.name)),
             );
+        }
+    }
+    let name = "panes_read_duration_by_keys_seconds";
+    family(
+        &mut out,
+        name,
+        "histogram",
+        "Server-side duration of feature reads by keys per request (`keys`: the size \
+         class's upper bound).",
+    );
+    for v in engine.views() {
+        if let Some(h) = shared.read_time.get(&v.spec.name) {
+            for (size, h) in super::server::ReadTimes::SIZES.iter().zip(&h.by_keys) {
+                let labels = format!("view=\"{}\",keys=\"{size}\"", escape(&v.spec.name));
+                h.write_prometheus(&mut out, name, &labels);
+            }
         }
     }
     if let Some(b) = engine.options().state_budget.as_deref() {

@@ -12,7 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
-use super::server::Shared;
+use super::server::{ReadTimes, Shared};
 use crate::histogram::Histogram;
 use crate::ingest::keys::KeyValue;
 use crate::online::ViewMetrics;
@@ -121,7 +121,15 @@ fn view_status(shared: &Shared, spec: &ViewSpec, now: i64) -> Value {
         merge(&mut out, json!({ "freshness": percentiles(h) }));
     }
     if let Some(h) = shared.read_time.get(name) {
-        merge(&mut out, json!({ "reads": percentiles(h) }));
+        let by_keys: serde_json::Map<String, Value> = ReadTimes::SIZES
+            .iter()
+            .zip(&h.by_keys)
+            .filter(|(_, h)| h.count() > 0)
+            .map(|(size, h)| (size.to_string(), percentiles(h)))
+            .collect();
+        let mut reads = percentiles(&h.all);
+        merge(&mut reads, json!({ "by_keys": by_keys }));
+        merge(&mut out, json!({ "reads": reads }));
     }
     if let Some(c) = shared
         .checkpoints
@@ -167,6 +175,7 @@ fn view_status(shared: &Shared, spec: &ViewSpec, now: i64) -> Value {
                 "rebalances": stats.rebalances.load(Relaxed),
                 "checkpoints": stats.checkpoints.load(Relaxed),
                 "checkpoint_failures": stats.checkpoint_failures.load(Relaxed),
+                "checkpoints_skipped": stats.skipped.load(Relaxed),
             }}),
         );
     }

@@ -39,7 +39,7 @@ pub(crate) struct Shared {
     reads: Workers,
     writes: Workers,
     /// Server-side duration of reads, per view.
-    pub read_time: HashMap<String, Histogram>,
+    pub read_time: HashMap<String, ReadTimes>,
     /// Held while checkpoints of pushed views are written.
     checkpointing: std::sync::Mutex<()>,
     /// Views fed by a source, by name.
@@ -57,6 +57,32 @@ pub(crate) struct Shared {
     pub rates: std::sync::Mutex<HashMap<String, super::page::RateSample>>,
     /// Checkpoints of pushed views, per view.
     pub checkpoints: HashMap<String, CheckpointCounters>,
+}
+
+/// Server-side durations of a view's reads: all of them, and by request size.
+#[derive(Debug, Default)]
+pub(crate) struct ReadTimes {
+    pub all: Histogram,
+    /// By keys per request, up to each of [`ReadTimes::SIZES`].
+    pub by_keys: [Histogram; 5],
+}
+
+impl ReadTimes {
+    /// Upper bounds of the request sizes, in keys (`more`: above 1 000).
+    pub const SIZES: [&str; 5] = ["1", "10", "100", "1000", "more"];
+
+    /// Records a read of `keys` keys that took `d`.
+    pub fn record(&self, keys: usize, d: Duration) {
+        self.all.record(d);
+        let size = match keys {
+            0..=1 => 0,
+            2..=10 => 1,
+            11..=100 => 2,
+            101..=1_000 => 3,
+            _ => 4,
+        };
+        self.by_keys[size].record(d);
+    }
 }
 
 /// Checkpoints of a pushed view written and failed, for the metrics.
@@ -336,7 +362,7 @@ impl Server {
             .build_global();
         let read_time = engine
             .views()
-            .map(|v| (v.spec.name.clone(), Histogram::default()))
+            .map(|v| (v.spec.name.clone(), ReadTimes::default()))
             .collect();
         if let Some(root) = &options.checkpoint_dir {
             probe_writable(root)?;

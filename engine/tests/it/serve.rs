@@ -1631,6 +1631,20 @@ async fn r26_status_json_gives_the_numbers_of_the_metrics_and_lookup_the_reads()
     }
     let cards = &views[0];
     assert_eq!(cards["accepted"], 500);
+    // The one read so far: two keys, in the size class of up to 10.
+    assert_eq!(cards["reads"]["count"], 1);
+    assert_eq!(
+        cards["reads"]["by_keys"]["10"]["count"], 1,
+        "{}",
+        cards["reads"]
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "panes_read_duration_by_keys_seconds_count{view=\"cards\",keys=\"10\"}"
+        ),
+        1.0
+    );
     // Every accepted event is counted once in the freshness histogram, when a publish
     // makes it visible.
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -219,7 +219,7 @@ fn consume(view: &KafkaView, consumer: &BaseConsumer<SourceContext>, stop: &Atom
                 None => break,
                 Some(Err(e)) => {
                     if last_error.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-                        tracing::warn!(view = %view.spec.name, error = %e, "Kafka");
+                        tracing::warn!(view = %view.spec.name, error = %e, "Kafka client error");
                         last_error = Some(Instant::now());
                     }
                     break;
