@@ -14,7 +14,7 @@ use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Response, StatusCode, header};
@@ -240,9 +240,7 @@ fn escape(v: &str) -> String {
 /// The exposition text of every view.
 pub(crate) fn render(shared: &Shared, engine: &crate::online::Engine) -> String {
     let mut out = String::new();
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64);
+    let now = super::server::epoch_ms();
     let mut metrics = Vec::new();
     for v in engine.views() {
         match shared.view_metrics(&v.spec.name) {

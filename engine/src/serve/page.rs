@@ -8,11 +8,10 @@
 //! charts are drawn from its own successive polls: the server keeps no history.
 
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
-use super::server::{ReadTimes, Shared};
+use super::server::{ReadTimes, Shared, epoch_ms};
 use crate::histogram::Histogram;
 use crate::ingest::keys::KeyValue;
 use crate::online::ViewMetrics;
@@ -24,15 +23,9 @@ pub(crate) const PAGE: &str = include_str!("page.html");
 /// Longest key text `/lookup` takes, bytes.
 const MAX_KEY_BYTES: usize = 1_024;
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
 /// Everything the page shows, as of now.
 pub(crate) fn status(shared: &Shared) -> Value {
-    let now = now_ms();
+    let now = epoch_ms();
     let views: Vec<Value> = shared
         .engine
         .views()

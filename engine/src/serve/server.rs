@@ -59,6 +59,13 @@ pub(crate) struct Shared {
     pub checkpoints: HashMap<String, CheckpointCounters>,
 }
 
+/// The wall clock, epoch ms (0 before 1970).
+pub(crate) fn epoch_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 /// Server-side durations of a view's reads: all of them, and by request size.
 #[derive(Debug, Default)]
 pub(crate) struct ReadTimes {
@@ -248,10 +255,7 @@ impl Shared {
                         c.last_bytes.store(bytes as u64, Ordering::Relaxed);
                         c.last_micros
                             .store(took.as_micros() as u64, Ordering::Relaxed);
-                        let now = std::time::SystemTime::now()
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .map_or(0, |d| d.as_millis() as i64);
-                        c.last_at_ms.store(now, Ordering::Relaxed);
+                        c.last_at_ms.store(epoch_ms(), Ordering::Relaxed);
                     }
                     tracing::info!(
                         view = %name,
@@ -396,9 +400,7 @@ impl Server {
             peers,
             conns: Arc::default(),
             http: metrics::HttpStats::default(),
-            started_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64),
+            started_ms: epoch_ms(),
             rates: std::sync::Mutex::default(),
             checkpoints,
         });
