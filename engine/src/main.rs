@@ -582,12 +582,29 @@ fn describe(file: &FeatureFile) {
             format_duration(v.allowed_lateness),
             c.bytes_per_key()
         );
+        if !c.events.is_empty() {
+            let mut parts = Vec::new();
+            if c.events.count > 0 {
+                parts.push(format!("the newest {} events", c.events.count));
+            }
+            for s in &c.events.sessions {
+                parts.push(format!(
+                    "the open session of gap {} (sessions late events can still merge come on top)",
+                    format_duration(s.gap)
+                ));
+            }
+            println!(
+                "  count and session windows: {} B of it per key, for {}",
+                c.event_bytes_per_key(),
+                parts.join(", ")
+            );
+        }
         for f in &v.features {
             let w = match f.window {
                 Window::Duration(ms) => {
                     format!("{} (hop {})", format_duration(ms), format_duration(f.hop))
                 }
-                Window::Lifetime => "lifetime".into(),
+                w => w.to_string(),
             };
             let col = f.column.as_deref().unwrap_or("*");
             let param = match f.agg {

@@ -69,6 +69,7 @@ pub mod auto;
 pub mod backend;
 pub mod cpu;
 pub mod error;
+pub mod events;
 #[cfg(feature = "gpu")]
 pub mod gpu;
 pub mod hll;
@@ -86,6 +87,7 @@ pub use auto::{Auto, Calibration};
 pub use backend::{Backend, BackendKind};
 pub use cpu::Cpu;
 pub use error::{ErrorDomain, KernelError};
+pub use events::{EventMerge, EventSpec, EventState, EventWindow, Merge, SessionSpec, merge};
 #[cfg(feature = "gpu")]
 pub use gpu::{Gpu, GpuInfo, GpuTimings};
 pub use level::{EMPTY_PANE, LevelSpec, LevelState};

@@ -59,13 +59,17 @@ class Feature:
     k: int | None = None
     capacity: int | None = None
     filter: str | None = None
+    session_gap: str | None = None
 
     def to_toml(self) -> str:
         """The feature as a ``[[views.features]]`` table."""
         lines = ["[[views.features]]", f"name = {_q(self.name)}", f"agg = {_q(self.agg)}"]
         if self.column is not None:
             lines.append(f"column = {_q(self.column)}")
-        lines.append(f"window = {_q(self.window)}")
+        if self.session_gap is not None:
+            lines.append(f"session_gap = {_q(self.session_gap)}")
+        else:
+            lines.append(f"window = {_q(self.window)}")
         if self.hop is not None:
             lines.append(f"hop = {_q(self.hop)}")
         if self.half_life is not None:
@@ -94,13 +98,14 @@ class Feature:
             if v is not None
         )
         where = f" where {self.filter}" if self.filter is not None else ""
-        return f"<Feature {self.name}: {what} over {self.window}{hop}{params}{where}>"
+        over = f"sessions (gap {self.session_gap})" if self.session_gap is not None else self.window
+        return f"<Feature {self.name}: {what} over {over}{hop}{params}{where}>"
 
 
 def _feature(
     agg: str,
     column: str | None,
-    window: Duration,
+    window: Duration | None,
     hop: Duration | None,
     name: str | None,
     half_life: Duration | None = None,
@@ -111,20 +116,27 @@ def _feature(
     k: int | None = None,
     capacity: int | None = None,
     filter: str | None = None,
+    session_gap: Duration | None = None,
 ) -> Feature:
-    w = _duration(window, "window")
+    if (window is None) == (session_gap is None):
+        raise TypeError(f"{agg}: give a window (a duration, 'lifetime' or 'N events') or a session_gap, not both")
+    gap = None if session_gap is None else _duration(session_gap, "session_gap")
+    w = "" if window is None else _duration(window, "window")
     h = None if hop is None else _duration(hop, "hop")
     hl = None if half_life is None else _duration(half_life, "half_life")
     if name is None:
-        name = f"{agg}_{w}" if column is None else f"{column}_{agg}_{w}"
+        over = f"session_{gap}" if gap is not None else w.replace(" ", "_")
+        name = f"{agg}_{over}" if column is None else f"{column}_{agg}_{over}"
     return Feature(name=name, agg=agg, column=column, window=w, hop=h, half_life=hl, precision=precision,
-                   q=q, relative_accuracy=relative_accuracy, n=n, k=k, capacity=capacity, filter=filter)
+                   q=q, relative_accuracy=relative_accuracy, n=n, k=k, capacity=capacity, filter=filter,
+                   session_gap=gap)
 
 
 def count(
     column: str | None = None,
     *,
-    window: Duration,
+    window: Duration | None = None,
+    session_gap: Duration | None = None,
     hop: Duration | None = None,
     name: str | None = None, filter: str | None = None,
 ) -> Feature:
@@ -134,11 +146,16 @@ def count(
     >>> panes.count(window="5m")
     <Feature count_5m: count() over 5m>
     """
-    return _feature("count", column, window, hop, name, filter=filter)
+    return _feature("count", column, window, hop, name, filter=filter, session_gap=session_gap)
 
 
 def sum(
-    column: str, *, window: Duration, hop: Duration | None = None, name: str | None = None, filter: str | None = None
+    column: str, *,
+    window: Duration | None = None,
+    session_gap: Duration | None = None,
+    hop: Duration | None = None,
+    name: str | None = None,
+    filter: str | None = None,
 ) -> Feature:
     """Sum of ``column`` over the window (0 when empty).
 
@@ -146,11 +163,16 @@ def sum(
     >>> panes.sum("amount", window="1h", hop="5m")
     <Feature amount_sum_1h: sum(amount) over 1h, hop=5m>
     """
-    return _feature("sum", column, window, hop, name, filter=filter)
+    return _feature("sum", column, window, hop, name, filter=filter, session_gap=session_gap)
 
 
 def mean(
-    column: str, *, window: Duration, hop: Duration | None = None, name: str | None = None, filter: str | None = None
+    column: str, *,
+    window: Duration | None = None,
+    session_gap: Duration | None = None,
+    hop: Duration | None = None,
+    name: str | None = None,
+    filter: str | None = None,
 ) -> Feature:
     """Mean of ``column`` over the window (null when empty).
 
@@ -158,58 +180,89 @@ def mean(
     >>> panes.mean("amount", window="1h", hop="1m", name="amount_mean_1h")
     <Feature amount_mean_1h: mean(amount) over 1h, hop=1m>
     """
-    return _feature("mean", column, window, hop, name, filter=filter)
+    return _feature("mean", column, window, hop, name, filter=filter, session_gap=session_gap)
 
 
 def min(
-    column: str, *, window: Duration, hop: Duration | None = None, name: str | None = None, filter: str | None = None
+    column: str, *,
+    window: Duration | None = None,
+    session_gap: Duration | None = None,
+    hop: Duration | None = None,
+    name: str | None = None,
+    filter: str | None = None,
 ) -> Feature:
     """Smallest value of ``column`` in the window (null when empty)."""
-    return _feature("min", column, window, hop, name, filter=filter)
+    return _feature("min", column, window, hop, name, filter=filter, session_gap=session_gap)
 
 
 def max(
-    column: str, *, window: Duration, hop: Duration | None = None, name: str | None = None, filter: str | None = None
+    column: str, *,
+    window: Duration | None = None,
+    session_gap: Duration | None = None,
+    hop: Duration | None = None,
+    name: str | None = None,
+    filter: str | None = None,
 ) -> Feature:
     """Largest value of ``column`` in the window (null when empty)."""
-    return _feature("max", column, window, hop, name, filter=filter)
+    return _feature("max", column, window, hop, name, filter=filter, session_gap=session_gap)
 
 
 def var(
-    column: str, *, window: Duration, hop: Duration | None = None, name: str | None = None, filter: str | None = None
+    column: str, *,
+    window: Duration | None = None,
+    session_gap: Duration | None = None,
+    hop: Duration | None = None,
+    name: str | None = None,
+    filter: str | None = None,
 ) -> Feature:
     """Sample variance (n − 1) of ``column`` in the window (null for fewer than 2 values)."""
-    return _feature("var", column, window, hop, name, filter=filter)
+    return _feature("var", column, window, hop, name, filter=filter, session_gap=session_gap)
 
 
 def std(
-    column: str, *, window: Duration, hop: Duration | None = None, name: str | None = None, filter: str | None = None
+    column: str, *,
+    window: Duration | None = None,
+    session_gap: Duration | None = None,
+    hop: Duration | None = None,
+    name: str | None = None,
+    filter: str | None = None,
 ) -> Feature:
     """Sample standard deviation of ``column`` in the window (null for fewer than 2 values)."""
-    return _feature("std", column, window, hop, name, filter=filter)
+    return _feature("std", column, window, hop, name, filter=filter, session_gap=session_gap)
 
 
 def last(
-    column: str, *, window: Duration, hop: Duration | None = None, name: str | None = None, filter: str | None = None
+    column: str, *,
+    window: Duration | None = None,
+    session_gap: Duration | None = None,
+    hop: Duration | None = None,
+    name: str | None = None,
+    filter: str | None = None,
 ) -> Feature:
     """Value of ``column`` of the latest event in the window (ties: the one pushed last):
     a number, or a string for a string column."""
-    return _feature("last", column, window, hop, name, filter=filter)
+    return _feature("last", column, window, hop, name, filter=filter, session_gap=session_gap)
 
 
 def first(
-    column: str, *, window: Duration, hop: Duration | None = None, name: str | None = None, filter: str | None = None
+    column: str, *,
+    window: Duration | None = None,
+    session_gap: Duration | None = None,
+    hop: Duration | None = None,
+    name: str | None = None,
+    filter: str | None = None,
 ) -> Feature:
     """Value of ``column`` of the earliest event in the window (ties: the one pushed first):
     a number, or a string for a string column."""
-    return _feature("first", column, window, hop, name, filter=filter)
+    return _feature("first", column, window, hop, name, filter=filter, session_gap=session_gap)
 
 
 def decayed_sum(
     column: str,
     *,
     half_life: Duration,
-    window: Duration,
+    window: Duration | None = None,
+    session_gap: Duration | None = None,
     hop: Duration | None = None,
     name: str | None = None, filter: str | None = None,
 ) -> Feature:
@@ -220,14 +273,15 @@ def decayed_sum(
     >>> panes.decayed_sum("amount", half_life="1h", window="1d", hop="10m")
     <Feature amount_decayed_sum_1d: decayed_sum(amount) over 1d, hop=10m, half_life=1h>
     """
-    return _feature("decayed_sum", column, window, hop, name, half_life, filter=filter)
+    return _feature("decayed_sum", column, window, hop, name, half_life, filter=filter, session_gap=session_gap)
 
 
 def decayed_count(
     column: str | None = None,
     *,
     half_life: Duration,
-    window: Duration,
+    window: Duration | None = None,
+    session_gap: Duration | None = None,
     hop: Duration | None = None,
     name: str | None = None, filter: str | None = None,
 ) -> Feature:
@@ -238,13 +292,14 @@ def decayed_count(
     >>> panes.decayed_count(half_life="30m", window="lifetime")
     <Feature decayed_count_lifetime: decayed_count() over lifetime, half_life=30m>
     """
-    return _feature("decayed_count", column, window, hop, name, half_life, filter=filter)
+    return _feature("decayed_count", column, window, hop, name, half_life, filter=filter, session_gap=session_gap)
 
 
 def approx_distinct(
     column: str,
     *,
-    window: Duration,
+    window: Duration | None = None,
+    session_gap: Duration | None = None,
     precision: int | None = None,
     hop: Duration | None = None,
     name: str | None = None, filter: str | None = None,
@@ -261,14 +316,17 @@ def approx_distinct(
     >>> panes.approx_distinct("merchant", window="1d", hop="1h")
     <Feature merchant_approx_distinct_1d: approx_distinct(merchant) over 1d, hop=1h>
     """
-    return _feature("approx_distinct", column, window, hop, name, precision=precision, filter=filter)
+    return _feature(
+        "approx_distinct", column, window, hop, name, precision=precision, filter=filter, session_gap=session_gap
+    )
 
 
 def quantile(
     column: str,
     q: float,
     *,
-    window: Duration,
+    window: Duration | None = None,
+    session_gap: Duration | None = None,
     relative_accuracy: float | None = None,
     hop: Duration | None = None,
     name: str | None = None, filter: str | None = None,
@@ -285,11 +343,19 @@ def quantile(
     >>> panes.quantile("trip_s", 0.9, window="7d", hop="1d", name="trip_p90_7d")
     <Feature trip_p90_7d: quantile(trip_s) over 7d, hop=1d, q=0.9>
     """
-    return _feature("quantile", column, window, hop, name, q=q, relative_accuracy=relative_accuracy, filter=filter)
+    return _feature(
+        "quantile", column, window, hop, name, q=q, relative_accuracy=relative_accuracy, filter=filter,
+        session_gap=session_gap,
+    )
 
 
 def last_n(
-    column: str, n: int, *, window: Duration, hop: Duration | None = None, name: str | None = None, filter: str | None = None
+    column: str, n: int, *,
+    window: Duration | None = None,
+    session_gap: Duration | None = None,
+    hop: Duration | None = None,
+    name: str | None = None,
+    filter: str | None = None,
 ) -> Feature:
     """The values of ``column`` of the window's ``n`` newest events (greatest time; ties:
     the one pushed last), newest first: a list (an empty one for an empty window).
@@ -301,14 +367,15 @@ def last_n(
     >>> panes.last_n("amount", 5, window="1d", hop="1h", name="last_amounts")
     <Feature last_amounts: last_n(amount) over 1d, hop=1h, n=5>
     """
-    return _feature("last_n", column, window, hop, name, n=n, filter=filter)
+    return _feature("last_n", column, window, hop, name, n=n, filter=filter, session_gap=session_gap)
 
 
 def top_k(
     column: str,
     k: int,
     *,
-    window: Duration,
+    window: Duration | None = None,
+    session_gap: Duration | None = None,
     capacity: int | None = None,
     hop: Duration | None = None,
     name: str | None = None, filter: str | None = None,
@@ -324,7 +391,7 @@ def top_k(
     >>> panes.top_k("category", 5, window="1d", hop="1h", name="top_categories")
     <Feature top_categories: top_k(category) over 1d, hop=1h, k=5>
     """
-    return _feature("top_k", column, window, hop, name, k=k, capacity=capacity, filter=filter)
+    return _feature("top_k", column, window, hop, name, k=k, capacity=capacity, filter=filter, session_gap=session_gap)
 
 
 @dataclass(frozen=True)

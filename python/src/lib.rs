@@ -24,7 +24,7 @@ use panes_engine::error::ErrorDomain;
 use panes_engine::spec::format_duration;
 use panes_engine::{
     BackendKind, BackfillOptions, Engine, EngineOptions, FeatureFile, PanesError, PushReport,
-    ReadTime, StateBudget, ViewMetrics, Window,
+    ReadTime, StateBudget, ViewMetrics,
 };
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -184,12 +184,9 @@ impl PyEngine {
                 fd.set_item("name", &f.name)?;
                 fd.set_item("agg", f.agg.name())?;
                 fd.set_item("column", &f.column)?;
-                let w = match f.window {
-                    Window::Duration(ms) => format_duration(ms),
-                    Window::Lifetime => "lifetime".into(),
-                };
-                fd.set_item("window", w)?;
-                fd.set_item("hop", format_duration(f.hop))?;
+                fd.set_item("window", f.window.to_string())?;
+                let hop = (!f.window.is_event_window()).then(|| format_duration(f.hop));
+                fd.set_item("hop", hop)?;
                 fd.set_item("half_life", f.agg.half_life().map(format_duration))?;
                 let precision = match f.agg {
                     panes_engine::Agg::ApproxDistinct { precision } => Some(precision),

@@ -193,14 +193,15 @@ fn fold_row(
     // The answers must agree before the times mean anything.
     let at = ts.last().copied().unwrap_or(0);
     let (mut a, mut b) = (MergeOutput::default(), MergeOutput::default());
-    cpu.merge(&on_cpu, &view.merges, read_ids, at, &mut a)
+    let merges = view.pane_merges();
+    cpu.merge(&on_cpu, &merges, read_ids, at, &mut a)
         .unwrap_or_else(|e| fail("cpu read", e));
-    gpu.merge(&on_gpu, &view.merges, read_ids, at, &mut b)
+    gpu.merge(&on_gpu, &merges, read_ids, at, &mut b)
         .unwrap_or_else(|e| fail("gpu read", e));
-    let nf = view.merges.len();
-    if let Some(i) = (0..a.values.len()).find(|&i| {
-        a.valid[i] != b.valid[i] || !same(view.merges[i % nf].agg, a.values[i], b.values[i])
-    }) {
+    let nf = merges.len();
+    if let Some(i) = (0..a.values.len())
+        .find(|&i| a.valid[i] != b.valid[i] || !same(merges[i % nf].agg, a.values[i], b.values[i]))
+    {
         eprintln!(
             "error: at {n} events, key {} feature {}: cpu {} vs gpu {}",
             i / nf,
@@ -244,23 +245,24 @@ fn read_row(
     repeats: usize,
 ) -> (Duration, Duration, GpuTimings) {
     let mut o = MergeOutput::default();
+    let merges = view.pane_merges();
     let (cpu_r, _) = best(repeats.max(3), || {
-        cpu.merge(on_cpu, &view.merges, read_ids, *at, &mut o)
+        cpu.merge(on_cpu, &merges, read_ids, *at, &mut o)
             .unwrap_or_else(|e| fail("cpu read", e))
     });
     let (gpu_r, _) = best(repeats.max(3), || {
-        gpu.merge(on_gpu, &view.merges, read_ids, *at, &mut o)
+        gpu.merge(on_gpu, &merges, read_ids, *at, &mut o)
             .unwrap_or_else(|e| fail("gpu read", e))
     });
     gpu.set_profiling(true);
-    gpu.merge(on_gpu, &view.merges, read_ids, *at, &mut o)
+    gpu.merge(on_gpu, &merges, read_ids, *at, &mut o)
         .unwrap_or_else(|e| fail("gpu read", e));
     let p = gpu.last_timings().unwrap_or_default();
     gpu.set_profiling(false);
     println!(
         "read of {} keys × {} features: cpu {:.3} ms, gpu {:.3} ms (upload {:.3}, compute {:.3}, download {:.3})",
         read_ids.len(),
-        view.merges.len(),
+        merges.len(),
         ms(cpu_r),
         ms(gpu_r),
         ms(p.upload),

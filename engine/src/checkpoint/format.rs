@@ -3,7 +3,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use panes_kernels::{LevelImage, PaneState};
+use panes_kernels::{EventState, LevelImage, PaneState};
 
 use super::{CheckpointInfo, SourcePosition};
 use crate::error::Result;
@@ -15,9 +15,9 @@ use crate::spec::{CompiledView, FeatureFile};
 const MAGIC: &[u8; 8] = b"PANESCKP";
 const END: &[u8; 8] = b"PANESEND";
 /// The format version this build writes. Versions 1 (four rejection counters, before
-/// `key_limit`), 2, 3 (string values) and 4 (filter counters) are read too; 5 adds
-/// composite keys.
-pub const FORMAT_VERSION: u32 = 5;
+/// `key_limit`), 2, 3 (string values), 4 (filter counters) and 5 (composite keys) are
+/// read too; 6 adds the count and session windows' state.
+pub const FORMAT_VERSION: u32 = 6;
 
 /// FNV-1a over the view's definition (without its source): what a checkpoint must
 /// match to be restored.
@@ -60,6 +60,13 @@ impl Out {
     fn opt(&mut self, v: Option<i64>) {
         self.u8(v.is_some() as u8);
         self.i64(v.unwrap_or(0));
+    }
+    fn u64s(&mut self, v: &[u64]) {
+        self.u64(v.len() as u64);
+        self.0.reserve(v.len() * 8);
+        for x in v {
+            self.0.extend_from_slice(&x.to_le_bytes());
+        }
     }
     fn f64s(&mut self, v: &[f64]) {
         self.u64(v.len() as u64);
@@ -130,6 +137,14 @@ impl<'a> In<'a> {
         let present = self.u8()?;
         let v = self.i64()?;
         Ok((present != 0).then_some(v))
+    }
+    fn u64s(&mut self) -> Parse<Vec<u64>> {
+        let n = self.count(true, 8)?;
+        Ok(self
+            .take(n * 8)?
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect())
     }
     fn f64s(&mut self) -> Parse<Vec<f64>> {
         let n = self.count(true, 8)?;
@@ -233,6 +248,8 @@ pub(crate) fn encode_at(
         o.0.extend_from_slice(k);
         o.u32(*id);
     }
+    // Version 6: count and session windows.
+    o.u64s(&core.events.export());
     let crc = crc32fast::hash(&o.0);
     o.u32(crc);
     o.0.extend_from_slice(END);
@@ -368,6 +385,9 @@ pub(crate) fn decode(view: &CompiledView, bytes: &[u8]) -> Parse<(ViewCore, Chec
             keys.tuples.push((i.take(len)?.into(), i.u32()?));
         }
     }
+    // Views with count or session windows have no checkpoints before version 6 (their
+    // definition could not be parsed, so the fingerprint cannot match).
+    let events = if version >= 6 { i.u64s()? } else { Vec::new() };
     core.keys = KeyIndex::from_image(keys, view.state.shards).map_err(|e| e.to_string())?;
     if i.at != body.len() {
         return Err(format!(
@@ -376,6 +396,10 @@ pub(crate) fn decode(view: &CompiledView, bytes: &[u8]) -> Parse<(ViewCore, Chec
         ));
     }
     core.state = PaneState::import(view.state.clone(), levels).map_err(|e| e.to_string())?;
+    if version >= 6 {
+        core.events =
+            EventState::import(view.events.clone(), &events).map_err(|e| e.to_string())?;
+    }
     let info = CheckpointInfo {
         path: None,
         created_ms,

@@ -16,7 +16,7 @@ use std::hash::BuildHasher;
 use arrow_array::{Array, ArrayRef};
 use arrow_schema::{ArrowError, DataType};
 use hashbrown::{DefaultHashBuilder, HashTable};
-use panes_kernels::{Agg, FeatureMerge, MergeOutput, topk};
+use panes_kernels::{Agg, MergeOutput, topk};
 
 /// Most distinct strings a view holds.
 pub const MAX_STRINGS: usize = 1 << 31;
@@ -204,12 +204,12 @@ impl StringValues {
         Ok(())
     }
 
-    /// Turns the string ids in `out`, a merge of `merges`, into indices of the
+    /// Turns the string ids in `out`, a merge of features of `aggs`, into indices of the
     /// strings returned, which holds each of them once: the values of the features
     /// `text` marks, or their list items.
     pub(crate) fn localize(
         &self,
-        merges: &[FeatureMerge],
+        aggs: &[Agg],
         text: &[bool],
         out: &mut MergeOutput,
     ) -> Vec<String> {
@@ -224,13 +224,13 @@ impl StringValues {
                 (local.len() - 1) as f64
             });
         };
-        let f = merges.len();
+        let f = aggs.len();
         for (i, v) in out.values.iter_mut().enumerate() {
             let c = i % f;
             if !text[c] {
                 continue;
             }
-            if merges[c].agg.is_list() {
+            if aggs[c].is_list() {
                 out.lists[i].iter_mut().for_each(&mut map);
             } else if out.valid[i] {
                 map(v);
@@ -262,12 +262,12 @@ impl StringValues {
     }
 }
 
-/// Finishes the lists of a merge of `merges` into `out`: each `top_k` list, ranked
+/// Finishes the lists of a merge of features of `aggs` into `out`: each `top_k` list, ranked
 /// pairs (`panes_kernels::topk::ranked`), becomes its `k` values, ties of equal count
 /// in the order of their values, by text where `text` says the feature's values are
 /// strings (ids in `strings`).
 pub(crate) fn finish_lists(
-    merges: &[FeatureMerge],
+    aggs: &[Agg],
     text: &[bool],
     strings: &StringValues,
     out: &mut MergeOutput,
@@ -275,9 +275,9 @@ pub(crate) fn finish_lists(
     if out.lists.is_empty() {
         return;
     }
-    let f = merges.len();
-    for (c, m) in merges.iter().enumerate() {
-        let Agg::TopK { k, .. } = m.agg else {
+    let f = aggs.len();
+    for (c, agg) in aggs.iter().enumerate() {
+        let Agg::TopK { k, .. } = *agg else {
             continue;
         };
         for list in out.lists.iter_mut().skip(c).step_by(f) {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arrow_array::RecordBatch;
-use panes_kernels::{Backend, FoldBatch, FoldLog, PaneState};
+use panes_kernels::{Backend, EventState, FoldBatch, FoldLog, PaneState};
 
 use super::keys::{KeyIndex, NewKey};
 use super::strings::StringValues;
@@ -22,6 +22,8 @@ pub(crate) struct ViewCore {
     /// The string values of the view's value columns.
     pub strings: StringValues,
     pub state: PaneState,
+    /// The count and session windows' state (host memory, whatever the backend).
+    pub events: EventState,
     pub max_ts: Option<i64>,
     pub counters: ViewCounters,
     pub pending: Decoded,
@@ -85,6 +87,7 @@ impl ViewCore {
             keys: KeyIndex::new(view.state.shards),
             strings: StringValues::new(view.decoded.len()),
             state: PaneState::new(view.state.clone())?,
+            events: EventState::new(view.events.clone())?,
             max_ts: None,
             counters: ViewCounters::default(),
             pending: Decoded::new(view.decoded.len()),
@@ -158,6 +161,13 @@ impl ViewCore {
             if log.is_complete() {
                 let started = Instant::now();
                 backend.replay(&mut self.state, &log)?;
+                let values =
+                    state_values(&self.sources, &batch.values, 0..batch.len(), &mut self.ones);
+                self.events.fold(&FoldBatch {
+                    ids: &batch.ids,
+                    ts: &batch.ts,
+                    values: &values,
+                })?;
                 self.record_fold(&batch, started);
                 self.caught_up.0 += 1;
             } else {
@@ -261,6 +271,7 @@ impl ViewCore {
             Some(log) => backend.fold_logged(&mut self.state, &fold, log)?,
             None => backend.fold(&mut self.state, &fold)?,
         };
+        self.events.fold(&fold)?;
         self.counters.expired += stats.expired;
         self.record_fold(batch, started);
         Ok(())

@@ -315,7 +315,7 @@ fn replay(
         features: nf,
         values: vec![f64::NAN; at.len() * nf],
         valid: vec![false; at.len() * nf],
-        lists: if view.merges.iter().any(|m| m.agg.is_list()) {
+        lists: if view.merges.iter().any(|m| m.agg().is_list()) {
             vec![Vec::new(); at.len() * nf]
         } else {
             Vec::new()
@@ -323,6 +323,7 @@ fn replay(
     };
     let all: Vec<usize> = (0..nf).collect();
     let text = view.text_features(&all, core.strings.kinds());
+    let aggs: Vec<Agg> = view.merges.iter().map(|m| m.agg()).collect();
     let mut out = MergeOutput::default();
     let mut group_ids = Vec::new();
     let mut ones = Vec::new();
@@ -340,12 +341,21 @@ fn replay(
                 values: &vals,
             };
             let stats = backend.fold(&mut core.state, &batch)?;
+            core.events.fold(&batch)?;
             core.counters.expired += stats.expired;
             folded = end;
         }
         group_ids.clear();
         group_ids.extend(order[g..h].iter().map(|&r| ids[r as usize]));
-        backend.merge(&core.state, &view.merges, &group_ids, t, &mut out)?;
+        panes_kernels::merge(
+            backend,
+            &core.state,
+            &core.events,
+            &view.merges,
+            &group_ids,
+            t,
+            &mut out,
+        )?;
         if let Some(k) = out.status.iter().position(|s| *s != ReadStatus::Exact) {
             return Err(PanesError::Internal(format!(
                 "backfill read of spine row {} at {t} was not exact ({:?})",
@@ -353,7 +363,7 @@ fn replay(
                 out.status[k]
             )));
         }
-        finish_lists(&view.merges, &text, &core.strings, &mut out);
+        finish_lists(&aggs, &text, &core.strings, &mut out);
         for (k, &r) in order[g..h].iter().enumerate() {
             let (r, o) = (r as usize * nf..(r as usize + 1) * nf, k * nf..(k + 1) * nf);
             out_values.values[r.clone()].copy_from_slice(&out.values[o.clone()]);

@@ -440,7 +440,8 @@ impl Engine {
             counters: core.counters.clone(),
             keys: core.keys.len(),
             // Both replicas, each with its string table.
-            state_bytes: 2 * (core.state.memory_bytes() + core.strings.bytes()),
+            state_bytes: 2
+                * (core.state.memory_bytes() + core.events.memory_bytes() + core.strings.bytes()),
             max_event_time: core.max_ts,
             watermark: core
                 .max_ts

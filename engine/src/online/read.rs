@@ -6,7 +6,7 @@ use arrow_array::cast::AsArray;
 use arrow_array::{Array, ArrayRef, BooleanArray, RecordBatch, StructArray};
 use arrow_schema::{DataType, Field, Fields, Schema};
 use ndarray::Array2;
-use panes_kernels::{Agg, FeatureMerge, MergeOutput};
+use panes_kernels::{Agg, EventMerge, FeatureMerge, Merge, MergeOutput};
 
 use super::engine::Engine;
 use super::frame::{FeatureFrame, ServedFrame, feature_field};
@@ -152,7 +152,8 @@ impl Engine {
                 .map(|n| compiled.feature_index(n))
                 .collect::<Result<_>>()?,
         };
-        let merges: Vec<_> = selected.iter().map(|&i| compiled.merges[i]).collect();
+        let merges: Vec<Merge> = selected.iter().map(|&i| compiled.merges[i]).collect();
+        let aggs: Vec<Agg> = merges.iter().map(Merge::agg).collect();
         let at = at.unwrap_or_else(|| match compiled.spec.read_time {
             ReadTime::EventTime => core.folded_max_ts.unwrap_or(0),
             ReadTime::WallClock => self.options.clock.now_ms(),
@@ -161,31 +162,61 @@ impl Engine {
             at.unsigned_abs() <= panes_kernels::MAX_TIME_MS,
             "read time {at} ms is out of range: times must lie within ±2^60 ms of the epoch"
         );
+        let backend = self.backend.as_ref();
         let mut out = MergeOutput::default();
-        self.backend
-            .merge(&core.state, &merges, ids, at, &mut out)?;
+        panes_kernels::merge(
+            backend,
+            &core.state,
+            &core.events,
+            &merges,
+            ids,
+            at,
+            &mut out,
+        )?;
         compiled.check_exact(&out, at, key_of)?;
         let text = compiled.text_features(&selected, core.strings.kinds());
-        finish_lists(&merges, &text, &core.strings, &mut out);
-        let strings = core.strings.localize(&merges, &text, &mut out);
+        finish_lists(&aggs, &text, &core.strings, &mut out);
+        let strings = core.strings.localize(&aggs, &text, &mut out);
         let (mut window_events, mut latest_event_ms) = (Vec::new(), Vec::new());
         if meta {
-            // Events behind the widest window read: a count of rows over its panes.
-            let widest = merges.iter().max_by_key(|m| {
-                m.panes.map_or(u128::MAX, |p| {
-                    p as u128 * compiled.state.levels[m.level].hop as u128
+            // Events behind the widest window read: a count of rows over it (a time
+            // window's panes, else the first count or session window).
+            let widest = merges
+                .iter()
+                .filter_map(|m| match m {
+                    Merge::Panes(p) => Some(p),
+                    Merge::Events(_) => None,
                 })
-            });
-            window_events = match widest {
-                Some(w) => {
-                    let count = FeatureMerge {
-                        agg: Agg::Count,
-                        column: None,
-                        ..*w
-                    };
+                .max_by_key(|m| {
+                    m.panes.map_or(u128::MAX, |p| {
+                        p as u128 * compiled.state.levels[m.level].hop as u128
+                    })
+                });
+            let count = match (widest, merges.first()) {
+                (Some(w), _) => Some(Merge::Panes(FeatureMerge {
+                    agg: Agg::Count,
+                    column: None,
+                    ..*w
+                })),
+                (None, Some(Merge::Events(e))) => Some(Merge::Events(EventMerge {
+                    agg: Agg::Count,
+                    column: None,
+                    ..*e
+                })),
+                _ => None,
+            };
+            window_events = match count {
+                Some(count) => {
                     let mut support = MergeOutput::default();
-                    self.backend
-                        .merge(&core.state, &[count], ids, at, &mut support)?;
+                    panes_kernels::merge(
+                        backend,
+                        &core.state,
+                        &core.events,
+                        &[count],
+                        ids,
+                        at,
+                        &mut support,
+                    )?;
                     support.values.iter().map(|&c| c as u64).collect()
                 }
                 None => vec![0; ids.len()],
@@ -215,7 +246,7 @@ impl Engine {
                 at,
                 text,
                 strings,
-                is_list: merges.iter().map(|m| m.agg.is_list()).collect(),
+                is_list: aggs.iter().map(|a| a.is_list()).collect(),
             },
             latest_event_ms,
             window_events,

@@ -177,7 +177,15 @@ pub(crate) fn describe(shared: &Shared, spec: &ViewSpec) -> ViewDescription {
                 column: f.column.clone().unwrap_or_default(),
                 window_ms: match f.window {
                     Window::Duration(ms) => ms,
-                    Window::Lifetime => 0,
+                    _ => 0,
+                },
+                window_events: match f.window {
+                    Window::Events(n) => n,
+                    _ => 0,
+                },
+                session_gap_ms: match f.window {
+                    Window::Session(gap) => gap,
+                    _ => 0,
                 },
                 hop_ms: f.hop,
                 half_life_ms: f.agg.half_life().unwrap_or(0),

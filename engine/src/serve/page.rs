@@ -15,7 +15,7 @@ use super::server::{ReadTimes, Shared, epoch_ms};
 use crate::histogram::Histogram;
 use crate::ingest::keys::KeyValue;
 use crate::online::ViewMetrics;
-use crate::spec::{FeatureSpec, ViewSpec, Window, format_duration};
+use crate::spec::{FeatureSpec, ViewSpec, format_duration};
 
 /// The page: HTML, CSS and script in one file.
 pub(crate) const PAGE: &str = include_str!("page.html");
@@ -50,10 +50,7 @@ pub(crate) fn status(shared: &Shared) -> Value {
 }
 
 fn feature(f: &FeatureSpec) -> Value {
-    let window = match f.window {
-        Window::Duration(ms) => format_duration(ms),
-        Window::Lifetime => "lifetime".into(),
-    };
+    let window = f.window.to_string();
     json!({
         "name": f.name,
         "agg": f.agg.name(),

@@ -6,8 +6,8 @@
 //! engine, backfill, checkpoints and sources all read it, and none of them changes it.
 
 use panes_kernels::{
-    Agg, BackendKind, ColumnFields, FeatureMerge, KernelError, LevelSpec, MergeOutput, ReadStatus,
-    StateSpec,
+    Agg, BackendKind, ColumnFields, EventMerge, EventSpec, EventWindow, FeatureMerge, KernelError,
+    LevelSpec, Merge, MergeOutput, ReadStatus, SessionSpec, StateSpec,
 };
 
 use super::{ViewSpec, Window, format_duration};
@@ -42,10 +42,12 @@ pub struct CompiledView {
     pub sources: Vec<Option<usize>>,
     /// Per feature of `spec.features`: the index in `decoded` of the column it reads.
     pub feature_decoded: Vec<Option<usize>>,
-    /// The pane-state shape.
+    /// The pane-state shape (the time windows' state).
     pub state: StateSpec,
+    /// The count and session windows' state, beside the panes.
+    pub events: EventSpec,
     /// How to compute each feature of `spec.features` (same order).
-    pub merges: Vec<FeatureMerge>,
+    pub merges: Vec<Merge>,
     /// The view's derived columns and filters, applied to each batch before decoding.
     pub exprs: std::sync::Arc<crate::expr::Program>,
 }
@@ -103,7 +105,7 @@ impl CompiledView {
             }
         }
         let mut hops: Vec<i64> = Vec::new();
-        for f in &spec.features {
+        for f in spec.features.iter().filter(|f| !f.window.is_event_window()) {
             if !hops.contains(&f.hop) {
                 hops.push(f.hop);
             }
@@ -122,31 +124,66 @@ impl CompiledView {
             })
             .collect();
         let mut merges = Vec::new();
+        let mut events = EventSpec {
+            count_columns: vec![ColumnFields::default(); state_columns.len()],
+            lateness: spec.allowed_lateness,
+            ..EventSpec::default()
+        };
         for f in &spec.features {
-            let level = hops.iter().position(|&h| h == f.hop).unwrap_or_default();
-            let l = &mut levels[level];
             let column =
                 state_column(f).and_then(|key| state_columns.iter().position(|k| *k == key));
-            if let Some(c) = column {
-                l.columns[c] = l.columns[c].union(f.agg.fields());
-            }
-            let panes = match f.window {
-                Window::Duration(ms) => {
-                    let n = (ms / f.hop) as u64;
-                    l.ring = l.ring.max(n as usize);
-                    Some(n)
+            let (fields, window) = match f.window {
+                Window::Events(n) => {
+                    events.count = events.count.max(n);
+                    (&mut events.count_columns, EventWindow::Count(n))
                 }
-                Window::Lifetime => {
-                    l.lifetime = true;
-                    None
+                Window::Session(gap) => {
+                    let s = match events.sessions.iter().position(|s| s.gap == gap) {
+                        Some(s) => s,
+                        None => {
+                            events.sessions.push(SessionSpec {
+                                gap,
+                                columns: vec![ColumnFields::default(); state_columns.len()],
+                            });
+                            events.sessions.len() - 1
+                        }
+                    };
+                    (&mut events.sessions[s].columns, EventWindow::Session(s))
+                }
+                Window::Duration(_) | Window::Lifetime => {
+                    let level = hops.iter().position(|&h| h == f.hop).unwrap_or_default();
+                    let l = &mut levels[level];
+                    if let Some(c) = column {
+                        l.columns[c] = l.columns[c].union(f.agg.fields());
+                    }
+                    let panes = match f.window {
+                        Window::Duration(ms) => {
+                            let n = (ms / f.hop) as u64;
+                            l.ring = l.ring.max(n as usize);
+                            Some(n)
+                        }
+                        _ => {
+                            l.lifetime = true;
+                            None
+                        }
+                    };
+                    merges.push(Merge::Panes(FeatureMerge {
+                        level,
+                        agg: f.agg,
+                        column,
+                        panes,
+                    }));
+                    continue;
                 }
             };
-            merges.push(FeatureMerge {
-                level,
+            if let Some(c) = column {
+                fields[c] = fields[c].union(f.agg.fields());
+            }
+            merges.push(Merge::Events(EventMerge {
+                window,
                 agg: f.agg,
                 column,
-                panes,
-            });
+            }));
         }
         let feature_decoded = spec
             .features
@@ -160,6 +197,7 @@ impl CompiledView {
             columns,
             decoded,
             state: StateSpec { levels, shards },
+            events,
             merges,
             exprs: std::sync::Arc::new(crate::expr::Program::new(
                 spec.columns.clone(),
@@ -280,11 +318,36 @@ impl CompiledView {
     /// costs (a ring position is allocated, for every key at once, when a fold first
     /// writes it).
     pub fn bytes_per_key(&self) -> usize {
-        self.state
+        let panes: usize = self
+            .state
             .levels
             .iter()
             .map(LevelSpec::bytes_per_slot)
-            .sum()
+            .sum();
+        panes + self.event_bytes_per_key()
+    }
+
+    /// State bytes per key of the count and session windows: a full ring of the
+    /// newest events, and one open session per gap (lateness may keep more).
+    pub fn event_bytes_per_key(&self) -> usize {
+        if self.events.is_empty() {
+            return 0;
+        }
+        panes_kernels::EventState::new(self.events.clone()).map_or(0, |s| {
+            s.count_bytes_per_key() + s.session_bytes().iter().sum::<usize>()
+        })
+    }
+
+    /// The time-window features' merges, in feature order (for benches and tools that
+    /// drive a backend directly on a view without count or session windows).
+    pub fn pane_merges(&self) -> Vec<FeatureMerge> {
+        self.merges
+            .iter()
+            .filter_map(|m| match m {
+                Merge::Panes(p) => Some(*p),
+                Merge::Events(_) => None,
+            })
+            .collect()
     }
 
     /// Turns non-exact read statuses of a merge into an error naming the first such
@@ -299,7 +362,7 @@ impl CompiledView {
             return Ok(());
         };
         let reason = match out.status[k] {
-            ReadStatus::PaneHoldsLaterEvents => "the pane containing that time also holds later events of this key, \
+            ReadStatus::PaneHoldsLaterEvents => "the pane or session containing that time also holds later events of this key, \
                  so it cannot be split there; read at or after the key's latest event, or use backfill for past times"
                 .to_string(),
             _ => {
@@ -308,9 +371,13 @@ impl CompiledView {
                     .levels
                     .iter()
                     .map(|l| format!("{} panes of {}", l.ring, format_duration(l.hop)))
+                    .chain((self.events.count > 0).then(|| format!("the newest {} events", self.events.count)))
+                    .chain((!self.events.sessions.is_empty()).then(|| {
+                        "the sessions that late events can still reach".to_string()
+                    }))
                     .collect();
                 format!(
-                    "the window reaches panes that were already recycled (the view keeps {} per key); \
+                    "the window reaches panes that were already recycled, or events no longer kept (the view keeps {} per key); \
                      use backfill for past times",
                     hops.join(", ")
                 )

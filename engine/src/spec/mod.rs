@@ -109,6 +109,32 @@ pub enum Window {
     Duration(i64),
     /// Every event up to the read time.
     Lifetime,
+    /// `window = "N events"`: the up to `N` accepted events of the key with the
+    /// greatest (time, arrival) at or before the read time (DESIGN §3b).
+    Events(u32),
+    /// `session_gap = "30m"`: the key's session at the read time, events at most this
+    /// many ms apart (DESIGN §3b).
+    Session(i64),
+}
+
+impl Window {
+    /// Whether the window is kept beside the panes (count and session windows), not
+    /// in them.
+    pub fn is_event_window(self) -> bool {
+        matches!(self, Window::Events(_) | Window::Session(_))
+    }
+}
+
+/// As in feature files: `5m`, `lifetime`, `100 events`, `session 30m`.
+impl std::fmt::Display for Window {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Window::Duration(ms) => f.write_str(&format_duration(ms)),
+            Window::Lifetime => f.write_str("lifetime"),
+            Window::Events(n) => write!(f, "{n} events"),
+            Window::Session(gap) => write!(f, "session {}", format_duration(gap)),
+        }
+    }
 }
 
 /// One feature of a view.
@@ -368,12 +394,18 @@ impl FeatureFile {
                 if let Some(c) = &f.filter {
                     let _ = writeln!(s, "filter = {}", q(c));
                 }
-                let w = match f.window {
-                    Window::Duration(ms) => format_duration(ms),
-                    Window::Lifetime => "lifetime".into(),
-                };
-                let _ = writeln!(s, "window = {w:?}");
-                let _ = writeln!(s, "hop = {:?}\n", format_duration(f.hop));
+                match f.window {
+                    Window::Session(gap) => {
+                        let _ = writeln!(s, "session_gap = {:?}\n", format_duration(gap));
+                    }
+                    Window::Events(_) => {
+                        let _ = writeln!(s, "window = \"{}\"\n", f.window);
+                    }
+                    _ => {
+                        let _ = writeln!(s, "window = \"{}\"", f.window);
+                        let _ = writeln!(s, "hop = {:?}\n", format_duration(f.hop));
+                    }
+                }
             }
         }
         s

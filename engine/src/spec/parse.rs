@@ -4,6 +4,7 @@
 
 use std::collections::HashSet;
 
+use panes_kernels::events::MAX_COUNT_WINDOW;
 use panes_kernels::{Agg, AggParams};
 use serde::Deserialize;
 
@@ -64,6 +65,7 @@ struct RawFeature {
     agg: Option<String>,
     column: Option<String>,
     window: Option<String>,
+    session_gap: Option<String>,
     hop: Option<String>,
     half_life: Option<String>,
     precision: Option<i64>,
@@ -480,8 +482,28 @@ impl Collector {
             self.push(&floc, "column", "the time column cannot be aggregated");
         }
         let hop = self.duration(&floc, "hop", rf.hop.as_deref(), view.pane, true);
-        let window = self.window(&floc, rf.window.as_deref(), hop);
-        if view.allowed_lateness / hop > MAX_PANES {
+        let window = match rf.session_gap.as_deref() {
+            Some(gap) => {
+                if rf.window.is_some() {
+                    self.push(
+                        &floc,
+                        "session_gap",
+                        "a feature has a window or a session_gap, not both",
+                    );
+                }
+                Window::Session(self.duration(&floc, "session_gap", Some(gap), 1, true))
+            }
+            None => self.window(&floc, rf.window.as_deref(), hop),
+        };
+        if window.is_event_window() {
+            if rf.hop.is_some() {
+                self.push(
+                    &floc,
+                    "hop",
+                    "applies to time windows only, not to count or session windows",
+                );
+            }
+        } else if view.allowed_lateness / hop > MAX_PANES {
             self.push(
                 &floc,
                 "hop",
@@ -508,12 +530,31 @@ impl Collector {
             self.push(
                 floc,
                 "window",
-                "is required: a duration such as \"5m\", or \"lifetime\"",
+                "is required: a duration such as \"5m\", \"lifetime\", or a count such as \"100 events\" (or give a session_gap)",
             );
             return Window::Lifetime;
         };
         if w == "lifetime" {
             return Window::Lifetime;
+        }
+        if let Some(n) = w
+            .trim()
+            .strip_suffix("events")
+            .or_else(|| w.trim().strip_suffix("event"))
+        {
+            return match n.trim().parse::<u32>() {
+                Ok(n) if (1..=MAX_COUNT_WINDOW).contains(&n) => Window::Events(n),
+                _ => {
+                    self.push(
+                        floc,
+                        "window",
+                        format!(
+                            "{w:?}: a count window is 1 to {MAX_COUNT_WINDOW} events, such as \"100 events\""
+                        ),
+                    );
+                    Window::Lifetime
+                }
+            };
         }
         match parse_duration(w) {
             Ok(0) => {
@@ -544,7 +585,11 @@ impl Collector {
                 Window::Duration(ms)
             }
             Err(e) => {
-                self.push(floc, "window", format!("{e}, or \"lifetime\""));
+                self.push(
+                    floc,
+                    "window",
+                    format!("{e}, or \"lifetime\", or a count such as \"100 events\""),
+                );
                 Window::Lifetime
             }
         }

@@ -90,6 +90,23 @@ window = "lifetime"
 name = "rows_lifetime"
 agg = "count"
 window = "lifetime"
+
+[[views.features]]
+name = "amount_mean_last_20"
+agg = "mean"
+column = "amount"
+window = "20 events"
+
+[[views.features]]
+name = "amount_last_session"
+agg = "last"
+column = "amount"
+session_gap = "90s"
+
+[[views.features]]
+name = "rows_session"
+agg = "count"
+session_gap = "90s"
 "#;
 
 const BASE: i64 = 1_767_225_600_000;
@@ -363,12 +380,14 @@ fn check(
             };
             let evs = key.and_then(|k| by_key.get(&k)).unwrap_or(&empty);
             let hi = evs.partition_point(|(_, e)| e.ts.unwrap() <= t);
+            // A time window's events as a slice (the oracle then keeps them all);
+            // count and session windows are chosen by the oracle.
             let lo = match spec.window {
-                Window::Lifetime => 0,
                 Window::Duration(w) => {
                     let start = (t.div_euclid(spec.hop) - w / spec.hop + 1) * spec.hop;
                     evs[..hi].partition_point(|(_, e)| e.ts.unwrap() < start)
                 }
+                _ => 0,
             };
             let column = spec
                 .column

@@ -58,6 +58,8 @@ fn feature_file(lateness_ms: i64, sketches: bool) -> String {
         ("hop", "window = \"12s\"\nhop = \"4s\""),
         ("tumble", "window = \"3s\"\nhop = \"3s\""),
         ("life", "window = \"lifetime\""),
+        ("count", "window = \"7 events\""),
+        ("sess", "session_gap = \"2s\""),
     ];
     let aggs = Agg::ALL.into_iter().filter(|a| {
         sketches
@@ -101,6 +103,8 @@ fn feature_file(lateness_ms: i64, sketches: bool) -> String {
     // last_n and top_k.
     let mut text = vec![
         ("count", "", "window = \"5s\"\nhop = \"1s\""),
+        ("last", "", "window = \"3 events\""),
+        ("first", "", "session_gap = \"700ms\""),
         ("first", "", "window = \"12s\"\nhop = \"4s\""),
         ("first", "", "window = \"lifetime\""),
         ("last", "", "window = \"3s\"\nhop = \"3s\""),
@@ -110,6 +114,8 @@ fn feature_file(lateness_ms: i64, sketches: bool) -> String {
             ("last_n", "n = 4\n", "window = \"5s\"\nhop = \"1s\""),
             ("top_k", "k = 3\n", "window = \"12s\"\nhop = \"4s\""),
             ("top_k", "k = 5\ncapacity = 64\n", "window = \"lifetime\""),
+            ("last_n", "n = 4\n", "window = \"12 events\""),
+            ("top_k", "k = 2\n", "session_gap = \"2s\""),
         ]);
     }
     for (i, (agg, params, w)) in text.into_iter().enumerate() {

@@ -43,11 +43,7 @@ pub fn feature(
     key: i64,
     t: i64,
 ) -> Option<f64> {
-    let in_window = |ts: i64| in_window(f, ts, t);
-    let evs: Vec<&(usize, Ev)> = acc
-        .iter()
-        .filter(|(_, e)| e.key == Some(key) && in_window(e.ts.unwrap()))
-        .collect();
+    let evs = window(f, acc, key, t);
     // 2^(−(t − ts)/h), as DESIGN §3b states it.
     let decayed = |half_life: i64, vals: &mut dyn Iterator<Item = (i64, f64)>| {
         vals.map(|(ts, v)| v * (-((t - ts) as f64) / half_life as f64).exp2())
@@ -127,10 +123,7 @@ pub fn feature_list(
     if let Agg::TopK { k, .. } = f.agg {
         // Exact frequencies (−0.0 is 0.0), most frequent first, ties to the smaller.
         let mut counts: Vec<(f64, usize)> = Vec::new();
-        for (_, e) in acc
-            .iter()
-            .filter(|(_, e)| e.key == Some(key) && in_window(f, e.ts.unwrap(), t))
-        {
+        for (_, e) in window(f, acc, key, t) {
             let Some(x) = e.vals[c].filter(|v| !v.is_nan()).map(|v| v + 0.0) else {
                 continue;
             };
@@ -145,9 +138,8 @@ pub fn feature_list(
     let Agg::LastN { n } = f.agg else {
         return Vec::new();
     };
-    let mut vals: Vec<(i64, usize, f64)> = acc
-        .iter()
-        .filter(|(_, e)| e.key == Some(key) && in_window(f, e.ts.unwrap(), t))
+    let mut vals: Vec<(i64, usize, f64)> = window(f, acc, key, t)
+        .into_iter()
         .filter_map(|(i, e)| {
             e.vals[c]
                 .filter(|v| !v.is_nan())
@@ -158,16 +150,44 @@ pub fn feature_list(
     vals.iter().take(n.into()).map(|x| x.2).collect()
 }
 
-/// Whether an event at `ts` is in the window of `f` at `t` (DESIGN §3).
-fn in_window(f: &FeatureSpec, ts: i64, t: i64) -> bool {
-    ts <= t
-        && match f.window {
-            Window::Lifetime => true,
-            Window::Duration(w) => {
-                let n = w / f.hop;
-                ts.div_euclid(f.hop) > t.div_euclid(f.hop) - n
-            }
+/// The accepted events of `key` in the window of `f` at `t`, by the definitions of
+/// DESIGN §3 (time windows) and §3b (count and session windows).
+pub fn window<'a>(
+    f: &FeatureSpec,
+    acc: &'a [(usize, Ev)],
+    key: i64,
+    t: i64,
+) -> Vec<&'a (usize, Ev)> {
+    let ts = |e: &Ev| e.ts.unwrap();
+    let mut evs: Vec<&(usize, Ev)> = acc
+        .iter()
+        .filter(|(_, e)| e.key == Some(key) && ts(e) <= t)
+        .collect();
+    // In (ts, arrival) order.
+    evs.sort_by_key(|(i, e)| (ts(e), *i));
+    match f.window {
+        Window::Lifetime => evs,
+        Window::Duration(w) => {
+            let n = w / f.hop;
+            evs.retain(|(_, e)| ts(e).div_euclid(f.hop) > t.div_euclid(f.hop) - n);
+            evs
         }
+        // The up to n events with the greatest (ts, arrival).
+        Window::Events(n) => evs.split_off(evs.len().saturating_sub(n as usize)),
+        // The longest suffix with consecutive gaps of at most `gap`; none when the
+        // last event is more than `gap` before t.
+        Window::Session(gap) => {
+            let Some(last) = evs.last() else { return evs };
+            if t - ts(&last.1) > gap {
+                return Vec::new();
+            }
+            let mut start = evs.len() - 1;
+            while start > 0 && ts(&evs[start].1) - ts(&evs[start - 1].1) <= gap {
+                start -= 1;
+            }
+            evs.split_off(start)
+        }
+    }
 }
 
 /// Sum of |x| over the window: the scale of summation error.
