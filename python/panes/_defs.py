@@ -49,7 +49,7 @@ class Feature:
     name: str
     agg: str
     column: str | None
-    window: str
+    window: str | None
     hop: str | None = None
     half_life: str | None = None
     precision: int | None = None
@@ -121,11 +121,11 @@ def _feature(
     if (window is None) == (session_gap is None):
         raise TypeError(f"{agg}: give a window (a duration, 'lifetime' or 'N events') or a session_gap, not both")
     gap = None if session_gap is None else _duration(session_gap, "session_gap")
-    w = "" if window is None else _duration(window, "window")
+    w = None if window is None else _duration(window, "window")
     h = None if hop is None else _duration(hop, "hop")
     hl = None if half_life is None else _duration(half_life, "half_life")
     if name is None:
-        over = f"session_{gap}" if gap is not None else w.replace(" ", "_")
+        over = f"session_{gap}" if w is None else w.replace(" ", "_")
         name = f"{agg}_{over}" if column is None else f"{column}_{agg}_{over}"
     return Feature(name=name, agg=agg, column=column, window=w, hop=h, half_life=hl, precision=precision,
                    q=q, relative_accuracy=relative_accuracy, n=n, k=k, capacity=capacity, filter=filter,

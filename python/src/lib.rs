@@ -24,7 +24,7 @@ use panes_engine::error::ErrorDomain;
 use panes_engine::spec::format_duration;
 use panes_engine::{
     BackendKind, BackfillOptions, Engine, EngineOptions, FeatureFile, PanesError, PushReport,
-    ReadTime, StateBudget, ViewMetrics,
+    ReadTime, StateBudget, ViewMetrics, Window,
 };
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -184,7 +184,13 @@ impl PyEngine {
                 fd.set_item("name", &f.name)?;
                 fd.set_item("agg", f.agg.name())?;
                 fd.set_item("column", &f.column)?;
-                fd.set_item("window", f.window.to_string())?;
+                match f.window {
+                    Window::Session(gap) => {
+                        fd.set_item("window", py.None())?;
+                        fd.set_item("session_gap", format_duration(gap))?;
+                    }
+                    w => fd.set_item("window", w.to_string())?,
+                }
                 let hop = (!f.window.is_event_window()).then(|| format_duration(f.hop));
                 fd.set_item("hop", hop)?;
                 fd.set_item("half_life", f.agg.half_life().map(format_duration))?;

@@ -308,3 +308,47 @@ def test_gpu_backend_reads_equal_the_cpu() -> None:
         engine.push(data)
         reads.append(engine.read(list(range(300)), as_numpy=True))
     np.testing.assert_allclose(reads[1], reads[0], rtol=1e-9, equal_nan=True)
+
+
+def test_count_and_session_windows() -> None:
+    view = panes.View(
+        "visits",
+        key="user",
+        time="ts",
+        allowed_lateness="1m",
+        features=[
+            panes.mean("amount", window="3 events"),
+            panes.last_n("page", 2, window="10 events", name="pages"),
+            panes.count(session_gap="30m", name="session_events"),
+            panes.sum("amount", session_gap="30m"),
+        ],
+    )
+    names = [f.name for f in view.features]
+    assert names == ["amount_mean_3_events", "pages", "session_events", "amount_sum_session_30m"]
+    assert repr(view.features[2]) == "<Feature session_events: count() over sessions (gap 30m)>"
+    engine = panes.Engine([view], backend="cpu")
+    assert engine.views == panes.Engine.from_toml_str(engine.to_toml()).views
+    f = engine.views[0].features
+    assert (f[0].window, f[0].hop, f[2].window, f[2].session_gap) == ("3 events", None, None, "30m")
+    minute = 60_000
+    engine.push(
+        pl.DataFrame(
+            {
+                "user": [2, 1, 1, 1, 1],
+                "ts": [0, 0, 10 * minute, 50 * minute, 55 * minute],
+                "amount": [16.0, 1.0, 2.0, 4.0, 8.0],
+                "page": ["e", "a", "b", "c", "d"],
+            }
+        )
+    )
+    got = engine.read([1, 2, 3], at=56 * minute)
+    assert got["amount_mean_3_events"].to_list() == [14 / 3, 16.0, None]
+    assert got["pages"].to_list() == [["d", "c"], ["e"], []]
+    # User 1's session started at 50 min (40 min after the event before); user 2's
+    # ended more than 30 min before the read.
+    assert got["session_events"].to_list() == [2, 0, 0]
+    assert got["amount_sum_session_30m"].to_list() == [12.0, 0.0, 0.0]
+    with pytest.raises(TypeError, match="not both"):
+        panes.count(window="5m", session_gap="30m")
+    with pytest.raises(TypeError, match="not both"):
+        panes.count()

@@ -267,7 +267,9 @@ impl ViewCore {
             values: &values,
         };
         let started = Instant::now();
+        // A view of count and session windows only has no panes to fold.
         let stats = match log {
+            _ if self.state.spec().levels.is_empty() => Default::default(),
             Some(log) => backend.fold_logged(&mut self.state, &fold, log)?,
             None => backend.fold(&mut self.state, &fold)?,
         };

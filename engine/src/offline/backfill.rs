@@ -340,9 +340,11 @@ fn replay(
                 ts: &events.ts[folded..end],
                 values: &vals,
             };
-            let stats = backend.fold(&mut core.state, &batch)?;
+            if !core.state.spec().levels.is_empty() {
+                let stats = backend.fold(&mut core.state, &batch)?;
+                core.counters.expired += stats.expired;
+            }
             core.events.fold(&batch)?;
-            core.counters.expired += stats.expired;
             folded = end;
         }
         group_ids.clear();

@@ -467,6 +467,74 @@ window = "lifetime"
     }
 
     #[test]
+    fn count_and_session_windows_parse_print_and_are_checked() {
+        let text = format!(
+            "{GOOD}\n[[views.features]]\nname = \"last_20\"\nagg = \"mean\"\ncolumn = \"dep_delay\"\nwindow = \"20 events\"\n\
+             \n[[views.features]]\nname = \"one\"\nagg = \"last\"\ncolumn = \"dep_delay\"\nwindow = \"1 event\"\n\
+             \n[[views.features]]\nname = \"visit\"\nagg = \"count\"\nsession_gap = \"30m\"\n"
+        );
+        let f = FeatureFile::parse(&text, "f.toml").unwrap();
+        let w: Vec<Window> = f.views[0].features.iter().map(|f| f.window).collect();
+        assert_eq!(
+            w[2..],
+            [
+                Window::Events(20),
+                Window::Events(1),
+                Window::Session(1_800_000)
+            ]
+        );
+        assert_eq!(FeatureFile::parse(&f.to_toml(), "again").unwrap(), f);
+        assert_eq!(w[2].to_string(), "20 events");
+        assert_eq!(w[4].to_string(), "session 30m");
+        let compiled = crate::CompiledView::new(&f.views[0], 1);
+        assert_eq!(compiled.events.count, 20);
+        assert_eq!(compiled.events.sessions.len(), 1);
+        assert!(compiled.event_bytes_per_key() >= 20 * 24);
+        let bad = |feature: &str| {
+            err(&format!(
+                "{GOOD}\n[[views.features]]\nname = \"x\"\nagg = \"count\"\n{feature}\n"
+            ))
+        };
+        for (feature, message) in [
+            (
+                "window = \"0 events\"",
+                "a count window is 1 to 10000 events",
+            ),
+            (
+                "window = \"10001 events\"",
+                "a count window is 1 to 10000 events",
+            ),
+            (
+                "window = \"many events\"",
+                "a count window is 1 to 10000 events",
+            ),
+            (
+                "window = \"-3 events\"",
+                "a count window is 1 to 10000 events",
+            ),
+            (
+                "window = \"20 events\"\nhop = \"1m\"",
+                "applies to time windows only",
+            ),
+            (
+                "session_gap = \"30m\"\nhop = \"1m\"",
+                "applies to time windows only",
+            ),
+            (
+                "session_gap = \"30m\"\nwindow = \"1h\"",
+                "a window or a session_gap, not both",
+            ),
+            ("session_gap = \"0s\"", "must be positive"),
+            ("session_gap = \"soon\"", "session_gap"),
+            ("", "a count such as \"100 events\" (or give a session_gap)"),
+        ] {
+            let e = bad(feature);
+            assert!(e.contains(message), "{feature}: {e}");
+            assert!(e.contains("feature \"x\""), "{feature}: {e}");
+        }
+    }
+
+    #[test]
     fn r17_names_that_rust_escapes_print_as_valid_toml() {
         // Found by the feature_file fuzz target: a combining mark printed with Rust's
         // `{:?}` (`\u{35b}`) made the printed file unparsable. Quotes, backslashes and

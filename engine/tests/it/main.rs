@@ -9,6 +9,7 @@ mod bad_input;
 mod composite_keys;
 mod differential;
 #[cfg(all(feature = "serve", target_os = "linux"))]
+mod event_windows;
 mod exhaustion;
 mod expressions;
 mod first_screen;
