@@ -92,14 +92,15 @@ pub use checkpoint::{CheckpointDir, CheckpointInfo, SourcePosition};
 pub use error::{PanesError, Result};
 pub use ingest::keys::KeyValue;
 pub use ingest::{PushReport, RejectReason, Rejection, StateBudget, ViewCounters};
-pub use offline::backfill::{BackfillOptions, BackfillReport, backfill};
+pub use offline::backfill::{BackfillOptions, BackfillReport, backfill, backfill_service};
 pub use online::{
     Clock, Engine, EngineOptions, FeatureFrame, ServedFrame, ViewMetrics, feature_column,
     feature_field,
 };
 pub use panes_kernels::{Agg, BackendKind};
 pub use spec::{
-    CompiledView, FeatureFile, FeatureSpec, PayloadFormat, ReadTime, SourceSpec, ViewSpec, Window,
+    CompiledView, FeatureFile, FeatureSpec, PayloadFormat, ReadTime, ServiceSpec, SourceSpec,
+    ViewSpec, Window,
 };
 
 /// The feature file `panes demo` runs by default.

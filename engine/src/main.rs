@@ -108,6 +108,11 @@ enum Command {
         /// Backend: scalar, cpu, gpu or auto (default: $PANES_BACKEND, else auto).
         #[arg(long)]
         backend: Option<BackendKind>,
+        /// Compute the columns of this feature service (`[[services]]`) instead of every
+        /// view's features: its features in its order, then its on-demand features over
+        /// them and the spine's columns.
+        #[arg(long)]
+        service: Option<String>,
     },
     /// Serve features over gRPC and Arrow Flight, with health, reflection and metrics.
     Serve(Box<ServeArgs>),
@@ -165,6 +170,7 @@ fn main() -> ExitCode {
             at_column,
             dead_letter,
             backend,
+            service,
         } => run_backfill(
             &features,
             &events,
@@ -173,6 +179,7 @@ fn main() -> ExitCode {
             at_column,
             dead_letter.as_deref(),
             backend,
+            service.as_deref(),
         ),
         Command::Serve(args) => serve(*args),
         Command::Check { features, events } => check(&features, events.as_deref()),
@@ -676,6 +683,7 @@ fn run_backfill(
     at_column: String,
     dead_letter: Option<&Path>,
     backend: Option<BackendKind>,
+    service: Option<&str>,
 ) -> Result<()> {
     let file = FeatureFile::from_path(features)?;
     io::Format::of(out)?;
@@ -695,14 +703,31 @@ fn run_backfill(
         dead_letter: dead_letter.is_some(),
         ..Default::default()
     };
-    let (schema, batches, report) = panes_engine::backfill(
-        &file,
-        &event_batches,
-        &spine_schema,
-        &spine_batches,
-        backend.clone(),
-        &options,
-    )?;
+    let (schema, batches, report) = match service {
+        Some(name) => panes_engine::backfill_service(
+            &file,
+            name,
+            &event_batches,
+            &spine_schema,
+            &spine_batches,
+            backend.clone(),
+            &options,
+        )?,
+        None => panes_engine::backfill(
+            &file,
+            &event_batches,
+            &spine_schema,
+            &spine_batches,
+            backend.clone(),
+            &options,
+        )?,
+    };
+    if report.on_demand_errors > 0 {
+        eprintln!(
+            "on-demand features: {} spine rows could not be evaluated (null there)",
+            report.on_demand_errors
+        );
+    }
     io::write_file(out, &schema, &batches)?;
     if let Some(p) = dead_letter {
         let dl_schema = match report.dead_letter.first() {

@@ -407,6 +407,7 @@ class Engine:
         at_column: str = "ts",
         *,
         dead_letter: bool = False,
+        service: str | None = None,
     ) -> pl.DataFrame:
         """Point-in-time features for a spine of ``(key, time)`` rows: the training-set
         generator.
@@ -419,9 +420,12 @@ class Engine:
         state is not touched.
 
         Returns the spine's columns, in its row order, plus one column per feature.
+        With ``service``, the columns of that feature service instead: its features in
+        its order, then its on-demand features over them and the spine's columns, as
+        :meth:`read_service` computes them online.
         Use :meth:`backfill_report` for the dead letters and counts.
         """
-        return self.backfill_report(events, spine, at_column, dead_letter=dead_letter).features
+        return self.backfill_report(events, spine, at_column, dead_letter=dead_letter, service=service).features
 
     def backfill_report(
         self,
@@ -430,6 +434,7 @@ class Engine:
         at_column: str = "ts",
         *,
         dead_letter: bool = False,
+        service: str | None = None,
     ) -> BackfillResult:
         """Like :meth:`backfill`, with the dead letters (``dead_letter=True``) and
         per-view counts."""
@@ -440,13 +445,54 @@ class Engine:
             return _arrow_input(x, what)
 
         table, dead, report = self._core.backfill(
-            source(events, "events"), source(spine, "spine"), at_column, dead_letter
+            source(events, "events"), source(spine, "spine"), at_column, dead_letter, service
         )
         return BackfillResult(
             features=pl.DataFrame(table),
             dead_letter=None if dead is None else pl.DataFrame(dead),
             report=report,
         )
+
+    def read_service(self, service: str, request: object, *, at_column: str = "ts") -> pl.DataFrame:
+        """One feature vector per row of ``request``, from feature service ``service``
+        (``[[services]]`` in the feature file): its features, from any views, then its
+        on-demand features, in request row order.
+
+        ``request`` is Arrow data (a polars / pandas DataFrame, a pyarrow Table, ...)
+        with the key columns of every view the service reads, optionally a time column
+        ``at_column`` (a row without one reads each view at its read time) and the
+        columns the on-demand expressions use. :meth:`backfill` with ``service=``
+        computes the same columns for a spine.
+
+        >>> import panes
+        >>> engine = panes.Engine.from_toml_str('''
+        ... [[views]]
+        ... name = "cards"
+        ... key = "card"
+        ... time = "ts"
+        ... [[views.features]]
+        ... name = "amount_mean_1h"
+        ... agg = "mean"
+        ... column = "amount"
+        ... window = "1h"
+        ... [[services]]
+        ... name = "fraud"
+        ... features = ["amount_mean_1h"]
+        ... [[services.on_demand]]
+        ... name = "amount_vs_mean"
+        ... expr = "amount / amount_mean_1h"
+        ... ''')
+        >>> import polars as pl
+        >>> _ = engine.push(pl.DataFrame({"card": [7, 7], "ts": [0, 1000], "amount": [10.0, 30.0]}))
+        >>> engine.read_service("fraud", pl.DataFrame({"card": [7], "amount": [60.0]})).to_dicts()
+        [{'amount_mean_1h': 20.0, 'amount_vs_mean': 3.0}]
+        """
+        return pl.DataFrame(self._core.read_service(service, _arrow_input(request, "request"), at_column))
+
+    @property
+    def services(self) -> list[dict[str, Any]]:
+        """The feature services: name, features and on-demand features."""
+        return self._core.services()
 
     def metrics(self) -> dict[str, dict[str, Any]]:
         """Per view: events accepted, late, rejected by reason, null / NaN values

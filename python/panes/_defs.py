@@ -68,7 +68,7 @@ class Feature:
             lines.append(f"column = {_q(self.column)}")
         if self.session_gap is not None:
             lines.append(f"session_gap = {_q(self.session_gap)}")
-        else:
+        if self.window is not None:
             lines.append(f"window = {_q(self.window)}")
         if self.hop is not None:
             lines.append(f"hop = {_q(self.hop)}")

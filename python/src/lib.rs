@@ -342,7 +342,7 @@ impl PyEngine {
     /// Point-in-time features for every spine row (DESIGN §3 backfill). `events` and
     /// `spine` are Arrow data or file paths (Parquet, CSV, Arrow IPC). Returns the
     /// spine with feature columns, the dead letters (when asked) and a report.
-    #[pyo3(signature = (events, spine, at_column = "ts", dead_letter = false))]
+    #[pyo3(signature = (events, spine, at_column = "ts", dead_letter = false, service = None))]
     fn backfill<'py>(
         &self,
         py: Python<'py>,
@@ -350,6 +350,7 @@ impl PyEngine {
         spine: &Bound<'py, PyAny>,
         at_column: &str,
         dead_letter: bool,
+        service: Option<String>,
     ) -> PyResult<(PyTable, Option<PyTable>, Bound<'py, PyDict>)> {
         let events = Source::extract(events)?;
         let spine = Source::extract(spine)?;
@@ -365,14 +366,25 @@ impl PyEngine {
                 let (events_schema, events) = events.load()?;
                 let (spine_schema, spine) = spine.load()?;
                 let backend = engine.backend().kind().create()?;
-                let (schema, batches, report) = panes_engine::backfill(
-                    engine.file(),
-                    &events,
-                    &spine_schema,
-                    &spine,
-                    backend,
-                    &options,
-                )?;
+                let (schema, batches, report) = match &service {
+                    Some(name) => panes_engine::backfill_service(
+                        engine.file(),
+                        name,
+                        &events,
+                        &spine_schema,
+                        &spine,
+                        backend,
+                        &options,
+                    )?,
+                    None => panes_engine::backfill(
+                        engine.file(),
+                        &events,
+                        &spine_schema,
+                        &spine,
+                        backend,
+                        &options,
+                    )?,
+                };
                 Ok::<_, PanesError>((schema, batches, report, events_schema))
             })
             .map_err(|e| to_py(py, e))?;
@@ -400,7 +412,54 @@ impl PyEngine {
             views.set_item(name, d)?;
         }
         out.set_item("views", views)?;
+        out.set_item("on_demand_errors", report.on_demand_errors)?;
         Ok((table, dead, out))
+    }
+
+    /// Reads feature service `service` for each row of `request` (Arrow data: the key
+    /// columns of the service's views, an optional `at_column` time, the columns its
+    /// on-demand features use): its features, then its on-demand features, one row
+    /// per request row.
+    #[pyo3(signature = (service, request, at_column = "ts"))]
+    fn read_service(
+        &self,
+        py: Python<'_>,
+        service: String,
+        request: &Bound<'_, PyAny>,
+        at_column: &str,
+    ) -> PyResult<PyTable> {
+        let request = Source::Data(request.extract::<AnyRecordBatch>()?.into_reader()?);
+        let engine = self.inner.clone();
+        let at_column = at_column.to_string();
+        let batch = py
+            .detach(move || {
+                let (schema, batches) = request.load()?;
+                let request = arrow_select::concat::concat_batches(&schema, &batches)?;
+                engine.read_service(&service, &request, &at_column)
+            })
+            .map_err(|e| to_py(py, e))?;
+        let schema = batch.schema();
+        PyTable::try_new(vec![batch], schema)
+    }
+
+    /// The feature services: `[{name, features, on_demand: [{name, expr}]}]`.
+    fn services<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let out = PyList::empty(py);
+        for s in &self.inner.file().services {
+            let d = PyDict::new(py);
+            d.set_item("name", &s.name)?;
+            d.set_item("features", &s.features)?;
+            let od = PyList::empty(py);
+            for x in &s.on_demand {
+                let e = PyDict::new(py);
+                e.set_item("name", &x.name)?;
+                e.set_item("expr", &x.expr)?;
+                od.append(e)?;
+            }
+            d.set_item("on_demand", od)?;
+            out.append(d)?;
+        }
+        Ok(out)
     }
 
     /// Counters and sizes of every view: `{view: {...}}`.

@@ -25,7 +25,14 @@ fn fingerprint(view: &CompiledView) -> u64 {
     let mut spec = view.spec.clone();
     spec.source = None;
     spec.max_keys = None;
-    crate::ingest::keys::fnv1a(FeatureFile { views: vec![spec] }.to_toml().as_bytes())
+    crate::ingest::keys::fnv1a(
+        FeatureFile {
+            views: vec![spec],
+            services: Vec::new(),
+        }
+        .to_toml()
+        .as_bytes(),
+    )
 }
 
 fn now_ms() -> i64 {

@@ -68,6 +68,9 @@ pub struct BackfillReport {
     /// events' columns plus `panes_view` and `panes_reason` (`late`, `null_key`,
     /// `null_time`, `bad_time`, `schema`, `key_limit`), in file order per view.
     pub dead_letter: Vec<RecordBatch>,
+    /// Spine rows whose on-demand expression could not be evaluated (null there), with
+    /// `--service`.
+    pub on_demand_errors: u64,
 }
 
 /// Schema of the dead-letter output for events of schema `events`.
@@ -204,6 +207,92 @@ pub fn backfill(
         .map(|cols| RecordBatch::try_new(schema.clone(), cols))
         .collect::<std::result::Result<Vec<_>, _>>()?;
     Ok((schema, batches, report))
+}
+
+/// [`backfill`] for the feature service `service` (DESIGN §3b): the spine's columns,
+/// then the service's features in its order, then its on-demand features, computed
+/// over the features and the spine's columns as an online service read computes them
+/// over the request's ([`crate::online::service::on_demand`]).
+///
+/// # Errors
+/// An unknown service, a spine without a key column the service needs, and the errors
+/// of [`backfill`] and of the on-demand expressions.
+pub fn backfill_service(
+    file: &FeatureFile,
+    service: &str,
+    events: &[RecordBatch],
+    spine_schema: &SchemaRef,
+    spine: &[RecordBatch],
+    backend: Arc<dyn Backend>,
+    options: &BackfillOptions,
+) -> Result<(SchemaRef, Vec<RecordBatch>, BackfillReport)> {
+    use crate::online::service::{check_key_columns, on_demand, service_views, unknown_service};
+    let s = file
+        .service(service)
+        .ok_or_else(|| unknown_service(file, service))?;
+    let views = service_views(file, s);
+    for (v, _) in &views {
+        check_key_columns(s, v, spine_schema, "spine")?;
+    }
+    // Only the service's views and features.
+    let own = FeatureFile {
+        views: views
+            .iter()
+            .map(|(v, names)| ViewSpec {
+                features: v
+                    .features
+                    .iter()
+                    .filter(|f| names.contains(&f.name.as_str()))
+                    .cloned()
+                    .collect(),
+                ..(*v).clone()
+            })
+            .collect(),
+        services: Vec::new(),
+    };
+    let (schema, batches, mut report) =
+        backfill(&own, events, spine_schema, spine, backend, options)?;
+    let program = crate::expr::Program::new(s.on_demand.clone(), None, Vec::new());
+    let empty = RecordBatch::new_empty(schema.clone());
+    let empty_spine = RecordBatch::new_empty(spine_schema.clone());
+    let pairs: Vec<(&RecordBatch, &RecordBatch)> = if batches.is_empty() {
+        vec![(&empty, &empty_spine)]
+    } else {
+        batches.iter().zip(spine).collect()
+    };
+    let mut out = Vec::with_capacity(pairs.len());
+    let mut out_schema = None;
+    for (b, request) in pairs {
+        let features = s
+            .features
+            .iter()
+            .map(|f| {
+                let i = schema.index_of(f)?;
+                Ok((schema.field(i).clone(), b.column(i).clone()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (extra, errors) = on_demand(s, &program, request, &features)?;
+        report.on_demand_errors += errors;
+        let (fields, columns): (Vec<Field>, Vec<ArrayRef>) = spine_schema
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .zip(request.columns().iter().cloned())
+            .chain(features)
+            .chain(extra)
+            .unzip();
+        let schema = Arc::new(Schema::new_with_metadata(
+            fields,
+            spine_schema.metadata().clone(),
+        ));
+        out.push(RecordBatch::try_new(schema.clone(), columns)?);
+        out_schema = Some(schema);
+    }
+    if batches.is_empty() {
+        out.clear();
+    }
+    let schema = out_schema.ok_or_else(|| PanesError::Internal("no output schema".into()))?;
+    Ok((schema, out, report))
 }
 
 /// The spine's read times, and its rows with a time in time order.

@@ -135,6 +135,8 @@ impl EngineOptions {
 pub struct Engine {
     pub(super) file: FeatureFile,
     pub(super) views: Vec<View>,
+    /// The on-demand features of each service of `file` (same order).
+    pub(super) services: Vec<crate::expr::Program>,
     pub(super) backend: Arc<dyn Backend>,
     pub(super) options: EngineOptions,
 }
@@ -195,9 +197,15 @@ impl Engine {
                 })
             })
             .collect::<Result<_>>()?;
+        let services = file
+            .services
+            .iter()
+            .map(|s| crate::expr::Program::new(s.on_demand.clone(), None, Vec::new()))
+            .collect();
         Ok(Engine {
             file: file.clone(),
             views,
+            services,
             backend,
             options,
         })

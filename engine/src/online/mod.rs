@@ -9,6 +9,7 @@ mod engine;
 mod frame;
 mod read;
 mod replicas;
+pub mod service;
 
 pub use engine::{Clock, Engine, EngineOptions};
 pub use frame::{

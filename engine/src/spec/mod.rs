@@ -227,10 +227,35 @@ pub struct SourceSpec {
 }
 
 /// A parsed, validated feature file.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct FeatureFile {
     /// The views, in file order.
     pub views: Vec<ViewSpec>,
+    /// The feature services, in file order.
+    pub services: Vec<ServiceSpec>,
+}
+
+/// A feature service (`[[services]]`, DESIGN §3b): one vector of features from any
+/// views, addressed by request rows that carry every key it needs, plus on-demand
+/// features computed at read time.
+///
+/// ```toml
+/// [[services]]
+/// name = "fraud_v1"
+/// features = ["tx_5m", "amount_mean_1d", "merchant_fraud_rate_7d"]
+/// [[services.on_demand]]
+/// name = "amount_vs_mean"
+/// expr = "amount / amount_mean_1d"    # the service's features and the request's columns
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSpec {
+    /// Unique among services; how requests address it.
+    pub name: String,
+    /// Feature names, from any views, in output order.
+    pub features: Vec<String>,
+    /// On-demand features, in order (each may use the ones before it), after the
+    /// features in the output.
+    pub on_demand: Vec<crate::expr::Derived>,
 }
 
 /// Parses a duration: a positive integer and a unit (`ms`, `s`, `m`, `h`, `d`), e.g. `90s`.
@@ -408,7 +433,23 @@ impl FeatureFile {
                 }
             }
         }
+        for sv in &self.services {
+            let _ = writeln!(s, "[[services]]");
+            let _ = writeln!(s, "name = {}", q(&sv.name));
+            let names: Vec<String> = sv.features.iter().map(|f| q(f)).collect();
+            let _ = writeln!(s, "features = [{}]\n", names.join(", "));
+            for d in &sv.on_demand {
+                let _ = writeln!(s, "[[services.on_demand]]");
+                let _ = writeln!(s, "name = {}", q(&d.name));
+                let _ = writeln!(s, "expr = {}\n", q(&d.expr));
+            }
+        }
         s
+    }
+
+    /// The service named `name`.
+    pub fn service(&self, name: &str) -> Option<&ServiceSpec> {
+        self.services.iter().find(|s| s.name == name)
     }
 
     /// The view named `name`.

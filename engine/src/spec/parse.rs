@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use super::{
     CompiledView, FeatureFile, FeatureSpec, MAX_KEY_PARTS, MAX_PANES, PayloadFormat, ReadTime,
-    SourceSpec, ViewSpec, Window, format_duration, parse_duration,
+    ServiceSpec, SourceSpec, ViewSpec, Window, format_duration, parse_duration,
 };
 use crate::error::{Result, SpecError, SpecIssue};
 use crate::expr::Derived;
@@ -19,6 +19,15 @@ use crate::expr::Derived;
 #[serde(deny_unknown_fields)]
 struct RawFile {
     views: Option<Vec<RawView>>,
+    services: Option<Vec<RawService>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: Option<String>,
+    features: Option<Vec<String>>,
+    on_demand: Option<Vec<RawColumn>>,
 }
 
 #[derive(Deserialize)]
@@ -95,10 +104,18 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<FeatureFile> {
             "the file defines no view; add a [[views]] table",
         );
     }
-    let views = raw_views
+    let views: Vec<ViewSpec> = raw_views
         .into_iter()
         .enumerate()
         .map(|(vi, rv)| c.view(vi, rv))
+        .collect();
+    let mut service_names = HashSet::new();
+    let services = raw
+        .services
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .filter_map(|(si, rs)| c.service(si, rs, &views, &mut service_names))
         .collect();
     if !c.issues.is_empty() {
         return Err(SpecError {
@@ -107,7 +124,7 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<FeatureFile> {
         }
         .into());
     }
-    Ok(FeatureFile { views })
+    Ok(FeatureFile { views, services })
 }
 
 /// The problems found so far, and the names taken (unique per file).
@@ -215,6 +232,106 @@ impl Collector {
                 default
             }
         }
+    }
+
+    /// Service number `si` (from 0) of the file, checked against the file's `views`.
+    fn service(
+        &mut self,
+        si: usize,
+        rs: RawService,
+        views: &[ViewSpec],
+        names: &mut HashSet<String>,
+    ) -> Option<ServiceSpec> {
+        let sloc = match &rs.name {
+            Some(n) => format!("service {n:?}"),
+            None => format!("service #{}", si + 1),
+        };
+        let name = self.required(&sloc, "name", rs.name);
+        if !name.is_empty() && !names.insert(name.clone()) {
+            self.push(&sloc, "name", "duplicate service name");
+        }
+        if let Err(e) = check_view_name(&name) {
+            self.push(
+                &sloc,
+                "name",
+                e.replace("checkpoints", "the service's addresses"),
+            );
+        }
+        let known: Vec<&str> = views
+            .iter()
+            .flat_map(|v| v.features.iter().map(|f| f.name.as_str()))
+            .collect();
+        let features = rs.features.unwrap_or_default();
+        if features.is_empty() {
+            self.push(
+                &sloc,
+                "features",
+                "is required: a list of the names of features of any views",
+            );
+        }
+        let mut seen = HashSet::new();
+        for f in &features {
+            if !known.contains(&f.as_str()) {
+                let shown: Vec<&str> = known.iter().take(30).copied().collect();
+                let more = if known.len() > 30 { ", ..." } else { "" };
+                self.push(
+                    &sloc,
+                    "features",
+                    format!(
+                        "unknown feature {f:?}; the file's features are {}{more}",
+                        shown.join(", ")
+                    ),
+                );
+            } else if !seen.insert(f.as_str()) {
+                self.push(&sloc, "features", format!("feature {f:?} appears twice"));
+            }
+        }
+        let mut on_demand: Vec<Derived> = Vec::new();
+        for (oi, rc) in rs.on_demand.unwrap_or_default().into_iter().enumerate() {
+            let oloc = match &rc.name {
+                Some(n) => format!("{sloc} on_demand {n:?}"),
+                None => format!("{sloc} on_demand #{}", oi + 1),
+            };
+            let o = self.required(&oloc, "name", rc.name);
+            if known.contains(&o.as_str()) {
+                self.push(
+                    &oloc,
+                    "name",
+                    "has the name of a feature; on-demand names are new columns",
+                );
+            } else if on_demand.iter().any(|d| d.name == o) {
+                self.push(&oloc, "name", "duplicate on-demand feature name");
+            }
+            if rc.expr.is_none() {
+                self.push(
+                    &oloc,
+                    "expr",
+                    "is required: a SQL expression over the service's features and the request's columns",
+                );
+            }
+            let Some(expr) = self.expression(&oloc, "expr", rc.expr) else {
+                continue;
+            };
+            for c in crate::expr::columns_of(&expr) {
+                if known.contains(&c.as_str()) && !features.contains(&c) {
+                    self.push(
+                        &oloc,
+                        "expr",
+                        format!(
+                            "names feature {c:?}, which is not in the service's features; add it to `features`"
+                        ),
+                    );
+                }
+            }
+            if !o.is_empty() {
+                on_demand.push(Derived { name: o, expr });
+            }
+        }
+        Some(ServiceSpec {
+            name,
+            features,
+            on_demand,
+        })
     }
 
     /// An expression of `field` at `location`: its syntax checked (its columns and types

@@ -22,6 +22,7 @@ mod micro_batch;
 mod security;
 #[cfg(feature = "serve")]
 mod serve;
+mod services;
 mod splits;
 mod strings;
 mod wall_clock;

@@ -133,6 +133,7 @@ impl KafkaView {
         Ok(KafkaView {
             file: FeatureFile {
                 views: vec![own.clone()],
+                services: Vec::new(),
             },
             columns: CompiledView::new(&own, options.shards).input_columns(),
             spec: own,
