@@ -680,6 +680,7 @@ async fn probe_freshness(
                     })),
                     features: vec!["n_life".into()],
                     at_ms: None,
+                    ..Default::default()
                 })
                 .await;
             let n = r.map(|r| r.into_inner().values[0] as u64).unwrap_or(0);
@@ -720,6 +721,7 @@ async fn panes_phase(
                     })),
                     features: vec![],
                     at_ms: None,
+                    ..Default::default()
                 })
                 .await;
             match r {

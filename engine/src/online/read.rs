@@ -38,6 +38,19 @@ impl Engine {
         at: Option<i64>,
         features: Option<&[&str]>,
     ) -> Result<FeatureFrame> {
+        self.read_array(view, keys, at, features, true)
+    }
+
+    /// [`Engine::read`]; with `settle`, pending events are folded and published
+    /// first, else the published state is read as it is (the server's way).
+    pub(crate) fn read_array(
+        &self,
+        view: &str,
+        keys: &dyn Array,
+        at: Option<i64>,
+        features: Option<&[&str]>,
+        settle: bool,
+    ) -> Result<FeatureFrame> {
         let spec = &self.compiled(view)?.spec;
         let projected;
         let keys = if matches!(keys.data_type(), DataType::Struct(_)) {
@@ -53,6 +66,7 @@ impl Engine {
             view,
             at,
             features,
+            settle,
             |index| {
                 if keys.null_count() < keys.len() {
                     index.check_kind(view, &col.kinds(), keys.data_type())?;
@@ -82,6 +96,7 @@ impl Engine {
             view,
             at,
             features,
+            true,
             |index| {
                 check_shape(view, spec, keys, index)?;
                 Ok(keys.iter().map(|k| index.get(k)).collect())
@@ -118,11 +133,14 @@ impl Engine {
         view: &str,
         at: Option<i64>,
         features: Option<&[&str]>,
+        settle: bool,
         ids: impl FnOnce(&KeyIndex) -> Result<Vec<Option<u32>>>,
         key_of: impl Fn(usize) -> String,
     ) -> Result<FeatureFrame> {
         let v = self.view(view)?;
-        self.settle(v)?;
+        if settle {
+            self.settle(v)?;
+        }
         let snap = v.snapshot()?;
         let ids = ids(&snap.core.keys)?;
         Ok(self

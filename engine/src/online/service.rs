@@ -189,6 +189,30 @@ impl Engine {
         request: &RecordBatch,
         at_column: &str,
     ) -> Result<RecordBatch> {
+        self.service_rows(name, request, at_column, true)
+    }
+
+    /// [`Engine::read_service`] on the published state, without folding pending events
+    /// first: the server's read, which never waits for a fold.
+    ///
+    /// # Errors
+    /// As [`Engine::read_service`].
+    pub fn read_service_published(
+        &self,
+        name: &str,
+        request: &RecordBatch,
+        at_column: &str,
+    ) -> Result<RecordBatch> {
+        self.service_rows(name, request, at_column, false)
+    }
+
+    fn service_rows(
+        &self,
+        name: &str,
+        request: &RecordBatch,
+        at_column: &str,
+        settle: bool,
+    ) -> Result<RecordBatch> {
         let (si, service) = self
             .file
             .services
@@ -238,7 +262,9 @@ impl Engine {
                 } else {
                     arrow_select::take::take(keys.as_ref(), &UInt32Array::from(rows.clone()), None)?
                 };
-                let (b, _) = self.read_batch(&view.name, &keys, *at, Some(features))?;
+                let frame =
+                    self.read_array(&view.name, keys.as_ref(), *at, Some(features), settle)?;
+                let b = self.frame_batch(&view.name, &keys, &frame)?;
                 for (j, &r) in rows.iter().enumerate() {
                     index[r as usize] = (g, j);
                 }

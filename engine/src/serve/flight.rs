@@ -2,6 +2,9 @@
 //! by the descriptor's path; `DoGet` reads features for a ticket (JSON:
 //! `{"view": "cards", "keys": [1, 2], "features": ["..."], "at_ms": 123}`; `features`
 //! and `at_ms` optional) and returns one record batch: the keys, then the features.
+//! A service ticket, `{"service": "fraud_v1", "request": {"card": [1, 2], "amount":
+//! [9.5, null]}, "at_column": "ts"}`, returns the service's features then its on-demand
+//! features, one row per request row.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -222,7 +225,28 @@ impl FlightService for Flight {
         let started = Instant::now();
         let caller = Caller::of(&request)?;
         let token = request.metadata().get("authorization").cloned();
-        let t = parse_ticket(&request.into_inner().ticket)?;
+        let ticket = request.into_inner().ticket;
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&ticket)
+            && v.get("service").is_some()
+        {
+            let (service, rows, at_column) = super::service::ticket_request(&v)?;
+            let batch = self
+                .shared
+                .read_service(&caller, service, rows, at_column)
+                .await
+                .map_err(|s| {
+                    if s.code() == tonic::Code::InvalidArgument {
+                        Status::new(s.code(), format!("ticket.{}", s.message()))
+                    } else {
+                        s
+                    }
+                })?;
+            let stream = FlightDataEncoderBuilder::new()
+                .build(futures::stream::once(async move { Ok(batch) }))
+                .map_err(|e| Status::internal(e.to_string()));
+            return Ok(Response::new(Box::pin(stream)));
+        }
+        let t = parse_ticket(&ticket)?;
         caller.check(Scope::Read, &t.view)?;
         self.shared
             .check_keys(t.keys.len())

@@ -36,6 +36,40 @@ impl FeaturesService {
     pub fn new(shared: Arc<Shared>) -> Self {
         FeaturesService { shared }
     }
+
+    /// `GetFeatures` of a feature service: the request rows in, one row out per row.
+    async fn get_service(
+        &self,
+        caller: &Caller,
+        req: GetFeaturesRequest,
+        started: Instant,
+    ) -> Result<Response<GetFeaturesResponse>, Status> {
+        let misplaced = [
+            ("view", !req.view.is_empty()),
+            ("keys", req.keys.is_some()),
+            ("features", !req.features.is_empty()),
+            ("at_ms", req.at_ms.is_some()),
+        ];
+        if let Some((field, _)) = misplaced.iter().find(|(_, set)| *set) {
+            return Err(bad_request(
+                field,
+                "a service read takes its rows (and their times) from `request` only",
+            ));
+        }
+        let (batch, at_column) = super::service::request_batch(req.request)?;
+        let out = self
+            .shared
+            .read_service(caller, req.service, batch, at_column)
+            .await?;
+        let response = super::service::response(&out)?;
+        let mut response = Response::new(response);
+        let took = started.elapsed();
+        response.metadata_mut().insert(
+            SERVER_TIME_HEADER,
+            tonic::metadata::MetadataValue::from(took.as_micros().min(u64::MAX as u128) as u64),
+        );
+        Ok(response)
+    }
 }
 
 /// The keys of a read, checked against the limit.
@@ -538,6 +572,15 @@ impl Features for FeaturesService {
         // A read routed to another instance carries the caller's token there.
         let token = request.metadata().get("authorization").cloned();
         let req = request.into_inner();
+        if !req.service.is_empty() {
+            return self.get_service(&caller, req, started).await;
+        }
+        if req.request.is_some() {
+            return Err(bad_request(
+                "request",
+                "request rows go with a service; a view read takes keys",
+            ));
+        }
         caller.check(Scope::Read, &req.view)?;
         let keys = keys_of(&self.shared, req.keys)?;
         check_at(req.at_ms)?;

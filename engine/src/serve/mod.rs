@@ -44,6 +44,7 @@ mod options;
 mod page;
 mod route;
 mod server;
+mod service;
 mod status;
 mod workers;
 

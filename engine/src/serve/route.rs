@@ -132,6 +132,7 @@ pub(crate) async fn read(
             keys: Some(request_keys(&keys, &idx)),
             features: names.clone(),
             at_ms: at,
+            ..Default::default()
         });
         request
             .metadata_mut()

@@ -569,6 +569,7 @@ impl Panes {
                     })),
                     features,
                     at_ms: Some(at),
+                    ..Default::default()
                 })
                 .await
                 .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?

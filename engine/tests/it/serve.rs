@@ -205,6 +205,7 @@ fn read(
         keys,
         features: vec![],
         at_ms: at,
+        ..Default::default()
     }
 }
 

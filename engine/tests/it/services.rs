@@ -280,3 +280,194 @@ fn service_errors_say_what_is_wrong() {
     let file = FeatureFile::parse(FEATURES, "f.toml").unwrap();
     assert_eq!(FeatureFile::parse(&file.to_toml(), "again").unwrap(), file);
 }
+
+/// The same service read through gRPC (typed columns and Arrow IPC) and Flight equals
+/// the in-process read of the same rows (which equals their backfill: see
+/// `a_service_reads_several_views_and_computes_on_demand_features`), on every backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_and_flight_service_reads_equal_the_in_process_read() {
+    use futures::TryStreamExt;
+    use panes_engine::serve::proto::features_client::FeaturesClient;
+    use panes_engine::serve::proto::request_column::Values;
+    use panes_engine::serve::proto::{
+        DoubleValues, GetFeaturesRequest, IntKeys, RequestColumn, RequestColumns, ServiceRequest,
+        StringKeys, service_request,
+    };
+    use panes_engine::serve::{ServeOptions, Server};
+
+    let mut backends = vec![BackendKind::Cpu];
+    if crate::common::gpu_available() {
+        backends.push(BackendKind::Gpu);
+    }
+    for backend in backends {
+        let e = Arc::new(engine(backend));
+        e.flush().unwrap();
+        let rows = request(Some(vec![Some(39_000), Some(95_000), None, Some(50_000)]));
+        let want = e.read_service("s", &rows, "at").unwrap();
+        let server = Server::bind(
+            e.clone(),
+            ServeOptions::default(),
+            "127.0.0.1:0".parse().unwrap(),
+            None,
+        )
+        .await
+        .unwrap();
+        let addr = server.grpc_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let done = tokio::spawn(server.run(async move {
+            let _ = rx.await;
+        }));
+        let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = FeaturesClient::new(channel.clone());
+
+        // Typed columns.
+        let column = |name: &str, values: Values, nulls: Vec<u32>| RequestColumn {
+            name: name.into(),
+            values: Some(values),
+            nulls,
+        };
+        let typed = ServiceRequest {
+            data: Some(service_request::Data::Columns(RequestColumns {
+                columns: vec![
+                    column(
+                        "merchant",
+                        Values::Strings(StringKeys {
+                            keys: vec!["m0".into(), "m1".into(), "m1".into(), "m0".into()],
+                        }),
+                        vec![],
+                    ),
+                    column(
+                        "card",
+                        Values::Ints(IntKeys {
+                            keys: vec![0, 1, 2, 7],
+                        }),
+                        vec![],
+                    ),
+                    column(
+                        "limit_amount",
+                        Values::Doubles(DoubleValues {
+                            values: vec![100.0, 0.0, 0.0, 50.0],
+                        }),
+                        vec![2],
+                    ),
+                    column(
+                        "at",
+                        Values::Ints(IntKeys {
+                            keys: vec![39_000, 95_000, 0, 50_000],
+                        }),
+                        vec![2],
+                    ),
+                ],
+            })),
+            at_column: "at".into(),
+        };
+        let ask = |request: ServiceRequest| GetFeaturesRequest {
+            service: "s".into(),
+            request: Some(request),
+            ..Default::default()
+        };
+        let r = client
+            .get_features(ask(typed.clone()))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            r.features,
+            ["card_count_3", "pair_sum_1m", "pair_last", "share", "twice"]
+        );
+        assert_eq!(r.rows, 4);
+        let cell = |r: &panes_engine::serve::proto::GetFeaturesResponse, row: usize, f: usize| {
+            let i = row * r.features.len() + f;
+            (r.validity[i / 8] >> (i % 8) & 1 == 1).then(|| r.values[i])
+        };
+        for (f, name) in r.features.iter().enumerate() {
+            let w = f64s(&want, name);
+            for (row, w) in w.iter().enumerate() {
+                assert_eq!(
+                    cell(&r, row, f),
+                    *w,
+                    "{backend} gRPC typed: {name} row {row}"
+                );
+            }
+        }
+
+        // Arrow IPC.
+        let mut ipc = Vec::new();
+        {
+            let mut w = arrow_ipc::writer::StreamWriter::try_new(&mut ipc, &rows.schema()).unwrap();
+            w.write(&rows).unwrap();
+            w.finish().unwrap();
+        }
+        let as_ipc = ServiceRequest {
+            data: Some(service_request::Data::ArrowIpc(ipc)),
+            at_column: "at".into(),
+        };
+        let r2 = client.get_features(ask(as_ipc)).await.unwrap().into_inner();
+        assert_eq!(
+            (r2.values.len(), &r2.validity),
+            (r.values.len(), &r.validity)
+        );
+        assert!(
+            r2.values
+                .iter()
+                .zip(&r.values)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
+
+        // Flight.
+        let mut flight = arrow_flight::FlightClient::new(channel.clone());
+        let ticket = r#"{"service": "s", "at_column": "at", "request": {"merchant": ["m0", "m1", "m1", "m0"], "card": [0, 1, 2, 7], "limit_amount": [100.0, 0, null, 50], "at": [39000, 95000, null, 50000]}}"#;
+        let got: Vec<RecordBatch> = flight
+            .do_get(arrow_flight::Ticket::new(ticket))
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        for name in ["card_count_3", "pair_sum_1m", "pair_last", "share", "twice"] {
+            assert_eq!(
+                f64s(&got[0], name),
+                f64s(&want, name),
+                "{backend} Flight: {name}"
+            );
+        }
+
+        // Errors: a view with a service, an unknown service, a missing key column, a
+        // malformed ticket.
+        let mixed = GetFeaturesRequest {
+            view: "cards".into(),
+            ..ask(typed.clone())
+        };
+        let s = client.get_features(mixed).await.unwrap_err();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+        let unknown = GetFeaturesRequest {
+            service: "nope".into(),
+            ..ask(typed.clone())
+        };
+        let s = client.get_features(unknown).await.unwrap_err();
+        assert!(s.message().contains("unknown service \"nope\""), "{s:?}");
+        let mut no_merchant = typed.clone();
+        if let Some(service_request::Data::Columns(c)) = &mut no_merchant.data {
+            c.columns.remove(0);
+        }
+        let s = client.get_features(ask(no_merchant)).await.unwrap_err();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        assert!(
+            s.message().contains("needs key column(s) merchant"),
+            "{s:?}"
+        );
+        let s = flight
+            .do_get(arrow_flight::Ticket::new(
+                r#"{"service": "s", "request": {"card": [1, "x"]}}"#,
+            ))
+            .await
+            .unwrap_err();
+        assert!(s.to_string().contains("ticket.request.card"), "{s}");
+        let _ = tx.send(());
+        done.await.unwrap().unwrap();
+    }
+}
