@@ -9,7 +9,7 @@
 //!
 //! ```text
 //! cargo run --release -p panes-bench --bin serve_load [-- --rate 1000 --seconds 10
-//!     --ingest-rate 1000000 --keys 100000 --sizes 1,10,100 --out FILE.json
+//!     --ingest-rate 1000000 --keys 100000 --sizes 1,10,100 --service-sizes 100 --out FILE.json
 //!     --write-priority idle|normal|nice:N --read-priority normal|realtime[:N]]
 //! ```
 //!
@@ -21,6 +21,11 @@
 //!   at a fixed `--rate` per second and each one's latency counts from its scheduled
 //!   time, not from when it was sent (open loop: a stalled server cannot slow the
 //!   generator down and hide its own stall, i.e. no coordinated omission).
+//! - Feature service, per `--service-sizes` (default 100 rows): the same open-loop
+//!   schedule of `GetFeatures` by service `fraud`, 20 features of `cards` and 20 of a
+//!   second view `cards_slow` (longer windows, preloaded like `cards`, not ingested
+//!   into during the run) plus two on-demand features over them and the request's
+//!   `amount`; rows as typed columns.
 //! - Freshness: every 20 ms a probe event for a reserved key is sent on its own
 //!   stream, and the probe polls `GetFeatures` until a read reflects it.
 //! - Redis: `redis-server` (Debian package) started on a free loopback port, no
@@ -81,6 +86,52 @@ fn features() -> FeatureFile {
     }
     add("n_life", "count", None, "lifetime", "");
     add("mean_life", "mean", Some("amount"), "lifetime", "");
+    // A second view of the same cards (longer windows), and a service over both.
+    toml.push_str(
+        "[[views]]\nname = \"cards_slow\"\nkey = \"card\"\ntime = \"ts\"\npane = \"1m\"\nallowed_lateness = \"5s\"\n",
+    );
+    let mut names: Vec<String> = Vec::new();
+    for (w, hop) in [("2h", "10m"), ("6h", "30m"), ("1d", "1h")] {
+        for (agg, column) in [
+            ("count", None),
+            ("sum", Some("amount")),
+            ("mean", Some("amount")),
+            ("max", Some("amount")),
+            ("min", Some("amount")),
+            ("std", Some("amount")),
+        ] {
+            let name = format!("s_{agg}_{w}");
+            toml.push_str(&format!(
+                "[[views.features]]\nname = \"{name}\"\nagg = \"{agg}\"\nwindow = \"{w}\"\nhop = \"{hop}\"\n"
+            ));
+            if let Some(c) = column {
+                toml.push_str(&format!("column = \"{c}\"\n"));
+            }
+            names.push(name);
+        }
+    }
+    for (name, agg, column) in [("s_n_life", "count", None), ("s_last", "last", Some("amount"))] {
+        toml.push_str(&format!(
+            "[[views.features]]\nname = \"{name}\"\nagg = \"{agg}\"\nwindow = \"lifetime\"\n"
+        ));
+        if let Some(c) = column {
+            toml.push_str(&format!("column = \"{c}\"\n"));
+        }
+        names.push(name.to_string());
+    }
+    let fast = FeatureFile::parse(&toml, "serve_load").expect("valid features");
+    let all: Vec<String> = fast.views[0]
+        .features
+        .iter()
+        .map(|f| format!("{:?}", f.name))
+        .chain(names.iter().map(|n| format!("{n:?}")))
+        .collect();
+    toml.push_str(&format!(
+        "[[services]]\nname = \"fraud\"\nfeatures = [{}]\n\
+         [[services.on_demand]]\nname = \"amount_vs_mean\"\nexpr = \"amount / mean_1m\"\n\
+         [[services.on_demand]]\nname = \"recent_share\"\nexpr = \"CAST(n_1m AS DOUBLE) / (s_count_2h + 1)\"\n",
+        all.join(", ")
+    ));
     FeatureFile::parse(&toml, "serve_load").expect("valid features")
 }
 
@@ -347,6 +398,7 @@ fn main() {
 
     let file = features();
     let nfeat = file.views[0].features.len();
+    let file_for_service = file.clone();
     let engine = Arc::new(
         Engine::new(
             &file,
@@ -435,6 +487,16 @@ fn main() {
             );
             phases.push(phase);
         }
+        let nout = engine_outputs(&file_for_service);
+        for &size in &args.service_sizes {
+            let phase = service_phase(clients.clone(), size, rate, seconds, keys, nout).await;
+            eprintln!(
+                "panes service, {size} rows: done ({} ok, {} errors)",
+                phase.lat_us.len(),
+                phase.errors
+            );
+            phases.push(phase);
+        }
         let server_side = server_read_time(metrics_addr).await;
         let ingested = sent.load(Ordering::Relaxed) - ingest_start.1;
         let ingest_rate_seen = ingested as f64 / ingest_start.0.elapsed().as_secs_f64();
@@ -474,6 +536,7 @@ struct Args {
     ingest_rate: f64,
     keys: u64,
     sizes: Vec<usize>,
+    service_sizes: Vec<usize>,
     out: String,
     batch_rows: usize,
     write_priority: WritePriority,
@@ -492,6 +555,11 @@ impl Args {
             .split(',')
             .map(|s| s.parse().expect("--sizes 1,10,100"))
             .collect();
+        let service_sizes: Vec<usize> = arg("--service-sizes", "100")
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(|s| s.parse().expect("--service-sizes 100"))
+            .collect();
         let out = arg("--out", "");
         let batch_rows: usize = arg("--batch-rows", "65536")
             .parse()
@@ -508,6 +576,7 @@ impl Args {
             ingest_rate,
             keys,
             sizes,
+            service_sizes,
             out,
             batch_rows,
             write_priority,
@@ -590,6 +659,16 @@ async fn preload(
             let ts = vec![t0 - 60_000 + round * 1_000; keys as usize];
             let amount = (0..keys).map(|_| rng.random_range(1.0..500.0f64)).collect();
             ipc("cards", &batch(card, ts, amount))
+        })
+        .collect();
+    // The second view gets the same two events per key (the ingest stream feeds
+    // `cards` only).
+    let pre: Vec<IngestRequest> = pre
+        .into_iter()
+        .flat_map(|r| {
+            let mut slow = r.clone();
+            slow.view = "cards_slow".into();
+            [r, slow]
         })
         .collect();
     let r = ingest_client
@@ -760,6 +839,74 @@ async fn load_redis(raddr: SocketAddr, keys: u64, nfeat: usize) {
             pending = 0;
         }
     }
+}
+
+/// Columns of a `fraud` service read: its features and on-demand features.
+fn engine_outputs(file: &FeatureFile) -> usize {
+    file.service("fraud")
+        .map_or(0, |s| s.features.len() + s.on_demand.len())
+}
+
+/// One open-loop phase of `size`-row reads of the `fraud` service (two views × 20
+/// features and two on-demand features per row), rows as typed columns: a card and an
+/// amount.
+async fn service_phase(
+    clients: Vec<FeaturesClient<Channel>>,
+    size: usize,
+    rate: f64,
+    seconds: f64,
+    keys: u64,
+    nout: usize,
+) -> Phase {
+    use proto::request_column::Values;
+    open_loop("panes service", size, rate, seconds, move |i| {
+        let mut c = clients[i as usize % clients.len()].clone();
+        let mut rng = StdRng::seed_from_u64(i);
+        let ks: Vec<i64> = (0..size)
+            .map(|_| rng.random_range(0..keys as i64))
+            .collect();
+        let amounts: Vec<f64> = (0..size).map(|_| rng.random_range(1.0..500.0)).collect();
+        let column = |name: &str, values: Values| proto::RequestColumn {
+            name: name.into(),
+            values: Some(values),
+            nulls: vec![],
+        };
+        let request = proto::ServiceRequest {
+            data: Some(proto::service_request::Data::Columns(proto::RequestColumns {
+                columns: vec![
+                    column("card", Values::Ints(proto::IntKeys { keys: ks })),
+                    column(
+                        "amount",
+                        Values::Doubles(proto::DoubleValues { values: amounts }),
+                    ),
+                ],
+            })),
+            at_column: String::new(),
+        };
+        async move {
+            let r = c
+                .get_features(GetFeaturesRequest {
+                    service: "fraud".into(),
+                    request: Some(request),
+                    ..Default::default()
+                })
+                .await;
+            match r {
+                Ok(r) => Reply {
+                    ok: r.get_ref().values.len() == size * nout,
+                    server_us: r
+                        .metadata()
+                        .get(SERVER_TIME_HEADER)
+                        .and_then(|v| v.to_str().ok()?.parse().ok()),
+                },
+                Err(_) => Reply {
+                    ok: false,
+                    server_us: None,
+                },
+            }
+        }
+    })
+    .await
 }
 
 /// One open-loop phase of `size`-key MGETs against Redis.
