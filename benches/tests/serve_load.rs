@@ -1,5 +1,6 @@
 //! The serving load generator runs end to end, briefly: a server in-process, ingest at
-//! a fixed rate, open-loop reads of every size, the freshness probe and the Redis
+//! a fixed rate, open-loop reads of every size and of a feature service, the freshness
+//! probe and the Redis
 //! reference (`redis-server`, which the test command installs), and its JSON report.
 //! Its numbers mean nothing here (a debug build, a fraction of a second).
 
@@ -21,6 +22,8 @@ fn load_generator_prints_the_table_and_writes_its_report() {
             "2000",
             "--sizes",
             "1,100",
+            "--service-sizes",
+            "100",
             "--out",
         ])
         .arg(&out)
@@ -38,6 +41,7 @@ fn load_generator_prints_the_table_and_writes_its_report() {
     for (target, keys) in [
         ("panes + ingest", "1"),
         ("panes + ingest", "100"),
+        ("panes service", "100"),
         ("redis MGET", "1"),
         ("redis MGET", "100"),
     ] {
@@ -48,10 +52,10 @@ fn load_generator_prints_the_table_and_writes_its_report() {
     }
     assert!(stdout.contains("freshness"), "{stdout}");
     let json = std::fs::read_to_string(&out).unwrap();
-    assert_eq!(json.matches("\"target\":").count(), 4, "{json}");
-    // Every request of every phase succeeded.
-    assert_eq!(json.matches("\"errors\": 0").count(), 4, "{json}");
+    assert_eq!(json.matches("\"target\":").count(), 5, "{json}");
+    // Every request of every phase succeeded (a service reply has every column).
+    assert_eq!(json.matches("\"errors\": 0").count(), 5, "{json}");
     // Panes reports its own time per request (a header); Redis does not.
     assert_eq!(json.matches("\"server_p99_ms\": null").count(), 2, "{json}");
-    assert_eq!(json.matches("\"server_p99_ms\": ").count(), 4, "{json}");
+    assert_eq!(json.matches("\"server_p99_ms\": ").count(), 5, "{json}");
 }

@@ -634,6 +634,21 @@ fn describe(file: &FeatureFile) {
             println!("  {:<28} {}({col}) over {w}{param}", f.name, f.agg);
         }
     }
+    for s in &file.services {
+        let views: Vec<String> = panes_engine::online::service::service_views(file, s)
+            .iter()
+            .map(|(v, _)| format!("{:?}", v.name))
+            .collect();
+        println!(
+            "service {:?}: {} features from views {}",
+            s.name,
+            s.features.len(),
+            views.join(", ")
+        );
+        for d in &s.on_demand {
+            println!("  {:<28} on demand: {}", d.name, d.expr);
+        }
+    }
 }
 
 fn check(path: &Path, events: Option<&Path>) -> Result<()> {

@@ -110,7 +110,10 @@ fn features() -> FeatureFile {
             names.push(name);
         }
     }
-    for (name, agg, column) in [("s_n_life", "count", None), ("s_last", "last", Some("amount"))] {
+    for (name, agg, column) in [
+        ("s_n_life", "count", None),
+        ("s_last", "last", Some("amount")),
+    ] {
         toml.push_str(&format!(
             "[[views.features]]\nname = \"{name}\"\nagg = \"{agg}\"\nwindow = \"lifetime\"\n"
         ));
@@ -872,15 +875,17 @@ async fn service_phase(
             nulls: vec![],
         };
         let request = proto::ServiceRequest {
-            data: Some(proto::service_request::Data::Columns(proto::RequestColumns {
-                columns: vec![
-                    column("card", Values::Ints(proto::IntKeys { keys: ks })),
-                    column(
-                        "amount",
-                        Values::Doubles(proto::DoubleValues { values: amounts }),
-                    ),
-                ],
-            })),
+            data: Some(proto::service_request::Data::Columns(
+                proto::RequestColumns {
+                    columns: vec![
+                        column("card", Values::Ints(proto::IntKeys { keys: ks })),
+                        column(
+                            "amount",
+                            Values::Doubles(proto::DoubleValues { values: amounts }),
+                        ),
+                    ],
+                },
+            )),
             at_column: String::new(),
         };
         async move {

@@ -343,3 +343,202 @@ pub(crate) fn ticket_request(
         .map_err(|e| bad_request("ticket.request", e.to_string()))?;
     Ok((service, batch, at_column))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::request_column::Values;
+
+    fn columns(columns: Vec<proto::RequestColumn>) -> Option<proto::ServiceRequest> {
+        Some(proto::ServiceRequest {
+            data: Some(proto::service_request::Data::Columns(
+                proto::RequestColumns { columns },
+            )),
+            at_column: String::new(),
+        })
+    }
+
+    fn ints(name: &str, keys: Vec<i64>, nulls: Vec<u32>) -> proto::RequestColumn {
+        proto::RequestColumn {
+            name: name.into(),
+            values: Some(Values::Ints(proto::IntKeys { keys })),
+            nulls,
+        }
+    }
+
+    fn field_of(s: &Status) -> String {
+        s.message()
+            .split(':')
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    #[test]
+    fn typed_columns_become_a_batch_with_their_nulls() {
+        let strings = proto::RequestColumn {
+            name: "m".into(),
+            values: Some(Values::Strings(proto::StringKeys {
+                keys: vec!["a".into(), "b".into()],
+            })),
+            nulls: vec![0],
+        };
+        let (b, at) =
+            request_batch(columns(vec![ints("card", vec![1, 2], vec![1]), strings])).unwrap();
+        assert_eq!(at, "ts");
+        assert_eq!((b.num_rows(), b.num_columns()), (2, 2));
+        assert!(b.column(0).is_null(1) && b.column(1).is_null(0) && b.column(1).is_valid(1));
+    }
+
+    #[test]
+    fn malformed_requests_are_invalid_arguments_naming_the_field() {
+        let cases: Vec<(Option<proto::ServiceRequest>, &str)> = vec![
+            (None, "request"),
+            (
+                Some(proto::ServiceRequest {
+                    data: None,
+                    at_column: String::new(),
+                }),
+                "request",
+            ),
+            (columns(vec![]), "request.columns"),
+            (
+                columns(vec![ints("a", vec![1], vec![5])]),
+                "request.columns[0].nulls",
+            ),
+            (
+                columns(vec![
+                    ints("a", vec![1, 2], vec![]),
+                    ints("b", vec![1], vec![]),
+                ]),
+                "request.columns[1]",
+            ),
+            (
+                columns(vec![ints("a", vec![1], vec![]), ints("a", vec![1], vec![])]),
+                "request.columns[1]",
+            ),
+            (
+                columns(vec![ints("", vec![1], vec![])]),
+                "request.columns[0]",
+            ),
+            (
+                columns(vec![proto::RequestColumn {
+                    name: "a".into(),
+                    values: None,
+                    nulls: vec![],
+                }]),
+                "request.columns[0]",
+            ),
+            (
+                columns(
+                    (0..=MAX_REQUEST_COLUMNS)
+                        .map(|i| ints(&format!("c{i}"), vec![1], vec![]))
+                        .collect(),
+                ),
+                "request.columns",
+            ),
+            (
+                Some(proto::ServiceRequest {
+                    data: Some(proto::service_request::Data::ArrowIpc(vec![0xff; 64])),
+                    at_column: String::new(),
+                }),
+                "request.arrow_ipc",
+            ),
+            (
+                Some(proto::ServiceRequest {
+                    data: Some(proto::service_request::Data::ArrowIpc(Vec::new())),
+                    at_column: String::new(),
+                }),
+                "request.arrow_ipc",
+            ),
+        ];
+        for (request, field) in cases {
+            let s = request_batch(request).unwrap_err();
+            assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+            assert_eq!(field_of(&s), field, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn service_tickets_are_typed_per_column_and_checked() {
+        let v: serde_json::Value = serde_json::from_str(
+            r#"{"service": "s", "request": {"k": [1, null, 3], "x": [1, 2.5, null], "m": ["a", null, "c"], "b": [true, false, null]}}"#,
+        )
+        .unwrap();
+        let (service, b, at) = ticket_request(&v).unwrap();
+        assert_eq!(
+            (service.as_str(), at.as_str(), b.num_rows()),
+            ("s", "ts", 3)
+        );
+        let types: Vec<DataType> = b
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.data_type().clone())
+            .collect();
+        assert_eq!(
+            types,
+            [
+                DataType::Boolean,
+                DataType::Int64,
+                DataType::Utf8,
+                DataType::Float64
+            ]
+        );
+        for (ticket, field) in [
+            (r#"{"service": 1, "request": {"k": [1]}}"#, "ticket.service"),
+            (r#"{"service": "s"}"#, "ticket.request"),
+            (r#"{"service": "s", "request": {}}"#, "ticket.request"),
+            (
+                r#"{"service": "s", "request": {"k": 1}}"#,
+                "ticket.request.k",
+            ),
+            (
+                r#"{"service": "s", "request": {"k": [1, "a"]}}"#,
+                "ticket.request.k",
+            ),
+            (
+                r#"{"service": "s", "request": {"k": [1], "j": [1, 2]}}"#,
+                "ticket.request",
+            ),
+            (
+                r#"{"service": "s", "request": {"k": [1]}, "at_column": 3}"#,
+                "ticket.at_column",
+            ),
+        ] {
+            let v: serde_json::Value = serde_json::from_str(ticket).unwrap();
+            let s = ticket_request(&v).unwrap_err();
+            assert_eq!(field_of(&s), field, "{ticket}: {s:?}");
+        }
+    }
+
+    #[test]
+    fn replies_carry_numbers_strings_and_lists() {
+        let list =
+            arrow_array::ListArray::from_iter_primitive::<arrow_array::types::Float64Type, _, _>(
+                vec![Some(vec![Some(1.0), Some(2.0)]), None],
+            );
+        let b = RecordBatch::try_from_iter([
+            (
+                "n",
+                Arc::new(Int64Array::from(vec![Some(3), None])) as ArrayRef,
+            ),
+            ("s", Arc::new(StringArray::from(vec![Some("x"), None])) as _),
+            ("l", Arc::new(list) as _),
+            ("ok", Arc::new(BooleanArray::from(vec![true, false])) as _),
+        ])
+        .unwrap();
+        let r = response(&b).unwrap();
+        assert_eq!(r.rows, 2);
+        assert_eq!(r.values[0], 3.0);
+        assert_eq!(r.values[3], 1.0);
+        assert_eq!(r.values[7], 0.0);
+        assert_eq!(r.validity, vec![0b1000_1111]);
+        assert_eq!(r.string_features, [1]);
+        assert_eq!(r.strings[0].values, ["x", ""]);
+        assert_eq!(
+            (r.lists[0].offsets.clone(), r.lists[0].values.clone()),
+            (vec![0, 2, 2], vec![1.0, 2.0])
+        );
+    }
+}

@@ -352,7 +352,7 @@ fn past_reads_that_panes_cannot_answer_are_refused() {
         .read("cards", &Int64Array::from(vec![1]), Some(100_300), None)
         .unwrap_err();
     assert!(matches!(err, PanesError::InexactRead { .. }), "{err:?}");
-    assert!(err.to_string().contains("cannot read key 1 exactly as of 100300 ms: the pane containing that time also holds later events"), "{err}");
+    assert!(err.to_string().contains("cannot read key 1 exactly as of 100300 ms: the pane or session containing that time also holds later events"), "{err}");
     // Far in the past: the window's panes were recycled.
     let err = e
         .read("cards", &Int64Array::from(vec![1]), Some(50_000), None)
