@@ -190,6 +190,27 @@ class Client:
             req.int_keys.keys.extend(int(k) for k in keys)
         if at_ms is not None:
             req.at_ms = at_ms
+        return self._get(req)
+
+    def get_service(self, service: str, request: Any, at_column: str = "ts") -> Features:
+        """One vector per row of ``request`` (pyarrow / polars / anything with
+        ``__arrow_c_stream__``) from feature service ``service``: its features, then its
+        on-demand features. ``request`` holds the key columns of the service's views, an
+        optional time column ``at_column``, and the columns the on-demand features use;
+        it travels as Arrow IPC."""
+        import pyarrow as pa
+
+        table = request if isinstance(request, pa.Table) else pa.table(request)
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as w:
+            w.write_table(table)
+        req = pb.GetFeaturesRequest(
+            service=service,
+            request=pb.ServiceRequest(arrow_ipc=sink.getvalue().to_pybytes(), at_column=at_column),
+        )
+        return self._get(req)
+
+    def _get(self, req: pb.GetFeaturesRequest) -> Features:
         try:
             r = self._stub.GetFeatures(req, timeout=self._timeout, metadata=self._metadata)
         except grpc.RpcError as e:

@@ -255,3 +255,50 @@ def test_service_errors_are_clear() -> None:
         engine.read_service("fraud_v1", pl.DataFrame({"card": [1], "merchant": ["m1"]}))
     assert engine.services[0]["name"] == "fraud_v1"
     assert [d["name"] for d in engine.services[0]["on_demand"]] == ["amount_vs_mean", "busy"]
+
+
+@pytest.mark.skipif(
+    not PANES.exists() and "PANES_BIN" not in os.environ,
+    reason="the CLI is not built (cargo build -p panes-engine); the test command always builds it",
+)
+def test_service_reads_over_grpc_equal_the_in_process_read(tmp_path: Path) -> None:
+    import re
+    import signal
+
+    from panes.client import Client
+
+    (tmp_path / "features.toml").write_text(FEATURES)
+    proc = subprocess.Popen(
+        [str(PANES), "serve", "--features", str(tmp_path / "features.toml"), "--listen", "127.0.0.1:0",
+         "--batch-age-ms", "2", "--backend", "cpu"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        m = re.search(r"gRPC \+ Flight on (\S+),", proc.stderr.readline())
+        assert m
+        rng = np.random.default_rng(9)
+        events = make_events(rng, 5_000, keys=100, bad=False)
+        local = panes.Engine.from_toml_str(FEATURES, backend="cpu")
+        with Client(m.group(1).rstrip(",")) as c:
+            for view in ["cards", "merchants"]:
+                c.ingest(view, events)
+                local.push(events, view=view)
+            request = spine(rng, events, 50, BASE_MS)
+            # At or after every event: exact online.
+            later = pa.array(BASE_MS + 5_000 * 50 + rng.integers(0, 60_000, 50), pa.int64())
+            request = request.set_column(3, "ts", later.cast(pa.timestamp("ms")))
+            got = c.get_service("fraud_v1", request)
+            want = local.read_service("fraud_v1", pl.from_arrow(request))
+            assert got.names == SERVICE_COLUMNS
+            for j, name in enumerate(SERVICE_COLUMNS[:-1]):
+                w = want[name].cast(pl.Float64).fill_null(np.nan).to_numpy()
+                g = np.where(got.valid[:, j], got.values[:, j], np.nan)
+                np.testing.assert_allclose(g, w, rtol=1e-12, err_msg=name)
+            assert got.strings["busy"] == want["busy"].to_list()
+            with pytest.raises(panes.PanesError, match='unknown service "nope"'):
+                c.get_service("nope", request)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)

@@ -7,20 +7,60 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GetFeaturesRequest(_message.Message):
-    __slots__ = ("view", "string_keys", "int_keys", "composite_keys", "features", "at_ms")
+    __slots__ = ("view", "string_keys", "int_keys", "composite_keys", "features", "at_ms", "service", "request")
     VIEW_FIELD_NUMBER: _ClassVar[int]
     STRING_KEYS_FIELD_NUMBER: _ClassVar[int]
     INT_KEYS_FIELD_NUMBER: _ClassVar[int]
     COMPOSITE_KEYS_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     AT_MS_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
     view: str
     string_keys: StringKeys
     int_keys: IntKeys
     composite_keys: CompositeKeys
     features: _containers.RepeatedScalarFieldContainer[str]
     at_ms: int
-    def __init__(self, view: _Optional[str] = ..., string_keys: _Optional[_Union[StringKeys, _Mapping]] = ..., int_keys: _Optional[_Union[IntKeys, _Mapping]] = ..., composite_keys: _Optional[_Union[CompositeKeys, _Mapping]] = ..., features: _Optional[_Iterable[str]] = ..., at_ms: _Optional[int] = ...) -> None: ...
+    service: str
+    request: ServiceRequest
+    def __init__(self, view: _Optional[str] = ..., string_keys: _Optional[_Union[StringKeys, _Mapping]] = ..., int_keys: _Optional[_Union[IntKeys, _Mapping]] = ..., composite_keys: _Optional[_Union[CompositeKeys, _Mapping]] = ..., features: _Optional[_Iterable[str]] = ..., at_ms: _Optional[int] = ..., service: _Optional[str] = ..., request: _Optional[_Union[ServiceRequest, _Mapping]] = ...) -> None: ...
+
+class ServiceRequest(_message.Message):
+    __slots__ = ("arrow_ipc", "columns", "at_column")
+    ARROW_IPC_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    AT_COLUMN_FIELD_NUMBER: _ClassVar[int]
+    arrow_ipc: bytes
+    columns: RequestColumns
+    at_column: str
+    def __init__(self, arrow_ipc: _Optional[bytes] = ..., columns: _Optional[_Union[RequestColumns, _Mapping]] = ..., at_column: _Optional[str] = ...) -> None: ...
+
+class RequestColumns(_message.Message):
+    __slots__ = ("columns",)
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    columns: _containers.RepeatedCompositeFieldContainer[RequestColumn]
+    def __init__(self, columns: _Optional[_Iterable[_Union[RequestColumn, _Mapping]]] = ...) -> None: ...
+
+class RequestColumn(_message.Message):
+    __slots__ = ("name", "strings", "ints", "doubles", "nulls")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STRINGS_FIELD_NUMBER: _ClassVar[int]
+    INTS_FIELD_NUMBER: _ClassVar[int]
+    DOUBLES_FIELD_NUMBER: _ClassVar[int]
+    NULLS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    strings: StringKeys
+    ints: IntKeys
+    doubles: DoubleValues
+    nulls: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., strings: _Optional[_Union[StringKeys, _Mapping]] = ..., ints: _Optional[_Union[IntKeys, _Mapping]] = ..., doubles: _Optional[_Union[DoubleValues, _Mapping]] = ..., nulls: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class DoubleValues(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class StringKeys(_message.Message):
     __slots__ = ("keys",)
@@ -226,7 +266,7 @@ class DerivedColumn(_message.Message):
     def __init__(self, name: _Optional[str] = ..., expr: _Optional[str] = ...) -> None: ...
 
 class FeatureDescription(_message.Message):
-    __slots__ = ("name", "agg", "column", "window_ms", "hop_ms", "dtype", "half_life_ms", "precision", "q", "relative_accuracy", "n", "k", "capacity", "filter")
+    __slots__ = ("name", "agg", "column", "window_ms", "hop_ms", "dtype", "half_life_ms", "precision", "q", "relative_accuracy", "n", "k", "capacity", "filter", "window_events", "session_gap_ms")
     NAME_FIELD_NUMBER: _ClassVar[int]
     AGG_FIELD_NUMBER: _ClassVar[int]
     COLUMN_FIELD_NUMBER: _ClassVar[int]
@@ -241,6 +281,8 @@ class FeatureDescription(_message.Message):
     K_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_GAP_MS_FIELD_NUMBER: _ClassVar[int]
     name: str
     agg: str
     column: str
@@ -255,4 +297,6 @@ class FeatureDescription(_message.Message):
     k: int
     capacity: int
     filter: str
-    def __init__(self, name: _Optional[str] = ..., agg: _Optional[str] = ..., column: _Optional[str] = ..., window_ms: _Optional[int] = ..., hop_ms: _Optional[int] = ..., dtype: _Optional[str] = ..., half_life_ms: _Optional[int] = ..., precision: _Optional[int] = ..., q: _Optional[float] = ..., relative_accuracy: _Optional[float] = ..., n: _Optional[int] = ..., k: _Optional[int] = ..., capacity: _Optional[int] = ..., filter: _Optional[str] = ...) -> None: ...
+    window_events: int
+    session_gap_ms: int
+    def __init__(self, name: _Optional[str] = ..., agg: _Optional[str] = ..., column: _Optional[str] = ..., window_ms: _Optional[int] = ..., hop_ms: _Optional[int] = ..., dtype: _Optional[str] = ..., half_life_ms: _Optional[int] = ..., precision: _Optional[int] = ..., q: _Optional[float] = ..., relative_accuracy: _Optional[float] = ..., n: _Optional[int] = ..., k: _Optional[int] = ..., capacity: _Optional[int] = ..., filter: _Optional[str] = ..., window_events: _Optional[int] = ..., session_gap_ms: _Optional[int] = ...) -> None: ...
