@@ -36,7 +36,7 @@ use std::collections::VecDeque;
 use crate::agg::{Agg, ColumnFields};
 use crate::backend::Backend;
 use crate::error::KernelError;
-use crate::level::{Acc, EMPTY_PANE, Layout, add, finalize, list, merge_after};
+use crate::level::{Acc, EMPTY_PANE, Layout, add, merge_after, write_window};
 use crate::state::{FeatureMerge, FoldBatch, MergeOutput, PaneState, ReadStatus};
 
 /// Largest count window, events.
@@ -442,14 +442,7 @@ impl EventState {
                         None => (Acc::EMPTY, ReadStatus::Exact),
                     },
                 };
-                let v = finalize(fm.agg, fm.column, &acc, at);
-                let i = k * nf + f;
-                if fm.agg.is_list() {
-                    out.lists[i] = list(fm.agg, &acc);
-                }
-                out.values[i] = v.unwrap_or(f64::NAN);
-                out.valid[i] = v.is_some();
-                out.status[k] = out.status[k].worst(status);
+                write_window(out, k, f, fm.agg, fm.column, &acc, at, status);
             }
         }
         Ok(())

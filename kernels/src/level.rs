@@ -1288,6 +1288,30 @@ pub(crate) fn finalize(agg: crate::Agg, column: Option<usize>, a: &Acc, at: i64)
     }
 }
 
+/// Writes the value of `agg` over the accumulated window `acc` read at `at` into cell
+/// `(k, f)` of `out` (its list too, for a list-valued `agg`), and `status` into key
+/// `k`'s status.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn write_window(
+    out: &mut crate::state::MergeOutput,
+    k: usize,
+    f: usize,
+    agg: crate::Agg,
+    column: Option<usize>,
+    acc: &Acc,
+    at: i64,
+    status: crate::state::ReadStatus,
+) {
+    let v = finalize(agg, column, acc, at);
+    let i = k * out.features + f;
+    if agg.is_list() {
+        out.lists[i] = list(agg, acc);
+    }
+    out.values[i] = v.unwrap_or(f64::NAN);
+    out.valid[i] = v.is_some();
+    out.status[k] = out.status[k].worst(status);
+}
+
 /// The values of a list-valued `agg` over an accumulated window (empty for the
 /// others).
 pub(crate) fn list(agg: crate::Agg, a: &Acc) -> Vec<f64> {

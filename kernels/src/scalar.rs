@@ -3,7 +3,7 @@
 
 use crate::backend::{Backend, BackendKind};
 use crate::error::KernelError;
-use crate::level::{Acc, EMPTY_PANE, LevelState, finalize, fold_into_levels, list};
+use crate::level::{Acc, EMPTY_PANE, LevelState, fold_into_levels, write_window};
 use crate::state::{
     FeatureMerge, FoldBatch, FoldStats, MergeOutput, PaneState, ReadStatus, check_features,
 };
@@ -55,14 +55,7 @@ impl Backend for Scalar {
             for (f, fm) in features.iter().enumerate() {
                 let level = &state.shards[shard][fm.level];
                 let (acc, status) = window(level, slot, fm, at);
-                let v = finalize(fm.agg, fm.column, &acc, at);
-                let i = k * features.len() + f;
-                if fm.agg.is_list() {
-                    out.lists[i] = list(fm.agg, &acc);
-                }
-                out.values[i] = v.unwrap_or(f64::NAN);
-                out.valid[i] = v.is_some();
-                out.status[k] = out.status[k].worst(status);
+                write_window(out, k, f, fm.agg, fm.column, &acc, at, status);
             }
         }
         Ok(())

@@ -7,9 +7,24 @@ Inputs and answers are Arrow tables / numpy arrays.
 
 from __future__ import annotations
 
+import os
+import subprocess
+from pathlib import Path
+
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PANES = Path(os.environ.get("PANES_BIN", ROOT / "target" / "debug" / "panes"))
+
+# Tests that run the `panes` CLI.
+needs_cli = pytest.mark.skipif(
+    not PANES.exists() and "PANES_BIN" not in os.environ,
+    reason="the CLI is not built (cargo build -p panes-engine); the test command always builds it",
+)
 
 LATENESS_MS = 3_000
 BASE_MS = 1_767_225_600_000  # 2026-01-01
@@ -173,6 +188,40 @@ def make_spine(rng: np.random.Generator, m: int, t_max: int, keys: int = 520) ->
     )
 
 
+def accepted(valid: str) -> str:
+    """The SQL of the accepted rows of `valid` (a SELECT of rows with a key and a time,
+    with columns `seq`, the arrival order, and `t`): the lateness rule of DESIGN §3 as a
+    running maximum of time in arrival order (a late event is below it, so it cannot
+    raise it)."""
+    return f"""
+        WITH valid AS ({valid}), marked AS (
+            SELECT *, max(t) OVER (ORDER BY seq ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev_max
+            FROM valid
+        )
+        SELECT * EXCLUDE (prev_max) FROM marked WHERE prev_max IS NULL OR t >= prev_max - {LATENESS_MS}
+    """
+
+
+def cli_backfill(
+    tmp_path: Path, events: pa.Table, spine: pa.Table, features: str, *args: str, row_group_size: int = 10_000
+) -> pa.Table:
+    """`panes backfill` of `events` over `spine` with the feature file `features` (and
+    more `args`), through Parquet files in `tmp_path`: its output."""
+    pq.write_table(events, tmp_path / "events.parquet", row_group_size=row_group_size)
+    pq.write_table(spine, tmp_path / "spine.parquet")
+    (tmp_path / "features.toml").write_text(features)
+    out = tmp_path / "out.parquet"
+    run = subprocess.run(
+        [str(PANES), "backfill", "--features", str(tmp_path / "features.toml"),
+         "--events", str(tmp_path / "events.parquet"), "--spine", str(tmp_path / "spine.parquet"),
+         "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    return pq.read_table(out)
+
+
 def oracle(events: pa.Table, spine: pa.Table) -> dict[str, np.ndarray]:
     """Each feature for each spine row (NaN for null), indexed by the spine's `label`
     column (0..rows)."""
@@ -180,19 +229,9 @@ def oracle(events: pa.Table, spine: pa.Table) -> dict[str, np.ndarray]:
     con.register("events_in", events)
     con.register("spine_in", spine)
     con.execute(
-        f"""
-        CREATE TABLE acc AS
-        WITH valid AS (
-            SELECT seq, card, epoch_ms(ts) AS t, amount, merchant, category
-            FROM events_in
-            WHERE card IS NOT NULL AND ts IS NOT NULL
-        ), marked AS (
-            SELECT *, max(t) OVER (ORDER BY seq ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev_max
-            FROM valid
-        )
-        SELECT seq, card, t, amount, merchant, category FROM marked
-        WHERE prev_max IS NULL OR t >= prev_max - {LATENESS_MS}
-        """
+        "CREATE TABLE acc AS "
+        + accepted("SELECT seq, card, epoch_ms(ts) AS t, amount, merchant, category FROM events_in "
+                   "WHERE card IS NOT NULL AND ts IS NOT NULL")
     )
     con.execute(
         "CREATE TABLE spine AS SELECT label, card, epoch_ms(ts::TIMESTAMP) AS at FROM spine_in"

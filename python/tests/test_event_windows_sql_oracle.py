@@ -5,20 +5,23 @@ events and nulls (the oracle's generator)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import duckdb
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
-import pytest
 
-from oracle import BASE_MS, LATENESS_MS, assert_features_equal, make_events, make_spine, sql
-
-ROOT = Path(__file__).resolve().parents[2]
-PANES = Path(os.environ.get("PANES_BIN", ROOT / "target" / "debug" / "panes"))
+from oracle import (
+    BASE_MS,
+    LATENESS_MS,
+    accepted,
+    assert_features_equal,
+    cli_backfill,
+    make_events,
+    make_spine,
+    needs_cli,
+    sql,
+)
 
 # name, agg, column, window ("events", n) or ("session", gap ms), feature filter or
 # None, then the aggregation's parameter as in `oracle.FEATURES`.
@@ -90,20 +93,10 @@ def oracle(events: pa.Table, spine: pa.Table) -> dict[str, object]:
     con = duckdb.connect()
     con.register("events_in", events)
     con.register("spine_in", spine)
-    # Lateness from a running maximum in arrival order, as in `oracle.oracle`.
     con.execute(
-        f"""
-        CREATE TABLE acc AS
-        WITH valid AS (
-            SELECT seq, card, epoch_ms(ts) AS t, amount, merchant, category
-            FROM events_in WHERE card IS NOT NULL AND ts IS NOT NULL
-        ), marked AS (
-            SELECT *, max(t) OVER (ORDER BY seq ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev_max
-            FROM valid
-        )
-        SELECT seq, card, t, amount, merchant, category FROM marked
-        WHERE prev_max IS NULL OR t >= prev_max - {LATENESS_MS}
-        """
+        "CREATE TABLE acc AS "
+        + accepted("SELECT seq, card, epoch_ms(ts) AS t, amount, merchant, category FROM events_in "
+                   "WHERE card IS NOT NULL AND ts IS NOT NULL")
     )
     con.execute("CREATE TABLE spine AS SELECT label, card, epoch_ms(ts::TIMESTAMP) AS at FROM spine_in")
     # Every spine row with the key's events at or before its time, newest first.
@@ -171,31 +164,12 @@ def oracle(events: pa.Table, spine: pa.Table) -> dict[str, object]:
     return out
 
 
-@pytest.mark.skipif(
-    not PANES.exists() and "PANES_BIN" not in os.environ,
-    reason="the CLI is not built (cargo build -p panes-engine); the test command always builds it",
-)
+@needs_cli
 def test_count_and_session_windows_in_backfill_match_duckdb(tmp_path: Path) -> None:
     rng = np.random.default_rng(20261202)
     events = make_events(rng, 50_000)
     spine = make_spine(rng, 3_000, BASE_MS + 50_000 * 50)
-    pq.write_table(events, tmp_path / "events.parquet", row_group_size=10_000)
-    pq.write_table(spine, tmp_path / "spine.parquet")
-    (tmp_path / "features.toml").write_text(feature_file())
-    out_path = tmp_path / "out.parquet"
-    run = subprocess.run(
-        [
-            str(PANES), "backfill",
-            "--features", str(tmp_path / "features.toml"),
-            "--events", str(tmp_path / "events.parquet"),
-            "--spine", str(tmp_path / "spine.parquet"),
-            "--out", str(out_path),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert run.returncode == 0, run.stderr
-    got = pq.read_table(out_path)
+    got = cli_backfill(tmp_path, events, spine, feature_file())
     assert got.column("label").to_pylist() == list(range(3_000)), "spine order is kept"
     cols = {
         name: got.column(name).to_pylist()

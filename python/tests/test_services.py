@@ -5,7 +5,6 @@ rows and times."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
@@ -13,14 +12,10 @@ import duckdb
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 import panes
-from oracle import BASE_MS, LATENESS_MS, make_events
-
-ROOT = Path(__file__).resolve().parents[2]
-PANES = Path(os.environ.get("PANES_BIN", ROOT / "target" / "debug" / "panes"))
+from oracle import BASE_MS, LATENESS_MS, PANES, accepted, cli_backfill, make_events, needs_cli
 
 FEATURES = f"""
 [[views]]
@@ -105,21 +100,9 @@ def oracle(events: pa.Table, spine_t: pa.Table) -> pl.DataFrame:
     con.register("events_in", events)
     con.register("spine_in", spine_t)
 
-    def accepted(key: str) -> str:
-        # Per view: lateness from a running maximum of accepted time in arrival order.
-        return f"""
-            WITH valid AS (
-                SELECT seq, {key} AS k, epoch_ms(ts) AS t, amount FROM events_in
-                WHERE {key} IS NOT NULL AND ts IS NOT NULL
-            ), marked AS (
-                SELECT *, max(t) OVER (ORDER BY seq ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev
-                FROM valid
-            )
-            SELECT seq, k, t, amount FROM marked WHERE prev IS NULL OR t >= prev - {LATENESS_MS}
-        """
-
-    con.execute(f"CREATE TABLE cards AS {accepted('card')}")
-    con.execute(f"CREATE TABLE merchants AS {accepted('merchant')}")
+    for table, key in [("cards", "card"), ("merchants", "merchant")]:
+        valid = f"SELECT seq, {key} AS k, epoch_ms(ts) AS t, amount FROM events_in WHERE {key} IS NOT NULL AND ts IS NOT NULL"
+        con.execute(f"CREATE TABLE {table} AS {accepted(valid)}")
     con.execute(
         "CREATE TABLE s AS SELECT label, card, merchant, epoch_ms(ts::TIMESTAMP) AS at, request_amount FROM spine_in"
     )
@@ -177,30 +160,13 @@ def assert_frames_equal(got: pl.DataFrame, want: pl.DataFrame, what: str) -> Non
             )
 
 
-@pytest.mark.skipif(
-    not PANES.exists() and "PANES_BIN" not in os.environ,
-    reason="the CLI is not built (cargo build -p panes-engine); the test command always builds it",
-)
+@needs_cli
 def test_backfill_of_a_service_matches_duckdb(tmp_path: Path) -> None:
     rng = np.random.default_rng(20261203)
     events = make_events(rng, 40_000, keys=300)
     spine_t = spine(rng, events, 2_000, BASE_MS + 40_000 * 50)
-    pq.write_table(events, tmp_path / "events.parquet")
-    pq.write_table(spine_t, tmp_path / "spine.parquet")
-    (tmp_path / "features.toml").write_text(FEATURES)
-    run = subprocess.run(
-        [
-            str(PANES), "backfill", "--service", "fraud_v1",
-            "--features", str(tmp_path / "features.toml"),
-            "--events", str(tmp_path / "events.parquet"),
-            "--spine", str(tmp_path / "spine.parquet"),
-            "--out", str(tmp_path / "out.parquet"),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert run.returncode == 0, run.stderr
-    got = pl.read_parquet(tmp_path / "out.parquet")
+    got = pl.from_arrow(cli_backfill(tmp_path, events, spine_t, FEATURES, "--service", "fraud_v1"))
+    assert isinstance(got, pl.DataFrame)
     assert got.columns == spine_t.column_names + SERVICE_COLUMNS
     assert got["label"].to_list() == list(range(2_000)), "spine order is kept"
     want = oracle(events, spine_t)
@@ -257,10 +223,7 @@ def test_service_errors_are_clear() -> None:
     assert [d["name"] for d in engine.services[0]["on_demand"]] == ["amount_vs_mean", "busy"]
 
 
-@pytest.mark.skipif(
-    not PANES.exists() and "PANES_BIN" not in os.environ,
-    reason="the CLI is not built (cargo build -p panes-engine); the test command always builds it",
-)
+@needs_cli
 def test_service_reads_over_grpc_equal_the_in_process_read(tmp_path: Path) -> None:
     import re
     import signal

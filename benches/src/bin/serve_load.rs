@@ -779,6 +779,27 @@ async fn probe_freshness(
     delays
 }
 
+/// What a `GetFeatures` call gave: success when the reply holds `values` values, and
+/// the server's own time.
+fn reply(
+    r: Result<tonic::Response<proto::GetFeaturesResponse>, tonic::Status>,
+    values: usize,
+) -> Reply {
+    match r {
+        Ok(r) => Reply {
+            ok: r.get_ref().values.len() == values,
+            server_us: r
+                .metadata()
+                .get(SERVER_TIME_HEADER)
+                .and_then(|v| v.to_str().ok()?.parse().ok()),
+        },
+        Err(_) => Reply {
+            ok: false,
+            server_us: None,
+        },
+    }
+}
+
 /// One open-loop phase of `size`-key reads against Panes.
 async fn panes_phase(
     clients: Vec<FeaturesClient<Channel>>,
@@ -806,19 +827,7 @@ async fn panes_phase(
                     ..Default::default()
                 })
                 .await;
-            match r {
-                Ok(r) => Reply {
-                    ok: r.get_ref().values.len() == size * nfeat,
-                    server_us: r
-                        .metadata()
-                        .get(SERVER_TIME_HEADER)
-                        .and_then(|v| v.to_str().ok()?.parse().ok()),
-                },
-                Err(_) => Reply {
-                    ok: false,
-                    server_us: None,
-                },
-            }
+            reply(r, size * nfeat)
         }
     })
     .await
@@ -896,19 +905,7 @@ async fn service_phase(
                     ..Default::default()
                 })
                 .await;
-            match r {
-                Ok(r) => Reply {
-                    ok: r.get_ref().values.len() == size * nout,
-                    server_us: r
-                        .metadata()
-                        .get(SERVER_TIME_HEADER)
-                        .and_then(|v| v.to_str().ok()?.parse().ok()),
-                },
-                Err(_) => Reply {
-                    ok: false,
-                    server_us: None,
-                },
-            }
+            reply(r, size * nout)
         }
     })
     .await
