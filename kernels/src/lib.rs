@@ -32,6 +32,10 @@
 //! the latest event time and for backfill (which replays in time order); other reads
 //! are reported through [`ReadStatus`] instead of being silently approximated.
 //!
+//! Count windows (the newest N events) and session windows are the exception: they
+//! have no fixed pane grid, so the `events` module keeps, beside the panes, a bounded
+//! ring of each key's newest events and one partial aggregate per session.
+//!
 //! Variance uses, per cell, moments shifted by the cell's first value `K` (`Σ(x−K)`,
 //! `Σ(x−K)²`): the fold updates them by plain addition (no division per event), and
 //! they do not suffer the cancellation of raw `Σx²` when the mean is large against the
