@@ -217,9 +217,16 @@ pub fn ingest_request(data: &[u8]) {
     read_back(&e, None);
 }
 
-/// A Flight `DoGet` ticket: parsed as the server does, then read.
+/// A Flight `DoGet` ticket: parsed as the server does, then read; a service ticket's
+/// rows are decoded as the server decodes them.
 #[cfg(feature = "serve")]
 pub fn flight_ticket(data: &[u8]) {
+    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(data)
+        && v.get("service").is_some()
+    {
+        let _ = crate::serve::service::ticket_request(&v);
+        return;
+    }
     let Ok(ticket) = crate::serve::flight::parse_ticket(data) else {
         return;
     };

@@ -84,13 +84,23 @@ impl TicketRead {
     }
 }
 
+#[cfg(fuzzing)]
 pub(crate) fn parse_ticket(bytes: &[u8]) -> Result<TicketRead, Status> {
-    let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+    view_ticket(&ticket_json(bytes)?)
+}
+
+/// A ticket's JSON.
+fn ticket_json(bytes: &[u8]) -> Result<serde_json::Value, Status> {
+    serde_json::from_slice(bytes).map_err(|e| {
         bad_request(
             "ticket",
             format!("not JSON ({e}); expected {{\"view\": ..., \"keys\": [...]}}"),
         )
-    })?;
+    })
+}
+
+/// A view read's ticket, from its JSON.
+fn view_ticket(v: &serde_json::Value) -> Result<TicketRead, Status> {
     let view = v
         .get("view")
         .and_then(|x| x.as_str())
@@ -167,6 +177,24 @@ pub(crate) fn parse_ticket(bytes: &[u8]) -> Result<TicketRead, Status> {
     })
 }
 
+/// A read's `INVALID_ARGUMENT` with its field as part of the ticket, as Flight clients
+/// see it.
+fn in_ticket(s: Status) -> Status {
+    if s.code() == tonic::Code::InvalidArgument {
+        Status::new(s.code(), format!("ticket.{}", s.message()))
+    } else {
+        s
+    }
+}
+
+/// A `DoGet` reply of one record batch.
+fn one_batch(batch: RecordBatch) -> Response<BoxStream<FlightData>> {
+    let stream = FlightDataEncoderBuilder::new()
+        .build(futures::stream::once(async move { Ok(batch) }))
+        .map_err(|e| Status::internal(e.to_string()));
+    Response::new(Box::pin(stream))
+}
+
 fn unimplemented<T>(what: &str) -> Result<T, Status> {
     Err(Status::unimplemented(format!(
         "Panes' Flight service has DoPut and DoGet only ({what} is not offered)"
@@ -225,28 +253,17 @@ impl FlightService for Flight {
         let started = Instant::now();
         let caller = Caller::of(&request)?;
         let token = request.metadata().get("authorization").cloned();
-        let ticket = request.into_inner().ticket;
-        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&ticket)
-            && v.get("service").is_some()
-        {
-            let (service, rows, at_column) = super::service::ticket_request(&v)?;
+        let ticket = ticket_json(&request.into_inner().ticket)?;
+        if ticket.get("service").is_some() {
+            let (service, rows, at_column) = super::service::ticket_request(&ticket)?;
             let batch = self
                 .shared
                 .read_service(&caller, service, rows, at_column)
                 .await
-                .map_err(|s| {
-                    if s.code() == tonic::Code::InvalidArgument {
-                        Status::new(s.code(), format!("ticket.{}", s.message()))
-                    } else {
-                        s
-                    }
-                })?;
-            let stream = FlightDataEncoderBuilder::new()
-                .build(futures::stream::once(async move { Ok(batch) }))
-                .map_err(|e| Status::internal(e.to_string()));
-            return Ok(Response::new(Box::pin(stream)));
+                .map_err(in_ticket)?;
+            return Ok(one_batch(batch));
         }
-        let t = parse_ticket(&ticket)?;
+        let t = view_ticket(&ticket)?;
         caller.check(Scope::Read, &t.view)?;
         self.shared
             .check_keys(t.keys.len())
@@ -265,14 +282,7 @@ impl FlightService for Flight {
                 token,
             )
             .await
-            .map_err(|s| {
-                if s.code() == tonic::Code::InvalidArgument {
-                    // Flight clients see the field as part of the ticket.
-                    Status::new(s.code(), format!("ticket.{}", s.message()))
-                } else {
-                    s
-                }
-            })?;
+            .map_err(in_ticket)?;
         let batch = self
             .shared
             .on_reads_for(t.keys.len(), move || -> Result<RecordBatch, PanesError> {
@@ -283,10 +293,7 @@ impl FlightService for Flight {
         if let Some(h) = self.shared.read_time.get(&view) {
             h.record(batch.num_rows(), started.elapsed());
         }
-        let stream = FlightDataEncoderBuilder::new()
-            .build(futures::stream::once(async move { Ok(batch) }))
-            .map_err(|e| Status::internal(e.to_string()));
-        Ok(Response::new(Box::pin(stream)))
+        Ok(one_batch(batch))
     }
 
     async fn do_put(

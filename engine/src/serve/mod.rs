@@ -44,7 +44,7 @@ mod options;
 mod page;
 mod route;
 mod server;
-mod service;
+pub(crate) mod service;
 mod status;
 mod workers;
 
