@@ -202,6 +202,16 @@ def accepted(valid: str) -> str:
     """
 
 
+def create_accepted(con: duckdb.DuckDBPyConnection) -> None:
+    """Table `acc`: the accepted card events of table `events_in` (a view keyed by
+    `card`), with `seq`, `card`, `t` (epoch ms) and the value columns."""
+    con.execute(
+        "CREATE TABLE acc AS "
+        + accepted("SELECT seq, card, epoch_ms(ts) AS t, amount, merchant, category FROM events_in "
+                   "WHERE card IS NOT NULL AND ts IS NOT NULL")
+    )
+
+
 def cli_backfill(
     tmp_path: Path, events: pa.Table, spine: pa.Table, features: str, *args: str, row_group_size: int = 10_000
 ) -> pa.Table:
@@ -228,11 +238,7 @@ def oracle(events: pa.Table, spine: pa.Table) -> dict[str, np.ndarray]:
     con = duckdb.connect()
     con.register("events_in", events)
     con.register("spine_in", spine)
-    con.execute(
-        "CREATE TABLE acc AS "
-        + accepted("SELECT seq, card, epoch_ms(ts) AS t, amount, merchant, category FROM events_in "
-                   "WHERE card IS NOT NULL AND ts IS NOT NULL")
-    )
+    create_accepted(con)
     con.execute(
         "CREATE TABLE spine AS SELECT label, card, epoch_ms(ts::TIMESTAMP) AS at FROM spine_in"
     )

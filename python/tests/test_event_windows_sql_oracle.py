@@ -14,9 +14,9 @@ import pyarrow as pa
 from oracle import (
     BASE_MS,
     LATENESS_MS,
-    accepted,
     assert_features_equal,
     cli_backfill,
+    create_accepted,
     make_events,
     make_spine,
     needs_cli,
@@ -93,11 +93,7 @@ def oracle(events: pa.Table, spine: pa.Table) -> dict[str, object]:
     con = duckdb.connect()
     con.register("events_in", events)
     con.register("spine_in", spine)
-    con.execute(
-        "CREATE TABLE acc AS "
-        + accepted("SELECT seq, card, epoch_ms(ts) AS t, amount, merchant, category FROM events_in "
-                   "WHERE card IS NOT NULL AND ts IS NOT NULL")
-    )
+    create_accepted(con)
     con.execute("CREATE TABLE spine AS SELECT label, card, epoch_ms(ts::TIMESTAMP) AS at FROM spine_in")
     # Every spine row with the key's events at or before its time, newest first.
     con.execute(
