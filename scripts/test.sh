@@ -3,7 +3,8 @@
 # toolchain: installs what the tests need (Python venv, Mesa's software Vulkan driver
 # for the GPU tests, Redis for the serving benchmark's reference, cmake and curl's
 # headers for librdkafka, Chromium for the status page's browser test, and the tansu
-# broker for the Kafka tests), then formatting,
+# broker for the Kafka tests; moto's S3 server, in the venv, for the object-store
+# tests), then formatting,
 # lints, unit, integration and doc tests (the GPU
 # backend's and the GPU benchmark's on lavapipe, none skipped), every fuzz target for
 # 60 s (cargo-fuzz installed if missing), a demo smoke run, the
@@ -101,6 +102,9 @@ else
   cargo test --workspace --locked --no-run "${features[@]}"
 fi
 await tansu-install
+# The object-store tests run against moto's S3 server, from the venv.
+await python-env
+export PANES_MOTO="$PWD/.venv/bin/moto_server"
 log "Rust tests"
 if ((nextest)); then
   cargo nextest run --workspace --locked --no-fail-fast "${features[@]}"
@@ -119,7 +123,6 @@ log "demo smoke run"
 test -x target/debug/panes
 target/debug/panes demo --events 200000 >/dev/null
 
-await python-env
 log "pip install ./python (the extension module)"
 # The suite checks answers, not speed: the wheel is built in the dev profile, with the
 # features of the tests' build (python/Cargo.toml, `test-build`), so that it reuses that

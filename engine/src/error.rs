@@ -130,6 +130,10 @@ pub enum PanesError {
     /// has not started, a partition moving between instances, a server shutting down).
     #[error("{0}")]
     Unavailable(String),
+    /// A checkpoint location was claimed by a newer owner (a higher generation): this
+    /// instance's write was refused, and it gives the location up.
+    #[error("fenced: {0}")]
+    Fenced(String),
     /// An Arrow kernel failed.
     #[error(transparent)]
     Arrow(#[from] arrow_schema::ArrowError),
@@ -153,7 +157,9 @@ impl PanesError {
             | PanesError::Invalid(_)
             | PanesError::ResourceExhausted(_)
             | PanesError::FailedPrecondition(_) => ErrorDomain::User,
-            PanesError::File { .. } | PanesError::Unavailable(_) => ErrorDomain::External,
+            PanesError::File { .. } | PanesError::Unavailable(_) | PanesError::Fenced(_) => {
+                ErrorDomain::External
+            }
             PanesError::Arrow(_) | PanesError::Internal(_) => ErrorDomain::Internal,
             PanesError::Kernel(k) => k.domain(),
         }

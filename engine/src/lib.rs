@@ -88,7 +88,7 @@ pub mod serve;
 pub mod sources;
 pub mod spec;
 
-pub use checkpoint::{CheckpointDir, CheckpointInfo, SourcePosition};
+pub use checkpoint::{CheckpointDir, CheckpointInfo, CheckpointRoot, SourcePosition};
 pub use error::{PanesError, Result};
 pub use ingest::keys::KeyValue;
 pub use ingest::{PushReport, RejectReason, Rejection, StateBudget, ViewCounters};

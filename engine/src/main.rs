@@ -255,10 +255,12 @@ struct ServeArgs {
     /// Backend: scalar, cpu, gpu or auto (default: $PANES_BACKEND, else auto).
     #[arg(long)]
     backend: Option<BackendKind>,
-    /// Checkpoint directory: restored at start, written periodically and on shutdown.
-    /// Kafka views need one, shared by every instance of their consumer group.
+    /// Checkpoint directory, or an object-store URL (s3://BUCKET/PREFIX, gs://…,
+    /// az://CONTAINER/PREFIX; file:///PATH): restored at start, written periodically
+    /// and on shutdown. Kafka views need one, shared by every instance of their
+    /// consumer group.
     #[arg(long)]
-    checkpoint_dir: Option<PathBuf>,
+    checkpoint_dir: Option<String>,
     /// Time between checkpoints of a view or partition that took events (ms).
     #[arg(long, default_value_t = 10_000)]
     checkpoint_interval_ms: u64,
@@ -400,7 +402,11 @@ fn serve(args: ServeArgs) -> Result<()> {
         idle_timeout: Duration::from_secs(args.idle_timeout),
         max_message_bytes: args.max_message_bytes,
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
-        checkpoint_dir: args.checkpoint_dir.clone(),
+        checkpoint_dir: args
+            .checkpoint_dir
+            .as_deref()
+            .map(panes_engine::CheckpointRoot::parse)
+            .transpose()?,
         checkpoint_interval: Duration::from_millis(args.checkpoint_interval_ms.max(1)),
         advertise: args.advertise.clone(),
         write_priority: args.write_priority,
@@ -462,7 +468,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             checkpoint_dir = %args
                 .checkpoint_dir
                 .as_deref()
-                .map_or("off".into(), |p| p.display().to_string()),
+                .unwrap_or("off"),
             checkpoint_interval_ms = args.checkpoint_interval_ms,
             max_connections = args.max_connections,
             max_keys = args.max_keys,

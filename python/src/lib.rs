@@ -82,7 +82,7 @@ fn build_error(py: Python<'_>, e: &PanesError) -> PyResult<PyErr> {
         | PanesError::Arrow(_)
         | PanesError::ResourceExhausted(_)
         | PanesError::FailedPrecondition(_) => "DataError",
-        PanesError::Unavailable(_) => "BackendError",
+        PanesError::Unavailable(_) | PanesError::Fenced(_) => "BackendError",
         PanesError::Kernel(k) if k.domain() == ErrorDomain::User => "DataError",
         PanesError::Kernel(_) => "BackendError",
         _ => "InternalError",

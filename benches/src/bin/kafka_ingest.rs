@@ -157,7 +157,7 @@ fn main() {
             options,
             backend,
             &SourceOptions {
-                checkpoint_root: dir.clone(),
+                checkpoint_root: dir.clone().into(),
                 checkpoint_every: Duration::from_secs(3600),
                 advertise: "127.0.0.1:1".into(),
             },

@@ -15,24 +15,175 @@ use crate::spec::{CompiledView, FeatureFile};
 const MAGIC: &[u8; 8] = b"PANESCKP";
 const END: &[u8; 8] = b"PANESEND";
 /// The format version this build writes. Versions 1 (four rejection counters, before
-/// `key_limit`), 2, 3 (string values), 4 (filter counters) and 5 (composite keys) are
-/// read too; 6 adds the count and session windows' state.
-pub const FORMAT_VERSION: u32 = 6;
+/// `key_limit`), 2, 3 (string values), 4 (filter counters), 5 (composite keys) and 6
+/// (the count and session windows' state) are read too; 7 adds the state's layout
+/// fingerprint and the view's definition, so that a definition change that keeps the
+/// layout keeps the state, and one that does not is explained.
+pub const FORMAT_VERSION: u32 = 7;
 
-/// FNV-1a over the view's definition (without its source): what a checkpoint must
-/// match to be restored.
-fn fingerprint(view: &CompiledView) -> u64 {
+/// The view's definition as TOML, without its source and key limit (which may change
+/// between runs).
+fn definition(view: &CompiledView) -> String {
     let mut spec = view.spec.clone();
     spec.source = None;
     spec.max_keys = None;
-    crate::ingest::keys::fnv1a(
-        FeatureFile {
-            views: vec![spec],
-            services: Vec::new(),
+    FeatureFile {
+        views: vec![spec],
+        services: Vec::new(),
+    }
+    .to_toml()
+}
+
+/// FNV-1a over the view's definition: a checkpoint of the same definition restores.
+fn fingerprint(view: &CompiledView) -> u64 {
+    crate::ingest::keys::fnv1a(definition(view).as_bytes())
+}
+
+/// FNV-1a over what the state's bytes mean: the key, time, lateness, derived columns
+/// and filters, the decoded and state columns, every hop level (ring length, the
+/// fields of each column, lifetime) and the count and session windows. Two
+/// definitions with the same layout (features added or removed whose state the other
+/// already holds, renamed, reordered) read the same state the same way; the features
+/// are computed from it at read time.
+fn layout(view: &CompiledView) -> u64 {
+    let s = &view.spec;
+    let filters: Vec<(&str, &str)> = s
+        .features
+        .iter()
+        .filter_map(|f| Some((f.name.as_str(), f.filter.as_deref()?)))
+        .collect();
+    let mut state = view.state.clone();
+    state.shards = 0;
+    let text = format!(
+        "{:?}|{:?}|{}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
+        s.key,
+        s.time,
+        s.allowed_lateness,
+        s.columns,
+        s.filter,
+        filters,
+        view.columns,
+        view.decoded,
+        view.sources,
+        state,
+        view.events
+    );
+    crate::ingest::keys::fnv1a(text.as_bytes())
+}
+
+/// Why a checkpoint of the definition `old` (TOML; `None` before format 7) cannot be
+/// restored into `view`: the first differences found, in words.
+fn why_not(view: &CompiledView, old: Option<&str>, version: u32) -> String {
+    let name = &view.spec.name;
+    let head = format!("written for a different definition of view {name:?}");
+    let tail = "the state cannot be kept: a replay from the source rebuilds it (or restore with the old definition)";
+    let Some(old) = old else {
+        return format!(
+            "{head} (its features, key, time, panes or lateness changed); a checkpoint of format {version} does not record its definition, so {tail}"
+        );
+    };
+    let old = match FeatureFile::parse(old, "checkpoint").map(|f| f.views.into_iter().next()) {
+        Ok(Some(v)) => v,
+        _ => return format!("{head} (its recorded definition does not parse here); {tail}"),
+    };
+    let new = &view.spec;
+    let compile = |spec: &crate::spec::ViewSpec| layout(&CompiledView::new(spec, 1));
+    let mut reasons = Vec::new();
+    let mut differs = |what: &str, a: String, b: String| {
+        if a != b {
+            reasons.push(format!("its {what} changed from {a} to {b}"));
         }
-        .to_toml()
-        .as_bytes(),
-    )
+    };
+    differs("key", format!("{:?}", old.key), format!("{:?}", new.key));
+    differs(
+        "time column",
+        format!("{:?}", old.time),
+        format!("{:?}", new.time),
+    );
+    differs(
+        "allowed lateness",
+        format!("{} ms", old.allowed_lateness),
+        format!("{} ms", new.allowed_lateness),
+    );
+    differs(
+        "filter",
+        format!("{:?}", old.filter),
+        format!("{:?}", new.filter),
+    );
+    differs(
+        "derived columns",
+        format!("{:?}", old.columns),
+        format!("{:?}", new.columns),
+    );
+    if reasons.is_empty() {
+        let base = compile(&old);
+        for f in &new.features {
+            if old.features.contains(f) {
+                continue;
+            }
+            let mut with = old.clone();
+            with.features.retain(|o| o.name != f.name);
+            with.features.push(f.clone());
+            if compile(&with) != base {
+                reasons.push(format!(
+                    "feature {:?} needs state the checkpoint does not hold",
+                    f.name
+                ));
+            }
+        }
+        for f in &old.features {
+            if new.features.contains(f) || new.features.iter().any(|n| n.name == f.name) {
+                continue;
+            }
+            let mut without = old.clone();
+            without.features.retain(|o| o.name != f.name);
+            if compile(&without) != base {
+                reasons.push(format!(
+                    "removing feature {:?} removes state other features do not use, which changes the state's layout",
+                    f.name
+                ));
+            }
+        }
+    }
+    if reasons.is_empty() {
+        reasons.push("the features together need a different state layout".into());
+    }
+    format!("{head}: {}; {tail}", reasons.join("; "))
+}
+
+/// The features added and removed between the definition `old` and `view`'s, in words
+/// (for the log of a restore across a definition change).
+fn what_changed(view: &CompiledView, old: Option<&str>) -> String {
+    let old = old
+        .and_then(|t| FeatureFile::parse(t, "checkpoint").ok())
+        .and_then(|f| f.views.into_iter().next());
+    let Some(old) = old else {
+        return "the definition changed".into();
+    };
+    let names = |v: &[crate::spec::FeatureSpec], w: &[crate::spec::FeatureSpec]| -> Vec<String> {
+        v.iter()
+            .filter(|f| !w.contains(f))
+            .map(|f| format!("{:?}", f.name))
+            .collect()
+    };
+    let (added, removed) = (
+        names(&view.spec.features, &old.features),
+        names(&old.features, &view.spec.features),
+    );
+    let mut parts = Vec::new();
+    if !added.is_empty() {
+        parts.push(format!("features added or changed: {}", added.join(", ")));
+    }
+    if !removed.is_empty() {
+        parts.push(format!(
+            "features removed or changed: {}",
+            removed.join(", ")
+        ));
+    }
+    if parts.is_empty() {
+        parts.push("the features were reordered or their read settings changed".into());
+    }
+    parts.join("; ")
 }
 
 fn now_ms() -> i64 {
@@ -195,6 +346,9 @@ pub(crate) fn encode_at(
     o.u32(FORMAT_VERSION);
     o.str(&view.spec.name);
     o.u64(fingerprint(view));
+    // Version 7: the state's layout and the definition.
+    o.u64(layout(view));
+    o.str(&definition(view));
     o.i64(created_ms);
     o.len(positions.len());
     for p in positions {
@@ -301,11 +455,19 @@ pub(crate) fn decode(view: &CompiledView, bytes: &[u8]) -> Parse<(ViewCore, Chec
             view.spec.name
         ));
     }
-    if i.u64()? != fingerprint(view) {
-        return Err(format!(
-            "written for a different definition of view {name:?} (its features, key, time, panes or lateness changed)"
-        ));
-    }
+    let same = i.u64()? == fingerprint(view);
+    let (stored_layout, old) = if version >= 7 {
+        (Some(i.u64()?), Some(i.str()?))
+    } else {
+        (None, None)
+    };
+    let definition_change = if same {
+        None
+    } else if stored_layout == Some(layout(view)) {
+        Some(what_changed(view, old))
+    } else {
+        return Err(why_not(view, old, version));
+    };
     let created_ms = i.i64()?;
     let n = i.count(false, 12)?;
     let mut positions = Vec::with_capacity(n);
@@ -412,6 +574,7 @@ pub(crate) fn decode(view: &CompiledView, bytes: &[u8]) -> Parse<(ViewCore, Chec
         created_ms,
         positions,
         folded: core.folded,
+        definition_change,
     };
     Ok((core, info))
 }

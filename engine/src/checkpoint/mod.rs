@@ -32,15 +32,15 @@
 //! skipped file is reported with the reason.
 
 pub(crate) mod format;
+#[cfg(feature = "cloud")]
+mod remote;
 mod store;
 
 use std::path::PathBuf;
 
 pub use format::FORMAT_VERSION;
 pub(crate) use format::{decode, encode};
-pub use store::CheckpointDir;
-#[cfg(feature = "kafka")]
-pub(crate) use store::write_atomic;
+pub use store::{CheckpointDir, CheckpointRoot, Listed};
 
 /// Where a source stood when a checkpoint was taken: the next offset to read from
 /// each partition.
@@ -63,6 +63,10 @@ pub struct CheckpointInfo {
     pub positions: Vec<SourcePosition>,
     /// Events folded into the state it holds.
     pub folded: u64,
+    /// Set when the checkpoint was written for another definition of the view whose
+    /// state has the same layout (features added or removed whose state it holds):
+    /// what changed. The state was kept.
+    pub definition_change: Option<String>,
 }
 
 #[cfg(test)]
@@ -193,15 +197,27 @@ window = "lifetime"
     }
 
     #[test]
-    fn versions_1_to_5_checkpoints_restore() {
+    fn versions_1_to_6_checkpoints_restore() {
         let e = engine();
         e.push("cards", &batch(0, 3_000)).unwrap();
-        let v6 = e.checkpoint("cards", &[]).unwrap();
+        let v7 = e.checkpoint("cards", &[]).unwrap();
         let recrc = |bytes: &mut Vec<u8>| {
             let n = bytes.len();
             let crc = crc32fast::hash(&bytes[..n - 12]);
             bytes[n - 12..n - 8].copy_from_slice(&crc.to_le_bytes());
         };
+        // Version 6 is version 7 without the layout fingerprint and the definition
+        // after the fingerprint.
+        let at = 8 + 4 + (4 + "cards".len()) + 8;
+        let definition = u32::from_le_bytes(v7[at + 8..at + 12].try_into().unwrap()) as usize;
+        let mut v6 = [
+            &v7[..8],
+            &6u32.to_le_bytes(),
+            &v7[12..at],
+            &v7[at + 12 + definition..],
+        ]
+        .concat();
+        recrc(&mut v6);
         // Version 5 is version 6 without the event windows' words (none here: a count
         // of 0) before the checksum.
         let n = v6.len();
@@ -249,7 +265,7 @@ window = "lifetime"
         let at = counters + 4 * 8;
         let mut v1 = [&v2[..8], &1u32.to_le_bytes(), &v2[12..at], &v2[at + 8..]].concat();
         recrc(&mut v1);
-        for old in [v1, v2, v3, v4, v5] {
+        for old in [v1, v2, v3, v4, v5, v6.clone()] {
             let restored = engine();
             restored.restore("cards", &old).unwrap();
             assert!(same(&read(&restored), &read(&e)));
@@ -258,12 +274,12 @@ window = "lifetime"
                 e.metrics("cards").unwrap().counters
             );
         }
-        let mut v7 = v6.clone();
-        v7[8..12].copy_from_slice(&7u32.to_le_bytes());
-        recrc(&mut v7);
-        let err = engine().restore("cards", &v7).unwrap_err().to_string();
+        let mut v8 = v7.clone();
+        v8[8..12].copy_from_slice(&8u32.to_le_bytes());
+        recrc(&mut v8);
+        let err = engine().restore("cards", &v8).unwrap_err().to_string();
         assert!(
-            err.contains("format version 7; this build reads versions 1 to 6"),
+            err.contains("format version 8; this build reads versions 1 to 7"),
             "{err}"
         );
     }
@@ -322,7 +338,7 @@ window = "lifetime"
             let (info, used) = store
                 .restore_newest(
                     |b| fresh.restore("cards", b).map_err(|e| e.to_string()),
-                    |p, why| skipped.push((p.to_path_buf(), why.to_string())),
+                    |p, why| skipped.push((p.to_string(), why.to_string())),
                 )
                 .unwrap()
                 .expect("the older checkpoint is used");
@@ -379,7 +395,115 @@ window = "lifetime"
             e.push("cards", &batch(i * 100, 100)).unwrap();
             store.write(&e.checkpoint("cards", &[]).unwrap()).unwrap();
         }
-        let seqs: Vec<u64> = store.list().unwrap().into_iter().map(|(s, _)| s).collect();
+        let seqs: Vec<u64> = store.list().unwrap().into_iter().map(|l| l.seq).collect();
         assert_eq!(seqs, vec![5, 4, 3]);
+    }
+
+    /// `FILE` with `extra` features (TOML) after its own, and without the features
+    /// named in `drop`.
+    fn engine_with(extra: &str, drop: &[&str]) -> Engine {
+        let mut file = FeatureFile::parse(&format!("{FILE}{extra}"), "test").unwrap();
+        file.views[0]
+            .features
+            .retain(|f| !drop.contains(&f.name.as_str()));
+        let options = EngineOptions {
+            batch_rows: 64,
+            ..EngineOptions::default()
+        };
+        Engine::new(&file, options).unwrap()
+    }
+
+    /// Values of `features` for 40 keys (row-major).
+    fn read_features(e: &Engine, features: &[&str]) -> Vec<f64> {
+        let keys = StringArray::from_iter_values((0..40).map(|i| format!("c{i}")));
+        let f = e
+            .read("cards", &keys, Some(2_000_000), Some(features))
+            .unwrap();
+        f.values.iter().copied().collect()
+    }
+
+    const ADDED: &str = r#"
+[[views.features]]
+name = "amount_sum_1m"
+agg = "sum"
+column = "amount"
+window = "1m"
+hop = "10s"
+[[views.features]]
+name = "n_30s"
+agg = "count"
+window = "30s"
+hop = "10s"
+"#;
+
+    #[test]
+    fn r23_features_whose_state_the_checkpoint_holds_can_be_added_and_removed() {
+        let old = engine();
+        old.push("cards", &batch(0, 3_000)).unwrap();
+        let bytes = old.checkpoint("cards", &[]).unwrap();
+        let kept = ["n", "amount_mean_1m", "amount_last"];
+        // Added: a sum and a count over the hop the mean already keeps.
+        let added = engine_with(ADDED, &[]);
+        let info = added.restore("cards", &bytes).unwrap();
+        let change = info.definition_change.expect("a definition change");
+        assert!(change.contains("\"amount_sum_1m\", \"n_30s\""), "{change}");
+        added.push("cards", &batch(3_000, 3_000)).unwrap();
+        old.push("cards", &batch(3_000, 3_000)).unwrap();
+        assert!(same(
+            &read_features(&added, &kept),
+            &read_features(&old, &kept)
+        ));
+        // The new features are exact too: their state was in the checkpoint.
+        let whole = engine_with(ADDED, &[]);
+        whole.push("cards", &batch(0, 6_000)).unwrap();
+        let new = ["amount_sum_1m", "n_30s"];
+        assert!(same(
+            &read_features(&added, &new),
+            &read_features(&whole, &new)
+        ));
+        // Removed again, from the new checkpoint: the state goes back to the old
+        // definition's.
+        let back = engine();
+        let info = back
+            .restore("cards", &added.checkpoint("cards", &[]).unwrap())
+            .unwrap();
+        assert!(info.definition_change.is_some());
+        assert!(same(
+            &read_features(&back, &kept),
+            &read_features(&old, &kept)
+        ));
+    }
+
+    #[test]
+    fn r23_a_definition_change_the_state_cannot_follow_says_why() {
+        let old = engine();
+        old.push("cards", &batch(0, 1_000)).unwrap();
+        let bytes = old.checkpoint("cards", &[]).unwrap();
+        let refused = |e: Engine| e.restore("cards", &bytes).unwrap_err().to_string();
+        let max = r#"
+[[views.features]]
+name = "amount_max_1h"
+agg = "max"
+column = "amount"
+window = "1h"
+hop = "5m"
+"#;
+        let err = refused(engine_with(max, &[]));
+        assert!(
+            err.contains("feature \"amount_max_1h\" needs state the checkpoint does not hold")
+                && err.contains("replay"),
+            "{err}"
+        );
+        let err = refused(engine_with("", &["amount_mean_1m"]));
+        assert!(
+            err.contains("removing feature \"amount_mean_1m\" removes state"),
+            "{err}"
+        );
+        let file = FeatureFile::parse(&FILE.replace("\"5s\"", "\"6s\""), "test").unwrap();
+        let err = refused(Engine::new(&file, EngineOptions::default()).unwrap());
+        assert!(
+            err.contains("allowed lateness changed from 5000 ms to 6000 ms"),
+            "{err}"
+        );
     }
 }

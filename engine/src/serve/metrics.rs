@@ -444,40 +444,55 @@ pub(crate) fn render(shared: &Shared, engine: &crate::online::Engine) -> String 
     out
 }
 
-/// Checkpoints written and failed, per view: pushed views' own, sourced views'
-/// summed over their partitions.
+/// Checkpoints written, failed and fenced, per view: pushed views' own, sourced
+/// views' summed over their partitions.
 fn render_checkpoints(out: &mut String, shared: &Shared) {
     use std::sync::atomic::Ordering::Relaxed;
-    let mut rows: Vec<(&str, u64, u64)> = shared
+    let mut rows: Vec<(&str, [u64; 3])> = shared
         .checkpoints
         .iter()
-        .map(|(v, c)| (v.as_str(), c.written.load(Relaxed), c.failed.load(Relaxed)))
+        .map(|(v, c)| {
+            let counts = [&c.written, &c.failed, &c.fenced].map(|n| n.load(Relaxed));
+            (v.as_str(), counts)
+        })
         .collect();
     rows.extend(shared.sources.values().map(|s| {
         let stats = s.stats();
-        (
-            s.spec().name.as_str(),
-            stats.checkpoints.load(Relaxed),
-            stats.checkpoint_failures.load(Relaxed),
-        )
+        let counts = [
+            &stats.checkpoints,
+            &stats.checkpoint_failures,
+            &stats.checkpoint_fenced,
+        ]
+        .map(|n| n.load(Relaxed));
+        (s.spec().name.as_str(), counts)
     }));
     rows.sort_unstable();
-    for (name, help, column) in [
+    for (column, (name, help)) in [
         (
             "panes_checkpoints_total",
             "Checkpoints written (of each partition, for a Kafka view).",
-            1,
         ),
         (
             "panes_checkpoint_failures_total",
-            "Checkpoints that failed (the directory is unwritable or full).",
-            2,
+            "Checkpoints that failed (the store is unreachable, unwritable or full).",
         ),
-    ] {
+        (
+            "panes_checkpoint_fenced_total",
+            "Checkpoint writes refused because another instance claimed the view or \
+             partition since (a higher generation): the location is given up.",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-        for &(view, written, failed) in &rows {
-            let n = if column == 1 { written } else { failed };
-            let _ = writeln!(out, "{name}{{view=\"{}\"}} {n}", escape(view));
+        for (view, counts) in &rows {
+            let _ = writeln!(
+                out,
+                "{name}{{view=\"{}\"}} {}",
+                escape(view),
+                counts[column]
+            );
         }
     }
     // The last checkpoint of each pushed view (a Kafka view's are per partition).

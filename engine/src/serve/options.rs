@@ -54,7 +54,7 @@ pub struct ServeOptions {
     /// for each partition of a Kafka view (shared by every instance of its group).
     /// Pushed views are restored from it at start; `None` turns checkpoints off, which
     /// Kafka views do not allow.
-    pub checkpoint_dir: Option<std::path::PathBuf>,
+    pub checkpoint_dir: Option<crate::checkpoint::CheckpointRoot>,
     /// Time between checkpoints of a view (or partition) that took events.
     pub checkpoint_interval: Duration,
     /// The address other instances reach this one at, for reads they route here

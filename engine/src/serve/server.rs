@@ -92,11 +92,17 @@ impl ReadTimes {
     }
 }
 
-/// Checkpoints of a pushed view written and failed, for the metrics.
+/// Checkpoints of a pushed view: where they go, written, failed and fenced.
 #[derive(Debug, Default)]
 pub(crate) struct CheckpointCounters {
+    /// The view's checkpoint location, claimed by this server at start (`None`:
+    /// checkpoints are off).
+    pub dir: Option<crate::checkpoint::CheckpointDir>,
     pub written: AtomicU64,
     pub failed: AtomicU64,
+    /// Writes refused because another instance claimed the location since; after the
+    /// first, this server stops checkpointing the view.
+    pub fenced: AtomicU64,
     /// Size of the last checkpoint written, bytes.
     pub last_bytes: AtomicU64,
     /// Time the last checkpoint written took (state encoded and written), microseconds.
@@ -226,9 +232,9 @@ impl Shared {
     /// (`done`: the version checkpointed, per view); returns the failures.
     fn checkpoint_pushed(&self, done: &mut HashMap<String, u64>) -> Vec<String> {
         let mut failures = Vec::new();
-        let Some(root) = &self.options.checkpoint_dir else {
+        if self.options.checkpoint_dir.is_none() {
             return failures;
-        };
+        }
         let _one_at_a_time = self.checkpointing.lock().unwrap_or_else(|p| p.into_inner());
         for v in self.engine.views() {
             let name = &v.spec.name;
@@ -239,13 +245,19 @@ impl Shared {
             if done.get(name) == Some(&version) {
                 continue;
             }
+            let Some(counters) = self.checkpoints.get(name) else {
+                continue;
+            };
+            let Some(dir) = &counters.dir else { continue };
+            if counters.fenced.load(Ordering::Relaxed) > 0 {
+                continue;
+            }
             let started = std::time::Instant::now();
-            let written = self.engine.checkpoint(name, &[]).and_then(|bytes| {
-                crate::checkpoint::CheckpointDir::new(root.join(name), 3)
-                    .write(&bytes)
-                    .map(|path| (path, bytes.len()))
-            });
-            let counters = self.checkpoints.get(name);
+            let written = self
+                .engine
+                .checkpoint(name, &[])
+                .and_then(|bytes| dir.write(&bytes).map(|path| (path, bytes.len())));
+            let counters = Some(counters);
             match written {
                 Ok((path, bytes)) => {
                     let took = started.elapsed();
@@ -259,11 +271,21 @@ impl Shared {
                     }
                     tracing::info!(
                         view = %name,
-                        path = %path.display(),
+                        path = %path,
                         bytes,
                         ms = took.as_secs_f64() * 1e3,
                         "checkpoint written"
                     );
+                }
+                Err(e @ PanesError::Fenced(_)) => {
+                    tracing::error!(
+                        view = %name,
+                        error = %e,
+                        "checkpoint refused: another instance took this view's checkpoints; \
+                         this server writes no more of them"
+                    );
+                    counters.map(|c| c.fenced.fetch_add(1, Ordering::Relaxed));
+                    failures.push(format!("view {name:?}: {e}"));
                 }
                 Err(e) => {
                     tracing::error!(view = %name, error = %e, "checkpoint failed");
@@ -369,14 +391,34 @@ impl Server {
             .map(|v| (v.spec.name.clone(), ReadTimes::default()))
             .collect();
         if let Some(root) = &options.checkpoint_dir {
-            probe_writable(root)?;
+            root.probe_writable()?;
             restore_pushed(&engine, root)?;
         }
+        let owner = grpc
+            .local_addr()
+            .map_or_else(|_| "unknown".into(), |a| a.to_string());
         let checkpoints = engine
             .views()
             .filter(|v| v.spec.source.is_none())
-            .map(|v| (v.spec.name.clone(), CheckpointCounters::default()))
-            .collect();
+            .map(|v| {
+                let name = v.spec.name.clone();
+                let dir = match &options.checkpoint_dir {
+                    Some(root) => {
+                        let mut dir = crate::checkpoint::CheckpointDir::new(root.join(&name), 3);
+                        dir.claim(&owner)?;
+                        Some(dir)
+                    }
+                    None => None,
+                };
+                Ok((
+                    name,
+                    CheckpointCounters {
+                        dir,
+                        ..CheckpointCounters::default()
+                    },
+                ))
+            })
+            .collect::<crate::error::Result<_>>()?;
         let sourced: Vec<_> = engine
             .views()
             .filter(|v| v.spec.source.is_some())
@@ -675,23 +717,11 @@ fn spawn_checkpoints(shared: Arc<Shared>) -> tokio::task::JoinHandle<()> {
     })
 }
 
-/// Checks that checkpoints can be written under `root` (creating it), so that a
-/// read-only or missing directory stops the start instead of failing every checkpoint.
-fn probe_writable(root: &std::path::Path) -> crate::error::Result<()> {
-    let probe = root.join(format!(".panes-probe-{}", std::process::id()));
-    std::fs::create_dir_all(root)
-        .and_then(|()| std::fs::write(&probe, b"probe"))
-        .and_then(|()| std::fs::remove_file(&probe))
-        .map_err(|e| {
-            PanesError::Invalid(format!(
-                "--checkpoint-dir {}: checkpoints cannot be written there: {e}",
-                root.display()
-            ))
-        })
-}
-
 /// Restores each pushed view from the newest valid checkpoint under `root/<view>/`.
-fn restore_pushed(engine: &Engine, root: &std::path::Path) -> crate::error::Result<()> {
+fn restore_pushed(
+    engine: &Engine,
+    root: &crate::checkpoint::CheckpointRoot,
+) -> crate::error::Result<()> {
     for v in engine.views() {
         let name = &v.spec.name;
         if v.spec.source.is_some() {
@@ -703,7 +733,7 @@ fn restore_pushed(engine: &Engine, root: &std::path::Path) -> crate::error::Resu
             |path, why| {
                 tracing::warn!(
                     view = %name,
-                    path = %path.display(),
+                    path = %path,
                     reason = %why,
                     "skipping checkpoint"
                 );
@@ -712,7 +742,7 @@ fn restore_pushed(engine: &Engine, root: &std::path::Path) -> crate::error::Resu
         if let Some((info, path)) = restored {
             tracing::info!(
                 view = %name,
-                path = %path.display(),
+                path = %path,
                 events = info.folded,
                 "restored from a checkpoint"
             );

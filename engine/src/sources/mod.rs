@@ -16,7 +16,6 @@ pub mod synth;
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -115,9 +114,10 @@ pub trait Source: Send + Sync + fmt::Debug {
 /// How the sources of a server run.
 #[derive(Clone, Debug)]
 pub struct SourceOptions {
-    /// Root of the checkpoint directory shared by every instance of a group; a view's
-    /// partitions are checkpointed under `<root>/<view>/p<N>/`.
-    pub checkpoint_root: PathBuf,
+    /// Root of the checkpoint location (a directory or an object-store prefix) shared
+    /// by every instance of a group; a view's partitions are checkpointed under
+    /// `<root>/<view>/p<N>/`.
+    pub checkpoint_root: crate::checkpoint::CheckpointRoot,
     /// Time between checkpoints of a partition that took events.
     pub checkpoint_every: Duration,
     /// The address other instances reach this one at.
@@ -201,6 +201,9 @@ pub struct SourceStats {
     pub checkpoints: AtomicU64,
     /// Checkpoints that failed to be written (the previous one stays in force).
     pub checkpoint_failures: AtomicU64,
+    /// Checkpoint writes refused because another instance took the partition since
+    /// (a higher ownership generation); the partition was given up.
+    pub checkpoint_fenced: AtomicU64,
     /// Partitions restored from a checkpoint.
     pub restored: AtomicU64,
     /// Checkpoint files skipped as corrupt or unusable.

@@ -349,7 +349,19 @@ struct Panes {
 
 impl Panes {
     fn start(features: &Path, checkpoints: &Path) -> Panes {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_panes"))
+        Self::start_with(features, checkpoints.as_os_str(), &[], None)
+    }
+
+    /// `panes serve` checkpointing to `checkpoints` (a directory or a URL), with `env`
+    /// added to its environment, in `cwd` when given.
+    fn start_with(
+        features: &Path,
+        checkpoints: &std::ffi::OsStr,
+        env: &[(&str, String)],
+        cwd: Option<&Path>,
+    ) -> Panes {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_panes"));
+        command
             .arg("serve")
             .arg("--features")
             .arg(features)
@@ -357,10 +369,13 @@ impl Panes {
             .args(["--backend", "cpu", "--checkpoint-interval-ms", "300"])
             .arg("--checkpoint-dir")
             .arg(checkpoints)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .stderr(Stdio::piped());
+        if let Some(cwd) = cwd {
+            command.current_dir(cwd);
+        }
+        let mut child = command.spawn().unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
         let stderr = child.stderr.take().unwrap();
@@ -842,8 +857,10 @@ fn scale_out(brokers: &str, topic: &str, events: &[Event], dir: &Path, hard: boo
         }
         let moved: BTreeSet<i32> = (0..PARTITIONS)
             .filter(|p| {
-                std::fs::read_to_string(checkpoints.join(format!("cards/p{p}/owner")))
-                    .is_ok_and(|o| o.trim() == victim_addr)
+                panes_engine::CheckpointDir::new(checkpoints.join(format!("cards/p{p}")), 3)
+                    .owner()
+                    .unwrap()
+                    .is_some_and(|(_, o)| o == victim_addr)
             })
             .collect();
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -925,7 +942,7 @@ fn tansu_scale_out_rebalance_and_corrupt_checkpoints() {
         let store = panes_engine::CheckpointDir::new(&pdir, 3);
         let files = store.list().unwrap();
         with_previous += usize::from(files.len() >= 2);
-        let newest = &files[0].1;
+        let newest = &store.location(&files[0]);
         let mut bytes = std::fs::read(newest).unwrap();
         if p % 2 == 0 {
             bytes.truncate(bytes.len() * 2 / 3);
@@ -1017,4 +1034,233 @@ fn mock_cluster_with_normal_batching_and_a_crash() {
     let via_grpc = p.read(&some, at).unwrap();
     assert!(same(&p.flight_read(&some, at), &via_grpc));
     p.terminate();
+}
+
+/// An S3-compatible server on loopback (moto in server mode, `PANES_MOTO` or
+/// `moto_server` on the path) with one bucket, killed on drop.
+struct Moto {
+    child: Child,
+    endpoint: String,
+}
+
+impl Moto {
+    fn start(bucket: &str) -> Moto {
+        let bin = std::env::var("PANES_MOTO").unwrap_or_else(|_| "moto_server".into());
+        let port = free_port();
+        let child = Command::new(&bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start {bin:?} (pip install 'moto[server]', or set PANES_MOTO): {e}")
+            });
+        let addr = format!("127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let create = format!(
+            "PUT /{bucket} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        loop {
+            use std::io::{Read, Write};
+            if let Ok(mut s) = std::net::TcpStream::connect(&addr) {
+                s.write_all(create.as_bytes()).unwrap();
+                let mut reply = String::new();
+                let _ = s.read_to_string(&mut reply);
+                assert!(
+                    reply.starts_with("HTTP/1.1 200"),
+                    "bucket not created: {reply}"
+                );
+                break;
+            }
+            assert!(Instant::now() < deadline, "moto did not listen on {addr}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Moto {
+            child,
+            endpoint: format!("http://{addr}"),
+        }
+    }
+
+    /// What a `panes serve` needs to reach it: the standard AWS variables.
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT", self.endpoint.clone()),
+            ("AWS_ALLOW_HTTP", "true".into()),
+            ("AWS_ACCESS_KEY_ID", "panes-test".into()),
+            ("AWS_SECRET_ACCESS_KEY", "panes-test".into()),
+            ("AWS_REGION", "us-east-1".into()),
+        ]
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn signal(p: &Panes, sig: &str) {
+    let status = Command::new("kill")
+        .args([sig, &p.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {sig}");
+}
+
+/// Waits until the metric series `series` of `p` satisfies `ok`.
+fn wait_metric(p: &Panes, series: &str, ok: impl Fn(f64) -> bool, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !p.metric_or_none(series).is_some_and(&ok) {
+        assert!(
+            Instant::now() < deadline,
+            "{series}: {:?}; log: {:?}",
+            p.metric_or_none(series),
+            p.log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Disaster recovery on an object store (issue 23): instances share only an S3 bucket
+/// (moto) and a topic, each in an empty directory of its own. A SIGKILLed instance's
+/// partitions are restored from the bucket by the other; a third starts from the
+/// bucket alone; an instance paused with SIGSTOP past its session is fenced when it
+/// resumes: its checkpoint write is refused and counted, and reads everywhere equal the
+/// oracle. librdkafka's mock cluster stands in for the broker: tansu 0.6 never expires
+/// the session of a member that stopped answering, so no partition would move.
+#[test]
+fn r23_object_store_checkpoints_survive_sigkill_and_fence_a_paused_instance() {
+    let moto = Moto::start("panes");
+    let env = moto.env();
+    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+    let topic = "dr";
+    cluster.create_topic(topic, PARTITIONS, 1).unwrap();
+    cluster.create_topic("dr-dead", 1, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let all = events(24_000, 23);
+    let at = read_time(&all);
+    let (first, rest) = all.split_at(10_000);
+    let (second, third) = rest.split_at(7_000);
+    produce(&brokers, topic, first, false);
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_features(dir.path(), "f.toml", &features(&brokers, topic, "dr"));
+    let url = std::ffi::OsString::from("s3://panes/checkpoints");
+    // Each instance's working directory is empty: nothing is shared but the bucket.
+    let machine = |name: &str| {
+        let d = dir.path().join(name);
+        std::fs::create_dir(&d).unwrap();
+        d
+    };
+    let start = |name: &str| Panes::start_with(&file, &url, &env, Some(&machine(name)));
+    let a = start("a");
+    let b = start("b");
+    let want = oracle(first, at);
+    check_oracle(
+        &wait_complete(&a, first.len(), at, Duration::from_secs(120)),
+        &want,
+        "two instances",
+    );
+    check_oracle(&b.read_settled(&all_keys(), at), &want, "instance b");
+    // Checkpoints of every partition are in the bucket, none on the machines.
+    for p in [&a, &b] {
+        wait_metric(
+            p,
+            "panes_checkpoints_total{view=\"cards\"}",
+            |n| n >= 3.0,
+            Duration::from_secs(30),
+        );
+    }
+    for name in ["a", "b"] {
+        let files: Vec<_> = std::fs::read_dir(dir.path().join(name)).unwrap().collect();
+        assert!(files.is_empty(), "{name} wrote locally: {files:?}");
+    }
+
+    // 1. SIGKILL a: b takes its partitions, restores them from the bucket, goes on.
+    a.kill();
+    produce(&brokers, topic, second, false);
+    let upto = first.len() + second.len();
+    wait_metric(
+        &b,
+        "panes_kafka_partitions_owned{view=\"cards\"}",
+        |n| n == 6.0,
+        Duration::from_secs(60),
+    );
+    let got = wait_complete(&b, upto, at, Duration::from_secs(120));
+    check_oracle(&got, &oracle(&all[..upto], at), "after the SIGKILL");
+    assert!(
+        b.log_has("restored from a checkpoint") >= 1,
+        "{:?}",
+        b.log.lock().unwrap()
+    );
+
+    // 2. A third instance on an empty machine starts from the bucket alone.
+    let c = start("c");
+    c.wait_log("restored from a checkpoint", Duration::from_secs(60));
+    let from_c = settled(|| {
+        let v = c.read(&all_keys(), at)?;
+        let n: f64 = v.iter().step_by(features_per_key()).sum();
+        if n as usize == upto {
+            Ok(v)
+        } else {
+            Err(format!("Unavailable: {n} of {upto}"))
+        }
+    });
+    check_oracle(
+        &from_c,
+        &oracle(&all[..upto], at),
+        "the instance started from the bucket",
+    );
+    assert!(close(&from_c, &b.read_settled(&all_keys(), at)).is_none());
+
+    // 3. Pause b past its session while events arrive: c takes every partition.
+    let producer = {
+        let (brokers, third) = (brokers.clone(), third.to_vec());
+        std::thread::spawn(move || {
+            for chunk in third.chunks(500) {
+                produce(&brokers, topic, chunk, false);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(700));
+    signal(&b, "-STOP");
+    wait_metric(
+        &c,
+        "panes_kafka_partitions_owned{view=\"cards\"}",
+        |n| n == 6.0,
+        Duration::from_secs(60),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    // b resumes with events it took before the pause and never checkpointed: its
+    // write is refused, counted, and it gives the partitions up.
+    signal(&b, "-CONT");
+    wait_metric(
+        &b,
+        "panes_checkpoint_fenced_total{view=\"cards\"}",
+        |n| n >= 1.0,
+        Duration::from_secs(60),
+    );
+    assert!(b.log_has("checkpoint refused") >= 1);
+    assert!(b.log_has("superseded by generation") >= 1);
+    producer.join().unwrap();
+
+    // Everything counted once, wherever read.
+    let want = oracle(&all, at);
+    check_oracle(
+        &wait_complete(&c, all.len(), at, Duration::from_secs(120)),
+        &want,
+        "the new owner",
+    );
+    check_oracle(
+        &wait_complete(&b, all.len(), at, Duration::from_secs(120)),
+        &want,
+        "the fenced instance, rejoined",
+    );
+    assert_eq!(
+        c.metric("panes_checkpoint_fenced_total{view=\"cards\"}"),
+        0.0
+    );
+    b.terminate();
+    c.terminate();
 }

@@ -119,8 +119,18 @@ impl Running {
 }
 
 async fn start(options: ServeOptions, batch_age: Duration, batch_rows: usize) -> Running {
+    start_file(&file(), options, batch_age, batch_rows).await
+}
+
+/// [`start`] with the views of `file`.
+async fn start_file(
+    file: &FeatureFile,
+    options: ServeOptions,
+    batch_age: Duration,
+    batch_rows: usize,
+) -> Running {
     let engine = Engine::new(
-        &file(),
+        file,
         EngineOptions {
             backend: Some(BackendKind::Cpu),
             batch_age,
@@ -935,7 +945,7 @@ fn sigterm_during_ingest_loses_no_accepted_event() {
 async fn a_restarted_server_restores_its_checkpoints() {
     let dir = tempfile::tempdir().unwrap();
     let options = || ServeOptions {
-        checkpoint_dir: Some(dir.path().to_path_buf()),
+        checkpoint_dir: Some(dir.path().into()),
         checkpoint_interval: Duration::from_millis(50),
         ..ServeOptions::default()
     };
@@ -978,6 +988,74 @@ async fn a_restarted_server_restores_its_checkpoints() {
         metric(&scraped, "panes_events_accepted_total{view=\"cards\"}"),
         accepted as f64
     );
+    server.stop().await;
+
+    // The view gains a feature whose state the checkpoint holds (a lifetime sum beside
+    // the lifetime mean): a restart keeps the state, and the new feature is exact too.
+    let grown = FeatureFile::parse(
+        &FEATURES.replace(
+            "[[views]]\nname = \"users\"",
+            "[[views.features]]\nname = \"amount_sum_life\"\nagg = \"sum\"\ncolumn = \"amount\"\nwindow = \"lifetime\"\n\n[[views]]\nname = \"users\"",
+        ),
+        "grown",
+    )
+    .unwrap();
+    assert_eq!(
+        grown.views[0].features.len(),
+        file().views[0].features.len() + 1
+    );
+    let server = start_file(&grown, options(), Duration::from_millis(5), 1_000).await;
+    let mut client = server.client().await;
+    let old: Vec<String> = file().views[0]
+        .features
+        .iter()
+        .map(|f| f.name.clone())
+        .collect();
+    let after = client
+        .get_features(GetFeaturesRequest {
+            features: old,
+            ..read("cards", int_keys(keys.clone()), Some(at))
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cells(&after), cells(&before));
+    let sums = client
+        .get_features(GetFeaturesRequest {
+            features: vec!["amount_sum_life".into()],
+            ..read("cards", int_keys(keys.clone()), Some(at))
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let whole = Engine::new(&grown, EngineOptions::default()).unwrap();
+    for b in &batches {
+        whole.push("cards", b).unwrap();
+    }
+    let want = whole
+        .read(
+            "cards",
+            &arrow_array::Int64Array::from(keys.clone()),
+            Some(at),
+            Some(&["amount_sum_life"]),
+        )
+        .unwrap();
+    let want: Vec<Option<f64>> = want
+        .values
+        .iter()
+        .zip(want.valid.iter())
+        .map(|(v, ok)| ok.then_some(*v))
+        .collect();
+    for (i, (got, w)) in cells(&sums).into_iter().zip(want).enumerate() {
+        assert!(
+            got == w
+                || got
+                    .zip(w)
+                    .is_some_and(|(g, w)| (g - w).abs() <= 1e-9 * w.abs()),
+            "key {}: {got:?} vs {w:?}",
+            keys[i]
+        );
+    }
     server.stop().await;
 }
 

@@ -30,7 +30,6 @@ mod consumer;
 mod ownership;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -41,6 +40,7 @@ use rdkafka::producer::{DefaultProducerContext, ThreadedProducer};
 
 pub use crate::sources::partitioner::{key_bytes, murmur2, partition_for};
 
+use crate::checkpoint::{CheckpointDir, CheckpointRoot};
 use crate::error::{PanesError, Result};
 use crate::ingest::keys::KeyValue;
 use crate::online::{EngineOptions, ViewMetrics};
@@ -49,6 +49,11 @@ use crate::sources::{
 };
 use crate::spec::{CompiledView, FeatureFile, SourceSpec, ViewSpec};
 use ownership::Partition;
+
+/// How long a looked-up owner of another instance's partition is trusted: routing to
+/// a stale owner is refused there (UNAVAILABLE, retry), so this bounds retries, not
+/// correctness.
+const OWNER_TTL: Duration = Duration::from_secs(1);
 
 /// A view whose events come from a Kafka topic, as served by one instance of its
 /// consumer group.
@@ -61,8 +66,10 @@ pub struct KafkaView {
     file: FeatureFile,
     options: EngineOptions,
     backend: Arc<dyn Backend>,
-    root: PathBuf,
+    root: CheckpointRoot,
     advertise: String,
+    /// Owners of partitions not held here, as last looked up, and when.
+    owners: std::sync::Mutex<BTreeMap<i32, (std::time::Instant, Option<String>)>>,
     checkpoint_every: Duration,
     partitions: AtomicI32,
     owned: RwLock<BTreeMap<i32, Arc<Partition>>>,
@@ -142,6 +149,7 @@ impl KafkaView {
             backend,
             root: kafka.checkpoint_root.join(&spec.name),
             advertise: kafka.advertise.clone(),
+            owners: std::sync::Mutex::default(),
             checkpoint_every: kafka.checkpoint_every,
             partitions: AtomicI32::new(0),
             owned: RwLock::new(BTreeMap::new()),
@@ -166,8 +174,8 @@ impl KafkaView {
         self.owned.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn partition_dir(&self, p: i32) -> PathBuf {
-        self.root.join(format!("p{p}"))
+    fn partition_dir(&self, p: i32) -> CheckpointRoot {
+        self.root.join(&format!("p{p}"))
     }
 }
 
@@ -253,13 +261,24 @@ impl Source for KafkaView {
             .collect()
     }
 
-    /// The address of the instance that last took partition `p` (from the shared
-    /// checkpoint directory).
+    /// The address of the instance that last took partition `p` (its ownership record
+    /// in the shared checkpoint location), looked up at most once a second.
     fn owner_of(&self, p: i32) -> Option<String> {
-        std::fs::read_to_string(self.partition_dir(p).join("owner"))
+        let now = std::time::Instant::now();
+        let mut cache = self.owners.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, owner)) = cache.get(&p)
+            && now.duration_since(*at) < OWNER_TTL
+        {
+            return owner.clone();
+        }
+        let owner = CheckpointDir::new(self.partition_dir(p), 3)
+            .owner()
             .ok()
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
+            .flatten()
+            .map(|(_, owner)| owner)
+            .filter(|s| !s.is_empty());
+        cache.insert(p, (now, owner.clone()));
+        owner
     }
 
     fn advertise(&self) -> &str {

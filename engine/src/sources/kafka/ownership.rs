@@ -1,6 +1,7 @@
-//! Partition ownership: taking a partition (restore its newest valid checkpoint, write
-//! the owner file other instances route reads by), checkpointing it and committing
-//! its offsets, and giving it up on revocation.
+//! Partition ownership: taking a partition (claim the next ownership generation, which
+//! fences the previous owner and tells other instances where to route reads, then
+//! restore its newest valid checkpoint), checkpointing it and committing its offsets,
+//! and giving it up on revocation or when fenced.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -12,8 +13,8 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::KafkaView;
 use super::consumer::SourceContext;
-use crate::checkpoint::{CheckpointDir, SourcePosition, write_atomic};
-use crate::error::Result;
+use crate::checkpoint::{CheckpointDir, SourcePosition};
+use crate::error::{PanesError, Result};
 use crate::online::Engine;
 
 /// One owned partition: its engine and where its source stands.
@@ -34,7 +35,10 @@ impl KafkaView {
     /// ones, each reported) and returns the offset to consume from.
     pub(super) fn assign(&self, p: i32) -> Result<Offset> {
         let engine = Engine::with_backend(&self.file, self.options.clone(), self.backend.clone())?;
-        let dir = CheckpointDir::new(self.partition_dir(p), 3);
+        let mut dir = CheckpointDir::new(self.partition_dir(p), 3);
+        // Claimed first: a previous owner that still runs (paused past its session)
+        // can no longer write over what this one restores and writes.
+        let generation = dir.claim(&self.advertise)?;
         let view = self.spec.name.clone();
         let restored = dir.restore_newest(
             |bytes| engine.restore(&view, bytes).map_err(|e| e.to_string()),
@@ -43,7 +47,7 @@ impl KafkaView {
                 tracing::warn!(
                     view = %view,
                     partition = p,
-                    path = %path.display(),
+                    path = %path,
                     reason = %why,
                     "skipping checkpoint"
                 );
@@ -60,16 +64,16 @@ impl KafkaView {
                 tracing::info!(
                     view = %view,
                     partition = p,
-                    path = %path.display(),
+                    path = %path,
                     events = info.folded,
                     offset = next,
+                    generation,
                     "restored from a checkpoint; resuming"
                 );
                 next
             }
             None => 0,
         };
-        write_atomic(&dir.path().join("owner"), self.advertise.as_bytes())?;
         let part = Partition {
             engine,
             dir,
@@ -115,13 +119,29 @@ impl KafkaView {
                 tracing::info!(
                     view = %self.spec.name,
                     partition = p,
-                    path = %path.display(),
+                    path = %path,
                     bytes,
                     offset = next,
                     ms = started.elapsed().as_secs_f64() * 1e3,
                     "checkpoint written"
                 );
                 Some(position)
+            }
+            Err(e @ PanesError::Fenced(_)) => {
+                // Another instance took the partition while this one was away (paused
+                // past its session): its state is the one that counts from now on.
+                self.stats.checkpoint_fenced.fetch_add(1, Ordering::Relaxed);
+                self.owned
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&p);
+                tracing::error!(
+                    view = %self.spec.name,
+                    partition = p,
+                    error = %e,
+                    "checkpoint refused: the partition was taken by another instance; giving it up"
+                );
+                None
             }
             Err(e) => {
                 self.stats
