@@ -18,8 +18,18 @@ const END: &[u8; 8] = b"PANESEND";
 /// `key_limit`), 2, 3 (string values), 4 (filter counters), 5 (composite keys) and 6
 /// (the count and session windows' state) are read too; 7 adds the state's layout
 /// fingerprint and the view's definition, so that a definition change that keeps the
-/// layout keeps the state, and one that does not is explained.
-pub const FORMAT_VERSION: u32 = 7;
+/// layout keeps the state, and one that does not is explained; 8 stores what follows
+/// the version as one zstd frame (its inflated length first): pane rings are mostly
+/// empty cells, and a checkpoint is written whole to its store on every interval.
+pub const FORMAT_VERSION: u32 = 8;
+
+/// The zstd level of checkpoint images: level 1 compresses at memory speed and
+/// already shrinks empty cells to next to nothing.
+const ZSTD_LEVEL: i32 = 1;
+
+/// No zstd frame inflates by more than this factor (a 128 KiB block is at least a
+/// few bytes), so a longer inflated length is refused before anything is inflated.
+const MAX_INFLATION: u64 = 65_536;
 
 /// The view's definition as TOML, without its source and key limit (which may change
 /// between runs).
@@ -342,8 +352,6 @@ pub(crate) fn encode_at(
             .map(|l| 8 * (l.ring.len() + l.base.len()))
             .sum::<usize>(),
     ));
-    o.0.extend_from_slice(MAGIC);
-    o.u32(FORMAT_VERSION);
     o.str(&view.spec.name);
     o.u64(fingerprint(view));
     // Version 7: the state's layout and the definition.
@@ -411,10 +419,55 @@ pub(crate) fn encode_at(
     }
     // Version 6: count and session windows.
     o.u64s(&core.events.export());
-    let crc = crc32fast::hash(&o.0);
-    o.u32(crc);
-    o.0.extend_from_slice(END);
-    Ok(o.0)
+    seal(&o.0).map_err(|e| {
+        crate::error::PanesError::Internal(format!(
+            "view {:?}: cannot compress the checkpoint: {e}",
+            view.spec.name
+        ))
+    })
+}
+
+/// A checkpoint file of the current version around `image` (what follows the version
+/// in versions 1 to 7): its length, the image as one zstd frame, the checksum.
+pub(crate) fn seal(image: &[u8]) -> std::io::Result<Vec<u8>> {
+    let frame = zstd::bulk::compress(image, ZSTD_LEVEL)?;
+    let mut out = Out(Vec::with_capacity(frame.len() + 40));
+    out.0.extend_from_slice(MAGIC);
+    out.u32(FORMAT_VERSION);
+    out.u64(image.len() as u64);
+    out.0.extend_from_slice(&frame);
+    let crc = crc32fast::hash(&out.0);
+    out.u32(crc);
+    out.0.extend_from_slice(END);
+    Ok(out.0)
+}
+
+/// The image a checkpoint of format 8 or later holds after its version: `frame`
+/// inflated, which must give exactly `len` bytes.
+fn inflate(frame: &[u8], len: u64) -> Parse<Vec<u8>> {
+    use std::io::Read;
+    if len > (frame.len() as u64).saturating_mul(MAX_INFLATION) {
+        return Err(format!(
+            "an image of {len} bytes announced in a frame of {} bytes (at most {MAX_INFLATION} times larger)",
+            frame.len()
+        ));
+    }
+    let decoder = zstd::stream::read::Decoder::with_buffer(frame)
+        .map_err(|e| format!("cannot start inflating the image: {e}"))?;
+    // Memory grows only with what actually inflates, never to a length merely announced.
+    let mut image = Vec::with_capacity(frame.len().saturating_mul(4).min(len as usize));
+    decoder
+        .take(len.saturating_add(1))
+        .read_to_end(&mut image)
+        .map_err(|e| format!("the image does not inflate: {e}"))?;
+    if image.len() as u64 != len {
+        return Err(format!(
+            "the image inflates to {}{} bytes, {len} announced",
+            image.len(),
+            if image.len() as u64 > len { "+" } else { "" }
+        ));
+    }
+    Ok(image)
 }
 
 /// Decodes a checkpoint of `view` into a fresh core, or says what is wrong with it.
@@ -447,6 +500,15 @@ pub(crate) fn decode(view: &CompiledView, bytes: &[u8]) -> Parse<(ViewCore, Chec
         return Err(format!(
             "format version {version}; this build reads versions 1 to {FORMAT_VERSION}"
         ));
+    }
+    let image;
+    if version >= 8 {
+        let len = i.u64()?;
+        image = inflate(&body[i.at..], len)?;
+        i = In {
+            bytes: &image,
+            at: 0,
+        };
     }
     let name = i.str()?;
     if name != view.spec.name {
@@ -558,10 +620,10 @@ pub(crate) fn decode(view: &CompiledView, bytes: &[u8]) -> Parse<(ViewCore, Chec
     // definition could not be parsed, so the fingerprint cannot match).
     let events = if version >= 6 { i.u64s()? } else { Vec::new() };
     core.keys = KeyIndex::from_image(keys, view.state.shards).map_err(|e| e.to_string())?;
-    if i.at != body.len() {
+    if i.at != i.bytes.len() {
         return Err(format!(
             "{} unread bytes before the checksum",
-            body.len() - i.at
+            i.bytes.len() - i.at
         ));
     }
     core.state = PaneState::import(view.state.clone(), levels).map_err(|e| e.to_string())?;

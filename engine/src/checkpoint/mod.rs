@@ -1,29 +1,37 @@
 //! Checkpoints: the state of one view, its watermark, its counters and the source
 //! positions that state covers, in one self-checking file.
 //!
-//! # File format (version 2)
+//! # File format (version 8)
 //! All integers little-endian. A file is
 //!
 //! ```text
 //! magic    8 bytes  "PANESCKP"
-//! version  u32      2
-//! body     (below)
+//! version  u32      8
+//! length   u64      the image's length, inflated
+//! image    zstd     one zstd frame of the body (below)
 //! crc32    u32      CRC-32 (IEEE) of every byte before it, magic included
 //! end      8 bytes  "PANESEND"
 //! ```
 //!
-//! and the body, in order: the view name (`str` = u32 length + UTF-8); the definition
-//! fingerprint (u64, FNV-1a of the view's features as TOML: a checkpoint is never
-//! restored into a view defined differently); the creation time (i64, epoch ms); the
-//! source positions (u32 count, then per partition i32 partition + i64 next offset);
-//! the watermark inputs `max_ts` and `folded_max_ts` (u8 present + i64 each); events
-//! folded (u64); the counters (accepted, late, five rejection reasons in the order of
+//! Versions 1 to 7 have the body itself in place of length and image. The body, in
+//! order: the view name (`str` = u32 length + UTF-8); the definition fingerprint (u64,
+//! FNV-1a of the view's definition as TOML); from version 7 the state's layout
+//! fingerprint (u64) and the definition (str), so that a definition whose state has
+//! the same layout restores; the creation time (i64, epoch ms); the source positions
+//! (u32 count, then per partition i32 partition + i64 next offset); the watermark
+//! inputs `max_ts` and `folded_max_ts` (u8 present + i64 each); events folded (u64);
+//! the counters (accepted, late, five rejection reasons in the order of
 //! `RejectReason::ALL`, null values, NaN values, expired: u64 each; version 1 has four
-//! reasons, without `key_limit`, and is read too); the key index (u32 shard count + u32 next slot per
-//! shard; integer keys: u32 count + (i64 key, u32 id) each; unsigned keys above
-//! `i64::MAX`: the same with u64; string keys: u32 count + (str, u32 id) each); the
-//! per-key latest event time (u64 count + i64 each); the pane state (u32 level images,
-//! shard-major, each u64 slots + u64 count + f64 ring cells + u64 count + f64 base cells).
+//! reasons, without `key_limit`; from version 4 filtered and expression errors); the
+//! key index (u32 shard count + u32 next slot per shard; integer keys: u32 count +
+//! (i64 key, u32 id) each; unsigned keys above `i64::MAX`: the same with u64; string
+//! keys: u32 count + (str, u32 id) each); the per-key latest event time (u64 count +
+//! i64 each); the pane state (u32 level images, shard-major, each u64 slots + u64
+//! count + f64 ring cells + u64 count + f64 base cells); from version 3 the value
+//! columns' kinds and string values; from version 5 composite keys; from version 6 the
+//! count and session windows' state (u64 count + u64 words). An image may not announce
+//! more than 65 536 times its frame's length (no zstd frame inflates further), and
+//! inflating allocates only what actually inflates.
 //!
 //! A checkpoint is written to a temporary file, fsynced, renamed into place and the
 //! directory fsynced: a crash leaves either the old set of files or the new one.
@@ -175,19 +183,27 @@ window = "lifetime"
         assert!(same(&read(&third), &read(&whole)));
     }
 
+    /// The image a checkpoint of the current version holds, inflated.
+    fn image(sealed: &[u8]) -> Vec<u8> {
+        let n = sealed.len();
+        let len = u64::from_le_bytes(sealed[12..20].try_into().unwrap());
+        let image = zstd::bulk::decompress(&sealed[20..n - 12], len as usize).unwrap();
+        assert_eq!(image.len() as u64, len);
+        image
+    }
+
     #[test]
     fn r17_a_forged_key_id_with_a_valid_checksum_is_refused() {
         let e = engine();
         e.push("cards", &batch(0, 3_000)).unwrap();
-        let mut bytes = e.checkpoint("cards", &[]).unwrap();
-        // The id after the string key "c5" (u32 length 2, the bytes), then the checksum
-        // recomputed: only the validation of the contents can catch it.
+        let sealed = e.checkpoint("cards", &[]).unwrap();
+        // The id after the string key "c5" (u32 length 2, the bytes), then the image
+        // sealed again: only the validation of the contents can catch it.
+        let mut image = image(&sealed);
         let key = [2u8, 0, 0, 0, b'c', b'5'];
-        let at = bytes.windows(6).position(|w| w == key).expect("key c5") + key.len();
-        bytes[at..at + 4].copy_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
-        let n = bytes.len();
-        let crc = crc32fast::hash(&bytes[..n - 12]);
-        bytes[n - 12..n - 8].copy_from_slice(&crc.to_le_bytes());
+        let at = image.windows(6).position(|w| w == key).expect("key c5") + key.len();
+        image[at..at + 4].copy_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
+        let bytes = format::seal(&image).unwrap();
         let fresh = engine();
         let err = fresh.restore("cards", &bytes).unwrap_err().to_string();
         assert!(err.contains("key \"c5\" has id 4294967280"), "{err}");
@@ -197,15 +213,26 @@ window = "lifetime"
     }
 
     #[test]
-    fn versions_1_to_6_checkpoints_restore() {
+    fn versions_1_to_7_checkpoints_restore() {
         let e = engine();
         e.push("cards", &batch(0, 3_000)).unwrap();
-        let v7 = e.checkpoint("cards", &[]).unwrap();
+        let v8 = e.checkpoint("cards", &[]).unwrap();
         let recrc = |bytes: &mut Vec<u8>| {
             let n = bytes.len();
             let crc = crc32fast::hash(&bytes[..n - 12]);
             bytes[n - 12..n - 8].copy_from_slice(&crc.to_le_bytes());
         };
+        // Version 7 is version 8's image, not compressed and without its length.
+        let n = v8.len();
+        let image = image(&v8);
+        assert!(
+            image.len() > 4 * v8.len(),
+            "{} from {}",
+            image.len(),
+            v8.len()
+        );
+        let mut v7 = [&v8[..8], &7u32.to_le_bytes(), &image, &v8[n - 12..]].concat();
+        recrc(&mut v7);
         // Version 6 is version 7 without the layout fingerprint and the definition
         // after the fingerprint.
         let at = 8 + 4 + (4 + "cards".len()) + 8;
@@ -265,7 +292,7 @@ window = "lifetime"
         let at = counters + 4 * 8;
         let mut v1 = [&v2[..8], &1u32.to_le_bytes(), &v2[12..at], &v2[at + 8..]].concat();
         recrc(&mut v1);
-        for old in [v1, v2, v3, v4, v5, v6.clone()] {
+        for old in [v1, v2, v3, v4, v5, v6.clone(), v7.clone()] {
             let restored = engine();
             restored.restore("cards", &old).unwrap();
             assert!(same(&read(&restored), &read(&e)));
@@ -274,14 +301,26 @@ window = "lifetime"
                 e.metrics("cards").unwrap().counters
             );
         }
-        let mut v8 = v7.clone();
-        v8[8..12].copy_from_slice(&8u32.to_le_bytes());
-        recrc(&mut v8);
-        let err = engine().restore("cards", &v8).unwrap_err().to_string();
+        let mut v9 = v8.clone();
+        v9[8..12].copy_from_slice(&9u32.to_le_bytes());
+        recrc(&mut v9);
+        let err = engine().restore("cards", &v9).unwrap_err().to_string();
         assert!(
-            err.contains("format version 8; this build reads versions 1 to 7"),
+            err.contains("format version 9; this build reads versions 1 to 8"),
             "{err}"
         );
+        // An image announcing more than its frame can hold is refused before inflating,
+        // and one that inflates to another length than announced is refused too.
+        for (len, why) in [
+            (u64::MAX, "at most 65536 times larger"),
+            (image.len() as u64 + 1, "inflates to"),
+        ] {
+            let mut bad = v8.clone();
+            bad[12..20].copy_from_slice(&len.to_le_bytes());
+            recrc(&mut bad);
+            let err = engine().restore("cards", &bad).unwrap_err().to_string();
+            assert!(err.contains(why), "{err}");
+        }
     }
 
     #[test]
