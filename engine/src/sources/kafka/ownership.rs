@@ -34,6 +34,7 @@ impl KafkaView {
     /// Takes partition `p`: restores its newest valid checkpoint (skipping corrupt
     /// ones, each reported) and returns the offset to consume from.
     pub(super) fn assign(&self, p: i32) -> Result<Offset> {
+        let started = std::time::Instant::now();
         let engine = Engine::with_backend(&self.file, self.options.clone(), self.backend.clone())?;
         let mut dir = CheckpointDir::new(self.partition_dir(p), 3);
         // Claimed first: a previous owner that still runs (paused past its session)
@@ -68,6 +69,7 @@ impl KafkaView {
                     events = info.folded,
                     offset = next,
                     generation,
+                    ms = started.elapsed().as_secs_f64() * 1e3,
                     "restored from a checkpoint; resuming"
                 );
                 next
