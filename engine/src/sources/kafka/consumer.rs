@@ -8,13 +8,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use arrow_array::RecordBatch;
+use rdkafka::TopicPartitionList;
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::BaseRecord;
 use rdkafka::types::RDKafkaRespErr;
-use rdkafka::{Offset, TopicPartitionList};
 
 use super::KafkaView;
 use crate::error::{PanesError, Result};
@@ -69,7 +69,7 @@ impl ConsumerContext for SourceContext {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let topic = view.source.topic.clone();
                 let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
-                for (p, offset) in assign_all(view, &parts) {
+                for (p, offset) in view.assign_all(&parts) {
                     let _ = tpl.set_partition_offset(&topic, p, offset);
                 }
                 tracing::info!(
@@ -105,48 +105,6 @@ impl ConsumerContext for SourceContext {
             }
         }
     }
-}
-
-/// Restores at most this many partitions of one assignment at a time.
-const RESTORE_THREADS: usize = 8;
-
-/// Takes `parts` ([`KafkaView::assign`]), restoring up to [`RESTORE_THREADS`] at a
-/// time: the group waits for this callback, and a restore is mostly waiting on the
-/// checkpoint store. Returns each partition's offset to consume from; one that cannot
-/// be restored replays from the start.
-fn assign_all(view: &KafkaView, parts: &[i32]) -> Vec<(i32, Offset)> {
-    let assign = |p: i32| {
-        let offset = view.assign(p).unwrap_or_else(|e| {
-            tracing::warn!(
-                view = %view.spec.name,
-                partition = p,
-                error = %e,
-                "cannot restore the partition; replaying it from the start"
-            );
-            Offset::Beginning
-        });
-        (p, offset)
-    };
-    let per_thread = parts.len().div_ceil(RESTORE_THREADS).max(1);
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = parts
-            .chunks(per_thread)
-            .map(|chunk| {
-                let spawned = std::thread::Builder::new()
-                    .name("panes-restore".into())
-                    .spawn_scoped(scope, move || chunk.iter().map(|&p| assign(p)).collect());
-                (chunk, spawned.ok())
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|(chunk, handle)| match handle.map(|h| h.join()) {
-                Some(Ok(done)) => done,
-                // No thread to be had, or it failed: this one restores the chunk itself.
-                _ => chunk.iter().map(|&p| assign(p)).collect::<Vec<_>>(),
-            })
-            .collect()
-    })
 }
 
 /// What the consumer thread holds for one partition between pushes.

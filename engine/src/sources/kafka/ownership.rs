@@ -1,7 +1,8 @@
-//! Partition ownership: taking a partition (claim the next ownership generation, which
-//! fences the previous owner and tells other instances where to route reads, then
-//! restore its newest valid checkpoint), checkpointing it and committing its offsets,
-//! and giving it up on revocation or when fenced.
+//! Partition ownership: taking partitions (up to [`RESTORE_THREADS`] restored at a
+//! time; each claims the next ownership generation, which fences the previous owner
+//! and tells other instances where to route reads, then restores its newest valid
+//! checkpoint), checkpointing them and committing their offsets, and giving them up on
+//! revocation or when fenced.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -17,6 +18,9 @@ use crate::checkpoint::{CheckpointDir, SourcePosition};
 use crate::error::{PanesError, Result};
 use crate::online::Engine;
 
+/// Restores at most this many partitions of one assignment at a time.
+const RESTORE_THREADS: usize = 8;
+
 /// One owned partition: its engine and where its source stands.
 #[derive(Debug)]
 pub(super) struct Partition {
@@ -31,6 +35,45 @@ pub(super) struct Partition {
 }
 
 impl KafkaView {
+    /// Takes `parts` ([`Self::assign`]), restoring up to [`RESTORE_THREADS`] at a
+    /// time: the group waits for this callback, and a restore is mostly waiting on the
+    /// checkpoint store. Returns each partition's offset to consume from; one that cannot
+    /// be restored replays from the start.
+    pub(super) fn assign_all(&self, parts: &[i32]) -> Vec<(i32, Offset)> {
+        let assign = |p: i32| {
+            let offset = self.assign(p).unwrap_or_else(|e| {
+                tracing::warn!(
+                    view = %self.spec.name,
+                    partition = p,
+                    error = %e,
+                    "cannot restore the partition; replaying it from the start"
+                );
+                Offset::Beginning
+            });
+            (p, offset)
+        };
+        let per_thread = parts.len().div_ceil(RESTORE_THREADS).max(1);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = parts
+                .chunks(per_thread)
+                .map(|chunk| {
+                    let spawned = std::thread::Builder::new()
+                        .name("panes-restore".into())
+                        .spawn_scoped(scope, move || chunk.iter().map(|&p| assign(p)).collect());
+                    (chunk, spawned.ok())
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|(chunk, handle)| match handle.map(|h| h.join()) {
+                    Some(Ok(done)) => done,
+                    // No thread to be had, or it failed: this one restores the chunk itself.
+                    _ => chunk.iter().map(|&p| assign(p)).collect::<Vec<_>>(),
+                })
+                .collect()
+        })
+    }
+
     /// Takes partition `p`: restores its newest valid checkpoint (skipping corrupt
     /// ones, each reported) and returns the offset to consume from.
     pub(super) fn assign(&self, p: i32) -> Result<Offset> {
