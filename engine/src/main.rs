@@ -220,6 +220,9 @@ struct ServeArgs {
     /// Most connections open at once on the gRPC port.
     #[arg(long, default_value_t = 1_024)]
     max_connections: usize,
+    /// Most Subscribe streams open at once.
+    #[arg(long, default_value_t = 256)]
+    max_subscriptions: usize,
     /// Most concurrent requests per connection (HTTP/2 MAX_CONCURRENT_STREAMS).
     #[arg(long, default_value_t = 256)]
     max_streams_per_connection: u32,
@@ -397,6 +400,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         max_features: args.max_features,
         max_write_queue_bytes: args.max_write_queue_bytes,
         max_connections: args.max_connections,
+        max_subscriptions: args.max_subscriptions,
         max_streams_per_connection: args.max_streams_per_connection,
         handshake_timeout: Duration::from_secs(args.handshake_timeout),
         idle_timeout: Duration::from_secs(args.idle_timeout),

@@ -31,7 +31,7 @@ from ._errors import PanesError
 from .v1 import panes_pb2 as pb
 from .v1 import panes_pb2_grpc as pb_grpc
 
-__all__ = ["Client", "Features", "IngestResult", "ServerError"]
+__all__ = ["Client", "Features", "IngestResult", "ServerError", "Update"]
 
 
 class ServerError(PanesError):
@@ -69,6 +69,21 @@ class Features:
 
 
 @dataclass(frozen=True)
+class Update:
+    """One message of a subscription: the vectors of the keys that changed (or, while
+    ``snapshot`` is true, of every key followed)."""
+
+    keys: list[Any]
+    """The keys of ``features``' rows: ints, strings, or tuples for a composite key."""
+    features: Features
+    snapshot: bool
+    """Whether this message belongs to the first snapshot."""
+    coalesced_intervals: int
+    """Intervals since the previous message that passed while the stream was full
+    (this client had not read it): their changes are merged into this message."""
+
+
+@dataclass(frozen=True)
 class IngestResult:
     """Totals of one ``Ingest`` call."""
 
@@ -103,6 +118,72 @@ def _ipc_messages(view: str, data: Any, batch_rows: int) -> Iterator[pb.IngestRe
         with pa.ipc.new_stream(sink, batch.schema) as w:
             w.write_batch(batch)
         yield pb.IngestRequest(view=view, arrow_ipc=sink.getvalue().to_pybytes())
+
+
+def _features(r: Any) -> Features:
+    """A ``GetFeaturesResponse`` as numpy arrays."""
+    shape = (r.rows, len(r.features))
+    values = np.array(r.values, dtype=np.float64).reshape(shape)
+    bits = np.unpackbits(np.frombuffer(r.validity, dtype=np.uint8), bitorder="little")
+    valid = bits[: shape[0] * shape[1]].astype(bool).reshape(shape)
+    return Features(
+        names=list(r.features),
+        values=values,
+        valid=valid,
+        latest_event_ms=np.array(r.latest_event_ms, dtype=np.int64),
+        window_events=np.array(r.window_events, dtype=np.uint64),
+        at_ms=r.at_ms,
+        state_version=r.state_version,
+        lists={
+            r.features[lst.feature]: [
+                list((lst.strings or lst.values)[lst.offsets[i] : lst.offsets[i + 1]])
+                for i in range(r.rows)
+            ]
+            for lst in r.lists
+        },
+        strings={
+            r.features[s.feature]: [
+                v if valid[i, s.feature] else None for i, v in enumerate(s.values)
+            ]
+            for s in r.strings
+        },
+    )
+
+
+def _set_keys(req: Any, keys: Any) -> None:
+    """Sets the keys of a ``GetFeaturesRequest`` or ``SubscribeRequest``: all ints, all
+    strings, or tuples (one value per key column) for a composite key."""
+    keys = list(keys.tolist() if isinstance(keys, np.ndarray) else keys)
+    if keys and isinstance(keys[0], (tuple, list)):
+        for j in range(len(keys[0])):
+            part = req.composite_keys.parts.add()
+            column = [k[j] for k in keys]
+            if isinstance(column[0], str):
+                part.strings.keys.extend(column)
+            else:
+                part.ints.keys.extend(int(v) for v in column)
+    elif keys and isinstance(keys[0], str):
+        req.string_keys.keys.extend(keys)
+    else:
+        req.int_keys.keys.extend(int(k) for k in keys)
+
+
+def _keys_of(u: Any) -> list[Any]:
+    """The keys of a ``SubscribeUpdate``'s rows."""
+    which = u.WhichOneof("keys")
+    if which == "int_keys":
+        return list(u.int_keys.keys)
+    if which == "string_keys":
+        return list(u.string_keys.keys)
+    if which == "decimal_keys":
+        return [int(k) for k in u.decimal_keys.keys]
+    if which == "composite_keys":
+        columns = [
+            list(p.ints.keys) if p.WhichOneof("values") == "ints" else list(p.strings.keys)
+            for p in u.composite_keys.parts
+        ]
+        return list(zip(*columns))
+    return []
 
 
 class Client:
@@ -174,20 +255,8 @@ class Client:
     ) -> Features:
         """Feature vectors of ``keys`` (all ints or all strings; for a view with a
         composite key, tuples with one value per key column) from ``view``."""
-        keys = list(keys.tolist() if isinstance(keys, np.ndarray) else keys)
         req = pb.GetFeaturesRequest(view=view, features=list(features or []))
-        if keys and isinstance(keys[0], (tuple, list)):
-            for j in range(len(keys[0])):
-                part = req.composite_keys.parts.add()
-                column = [k[j] for k in keys]
-                if isinstance(column[0], str):
-                    part.strings.keys.extend(column)
-                else:
-                    part.ints.keys.extend(int(v) for v in column)
-        elif keys and isinstance(keys[0], str):
-            req.string_keys.keys.extend(keys)
-        else:
-            req.int_keys.keys.extend(int(k) for k in keys)
+        _set_keys(req, keys)
         if at_ms is not None:
             req.at_ms = at_ms
         return self._get(req)
@@ -215,32 +284,43 @@ class Client:
             r = self._stub.GetFeatures(req, timeout=self._timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise _error(e) from None
-        shape = (r.rows, len(r.features))
-        values = np.array(r.values, dtype=np.float64).reshape(shape)
-        bits = np.unpackbits(np.frombuffer(r.validity, dtype=np.uint8), bitorder="little")
-        valid = bits[: shape[0] * shape[1]].astype(bool).reshape(shape)
-        return Features(
-            names=list(r.features),
-            values=values,
-            valid=valid,
-            latest_event_ms=np.array(r.latest_event_ms, dtype=np.int64),
-            window_events=np.array(r.window_events, dtype=np.uint64),
-            at_ms=r.at_ms,
-            state_version=r.state_version,
-            lists={
-                r.features[lst.feature]: [
-                    list((lst.strings or lst.values)[lst.offsets[i] : lst.offsets[i + 1]])
-                    for i in range(r.rows)
-                ]
-                for lst in r.lists
-            },
-            strings={
-                r.features[s.feature]: [
-                    v if valid[i, s.feature] else None for i, v in enumerate(s.values)
-                ]
-                for s in r.strings
-            },
-        )
+        return _features(r)
+
+    def subscribe(
+        self,
+        view: str,
+        keys: Sequence[int] | Sequence[str] | Sequence[tuple[int | str, ...]] | np.ndarray | None = None,
+        *,
+        features: Sequence[str] | None = None,
+        interval_ms: int = 100,
+    ) -> Iterator[Update]:
+        """Follows ``keys`` of ``view`` (every key when ``None``): yields their current
+        vectors (``snapshot`` true), then after each publish the vectors that changed, at
+        most one message per ``interval_ms``, each key's latest vector only. The iterator
+        never ends by itself: stop iterating (or ``close()`` it) to cancel. Not bounded
+        by the client's ``timeout``."""
+        req = pb.SubscribeRequest(view=view, features=list(features or []), interval_ms=interval_ms)
+        if keys is None:
+            req.all_keys = True
+        else:
+            _set_keys(req, keys)
+        call = self._stub.Subscribe(req, metadata=self._metadata)
+        try:
+            for u in call:
+                if not u.HasField("features"):
+                    continue  # a heartbeat
+                yield Update(
+                    keys=_keys_of(u),
+                    features=_features(u.features),
+                    snapshot=u.snapshot,
+                    coalesced_intervals=u.coalesced_intervals,
+                )
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.CANCELLED:
+                return
+            raise _error(e) from None
+        finally:
+            call.cancel()
 
     def ingest(self, view: str, data: Any, *, batch_rows: int = 65_536) -> IngestResult:
         """Streams ``data`` (pyarrow / polars / anything with ``__arrow_c_stream__``)

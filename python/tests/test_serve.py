@@ -334,3 +334,78 @@ def test_string_features_over_grpc_and_flight(server: dict[str, str]) -> None:
     assert got.schema.field("first_category").type == pa.string()
     assert got.schema.field("top_categories").type == pa.list_(pa.field("item", pa.string(), nullable=False))
     assert pl.from_arrow(got).drop("user").equals(want.drop("user"))
+
+
+def _rows(f: panes.client.Features, keys: list) -> dict:
+    """Each key's vector: values (None for null), strings and lists."""
+    out = {}
+    for i, k in enumerate(keys):
+        out[k] = (
+            # (A string feature's value is NaN: its string is in `strings`.)
+            tuple(v if ok and v == v else None for v, ok in zip(f.values[i].tolist(), f.valid[i].tolist())),
+            tuple(s[i] for s in f.strings.values()),
+            tuple(tuple(lst[i]) for lst in f.lists.values()),
+        )
+    return out
+
+
+def test_subscribe_follows_keys_to_their_final_vectors(server: dict[str, str]) -> None:
+    """A subscriber to some keys of a view with string and list features gets their
+    vectors, then each change, ending equal to a final read."""
+    import threading
+    import time
+
+    keys = list(range(10))
+    latest: dict = {}
+    snapshot_keys: list = []
+    stop = threading.Event()
+
+    def follow() -> None:
+        with Client(server["grpc"]) as c:
+            updates = c.subscribe("clicks", keys, interval_ms=20)
+            for u in updates:
+                if u.snapshot:
+                    snapshot_keys.extend(u.keys)
+                latest.update(_rows(u.features, u.keys))
+                if stop.is_set():
+                    updates.close()
+                    return
+
+    t = threading.Thread(target=follow, daemon=True)
+    t.start()
+    rng = np.random.default_rng(24)
+    n = 3_000
+    words = ["books", "toys", "café", "b"]
+    table = pa.table(
+        {
+            "user": pa.array(rng.integers(0, 15, n), pa.int64()),
+            "ts": pa.array(5_000_000 + np.arange(n) * 7, pa.int64()),
+            "category": pa.array([words[i] for i in rng.integers(0, len(words), n)], mask=rng.random(n) < 0.1),
+        }
+    )
+    with Client(server["grpc"]) as c:
+        for part in table.to_batches(max_chunksize=300):
+            c.ingest("clicks", pa.Table.from_batches([part]))
+        want = _rows(c.get_features("clicks", keys), keys)
+    deadline = time.monotonic() + 30
+    while {k: latest.get(k) for k in keys} != want:
+        assert time.monotonic() < deadline, (latest, want)
+        time.sleep(0.02)
+    assert snapshot_keys == keys
+    stop.set()
+    # One more change wakes the follower, which then cancels its stream.
+    with Client(server["grpc"]) as c:
+        c.ingest("clicks", table.slice(0, 1))
+    t.join(timeout=30)
+    assert not t.is_alive()
+    text = urllib.request.urlopen(f"http://{server['metrics']}/metrics", timeout=10).read().decode()
+    assert re.search(r"^panes_subscription_rows_total [1-9]", text, re.M)
+
+
+def test_subscribe_refusals_are_server_errors(server: dict[str, str]) -> None:
+    with Client(server["grpc"]) as c:
+        with pytest.raises(ServerError, match="interval_ms") as e:
+            next(c.subscribe("clicks", [1], interval_ms=1))
+        assert e.value.code == "INVALID_ARGUMENT"
+        with pytest.raises(ServerError, match="unknown view") as e:
+            next(c.subscribe("nope"))

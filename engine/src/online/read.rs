@@ -320,6 +320,39 @@ impl Engine {
         Ok((batch, frame.at))
     }
 
+    /// Every key `view` holds, their ids, and their features (all if `None`) with the
+    /// per-key metadata, read from the published state as of the view's read time
+    /// (nothing is folded first: a subscription sees what publishes made visible).
+    ///
+    /// # Errors
+    /// As [`Engine::read_snapshot`].
+    pub(crate) fn read_all_published(
+        &self,
+        view: &str,
+        features: Option<&[&str]>,
+    ) -> Result<(Vec<KeyValue>, Vec<u32>, ServedFrame)> {
+        let v = self.view(view)?;
+        let snap = v.snapshot()?;
+        let (keys, ids) = snap.core.keys.all();
+        let some: Vec<Option<u32>> = ids.iter().copied().map(Some).collect();
+        let served = self.merge_at(v, &snap, &some, None, features, true, |k| {
+            keys[k].to_string()
+        })?;
+        Ok((keys, ids, served))
+    }
+
+    /// Publishes of `view` so far: a read of the published state changes only when
+    /// this moves (or, for a view read at the wall clock, with time).
+    ///
+    /// # Errors
+    /// Unknown view.
+    pub fn published(&self, view: &str) -> Result<u64> {
+        Ok(self
+            .view(view)?
+            .version
+            .load(std::sync::atomic::Ordering::Acquire))
+    }
+
     /// `frame` (read from `view` for `keys`) as a record batch: the keys as given
     /// (column named by the view's key), then one column per feature (see
     /// [`feature_field`]).

@@ -21,7 +21,7 @@ use super::status::{bad_request, status, stream_error};
 use crate::error::PanesError;
 use crate::ingest::PushReport;
 use crate::ingest::keys::KeyValue;
-use crate::online::{Engine, Strings};
+use crate::online::{Engine, ServedFrame, Strings};
 use crate::spec::{ReadTime, ViewSpec, Window};
 
 /// Rejections returned by one `Ingest` call.
@@ -500,17 +500,74 @@ fn rows_batch_with(
         .map_err(|e| bad_request("rows", e.to_string()))
 }
 
-/// The lists of the frame's list-valued features (empty ones too: a client finds
-/// every list feature in `lists`).
-fn feature_lists(frame: &crate::online::FeatureFrame) -> Vec<super::proto::FeatureList> {
-    let (rows, nf) = frame.values.dim();
+/// The `GetFeatures` reply holding rows `rows` of `served` (every row if `None`), in
+/// that order.
+pub(crate) fn reply(served: &ServedFrame, rows: Option<&[usize]>) -> GetFeaturesResponse {
+    let frame = &served.frame;
+    let all: Vec<usize>;
+    let rows = match rows {
+        Some(rows) => rows,
+        None => {
+            all = (0..frame.values.nrows()).collect();
+            &all
+        }
+    };
+    let nf = frame.names.len();
+    // A string's value is NaN: its string is in `strings`.
+    let string = |c: usize| frame.text.get(c) == Some(&true) && !frame.is_list[c];
+    let mut values = Vec::with_capacity(rows.len() * nf);
+    let mut valid = Vec::with_capacity(rows.len() * nf);
+    for &r in rows {
+        for c in 0..nf {
+            let ok = frame.valid[[r, c]];
+            valid.push(ok);
+            values.push(if ok && !string(c) {
+                frame.values[[r, c]]
+            } else {
+                f64::NAN
+            });
+        }
+    }
+    GetFeaturesResponse {
+        lists: feature_lists(frame, rows),
+        strings: feature_strings(frame, rows),
+        string_features: (0..nf)
+            .filter(|&c| frame.text.get(c) == Some(&true))
+            .map(|c| c as u32)
+            .collect(),
+        rows: rows.len() as u32,
+        validity: bitmap(valid.into_iter()),
+        values,
+        features: frame.names.clone(),
+        latest_event_ms: pick(&served.latest_event_ms, rows),
+        window_events: pick(&served.window_events, rows),
+        at_ms: frame.at,
+        state_version: served.version,
+    }
+}
+
+/// `v[rows]`, or `v` itself when it is empty (a frame read without metadata).
+fn pick<T: Copy>(v: &[T], rows: &[usize]) -> Vec<T> {
+    if v.is_empty() {
+        return Vec::new();
+    }
+    rows.iter().map(|&r| v[r]).collect()
+}
+
+/// The lists of the frame's list-valued features, for rows `rows` (empty ones too: a
+/// client finds every list feature in `lists`).
+fn feature_lists(
+    frame: &crate::online::FeatureFrame,
+    rows: &[usize],
+) -> Vec<super::proto::FeatureList> {
+    let nf = frame.values.ncols();
     (0..nf)
         .filter(|&c| frame.is_list.get(c) == Some(&true))
         .map(|c| {
             let text = frame.text.get(c).copied().unwrap_or(false);
             let mut offsets = vec![0u32];
             let (mut values, mut strings) = (Vec::new(), Vec::new());
-            for r in 0..rows {
+            for &r in rows {
                 let list = frame.list(r, c);
                 if text {
                     strings.extend(list.iter().map(|&v| frame.strings.text(v).to_string()));
@@ -529,15 +586,20 @@ fn feature_lists(frame: &crate::online::FeatureFrame) -> Vec<super::proto::Featu
         .collect()
 }
 
-/// The strings of the frame's string-valued features that are not lists.
-fn feature_strings(frame: &crate::online::FeatureFrame) -> Vec<super::proto::FeatureStrings> {
-    let (rows, nf) = frame.values.dim();
+/// The strings of the frame's string-valued features that are not lists, for rows
+/// `rows`.
+fn feature_strings(
+    frame: &crate::online::FeatureFrame,
+    rows: &[usize],
+) -> Vec<super::proto::FeatureStrings> {
+    let nf = frame.values.ncols();
     (0..nf)
         .filter(|&c| frame.text.get(c) == Some(&true) && frame.is_list.get(c) == Some(&false))
         .map(|c| super::proto::FeatureStrings {
             feature: c as u32,
-            values: (0..rows)
-                .map(|r| match frame.valid[[r, c]] {
+            values: rows
+                .iter()
+                .map(|&r| match frame.valid[[r, c]] {
                     true => frame.strings.text(frame.values[[r, c]]).to_string(),
                     false => String::new(),
                 })
@@ -562,6 +624,20 @@ pub(crate) fn bitmap(valid: impl Iterator<Item = bool>) -> Vec<u8> {
 
 #[tonic::async_trait]
 impl Features for FeaturesService {
+    type SubscribeStream = super::subscribe::UpdateStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<proto::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let caller = Caller::of(&request)?;
+        let token = request.metadata().get("authorization").cloned();
+        let stream = self
+            .shared
+            .subscribe(&caller, token, request.into_inner())?;
+        Ok(Response::new(stream))
+    }
+
     async fn get_features(
         &self,
         request: Request<GetFeaturesRequest>,
@@ -596,36 +672,7 @@ impl Features for FeaturesService {
                 token,
             )
             .await?;
-        let frame = served.frame;
-        // A string's value is NaN: its string is in `strings`.
-        let nf = frame.names.len().max(1);
-        let string = |c: usize| frame.text.get(c) == Some(&true) && !frame.is_list[c];
-        let values: Vec<f64> = frame
-            .values
-            .iter()
-            .zip(frame.valid.iter())
-            .enumerate()
-            .map(|(i, (v, ok))| if *ok && !string(i % nf) { *v } else { f64::NAN })
-            .collect();
-        let lists = feature_lists(&frame);
-        let strings = feature_strings(&frame);
-        let string_features = (0..frame.names.len())
-            .filter(|&c| frame.text.get(c) == Some(&true))
-            .map(|c| c as u32)
-            .collect();
-        let response = GetFeaturesResponse {
-            lists,
-            strings,
-            string_features,
-            rows: frame.values.nrows() as u32,
-            validity: bitmap(frame.valid.iter().copied()),
-            values,
-            features: frame.names,
-            latest_event_ms: served.latest_event_ms,
-            window_events: served.window_events,
-            at_ms: frame.at,
-            state_version: served.version,
-        };
+        let response = reply(&served, None);
         let took = started.elapsed();
         if let Some(h) = self.shared.read_time.get(&view) {
             h.record(response.rows as usize, took);

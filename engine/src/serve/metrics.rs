@@ -439,6 +439,7 @@ pub(crate) fn render(shared: &Shared, engine: &crate::online::Engine) -> String 
         shared.write_queue_bytes()
     );
     render_connections(&mut out, shared);
+    render_subscriptions(&mut out, shared);
     render_checkpoints(&mut out, shared);
     render_sources(&mut out, shared);
     out
@@ -670,6 +671,59 @@ fn render_connections(out: &mut String, shared: &Shared) {
             out,
             "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
             value.load(Relaxed)
+        );
+    }
+}
+
+/// `Subscribe` streams: open, their messages and rows, the intervals merged while a
+/// client did not read, and the bytes waiting in their streams.
+fn render_subscriptions(out: &mut String, shared: &Shared) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = &shared.subscriptions;
+    let series = [
+        (
+            "panes_subscriptions_open",
+            "gauge",
+            "Subscribe streams open (bounded by --max-subscriptions).",
+            s.active.load(Relaxed),
+        ),
+        (
+            "panes_subscription_messages_total",
+            "counter",
+            "Messages sent on Subscribe streams.",
+            s.messages.load(Relaxed),
+        ),
+        (
+            "panes_subscription_rows_total",
+            "counter",
+            "Key rows (vectors) sent on Subscribe streams.",
+            s.rows.load(Relaxed),
+        ),
+        (
+            "panes_subscription_coalesced_intervals_total",
+            "counter",
+            "Intervals that passed while a subscriber had not taken its earlier messages; \
+             their changes went out merged, each key's latest vector only.",
+            s.coalesced.load(Relaxed),
+        ),
+        (
+            "panes_subscription_queued_bytes",
+            "gauge",
+            "Bytes of Subscribe messages that clients have not taken yet (at most 2 messages \
+             per stream).",
+            s.queued_bytes.load(Relaxed),
+        ),
+        (
+            "panes_subscription_queued_bytes_max",
+            "gauge",
+            "Most bytes of Subscribe messages waiting for clients at once since the start.",
+            s.queued_bytes_max.load(Relaxed),
+        ),
+    ];
+    for (name, kind, help, value) in series {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
         );
     }
 }

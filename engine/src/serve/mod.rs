@@ -46,6 +46,7 @@ mod route;
 mod server;
 pub(crate) mod service;
 mod status;
+mod subscribe;
 mod workers;
 
 pub use options::{ReadPriority, ServeOptions, WritePriority};

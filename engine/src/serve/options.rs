@@ -23,6 +23,8 @@ pub struct ServeOptions {
     pub max_write_queue_bytes: usize,
     /// Most connections open at once on the gRPC port; more are closed on accept.
     pub max_connections: usize,
+    /// Most `Subscribe` streams open at once; more are `RESOURCE_EXHAUSTED`.
+    pub max_subscriptions: usize,
     /// Most concurrent streams (requests) per connection, advertised to clients in the
     /// HTTP/2 settings.
     pub max_streams_per_connection: u32,
@@ -75,6 +77,7 @@ impl Default for ServeOptions {
             max_message_bytes: 64 << 20,
             max_write_queue_bytes: 256 << 20,
             max_connections: 1_024,
+            max_subscriptions: 256,
             max_streams_per_connection: 256,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),

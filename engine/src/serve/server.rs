@@ -57,6 +57,8 @@ pub(crate) struct Shared {
     pub rates: std::sync::Mutex<HashMap<String, super::page::RateSample>>,
     /// Checkpoints of pushed views, per view.
     pub checkpoints: HashMap<String, CheckpointCounters>,
+    /// `Subscribe` streams: how many, their counters, and their end at shutdown.
+    pub subscriptions: super::subscribe::Subscriptions,
 }
 
 /// The wall clock, epoch ms (0 before 1970).
@@ -445,6 +447,7 @@ impl Server {
             started_ms: epoch_ms(),
             rates: std::sync::Mutex::default(),
             checkpoints,
+            subscriptions: super::subscribe::Subscriptions::default(),
         });
         Ok(Server {
             shared,
@@ -545,6 +548,13 @@ impl Server {
                     let _ = signalled.wait_for(|s| *s).await;
                 },
             );
+        // Subscriptions never end by themselves: they end when the server stops.
+        let mut stopping = stop_rx.clone();
+        let subscribers = shared.clone();
+        tokio::spawn(async move {
+            let _ = stopping.wait_for(|s| *s).await;
+            subscribers.subscriptions.stop();
+        });
         let mut graced = stop_rx.clone();
         let grace = shared.options.shutdown_grace;
         let deadline = async move {
@@ -649,7 +659,11 @@ fn open_sources(
 /// reply with: one per key and feature, and a list-valued feature's longest list (a
 /// `last_n` of 1 000 turns a reply of numbers into one a thousand times larger).
 /// Unknown features count as numbers: the read refuses them anyway.
-fn reply_values(view: &crate::spec::CompiledView, keys: usize, features: &[String]) -> usize {
+pub(crate) fn reply_values(
+    view: &crate::spec::CompiledView,
+    keys: usize,
+    features: &[String],
+) -> usize {
     let longest = |agg: panes_kernels::Agg| match agg {
         panes_kernels::Agg::LastN { n } => usize::from(n),
         panes_kernels::Agg::TopK { k, .. } => usize::from(k),

@@ -1776,3 +1776,267 @@ async fn r26_status_json_gives_the_numbers_of_the_metrics_and_lookup_the_reads()
     assert!(close(&got, &cells(&want)[n..]), "{unknown}");
     server.stop().await;
 }
+
+/// Rows of a `Subscribe` message by integer key, as (values with None for null).
+fn update_rows(u: &proto::SubscribeUpdate) -> Vec<(i64, Vec<Option<f64>>)> {
+    let f = u.features.as_ref().unwrap();
+    let keys = match &u.keys {
+        Some(proto::subscribe_update::Keys::IntKeys(k)) => k.keys.clone(),
+        other => panic!("integer keys expected, got {other:?}"),
+    };
+    assert_eq!(keys.len(), f.rows as usize);
+    let nf = f.features.len();
+    let cells = cells(f);
+    keys.into_iter()
+        .enumerate()
+        .map(|(r, k)| (k, cells[r * nf..(r + 1) * nf].to_vec()))
+        .collect()
+}
+
+/// Subscribe: a client following 100 keys while 100 000 events are ingested ends with
+/// each key's final vector, exactly as a read gives it; beside it, a client that
+/// subscribed to every key and never reads stays within its bound of queued bytes, has
+/// its intervals counted as merged, and holds up neither the ingest (every event is
+/// accepted while its stream is full) nor the other subscriber.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r24_subscribers_get_every_change_and_a_stalled_one_is_bounded() {
+    let server = start(ServeOptions::default(), Duration::from_millis(5), 4_096).await;
+    let mut rng = StdRng::seed_from_u64(24);
+    let followed: Vec<i64> = (0..100).collect();
+
+    // The stalled subscriber: every key, a 10 ms interval, and HTTP/2 windows of 64 KiB
+    // that it never opens again.
+    let stalled_channel = Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .connect()
+        .await
+        .unwrap();
+    let mut stalled_client = FeaturesClient::new(stalled_channel);
+    let stalled = stalled_client
+        .subscribe(proto::SubscribeRequest {
+            view: "cards".into(),
+            all_keys: true,
+            interval_ms: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // The following subscriber keeps each key's latest vector.
+    let mut client = server.client().await;
+    let mut updates = client
+        .subscribe(proto::SubscribeRequest {
+            view: "cards".into(),
+            keys: Some(proto::subscribe_request::Keys::IntKeys(proto::IntKeys {
+                keys: followed.clone(),
+            })),
+            interval_ms: 20,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = updates.message().await.unwrap().unwrap();
+    assert!(first.snapshot, "the first message is the snapshot");
+    let snapshot = update_rows(&first);
+    assert_eq!(
+        snapshot.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
+        followed,
+        "the snapshot holds every key followed, in request order"
+    );
+    let latest = Arc::new(std::sync::Mutex::new(
+        snapshot
+            .into_iter()
+            .collect::<std::collections::HashMap<_, _>>(),
+    ));
+    let messages = Arc::new(std::sync::atomic::AtomicU64::new(1));
+    let follower = {
+        let (latest, messages) = (latest.clone(), messages.clone());
+        tokio::spawn(async move {
+            while let Some(u) = updates.message().await.unwrap() {
+                assert!(!u.snapshot);
+                messages.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let mut latest = latest.lock().unwrap();
+                for (k, row) in update_rows(&u) {
+                    latest.insert(k, row);
+                }
+            }
+        })
+    };
+
+    // 100 000 events over 20 000 keys (the followed ones among them), 50 messages.
+    let batches: Vec<RecordBatch> = (0..50)
+        .map(|i| cards_batch(&mut rng, 2_000, 20_000, 1_000_000 + i * 6_000))
+        .collect();
+    let mut ingest = server.client().await;
+    let reply = ingest
+        .ingest(futures::stream::iter(
+            batches
+                .iter()
+                .map(|b| ipc_message("cards", b))
+                .collect::<Vec<_>>(),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.rejected, 0);
+    assert_eq!(reply.accepted + reply.late, 100_000);
+
+    // The final online read of the followed keys.
+    let want = cells(
+        &client
+            .get_features(read("cards", int_keys(followed.clone()), None))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let nf = want.len() / followed.len();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let same = {
+            let latest = latest.lock().unwrap();
+            followed
+                .iter()
+                .enumerate()
+                .all(|(i, k)| latest[k] == want[i * nf..(i + 1) * nf])
+        };
+        if same {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the subscriber's last vectors differ from the final read"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let got = messages.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(got > 2, "changes came in {got} messages");
+
+    // The stalled subscriber: its stream stayed full during the ingest, its intervals
+    // were counted, and what waits for it is bounded.
+    // (It stays stalled: its counter of merged intervals only grows.)
+    let text = loop {
+        let text = scrape(server.metrics);
+        let coalesced = metric(&text, "panes_subscription_coalesced_intervals_total");
+        if coalesced >= 10.0 {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "merged intervals: {coalesced}\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(metric(&text, "panes_subscriptions_open"), 2.0);
+    let queued = metric(&text, "panes_subscription_queued_bytes");
+    let queued_max = metric(&text, "panes_subscription_queued_bytes_max");
+    // Two messages of at most 65 536 values each (about 9 B per value and row with
+    // its validity, key and metadata): under 4 MiB whatever the view's size.
+    assert!(
+        queued > 0.0 && queued_max < (4 << 20) as f64,
+        "queued {queued} B, at most {queued_max} B"
+    );
+    drop(stalled);
+    follower.abort();
+    drop(client);
+    let report = server.stop().await;
+    assert!(!report.cut_off, "subscriptions ended at shutdown");
+}
+
+/// Subscribe's requests are checked like reads: the field at fault is named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r24_bad_subscriptions_name_the_field() {
+    let server = start(
+        ServeOptions {
+            max_subscriptions: 1,
+            ..ServeOptions::default()
+        },
+        Duration::from_millis(5),
+        4_096,
+    )
+    .await;
+    let mut client = server.client().await;
+    let base = client.clone();
+    let ask = |r: proto::SubscribeRequest| {
+        let mut client = base.clone();
+        async move { client.subscribe(r).await.map(|_| ()).unwrap_err() }
+    };
+    let keys = Some(proto::subscribe_request::Keys::IntKeys(proto::IntKeys {
+        keys: vec![1, 2],
+    }));
+    let cases = [
+        (
+            proto::SubscribeRequest {
+                view: "cards".into(),
+                ..Default::default()
+            },
+            Code::InvalidArgument,
+            "keys",
+        ),
+        (
+            proto::SubscribeRequest {
+                view: "cards".into(),
+                keys: keys.clone(),
+                all_keys: true,
+                ..Default::default()
+            },
+            Code::InvalidArgument,
+            "all_keys",
+        ),
+        (
+            proto::SubscribeRequest {
+                view: "cards".into(),
+                keys: keys.clone(),
+                interval_ms: 5,
+                ..Default::default()
+            },
+            Code::InvalidArgument,
+            "interval_ms",
+        ),
+        (
+            proto::SubscribeRequest {
+                view: "cards".into(),
+                keys: keys.clone(),
+                features: vec!["nope".into()],
+                ..Default::default()
+            },
+            Code::InvalidArgument,
+            "features",
+        ),
+    ];
+    for (req, code, field) in cases {
+        let s = ask(req).await;
+        assert_eq!(s.code(), code, "{s:?}");
+        assert_eq!(violation_field(&s), field, "{s:?}");
+    }
+    let s = ask(proto::SubscribeRequest {
+        view: "nope".into(),
+        keys: keys.clone(),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert_eq!(violation_field(&s), "view", "{s:?}");
+    // One subscription is allowed; a second is refused while it is open.
+    let open = client
+        .subscribe(proto::SubscribeRequest {
+            view: "cards".into(),
+            keys: keys.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let s = ask(proto::SubscribeRequest {
+        view: "cards".into(),
+        keys,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    drop(open);
+    server.stop().await;
+}

@@ -54,6 +54,11 @@ class FeaturesStub:
                 request_serializer=panes_dot_v1_dot_panes__pb2.DescribeViewRequest.SerializeToString,
                 response_deserializer=panes_dot_v1_dot_panes__pb2.ViewDescription.FromString,
                 _registered_method=True)
+        self.Subscribe = channel.unary_stream(
+                '/panes.v1.Features/Subscribe',
+                request_serializer=panes_dot_v1_dot_panes__pb2.SubscribeRequest.SerializeToString,
+                response_deserializer=panes_dot_v1_dot_panes__pb2.SubscribeUpdate.FromString,
+                _registered_method=True)
 
 
 class FeaturesServicer:
@@ -88,6 +93,15 @@ class FeaturesServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Subscribe(self, request, context):
+        """The current vectors of some keys (or every key) of one view, then each change after
+        a publish: at most one message row per key per `interval_ms`, always the key's
+        latest vector. The stream ends only when the client cancels it or the server stops.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FeaturesServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +124,11 @@ def add_FeaturesServicer_to_server(servicer, server):
                     servicer.DescribeView,
                     request_deserializer=panes_dot_v1_dot_panes__pb2.DescribeViewRequest.FromString,
                     response_serializer=panes_dot_v1_dot_panes__pb2.ViewDescription.SerializeToString,
+            ),
+            'Subscribe': grpc.unary_stream_rpc_method_handler(
+                    servicer.Subscribe,
+                    request_deserializer=panes_dot_v1_dot_panes__pb2.SubscribeRequest.FromString,
+                    response_serializer=panes_dot_v1_dot_panes__pb2.SubscribeUpdate.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +239,33 @@ class Features:
             '/panes.v1.Features/DescribeView',
             panes_dot_v1_dot_panes__pb2.DescribeViewRequest.SerializeToString,
             panes_dot_v1_dot_panes__pb2.ViewDescription.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Subscribe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/panes.v1.Features/Subscribe',
+            panes_dot_v1_dot_panes__pb2.SubscribeRequest.SerializeToString,
+            panes_dot_v1_dot_panes__pb2.SubscribeUpdate.FromString,
             options,
             channel_credentials,
             insecure,
