@@ -85,6 +85,7 @@ pub mod offline;
 pub mod online;
 #[cfg(feature = "serve")]
 pub mod serve;
+pub mod sinks;
 pub mod sources;
 pub mod spec;
 
@@ -99,8 +100,8 @@ pub use online::{
 };
 pub use panes_kernels::{Agg, BackendKind};
 pub use spec::{
-    CompiledView, FeatureFile, FeatureSpec, PayloadFormat, ReadTime, ServiceSpec, SourceSpec,
-    ViewSpec, Window,
+    CompiledView, FeatureFile, FeatureSpec, PayloadFormat, ReadTime, ServiceSpec, SinkKind,
+    SinkSpec, SourceSpec, ViewSpec, Window,
 };
 
 /// The feature file `panes demo` runs by default.

@@ -40,6 +40,7 @@ fn definition(view: &CompiledView) -> String {
     FeatureFile {
         views: vec![spec],
         services: Vec::new(),
+        sinks: Vec::new(),
     }
     .to_toml()
 }

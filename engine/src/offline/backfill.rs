@@ -249,6 +249,7 @@ pub fn backfill_service(
             })
             .collect(),
         services: Vec::new(),
+        sinks: Vec::new(),
     };
     let (schema, batches, mut report) =
         backfill(&own, events, spine_schema, spine, backend, options)?;

@@ -43,6 +43,32 @@ impl FeatureFrame {
             .map_or(&[], Vec::as_slice)
     }
 
+    /// Rows `rows` of the frame, in that order (the strings are shared whole).
+    pub fn select(&self, rows: &[usize]) -> FeatureFrame {
+        let nf = self.values.ncols();
+        let values =
+            ndarray::Array2::from_shape_fn((rows.len(), nf), |(i, c)| self.values[[rows[i], c]]);
+        let valid =
+            ndarray::Array2::from_shape_fn((rows.len(), nf), |(i, c)| self.valid[[rows[i], c]]);
+        let lists = if self.lists.is_empty() {
+            Vec::new()
+        } else {
+            rows.iter()
+                .flat_map(|&r| (0..nf).map(move |c| self.list(r, c).to_vec()))
+                .collect()
+        };
+        FeatureFrame {
+            names: self.names.clone(),
+            values,
+            valid,
+            lists,
+            at: self.at,
+            text: self.text.clone(),
+            strings: self.strings.clone(),
+            is_list: self.is_list.clone(),
+        }
+    }
+
     /// Feature `c` of all rows as an Arrow column, typed as [`feature_field`].
     pub fn column(&self, c: usize, agg: Agg) -> ArrayRef {
         let rows = 0..self.values.nrows();

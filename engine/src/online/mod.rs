@@ -5,6 +5,7 @@
 //! - `read`: reads of keys as of a time, merged from the published replica;
 //! - `frame`: what reads return, and a view's counters.
 
+pub(crate) mod changes;
 mod engine;
 mod frame;
 mod read;

@@ -440,6 +440,7 @@ pub(crate) fn render(shared: &Shared, engine: &crate::online::Engine) -> String 
     );
     render_connections(&mut out, shared);
     render_subscriptions(&mut out, shared);
+    render_sinks(&mut out, shared);
     render_checkpoints(&mut out, shared);
     render_sources(&mut out, shared);
     out
@@ -725,5 +726,61 @@ fn render_subscriptions(out: &mut String, shared: &Shared) {
             out,
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
         );
+    }
+}
+
+/// Per sink: writes, rows, bytes, failed writes, and the read time of the last write.
+fn render_sinks(out: &mut String, shared: &Shared) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let sinks = shared.sinks.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(sinks) = sinks.as_ref() else { return };
+    let series: [(&str, &str, &str); 5] = [
+        (
+            "panes_sink_writes_total",
+            "counter",
+            "Sink writes that succeeded (a file, or a round of messages).",
+        ),
+        (
+            "panes_sink_rows_total",
+            "counter",
+            "Key vectors written by sinks.",
+        ),
+        (
+            "panes_sink_bytes_total",
+            "counter",
+            "Bytes written by sinks (files; message keys and values).",
+        ),
+        (
+            "panes_sink_failures_total",
+            "counter",
+            "Sink writes that failed (each retried at the next interval).",
+        ),
+        (
+            "panes_sink_last_read_time_ms",
+            "gauge",
+            "Read time of each sink's last write that succeeded, epoch ms.",
+        ),
+    ];
+    for (i, (name, kind, help)) in series.iter().enumerate() {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (spec, s) in sinks.stats() {
+            let value = match i {
+                0 => s.writes.load(Relaxed) as i64,
+                1 => s.rows.load(Relaxed) as i64,
+                2 => s.bytes.load(Relaxed) as i64,
+                3 => s.failures.load(Relaxed) as i64,
+                _ => match s.last_at_ms.load(Relaxed) as i64 {
+                    i64::MIN => continue,
+                    at => at,
+                },
+            };
+            let _ = writeln!(
+                out,
+                "{name}{{sink=\"{}\",view=\"{}\",kind=\"{}\"}} {value}",
+                spec.name,
+                spec.view,
+                spec.kind.name()
+            );
+        }
     }
 }

@@ -59,6 +59,8 @@ pub(crate) struct Shared {
     pub checkpoints: HashMap<String, CheckpointCounters>,
     /// `Subscribe` streams: how many, their counters, and their end at shutdown.
     pub subscriptions: super::subscribe::Subscriptions,
+    /// The feature file's sinks, while the server runs.
+    pub sinks: std::sync::Mutex<Option<crate::sinks::Sinks>>,
 }
 
 /// The wall clock, epoch ms (0 before 1970).
@@ -448,6 +450,7 @@ impl Server {
             rates: std::sync::Mutex::default(),
             checkpoints,
             subscriptions: super::subscribe::Subscriptions::default(),
+            sinks: std::sync::Mutex::new(None),
         });
         Ok(Server {
             shared,
@@ -511,6 +514,8 @@ impl Server {
         .max_decoding_message_size(limit)
         .max_encoding_message_size(usize::MAX);
 
+        let sinks = crate::sinks::Sinks::start(&shared.engine, &shared.engine.file().sinks)?;
+        *shared.sinks.lock().unwrap_or_else(|p| p.into_inner()) = Some(sinks);
         let ticker = spawn_ticker(shared.clone());
         let metrics_task = metrics.map(|l| tokio::spawn(metrics::serve(l, shared.clone())));
         let sources = shared
@@ -587,6 +592,11 @@ impl Server {
         let views = shared
             .on_writes(move || {
                 s.engine.flush()?;
+                // Sinks write what the final flush published, then stop.
+                let sinks = s.sinks.lock().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some(sinks) = sinks {
+                    sinks.stop();
+                }
                 let failures = s.checkpoint_pushed(&mut HashMap::new());
                 let views = s
                     .engine

@@ -16,9 +16,6 @@
 //! Reads of every key take `4 ×` their own duration of rest at least, which keeps a
 //! subscription to a large view to a fifth of a read thread.
 
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
-use std::num::NonZeroU64;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,7 +32,8 @@ use super::proto::{self, SubscribeRequest, SubscribeUpdate, subscribe_request};
 use super::server::Shared;
 use super::status::{bad_request, status};
 use crate::ingest::keys::KeyValue;
-use crate::online::{ServedFrame, Strings};
+use crate::online::ServedFrame;
+use crate::online::changes::Changes;
 use crate::spec::ReadTime;
 
 /// Messages a subscription's stream may hold that the client has not taken.
@@ -121,8 +119,8 @@ struct Subscription {
     rows_per_message: usize,
     /// The caller's token, carried by reads routed to other instances.
     token: Option<tonic::metadata::AsciiMetadataValue>,
-    /// Per request position (keys) or key id (every key): the last sent vector's hash.
-    sent: Vec<Option<NonZeroU64>>,
+    /// Per request position (keys) or key id (every key): what was sent last.
+    sent: Changes,
 }
 
 /// Drops the count of open subscriptions when the task ends.
@@ -209,10 +207,6 @@ impl Shared {
                  (ServeOptions::max_subscriptions, --max-subscriptions)"
             )));
         }
-        let sent = match &follow {
-            Follow::Keys(k) => vec![None; k.len()],
-            Follow::All => Vec::new(),
-        };
         let sub = Subscription {
             view: req.view,
             follow,
@@ -222,7 +216,7 @@ impl Shared {
             sourced,
             rows_per_message: (VALUES_PER_MESSAGE / per_row).max(1),
             token,
-            sent,
+            sent: Changes::default(),
         };
         let (tx, rx) = mpsc::channel(QUEUED_MESSAGES);
         let stop = self.subscriptions.stop.subscribe();
@@ -419,23 +413,13 @@ impl Subscription {
     }
 
     /// Rows of `read` whose vector differs from the one last sent for the key (every
-    /// row, the first time); remembers the new hashes.
+    /// row, the first time); remembers them as sent.
     fn changed(&mut self, read: &Read) -> Vec<usize> {
-        let mut rows = Vec::new();
-        for r in 0..read.keys.len() {
-            let slot = match &read.ids {
-                Some(ids) => ids[r] as usize,
-                None => r,
-            };
-            if slot >= self.sent.len() {
-                self.sent.resize(slot + 1, None);
-            }
-            let h = row_hash(&read.served, r);
-            if self.sent[slot] != Some(h) {
-                self.sent[slot] = Some(h);
-                rows.push(r);
-            }
-        }
+        let rows = match &read.ids {
+            Some(ids) => self.sent.changed(&read.served, |r| ids[r] as usize),
+            None => self.sent.changed(&read.served, |r| r),
+        };
+        self.sent.commit();
         rows
     }
 }
@@ -445,39 +429,6 @@ struct Read {
     keys: Vec<KeyValue>,
     ids: Option<Vec<u32>>,
     served: ServedFrame,
-}
-
-/// A 64-bit hash of row `r`'s features: validity, values (their bits), strings and
-/// lists. Two equal vectors hash equal; two different ones collide with probability
-/// about 2^-63, the chance that a change goes unsent.
-fn row_hash(served: &ServedFrame, r: usize) -> NonZeroU64 {
-    let frame = &served.frame;
-    let mut h = DefaultHasher::new();
-    for c in 0..frame.values.ncols() {
-        let ok = frame.valid[[r, c]];
-        ok.hash(&mut h);
-        if !ok {
-            continue;
-        }
-        let text = frame.text.get(c) == Some(&true);
-        let list = frame.is_list.get(c) == Some(&true);
-        match (text, list) {
-            (true, false) => frame.strings.text(frame.values[[r, c]]).hash(&mut h),
-            (false, false) => frame.values[[r, c]].to_bits().hash(&mut h),
-            (text, true) => {
-                let items = frame.list(r, c);
-                items.len().hash(&mut h);
-                for &v in items {
-                    if text {
-                        frame.strings.text(v).hash(&mut h);
-                    } else {
-                        v.to_bits().hash(&mut h);
-                    }
-                }
-            }
-        }
-    }
-    NonZeroU64::new(h.finish() | 1).expect("nonzero: its low bit is set")
 }
 
 /// The keys of rows `rows`, typed as the request's keys (see `SubscribeUpdate.keys`).

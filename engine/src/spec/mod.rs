@@ -233,6 +233,78 @@ pub struct FeatureFile {
     pub views: Vec<ViewSpec>,
     /// The feature services, in file order.
     pub services: Vec<ServiceSpec>,
+    /// Where `panes serve` sends features besides its readers, in file order.
+    pub sinks: Vec<SinkSpec>,
+}
+
+/// A sink (`[[sinks]]`): the features of one view written somewhere else by `panes
+/// serve`, every `interval`.
+///
+/// ```toml
+/// [[sinks]]
+/// name = "lake"
+/// view = "cards"
+/// kind = "parquet"
+/// path = "s3://bucket/features"   # or a directory
+/// interval = "1m"
+/// changed_only = false            # every key (the default), or the keys that changed
+///
+/// [[sinks]]
+/// name = "updates"
+/// view = "cards"
+/// kind = "kafka"
+/// brokers = "localhost:9092"
+/// topic = "card-features"
+/// format = "json"                 # or "arrow-ipc"
+/// interval = "1s"
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SinkSpec {
+    /// Unique among sinks; names its metrics and logs.
+    pub name: String,
+    /// The view whose features are written.
+    pub view: String,
+    /// The features written, in order; empty: every feature of the view.
+    pub features: Vec<String>,
+    /// Time between two writes, ms.
+    pub interval_ms: i64,
+    /// Where they go.
+    pub kind: SinkKind,
+}
+
+/// Where a sink writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SinkKind {
+    /// Parquet files under `path` (a directory or an object-store URL):
+    /// `<path>/view=<view>/date=<YYYY-MM-DD>/<read time ms>-<written ms>.parquet`.
+    Parquet {
+        /// A directory, or an object-store URL (`s3://`, `gs://`, `az://`, `file://`).
+        path: String,
+        /// Only the keys whose vector changed since the last file (the first file
+        /// after a start has every key).
+        changed_only: bool,
+    },
+    /// One message per changed key to a Kafka topic (feature `kafka`).
+    Kafka {
+        /// Bootstrap servers, comma-separated `host:port`.
+        brokers: String,
+        /// The topic written; messages are keyed by the entity key.
+        topic: String,
+        /// Each message's value: a JSON object, or an Arrow IPC stream of one row.
+        format: PayloadFormat,
+        /// Client settings passed to librdkafka as they are.
+        properties: std::collections::BTreeMap<String, String>,
+    },
+}
+
+impl SinkKind {
+    /// The name used in feature files.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SinkKind::Parquet { .. } => "parquet",
+            SinkKind::Kafka { .. } => "kafka",
+        }
+    }
 }
 
 /// A feature service (`[[services]]`, DESIGN §3b): one vector of features from any
@@ -429,6 +501,40 @@ impl FeatureFile {
                     _ => {
                         let _ = writeln!(s, "window = \"{}\"", f.window);
                         let _ = writeln!(s, "hop = {:?}\n", format_duration(f.hop));
+                    }
+                }
+            }
+        }
+        for sk in &self.sinks {
+            let _ = writeln!(s, "[[sinks]]");
+            let _ = writeln!(s, "name = {}", q(&sk.name));
+            let _ = writeln!(s, "view = {}", q(&sk.view));
+            let _ = writeln!(s, "kind = {:?}", sk.kind.name());
+            let _ = writeln!(s, "interval = {:?}", format_duration(sk.interval_ms));
+            if !sk.features.is_empty() {
+                let names: Vec<String> = sk.features.iter().map(|f| q(f)).collect();
+                let _ = writeln!(s, "features = [{}]", names.join(", "));
+            }
+            match &sk.kind {
+                SinkKind::Parquet { path, changed_only } => {
+                    let _ = writeln!(s, "path = {}", q(path));
+                    let _ = writeln!(s, "changed_only = {changed_only}\n");
+                }
+                SinkKind::Kafka {
+                    brokers,
+                    topic,
+                    format,
+                    properties,
+                } => {
+                    let _ = writeln!(s, "brokers = {}", q(brokers));
+                    let _ = writeln!(s, "topic = {}", q(topic));
+                    let _ = writeln!(s, "format = {:?}\n", format.name());
+                    if !properties.is_empty() {
+                        let _ = writeln!(s, "[sinks.properties]");
+                        for (k, v) in properties {
+                            let _ = writeln!(s, "{} = {}", q(k), q(v));
+                        }
+                        let _ = writeln!(s);
                     }
                 }
             }

@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use super::{
     CompiledView, FeatureFile, FeatureSpec, MAX_KEY_PARTS, MAX_PANES, PayloadFormat, ReadTime,
-    ServiceSpec, SourceSpec, ViewSpec, Window, format_duration, parse_duration,
+    ServiceSpec, SinkKind, SinkSpec, SourceSpec, ViewSpec, Window, format_duration, parse_duration,
 };
 use crate::error::{Result, SpecError, SpecIssue};
 use crate::expr::Derived;
@@ -20,6 +20,24 @@ use crate::expr::Derived;
 struct RawFile {
     views: Option<Vec<RawView>>,
     services: Option<Vec<RawService>>,
+    sinks: Option<Vec<RawSink>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSink {
+    name: Option<String>,
+    view: Option<String>,
+    kind: Option<String>,
+    features: Option<Vec<String>>,
+    interval: Option<String>,
+    path: Option<String>,
+    changed_only: Option<bool>,
+    brokers: Option<String>,
+    topic: Option<String>,
+    format: Option<String>,
+    #[serde(default)]
+    properties: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -117,6 +135,14 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<FeatureFile> {
         .enumerate()
         .filter_map(|(si, rs)| c.service(si, rs, &views, &mut service_names))
         .collect();
+    let mut sink_names = HashSet::new();
+    let sinks = raw
+        .sinks
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .filter_map(|(si, rs)| c.sink(si, rs, &views, &mut sink_names))
+        .collect();
     if !c.issues.is_empty() {
         return Err(SpecError {
             origin: origin.to_string(),
@@ -124,8 +150,15 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<FeatureFile> {
         }
         .into());
     }
-    Ok(FeatureFile { views, services })
+    Ok(FeatureFile {
+        views,
+        services,
+        sinks,
+    })
 }
+
+/// The least interval of a sink.
+const MIN_SINK_INTERVAL_MS: i64 = 10;
 
 /// The problems found so far, and the names taken (unique per file).
 #[derive(Default)]
@@ -235,6 +268,118 @@ impl Collector {
     }
 
     /// Service number `si` (from 0) of the file, checked against the file's `views`.
+    fn sink(
+        &mut self,
+        si: usize,
+        rs: RawSink,
+        views: &[ViewSpec],
+        names: &mut HashSet<String>,
+    ) -> Option<SinkSpec> {
+        let loc = match &rs.name {
+            Some(n) => format!("sink {n:?}"),
+            None => format!("sink #{}", si + 1),
+        };
+        let name = self.required(&loc, "name", rs.name);
+        if !name.is_empty() && !names.insert(name.clone()) {
+            self.push(&loc, "name", "duplicate sink name");
+        }
+        let view_name = self.required(&loc, "view", rs.view);
+        let view = views.iter().find(|v| v.name == view_name);
+        if view.is_none() && !view_name.is_empty() {
+            let known: Vec<&str> = views.iter().map(|v| v.name.as_str()).collect();
+            self.push(
+                &loc,
+                "view",
+                format!(
+                    "unknown view {view_name:?}; the views are {}",
+                    known.join(", ")
+                ),
+            );
+        }
+        let features = rs.features.unwrap_or_default();
+        if let Some(view) = view {
+            let mut seen = HashSet::new();
+            for f in &features {
+                if !view.features.iter().any(|vf| &vf.name == f) {
+                    self.push(
+                        &loc,
+                        "features",
+                        format!("view {view_name:?} has no feature {f:?}"),
+                    );
+                } else if !seen.insert(f.as_str()) {
+                    self.push(&loc, "features", format!("feature {f:?} appears twice"));
+                }
+            }
+        }
+        let interval_ms = self.duration(&loc, "interval", rs.interval.as_deref(), 60_000, true);
+        if interval_ms < MIN_SINK_INTERVAL_MS {
+            self.push(
+                &loc,
+                "interval",
+                format!("{interval_ms} ms; the least is {MIN_SINK_INTERVAL_MS} ms"),
+            );
+        }
+        let misplaced = |c: &mut Self, field: &str, set: bool, kind: &str| {
+            if set {
+                c.push(&loc, field, format!("does not apply to a {kind} sink"));
+            }
+        };
+        let kind = match rs.kind.as_deref() {
+            Some("parquet") => {
+                misplaced(self, "brokers", rs.brokers.is_some(), "parquet");
+                misplaced(self, "topic", rs.topic.is_some(), "parquet");
+                misplaced(self, "format", rs.format.is_some(), "parquet");
+                misplaced(self, "properties", !rs.properties.is_empty(), "parquet");
+                let path = self.required(&loc, "path", rs.path);
+                SinkKind::Parquet {
+                    path,
+                    changed_only: rs.changed_only.unwrap_or(false),
+                }
+            }
+            Some("kafka") => {
+                misplaced(self, "path", rs.path.is_some(), "kafka");
+                misplaced(self, "changed_only", rs.changed_only.is_some(), "kafka");
+                let format = match rs.format.as_deref() {
+                    None | Some("json") => PayloadFormat::Json,
+                    Some("arrow-ipc") => PayloadFormat::ArrowIpc,
+                    Some(other) => {
+                        self.push(
+                            &loc,
+                            "format",
+                            format!("unknown format {other:?}; expected \"json\" or \"arrow-ipc\""),
+                        );
+                        PayloadFormat::Json
+                    }
+                };
+                SinkKind::Kafka {
+                    brokers: self.required(&loc, "brokers", rs.brokers),
+                    topic: self.required(&loc, "topic", rs.topic),
+                    format,
+                    properties: rs.properties,
+                }
+            }
+            Some(other) => {
+                self.push(
+                    &loc,
+                    "kind",
+                    format!("unknown sink kind {other:?}; expected \"parquet\" or \"kafka\""),
+                );
+                return None;
+            }
+            None => {
+                self.push(&loc, "kind", "is required: \"parquet\" or \"kafka\"");
+                return None;
+            }
+        };
+        Some(SinkSpec {
+            name,
+            view: view_name,
+            features,
+            interval_ms,
+            kind,
+        })
+    }
+
     fn service(
         &mut self,
         si: usize,

@@ -1282,3 +1282,186 @@ fn r23_object_store_checkpoints_survive_sigkill_and_fence_a_paused_instance() {
     b.terminate();
     c.terminate();
 }
+
+/// The Kafka sink: messages of every change of 20 000 events over 500 keys, one topic
+/// as JSON and one as Arrow IPC, consumed to the end of each topic, give each key's
+/// final vector of the online read (exactly for Arrow IPC; within 1e-12 relative for
+/// JSON's decimal numbers).
+#[test]
+fn r24_kafka_sink_messages_end_at_the_online_read() {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::Int64Type;
+    use arrow_array::{Array, ArrayRef, Int64Array};
+    use panes_engine::sinks::Sinks;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Message, Offset, TopicPartitionList};
+
+    let broker = Tansu::start();
+    create_topics(&broker.addr, &[("features-json", 1), ("features-ipc", 1)]);
+    let sink = |name: &str, topic: &str, format: &str| {
+        format!(
+            "[[sinks]]\nname = {name:?}\nview = \"cards\"\nkind = \"kafka\"\nbrokers = {:?}\n\
+             topic = {topic:?}\nformat = {format:?}\ninterval = \"20ms\"\n\n[sinks.properties]\n\
+             \"batch.num.messages\" = \"1\"\n\"linger.ms\" = \"0\"\n\n",
+            broker.addr
+        )
+    };
+    let text = format!(
+        r#"
+[[views]]
+name = "cards"
+key = "card"
+time = "ts"
+pane = "1s"
+
+[[views.features]]
+name = "n_1m"
+agg = "count"
+window = "1m"
+
+[[views.features]]
+name = "amount_sum_1m"
+agg = "sum"
+column = "amount"
+window = "1m"
+
+[[views.features]]
+name = "amount_last_2"
+agg = "last_n"
+n = 2
+column = "amount"
+window = "1h"
+
+{}{}"#,
+        sink("json", "features-json", "json"),
+        sink("ipc", "features-ipc", "arrow-ipc")
+    );
+    let file = FeatureFile::parse(&text, "kafka sink").unwrap();
+    let engine = Arc::new(Engine::new(&file, EngineOptions::default()).unwrap());
+    let sinks = Sinks::start(&engine, &file.sinks).unwrap();
+    let mut rng = StdRng::seed_from_u64(24);
+    for i in 0..10 {
+        let n = 2_000;
+        let card: Vec<i64> = (0..n).map(|_| rng.random_range(0..500)).collect();
+        let ts: Vec<i64> = (0..n).map(|j| T0 + (i * n + j) as i64 * 11).collect();
+        let amount: Vec<Option<f64>> = (0..n)
+            .map(|_| rng.random_bool(0.9).then(|| rng.random_range(-1e3..1e3)))
+            .collect();
+        let batch = RecordBatch::try_from_iter([
+            ("card", Arc::new(Int64Array::from(card)) as ArrayRef),
+            ("ts", Arc::new(Int64Array::from(ts)) as ArrayRef),
+            ("amount", Arc::new(Float64Array::from(amount)) as ArrayRef),
+        ])
+        .unwrap();
+        engine.push("cards", &batch).unwrap();
+        engine.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    // The final write, then the online read every message must end at.
+    sinks.stop();
+    let (read, _) = engine.read_all("cards", None, None).unwrap();
+    let keys = read.column(0).as_primitive::<Int64Type>();
+    let want: std::collections::HashMap<i64, usize> =
+        (0..read.num_rows()).map(|r| (keys.value(r), r)).collect();
+
+    // Every message of a topic, in order.
+    let consume = |topic: &str| -> Vec<(String, Vec<u8>)> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &broker.addr)
+            .set("group.id", format!("check-{topic}"))
+            .set("enable.partition.eof", "true")
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, 0, Offset::Beginning)
+            .unwrap();
+        consumer.assign(&tpl).unwrap();
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "{topic}: no end after {} messages",
+                out.len()
+            );
+            match consumer.poll(Duration::from_millis(500)) {
+                Some(Ok(m)) => out.push((
+                    String::from_utf8(m.key().unwrap().to_vec()).unwrap(),
+                    m.payload().unwrap().to_vec(),
+                )),
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => return out,
+                Some(Err(e)) => panic!("{topic}: {e}"),
+                None => {}
+            }
+        }
+    };
+
+    // Arrow IPC: each key's last message is its row of the read, exactly.
+    let mut last = std::collections::HashMap::new();
+    let messages = consume("features-ipc");
+    for (key, value) in &messages {
+        let batches = panes_engine::ingest::ipc::decode_stream(value).unwrap();
+        assert_eq!(batches.len(), 1);
+        assert_eq!(batches[0].num_rows(), 1);
+        last.insert(key.parse::<i64>().unwrap(), batches[0].clone());
+    }
+    assert_eq!(last.len(), want.len(), "every key has a message");
+    assert!(
+        messages.len() > want.len(),
+        "changes were sent after the first write"
+    );
+    for (k, msg) in &last {
+        let r = want[k];
+        for c in 0..read.num_columns() {
+            let name = read.schema().field(c).name().clone();
+            let got = msg.column_by_name(&name).unwrap();
+            assert!(
+                got.as_ref() == read.column(c).slice(r, 1).as_ref(),
+                "key {k}, {name}: {got:?} vs {:?}",
+                read.column(c).slice(r, 1)
+            );
+        }
+    }
+
+    // JSON: the same vectors, as numbers, arrays and nulls.
+    let mut last = std::collections::HashMap::new();
+    for (key, value) in consume("features-json") {
+        let v: serde_json::Value = serde_json::from_slice(&value).unwrap();
+        assert_eq!(v["view"], "cards");
+        assert_eq!(v["key"].as_i64().unwrap().to_string(), key);
+        last.insert(key.parse::<i64>().unwrap(), v);
+    }
+    assert_eq!(last.len(), want.len());
+    let near = |a: f64, b: f64| (a - b).abs() <= 1e-12 * a.abs().max(b.abs()).max(1.0);
+    for (k, v) in &last {
+        let r = want[k];
+        let f = &v["features"];
+        let n = read
+            .column_by_name("n_1m")
+            .unwrap()
+            .as_primitive::<Int64Type>();
+        assert_eq!(f["n_1m"].as_i64().unwrap(), n.value(r), "key {k}");
+        let sum = read.column_by_name("amount_sum_1m").unwrap();
+        match sum.is_null(r) {
+            true => assert!(f["amount_sum_1m"].is_null()),
+            false => {
+                let want = sum
+                    .as_primitive::<arrow_array::types::Float64Type>()
+                    .value(r);
+                assert!(near(f["amount_sum_1m"].as_f64().unwrap(), want), "key {k}");
+            }
+        }
+        let lists = read
+            .column_by_name("amount_last_2")
+            .unwrap()
+            .as_list::<i32>()
+            .value(r);
+        let lists = lists.as_primitive::<arrow_array::types::Float64Type>();
+        let got = f["amount_last_2"].as_array().unwrap();
+        assert_eq!(got.len(), lists.len(), "key {k}");
+        for (g, w) in got.iter().zip(lists.iter()) {
+            assert!(near(g.as_f64().unwrap(), w.unwrap()), "key {k}");
+        }
+    }
+}

@@ -23,6 +23,7 @@ mod security;
 #[cfg(feature = "serve")]
 mod serve;
 mod services;
+mod sinks;
 mod splits;
 mod strings;
 mod wall_clock;

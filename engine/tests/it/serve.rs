@@ -2040,3 +2040,92 @@ async fn r24_bad_subscriptions_name_the_field() {
     drop(open);
     server.stop().await;
 }
+
+/// `panes serve` runs the feature file's sinks, reports them in its metrics, and at
+/// shutdown writes what the final flush published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r24_the_server_runs_sinks_and_writes_once_more_at_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let text = format!(
+        "{FEATURES}\n[[sinks]]\nname = \"lake\"\nview = \"cards\"\nkind = \"parquet\"\n\
+         path = {:?}\ninterval = \"1h\"\n",
+        lake.display().to_string()
+    );
+    let file = FeatureFile::parse(&text, "sinks").unwrap();
+    // Micro-batches published only when the stream ends or the server stops.
+    let server = start_file(
+        &file,
+        ServeOptions::default(),
+        Duration::from_secs(3600),
+        1 << 20,
+    )
+    .await;
+    let mut client = server.client().await;
+    let mut rng = StdRng::seed_from_u64(5);
+    let batch = cards_batch(&mut rng, 5_000, 300, 1_000_000);
+    let reply = client
+        .ingest(futures::stream::iter(vec![ipc_message("cards", &batch)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.rejected, 0);
+    let text = scrape(server.metrics);
+    let writes = metric(
+        &text,
+        "panes_sink_writes_total{sink=\"lake\",view=\"cards\",kind=\"parquet\"}",
+    );
+    assert_eq!(
+        writes, 1.0,
+        "the first write, at start (an hour's interval)"
+    );
+    let keys: Vec<i64> = (0..300).collect();
+    let want = cells(
+        &client
+            .get_features(read("cards", int_keys(keys.clone()), None))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    drop(client);
+    server.stop().await;
+    // The last file is the state at shutdown: every key, as the last read gave it.
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(lake.join("view=cards"))
+        .unwrap()
+        .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "parquet"))
+        .collect();
+    files.sort_by_key(|p| {
+        let stem = p.file_stem().unwrap().to_str().unwrap().to_string();
+        let parts: Vec<i64> = stem.rsplitn(3, '-').map(|s| s.parse().unwrap()).collect();
+        (parts[1], parts[0])
+    });
+    assert_eq!(files.len(), 2, "{files:?}");
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+        std::fs::File::open(files.last().unwrap()).unwrap(),
+    )
+    .unwrap()
+    .build()
+    .unwrap();
+    let mut got: std::collections::HashMap<i64, Vec<Option<f64>>> = Default::default();
+    for b in reader {
+        let b = b.unwrap();
+        let k = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+        for r in 0..b.num_rows() {
+            let row = (1..b.num_columns() - 1)
+                .map(|c| {
+                    let col =
+                        arrow_cast::cast(b.column(c), &arrow_schema::DataType::Float64).unwrap();
+                    let col = col.as_any().downcast_ref::<Float64Array>().unwrap();
+                    arrow_array::Array::is_valid(col, r).then(|| col.value(r))
+                })
+                .collect();
+            got.insert(k.value(r), row);
+        }
+    }
+    let nf = want.len() / keys.len();
+    for (i, k) in keys.iter().enumerate() {
+        assert_eq!(got[k], want[i * nf..(i + 1) * nf], "key {k}");
+    }
+}

@@ -141,6 +141,7 @@ impl KafkaView {
             file: FeatureFile {
                 views: vec![own.clone()],
                 services: Vec::new(),
+                sinks: Vec::new(),
             },
             columns: CompiledView::new(&own, options.shards).input_columns(),
             spec: own,
