@@ -116,6 +116,23 @@ enum Command {
     },
     /// Serve features over gRPC and Arrow Flight, with health, reflection and metrics.
     Serve(Box<ServeArgs>),
+    /// Recompute served reads logged by `panes serve --log-reads` through backfill and
+    /// report the values that differ, per feature (exit status 1 when any does).
+    Skew {
+        /// The log directory (`--log-reads` of the server; a local directory).
+        #[arg(long)]
+        log: PathBuf,
+        /// Feature file (TOML): the server's.
+        #[arg(long)]
+        features: PathBuf,
+        /// Events file (.parquet, .csv, .arrow, .arrows): what the server took, in the
+        /// order it took them.
+        #[arg(long)]
+        events: PathBuf,
+        /// Backend: scalar, cpu, gpu or auto (default: $PANES_BACKEND, else auto).
+        #[arg(long)]
+        backend: Option<BackendKind>,
+    },
     /// Validate a feature file and describe the state it needs.
     Check {
         /// Feature file (TOML).
@@ -183,6 +200,16 @@ fn main() -> ExitCode {
         ),
         Command::Serve(args) => serve(*args),
         Command::Check { features, events } => check(&features, events.as_deref()),
+        Command::Skew {
+            log,
+            features,
+            events,
+            backend,
+        } => match skew(&log, &features, &events, backend) {
+            Ok(0) => Ok(()),
+            Ok(_) => return ExitCode::from(1),
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -223,6 +250,16 @@ struct ServeArgs {
     /// Most Subscribe streams open at once.
     #[arg(long, default_value_t = 256)]
     max_subscriptions: usize,
+    /// Log served GetFeatures reads (keys, read time, values) as Parquet here (a
+    /// directory or an object-store URL), for `panes skew`.
+    #[arg(long)]
+    log_reads: Option<String>,
+    /// Log one read in this many.
+    #[arg(long, default_value_t = 1)]
+    log_reads_every: u64,
+    /// Most milliseconds logged reads wait before they are written to a file.
+    #[arg(long, default_value_t = 10_000)]
+    log_reads_flush_ms: u64,
     /// Most concurrent requests per connection (HTTP/2 MAX_CONCURRENT_STREAMS).
     #[arg(long, default_value_t = 256)]
     max_streams_per_connection: u32,
@@ -401,6 +438,17 @@ fn serve(args: ServeArgs) -> Result<()> {
         max_write_queue_bytes: args.max_write_queue_bytes,
         max_connections: args.max_connections,
         max_subscriptions: args.max_subscriptions,
+        read_log: args
+            .log_reads
+            .as_deref()
+            .map(|dir| {
+                Ok::<_, PanesError>(panes_engine::serve::ReadLogOptions {
+                    root: panes_engine::CheckpointRoot::parse(dir)?,
+                    every: args.log_reads_every.max(1),
+                    flush: Duration::from_millis(args.log_reads_flush_ms.max(1)),
+                })
+            })
+            .transpose()?,
         max_streams_per_connection: args.max_streams_per_connection,
         handshake_timeout: Duration::from_secs(args.handshake_timeout),
         idle_timeout: Duration::from_secs(args.idle_timeout),
@@ -698,6 +746,46 @@ fn check(path: &Path, events: Option<&Path>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `panes skew`: prints what it compared and the mismatches; returns their number.
+fn skew(log: &Path, features: &Path, events: &Path, backend: Option<BackendKind>) -> Result<u64> {
+    let file = FeatureFile::from_path(features)?;
+    let (_, event_batches) = io::read_file(events)?;
+    let by_view = panes_engine::offline::skew::read_log(log)?;
+    let backend = EngineOptions {
+        backend,
+        ..Default::default()
+    }
+    .create_backend()?;
+    let report = panes_engine::offline::skew::check(&file, &event_batches, &by_view, backend)?;
+    let mut total = 0;
+    for v in &report {
+        println!(
+            "view {:?}: {} logged rows from {} files",
+            v.view,
+            v.rows,
+            by_view[&v.view].len()
+        );
+        println!(
+            "  {:<32} {:>10} {:>10}",
+            "feature", "compared", "mismatches"
+        );
+        for f in &v.features {
+            println!("  {:<32} {:>10} {:>10}", f.name, f.compared, f.mismatches);
+        }
+        for f in &v.features {
+            for m in &f.examples {
+                println!(
+                    "  mismatch: {} key {} at {} ms: served {}, recomputed {}",
+                    f.name, m.key, m.at_ms, m.served, m.recomputed
+                );
+            }
+        }
+        total += v.mismatches();
+    }
+    println!("{total} mismatches");
+    Ok(total)
 }
 
 fn run_backfill(

@@ -4,3 +4,4 @@
 
 pub mod backfill;
 pub mod io;
+pub mod skew;

@@ -661,6 +661,12 @@ impl Features for FeaturesService {
         let keys = keys_of(&self.shared, req.keys)?;
         check_at(req.at_ms)?;
         let view = req.view;
+        // One read in `--log-reads-every` goes to the served-feature log (a read routed
+        // here by another instance is logged there).
+        let logged = match &self.shared.read_log {
+            Some(log) if !forwarded && log.sample() => Some(keys.clone()),
+            _ => None,
+        };
         let served = self
             .shared
             .read(
@@ -673,6 +679,9 @@ impl Features for FeaturesService {
             )
             .await?;
         let response = reply(&served, None);
+        if let (Some(log), Some(keys)) = (&self.shared.read_log, logged) {
+            log.log(view.clone(), keys, served);
+        }
         let took = started.elapsed();
         if let Some(h) = self.shared.read_time.get(&view) {
             h.record(response.rows as usize, took);

@@ -441,6 +441,7 @@ pub(crate) fn render(shared: &Shared, engine: &crate::online::Engine) -> String 
     render_connections(&mut out, shared);
     render_subscriptions(&mut out, shared);
     render_sinks(&mut out, shared);
+    render_read_log(&mut out, shared);
     render_checkpoints(&mut out, shared);
     render_sources(&mut out, shared);
     out
@@ -782,5 +783,52 @@ fn render_sinks(out: &mut String, shared: &Shared) {
                 spec.kind.name()
             );
         }
+    }
+}
+
+/// The served-feature log: reads and rows logged, reads dropped (queue full), files
+/// written and failed, rows lost with failed files.
+fn render_read_log(out: &mut String, shared: &Shared) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let Some(log) = &shared.read_log else { return };
+    let s = &log.stats;
+    let series = [
+        (
+            "panes_read_log_reads_total",
+            "Reads queued for the served-feature log.",
+            &s.reads,
+        ),
+        (
+            "panes_read_log_rows_total",
+            "Key rows of those reads.",
+            &s.rows,
+        ),
+        (
+            "panes_read_log_dropped_total",
+            "Sampled reads not logged because the log's queue was full (reads never wait for it).",
+            &s.dropped,
+        ),
+        (
+            "panes_read_log_files_total",
+            "Served-feature log files written.",
+            &s.files,
+        ),
+        (
+            "panes_read_log_failures_total",
+            "Served-feature log rows or files that could not be written.",
+            &s.failures,
+        ),
+        (
+            "panes_read_log_lost_rows_total",
+            "Rows of log files that could not be written.",
+            &s.lost_rows,
+        ),
+    ];
+    for (name, help, value) in series {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+            value.load(Relaxed)
+        );
     }
 }

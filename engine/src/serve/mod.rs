@@ -42,6 +42,7 @@ pub(crate) mod grpc;
 mod metrics;
 mod options;
 mod page;
+mod read_log;
 mod route;
 mod server;
 pub(crate) mod service;
@@ -50,6 +51,7 @@ mod subscribe;
 mod workers;
 
 pub use options::{ReadPriority, ServeOptions, WritePriority};
+pub use read_log::ReadLogOptions;
 pub use server::{SERVER_TIME_HEADER, ServeReport, Server, shutdown_signal};
 
 /// Generated protobuf messages and gRPC stubs of `proto/panes/v1/panes.proto`.

@@ -66,6 +66,8 @@ pub struct ServeOptions {
     pub tls: Option<TlsFiles>,
     /// Bearer tokens and their scopes; `None`: every caller may do everything.
     pub tokens: Option<Arc<Tokens>>,
+    /// The served-feature log: where `GetFeatures` reads are logged, and how many.
+    pub read_log: Option<super::ReadLogOptions>,
 }
 
 impl Default for ServeOptions {
@@ -92,6 +94,7 @@ impl Default for ServeOptions {
             advertise: None,
             tls: None,
             tokens: None,
+            read_log: None,
         }
     }
 }

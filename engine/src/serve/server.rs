@@ -61,6 +61,8 @@ pub(crate) struct Shared {
     pub subscriptions: super::subscribe::Subscriptions,
     /// The feature file's sinks, while the server runs.
     pub sinks: std::sync::Mutex<Option<crate::sinks::Sinks>>,
+    /// The served-feature log, when on.
+    pub read_log: Option<super::read_log::ReadLog>,
 }
 
 /// The wall clock, epoch ms (0 before 1970).
@@ -430,6 +432,11 @@ impl Server {
             .collect();
         let sources = open_sources(&engine, &options, &sourced, &grpc)?;
         let peers = Peers::new(options.tls.as_ref())?;
+        let read_log = options
+            .read_log
+            .clone()
+            .map(|o| super::read_log::ReadLog::start(engine.clone(), o))
+            .transpose()?;
         let shared = Arc::new(Shared {
             reads: Workers::new("read", options.read_threads, move || {
                 read_priority.apply_or_warn()
@@ -451,6 +458,7 @@ impl Server {
             checkpoints,
             subscriptions: super::subscribe::Subscriptions::default(),
             sinks: std::sync::Mutex::new(None),
+            read_log,
         });
         Ok(Server {
             shared,
@@ -596,6 +604,9 @@ impl Server {
                 let sinks = s.sinks.lock().unwrap_or_else(|p| p.into_inner()).take();
                 if let Some(sinks) = sinks {
                     sinks.stop();
+                }
+                if let Some(log) = &s.read_log {
+                    log.stop();
                 }
                 let failures = s.checkpoint_pushed(&mut HashMap::new());
                 let views = s

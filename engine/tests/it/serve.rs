@@ -2129,3 +2129,148 @@ async fn r24_the_server_runs_sinks_and_writes_once_more_at_shutdown() {
         assert_eq!(got[k], want[i * nf..(i + 1) * nf], "key {k}");
     }
 }
+
+/// The served-feature log and `panes skew`: 10 000 reads served during an ingest, logged
+/// and recomputed through backfill from the same events, match value for value; one
+/// logged value changed is reported, with its feature, key and both values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r24_skew_check_finds_no_mismatch_in_10k_served_reads_and_a_planted_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let options = ServeOptions {
+        read_log: Some(panes_engine::serve::ReadLogOptions {
+            root: panes_engine::CheckpointRoot::dir(&log),
+            every: 1,
+            flush: Duration::from_millis(200),
+        }),
+        ..ServeOptions::default()
+    };
+    let server = start(options, Duration::from_millis(5), 4_096).await;
+    let mut client = server.client().await;
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut batches = Vec::new();
+    let mut reads = 0;
+    for i in 0..20 {
+        // Batches 4 s apart: no event arrives after a read with a time at or before the
+        // read's (which a read cannot see and backfill would count).
+        let b = cards_batch(&mut rng, 2_000, 300, 1_000_000 + i * 10_000);
+        let reply = client
+            .ingest(futures::stream::iter(vec![ipc_message("cards", &b)]))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reply.rejected, 0);
+        batches.push(b);
+        for j in 0..500 {
+            let key = rng.random_range(0..320);
+            // Some reads ask for two features only.
+            let features = if j % 5 == 0 {
+                vec!["amount_max_10m".to_string(), "n_1m".to_string()]
+            } else {
+                vec![]
+            };
+            client
+                .get_features(GetFeaturesRequest {
+                    features,
+                    ..read("cards", int_keys([key]), None)
+                })
+                .await
+                .unwrap();
+            reads += 1;
+        }
+    }
+    assert_eq!(reads, 10_000);
+    let text = scrape(server.metrics);
+    assert_eq!(metric(&text, "panes_read_log_dropped_total"), 0.0);
+    server.stop().await;
+
+    // The same events, the same definitions, to a file.
+    let events = dir.path().join("events.parquet");
+    let schema = batches[0].schema();
+    panes_engine::offline::io::write_file(&events, &schema, &batches).unwrap();
+    let features = features_file(dir.path());
+    let skew = || {
+        Command::new(env!("CARGO_BIN_EXE_panes"))
+            .arg("skew")
+            .arg("--log")
+            .arg(&log)
+            .arg("--features")
+            .arg(&features)
+            .arg("--events")
+            .arg(&events)
+            .args(["--backend", "cpu"])
+            .output()
+            .unwrap()
+    };
+    let out = skew();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("view \"cards\": 10000 logged rows"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("\n0 mismatches"), "{stdout}");
+    // Every feature was compared: n_1m and amount_max_10m in every read, the others in
+    // the reads of every feature.
+    assert!(
+        stdout.contains(&format!("{:<32} {:>10} {:>10}", "n_1m", 10_000, 0)),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("{:<32} {:>10} {:>10}", "amount_sum_1m", 8_000, 0)),
+        "{stdout}"
+    );
+
+    // One logged value changed: reported, and the exit status says so.
+    let mut files: Vec<std::path::PathBuf> = Vec::new();
+    let mut dirs = vec![log.clone()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.extension().is_some_and(|x| x == "parquet") {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    let (schema, batches) = panes_engine::offline::io::read_file(&files[0]).unwrap();
+    let mut batch = arrow_select::concat::concat_batches(&schema, &batches).unwrap();
+    let served = batch
+        .column_by_name("features")
+        .unwrap()
+        .as_any()
+        .downcast_ref::<arrow_array::StringArray>()
+        .unwrap();
+    let c = schema.index_of("amount_sum_1m").unwrap();
+    let sums = batch
+        .column(c)
+        .as_any()
+        .downcast_ref::<Float64Array>()
+        .unwrap();
+    let row = (0..batch.num_rows())
+        .find(|&r| {
+            served.value(r).contains("amount_sum_1m") && arrow_array::Array::is_valid(sums, r)
+        })
+        .unwrap();
+    let planted: Float64Array = (0..batch.num_rows())
+        .map(|r| {
+            arrow_array::Array::is_valid(sums, r)
+                .then(|| sums.value(r) + if r == row { 1.0 } else { 0.0 })
+        })
+        .collect();
+    let mut columns = batch.columns().to_vec();
+    columns[c] = Arc::new(planted);
+    batch = RecordBatch::try_new(schema.clone(), columns).unwrap();
+    panes_engine::offline::io::write_file(&files[0], &schema, &[batch]).unwrap();
+    let out = skew();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("\n1 mismatches"), "{stdout}");
+    assert!(stdout.contains("mismatch: amount_sum_1m key "), "{stdout}");
+}
