@@ -81,6 +81,9 @@ class Update:
     coalesced_intervals: int
     """Intervals since the previous message that passed while the stream was full
     (this client had not read it): their changes are merged into this message."""
+    request_rows: list[int] = field(default_factory=list)
+    """For a service subscription (whose ``keys`` are empty): the indices of the
+    request rows whose vectors these are."""
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,17 @@ def _features(r: Any) -> Features:
             for s in r.strings
         },
     )
+
+
+def _ipc_table(data: Any) -> bytes:
+    """A pyarrow / polars table (anything with ``__arrow_c_stream__``) as Arrow IPC bytes."""
+    import pyarrow as pa
+
+    table = data if isinstance(data, pa.Table) else pa.table(data)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return bytes(sink.getvalue().to_pybytes())
 
 
 def _set_keys(req: Any, keys: Any) -> None:
@@ -267,15 +281,9 @@ class Client:
         on-demand features. ``request`` holds the key columns of the service's views, an
         optional time column ``at_column``, and the columns the on-demand features use;
         it travels as Arrow IPC."""
-        import pyarrow as pa
-
-        table = request if isinstance(request, pa.Table) else pa.table(request)
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, table.schema) as w:
-            w.write_table(table)
         req = pb.GetFeaturesRequest(
             service=service,
-            request=pb.ServiceRequest(arrow_ipc=sink.getvalue().to_pybytes(), at_column=at_column),
+            request=pb.ServiceRequest(arrow_ipc=_ipc_table(request), at_column=at_column),
         )
         return self._get(req)
 
@@ -304,6 +312,22 @@ class Client:
             req.all_keys = True
         else:
             _set_keys(req, keys)
+        return self._subscribe(req)
+
+    def subscribe_service(
+        self, service: str, request: Any, *, at_column: str = "ts", interval_ms: int = 100
+    ) -> Iterator[Update]:
+        """Like :meth:`subscribe`, for the rows of ``request`` (as for
+        :meth:`get_service`) of feature service ``service``: each update's
+        ``request_rows`` say which rows its vectors are."""
+        req = pb.SubscribeRequest(
+            service=service,
+            request=pb.ServiceRequest(arrow_ipc=_ipc_table(request), at_column=at_column),
+            interval_ms=interval_ms,
+        )
+        return self._subscribe(req)
+
+    def _subscribe(self, req: pb.SubscribeRequest) -> Iterator[Update]:
         call = self._stub.Subscribe(req, metadata=self._metadata)
         try:
             for u in call:
@@ -314,6 +338,7 @@ class Client:
                     features=_features(u.features),
                     snapshot=u.snapshot,
                     coalesced_intervals=u.coalesced_intervals,
+                    request_rows=list(u.request_rows),
                 )
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.CANCELLED:

@@ -260,6 +260,21 @@ def test_service_reads_over_grpc_equal_the_in_process_read(tmp_path: Path) -> No
                 g = np.where(got.valid[:, j], got.values[:, j], np.nan)
                 np.testing.assert_allclose(g, w, rtol=1e-12, err_msg=name)
             assert got.strings["busy"] == want["busy"].to_list()
+            # A subscription to the same rows starts with the same vectors.
+            rows: list[int] = []
+            updates = c.subscribe_service("fraud_v1", request, interval_ms=20)
+            for u in updates:
+                assert u.snapshot and u.keys == []
+                rows.extend(u.request_rows)
+                sel = np.array(u.request_rows)
+                np.testing.assert_array_equal(u.features.valid, got.valid[sel])
+                np.testing.assert_array_equal(
+                    np.where(u.features.valid, u.features.values, 0), np.where(got.valid[sel], got.values[sel], 0)
+                )
+                if len(rows) == 50:
+                    break
+            updates.close()  # type: ignore[attr-defined]
+            assert rows == list(range(50))
             with pytest.raises(panes.PanesError, match='unknown service "nope"'):
                 c.get_service("nope", request)
     finally:

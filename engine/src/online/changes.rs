@@ -38,6 +38,24 @@ impl Changes {
         rows
     }
 
+    /// [`Changes::changed`] for the rows of a record batch (slot: the row).
+    pub fn changed_rows(&mut self, batch: &arrow_array::RecordBatch) -> Vec<usize> {
+        self.pending.clear();
+        let mut rows = Vec::new();
+        for r in 0..batch.num_rows() {
+            let mut h = DefaultHasher::new();
+            for c in batch.columns() {
+                hash_cell(c, r, &mut h);
+            }
+            let h = NonZeroU64::new(h.finish() | 1).expect("nonzero: its low bit is set");
+            if self.sent.get(r).copied().flatten() != Some(h) {
+                self.pending.push((r, h));
+                rows.push(r);
+            }
+        }
+        rows
+    }
+
     /// Records the rows of the last [`Changes::changed`] as delivered.
     pub fn commit(&mut self) {
         for &(slot, h) in &self.pending {
@@ -81,4 +99,37 @@ fn row_hash(served: &ServedFrame, r: usize) -> NonZeroU64 {
         }
     }
     NonZeroU64::new(h.finish() | 1).expect("nonzero: its low bit is set")
+}
+
+/// Hashes value `r` of `a`: its validity, then its bits (numbers), bytes (strings) or
+/// items (lists); other types by their text.
+fn hash_cell(a: &arrow_array::ArrayRef, r: usize, h: &mut DefaultHasher) {
+    use arrow_array::Array;
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{Float64Type, Int64Type, UInt64Type};
+    use arrow_schema::DataType;
+    let valid = a.is_valid(r);
+    valid.hash(h);
+    if !valid {
+        return;
+    }
+    match a.data_type() {
+        DataType::Float64 => a.as_primitive::<Float64Type>().value(r).to_bits().hash(h),
+        DataType::Int64 => a.as_primitive::<Int64Type>().value(r).hash(h),
+        DataType::UInt64 => a.as_primitive::<UInt64Type>().value(r).hash(h),
+        DataType::Utf8 => a.as_string::<i32>().value(r).hash(h),
+        DataType::List(_) => {
+            let items = a.as_list::<i32>().value(r);
+            items.len().hash(h);
+            for i in 0..items.len() {
+                hash_cell(&items, i, h);
+            }
+        }
+        _ => {
+            let options = arrow_cast::display::FormatOptions::default();
+            if let Ok(f) = arrow_cast::display::ArrayFormatter::try_new(a.as_ref(), &options) {
+                f.value(r).to_string().hash(h);
+            }
+        }
+    }
 }

@@ -103,11 +103,21 @@ enum Follow {
     Keys(Vec<KeyValue>),
     /// Every key of a view that no source feeds.
     All,
+    /// The rows of a feature-service request.
+    Service {
+        name: String,
+        request: arrow_array::RecordBatch,
+        at_column: String,
+        caller: Caller,
+    },
 }
 
 /// One subscription's state: its request and the hash of each key's last sent vector.
 struct Subscription {
+    /// The view read (empty for a service).
     view: String,
+    /// The views whose publishes change what is read.
+    views: Vec<String>,
     follow: Follow,
     features: Vec<String>,
     interval: Duration,
@@ -147,6 +157,86 @@ impl Shared {
         token: Option<tonic::metadata::AsciiMetadataValue>,
         req: SubscribeRequest,
     ) -> Result<UpdateStream, Status> {
+        let interval = match req.interval_ms {
+            0 => DEFAULT_INTERVAL,
+            ms => Duration::from_millis(ms.into()),
+        };
+        if interval < MIN_INTERVAL {
+            return Err(bad_request(
+                "interval_ms",
+                format!(
+                    "{} ms; the least interval is {} ms",
+                    interval.as_millis(),
+                    MIN_INTERVAL.as_millis()
+                ),
+            ));
+        }
+        let target = if req.service.is_empty() {
+            self.follow_view(caller, req)?
+        } else {
+            self.follow_service(caller, req)?
+        };
+        let max = self.options.max_subscriptions as u64;
+        let open = self.subscriptions.active.fetch_add(1, Ordering::Relaxed);
+        let guard = Open(self.clone());
+        if open >= max {
+            return Err(Status::resource_exhausted(format!(
+                "{max} subscriptions are open; the limit is {max} \
+                 (ServeOptions::max_subscriptions, --max-subscriptions)"
+            )));
+        }
+        let sub = Subscription {
+            view: target.view,
+            views: target.views,
+            follow: target.follow,
+            features: target.features,
+            interval,
+            wall_clock: target.wall_clock,
+            sourced: target.sourced,
+            rows_per_message: (VALUES_PER_MESSAGE / target.per_row.max(1)).max(1),
+            token,
+            sent: Changes::default(),
+        };
+        let (tx, rx) = mpsc::channel(QUEUED_MESSAGES);
+        let stop = self.subscriptions.stop.subscribe();
+        tokio::spawn(sub.run(self.clone(), tx, stop, guard));
+        let shared = self.clone();
+        let stream = futures::stream::unfold(rx, move |mut rx| {
+            let shared = shared.clone();
+            async move {
+                let (bytes, item) = rx.recv().await?;
+                shared
+                    .subscriptions
+                    .queued_bytes
+                    .fetch_sub(bytes, Ordering::Relaxed);
+                Some((item, rx))
+            }
+        });
+        Ok(Box::pin(stream))
+    }
+}
+
+/// What a subscription follows, checked.
+struct Target {
+    view: String,
+    views: Vec<String>,
+    follow: Follow,
+    features: Vec<String>,
+    wall_clock: bool,
+    sourced: bool,
+    /// Values per row of a message (a list at its longest).
+    per_row: usize,
+}
+
+impl Shared {
+    /// Keys, or every key, of a view.
+    fn follow_view(&self, caller: &Caller, req: SubscribeRequest) -> Result<Target, Status> {
+        if req.request.is_some() {
+            return Err(bad_request(
+                "request",
+                "request rows go with a service; a view subscription takes keys",
+            ));
+        }
         caller.check(Scope::Read, &req.view)?;
         let compiled = self
             .engine
@@ -183,57 +273,75 @@ impl Shared {
                 .feature_index(f)
                 .map_err(|e| status(e, "features"))?;
         }
-        let interval = match req.interval_ms {
-            0 => DEFAULT_INTERVAL,
-            ms => Duration::from_millis(ms.into()),
-        };
-        if interval < MIN_INTERVAL {
-            return Err(bad_request(
-                "interval_ms",
-                format!(
-                    "{} ms; the least interval is {} ms",
-                    interval.as_millis(),
-                    MIN_INTERVAL.as_millis()
-                ),
-            ));
-        }
-        let per_row = super::server::reply_values(compiled, 1, &req.features).max(1);
-        let max = self.options.max_subscriptions as u64;
-        let open = self.subscriptions.active.fetch_add(1, Ordering::Relaxed);
-        let guard = Open(self.clone());
-        if open >= max {
-            return Err(Status::resource_exhausted(format!(
-                "{max} subscriptions are open; the limit is {max} \
-                 (ServeOptions::max_subscriptions, --max-subscriptions)"
-            )));
-        }
-        let sub = Subscription {
+        Ok(Target {
+            per_row: super::server::reply_values(compiled, 1, &req.features),
+            wall_clock: compiled.spec.read_time == ReadTime::WallClock,
+            views: vec![req.view.clone()],
             view: req.view,
             follow,
             features: req.features,
-            interval,
-            wall_clock: compiled.spec.read_time == ReadTime::WallClock,
             sourced,
-            rows_per_message: (VALUES_PER_MESSAGE / per_row).max(1),
-            token,
-            sent: Changes::default(),
-        };
-        let (tx, rx) = mpsc::channel(QUEUED_MESSAGES);
-        let stop = self.subscriptions.stop.subscribe();
-        tokio::spawn(sub.run(self.clone(), tx, stop, guard));
-        let shared = self.clone();
-        let stream = futures::stream::unfold(rx, move |mut rx| {
-            let shared = shared.clone();
-            async move {
-                let (bytes, item) = rx.recv().await?;
-                shared
-                    .subscriptions
-                    .queued_bytes
-                    .fetch_sub(bytes, Ordering::Relaxed);
-                Some((item, rx))
+        })
+    }
+
+    /// The rows of a feature-service request.
+    fn follow_service(&self, caller: &Caller, req: SubscribeRequest) -> Result<Target, Status> {
+        let misplaced = [
+            ("view", !req.view.is_empty()),
+            ("keys", req.keys.is_some()),
+            ("all_keys", req.all_keys),
+            ("features", !req.features.is_empty()),
+        ];
+        if let Some((field, _)) = misplaced.iter().find(|(_, set)| *set) {
+            return Err(bad_request(
+                field,
+                "a service subscription takes its rows (and their times) from `request` only",
+            ));
+        }
+        let file = self.engine.file();
+        let s = file.service(&req.service).ok_or_else(|| {
+            status(
+                crate::online::service::unknown_service(file, &req.service),
+                "service",
+            )
+        })?;
+        let views = crate::online::service::service_views(file, s);
+        let mut wall_clock = false;
+        let mut per_row = s.on_demand.len();
+        for (v, names) in &views {
+            caller.check(Scope::Read, &v.name)?;
+            if self.sources.contains_key(&v.name) {
+                return Err(Status::failed_precondition(format!(
+                    "service {:?} reads view {:?}, which a Kafka source feeds: services over \
+                     Kafka-fed views are not served yet",
+                    req.service, v.name
+                )));
             }
-        });
-        Ok(Box::pin(stream))
+            wall_clock |= v.read_time == ReadTime::WallClock;
+            let compiled = self
+                .engine
+                .compiled(&v.name)
+                .map_err(|e| status(e, "service"))?;
+            let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+            per_row += super::server::reply_values(compiled, 1, &names);
+        }
+        let (request, at_column) = super::service::request_batch(req.request)?;
+        self.check_keys(request.num_rows())
+            .map_err(|e| status(e, "request"))?;
+        Ok(Target {
+            view: String::new(),
+            views: views.iter().map(|(v, _)| v.name.clone()).collect(),
+            follow: Follow::Service {
+                name: req.service,
+                request,
+                at_column,
+                caller: caller.clone(),
+            },
+            features: Vec::new(),
+            wall_clock,
+            sourced: false,
+            per_row,
+        })
     }
 }
 
@@ -308,7 +416,12 @@ impl Subscription {
             let started = Instant::now();
             // Nothing to read when nothing was published (reads at event time).
             let version = (!self.sourced)
-                .then(|| shared.engine.published(&self.view).ok())
+                .then(|| {
+                    self.views
+                        .iter()
+                        .map(|v| shared.engine.published(v).ok())
+                        .sum::<Option<u64>>()
+                })
                 .flatten();
             let unchanged = !snapshot && !self.wall_clock && version.is_some() && version == seen;
             if unchanged {
@@ -339,11 +452,33 @@ impl Subscription {
             let first = chunks.peek().is_none().then_some(empty);
             let mut sent_any = false;
             for chunk in first.into_iter().chain(chunks) {
+                let (keys, features, request_rows) = match &read {
+                    Read::Keys { keys, served, .. } => (
+                        Some(update_keys(keys, chunk)),
+                        reply(served, Some(chunk)),
+                        Vec::new(),
+                    ),
+                    Read::Service(batch) => {
+                        let idx = arrow_array::UInt32Array::from_iter_values(
+                            chunk.iter().map(|&r| r as u32),
+                        );
+                        let rows = arrow_select::take::take_record_batch(batch, &idx)
+                            .map_err(|e| Status::internal(e.to_string()));
+                        match rows.and_then(|rows| super::service::response(&rows)) {
+                            Ok(f) => (None, f, chunk.iter().map(|&r| r as u32).collect()),
+                            Err(e) => {
+                                let _ = tx.send((0, Err(e))).await;
+                                return;
+                            }
+                        }
+                    }
+                };
                 let update = SubscribeUpdate {
-                    keys: Some(update_keys(&read.keys, chunk)),
-                    features: Some(reply(&read.served, Some(chunk))),
+                    keys,
+                    features: Some(features),
                     snapshot,
                     coalesced_intervals: std::mem::take(&mut coalesced),
+                    request_rows,
                 };
                 let bytes = prost::Message::encoded_len(&update) as u64;
                 stats.queued(bytes);
@@ -386,7 +521,7 @@ impl Subscription {
                         self.token.clone(),
                     )
                     .await?;
-                Ok(Read {
+                Ok(Read::Keys {
                     keys: keys.clone(),
                     ids: None,
                     served,
@@ -403,11 +538,22 @@ impl Subscription {
                     })
                     .await?
                     .map_err(|e| status(e, "view"))?;
-                Ok(Read {
+                Ok(Read::Keys {
                     keys,
                     ids: Some(ids),
                     served,
                 })
+            }
+            Follow::Service {
+                name,
+                request,
+                at_column,
+                caller,
+            } => {
+                let out = shared
+                    .read_service(caller, name.clone(), request.clone(), at_column.clone())
+                    .await?;
+                Ok(Read::Service(out))
             }
         }
     }
@@ -415,20 +561,30 @@ impl Subscription {
     /// Rows of `read` whose vector differs from the one last sent for the key (every
     /// row, the first time); remembers them as sent.
     fn changed(&mut self, read: &Read) -> Vec<usize> {
-        let rows = match &read.ids {
-            Some(ids) => self.sent.changed(&read.served, |r| ids[r] as usize),
-            None => self.sent.changed(&read.served, |r| r),
+        let rows = match read {
+            Read::Keys {
+                ids: Some(ids),
+                served,
+                ..
+            } => self.sent.changed(served, |r| ids[r] as usize),
+            Read::Keys { served, .. } => self.sent.changed(served, |r| r),
+            Read::Service(batch) => self.sent.changed_rows(batch),
         };
         self.sent.commit();
         rows
     }
 }
 
-/// One read of a subscription: the keys, their ids (every key), and the vectors.
-struct Read {
-    keys: Vec<KeyValue>,
-    ids: Option<Vec<u32>>,
-    served: ServedFrame,
+/// One read of a subscription: the keys, their ids (every key), and the vectors; or
+/// the rows of a service read. (Built once per interval: its size does not matter.)
+#[allow(clippy::large_enum_variant)]
+enum Read {
+    Keys {
+        keys: Vec<KeyValue>,
+        ids: Option<Vec<u32>>,
+        served: ServedFrame,
+    },
+    Service(arrow_array::RecordBatch),
 }
 
 /// The keys of rows `rows`, typed as the request's keys (see `SubscribeUpdate.keys`).

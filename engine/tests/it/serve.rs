@@ -2274,3 +2274,111 @@ async fn r24_skew_check_finds_no_mismatch_in_10k_served_reads_and_a_planted_one(
     assert!(stdout.contains("\n1 mismatches"), "{stdout}");
     assert!(stdout.contains("mismatch: amount_sum_1m key "), "{stdout}");
 }
+
+/// Subscribe to the rows of a feature-service request: the snapshot has every row, and
+/// each row's last vector equals the final service read, on-demand feature included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r24_a_service_subscription_ends_at_the_final_service_read() {
+    let text = format!(
+        "{FEATURES}\n[[services]]\nname = \"svc\"\nfeatures = [\"n_1m\", \"amount_sum_1m\"]\n\
+         [[services.on_demand]]\nname = \"per_event\"\nexpr = \"amount_sum_1m / n_1m\"\n"
+    );
+    let file = FeatureFile::parse(&text, "service").unwrap();
+    let server = start_file(
+        &file,
+        ServeOptions::default(),
+        Duration::from_millis(5),
+        4_096,
+    )
+    .await;
+    let mut client = server.client().await;
+    let cards: Vec<i64> = (0..30).collect();
+    let request = || proto::ServiceRequest {
+        data: Some(proto::service_request::Data::Columns(
+            proto::RequestColumns {
+                columns: vec![proto::RequestColumn {
+                    name: "card".into(),
+                    values: Some(proto::request_column::Values::Ints(proto::IntKeys {
+                        keys: cards.clone(),
+                    })),
+                    nulls: vec![],
+                }],
+            },
+        )),
+        at_column: String::new(),
+    };
+    let mut updates = client
+        .subscribe(proto::SubscribeRequest {
+            service: "svc".into(),
+            request: Some(request()),
+            interval_ms: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = updates.message().await.unwrap().unwrap();
+    assert!(first.snapshot && first.keys.is_none());
+    assert_eq!(first.request_rows, (0..30).collect::<Vec<u32>>());
+    let nf = first.features.as_ref().unwrap().features.len();
+    assert_eq!(nf, 3, "two features and the on-demand one");
+    let latest = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    let follower = {
+        let latest = latest.clone();
+        let first = first.clone();
+        tokio::spawn(async move {
+            let mut u = Some(first);
+            loop {
+                let Some(m) = u.take() else { break };
+                let f = m.features.as_ref().unwrap();
+                let cells = cells(f);
+                {
+                    let mut latest = latest.lock().unwrap();
+                    for (i, r) in m.request_rows.iter().enumerate() {
+                        latest.insert(*r, cells[i * nf..(i + 1) * nf].to_vec());
+                    }
+                }
+                u = updates.message().await.unwrap();
+            }
+        })
+    };
+    let mut rng = StdRng::seed_from_u64(3);
+    for i in 0..10 {
+        let b = cards_batch(&mut rng, 1_000, 40, 1_000_000 + i * 3_000);
+        client
+            .ingest(futures::stream::iter(vec![ipc_message("cards", &b)]))
+            .await
+            .unwrap();
+    }
+    let want = cells(
+        &client
+            .get_features(GetFeaturesRequest {
+                service: "svc".into(),
+                request: Some(request()),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let same = {
+            let latest = latest.lock().unwrap();
+            (0..30u32).all(|r| {
+                latest.get(&r).map(Vec::as_slice)
+                    == Some(&want[r as usize * nf..(r as usize + 1) * nf])
+            })
+        };
+        if same {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the service subscription did not reach the final read"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    follower.abort();
+    server.stop().await;
+}

@@ -302,7 +302,7 @@ class FeatureDescription(_message.Message):
     def __init__(self, name: _Optional[str] = ..., agg: _Optional[str] = ..., column: _Optional[str] = ..., window_ms: _Optional[int] = ..., hop_ms: _Optional[int] = ..., dtype: _Optional[str] = ..., half_life_ms: _Optional[int] = ..., precision: _Optional[int] = ..., q: _Optional[float] = ..., relative_accuracy: _Optional[float] = ..., n: _Optional[int] = ..., k: _Optional[int] = ..., capacity: _Optional[int] = ..., filter: _Optional[str] = ..., window_events: _Optional[int] = ..., session_gap_ms: _Optional[int] = ...) -> None: ...
 
 class SubscribeRequest(_message.Message):
-    __slots__ = ("view", "string_keys", "int_keys", "composite_keys", "all_keys", "features", "interval_ms")
+    __slots__ = ("view", "string_keys", "int_keys", "composite_keys", "all_keys", "features", "interval_ms", "service", "request")
     VIEW_FIELD_NUMBER: _ClassVar[int]
     STRING_KEYS_FIELD_NUMBER: _ClassVar[int]
     INT_KEYS_FIELD_NUMBER: _ClassVar[int]
@@ -310,6 +310,8 @@ class SubscribeRequest(_message.Message):
     ALL_KEYS_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
     view: str
     string_keys: StringKeys
     int_keys: IntKeys
@@ -317,10 +319,12 @@ class SubscribeRequest(_message.Message):
     all_keys: bool
     features: _containers.RepeatedScalarFieldContainer[str]
     interval_ms: int
-    def __init__(self, view: _Optional[str] = ..., string_keys: _Optional[_Union[StringKeys, _Mapping]] = ..., int_keys: _Optional[_Union[IntKeys, _Mapping]] = ..., composite_keys: _Optional[_Union[CompositeKeys, _Mapping]] = ..., all_keys: _Optional[bool] = ..., features: _Optional[_Iterable[str]] = ..., interval_ms: _Optional[int] = ...) -> None: ...
+    service: str
+    request: ServiceRequest
+    def __init__(self, view: _Optional[str] = ..., string_keys: _Optional[_Union[StringKeys, _Mapping]] = ..., int_keys: _Optional[_Union[IntKeys, _Mapping]] = ..., composite_keys: _Optional[_Union[CompositeKeys, _Mapping]] = ..., all_keys: _Optional[bool] = ..., features: _Optional[_Iterable[str]] = ..., interval_ms: _Optional[int] = ..., service: _Optional[str] = ..., request: _Optional[_Union[ServiceRequest, _Mapping]] = ...) -> None: ...
 
 class SubscribeUpdate(_message.Message):
-    __slots__ = ("string_keys", "int_keys", "composite_keys", "decimal_keys", "features", "snapshot", "coalesced_intervals")
+    __slots__ = ("string_keys", "int_keys", "composite_keys", "decimal_keys", "features", "snapshot", "coalesced_intervals", "request_rows")
     STRING_KEYS_FIELD_NUMBER: _ClassVar[int]
     INT_KEYS_FIELD_NUMBER: _ClassVar[int]
     COMPOSITE_KEYS_FIELD_NUMBER: _ClassVar[int]
@@ -328,6 +332,7 @@ class SubscribeUpdate(_message.Message):
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     COALESCED_INTERVALS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ROWS_FIELD_NUMBER: _ClassVar[int]
     string_keys: StringKeys
     int_keys: IntKeys
     composite_keys: CompositeKeys
@@ -335,4 +340,5 @@ class SubscribeUpdate(_message.Message):
     features: GetFeaturesResponse
     snapshot: bool
     coalesced_intervals: int
-    def __init__(self, string_keys: _Optional[_Union[StringKeys, _Mapping]] = ..., int_keys: _Optional[_Union[IntKeys, _Mapping]] = ..., composite_keys: _Optional[_Union[CompositeKeys, _Mapping]] = ..., decimal_keys: _Optional[_Union[StringKeys, _Mapping]] = ..., features: _Optional[_Union[GetFeaturesResponse, _Mapping]] = ..., snapshot: _Optional[bool] = ..., coalesced_intervals: _Optional[int] = ...) -> None: ...
+    request_rows: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, string_keys: _Optional[_Union[StringKeys, _Mapping]] = ..., int_keys: _Optional[_Union[IntKeys, _Mapping]] = ..., composite_keys: _Optional[_Union[CompositeKeys, _Mapping]] = ..., decimal_keys: _Optional[_Union[StringKeys, _Mapping]] = ..., features: _Optional[_Union[GetFeaturesResponse, _Mapping]] = ..., snapshot: _Optional[bool] = ..., coalesced_intervals: _Optional[int] = ..., request_rows: _Optional[_Iterable[int]] = ...) -> None: ...
