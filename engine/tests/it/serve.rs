@@ -2328,8 +2328,7 @@ async fn r24_a_service_subscription_ends_at_the_final_service_read() {
         let first = first.clone();
         tokio::spawn(async move {
             let mut u = Some(first);
-            loop {
-                let Some(m) = u.take() else { break };
+            while let Some(m) = u.take() {
                 let f = m.features.as_ref().unwrap();
                 let cells = cells(f);
                 {
