@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 /// Layers from the bottom: a file may name its own layer and the ones before it.
-const LAYERS: [&[&str]; 8] = [
+const LAYERS: [&[&str]; 9] = [
     &["error", "histogram", "expr"],
     &["spec"],
     &["ingest"],
@@ -14,6 +14,7 @@ const LAYERS: [&[&str]; 8] = [
     &["online"],
     &["offline"],
     &["sources"],
+    &["sinks"],
     &["serve"],
 ];
 
