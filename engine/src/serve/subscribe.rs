@@ -650,3 +650,55 @@ fn key_column(values: &[&KeyValue]) -> Column {
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::subscribe_update::Keys;
+
+    #[test]
+    fn keys_travel_as_the_request_s_and_big_integers_as_decimals() {
+        let ints = [KeyValue::Int(-3), KeyValue::Int(7)];
+        match update_keys(&ints, &[1, 0]) {
+            Keys::IntKeys(k) => assert_eq!(k.keys, vec![7, -3]),
+            other => panic!("{other:?}"),
+        }
+        let big = [KeyValue::Int(1), KeyValue::Int(u64::MAX.into())];
+        match update_keys(&big, &[0, 1]) {
+            Keys::DecimalKeys(k) => assert_eq!(k.keys, vec!["1", "18446744073709551615"]),
+            other => panic!("{other:?}"),
+        }
+        let strs = [KeyValue::Str("a".into()), KeyValue::Str("b\"".into())];
+        match update_keys(&strs, &[1]) {
+            Keys::StringKeys(k) => assert_eq!(k.keys, vec!["b\""]),
+            other => panic!("{other:?}"),
+        }
+        let tuples = [
+            KeyValue::Tuple(vec![KeyValue::Str("x".into()), KeyValue::Int(5)]),
+            KeyValue::Tuple(vec![KeyValue::Str("y".into()), KeyValue::Int(u64::MAX.into())]),
+        ];
+        match update_keys(&tuples, &[0, 1]) {
+            Keys::CompositeKeys(c) => {
+                use proto::key_part_values::Values;
+                assert_eq!(c.parts.len(), 2);
+                match &c.parts[0].values {
+                    Some(Values::Strings(s)) => assert_eq!(s.keys, vec!["x", "y"]),
+                    other => panic!("{other:?}"),
+                }
+                // A part holding an integer above i64::MAX travels as decimal strings.
+                match &c.parts[1].values {
+                    Some(Values::Strings(s)) => {
+                        assert_eq!(s.keys, vec!["5", "18446744073709551615"]);
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+        // No rows: an empty list.
+        match update_keys(&ints, &[]) {
+            Keys::IntKeys(k) => assert!(k.keys.is_empty()),
+            other => panic!("{other:?}"),
+        }
+    }
+}
