@@ -675,7 +675,10 @@ mod tests {
         }
         let tuples = [
             KeyValue::Tuple(vec![KeyValue::Str("x".into()), KeyValue::Int(5)]),
-            KeyValue::Tuple(vec![KeyValue::Str("y".into()), KeyValue::Int(u64::MAX.into())]),
+            KeyValue::Tuple(vec![
+                KeyValue::Str("y".into()),
+                KeyValue::Int(u64::MAX.into()),
+            ]),
         ];
         match update_keys(&tuples, &[0, 1]) {
             Keys::CompositeKeys(c) => {
