@@ -852,11 +852,8 @@ fn scale_out(brokers: &str, topic: &str, events: &[Event], dir: &Path, hard: boo
         let mut v = instances;
         let victim = v.pop().unwrap();
         let victim_addr = victim.grpc.clone();
-        if hard {
-            victim.kill();
-        } else {
-            victim.terminate();
-        }
+        // The victim's partitions, read before it goes: once it has left the group
+        // (at once on SIGTERM) the others may claim them before this reads.
         let moved: BTreeSet<i32> = (0..PARTITIONS)
             .filter(|p| {
                 panes_engine::CheckpointDir::new(checkpoints.join(format!("cards/p{p}")), 3)
@@ -865,6 +862,11 @@ fn scale_out(brokers: &str, topic: &str, events: &[Event], dir: &Path, hard: boo
                     .is_some_and(|(_, o)| o == victim_addr)
             })
             .collect();
+        if hard {
+            victim.kill();
+        } else {
+            victim.terminate();
+        }
         let deadline = Instant::now() + Duration::from_secs(120);
         let mut last = String::new();
         'retry: loop {
