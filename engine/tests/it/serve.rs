@@ -2070,13 +2070,21 @@ async fn r24_the_server_runs_sinks_and_writes_once_more_at_shutdown() {
         .unwrap()
         .into_inner();
     assert_eq!(reply.rejected, 0);
-    let text = scrape(server.metrics);
-    let writes = metric(
-        &text,
-        "panes_sink_writes_total{sink=\"lake\",view=\"cards\",kind=\"parquet\"}",
-    );
+    // The sink's thread makes its first write as the server starts, not before it
+    // answers: wait for it, then there is no other in an hour's interval.
+    let writes = || {
+        metric(
+            &scrape(server.metrics),
+            "panes_sink_writes_total{sink=\"lake\",view=\"cards\",kind=\"parquet\"}",
+        )
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while writes() < 1.0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(
-        writes, 1.0,
+        writes(),
+        1.0,
         "the first write, at start (an hour's interval)"
     );
     let keys: Vec<i64> = (0..300).collect();
