@@ -35,7 +35,8 @@ use crate::spec::{ReadTime, SinkKind, SinkSpec};
 /// The rows of one write of a sink.
 pub(crate) struct Round<'a> {
     pub view: &'a str,
-    /// The keys of the rows, in row order.
+    /// The keys of the rows, in row order (the Kafka sink's message keys).
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
     pub keys: &'a [KeyValue],
     /// The key columns, then the features (see [`Engine::frame_batch`]).
     pub batch: RecordBatch,
