@@ -13,14 +13,13 @@
 //! - `arrow-ipc`: an Arrow IPC stream of one record batch of one row: the key columns,
 //!   the features and `at_ms`.
 
-use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, Int64Type, UInt64Type};
-use arrow_array::{Array, ArrayRef, Int64Array, RecordBatch};
-use arrow_schema::{DataType, Field, Schema};
+use arrow_array::{Array, ArrayRef, RecordBatch};
+use arrow_schema::DataType;
 use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
@@ -118,7 +117,7 @@ impl Writer for KafkaSink {
             .state
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = (0, None);
-        let batch = with_read_time(round)?;
+        let batch = round.with_read_time()?;
         let mut bytes = 0u64;
         for (r, key) in round.keys.iter().enumerate() {
             let key_bytes = message_key(key);
@@ -184,24 +183,6 @@ fn key_json(key: &KeyValue) -> Value {
         },
         KeyValue::Tuple(parts) => Value::Array(parts.iter().map(key_json).collect()),
     }
-}
-
-/// The round's batch with its read time as column `at_ms`.
-fn with_read_time(round: &Round<'_>) -> Result<RecordBatch> {
-    let batch = &round.batch;
-    let mut fields: Vec<Field> = batch
-        .schema()
-        .fields()
-        .iter()
-        .map(|f| f.as_ref().clone())
-        .collect();
-    fields.push(Field::new("at_ms", DataType::Int64, false));
-    let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
-    columns.push(Arc::new(Int64Array::from(vec![round.at; batch.num_rows()])));
-    Ok(RecordBatch::try_new(
-        Arc::new(Schema::new(fields)),
-        columns,
-    )?)
 }
 
 /// Row `r` as the JSON message value.

@@ -24,7 +24,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use arrow_array::RecordBatch;
+use arrow_array::{ArrayRef, Int64Array, RecordBatch};
+use arrow_schema::{DataType, Field, Schema};
 
 use crate::error::{PanesError, Result};
 use crate::ingest::keys::{KeyValue, key_array};
@@ -46,6 +47,30 @@ pub(crate) struct Round<'a> {
     pub version: u64,
     /// Whether the rows are every key of the view (else the keys that changed).
     pub every_key: bool,
+}
+
+impl Round<'_> {
+    /// The round's batch with its read time as a last column, `at_ms`: what every sink
+    /// writes.
+    pub(crate) fn with_read_time(&self) -> Result<RecordBatch> {
+        let mut fields: Vec<Field> = self
+            .batch
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        fields.push(Field::new("at_ms", DataType::Int64, false));
+        let mut columns: Vec<ArrayRef> = self.batch.columns().to_vec();
+        columns.push(Arc::new(Int64Array::from(vec![
+            self.at;
+            self.batch.num_rows()
+        ])));
+        Ok(RecordBatch::try_new(
+            Arc::new(Schema::new(fields)),
+            columns,
+        )?)
+    }
 }
 
 /// What a sink writes to.

@@ -8,10 +8,6 @@
 //! says `panes.view`, `panes.at_ms`, `panes.state_version` and `panes.rows` (`every_key`,
 //! or `changed` for the keys whose vector changed since the previous file).
 
-use std::sync::Arc;
-
-use arrow_array::{ArrayRef, Int64Array, RecordBatch};
-use arrow_schema::{DataType, Field, Schema};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue as Meta;
@@ -76,17 +72,7 @@ impl Writer for ParquetSink {
 
 /// A round as Parquet bytes: its batch, plus the read time as column `at_ms`.
 pub(crate) fn encode(round: &Round<'_>) -> Result<Vec<u8>> {
-    let batch = &round.batch;
-    let mut fields: Vec<Field> = batch
-        .schema()
-        .fields()
-        .iter()
-        .map(|f| f.as_ref().clone())
-        .collect();
-    fields.push(Field::new("at_ms", DataType::Int64, false));
-    let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
-    columns.push(Arc::new(Int64Array::from(vec![round.at; batch.num_rows()])));
-    let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?;
+    let batch = round.with_read_time()?;
     let meta = |k: &str, v: String| Meta::new(k.to_string(), v);
     let props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::default()))
