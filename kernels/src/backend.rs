@@ -18,6 +18,15 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Which backend this is.
     fn kind(&self) -> BackendKind;
 
+    /// Why this backend cannot fold states of `spec`, if it cannot (checked when a view
+    /// is loaded, so that the refusal names the view before any event arrives). Only
+    /// the `Gpu` backend on a software adapter refuses some: sketches whose per-event
+    /// work passes the adapter's loop budget; `auto` folds those on the CPU.
+    fn refuses(&self, spec: &crate::StateSpec) -> Option<String> {
+        let _ = spec;
+        None
+    }
+
     /// Folds `batch` (accepted events in arrival order) into `state`.
     ///
     /// Events of one key are folded in arrival order, so `last` ties go to the event

@@ -121,6 +121,23 @@ pub(crate) fn is_valid(s: &[f64], alpha: f64) -> bool {
     crate::level::count_within(s[0], capacity(alpha))
 }
 
+/// The key [`add`] inserts for each of `xs` at accuracy `alpha`, as an f64 (0 for a
+/// NaN, which is never added). The GPU backend computes keys on the host: WGSL has no
+/// f64 logarithm.
+#[cfg(feature = "gpu")]
+pub(crate) fn keys(xs: &[f64], alpha: f64) -> Vec<f64> {
+    let ln_gamma = gamma(alpha).ln();
+    xs.iter()
+        .map(|&x| {
+            if x.is_nan() {
+                0.0
+            } else {
+                key(x, ln_gamma) as f64
+            }
+        })
+        .collect()
+}
+
 /// Adds value `x` to sketch `s` of accuracy `alpha`.
 #[inline]
 pub(crate) fn add(s: &mut [f64], x: f64, alpha: f64) {

@@ -15,26 +15,6 @@ pub struct StateSpec {
     pub shards: usize,
 }
 
-impl StateSpec {
-    /// Why the `Gpu` backend cannot fold this state, if it cannot (`Auto` then folds it
-    /// on the CPU).
-    pub fn gpu_unsupported(&self) -> Option<String> {
-        let columns = || self.levels.iter().flat_map(|l| &l.columns);
-        let what = if columns().any(|c| c.hll.is_some()) {
-            "approx_distinct (HyperLogLog sketches)"
-        } else if columns().any(|c| c.quantile.is_some()) {
-            "quantile (DDSketch sketches)"
-        } else if columns().any(|c| c.last_n.is_some() || c.top_k.is_some()) {
-            "last_n and top_k (lists)"
-        } else {
-            return None;
-        };
-        Some(format!(
-            "{what} does not run on the GPU backend yet; use the cpu or auto backend"
-        ))
-    }
-}
-
 /// One hop level of one key shard as plain buffers: what a checkpoint stores.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LevelImage {

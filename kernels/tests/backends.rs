@@ -18,22 +18,38 @@ struct Case {
 }
 
 fn gen_case(rng: &mut StdRng) -> Case {
-    gen_case_with(rng, true)
+    gen_case_with(rng, Sketches::All)
 }
 
-/// A random case; with `sketches`, some columns carry HyperLogLog codes for
-/// `approx_distinct` (which the `Gpu` backend does not fold).
-fn gen_case_with(rng: &mut StdRng, sketches: bool) -> Case {
+/// Which sketch and list groups a random case may have.
+#[derive(Clone, Copy, PartialEq)]
+enum Sketches {
+    None,
+    /// Every parameter the tests use.
+    All,
+    /// Parameters whose cells leave room for 500 keys in lavapipe's 128 MiB storage
+    /// binding (a level's cells must fit one): precision up to 10, accuracy 0.05.
+    Small,
+}
+
+/// A random case with some columns keeping `sketches`.
+fn gen_case_with(rng: &mut StdRng, sketches: Sketches) -> Case {
+    let small = sketches == Sketches::Small;
+    let sketches = sketches != Sketches::None;
     let columns = rng.random_range(1..=3);
     // Columns of hashes, sketched at one precision each (a view gives each precision
     // of a column its own state column).
     let precisions: Vec<Option<u8>> = (0..columns)
-        .map(|_| (sketches && rng.random_bool(0.5)).then(|| [4, 8, 12, 14][rng.random_range(0..4)]))
+        .map(|_| {
+            let p: &[u8] = if small { &[4, 8, 10] } else { &[4, 8, 12, 14] };
+            (sketches && rng.random_bool(0.5)).then(|| p[rng.random_range(0..p.len())])
+        })
         .collect();
     // Columns with quantile sketches, at one accuracy each.
     let accuracies: Vec<Option<f64>> = (0..columns)
         .map(|_| {
-            (sketches && rng.random_bool(0.5)).then(|| [0.01, 0.05, 0.001][rng.random_range(0..3)])
+            let a: &[f64] = if small { &[0.05] } else { &[0.01, 0.05, 0.001] };
+            (sketches && rng.random_bool(0.5)).then(|| a[rng.random_range(0..a.len())])
         })
         .collect();
     // Columns keeping their newest values (`last_n`), at one n each.
@@ -217,6 +233,14 @@ fn with_capacity(agg: Agg, capacity: Option<u16>, rng: &mut StdRng) -> Agg {
     }
 }
 
+/// Whether `spec` keeps sketch or list groups.
+fn has_sketches(spec: &StateSpec) -> bool {
+    spec.levels
+        .iter()
+        .flat_map(|l| &l.columns)
+        .any(|c| c.hll.is_some() || c.quantile.is_some() || c.last_n.is_some() || c.top_k.is_some())
+}
+
 fn fold_split(backend: &dyn Backend, case: &Case, rng: &mut StdRng, split: bool) -> PaneState {
     fold_turns(&[backend], case, rng, split)
 }
@@ -271,55 +295,75 @@ fn check_turns(folders: &[&dyn Backend], backend: &dyn Backend, seeds: std::ops:
     for seed in seeds {
         let mut rng = StdRng::seed_from_u64(seed);
         let on_gpu = folders.iter().any(|b| b.kind() == BackendKind::Gpu);
-        let case = gen_case_with(&mut rng, !on_gpu);
+        let case = gen_case_with(
+            &mut rng,
+            if on_gpu {
+                Sketches::Small
+            } else {
+                Sketches::All
+            },
+        );
         let reference = fold_split(&Scalar, &case, &mut rng, false);
         let state = fold_turns(folders, &case, &mut rng, true);
-        let max_t = case.ts.iter().copied().max().unwrap_or(0);
-        for _ in 0..4 {
-            let ids: Vec<Option<u32>> = (0..rng.random_range(0..700))
-                .map(|_| rng.random_bool(0.95).then(|| rng.random_range(0..600)))
-                .collect();
-            let at = max_t + rng.random_range(-5_000..100_000);
-            let mut want = MergeOutput::default();
-            let mut got = MergeOutput::default();
-            Scalar
-                .merge(&reference, &case.features, &ids, at, &mut want)
-                .unwrap();
-            backend
-                .merge(&state, &case.features, &ids, at, &mut got)
-                .unwrap();
-            let nf = case.features.len();
-            if let Some(k) = (0..ids.len()).find(|&k| got.status[k] != want.status[k]) {
-                panic!(
-                    "seed {seed} key {:?} at {at}: status {:?} vs {:?}",
-                    ids[k], got.status[k], want.status[k]
-                );
-            }
-            let bits = |l: &[f64]| l.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(got.lists.len(), want.lists.len(), "seed {seed}");
-            for (i, (g, w)) in got.lists.iter().zip(&want.lists).enumerate() {
-                assert_eq!(bits(g), bits(w), "seed {seed} {:?}", case.features[i % nf]);
-            }
-            for (i, (g, w)) in got.values.iter().zip(&want.values).enumerate() {
-                let f = &case.features[i % nf.max(1)];
-                assert_eq!(
-                    got.valid[i],
-                    want.valid[i],
-                    "seed {seed} key {:?} feature {f:?} at {at}: validity",
-                    ids[i / nf]
-                );
-                assert!(
-                    same(f.agg, *g, *w),
-                    "seed {seed} key {:?} feature {f:?} at {at}: {g} vs {w}",
-                    ids[i / nf]
-                );
-            }
-            if at >= max_t {
-                assert!(
-                    got.status.iter().all(|s| *s == ReadStatus::Exact),
-                    "seed {seed}: reads at or after the last event are exact"
-                );
-            }
+        assert_reads_agree(&case, &reference, &state, backend, &mut rng, seed);
+    }
+}
+
+/// Random reads of `state` through `backend` agree with the `Scalar` backend's reads of
+/// `reference` (the same events folded).
+fn assert_reads_agree(
+    case: &Case,
+    reference: &PaneState,
+    state: &PaneState,
+    backend: &dyn Backend,
+    rng: &mut StdRng,
+    seed: u64,
+) {
+    let max_t = case.ts.iter().copied().max().unwrap_or(0);
+    for _ in 0..4 {
+        let ids: Vec<Option<u32>> = (0..rng.random_range(0..700))
+            .map(|_| rng.random_bool(0.95).then(|| rng.random_range(0..600)))
+            .collect();
+        let at = max_t + rng.random_range(-5_000..100_000);
+        let mut want = MergeOutput::default();
+        let mut got = MergeOutput::default();
+        Scalar
+            .merge(reference, &case.features, &ids, at, &mut want)
+            .unwrap();
+        backend
+            .merge(state, &case.features, &ids, at, &mut got)
+            .unwrap();
+        let nf = case.features.len();
+        if let Some(k) = (0..ids.len()).find(|&k| got.status[k] != want.status[k]) {
+            panic!(
+                "seed {seed} key {:?} at {at}: status {:?} vs {:?}",
+                ids[k], got.status[k], want.status[k]
+            );
+        }
+        let bits = |l: &[f64]| l.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(got.lists.len(), want.lists.len(), "seed {seed}");
+        for (i, (g, w)) in got.lists.iter().zip(&want.lists).enumerate() {
+            assert_eq!(bits(g), bits(w), "seed {seed} {:?}", case.features[i % nf]);
+        }
+        for (i, (g, w)) in got.values.iter().zip(&want.values).enumerate() {
+            let f = &case.features[i % nf.max(1)];
+            assert_eq!(
+                got.valid[i],
+                want.valid[i],
+                "seed {seed} key {:?} feature {f:?} at {at}: validity",
+                ids[i / nf]
+            );
+            assert!(
+                same(f.agg, *g, *w),
+                "seed {seed} key {:?} feature {f:?} at {at}: {g} vs {w}",
+                ids[i / nf]
+            );
+        }
+        if at >= max_t {
+            assert!(
+                got.status.iter().all(|s| *s == ReadStatus::Exact),
+                "seed {seed}: reads at or after the last event are exact"
+            );
         }
     }
 }
@@ -570,17 +614,131 @@ fn gpu_matches_scalar() {
     }
 }
 
+/// A case whose sketches all pass their capacities: a HyperLogLog sketch turns dense,
+/// DDSketch bins collapse, `top_k` summaries drop counters and `last_n` lists drop
+/// their oldest; two levels, one with lifetime cells (recycled cells merge into them),
+/// late events.
+fn sketches_past_capacity(rng: &mut StdRng) -> Case {
+    let column = ColumnFields {
+        hll: Some(8),
+        quantile: Some(Param::new(0.2)),
+        last_n: Some(5),
+        top_k: Some(8),
+        ..ColumnFields::default()
+    }
+    .union(Agg::Count.fields());
+    let levels = vec![
+        LevelSpec {
+            hop: 1000,
+            ring: 4,
+            columns: vec![column],
+            lifetime: true,
+        },
+        LevelSpec {
+            hop: 7,
+            ring: 3,
+            columns: vec![column],
+            lifetime: false,
+        },
+    ];
+    let mut features = Vec::new();
+    for (level, panes) in [(0, None), (0, Some(2)), (1, Some(3))] {
+        for agg in [
+            Agg::ApproxDistinct { precision: 8 },
+            Agg::Quantile {
+                q: Param::new(0.5),
+                relative_accuracy: Param::new(0.2),
+            },
+            Agg::Quantile {
+                q: Param::new(0.99),
+                relative_accuracy: Param::new(0.2),
+            },
+            Agg::LastN { n: 5 },
+            Agg::TopK { k: 3, capacity: 8 },
+            Agg::Count,
+        ] {
+            features.push(FeatureMerge {
+                level,
+                agg,
+                column: Some(0),
+                panes,
+            });
+        }
+    }
+    let n = 30_000;
+    let mut t = 1_000_000i64;
+    let (mut ids, mut ts, mut values) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..n {
+        t += rng.random_range(0..20);
+        ids.push(rng.random_range(0..40u32));
+        ts.push(if rng.random_bool(0.1) {
+            t - rng.random_range(0..10_000)
+        } else {
+            t
+        });
+        // Whole numbers below 2^52 (hashes to the HyperLogLog sketch) over 15 decades,
+        // many of them repeated (heavy hitters), some nulls.
+        values.push(match rng.random_range(0..20) {
+            0 => f64::NAN,
+            1..=8 => rng.random_range(0..4) as f64,
+            _ => (hll::splitmix64(i) >> 12 >> rng.random_range(0..52)) as f64,
+        });
+    }
+    Case {
+        spec: StateSpec { levels, shards: 4 },
+        features,
+        ids,
+        ts,
+        values: vec![values],
+    }
+}
+
 #[cfg(feature = "gpu")]
 #[test]
-fn the_gpu_refuses_sketches_and_auto_folds_them_on_the_cpu() {
+fn the_gpu_folds_sketches_past_their_capacities_as_the_scalar_backend() {
+    let Some(g) = gpu() else { return };
+    for seed in 0..3 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let case = sketches_past_capacity(&mut rng);
+        let reference = fold_split(&Scalar, &case, &mut rng, false);
+        let state = fold_split(&g, &case, &mut rng, true);
+        assert!(state.on_device());
+        // Past every capacity: key 0 alone has over 64 distinct values (the sparse
+        // sketch's capacity, and 8 times the summary's).
+        let mut distinct: Vec<u64> = (0..case.ids.len())
+            .filter(|&e| case.ids[e] == 0 && !case.values[0][e].is_nan())
+            .map(|e| case.values[0][e].to_bits())
+            .collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert!(distinct.len() > 64, "{}", distinct.len());
+        assert_reads_agree(&case, &reference, &state, &g, &mut rng, seed);
+        // Read through the CPU backend too (the state comes back to the host).
+        assert_reads_agree(&case, &reference, &state, &Cpu::new(), &mut rng, seed);
+    }
+}
+
+#[cfg(feature = "gpu")]
+#[test]
+fn a_software_adapter_refuses_sketches_past_its_loop_budget_and_auto_folds_them() {
     use panes_kernels::{Auto, Calibration, KernelError};
     use std::sync::Arc;
     let Some(g) = gpu() else { return };
     let mut rng = StdRng::seed_from_u64(17);
-    let mut case = gen_case_with(&mut rng, true);
-    while case.spec.gpu_unsupported().is_none() || case.ids.len() < 1_000 {
-        case = gen_case_with(&mut rng, true);
+    let mut case = sketches_past_capacity(&mut rng);
+    // A top_k summary of capacity 10 000: its merge may bisect over 20 000 counters.
+    let big = ColumnFields {
+        top_k: Some(10_000),
+        ..ColumnFields::default()
     }
+    .union(Agg::Count.fields());
+    case.spec.levels[1].columns = vec![big];
+    case.features.retain(|f| f.level == 0);
+    case.ids.truncate(3_000);
+    case.ts.truncate(3_000);
+    case.values[0].truncate(3_000);
+    let software = g.info().device_type == "Cpu";
+    assert_eq!(g.refuses(&case.spec).is_some(), software);
     let vals: Vec<&[f64]> = case.values.iter().map(Vec::as_slice).collect();
     let batch = FoldBatch {
         ids: &case.ids,
@@ -588,13 +746,13 @@ fn the_gpu_refuses_sketches_and_auto_folds_them_on_the_cpu() {
         values: &vals,
     };
     let mut state = PaneState::new(case.spec.clone()).unwrap();
-    let err = g.fold(&mut state, &batch).unwrap_err();
-    assert!(matches!(err, KernelError::Unavailable(_)), "{err}");
-    assert!(
-        err.to_string().contains("does not run on the GPU backend"),
-        "{err}"
-    );
-    // Auto, even past its crossover, folds on the host.
+    if software {
+        let err = g.fold(&mut state, &batch).unwrap_err();
+        assert!(matches!(err, KernelError::Unavailable(_)), "{err}");
+        assert!(err.to_string().contains("loop iterations"), "{err}");
+        assert!(!state.on_device());
+    }
+    // Auto, even past its crossover, folds where it can.
     let c = Calibration {
         sizes: vec![],
         cpu_s: vec![],
@@ -603,23 +761,11 @@ fn the_gpu_refuses_sketches_and_auto_folds_them_on_the_cpu() {
         transfer_bytes_per_s: 1e8,
     };
     let auto = Auto::new(Cpu::new(), g, Arc::new(c), 1);
-    let mut reference = PaneState::new(case.spec.clone()).unwrap();
+    let mut state = PaneState::new(case.spec.clone()).unwrap();
     auto.fold(&mut state, &batch).unwrap();
-    Scalar.fold(&mut reference, &batch).unwrap();
-    assert!(!state.on_device());
-    let ids: Vec<Option<u32>> = (0..600).map(Some).collect();
-    let at = case.ts.iter().copied().max().unwrap();
-    let (mut want, mut got) = (MergeOutput::default(), MergeOutput::default());
-    Scalar
-        .merge(&reference, &case.features, &ids, at, &mut want)
-        .unwrap();
-    auto.merge(&state, &case.features, &ids, at, &mut got)
-        .unwrap();
-    let nf = case.features.len();
-    for (i, (g, w)) in got.values.iter().zip(&want.values).enumerate() {
-        let f = &case.features[i % nf];
-        assert!(same(f.agg, *g, *w), "key {} {f:?}: {g} vs {w}", i / nf);
-    }
+    assert_eq!(state.on_device(), !software);
+    let reference = fold_split(&Scalar, &case, &mut rng, false);
+    assert_reads_agree(&case, &reference, &state, &auto, &mut rng, 17);
 }
 
 #[cfg(feature = "gpu")]
@@ -803,9 +949,9 @@ fn auto_sends_large_batches_to_the_gpu_and_brings_the_state_back() {
     let Some(g) = gpu() else { return };
     let auto = made_up_auto(g);
     let mut rng = StdRng::seed_from_u64(7);
-    let mut case = gen_case_with(&mut rng, false);
+    let mut case = gen_case_with(&mut rng, Sketches::None);
     while case.ids.len() < 30_000 {
-        case = gen_case_with(&mut rng, false);
+        case = gen_case_with(&mut rng, Sketches::None);
     }
     let mut state = PaneState::new(case.spec.clone()).unwrap();
     let mut reference = PaneState::new(case.spec.clone()).unwrap();
@@ -875,9 +1021,9 @@ fn r18_auto_logs_its_host_folds_for_a_replica() {
         Cpu::new().fold_logged(&mut s, &batch, log).unwrap();
         log.is_complete()
     };
-    let mut case = gen_case_with(&mut rng, false);
+    let mut case = gen_case_with(&mut rng, Sketches::None);
     while case.ids.len() < 30_000 || !logged(&case, &mut log) {
-        case = gen_case_with(&mut rng, false);
+        case = gen_case_with(&mut rng, Sketches::None);
     }
     let mut a = PaneState::new(case.spec.clone()).unwrap();
     let mut b = PaneState::new(case.spec.clone()).unwrap();
@@ -1139,7 +1285,7 @@ fn r18_fold_logs_that_do_not_fit_are_refused() {
     // A case the Cpu backend logs: no sketches or lists, whose levels it folds event by
     // event, unlogged.
     let mut case = gen_case(rng);
-    while case.ids.len() < 1000 || case.spec.gpu_unsupported().is_some() {
+    while case.ids.len() < 1000 || has_sketches(&case.spec) {
         case = gen_case(rng);
     }
     let vals: Vec<&[f64]> = case.values.iter().map(Vec::as_slice).collect();

@@ -310,6 +310,39 @@ def test_gpu_backend_reads_equal_the_cpu() -> None:
     np.testing.assert_allclose(reads[1], reads[0], rtol=1e-9, equal_nan=True)
 
 
+def test_gpu_backend_sketches_and_lists_equal_the_cpu() -> None:
+    # approx_distinct, quantile, top_k and last_n fold on the GPU with the CPU's bits.
+    rng = np.random.default_rng(6)
+    n = 30_000
+    data = pa.table({
+        "card": rng.integers(0, 200, n),
+        "ts": np.sort(rng.integers(0, 3_600_000, n)),
+        "merchant": rng.integers(0, 40, n),
+        "amount": np.where(rng.random(n) < 0.05, np.nan, rng.lognormal(3, 2, n)),
+    })
+    view = panes.View(
+        "cards",
+        key="card",
+        time="ts",
+        features=[
+            panes.approx_distinct("merchant", window="10m", hop="1m", name="merchants"),
+            panes.approx_distinct("amount", window="lifetime", name="amounts"),
+            panes.quantile("amount", 0.9, window="10m", hop="1m", name="p90"),
+            panes.top_k("merchant", 3, window="lifetime", name="top"),
+            panes.last_n("amount", 4, window="30m", hop="5m", name="recent"),
+        ],
+    )
+    reads = []
+    for backend in ("cpu", "gpu"):
+        engine = panes.Engine([view], backend=backend, batch_rows=7_000)
+        assert engine.backend == backend
+        engine.push(data)
+        reads.append(engine.read(list(range(200))))
+    cpu, gpu = reads
+    assert cpu["merchants"].max() > 5 and cpu["amounts"].max() > 64
+    assert gpu.equals(cpu, null_equal=True)
+
+
 def test_count_and_session_windows() -> None:
     view = panes.View(
         "visits",

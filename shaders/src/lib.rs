@@ -7,7 +7,7 @@
 //! | kernel | entry points | files | mirrors |
 //! |---|---|---|---|
 //! | [`SORT`] | `sort_keys`, `sort_local`, `sort_global` | `sort.wgsl` | — (groups a batch by key, in arrival order) |
-//! | [`FOLD`] | `fold` | `common`, `cells`, `fold` | `LevelState::fold_event` |
+//! | [`FOLD`] | `fold` | `common`, `cells`, `sketches`, `fold` | `LevelState::fold_event` |
 //! | [`MERGE`] | `merge` | `common`, `cells`, `merge` | the `Cpu` backend's window scan + `finalize` |
 //! | [`INIT`] | `init` | `common`, `init` | the identity cell of a new or grown level |
 //!
@@ -41,7 +41,7 @@ macro_rules! shader {
 /// Bitonic sort of `(key id, arrival index)` pairs.
 pub const SORT: Shader = shader!("sort": "sort.wgsl");
 /// Fold of a sorted micro-batch into one hop level.
-pub const FOLD: Shader = shader!("fold": "common.wgsl", "cells.wgsl", "fold.wgsl");
+pub const FOLD: Shader = shader!("fold": "common.wgsl", "cells.wgsl", "sketches.wgsl", "fold.wgsl");
 /// Window merge of one hop level's features for a set of keys.
 pub const MERGE: Shader = shader!("merge": "common.wgsl", "cells.wgsl", "merge.wgsl");
 /// Reset of a range of cells to the identity cell.

@@ -12,8 +12,9 @@ const MAX_TS: u32 = 2u;
 // Word offset of an absent field in `cols`.
 const ABSENT: u32 = 0xffffffffu;
 // Words per column in `cols`: the offsets of count, sum, moments, min, max, last,
-// first and decay, then the half-life in ms as two u32 halves (low first).
-const COL_FIELDS: u32 = 10u;
+// first and decay, then the half-life in ms as two u32 halves (low first), then the
+// sketch groups (`Col`), then one unused word.
+const COL_FIELDS: u32 = 20u;
 
 // Tag of a cell never written (i64::MIN; naga's constant evaluator has no i64
 // arithmetic, so it is a function).

@@ -35,6 +35,10 @@ struct FoldParams {
     round: u32,
     // Most events one thread folds.
     seg: u32,
+    // Whether the walk may take blocks' partials (0 for a level with sketch groups,
+    // whose blocks are not reduced: see sketches.wgsl).
+    blocks: u32,
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: FoldParams;
@@ -57,6 +61,13 @@ struct FoldParams {
 
 // Events per block (the host keeps `seg` a multiple of it).
 const BLOCK: u32 = 64u;
+
+// Whether this pipeline folds sketch groups (sketches.wgsl): the host builds one
+// pipeline with and one without, for levels with and without them. Without, the
+// sketch code is dead and compiled away; on a SIMD software adapter (lavapipe), which
+// runs both sides of a branch under masks and counts every loop it enters against an
+// invocation's budget, it would otherwise cost every event of every level.
+override SKETCHES: bool = false;
 
 // A word of the level's cells, or of the partials (q = true).
 fn ld(q: bool, i: u32) -> f64 {
@@ -142,6 +153,10 @@ fn add(q: bool, cell: u32, t: i64, e: u32) {
             let d = cell + k.decay;
             store_decay(q, d, decay_merge(decay_of(q, d), Decay(t, 1.0lf, x), k.half_life));
         }
+        // Blocks are never reduced for a level with sketch groups (`p.blocks`).
+        if (SKETCHES && !q) {
+            sketches_add(k, cell, t, e, x);
+        }
     }
 }
 
@@ -183,6 +198,9 @@ fn merge_into(dst: u32, q: bool, src: u32) {
             let merged = decay_merge(decay_of(false, dst + k.decay), decay_of(q, src + k.decay), k.half_life);
             store_decay(false, dst + k.decay, merged);
         }
+        if (SKETCHES && !q) {
+            sketches_merge(k, dst, src);
+        }
     }
 }
 
@@ -215,6 +233,23 @@ fn fold_blocks(
     for (var j = i0; j < i0 + BLOCK; j++) {
         let e = sorted[j].y;
         add(true, pc, ts[e], e);
+    }
+}
+
+// Resets the cell at word `cell` to the identity cell (unrolled by four: a cell with
+// sketch groups has thousands of words, and lavapipe counts loop iterations).
+fn reset(cell: u32) {
+    var w = 0u;
+    while (w + 4u <= p.stride) {
+        cells[cell + w] = identity[w];
+        cells[cell + w + 1u] = identity[w + 1u];
+        cells[cell + w + 2u] = identity[w + 2u];
+        cells[cell + w + 3u] = identity[w + 3u];
+        w += 4u;
+    }
+    while (w < p.stride) {
+        cells[cell + w] = identity[w];
+        w += 1u;
     }
 }
 
@@ -287,7 +322,7 @@ fn fold(
     var j = i;
     while (j < end && sorted[j].x == slot) {
         // A whole block of this key and one pane: its partial, in one step.
-        let block = j % BLOCK == 0u && j + BLOCK <= end
+        let block = p.blocks != 0u && j % BLOCK == 0u && j + BLOCK <= end
             && as_int(partials[(j / BLOCK) * p.stride + TAG]) != empty_pane();
         let events = select(1u, BLOCK, block);
         let e = sorted[j].y;
@@ -303,9 +338,7 @@ fn fold(
                 if (tag != empty_pane() && p.lifetime != 0u) {
                     merge_into(base, false, cell);
                 }
-                for (var w = 0u; w < p.stride; w++) {
-                    cells[cell + w] = identity[w];
-                }
+                reset(cell);
                 cells[cell + TAG] = as_word(pane);
             } else if (p.lifetime != 0u) {
                 dst = base;

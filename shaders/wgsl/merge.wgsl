@@ -37,7 +37,8 @@ const LAST: u32 = 7u;
 const FIRST: u32 = 8u;
 const DECAYED_SUM: u32 = 9u;
 const DECAYED_COUNT: u32 = 10u;
-// Not folded on the GPU yet (`StateSpec::gpu_unsupported`); their codes, for the record.
+// Read from sketch and list groups, merged on the host (the `Gpu` backend copies the
+// keys' cells back); their codes, for the record.
 const APPROX_DISTINCT: u32 = 11u;
 const QUANTILE: u32 = 12u;
 const LAST_N: u32 = 13u;

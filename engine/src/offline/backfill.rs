@@ -151,7 +151,7 @@ pub fn backfill(
     for spec in views {
         progress.set_message(format!("view {}", spec.name));
         let view = CompiledView::new(spec, options.shards);
-        view.check_backend(backend.kind())?;
+        view.check_backend(&*backend)?;
         let mut core = ViewCore::new(&view)?;
         // Reads here come between folds, in time order: the key-major read copy
         // serving keeps would cost memory and copying and rarely be used.

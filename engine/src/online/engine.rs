@@ -178,7 +178,7 @@ impl Engine {
             .iter()
             .map(|v| {
                 let compiled = CompiledView::new(v, options.shards);
-                compiled.check_backend(backend.kind())?;
+                compiled.check_backend(&*backend)?;
                 let fold_time = Arc::new(Histogram::default());
                 let replica = || -> Result<RwLock<ViewCore>> {
                     let mut core = ViewCore::new(&compiled)?;

@@ -6,7 +6,7 @@
 //! engine, backfill, checkpoints and sources all read it, and none of them changes it.
 
 use panes_kernels::{
-    Agg, BackendKind, ColumnFields, EventMerge, EventSpec, EventWindow, FeatureMerge, KernelError,
+    Agg, Backend, ColumnFields, EventMerge, EventSpec, EventWindow, FeatureMerge, KernelError,
     LevelSpec, Merge, MergeOutput, ReadStatus, SessionSpec, StateSpec,
 };
 
@@ -217,17 +217,19 @@ impl CompiledView {
         }
     }
 
-    /// Refuses a backend that cannot fold this view (the `Gpu` backend and sketches),
-    /// naming the view; `auto` folds such a view on the CPU.
+    /// Refuses a backend that cannot fold this view ([`Backend::refuses`]: the `Gpu`
+    /// backend on a software adapter, with large sketches), naming the view; `auto`
+    /// folds such a view on the CPU.
     ///
     /// # Errors
     /// [`PanesError::Kernel`] with `Unavailable`.
-    pub fn check_backend(&self, kind: BackendKind) -> Result<()> {
-        match self.state.gpu_unsupported() {
-            Some(why) if kind == BackendKind::Gpu => Err(PanesError::Kernel(
-                KernelError::Unavailable(format!("view {:?}: {why}", self.spec.name)),
-            )),
-            _ => Ok(()),
+    pub fn check_backend(&self, backend: &dyn Backend) -> Result<()> {
+        match backend.refuses(&self.state) {
+            Some(why) => Err(PanesError::Kernel(KernelError::Unavailable(format!(
+                "view {:?}: {why}",
+                self.spec.name
+            )))),
+            None => Ok(()),
         }
     }
 

@@ -27,6 +27,8 @@ pub(super) struct Context {
     pub(super) sort: [wgpu::ComputePipeline; 3],
     pub(super) sort_layout: wgpu::BindGroupLayout,
     pub(super) fold: wgpu::ComputePipeline,
+    /// The fold of levels with sketch groups (`SKETCHES` of fold.wgsl set).
+    pub(super) fold_sketches: wgpu::ComputePipeline,
     pub(super) fold_plan: wgpu::ComputePipeline,
     pub(super) fold_blocks: wgpu::ComputePipeline,
     pub(super) fold_layout: wgpu::BindGroupLayout,
@@ -245,7 +247,10 @@ impl Context {
                 entries: &layout_entries(kinds),
             })
         };
-        let pipeline = |m: &wgpu::ShaderModule, bgl: &wgpu::BindGroupLayout, entry: &str| {
+        let pipeline_with = |m: &wgpu::ShaderModule,
+                             bgl: &wgpu::BindGroupLayout,
+                             entry: &str,
+                             constants: &[(&str, f64)]| {
             let pl = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
                 label: Some(entry),
                 bind_group_layouts: &[Some(bgl)],
@@ -256,9 +261,15 @@ impl Context {
                 layout: Some(&pl),
                 module: m,
                 entry_point: Some(entry),
-                compilation_options: Default::default(),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants,
+                    ..Default::default()
+                },
                 cache: None,
             })
+        };
+        let pipeline = |m: &wgpu::ShaderModule, bgl: &wgpu::BindGroupLayout, entry: &str| {
+            pipeline_with(m, bgl, entry, &[])
         };
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let ro = Some(true);
@@ -277,6 +288,7 @@ impl Context {
             pipeline(&sort_m, &sort_layout, "sort_global"),
         ];
         let fold = pipeline(&fold_m, &fold_layout, "fold");
+        let fold_sketches = pipeline_with(&fold_m, &fold_layout, "fold", &[("SKETCHES", 1.0)]);
         let fold_plan = pipeline(&fold_m, &fold_layout, "fold_plan");
         let fold_blocks = pipeline(&fold_m, &fold_layout, "fold_blocks");
         let merge = pipeline(&merge_m, &merge_layout, "merge");
@@ -293,6 +305,7 @@ impl Context {
             sort,
             sort_layout,
             fold,
+            fold_sketches,
             fold_plan,
             fold_blocks,
             fold_layout,

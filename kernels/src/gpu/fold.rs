@@ -6,26 +6,52 @@ use std::time::Instant;
 
 use super::context::groups;
 use super::params::{BLOCK, FoldParams, SortParams, TILE};
-use super::state::{DeviceLevel, DeviceState};
+use super::state::{DeviceLevel, DeviceState, step_cost};
 use super::{Gpu, GpuTimings};
 use crate::error::KernelError;
+use crate::level::Layout;
 use crate::state::{FoldBatch, FoldStats};
+
+/// Loop iterations one invocation of a software adapter may run (lavapipe stops at
+/// 65 535), with a margin for the walk's own loops.
+const SOFTWARE_BUDGET: u64 = 60_000;
 
 impl Gpu {
     /// Most events one fold thread walks (see `fold.wgsl`): on a software adapter
     /// (lavapipe ends an invocation after 65 535 loop iterations, counting the inner
-    /// loops over fields and columns) what fits that budget; elsewhere 64 Ki.
+    /// loops over fields, columns and sketch words) what fits that budget; elsewhere
+    /// 64 Ki. A multiple of the block length where every level reduces blocks.
     fn segment(&self, dev: &DeviceState) -> u32 {
         if self.ctx.info.device_type != "Cpu" {
             return 1 << 16;
         }
-        let per_event = dev
+        let per_event = dev.levels.iter().map(|l| l.cost).max().unwrap_or(1);
+        let seg = (SOFTWARE_BUDGET / per_event).max(1) as u32;
+        if dev.levels.iter().all(|l| l.blocks) {
+            (seg / BLOCK * BLOCK).max(BLOCK)
+        } else {
+            seg
+        }
+    }
+
+    /// Why this adapter cannot fold states of `spec`, if it cannot: one event's step of
+    /// a level past a software adapter's loop budget (large sketch parameters).
+    pub(super) fn refuses_spec(&self, spec: &crate::StateSpec) -> Option<String> {
+        if self.ctx.info.device_type != "Cpu" {
+            return None;
+        }
+        let (l, cost) = spec
             .levels
             .iter()
-            .map(|l| 4 + l.stride + 4 * l.columns)
-            .max()
-            .unwrap_or(1);
-        (60_000 / per_event / BLOCK * BLOCK).max(BLOCK)
+            .map(|l| step_cost(&Layout::new(&l.columns)))
+            .enumerate()
+            .find(|&(_, cost)| cost > SOFTWARE_BUDGET)?;
+        Some(format!(
+            "hop level {l} keeps sketches whose fold takes up to {cost} loop iterations per \
+             event, more than the software adapter {} runs in one invocation \
+             ({SOFTWARE_BUDGET}); use the cpu or auto backend, or smaller sketch parameters",
+            self.ctx.info.name
+        ))
     }
 
     pub(super) fn fold_chunk(
@@ -48,12 +74,18 @@ impl Gpu {
         let ts = scratch.ts.get(&ctx.device, n * 8);
         ctx.queue
             .write_buffer(&ts, 0, bytemuck::cast_slice(batch.ts));
-        let values = scratch
-            .values
-            .get(&ctx.device, n * 8 * batch.values.len() as u64);
+        // The batch's value columns, then the quantile sketches' keys.
+        let columns = (batch.values.len() + dev.quantile_keys.len()) as u64;
+        let values = scratch.values.get(&ctx.device, n * 8 * columns);
         for (c, v) in batch.values.iter().enumerate() {
             ctx.queue
                 .write_buffer(&values, c as u64 * n * 8, bytemuck::cast_slice(v));
+        }
+        for (k, &(c, alpha)) in dev.quantile_keys.iter().enumerate() {
+            let keys = crate::quantile::keys(batch.values[c], alpha);
+            let at = (batch.values.len() + k) as u64 * n * 8;
+            ctx.queue
+                .write_buffer(&values, at, bytemuck::cast_slice(&keys));
         }
         let sorted = scratch.sorted.get(&ctx.device, n_pad * 8);
         let stats = scratch.stats.get(&ctx.device, 16);
@@ -62,6 +94,7 @@ impl Gpu {
         let max_stride = dev
             .levels
             .iter()
+            .filter(|l| l.blocks)
             .map(|l| u64::from(l.stride))
             .max()
             .unwrap_or(1);
@@ -100,6 +133,8 @@ impl Gpu {
             lifetime: u32::from(l.lifetime),
             round,
             seg,
+            blocks: u32::from(l.blocks),
+            _pad: 0,
         };
         let round0: Vec<u32> = dev
             .levels
@@ -138,21 +173,27 @@ impl Gpu {
         let multiples = n.saturating_sub(1) / u64::from(seg);
         // One level: its blocks, then its rounds in order (`offsets[r]`: round r's
         // parameters). The partials buffer is shared, so levels go one after another.
-        let fold_level =
-            |pass: &mut wgpu::ComputePass<'_>, bg: &wgpu::BindGroup, offsets: &[u32]| {
-                if blocks > 0 {
-                    pass.set_pipeline(&ctx.fold_blocks);
-                    pass.set_bind_group(0, bg, &[offsets[0]]);
-                    let (x, y) = groups(blocks, 256);
-                    pass.dispatch_workgroups(x, y, 1);
-                }
-                pass.set_pipeline(&ctx.fold);
-                for (r, offset) in offsets.iter().enumerate() {
-                    pass.set_bind_group(0, bg, &[*offset]);
-                    let (x, y) = groups(if r == 0 { n } else { multiples }, 256);
-                    pass.dispatch_workgroups(x, y, 1);
-                }
-            };
+        let fold_level = |pass: &mut wgpu::ComputePass<'_>,
+                          l: &DeviceLevel,
+                          bg: &wgpu::BindGroup,
+                          offsets: &[u32]| {
+            if blocks > 0 && l.blocks {
+                pass.set_pipeline(&ctx.fold_blocks);
+                pass.set_bind_group(0, bg, &[offsets[0]]);
+                let (x, y) = groups(blocks, 256);
+                pass.dispatch_workgroups(x, y, 1);
+            }
+            pass.set_pipeline(if l.blocks {
+                &ctx.fold
+            } else {
+                &ctx.fold_sketches
+            });
+            for (r, offset) in offsets.iter().enumerate() {
+                pass.set_bind_group(0, bg, &[*offset]);
+                let (x, y) = groups(if r == 0 { n } else { multiples }, 256);
+                pass.dispatch_workgroups(x, y, 1);
+            }
+        };
         // First submission: the sort, then either the whole fold (no run can span two
         // segments) or the plan (how many rounds the longest run needs).
         let first = ctx.run(
@@ -166,8 +207,8 @@ impl Gpu {
                     pass.dispatch_workgroups(x, y, 1);
                 }
                 if multiples == 0 {
-                    for (bg, offset) in bgs.iter().zip(&round0) {
-                        fold_level(pass, bg, &[*offset]);
+                    for ((l, bg), offset) in dev.levels.iter().zip(&bgs).zip(&round0) {
+                        fold_level(pass, l, bg, &[*offset]);
                     }
                 } else {
                     pass.set_pipeline(&ctx.fold_plan);
@@ -195,8 +236,8 @@ impl Gpu {
                 &mut scratch,
                 Instant::now(),
                 |pass| {
-                    for (bg, offsets) in bgs.iter().zip(&offsets) {
-                        fold_level(pass, bg, offsets);
+                    for ((l, bg), offsets) in dev.levels.iter().zip(&bgs).zip(&offsets) {
+                        fold_level(pass, l, bg, offsets);
                     }
                 },
                 &[(&stats, 0, 16)],

@@ -22,6 +22,12 @@
 //! fixed-point integer atomics (exact only within a range the data would have to
 //! promise).
 //!
+//! Sketch and list groups (`approx_distinct`, `quantile`, `last_n`, `top_k`) are folded
+//! the same way, by WGSL twins of the host's functions (`sketches.wgsl`), with the same
+//! bits: a level with them gets a pipeline of its own and no blocks (a block's partial
+//! would need room for every sketch). Reads of their features copy the keys' cells back
+//! and merge them on the host with the CPU backend's code.
+//!
 //! A key with many events in one batch would make its walk long, so two things cut it
 //! short: aligned blocks of 64 sorted events that share a key and a pane are reduced to
 //! partial cells in parallel first, and the walk merges a block's partial in one step
@@ -56,6 +62,7 @@ mod state;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::Agg;
 use crate::backend::{Backend, BackendKind};
 use crate::error::KernelError;
 use crate::state::{FeatureMerge, FoldBatch, FoldStats, MergeOutput, PaneState};
@@ -155,19 +162,25 @@ impl Backend for Gpu {
         BackendKind::Gpu
     }
 
+    fn refuses(&self, spec: &crate::StateSpec) -> Option<String> {
+        self.refuses_spec(spec)
+    }
+
     fn fold(&self, state: &mut PaneState, batch: &FoldBatch<'_>) -> Result<FoldStats, KernelError> {
         state.check(batch)?;
-        if let Some(why) = state.spec.gpu_unsupported() {
-            return Err(KernelError::Unavailable(why));
-        }
         let need = batch.ids.iter().max().map_or(0, |&m| u64::from(m) + 1);
         match &mut state.device {
             Some(d) => d.grow(&state.spec, need)?,
-            None => DeviceState::upload(&self.ctx, state, need)?,
+            None => {
+                if let Some(why) = self.refuses_spec(&state.spec) {
+                    return Err(KernelError::Unavailable(why));
+                }
+                DeviceState::upload(&self.ctx, state, need)?;
+            }
         }
         let dev = state.device.as_ref().expect("uploaded above");
         let mut stats = FoldStats::default();
-        let chunk = self.max_chunk(batch.values.len());
+        let chunk = self.max_chunk(batch.values.len() + dev.quantile_keys.len());
         let mut start = 0;
         while start < batch.len() {
             let end = (start + chunk).min(batch.len());
@@ -196,6 +209,9 @@ impl Backend for Gpu {
             // Nothing was ever folded on the GPU: the state is on the host.
             return crate::Cpu::new().merge(state, features, ids, at, out);
         };
+        if features.iter().any(|f| reads_sketch(f.agg)) {
+            return self.merge_on_host(state, dev, features, ids, at, out);
+        }
         out.reset(ids.len(), features.len());
         let nf = features.len();
         if nf == 0 || ids.is_empty() {
@@ -217,6 +233,56 @@ impl Backend for Gpu {
             k = end;
         }
         Ok(())
+    }
+}
+
+/// Most cells a read of sketch features copies back one by one; a read of more copies
+/// the whole state back instead.
+const MAX_GATHER_CELLS: u64 = 1 << 16;
+
+/// Whether `agg` is read from sketch or list groups (merged on the host).
+fn reads_sketch(agg: Agg) -> bool {
+    matches!(
+        agg,
+        Agg::ApproxDistinct { .. } | Agg::Quantile { .. } | Agg::LastN { .. } | Agg::TopK { .. }
+    )
+}
+
+impl Gpu {
+    /// A read with sketch or list features: the keys' cells are copied back (only
+    /// theirs) and merged by the CPU backend, so these reads give the CPU's bits. The
+    /// window merges of sketches (sorted merges of variable-length groups, HyperLogLog
+    /// estimates, lists of any length) stay on the host; the fold, where the events
+    /// are, runs on the GPU.
+    fn merge_on_host(
+        &self,
+        state: &PaneState,
+        dev: &DeviceState,
+        features: &[FeatureMerge],
+        ids: &[Option<u32>],
+        at: i64,
+        out: &mut MergeOutput,
+    ) -> Result<(), KernelError> {
+        // Each distinct known key once, in order of first appearance.
+        let mut keys: Vec<u32> = Vec::new();
+        let mut index = std::collections::HashMap::new();
+        let local: Vec<Option<u32>> = ids
+            .iter()
+            .map(|id| {
+                let id = id.filter(|&i| i < dev.cap)?;
+                Some(*index.entry(id).or_insert_with(|| {
+                    keys.push(id);
+                    keys.len() as u32 - 1
+                }))
+            })
+            .collect();
+        let cells = keys.len() as u64 * dev.cells_per_key();
+        if cells > MAX_GATHER_CELLS {
+            // Many keys: one copy of every level beats a copy per cell.
+            return crate::Cpu::new().merge(&host_copy(state)?, features, ids, at, out);
+        }
+        let host = dev.gather(state.spec(), &keys)?;
+        crate::Cpu::new().merge(&host, features, &local, at, out)
     }
 }
 

@@ -30,6 +30,8 @@ pub(super) struct FoldParams {
     pub(super) lifetime: u32,
     pub(super) round: u32,
     pub(super) seg: u32,
+    pub(super) blocks: u32,
+    pub(super) _pad: u32,
 }
 
 #[repr(C)]
@@ -143,7 +145,9 @@ mod tests {
                 FOLD,
                 "FoldParams",
                 FoldParams,
-                [hop, n, cap, ring, stride, columns, lifetime, round, seg]
+                [
+                    hop, n, cap, ring, stride, columns, lifetime, round, seg, blocks, _pad
+                ]
             ),
             twin!(
                 MERGE,
