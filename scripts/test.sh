@@ -7,7 +7,7 @@
 # tests), then formatting,
 # lints (clippy, on the tests' build), unit, integration and doc tests (the GPU
 # backend's and the GPU benchmark's on lavapipe, none skipped), every fuzz target for
-# 60 s (cargo-fuzz installed if missing), a demo smoke run, the
+# 30 s (cargo-fuzz installed if missing), a demo smoke run, the
 # Python package built and installed with `pip install ./python` into a venv, and the
 # Python suite (oracles in DuckDB SQL, stub checks, examples).
 set -euo pipefail
@@ -116,9 +116,9 @@ fi
 log "doc tests"
 cargo test --workspace --doc --locked "${features[@]}"
 
-log "fuzz targets, 60 s each (scripts/fuzz.sh 1800 runs them for 30 minutes)"
+log "fuzz targets, 30 s each (scripts/fuzz.sh 1800 runs them for 30 minutes)"
 # (Instrumented by cargo fuzz, without the lint wrapper: lints ran above.)
-env -u RUSTC_WORKSPACE_WRAPPER -u CLIPPY_ARGS PANES_FUZZ_OPT_LEVEL=1 ./scripts/fuzz.sh 60
+env -u RUSTC_WORKSPACE_WRAPPER -u CLIPPY_ARGS PANES_FUZZ_OPT_LEVEL=1 ./scripts/fuzz.sh 30
 
 log "demo smoke run"
 # The integration tests built the CLI (with the workspace's unified features; building
